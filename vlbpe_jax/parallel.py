@@ -1,0 +1,120 @@
+"""Device mesh, logical-axis rules and sharding helpers shared by every stage.
+
+Model code names axes logically (`embed`, `mlp`, `act_batch`, ...); one table maps them to
+the mesh axes `data`, `fsdp`, `tensor`. Weights and activations use distinct names so that
+they can be sharded differently (weights over `fsdp`, activations over `data`+`fsdp`).
+
+  mesh = make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    state_sharding = logical_shardings(abstract_state, mesh)
+    state = jax.jit(init, out_shardings=state_sharding)(key)
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_AXIS_RULES = (
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    ("act_height", None),
+    ("act_width", None),
+    ("act_channels", None),
+    # Weights.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("codebook", None),
+    ("code_dim", None),
+)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
+  """Builds a mesh from `[(name, size), ...]`; one size may be -1 (= the remaining devices).
+
+  Axes are `AxisType.Auto` so that Linen's logical partitioning works (see NOTES.md).
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  names = tuple(name for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if len(set(names)) != len(names):
+    raise ValueError(f"mesh axes {names} repeat a name")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh sizes {sizes}: at most one may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes {sizes}: expected positive sizes or one -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if devices.size % known:
+      raise ValueError(f"mesh {list(axes)}: {devices.size} devices are not divisible by "
+                       f"the fixed axes' product {known}")
+    sizes[sizes.index(-1)] = devices.size // known
+  if int(np.prod(sizes)) != devices.size:
+    raise ValueError(f"mesh {list(axes)} needs {int(np.prod(sizes))} devices; "
+                     f"{devices.size} are available")
+  return Mesh(devices.reshape(sizes), names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+  """`config.mesh` is a list of `(name, size)` pairs, e.g. `[("data", -1), ("fsdp", 1)]`."""
+  return make_mesh([tuple(a) for a in mesh_cfg], devices)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for a tree of (possibly `nn.Partitioned`-boxed) abstract arrays.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axes=("data", "fsdp")) -> NamedSharding:
+  """Sharding of a batch array `[B, ...]`: B over the batch mesh axes present in `mesh`."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
+  """Turns a host-local numpy batch (a pytree of `[B_local, ...]`) into global jax Arrays.
+
+  Every process passes its own rows; the global batch is their concatenation.
+  """
+  n_batch = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
+
+  def put(x):
+    x = np.asarray(x)
+    global_rows = x.shape[0] * jax.process_count()
+    if global_rows % n_batch:
+      raise ValueError(f"batch of {global_rows} rows (shape {x.shape}) does not split over "
+                       f"{n_batch} batch shards of mesh {dict(mesh.shape)}")
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, x.ndim, batch_axes), x)
+
+  return jax.tree.map(put, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
