@@ -1,0 +1,150 @@
+"""Orbax checkpoints holding the train state, the data-iterator state and the config.
+
+One checkpoint step is a directory with three items:
+  state     the state pytree (`{"step", "params", "opt", ...}`), sharded arrays via tensorstore
+  data_iter the grain iterator state (optional), so a resumed run sees the same batches
+  config    the run's config as JSON
+
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt"), config=config, must_match=("vq.model",))
+  ckpt.save(step, state, data_iter=it)              # async; keeps the last `max_to_keep`
+  state = ckpt.restore(abstract_state, data_iter=it)   # onto the shardings in abstract_state
+
+`abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, so a checkpoint
+saved on one mesh restores onto any other (or one device). A checkpoint whose tree, shapes or
+dtypes differ from `abstract_state`, or whose config differs at a `must_match` key, is refused
+with a ValueError listing every bad path.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _config_dict(config):
+  if config is None:
+    return {}
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  return json.loads(json.dumps(config, default=str))
+
+
+def _lookup(d, dotted):
+  for part in dotted.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return "<missing>"
+    d = d[part]
+  return d
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for our three items."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               config=None, must_match: tuple[str, ...] = ()):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep}: expected >= 1")
+    self.directory = os.path.abspath(directory)
+    self._config = _config_dict(config)
+    self._must_match = tuple(must_match)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data_iter", "config"))
+
+  def latest_step(self):
+    return self._mngr.latest_step()
+
+  def all_steps(self):
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state, *, data_iter=None, force: bool = False) -> bool:
+    """Starts an (async) save of `state` (+ iterator state) at `step`."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 config=ocp.args.JsonSave(self._config))
+    if data_iter is not None:
+      import grain  # pylint: disable=g-import-not-at-top  (only where data iterators exist)
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state, *, step=None, data_iter=None):
+    """Restores the state at `step` (default: latest) onto `abstract_state`'s shardings.
+
+    If `data_iter` is given, its position is restored in place.
+    """
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise ValueError(f"no checkpoint in {self.directory}")
+    if step not in self._mngr.all_steps():
+      raise ValueError(f"step={step}: no such checkpoint in {self.directory}; "
+                       f"have {self.all_steps()}")
+    self._check_config(step)
+    self._check_tree(step, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def saved_config(self, step=None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]
+
+  def _check_config(self, step):
+    if not self._must_match:
+      return
+    saved = self.saved_config(step)
+    bad = [f"{k}: checkpoint has {_lookup(saved, k)!r}, config has "
+           f"{_lookup(self._config, k)!r}"
+           for k in self._must_match if _lookup(saved, k) != _lookup(self._config, k)]
+    if bad:
+      raise ValueError(f"checkpoint {self.directory} step {step} was written with another "
+                       "config:\n  " + "\n  ".join(bad))
+
+  def _check_tree(self, step, abstract_state):
+    meta = self._mngr.item_metadata(step)["state"]
+    meta = getattr(meta, "tree", meta)
+    saved = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    want = {_path_str(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    bad = [f"{p}: missing in checkpoint" for p in want if p not in saved]
+    bad += [f"{p}: in checkpoint but not expected" for p in saved if p not in want]
+    for p in want.keys() & saved.keys():
+      s, w = saved[p], want[p]
+      s_shape, w_shape = tuple(getattr(s, "shape", ())), tuple(getattr(w, "shape", ()))
+      if s_shape != w_shape:
+        bad.append(f"{p}: checkpoint shape {s_shape}, expected {w_shape}")
+      elif (getattr(s, "dtype", None) is not None and getattr(w, "dtype", None) is not None
+            and np.dtype(s.dtype) != np.dtype(w.dtype)):
+        bad.append(f"{p}: checkpoint dtype {np.dtype(s.dtype)}, expected {np.dtype(w.dtype)}")
+    if bad:
+      raise ValueError(f"checkpoint {self.directory} step {step} does not match the expected "
+                       f"state ({len(bad)} problems):\n  " + "\n  ".join(sorted(bad)))
+
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def abstract_like(tree, shardings):
+  """`ShapeDtypeStruct`s of `tree` (arrays or abstract values) carrying `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

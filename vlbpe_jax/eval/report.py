@@ -1,0 +1,163 @@
+"""One HTML report and one metrics.json for the whole pipeline.
+
+Every stage adds its own section; the report is rebuilt from all sections each time, so a
+resumed run (or a stage re-run alone) keeps what the other stages wrote:
+
+  workdir/report/index.html           # the page, sections sorted by `order`
+  workdir/report/metrics.json         # flat {"vq.psnr_db": 31.2, "bpe.compression": 2.9, ...}
+  workdir/report/sections/<key>.json  # {"title", "order", "html"} of one stage
+  workdir/report/<any image path>     # pictures saved by `save_image`
+
+  report.add_section(workdir, key="bpe", title="Visual BPE", order=30,
+                     html="<p>...</p>", metrics={"bpe.compression": 2.9})
+"""
+
+import html as html_lib
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #aaa; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+img.pix { image-rendering: pixelated; }
+.small { font-size: 85%; color: #555; }
+"""
+
+
+def report_dir(workdir: str) -> str:
+  return os.path.join(workdir, "report")
+
+
+def _atomic_write(path: str, text: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _check_metrics(metrics: dict) -> dict:
+  out = {}
+  for k, v in metrics.items():
+    if not isinstance(k, str) or "." not in k:
+      raise ValueError(f"metric key {k!r}: expected a namespaced string like 'vq.psnr_db'")
+    if isinstance(v, (bool, np.bool_)):
+      v = bool(v)
+    elif isinstance(v, (int, float, np.integer, np.floating)):
+      v = float(v) if isinstance(v, (float, np.floating)) else int(v)
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"metric {k}={v}: expected a finite number")
+    elif not isinstance(v, str):
+      raise ValueError(f"metric {k}={v!r}: expected a number, bool or string")
+    out[k] = v
+  return out
+
+
+def read_metrics(workdir: str) -> dict:
+  path = os.path.join(report_dir(workdir), "metrics.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def add_section(workdir: str, key: str, title: str, order: int, html: str,
+                metrics: dict | None = None) -> str:
+  """Adds (or replaces) the section `key`, merges `metrics`, rebuilds index.html.
+
+  Returns the path of index.html.
+  """
+  if not key.isidentifier():
+    raise ValueError(f"section key {key!r}: expected an identifier like 'vq'")
+  metrics = _check_metrics(metrics or {})
+  rdir = report_dir(workdir)
+  _atomic_write(os.path.join(rdir, "sections", f"{key}.json"),
+                json.dumps({"title": title, "order": int(order), "html": html}))
+  merged = read_metrics(workdir)
+  merged.update(metrics)
+  _atomic_write(os.path.join(rdir, "metrics.json"),
+                json.dumps(dict(sorted(merged.items())), indent=1))
+  return build_index(workdir)
+
+
+def build_index(workdir: str) -> str:
+  rdir = report_dir(workdir)
+  sdir = os.path.join(rdir, "sections")
+  sections = []
+  for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+    if name.endswith(".json"):
+      with open(os.path.join(sdir, name)) as f:
+        sections.append(json.load(f))
+  sections.sort(key=lambda s: (s["order"], s["title"]))
+  metrics = read_metrics(workdir)
+  rows = "".join(f"<tr><td><code>{html_lib.escape(k)}</code></td><td>{_fmt(v)}</td></tr>"
+                 for k, v in metrics.items())
+  toc = "".join(f"<li>{html_lib.escape(s['title'])}</li>" for s in sections)
+  body = "".join(f"<h2>{html_lib.escape(s['title'])}</h2>\n{s['html']}\n" for s in sections)
+  page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vlbpe_jax report</title>"
+          f"<style>{_STYLE}</style></head><body><h1>vlbpe_jax report</h1>"
+          f"<ol>{toc}</ol><h2>Metrics</h2><table>{rows}</table>{body}</body></html>")
+  path = os.path.join(rdir, "index.html")
+  _atomic_write(path, page)
+  return path
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return html_lib.escape(str(v))
+
+
+def save_image(workdir: str, relpath: str, image) -> str:
+  """Saves a uint8 `[H, W, 3]` (or `[H, W]`) image under the report dir; returns `relpath`."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3):
+    raise ValueError(f"image of dtype {image.dtype} and shape {image.shape}: expected uint8 "
+                     "[H, W] or [H, W, 3]")
+  if os.path.isabs(relpath) or ".." in relpath.split("/"):
+    raise ValueError(f"relpath={relpath!r}: expected a relative path inside the report")
+  path = os.path.join(report_dir(workdir), relpath)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(image).save(path)
+  return relpath
+
+
+def image_grid(images, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+  """Tiles uint8 images `[N, H, W, C]` into one `[rows*(H+pad)-pad, ..., C]` picture."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"images of shape {images.shape}: expected [N, H, W, C] with N > 0")
+  n, h, w, c = images.shape
+  ncols = max(1, min(ncols, n))
+  nrows = -(-n // ncols)
+  out = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), pad_value,
+                images.dtype)
+  for i in range(n):
+    r, k = divmod(i, ncols)
+    out[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = images[i]
+  return out
+
+
+def img_tag(relpath: str, width: int | None = None, pixelated: bool = True) -> str:
+  w = f" width='{width}'" if width else ""
+  cls = " class='pix'" if pixelated else ""
+  return f"<img src='{html_lib.escape(relpath)}'{w}{cls}>"
+
+
+def table(header, rows) -> str:
+  """An HTML table; cells are escaped unless they are `Markup` (pre-built html strings)."""
+  cell = lambda x: x if isinstance(x, Markup) else _fmt(x)
+  head = "".join(f"<th>{html_lib.escape(str(h))}</th>" for h in header)
+  body = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
+  return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class Markup(str):
+  """A string of trusted HTML that `table` inserts as is."""
