@@ -56,8 +56,15 @@ class Checkpointer:
     self._must_match = tuple(must_match)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
-    self._mngr = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data_iter", "config"))
+    # Handlers are named up front so that metadata of a checkpoint written by another
+    # process can be read before restoring; the grain iterator handler is added on first use.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    try:
+      import grain  # pylint: disable=g-import-not-at-top  (absent on some accelerator hosts)
+      handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+    except ImportError:
+      pass
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self):
     return self._mngr.latest_step()

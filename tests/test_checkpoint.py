@@ -1,0 +1,99 @@
+"""Checkpointer: restore onto other meshes, iterator state, keep-last-k, refusals."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vlbpe_jax import checkpoint, parallel
+
+
+def _state(mesh):
+  w = jnp.arange(8 * 8, dtype=jnp.float32).reshape(8, 8)
+  return {"step": jnp.int32(7),
+          "params": {"w": jax.device_put(w, NamedSharding(mesh, P("data", "fsdp"))),
+                     "b": jax.device_put(jnp.ones((8,), jnp.bfloat16), NamedSharding(mesh, P()))},
+          "opt": {"mu": jax.device_put(w * 0.5, NamedSharding(mesh, P("fsdp", None)))}}
+
+
+def _shardings(mesh):
+  return {"step": NamedSharding(mesh, P()),
+          "params": {"w": NamedSharding(mesh, P("data", "fsdp")),
+                     "b": NamedSharding(mesh, P())},
+          "opt": {"mu": NamedSharding(mesh, P("fsdp", None))}}
+
+
+@pytest.mark.parametrize("target", [(2, 4), (1, 1)])
+def test_restore_on_another_mesh(tmp_path, target):
+  src = parallel.make_mesh([("data", 4), ("fsdp", 2)])
+  state = _state(src)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8}}) as ckpt:
+    ckpt.save(7, state)
+  n = target[0] * target[1]
+  dst = parallel.make_mesh([("data", target[0]), ("fsdp", target[1])], jax.devices()[:n])
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 7
+    got = ckpt.restore(checkpoint.abstract_like(state, _shardings(dst)))
+  assert got["params"]["w"].sharding.mesh.shape == dst.shape
+  assert got["params"]["b"].dtype == jnp.bfloat16
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               got, state)
+
+
+def test_refuses_mismatched_tree_and_config(tmp_path):
+  mesh = parallel.make_mesh([("data", 4), ("fsdp", 2)])
+  state = _state(mesh)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8}},
+                               must_match=("model.width",)) as ckpt:
+    ckpt.save(1, state)
+  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  wrong["params"]["w"] = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+  wrong["params"]["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8}}) as ckpt:
+    with pytest.raises(ValueError, match=r"(?s)\['extra'\]: missing.*shape \(8, 8\)"):
+      ckpt.restore(wrong)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 16}},
+                               must_match=("model.width",)) as ckpt:
+    with pytest.raises(ValueError, match="model.width: checkpoint has 8, config has 16"):
+      ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="no such checkpoint"):
+      ckpt.restore(wrong, step=99)
+
+
+def test_keeps_last_k(tmp_path):
+  state = {"step": jnp.int32(0), "x": jnp.zeros((3,))}
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+    for step in range(4):
+      ckpt.save(step, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3]
+
+
+def _iterator():
+  ds = grain.MapDataset.range(10).shuffle(seed=3).repeat(3).batch(4)
+  return iter(ds.to_iter_dataset())
+
+
+def test_iterator_state_resumes_exact_batches(tmp_path):
+  it = _iterator()
+  for _ in range(3):
+    next(it)
+  state = {"step": jnp.int32(3)}
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(3, state, data_iter=it)
+  expected = [next(it).tolist() for _ in range(4)]  # crosses an epoch boundary
+  fresh = _iterator()
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+                 data_iter=fresh)
+  assert [next(fresh).tolist() for _ in range(4)] == expected
+
+
+def test_empty_directory_raises(tmp_path):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() is None
+    with pytest.raises(ValueError, match="no checkpoint"):
+      ckpt.restore({"x": jax.ShapeDtypeStruct((1,), jnp.float32)})
