@@ -1,0 +1,1 @@
+"""Data: the embedded procedural shapes dataset, tokenizers and input pipelines."""
