@@ -1,0 +1,1 @@
+"""Evaluation: the rule-based scene checker and the HTML/JSON report."""
