@@ -1,0 +1,74 @@
+"""Token geometry of a visual BPE vocabulary: footprints, halos and base-code expansions.
+
+A token's footprint is the set of cells it covers, as `(dy, dx)` offsets from its anchor (its
+raster-first cell, so every offset has `dy > 0` or `dy == 0, dx >= 0`). A base code covers
+`{(0, 0)}`; merge `(a, b, delta) -> t` covers `fp(a) | (delta + fp(b))`. The halo is the set of
+cells adjacent to the footprint (through +-offsets of the cell window) but outside it.
+"""
+
+import numpy as np
+
+DEFAULT_OFFSETS = ((0, 1), (1, 0))  # right, down: 4-connectivity
+
+
+def check_offsets(offsets) -> tuple[tuple[int, int], ...]:
+  """Validates the cell window: distinct raster-forward `(dy, dx)` offsets."""
+  try:
+    out = tuple((int(dy), int(dx)) for dy, dx in offsets)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"offsets={offsets!r}: expected a sequence of (dy, dx) int pairs") from e
+  if not out or len(set(out)) != len(out):
+    raise ValueError(f"offsets={offsets!r}: expected a non-empty list of distinct (dy, dx)")
+  for dy, dx in out:
+    if not (dy > 0 or (dy == 0 and dx > 0)):
+      raise ValueError(f"offsets={offsets!r}: ({dy}, {dx}) is not raster-forward; expected "
+                       "dy > 0, or dy == 0 and dx > 0")
+  return out
+
+
+class Geometry:
+  """Footprints, halos and expansions of base codes `[0, V)` plus merged tokens `V + k`."""
+
+  def __init__(self, base_vocab_size: int, offsets):
+    self.base = int(base_vocab_size)
+    self.offsets = check_offsets(offsets)
+    self.merges = []  # (a, b, (dy, dx)) per merged token
+    origin = np.zeros((1, 2), np.int64)
+    self._fp = {None: origin}  # key None: every base code
+    self._code = {}            # merged token -> int32 [cells] base codes, in footprint order
+    self._halo = {}
+
+  def add(self, a: int, b: int, delta) -> int:
+    """Registers merge `(a, b, delta)`; returns the new token id."""
+    t = self.base + len(self.merges)
+    dy, dx = int(delta[0]), int(delta[1])
+    self.merges.append((int(a), int(b), (dy, dx)))
+    cells = np.concatenate([self.footprint(a), self.footprint(b) + [dy, dx]])
+    order = np.lexsort((cells[:, 1], cells[:, 0]))  # raster order
+    self._fp[t] = cells[order]
+    self._code[t] = np.concatenate([self.codes(a), self.codes(b)])[order].astype(np.int32)
+    return t
+
+  @property
+  def size(self) -> int:
+    return self.base + len(self.merges)
+
+  def footprint(self, t: int) -> np.ndarray:
+    """int64 [cells, 2] offsets `(dy, dx)` of token `t`, raster order, `(0, 0)` first."""
+    return self._fp[None if t < self.base else t]
+
+  def codes(self, t: int) -> np.ndarray:
+    """int32 [cells] base codes of token `t`, in footprint order."""
+    return np.array([t], np.int32) if t < self.base else self._code[t]
+
+  def halo(self, t: int) -> np.ndarray:
+    """int64 [h, 2]: cells adjacent to `t`'s footprint (via +-offsets), outside it, sorted."""
+    key = None if t < self.base else t
+    if key not in self._halo:
+      fp = self.footprint(t)
+      win = np.array(self.offsets, np.int64)
+      near = (fp[:, None, :] + np.concatenate([win, -win])[None]).reshape(-1, 2)
+      inside = {tuple(c) for c in fp.tolist()}
+      cells = sorted({tuple(c) for c in near.tolist()} - inside)
+      self._halo[key] = np.array(cells, np.int64).reshape(-1, 2)
+    return self._halo[key]
