@@ -1,7 +1,8 @@
 """Rule-based scene checker: recovers shapes scenes from pixels and text, scores GenEval-style.
 
-Images: every pixel gets its nearest named color (object colors and background tones from
-`vlbpe_jax.data.shapes`); 8-connected components of object-colored pixels are objects (pure
+Images: the background is the median border color; every pixel is explained as a blend of
+the background and the nearest named object color (`shapes.COLORS`), and is foreground when
+it is at least half object; 8-connected components of foreground pixels are objects (pure
 numpy). Each component takes its majority color, the grid cell of its bounding-box centre as
 position, and the (shape, size) whose rasterised template, aligned on the component's bounding
 box, has the highest IoU with it. Components smaller than a third of the smallest object are
@@ -33,17 +34,30 @@ from PIL import Image
 
 from vlbpe_jax.data import shapes
 
-_NAMES = list(shapes.COLORS) + list(shapes.BACKGROUNDS)
-_PALETTE = np.array([*shapes.COLORS.values(), *shapes.BACKGROUNDS.values()], np.int32)
-_NUM_OBJECT_COLORS = len(shapes.COLORS)
+_NAMES = list(shapes.COLORS)
+_OBJECT_RGB = np.array(list(shapes.COLORS.values()), np.float32)  # [P, 3]
 _KEYS = ("shape", "color", "size", "position")
 CRITERIA = ("present", "shape", "color", "size", "position", "count", "all_correct")
 
 
-def _nearest_color(image):
-  """image: [H, W, 3] uint8 -> [H, W] index into _NAMES."""
-  d = ((image[:, :, None, :].astype(np.int32) - _PALETTE) ** 2).sum(-1)  # [H, W, P]
-  return d.argmin(-1)
+def _segment(image):
+  """Per-pixel object color and foreground mask of image [H, W, 3] uint8.
+
+  The background is the per-channel median of the border pixels. A pixel is explained as a
+  blend bg + alpha * (color - bg) of the background and the object color whose segment lies
+  nearest; it is foreground when alpha >= 1/2 (so blurred or noisy edges split at half way).
+  Returns (color index into shapes.COLORS [H, W] int, foreground [H, W] bool).
+  """
+  x = image.astype(np.float32)
+  border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])  # [4R - 4, 3]
+  bg = np.median(border, axis=0)
+  d = _OBJECT_RGB - bg  # [P, 3]
+  v = x - bg  # [H, W, 3]
+  alpha = np.clip(v @ d.T / np.maximum((d * d).sum(-1), 1.0), 0.0, 1.0)  # [H, W, P]
+  resid = ((v[:, :, None, :] - alpha[..., None] * d) ** 2).sum(-1)  # [H, W, P]
+  color = resid.argmin(-1)
+  fg = np.take_along_axis(alpha, color[..., None], -1)[..., 0] >= 0.5
+  return color, fg
 
 
 def _components(mask):
@@ -121,8 +135,8 @@ def parse_image(image):
   image = _check_image(image)
   res = image.shape[0]
   cell = res / 3
-  colors = _nearest_color(image)
-  labels = _components(colors < _NUM_OBJECT_COLORS)
+  colors, fg = _segment(image)
+  labels = _components(fg)
   ids, areas = np.unique(labels[labels >= 0], return_counts=True)
   pad = int(np.ceil(cell / 2)) + 2
   objects = []
