@@ -1,0 +1,233 @@
+"""Tests for vlbpe_jax/data/pipeline.py: sharding, shuffling, packing, resume, text formats."""
+
+import grain
+from etils import epath
+import numpy as np
+import pytest
+
+from vlbpe_jax.data import pipeline as pl
+from vlbpe_jax.data import shapes
+from vlbpe_jax.data import tfds_builders as tb
+from vlbpe_jax.data.text_tokenizer import TextTokenizer, example_texts
+
+_LENGTHS = [3, 5, 2, 7, 4, 6, 2, 8, 2, 3, 5, 4, 6, 3]
+
+
+def _tokens(record, rng):
+  """Toy to_tokens: record i -> ids i*100 + (0..n-1), loss on even positions."""
+  del rng
+  n = _LENGTHS[record]
+  return record * 100 + np.arange(n), np.arange(n) % 2 == 0
+
+
+def _lm(**kw):
+  args = dict(seq_len=8, batch_size=2, seed=3)
+  return pl.lm_dataset(list(range(len(_LENGTHS))), _tokens, **{**args, **kw})
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_shard_slices_partition_evenly():
+  slices = [pl.shard_slice(10, i, 3) for i in range(3)]
+  assert [list(range(10))[s] for s in slices] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+  assert pl.shard_slice(10) == slice(0, 10)  # One jax process.
+  with pytest.raises(ValueError, match="fewer than shard_count"):
+    pl.shard_slice(2, 0, 3)
+  with pytest.raises(ValueError, match="shard_index"):
+    pl.shard_slice(10, 3, 3)
+
+
+def test_dataset_shards_shuffles_and_reshuffles_each_epoch():
+  src = list(range(12))
+  hosts = [pl.dataset(src, lambda x, rng: np.int32(x), batch_size=2, seed=0, num_epochs=2,
+                      shard=(i, 2)) for i in range(2)]
+  per_host = [np.concatenate(list(ds)) for ds in hosts]
+  for i, seen in enumerate(per_host):
+    assert len(seen) == 12
+    epoch1, epoch2 = seen[:6], seen[6:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(6 * i, 6 * i + 6))
+    assert not np.array_equal(epoch1, epoch2)  # Reshuffled (fixed seed: deterministic).
+  assert not np.array_equal(per_host[0][:6], np.arange(6))
+  again = np.concatenate(list(pl.dataset(src, lambda x, rng: np.int32(x), batch_size=2, seed=0,
+                                         num_epochs=2, shard=(0, 2))))
+  np.testing.assert_array_equal(again, per_host[0])
+  other_seed = np.concatenate(list(pl.dataset(src, lambda x, rng: np.int32(x), batch_size=2,
+                                              seed=1, num_epochs=2, shard=(0, 2))))
+  assert not np.array_equal(other_seed, per_host[0])
+
+
+def test_dataset_drops_remainder_and_no_shuffle_keeps_order():
+  batches = list(pl.dataset(list(range(7)), batch_size=3, seed=0, shuffle=False, num_epochs=1))
+  assert [b.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_lm_batches_are_consistent(pack):
+  batches = list(_lm(pack=pack, num_epochs=1, shuffle=False))
+  seen = set()
+  for b in batches:
+    assert set(b) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    for k, v in b.items():
+      assert v.shape == (2, 8), k
+    assert b["loss_mask"].dtype == np.bool_ and b["inputs"].dtype == np.int32
+    for row in range(2):
+      seg = b["segment_ids"][row]
+      assert not b["loss_mask"][row][seg == 0].any()
+      for s in set(seg[seg > 0].tolist()):
+        sel = seg == s
+        ids = b["inputs"][row][sel]
+        record, n = ids[0] // 100, sel.sum()
+        seen.add(int(record))
+        np.testing.assert_array_equal(ids, record * 100 + np.arange(n))
+        np.testing.assert_array_equal(b["targets"][row][sel], record * 100 + 1 + np.arange(n))
+        np.testing.assert_array_equal(b["positions"][row][sel], np.arange(n))
+        np.testing.assert_array_equal(b["loss_mask"][row][sel], np.arange(1, n + 1) % 2 == 0)
+  if pack:  # Packing fits more than one example in some rows.
+    assert max(b["segment_ids"].max() for b in batches) >= 2
+  else:
+    assert len(seen) == 2 * len(batches) and max(b["segment_ids"].max() for b in batches) == 1
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_resume_matches_uninterrupted_run_across_epochs(pack, tmp_path):
+  ds = _lm(pack=pack)  # Shuffled, repeated forever.
+  reference = _take(iter(ds), 16)  # ~4 epochs of 14 examples.
+  it = iter(ds)
+  _take(it, 9)
+  state = it.get_state()
+  # Through grain's orbax handler, as vlbpe_jax.checkpoint saves it.
+  handler = grain.checkpoint.CheckpointHandler()
+  handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))
+  resumed = handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(
+      iter(ds)))
+  _assert_same(_take(resumed, 7), reference[9:])
+  fresh = iter(ds)
+  fresh.set_state(state)
+  _assert_same(_take(fresh, 7), reference[9:])
+
+
+@pytest.mark.slow  # Each worker process takes seconds to start.
+def test_resume_with_a_worker_process():
+  reference = _take(iter(_lm()), 10)  # One worker: the same order as in-process.
+  ds = _lm(worker_count=1)
+  it = iter(ds)
+  _assert_same(_take(it, 6), reference[:6])
+  state = it.get_state()
+  it.close()
+  it = iter(ds)
+  it.set_state(state)
+  _assert_same(_take(it, 4), reference[6:])
+  it.close()
+
+
+def test_lm_errors():
+  with pytest.raises(ValueError, match="seq_len"):
+    _lm(seq_len=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    _lm(batch_size=0)
+  with pytest.raises(ValueError, match="worker_count"):
+    _lm(worker_count=-1)
+  with pytest.raises(ValueError, match="num_epochs"):
+    _lm(num_epochs=0)
+  with pytest.raises(ValueError, match="non-empty"):
+    pl.lm_dataset([], _tokens, seq_len=8, batch_size=2, seed=0)
+  with pytest.raises(ValueError, match="9 tokens > seq_len"):
+    list(pl.lm_dataset([0], lambda r, rng: (np.arange(9), np.ones(9, bool)), seq_len=7,
+                       batch_size=1, seed=0, num_epochs=1))
+  (b,) = list(pl.lm_dataset([0], lambda r, rng: (np.arange(9), np.ones(9, bool)), seq_len=7,
+                            batch_size=1, seed=0, num_epochs=1, truncate=True, pack=False))
+  np.testing.assert_array_equal(b["targets"][0], np.arange(1, 8))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  texts = []
+  for i in range(150):
+    texts += example_texts(shapes.make_example(i, "train", resolution=32))
+  return TextTokenizer.train(texts, vocab_size=400,
+                             model_path=tmp_path_factory.mktemp("tok") / "t.model")
+
+
+def _spans(tok, ids, mask):
+  """Decoded text of the loss-masked spans."""
+  out, cur = [], []
+  for i, m in zip(ids, mask):
+    if m:
+      cur.append(i)
+    elif cur:
+      out.append(tok.decode(cur))
+      cur = []
+  return out + ([tok.decode(cur)] if cur else [])
+
+
+def test_format_vqa_and_dialogue_mask_only_answers(tok):
+  ex = shapes.make_example(4, "validation", resolution=32)
+  ids, mask = pl.format_example(ex, "vqa", tok)
+  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and ids.dtype == np.int32
+  assert _spans(tok, ids, mask) == [qa["a"] for qa in ex["qa"]]
+  assert (ids == tok.user_id).sum() == (ids == tok.assistant_id).sum() == len(ex["qa"])
+  assert tok.decode(ids) == " ".join(qa["q"] + " " + qa["a"] for qa in ex["qa"])
+  ids, mask = pl.format_example(ex, "dialogue", tok)
+  gpt = [t["value"] for t in ex["dialogue"] if t["from"] == "gpt"]
+  assert _spans(tok, ids, mask) == gpt
+  assert mask[ids == tok.eos_id].all() and (ids == tok.eos_id).sum() == len(gpt)
+
+
+def test_format_caption_attributes_and_image_span(tok):
+  ex = shapes.make_example(1, "train", resolution=32)
+  ids, mask = pl.format_example(ex, "caption", tok)
+  assert _spans(tok, ids, mask) == [ex["captions"][0]] and mask[1:].all() and not mask[0]
+  rng = np.random.default_rng(0)
+  picked = {tok.decode(pl.format_example(ex, "caption", tok, rng=rng)[0]) for _ in range(40)}
+  assert picked == set(ex["captions"])
+  ids, mask = pl.format_example(ex, "attributes", tok)
+  assert tok.decode(ids) == " ".join(ex["attributes"])
+  visual = lambda e: np.arange(1000, 1006)
+  ids, mask = pl.format_example(ex, "vqa", tok, image_tokens=visual)
+  np.testing.assert_array_equal(ids[:9], [tok.bos_id, tok.image_begin_id, *range(1000, 1006),
+                                          tok.image_end_id])
+  assert not mask[:9].any()
+  with pytest.raises(ValueError, match="task='ocr'"):
+    pl.format_example(ex, "ocr", tok)
+
+
+def test_llava_conversations_drop_image_marker(tok):
+  ex = {"conversations": [{"from": "human", "value": "<image>\nwhat color is the star?"},
+                          {"from": "gpt", "value": "red"}]}
+  ids, mask = pl.format_example(ex, "dialogue", tok, image_tokens=lambda e: [500, 501])
+  assert tok.decode(ids[5:]) == "what color is the star? red"
+  assert ids[1:5].tolist() == [tok.image_begin_id, 500, 501, tok.image_end_id]
+  assert _spans(tok, ids, mask) == ["red"]
+  with pytest.raises(ValueError, match="from='system'"):
+    pl.format_example({"dialogue": [{"from": "system", "value": "x"}]}, "dialogue", tok)
+
+
+def test_lm_pipeline_on_tfds_shapes(tok, tmp_path):
+  builder = tb.build_shapes(tmp_path, resolution=32, num_train=12, num_validation=1,
+                            num_test=1, seed=0)
+  fmt = pl.TaskFormatter(tok, tasks=pl.TASKS)
+  ds = pl.lm_dataset(tb.data_source(builder, "train"), fmt, seq_len=256, batch_size=2, seed=0,
+                     truncate=True)
+  it = iter(ds)
+  reference = _take(it, 6)
+  it = iter(ds)
+  _take(it, 2)
+  state = it.get_state()
+  it = iter(ds)
+  it.set_state(state)
+  _assert_same(_take(it, 4), reference[2:])
+  b = reference[0]
+  assert b["inputs"].shape == (2, 256) and b["loss_mask"].any()
+  assert (b["inputs"] == tok.user_id).any() or (b["inputs"] == tok.eos_id).any()
+  with pytest.raises(ValueError, match="tasks="):
+    pl.TaskFormatter(tok, tasks=("vqa", "ocr"))

@@ -1,0 +1,224 @@
+"""grain pipelines: per-host shard, seeded shuffle, repeat, map, pack or pad, batch, workers.
+
+  src = tfds_builders.data_source(builder, "train")       # or any sequence
+  fmt = TaskFormatter(tok, tasks=("caption", "vqa"))        # (record, rng) -> (ids, loss_mask)
+  ds = lm_dataset(src, fmt, seq_len=128, batch_size=8, seed=cfg.seed)
+  it = iter(ds)                 # grain DatasetIterator; it.get_state() / it.set_state(state)
+  batch = next(it)              # inputs, targets, segment_ids, positions: [B, T] int32,
+                                # loss_mask: [B, T] bool
+
+Checkpoints: save the iterator with the train state through orbax, using grain's handler args
+`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (grain 0.2.18,
+handler `grain.checkpoint.CheckpointHandler`; one JSON file per process). Resuming yields
+exactly the batches an uninterrupted run would have produced, for the same `worker_count`.
+
+Every host reads a contiguous, equal-sized slice of the source (`jax.process_index()` of
+`jax.process_count()`; the remainder is dropped so all hosts run the same number of steps), so
+`batch_size` is the per-host batch. Shuffling is reseeded every epoch (`num_epochs=None`:
+forever). `worker_count > 0` runs everything up to batching in grain worker processes
+(different worker counts give different, still deterministic, orders); callables must then be
+picklable, and absl flags are marked parsed if nobody parsed them (grain reads its flags).
+
+Text formats (`format_example`): `[bos] [<img> image tokens </img>] body`, where body is
+  caption     caption [eos]                     loss on caption and eos
+  attributes  attribute statements [eos]        loss on statements and eos
+  vqa         (<user> q <assistant> a [eos])*   loss on answers and their eos
+  dialogue    (<user> human | <assistant> gpt [eos])*   loss on gpt turns and their eos
+Images are present only when an `image_tokens(example) -> int array` callable is given (the LM
+stage plugs visual-BPE ids in); LLaVA's "<image>" marker is removed from the text, the image
+span always comes first.
+"""
+
+import functools
+
+import absl.flags
+import grain
+import numpy as np
+
+TASKS = ("caption", "attributes", "vqa", "dialogue")
+# Reader threads and buffer of each process (grain's defaults, 16 and 500, suit remote disks and
+# big hosts; these suit local array_record files on a few cores).
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
+
+
+def shard_slice(num_examples: int, shard_index: int | None = None,
+                shard_count: int | None = None) -> slice:
+  """This host's contiguous slice; equal sizes on all hosts (default: jax process index)."""
+  if shard_index is None or shard_count is None:
+    opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    shard_index, shard_count = opts.shard_index, opts.shard_count
+  grain.sharding.ShardOptions(shard_index, shard_count)  # Validates the pair.
+  per_shard = num_examples // shard_count
+  if per_shard == 0:
+    raise ValueError(f"num_examples={num_examples}: fewer than shard_count={shard_count}")
+  return slice(shard_index * per_shard, (shard_index + 1) * per_shard)
+
+
+def _start(source, *, seed, shuffle, num_epochs, shard):
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError("source: expected a non-empty random-access source")
+  if num_epochs is not None and (int(num_epochs) != num_epochs or num_epochs < 1):
+    raise ValueError(f"num_epochs={num_epochs!r}: expected a positive int or None (forever)")
+  ds = grain.MapDataset.source(source).seed(seed)
+  ds = ds[shard_slice(len(source), *(shard or (None, None)))]
+  if shuffle:
+    ds = ds.shuffle()
+  return ds.repeat(num_epochs)
+
+
+def _finish(ds, *, batch_size, worker_count):
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: expected >= 1")
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if worker_count < 0:
+    raise ValueError(f"worker_count={worker_count}: expected >= 0 (0 = in-process)")
+  if worker_count > 0:
+    if not absl.flags.FLAGS.is_parsed():
+      absl.flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def dataset(source, map_fn=None, *, batch_size: int, seed: int, shuffle: bool = True,
+            num_epochs: int | None = None, worker_count: int = 0, shard=None,
+            read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Batches of `map_fn(record, rng)` (numpy trees of fixed shapes), e.g. images for the VQ.
+
+  `shard`: optional `(index, count)` overriding the jax process index/count.
+  """
+  ds = _start(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard=shard)
+  if map_fn is not None:
+    ds = ds.random_map(map_fn)
+  ds = ds.to_iter_dataset(read_options or READ_OPTIONS)
+  return _finish(ds, batch_size=batch_size, worker_count=worker_count)
+
+
+class _ShiftAndCheck:
+  """(ids, mask) [L] -> inputs/targets/loss_mask [L-1]; picklable for grain workers."""
+
+  def __init__(self, to_tokens, seq_len, truncate):
+    self.to_tokens, self.seq_len, self.truncate = to_tokens, seq_len, truncate
+
+  def __call__(self, record, rng):
+    ids, mask = self.to_tokens(record, rng)
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+    if ids.ndim != 1 or ids.shape != mask.shape or len(ids) < 2:
+      raise ValueError(f"to_tokens returned ids {ids.shape} and mask {mask.shape}: expected "
+                       "equal 1-D shapes of length >= 2")
+    if len(ids) > self.seq_len + 1:
+      if not self.truncate:
+        raise ValueError(f"example of {len(ids)} tokens > seq_len + 1 = {self.seq_len + 1}; "
+                         "raise seq_len or pass truncate=True")
+      ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
+    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def _pad(ex, seq_len):
+  n = len(ex["inputs"])
+  out = {k: np.pad(v, (0, seq_len - n)) for k, v in ex.items()}
+  out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+  out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+  return out
+
+
+def _unpacked_names(ex):
+  return {"inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
+          "segment_ids": ex["inputs_segment_ids"], "positions": ex["inputs_positions"]}
+
+
+def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
+               pack: bool = True, num_packing_bins: int | None = None, truncate: bool = False,
+               shuffle: bool = True, num_epochs: int | None = None, worker_count: int = 0,
+               shard=None, read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Next-token batches from `to_tokens(record, rng) -> (ids [L], loss_mask [L])`.
+
+  Returns batches of `inputs = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]` (True
+  where the target counts), `segment_ids` (1, 2, ... per packed example; 0 = padding) and
+  `positions` (restart at 0 per example), all [batch_size, seq_len]. `pack=True` packs
+  several examples per row with grain's first-fit packing (`num_packing_bins`, default
+  `batch_size`); otherwise each row holds one example padded with 0. Examples longer than
+  `seq_len + 1` tokens raise unless `truncate`.
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len={seq_len}: expected >= 1")
+  ds = _start(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard=shard)
+  ds = ds.random_map(_ShiftAndCheck(to_tokens, seq_len, truncate)).to_iter_dataset(
+      read_options or READ_OPTIONS)
+  if pack:
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        num_packing_bins=num_packing_bins or batch_size, shuffle_bins=False)
+    ds = ds.map(_unpacked_names)
+  else:
+    ds = ds.map(functools.partial(_pad, seq_len=seq_len))
+  return _finish(ds, batch_size=batch_size, worker_count=worker_count)
+
+
+def _encode(tokenizer, text):
+  return tokenizer.encode(text.replace("<image>", "").strip())
+
+
+def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None):
+  """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
+
+  `rng` (np.random.Generator) picks one of `example["captions"]` for "caption"; without it the
+  first caption is used.
+  """
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  ids, mask = [tokenizer.bos_id], [False]
+  if image_tokens is not None:
+    visual = [int(i) for i in np.asarray(image_tokens(example)).reshape(-1)]
+    ids += [tokenizer.image_begin_id] + visual + [tokenizer.image_end_id]
+    mask += [False] * (len(visual) + 2)
+
+  def add(piece_ids, loss):
+    ids.extend(piece_ids)
+    mask.extend([loss] * len(piece_ids))
+
+  if task in ("caption", "attributes"):
+    if task == "caption":
+      captions = example.get("captions") or [example["caption"]]
+      text = captions[rng.integers(len(captions))] if rng is not None else captions[0]
+    else:
+      text = " ".join(example["attributes"])
+    add(_encode(tokenizer, text) + [tokenizer.eos_id], True)
+  elif task == "vqa":
+    for qa in example["qa"]:
+      add([tokenizer.user_id] + _encode(tokenizer, qa["q"]) + [tokenizer.assistant_id],
+          False)
+      add(_encode(tokenizer, qa["a"]) + [tokenizer.eos_id], True)
+  else:
+    turns = example.get("dialogue") or example.get("conversations")
+    if not turns:
+      raise ValueError("task='dialogue': example has no 'dialogue' or 'conversations'")
+    for turn in turns:
+      if turn["from"] == "human":
+        add([tokenizer.user_id] + _encode(tokenizer, turn["value"]), False)
+      elif turn["from"] == "gpt":
+        add([tokenizer.assistant_id], False)
+        add(_encode(tokenizer, turn["value"]) + [tokenizer.eos_id], True)
+      else:
+        raise ValueError(f"turn from={turn['from']!r}: expected 'human' or 'gpt'")
+  return np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+
+
+class TaskFormatter:
+  """`(record, rng) -> (ids, loss_mask)` for `lm_dataset`: decodes a tfds record (or takes a
+  shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`.
+
+  A class rather than a closure so that it pickles into grain workers.
+  """
+
+  def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None):
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+      raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
+    self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
+
+  def __call__(self, record, rng):
+    from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    example = tfds_builders.decode_record(record)
+    task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
+    return format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
+                          rng=rng)
