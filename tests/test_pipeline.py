@@ -3,6 +3,7 @@
 import grain
 from etils import epath
 import numpy as np
+from PIL import Image
 import pytest
 
 from vlbpe_jax.data import pipeline as pl
@@ -116,20 +117,6 @@ def test_resume_matches_uninterrupted_run_across_epochs(pack, tmp_path):
   _assert_same(_take(fresh, 7), reference[9:])
 
 
-@pytest.mark.slow  # Each worker process takes seconds to start.
-def test_resume_with_a_worker_process():
-  reference = _take(iter(_lm()), 10)  # One worker: the same order as in-process.
-  ds = _lm(worker_count=1)
-  it = iter(ds)
-  _assert_same(_take(it, 6), reference[:6])
-  state = it.get_state()
-  it.close()
-  it = iter(ds)
-  it.set_state(state)
-  _assert_same(_take(it, 4), reference[6:])
-  it.close()
-
-
 def test_lm_errors():
   with pytest.raises(ValueError, match="seq_len"):
     _lm(seq_len=0)
@@ -231,3 +218,41 @@ def test_lm_pipeline_on_tfds_shapes(tok, tmp_path):
   assert (b["inputs"] == tok.user_id).any() or (b["inputs"] == tok.eos_id).any()
   with pytest.raises(ValueError, match="tasks="):
     pl.TaskFormatter(tok, tasks=("vqa", "ocr"))
+
+
+@pytest.mark.slow  # Each worker process takes seconds to start.
+def test_resume_with_a_worker_process(tok, tmp_path):
+  """Tokenizer, formatter and tfds source pickle into a grain worker; its state resumes."""
+  builder = tb.build_shapes(tmp_path, resolution=32, num_train=10, num_validation=1,
+                            num_test=1, seed=0)
+  make = lambda workers: pl.lm_dataset(
+      tb.data_source(builder, "train"), pl.TaskFormatter(tok, pl.TASKS), seq_len=128,
+      batch_size=2, seed=0, truncate=True, worker_count=workers)
+  reference = _take(iter(make(0)), 10)  # One worker: the same order as in-process.
+  it = iter(make(1))
+  _assert_same(_take(it, 6), reference[:6])
+  state = it.get_state()
+  it.close()
+  it = iter(make(1))
+  it.set_state(state)
+  _assert_same(_take(it, 4), reference[6:])
+  it.close()
+
+
+def test_image_batches_from_user_images(tmp_path):
+  (tmp_path / "img").mkdir()
+  wide, tall = np.zeros((8, 16, 3), np.uint8), np.zeros((16, 8, 3), np.uint8)
+  wide[:, 4:12], tall[4:12] = 200, 200  # The centre squares are 200, the rest 0.
+  Image.fromarray(wide).save(tmp_path / "img" / "wide.png")
+  Image.fromarray(tall).save(tmp_path / "img" / "tall.png")
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "img" / "big.png")
+  (tmp_path / "c.jsonl").write_text("".join(
+      f'{{"image": "{n}", "caption": "x"}}\n' for n in ["wide.png", "tall.png", "big.png"]))
+  builder = tb.build_caption_pairs(tmp_path / "tfds", annotations=tmp_path / "c.jsonl",
+                                   image_dir=tmp_path / "img")
+  (batch,) = list(pl.dataset(tb.data_source(builder, "train"), pl.ImageMap(8), batch_size=3,
+                             seed=0, num_epochs=1))
+  assert batch.shape == (3, 8, 8, 3) and batch.dtype == np.uint8
+  np.testing.assert_array_equal(batch, 200)
+  with pytest.raises(ValueError, match="resolution=0"):
+    pl.ImageMap(0)

@@ -128,3 +128,12 @@ def test_example_texts():
         "dialogue": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}
   assert text_tokenizer.example_texts(ex) == [
       "a red circle.", "one red circle.", "the circle is red.", "what color?", "red", "hi"]
+
+
+def test_train_on_shapes_is_deterministic(tmp_path):
+  a = text_tokenizer.train_on_shapes(tmp_path / "a.model", num_examples=60, vocab_size=512)
+  b = text_tokenizer.train_on_shapes(tmp_path / "b.model", num_examples=60, vocab_size=512)
+  assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+  assert a.vocab_size <= 512 and a.special_ids == b.special_ids
+  text = "what color is the large star at the top-left?"
+  assert a.decode(a.encode(text)) == text and len(a.encode(text)) < len(text) // 2

@@ -6,6 +6,7 @@
   it = iter(ds)                 # grain DatasetIterator; it.get_state() / it.set_state(state)
   batch = next(it)              # inputs, targets, segment_ids, positions: [B, T] int32,
                                 # loss_mask: [B, T] bool
+  images = dataset(src, ImageMap(64), batch_size=32, seed=cfg.seed)   # uint8 [B, 64, 64, 3]
 
 Checkpoints: save the iterator with the train state through orbax, using grain's handler args
 `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (grain 0.2.18,
@@ -91,6 +92,29 @@ def dataset(source, map_fn=None, *, batch_size: int, seed: int, shuffle: bool = 
     ds = ds.random_map(map_fn)
   ds = ds.to_iter_dataset(read_options or READ_OPTIONS)
   return _finish(ds, batch_size=batch_size, worker_count=worker_count)
+
+
+class ImageMap:
+  """`(record, rng) -> uint8 [R, R, 3]` for `dataset`: decodes a record's image, center-crops
+  it to a square and resizes it (Pillow, bicubic) when its side is not `resolution`."""
+
+  def __init__(self, resolution: int):
+    if resolution < 1:
+      raise ValueError(f"resolution={resolution}: expected >= 1")
+    self.resolution = resolution
+
+  def __call__(self, record, rng):
+    del rng
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    image = tfds_builders.decode_record({"image": record["image"]})["image"]
+    h, w = image.shape[:2]
+    if (h, w) == (self.resolution,) * 2:
+      return image
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(image[top:top + side, left:left + side])
+    return np.asarray(square.resize((self.resolution,) * 2, Image.Resampling.BICUBIC))
 
 
 class _ShiftAndCheck:
