@@ -163,7 +163,8 @@ def render(objects, resolution=64, *, background=None):
   for obj in objects:
     if obj.get("color") not in COLORS:
       raise ValueError(f"object color={obj.get('color')!r}; expected one of {list(COLORS)}")
-    y0, x0, mask = _object_mask(obj["shape"], obj["size"], obj["position"], resolution)
+    y0, x0, mask = _object_mask(obj.get("shape"), obj.get("size"), obj.get("position"),
+                                resolution)
     h, w = mask.shape
     window = image[max(y0, 0):y0 + h, max(x0, 0):x0 + w]
     mask = mask[max(-y0, 0):, max(-x0, 0):][:window.shape[0], :window.shape[1]]
