@@ -16,7 +16,7 @@ Rendering is crisp (no anti-aliasing): every object pixel has exactly its named 
 
 Held-out compositions (`heldout_compositions()`): these (color, shape) pairs never occur in a
 train or validation image or text (existence questions included), and at least one of them
-occurs in about 60% of the test scenes:
+occurs in about two thirds of the test scenes:
 
   red star, green triangle, blue circle, yellow cross,
   purple square, orange diamond, cyan cross, pink circle
