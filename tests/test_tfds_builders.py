@@ -50,6 +50,9 @@ def test_shapes_rebuild_reuses_files_and_configs_differ(shapes_builder, tmp_path
     tb.data_source(other, "dev")
   with pytest.raises(ValueError, match="num_train=0"):
     tb.build_shapes(tmp_path, num_train=0)
+  default = tb.ShapesBuilder(data_dir=tmp_path)  # Not prepared: 1000 examples at 64x64.
+  assert default.builder_config.name.startswith("r64_n1000-100-100_s0_")
+  assert default.info.features["image"].shape == (64, 64, 3)
 
 
 def _write_images(root, names, size=(12, 9)):

@@ -1,7 +1,7 @@
 """grain pipelines: per-host shard, seeded shuffle, repeat, map, pack or pad, batch, workers.
 
   src = tfds_builders.data_source(builder, "train")       # or any sequence
-  fmt = TaskFormatter(tok, tasks=("caption", "vqa"))        # (record, rng) -> (ids, loss_mask)
+  fmt = TaskFormatter(tok, tasks=("caption", "vqa"))       # (record, rng) -> (ids, loss_mask)
   ds = lm_dataset(src, fmt, seq_len=128, batch_size=8, seed=cfg.seed)
   it = iter(ds)                 # grain DatasetIterator; it.get_state() / it.set_state(state)
   batch = next(it)              # inputs, targets, segment_ids, positions: [B, T] int32,

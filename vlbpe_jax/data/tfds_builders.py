@@ -10,15 +10,17 @@
 
 Records are read with `builder.as_data_source()` (the only reader that works without
 TensorFlow). tfds stores records in hashed-key order; the `index` feature is the example's
-position in its split (shapes) or annotation file (user data). Structured fields are JSON strings
-(`JSON_FIELDS`); `decode_record` parses them. Shapes images are uint8 tensors; user images keep
-their original encoded bytes (any format Pillow reads; each is decoded once at build time).
+position in its split (shapes) or annotation file (user data). Structured fields are JSON
+strings (`JSON_FIELDS`); `decode_record` parses them. Shapes images are uint8 tensors; user
+images keep their original encoded bytes (any format Pillow reads).
 
-User data is validated before anything is written: a malformed record (bad JSON, missing key,
-a "from" other than "human"/"gpt") or a missing or unreadable image raises a ValueError naming
-the file and the record (LLaVA: position and "id"; JSONL: line number). The config name holds a
-hash of the annotation files' contents, so editing them builds a new dataset (images are not
-hashed: after replacing images in place, pass `name=`).
+User data fails at build time, never in a reader worker: records and image paths are checked
+before anything is written, each image is fully decoded while writing, and a malformed record
+(bad JSON, missing key, a "from" other than "human"/"gpt") or a missing or unreadable image
+raises a ValueError naming the file and the record (LLaVA: position and "id"; JSONL: line
+number). Config names hold a hash of the inputs so that nothing stale is reused: shapes, of a
+few generated examples (a changed generator builds anew); user data, of the annotation files
+(images are not hashed: after replacing images in place, pass `name=`).
 """
 
 import dataclasses
@@ -55,13 +57,26 @@ class ShapesConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
+def _shapes_fingerprint(seed, resolution) -> str:
+  """Hash of a few generated examples: a changed generator gets a new config (no stale cache)."""
+  from vlbpe_jax.data import shapes  # pylint: disable=g-import-not-at-top  (tfds-free module)
+  h = hashlib.sha1()
+  for split in shapes.SPLITS:
+    for i in range(2):
+      ex = shapes.make_example(i, split, seed=seed, resolution=resolution)
+      h.update(np.ascontiguousarray(ex["image"]).tobytes())
+      h.update(_json({k: v for k, v in ex.items() if k != "image"}).encode())
+  return h.hexdigest()[:8]
+
+
 def shapes_config(*, resolution=64, num_train=1000, num_validation=100, num_test=100,
                   seed=0) -> ShapesConfig:
   for key, value in dict(resolution=resolution, num_train=num_train,
                          num_validation=num_validation, num_test=num_test).items():
     if int(value) != value or value < 1:
       raise ValueError(f"{key}={value!r}: expected a positive integer")
-  name = f"r{resolution}_n{num_train}-{num_validation}-{num_test}_s{seed}"
+  name = (f"r{resolution}_n{num_train}-{num_validation}-{num_test}_s{seed}_"
+          f"{_shapes_fingerprint(seed, resolution)}")
   return ShapesConfig(name=name, resolution=resolution, num_train=num_train,
                       num_validation=num_validation, num_test=num_test, seed=seed,
                       description="Procedural shapes scenes (vlbpe_jax.data.shapes).")
@@ -74,7 +89,9 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "image uint8 [R, R, 3]; JSON objects/captions/attributes/qa/"
                             "dialogue; caption and background text; index."}
-  BUILDER_CONFIGS = [shapes_config()]
+
+  def __init__(self, *, config=None, **kwargs):
+    super().__init__(config=config or shapes_config(), **kwargs)
 
   def _info(self):
     r = self.builder_config.resolution
@@ -265,8 +282,6 @@ def build_shapes(data_dir, *, resolution=64, num_train=1000, num_validation=100,
   """Builds (once; later calls reuse the files) the shapes dataset under `data_dir`."""
   config = shapes_config(resolution=resolution, num_train=num_train,
                          num_validation=num_validation, num_test=num_test, seed=seed)
-  if config.name == ShapesBuilder.BUILDER_CONFIGS[0].name:
-    config = config.name  # tfds refuses a custom config named like a registered one.
   return _prepare(ShapesBuilder(data_dir=data_dir, config=config, file_format=_FORMAT))
 
 
