@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES = (
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
     ("act_kv", None),
     ("act_vocab", "tensor"),
     ("act_height", None),
