@@ -10,6 +10,7 @@ tokens (`[C; Q]`) and returns the final-norm hidden states of every position; `L
 the token embeddings alone. Generation passes a KV cache from `init_cache` (see generate.py).
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,8 @@ class LM(nn.Module):
              [self.text_head] + ([self.visual_head] if c.visual_vocab else []))
     out = [jnp.einsum("BTD,VD->BTV", h, w.astype(c.dtype)) for w in heads]
     out = jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
-    return nn.with_logical_constraint(out.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+    out = out.astype(jnp.float32)
+    return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids, positions=None, segment_ids=None, extra_embeds=None,
                return_hidden=False, cache=None):
@@ -126,6 +128,7 @@ class LM(nn.Module):
     `return_hidden`; with a cache, `(that, new_cache)`.
     """
     c = self.config
+    chex.assert_rank(input_ids, 2)
     x = self.embed(input_ids)
     if extra_embeds is not None:
       x = jnp.concatenate([x, extra_embeds.astype(x.dtype)], axis=1)
