@@ -1,0 +1,201 @@
+"""Hugging Face import/export vs an independent numpy forward of the HF Llama/Qwen models."""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy as stn
+
+from vlbpe_jax.lm import hf
+from vlbpe_jax.lm import model as lm_model
+
+LLAMA31 = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+               rope_theta=500_000.0, vocab_size=50, tie_word_embeddings=False,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=256))
+QWEN2 = dict(model_type="qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-6,
+             rope_theta=10_000.0, vocab_size=50, tie_word_embeddings=True)
+QWEN3 = dict(QWEN2, model_type="qwen3", head_dim=16, num_key_value_heads=2)
+
+
+def write_hf(path, config, seed=0, shards=2):
+  """A random model in HF layout (names and [out, in] shapes of transformers' checkpoints)."""
+  rng = np.random.default_rng(seed)
+  d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+  n, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+  k = config.get("head_dim", d // n)
+  w = {"model.embed_tokens.weight": rng.normal(0, 1, (v, d)),
+       "model.norm.weight": rng.normal(1, 0.1, (d,))}
+  if not config["tie_word_embeddings"]:
+    w["lm_head.weight"] = rng.normal(0, 0.2, (v, d))
+  for i in range(config["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    w[p + "self_attn.q_proj.weight"] = rng.normal(0, 0.2, (n * k, d))
+    w[p + "self_attn.k_proj.weight"] = rng.normal(0, 0.2, (nkv * k, d))
+    w[p + "self_attn.v_proj.weight"] = rng.normal(0, 0.2, (nkv * k, d))
+    w[p + "self_attn.o_proj.weight"] = rng.normal(0, 0.2, (d, n * k))
+    if config["model_type"] == "qwen2":
+      for name, rows in (("q", n * k), ("k", nkv * k), ("v", nkv * k)):
+        w[p + f"self_attn.{name}_proj.bias"] = rng.normal(0, 0.2, (rows,))
+    if config["model_type"] == "qwen3":
+      w[p + "self_attn.q_norm.weight"] = rng.normal(1, 0.1, (k,))
+      w[p + "self_attn.k_norm.weight"] = rng.normal(1, 0.1, (k,))
+    w[p + "mlp.gate_proj.weight"] = rng.normal(0, 0.2, (f, d))
+    w[p + "mlp.up_proj.weight"] = rng.normal(0, 0.2, (f, d))
+    w[p + "mlp.down_proj.weight"] = rng.normal(0, 0.2, (d, f))
+    w[p + "input_layernorm.weight"] = rng.normal(1, 0.1, (d,))
+    w[p + "post_attention_layernorm.weight"] = rng.normal(1, 0.1, (d,))
+  w = {name: x.astype(np.float32) for name, x in w.items()}
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump(config, fh)
+  names = sorted(w)
+  weight_map = {}
+  for j in range(shards):
+    fname = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
+    part = {name: w[name] for name in names[j::shards]}
+    stn.save_file(part, os.path.join(path, fname), {"format": "pt"})
+    weight_map.update({name: fname for name in part})
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+    json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+  return w
+
+
+def reference_logits(w, config, ids):
+  """Transformers' LlamaForCausalLM / Qwen2 / Qwen3 forward, written out in numpy (float64)."""
+  w = {name: x.astype(np.float64) for name, x in w.items()}
+  d, n = config["hidden_size"], config["num_attention_heads"]
+  nkv, k = config["num_key_value_heads"], config.get("head_dim", d // n)
+  eps, t = config["rms_norm_eps"], len(ids)
+
+  def rms(x, g):
+    return g * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+  inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, k, 2) / k)
+  rs = config.get("rope_scaling")
+  if rs:  # transformers' _compute_llama3_parameters
+    old, lo, hi, factor = (rs["original_max_position_embeddings"], rs["low_freq_factor"],
+                           rs["high_freq_factor"], rs["factor"])
+    new = []
+    for f in inv_freq:
+      wavelen = 2 * math.pi / f
+      if wavelen < old / hi:
+        new.append(f)
+      elif wavelen > old / lo:
+        new.append(f / factor)
+      else:
+        smooth = (old / wavelen - lo) / (hi - lo)
+        new.append((1 - smooth) * f / factor + smooth * f)
+    inv_freq = np.array(new)
+  freqs = np.arange(t)[:, None] * inv_freq[None]
+  emb = np.concatenate([freqs, freqs], axis=-1)
+  cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]  # [T, 1, K]
+
+  def rotate_half(x):
+    return np.concatenate([-x[..., k // 2:], x[..., :k // 2]], axis=-1)
+
+  x = w["model.embed_tokens.weight"][ids]
+  for i in range(config["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    h = rms(x, w[p + "input_layernorm.weight"])
+    proj = {}
+    for name, heads in (("q", n), ("k", nkv), ("v", nkv)):
+      y = h @ w[p + f"self_attn.{name}_proj.weight"].T
+      y = y + w.get(p + f"self_attn.{name}_proj.bias", 0.0)
+      y = y.reshape(t, heads, k)
+      if p + f"self_attn.{name}_norm.weight" in w:
+        y = rms(y, w[p + f"self_attn.{name}_norm.weight"])
+      proj[name] = y
+    q = proj["q"] * cos + rotate_half(proj["q"]) * sin
+    kk = proj["k"] * cos + rotate_half(proj["k"]) * sin
+    kk, vv = np.repeat(kk, n // nkv, axis=1), np.repeat(proj["v"], n // nkv, axis=1)
+    s = np.einsum("tnk,snk->nts", q, kk) / math.sqrt(k)
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("nts,snk->tnk", a, vv).reshape(t, n * k)
+    x = x + o @ w[p + "self_attn.o_proj.weight"].T
+    h = rms(x, w[p + "post_attention_layernorm.weight"])
+    g = h @ w[p + "mlp.gate_proj.weight"].T
+    x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ \
+        w[p + "mlp.down_proj.weight"].T
+  x = rms(x, w["model.norm.weight"])
+  head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+  return x @ head.T
+
+
+@functools.cache
+def forward(model):
+  return jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+
+
+IDS = np.array([3, 17, 42, 8, 0, 49, 25, 11, 30, 2, 7, 19])
+
+
+@pytest.mark.parametrize("config", [LLAMA31, QWEN2, QWEN3], ids=["llama3.1", "qwen2", "qwen3"])
+def test_load_matches_numpy_reference(tmp_path, config):
+  w = write_hf(tmp_path / "hf", config)
+  model, params = hf.load_llama(str(tmp_path / "hf"), dtype=jnp.float32)
+  got = forward(model)(params, jnp.asarray(IDS[None]))[0]
+  np.testing.assert_allclose(got, reference_logits(w, config, IDS), atol=2e-4, rtol=2e-4)
+
+
+def test_rope_scaling_is_exercised():
+  cfg = hf.config_from_hf(LLAMA31)
+  k = cfg.head_dim
+  plain = 1.0 / LLAMA31["rope_theta"] ** (np.arange(0, k, 2) / k)
+  ratio = plain / lm_model.layers.rope_inv_freq(k, cfg.rope_theta, cfg.rope_scaling)
+  assert np.isclose(ratio[0], 1) and np.isclose(ratio[-1], 8)
+  assert ((ratio > 1.01) & (ratio < 7.99)).any()  # the interpolated band
+
+
+def test_save_load_round_trip_with_extended_vocab_and_scan(tmp_path):
+  write_hf(tmp_path / "hf", LLAMA31)
+  model, params = hf.load_llama(str(tmp_path / "hf"), scan_layers=True)
+  assert params["layers"]["attn"]["q"].shape == (2, 32, 4, 8)
+  ext = hf.extend_vocab(params, 10, jax.random.key(0))
+  np.testing.assert_array_equal(ext["text_embed"], params["text_embed"])
+  np.testing.assert_array_equal(ext["text_head"], params["text_head"])
+  assert ext["visual_embed"].shape == (10, 32) and ext["visual_head"].shape == (10, 32)
+  ext2 = hf.extend_vocab(ext, 3, jax.random.key(1))
+  np.testing.assert_array_equal(ext2["visual_embed"][:10], ext["visual_embed"])
+  cfg = dataclasses.replace(model.config, num_special=2, num_vq=5, num_bpe=3)
+  hf.save_llama(cfg, ext, str(tmp_path / "out"), max_shard_bytes=20_000)
+  files = os.listdir(tmp_path / "out")
+  assert "model.safetensors.index.json" in files
+  assert sum(f.endswith(".safetensors") for f in files) > 1
+  model2, params2 = hf.load_llama(str(tmp_path / "out"))
+  assert model2.config == dataclasses.replace(cfg, scan_layers=False)
+  jax.tree.map(np.testing.assert_array_equal, params2, hf.unstack_layers(ext, 2))
+  ids = jnp.asarray([[3, 55, 12, 60, 59]])
+  np.testing.assert_allclose(forward(model2)(params2, ids),
+                             forward(lm_model.LM(cfg))(ext, ids), atol=1e-5)
+  with open(tmp_path / "out" / "config.json") as fh:
+    saved = json.load(fh)
+  assert saved["vocab_size"] == 60 and saved["rope_scaling"]["rope_type"] == "llama3"
+  saved_w = {}
+  for f in files:
+    if f.endswith(".safetensors"):
+      saved_w.update(stn.load_file(str(tmp_path / "out" / f)))
+  assert saved_w["model.layers.1.self_attn.o_proj.weight"].shape == (32, 32)
+  assert saved_w["model.embed_tokens.weight"].shape == (60, 32)
+
+
+def test_bad_checkpoints_raise(tmp_path):
+  with pytest.raises(ValueError, match="model_type"):
+    hf.config_from_hf(dict(LLAMA31, model_type="gpt2"))
+  with pytest.raises(ValueError, match="rope_scaling"):
+    hf.config_from_hf(dict(LLAMA31, rope_scaling=dict(type="yarn", factor=2.0)))
+  w = write_hf(tmp_path / "hf", QWEN2, shards=1)
+  del w["model.layers.1.mlp.up_proj.weight"]
+  stn.save_file(w, str(tmp_path / "hf" / "model-00001-of-00001.safetensors"))
+  with pytest.raises(ValueError, match="mlp.up_proj.weight missing"):
+    hf.load_llama(str(tmp_path / "hf"))

@@ -1,0 +1,281 @@
+"""Hugging Face Llama-2/3/3.1, Qwen2 and Qwen3 checkpoints <-> LM params (numpy, no torch).
+
+  model, params = load_llama("/ckpt/Llama-3.1-8B")         # config.json + *.safetensors
+  params = extend_vocab(params, n_visual=16_388, key=key)  # new special + VQ + BPE rows
+  model = LM(dataclasses.replace(model.config, num_special=4, num_vq=8192, num_bpe=8192))
+  save_llama(model.config, params, "/out/being-vl")        # shards + index, HF key names
+
+HF stores `[out, in]` matrices; we store `[in, ...out]` kernels (`q: [D, N, K]`,
+`o: [N, K, D]`). HF's q/k weights are already permuted for the rotate-half RoPE used here.
+An extended vocabulary is saved as one `embed_tokens` / `lm_head` of `text + visual` rows, with
+the split recorded under `"vlbpe_vocab"` in config.json so that loading restores both tables.
+"""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy as stn
+
+from vlbpe_jax.lm import model as lm_model
+
+_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_VOCAB_KEYS = ("text_vocab", "num_special", "num_vq", "num_bpe")
+# (our path under layers_i, HF name under model.layers.{i}, kind)
+_LAYER_KEYS = (
+    (("attn", "q"), "self_attn.q_proj.weight", "in_heads"),
+    (("attn", "k"), "self_attn.k_proj.weight", "in_heads"),
+    (("attn", "v"), "self_attn.v_proj.weight", "in_heads"),
+    (("attn", "o"), "self_attn.o_proj.weight", "heads_out"),
+    (("attn", "q_bias"), "self_attn.q_proj.bias", "bias"),
+    (("attn", "k_bias"), "self_attn.k_proj.bias", "bias"),
+    (("attn", "v_bias"), "self_attn.v_proj.bias", "bias"),
+    (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", "vector"),
+    (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", "vector"),
+    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", "matrix"),
+    (("mlp", "up", "kernel"), "mlp.up_proj.weight", "matrix"),
+    (("mlp", "down", "kernel"), "mlp.down_proj.weight", "matrix"),
+    (("attn_norm", "scale"), "input_layernorm.weight", "vector"),
+    (("mlp_norm", "scale"), "post_attention_layernorm.weight", "vector"),
+)
+
+
+def config_from_hf(hf, **overrides):
+  """`LMConfig` from a parsed HF config.json dict."""
+  kind = hf.get("model_type")
+  if kind not in _ARCH:
+    raise ValueError(f"config.json model_type={kind!r}; expected one of {sorted(_ARCH)}")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; expected 'silu'")
+  if hf.get("mlp_bias") or (kind == "llama" and hf.get("attention_bias")):
+    raise ValueError("config.json: mlp_bias / Llama attention_bias (o_proj bias) unsupported")
+  if hf.get("use_sliding_window"):
+    raise ValueError("config.json use_sliding_window=true: sliding-window attention unsupported")
+  scaling = hf.get("rope_scaling")
+  if scaling is not None:
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type == "default":
+      scaling = None
+    elif rope_type == "llama3":
+      scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                 float(scaling["high_freq_factor"]),
+                 int(scaling["original_max_position_embeddings"]))
+    else:
+      raise ValueError(f"config.json rope_scaling type {rope_type!r}; expected 'llama3'")
+  vocab = hf.get("vlbpe_vocab") or {"text_vocab": hf["vocab_size"]}
+  fields = dict(
+      width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+      mlp_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=float(hf.get("rope_theta", 10_000.0)), rope_scaling=scaling,
+      qkv_bias=kind == "qwen2" or (kind == "qwen3" and bool(hf.get("attention_bias"))),
+      qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      **{k: int(vocab.get(k, 0)) for k in _VOCAB_KEYS})
+  return lm_model.LMConfig(**{**fields, **overrides})
+
+
+def config_to_hf(cfg):
+  """HF config.json dict for an `LMConfig`."""
+  kind = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+  out = dict(
+      architectures=[_ARCH[kind]], model_type=kind, hidden_act="silu",
+      hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+      vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+      torch_dtype="float32" if cfg.param_dtype == "float32" else cfg.param_dtype,
+      attention_bias=bool(cfg.qkv_bias) if kind == "qwen3" else False)
+  if cfg.rope_scaling is not None:
+    f, lo, hi, old = cfg.rope_scaling
+    out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
+                               high_freq_factor=hi, original_max_position_embeddings=old)
+  if cfg.visual_vocab:
+    out["vlbpe_vocab"] = {k: getattr(cfg, k) for k in _VOCAB_KEYS}
+  return out
+
+
+def _to_ours(w, kind, shape, name):
+  """HF tensor -> our layout of `shape`; in_heads [N*K, D] -> [D, N, K], heads_out
+  [D, N*K] -> [N, K, D], bias [N*K] -> [N, K], matrix [out, in] -> [in, out]."""
+  want = {"in_heads": (shape[0], -1), "heads_out": (-1, shape[-1]),
+          "bias": (int(np.prod(shape)),), "matrix": shape[::-1], "vector": shape}[kind]
+  if kind in ("in_heads", "heads_out"):
+    want = want[::-1]
+  if w.size != int(np.prod(shape)) or any(a not in (-1, b) for a, b in zip(want, w.shape)):
+    raise ValueError(f"tensor {name} has shape {w.shape}; expected {shape} in our layout")
+  if kind in ("in_heads", "heads_out", "matrix"):
+    return w.T.reshape(shape)
+  return w.reshape(shape)
+
+
+def _to_hf(x, kind):
+  if kind == "in_heads":
+    return x.reshape(x.shape[0], -1).T
+  if kind == "heads_out":
+    return x.reshape(-1, x.shape[-1]).T
+  if kind == "bias":
+    return x.reshape(-1)
+  return x.T if kind == "matrix" else x
+
+
+def _read_tensors(hf_dir):
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"hf_dir={hf_dir!r}: no *.safetensors files")
+  tensors = {}
+  for name in files:
+    tensors.update(stn.load_file(os.path.join(hf_dir, name)))
+  return tensors
+
+
+def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
+  """Returns `(LM, params)`; params (unboxed) in `dtype`, compute in `compute_dtype or dtype`.
+
+  `overrides` set other LMConfig fields (e.g. `scan_layers=True`, `attention_impl="cudnn"`).
+  """
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hf = json.load(f)
+  dtype = jnp.dtype(dtype)
+  cfg = config_from_hf(hf, param_dtype=dtype.name,
+                       dtype=jnp.dtype(compute_dtype or dtype).name, **overrides)
+  unrolled = lm_model.LM(dataclasses.replace(cfg, scan_layers=False))
+  shapes = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(shapes["params"]))
+  t = _read_tensors(hf_dir)
+  cast = lambda x: jnp.asarray(np.asarray(x), dtype)
+  params = {"final_norm": {"scale": cast(t.pop("model.norm.weight"))}}
+  embed = t.pop("model.embed_tokens.weight")
+  head = None if cfg.tie_embeddings else t.pop("lm_head.weight", None)
+  if not cfg.tie_embeddings and head is None:
+    raise ValueError(f"hf_dir={hf_dir!r}: lm_head.weight missing and tie_word_embeddings false")
+  for name, table in (("embed", embed), ("head", head)):
+    if table is None:
+      continue
+    if table.shape != (cfg.vocab_size, cfg.width):
+      raise ValueError(f"{name} table shape {table.shape}; expected {(cfg.vocab_size, cfg.width)}")
+    params[f"text_{name}"] = cast(table[:cfg.text_vocab])
+    if cfg.visual_vocab:
+      params[f"visual_{name}"] = cast(table[cfg.text_vocab:])
+  t.pop("lm_head.weight", None)  # a tied checkpoint may still store it
+  for i in range(cfg.depth):
+    layer = params[f"layers_{i}"] = {}
+    for path, hf_name, kind in _LAYER_KEYS:
+      key = f"model.layers.{i}.{hf_name}"
+      want = _lookup(shapes[f"layers_{i}"], path)
+      if want is None:
+        continue
+      if key not in t:
+        raise ValueError(f"hf_dir={hf_dir!r}: tensor {key} missing")
+      _store(layer, path, cast(_to_ours(t.pop(key), kind, want, key)))
+  unused = sorted(k for k in t if "rotary_emb" not in k)
+  if unused:
+    raise ValueError(f"hf_dir={hf_dir!r}: unexpected tensors {unused[:8]}")
+  if cfg.scan_layers:
+    params = stack_layers(params, cfg.depth)
+  return lm_model.LM(cfg), params
+
+
+def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
+  """Writes config.json and safetensors shards (+ index when more than one) in HF layout."""
+  cfg = model_config
+  if "layers" in params:
+    params = unstack_layers(params, cfg.depth)
+  np_ = lambda x: np.asarray(x if dtype is None else jnp.asarray(x, dtype))
+  tensors = {"model.embed_tokens.weight": np_(_full_table(params, "embed", cfg))}
+  for i in range(cfg.depth):
+    for path, hf_name, kind in _LAYER_KEYS:
+      x = _lookup(params[f"layers_{i}"], path)
+      if x is not None:
+        tensors[f"model.layers.{i}.{hf_name}"] = np_(_to_hf(x, kind))
+  tensors["model.norm.weight"] = np_(params["final_norm"]["scale"])
+  if not cfg.tie_embeddings:
+    tensors["lm_head.weight"] = np_(_full_table(params, "head", cfg))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg), f, indent=2)
+  shards, size = [{}], 0
+  for name, x in tensors.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = np.ascontiguousarray(x)
+    size += x.nbytes
+  if len(shards) == 1:
+    stn.save_file(shards[0], os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
+    return
+  weight_map = {}
+  for j, shard in enumerate(shards):
+    fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+    stn.save_file(shard, os.path.join(out_dir, fname), {"format": "pt"})
+    weight_map.update({name: fname for name in shard})
+  index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def extend_vocab(params, n_visual, key):
+  """Appends `n_visual` rows to `visual_embed` (and `visual_head` when untied).
+
+  Text rows are untouched. New rows are drawn from a diagonal Gaussian fitted to the existing
+  text rows (mean + std * N(0, 1)), so they start at the scale of the pretrained embeddings.
+  Update the config to match (`num_special + num_vq + num_bpe` grows by `n_visual`).
+  """
+  if n_visual < 1:
+    raise ValueError(f"n_visual={n_visual}: expected >= 1")
+  out = dict(params)
+  for name, k in (("embed", key), ("head", jax.random.fold_in(key, 1))):
+    text = params.get(f"text_{name}")
+    if text is None:
+      continue
+    mean, std = text.mean(axis=0), text.std(axis=0)
+    rows = (mean + std * jax.random.normal(k, (n_visual, text.shape[1]))).astype(text.dtype)
+    old = params.get(f"visual_{name}")
+    out[f"visual_{name}"] = rows if old is None else jnp.concatenate([old, rows])
+  return out
+
+
+def stack_layers(params, depth):
+  """`layers_0..layers_{L-1}` -> one `layers` stack (the scanned layout)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[params[f"layers_{i}"] for i in range(depth)])
+  return out
+
+
+def unstack_layers(params, depth):
+  """Inverse of `stack_layers`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(depth):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
+
+
+def _full_table(params, name, cfg):
+  parts = [params[f"text_{name}"]] + ([params[f"visual_{name}"]] if cfg.visual_vocab else [])
+  return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _lookup(tree, path):
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _store(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
