@@ -30,7 +30,10 @@ class _Counts:
     ab, first = np.unique(keys // self.d, return_index=True)
     self.pairs = tables.SlotMap(ab)
     self.acnt = np.add.reduceat(self.tcnt, first) if keys.size else np.zeros(0, np.int64)
-    self.s = self.consistency(ab)
+    self.s = np.full(ab.size, np.nan, np.float32)  # S cache; NaN = not scored since a change
+    self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
+    self.pool = np.zeros(0, np.int64)
+    self.in_pool = np.zeros(ab.size, bool)
 
   def histograms(self, ab):
     """Flat (pair index, dy, dx, count) of the offsets of pairs `ab`, sorted by (pair, d)."""
@@ -44,9 +47,13 @@ class _Counts:
     dy, dx = d // (2 * self.w - 1), d % (2 * self.w - 1) - (self.w - 1)
     return which, dy, dx, c
 
-  def consistency(self, ab) -> np.ndarray:
-    which, dy, dx, c = self.histograms(ab)
-    return scoring.score_histograms(which, dy, dx, c, ab.size, self.sigma)
+  def consistency(self, slots: np.ndarray) -> np.ndarray:
+    """S of the pairs at `slots`, scoring (with the jitted kernel) those not cached."""
+    stale = slots[np.isnan(self.s[slots])]
+    if stale.size:
+      which, dy, dx, c = self.histograms(self.pairs.keys[stale])
+      self.s[stale] = scoring.score_histograms(which, dy, dx, c, stale.size, self.sigma)
+    return self.s[slots]
 
   def dominant(self, ab: int):
     """(dy, dx) with the most occurrences of pair `ab` (ties: raster-first offset), its count."""
@@ -55,7 +62,7 @@ class _Counts:
     return (int(dy[i]), int(dx[i])), int(c[i])
 
   def update(self, keys: np.ndarray, signs: np.ndarray):
-    """Adds +-1 per pair key, then re-scores S of every (a, b) whose histogram changed."""
+    """Adds +-1 per pair key; forgets the cached S of every (a, b) whose histogram changed."""
     uk, inv = np.unique(keys, return_inverse=True)
     dv = np.rint(np.bincount(inv, weights=signs, minlength=uk.size)).astype(np.int64)
     uk, dv = uk[dv != 0], dv[dv != 0]
@@ -69,27 +76,54 @@ class _Counts:
     self.acnt = tables.grow(self.acnt, self.pairs.size)
     self.s = tables.grow(self.s, self.pairs.size)
     self.acnt[slots] += np.add.reduceat(dv, first)
-    self.s[slots] = self.consistency(ab)
+    self.s[slots] = np.nan
+    self.in_pool = tables.grow(self.in_pool, self.pairs.size)
+    new = slots[(self.acnt[slots] >= self.floor) & ~self.in_pool[slots]]
+    self.in_pool[new] = True
+    self.pool = np.concatenate([self.pool, new])
+
+  def _shrink_pool(self, floor: int):
+    cnt = self.acnt[self.pool]
+    self.in_pool[:self.pairs.size] = False
+    self.floor, self.pool = floor, self.pool[cnt >= floor]
+    self.in_pool[self.pool] = True
 
   def select(self, alpha: float, min_count: int):
-    """Slot of the best pair and its (F, S, P), or None when no pair has >= min_count."""
+    """Slot of the best pair and its (F, S, P), or None when no pair has >= min_count.
+
+    P <= N / nmax + alpha, and a top-count pair has P = 1 + alpha * S, so only pairs with
+    N >= need = nmax * (1 + alpha * S_top - alpha) can win. They are all in `pool` (every pair
+    with N >= floor) while need >= floor; otherwise the pool is rebuilt by one full scan.
+    """
     cnt = self.acnt[:self.pairs.size]
-    if not cnt.size:
-      return None
-    nmax = int(cnt.max())
-    if nmax < min_count:
-      return None
-    top = np.flatnonzero(cnt == nmax)
-    if alpha == 0:
-      cand = top
-    else:  # P <= N/nmax + alpha; P of a top-count pair is 1 + alpha*S: prune with that bound
-      bound = nmax * (alpha * float(self.s[top].max()) + 1.0 - alpha) * (1 - 1e-9)
-      cand = np.flatnonzero(cnt >= max(bound, min_count))
+    for full_scan in (False, True):
+      if full_scan:
+        if not cnt.size or int(cnt.max()) < min_count:
+          return None
+        self.floor, self.pool = 0, np.arange(cnt.size, dtype=np.int64)
+      self._shrink_pool(self.floor)
+      pool = self.pool
+      if not pool.size:
+        continue
+      pc = cnt[pool]
+      nmax = int(pc.max())
+      if nmax < min_count:
+        continue
+      need = float(nmax)
+      if alpha:
+        s_top = float(self.consistency(pool[pc == nmax]).max())
+        need = nmax * (1.0 + alpha * s_top - alpha) * (1 - 1e-9)
+      need = max(need, min_count)
+      if need >= self.floor:
+        break
+    if full_scan:  # keep a pool a bit wider than needed, for the next merges
+      self._shrink_pool(max(1, int(need * 0.75)))
+    cand = pool[pc >= need]
     f = cnt[cand] / nmax
-    s = self.s[cand].astype(np.float64)
-    p = f + alpha * s
+    p = f + alpha * self.consistency(cand).astype(np.float64) if alpha else f
     i = np.lexsort((self.pairs.keys[cand], -cnt[cand], -p))[0]
-    return int(cand[i]), float(f[i]), float(s[i]), float(p[i])
+    s = float(self.consistency(cand[i:i + 1])[0])
+    return int(cand[i]), float(f[i]), s, float(p[i])
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,

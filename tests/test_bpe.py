@@ -1,0 +1,194 @@
+"""VisualBPE: the S term, round trips, determinism over meshes, save/load, bad inputs, CLIs."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from vlbpe_jax import parallel
+from vlbpe_jax.bpe import VisualBPE
+from vlbpe_jax.bpe import decode as decode_cli
+from vlbpe_jax.bpe import encode as encode_cli
+from vlbpe_jax.bpe import learn as learn_cli
+from vlbpe_jax.bpe import scoring
+from vlbpe_jax.bpe import visualize
+
+
+def patch_grids(seed=0, n=16, h=12, w=12, base=32, noise=0.1):
+  """Grids tiled with 4 fixed random 3x3 patches (codes < 24) plus noise over [0, 24)."""
+  patches = np.random.default_rng(0).integers(0, 24, (4, 3, 3))
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, 4, (n, h // 3, w // 3))
+  g = patches[idx].transpose(0, 1, 3, 2, 4).reshape(n, h, w)
+  noisy = rng.random(g.shape) < noise
+  g[noisy] = rng.integers(0, 24, int(noisy.sum()))
+  return g.astype(np.int32)
+
+
+def consistent_vs_scattered():
+  """One 12x12 grid of distinct filler codes holding (3, 4) four times at offset (0, 1) and
+  (1, 2) four times, twice at (0, 1) and twice at (1, 0): equal counts, different S."""
+  g = np.arange(100, 244, dtype=np.int32).reshape(1, 12, 12)
+  for y in (0, 3, 6, 9):
+    g[0, y, 0:2] = (3, 4)
+  for y, x in ((0, 6), (3, 6)):
+    g[0, y, x:x + 2] = (1, 2)
+  for y, x in ((6, 6), (6, 9)):
+    g[0, y:y + 2, x] = (1, 2)
+  return g
+
+
+def test_kernel_matches_formula():
+  counts = np.array([[3, 1, 0, 0], [2, 2, 0, 0], [5, 0, 0, 0]], np.int32)
+  dy = np.array([[0, 1, 0, 0], [0, 1, 0, 0], [2, 0, 0, 0]], np.int32)
+  dx = np.array([[1, 0, 0, 0], [1, -1, 0, 0], [-1, 0, 0, 0]], np.int32)
+  s = np.asarray(scoring.pair_consistency(counts, dy, dx, np.float32(0.7)))
+  for k in range(3):
+    u = [(dy[k, j], dx[k, j]) for j in range(4) for _ in range(counts[k, j])]
+    my, mx = np.mean([a for a, _ in u]), np.mean([b for _, b in u])
+    want = np.mean([math.exp(-((a - my) ** 2 + (b - mx) ** 2) / (2 * 0.7 ** 2)) for a, b in u])
+    assert s[k] == pytest.approx(want, rel=1e-6)
+  assert s[2] == 1.0 and s[0] > s[1]
+
+
+def test_fixed_offset_pair_beats_scattered_pair():
+  g = consistent_vs_scattered()
+  freq = VisualBPE.learn(g, base_vocab_size=244, num_merges=1, alpha=0.0, progress=False)
+  prio = VisualBPE.learn(g, base_vocab_size=244, num_merges=2, alpha=1.0, sigma=0.5,
+                         progress=False)
+  # Equal counts: frequency BPE breaks the tie by id and takes the scattered (1, 2) ...
+  assert (freq.merges[0]["a"], freq.merges[0]["b"]) == (1, 2)
+  # ... the spatial term prefers the pair that always sits at (0, 1).
+  first, second = prio.merges
+  assert (first["a"], first["b"], first["offset"]) == (3, 4, [0, 1])
+  assert first["count"] == second["count"] == 4
+  assert first["S"] == 1.0
+  assert second["S"] == pytest.approx(math.exp(-1.0), rel=1e-6)  # ||d - u||^2 = 1/2 each
+  assert first["P"] > second["P"]
+
+
+@pytest.mark.parametrize("offsets", [((0, 1), (1, 0)), ((0, 1), (1, 0), (1, 1), (1, -1))])
+def test_round_trip_including_unseen_codes_and_shapes(offsets):
+  bpe = VisualBPE.learn(patch_grids(), base_vocab_size=32, num_merges=40, alpha=1.0,
+                        offsets=offsets, progress=False)
+  assert len(bpe.merges) == 40
+  rng = np.random.default_rng(1)
+  tests = [patch_grids(seed=2, n=5), rng.integers(0, 32, (6, 7, 9)).astype(np.int32),
+           rng.integers(24, 32, (2, 3, 4)).astype(np.int32)]  # codes never seen in training
+  for g in tests:
+    enc = bpe.encode(g)
+    np.testing.assert_array_equal(bpe.decode(enc), g)
+    n, width = enc["tokens"].shape
+    assert enc["positions"].shape == (n, width, 2)
+    np.testing.assert_array_equal(enc["cells"].sum(1), np.full(n, g.shape[1] * g.shape[2]))
+    valid = np.arange(width)[None] < enc["lengths"][:, None]
+    assert (enc["tokens"][~valid] == -1).all() and (enc["tokens"][valid] >= 0).all()
+    raster = enc["positions"][..., 0] * g.shape[2] + enc["positions"][..., 1]
+    assert all((np.diff(raster[i, :enc["lengths"][i]]) > 0).all() for i in range(n))
+  planted = bpe.encode(patch_grids(seed=2, n=5))
+  assert planted["lengths"].mean() < 0.5 * 144  # the planted patches compress
+
+
+def test_encoding_training_grids_replays_learning():
+  g = patch_grids(seed=4)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=30, progress=False)
+  tok = bpe.encode(g)["tokens"]
+  counts = np.bincount(tok[tok >= 32] - 32, minlength=30)
+  # Each merged token's final count = times it was made - times later merges consumed it.
+  used = np.zeros(30, np.int64)
+  for m in bpe.merges:
+    for t in (m["a"], m["b"]):
+      if t >= 32:
+        used[t - 32] += m["merged"]
+  made = np.array([m["merged"] for m in bpe.merges])
+  np.testing.assert_array_equal(counts, made - used)
+
+
+def test_deterministic_across_runs_and_device_counts():
+  g = patch_grids(seed=5, n=13, noise=0.25)  # 13 grids: padded to split over 8 devices
+  kw = dict(base_vocab_size=32, num_merges=25, alpha=2.0, sigma=0.8,
+            offsets=((0, 1), (1, 0), (1, 1)), progress=False)
+  single = VisualBPE.learn(g, **kw).to_dict()
+  assert VisualBPE.learn(g, **kw).to_dict() == single
+  assert len(jax.devices()) == 8
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh([("data", -1)], devices)
+    assert VisualBPE.learn(g, mesh=mesh, **kw).to_dict() == single
+  mesh = parallel.make_mesh([("data", 4), ("fsdp", 2)])
+  assert VisualBPE.learn(g, mesh=mesh, **kw).to_dict() == single
+
+
+def test_save_load(tmp_path):
+  g = patch_grids(seed=6)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=20, alpha=0.5, progress=False)
+  path = str(tmp_path / "bpe.json")
+  bpe.save(path)
+  d = json.load(open(path))
+  assert d["merges"][0].keys() >= {"a", "b", "offset", "F", "S", "P", "footprint", "count"}
+  back = VisualBPE.load(path)
+  assert back.to_dict() == bpe.to_dict()
+  enc = back.encode(g)
+  for k, v in bpe.encode(g).items():
+    np.testing.assert_array_equal(enc[k], v)
+  d["merges"][3]["footprint"] = [[0, 0]]
+  json.dump(d, open(path, "w"))
+  with pytest.raises(ValueError, match="footprint"):
+    VisualBPE.load(path)
+
+
+def test_bad_inputs_raise():
+  g = patch_grids()
+  with pytest.raises(ValueError, match="dtype"):
+    VisualBPE.learn(g.astype(np.float32), base_vocab_size=32, num_merges=2)
+  with pytest.raises(ValueError, match="negative"):
+    VisualBPE.learn(g - 1, base_vocab_size=32, num_merges=2)
+  with pytest.raises(ValueError, match="base_vocab_size=20"):
+    VisualBPE.learn(g, base_vocab_size=20, num_merges=2)
+  with pytest.raises(ValueError, match="shape"):
+    VisualBPE.learn(g[0], base_vocab_size=32, num_merges=2)
+  with pytest.raises(ValueError, match="raster-forward"):
+    VisualBPE.learn(g, base_vocab_size=32, num_merges=2, offsets=((0, -1),))
+  with pytest.raises(ValueError, match="alpha"):
+    VisualBPE.learn(g, base_vocab_size=32, num_merges=2, alpha=-1.0)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=5, progress=False)
+  with pytest.raises(ValueError, match="base_vocab_size=32"):
+    bpe.encode(np.full((1, 4, 4), 32, np.int32))
+  enc = bpe.encode(g[:2])
+  enc["tokens"] = np.where(enc["tokens"] >= 0, 99, -1)
+  with pytest.raises(ValueError, match="vocabulary"):
+    bpe.decode(enc)  # tokens of a bigger vocabulary
+  with pytest.raises(ValueError, match="merge 0"):
+    VisualBPE(32, [dict(a=40, b=1, offset=[0, 1])])
+
+
+def test_token_map_picture(tmp_path):
+  g = patch_grids(seed=7, n=3)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=20, progress=False)
+  maps = visualize.token_maps(bpe, g, scale=4)
+  assert maps.shape == (3, 48, 48, 3) and maps.dtype == np.uint8
+  fig = visualize.token_map_figure(bpe, g, images=np.zeros((3, 20, 20, 3), np.uint8), scale=4)
+  assert fig.dtype == np.uint8 and fig.shape[1] == 48 * 2 + 4
+  visualize.save_png(fig, str(tmp_path / "map.png"))
+  assert (tmp_path / "map.png").stat().st_size > 0
+  # Cells of one token share a colour; a base code (unmerged) is grey.
+  state = bpe.tokenize(g)
+  cell_tok = state.tok[state.own].reshape(g.shape)
+  y, x = np.argwhere(cell_tok[0] < 32)[0]
+  assert (maps[0, 4 * y + 2, 4 * x + 2] == 140).all()
+
+
+def test_clis_in_process(tmp_path, capsys):
+  g = patch_grids(seed=8)
+  codes, out = str(tmp_path / "codes.npy"), str(tmp_path / "bpe.json")
+  np.save(codes, g)
+  res = learn_cli.main([f"--codes={codes}", "--merges=12", "--alpha=1", "--sigma=0.5",
+                        f"--out={out}", "--base_vocab_size=32", "--no_progress",
+                        "--offsets=0,1;1,0;1,1"])
+  assert res["merges"] == 12 and json.loads(capsys.readouterr().out.strip())["merges"] == 12
+  tokens, back = str(tmp_path / "tokens.npz"), str(tmp_path / "back.npy")
+  assert encode_cli.main([f"--bpe={out}", f"--codes={codes}", f"--out={tokens}"])[
+      "cells_per_token"] > 1
+  decode_cli.main([f"--bpe={out}", f"--tokens={tokens}", f"--out={back}"])
+  np.testing.assert_array_equal(np.load(back), g)

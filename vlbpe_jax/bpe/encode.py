@@ -1,0 +1,37 @@
+"""Encode int codes [N, H, W] (.npy) with a learned visual BPE into a tokens .npz.
+
+  python -m vlbpe_jax.bpe.encode --bpe=bpe.json --codes=codes.npy --out=tokens.npz
+
+The .npz holds tokens [N, L] (-1 padding), positions [N, L, 2], cells [N, L], lengths [N],
+grid_shape [2] (see `VisualBPE.encode`). Prints one JSON line with the compression.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from vlbpe_jax.bpe import model
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--bpe", required=True)
+  ap.add_argument("--codes", required=True)
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  bpe = model.VisualBPE.load(args.bpe)
+  codes = np.load(args.codes)
+  t = time.perf_counter()
+  enc = bpe.encode(codes)
+  seconds = time.perf_counter() - t
+  np.savez(args.out, **enc)
+  result = dict(images=int(codes.shape[0]), out=args.out, seconds=round(seconds, 3),
+                cells_per_token=round(codes.size / max(int(enc["lengths"].sum()), 1), 4))
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,121 @@
+"""Demo stage: learn a visual BPE on the VQ codes, encode every split, report compression.
+
+Reads `workdir/vq/codes_{train,validation,test}.npy` (int32 [N, h, w]; train is required),
+writes `workdir/bpe/bpe.json`, `workdir/bpe/tokens_{split}.npz` and `workdir/bpe/stats.json`,
+and adds the "Visual BPE" report section with token maps of the first test images (rendered
+with `vlbpe_jax.data.shapes.make_example(i, "test", ...)`, so codes_test[i] must be example i).
+
+Config (`config.bpe`): num_merges, alpha, sigma, offsets, min_count, base_vocab_size (0: use
+`config.vq.codebook_size`), num_token_maps. Work already done is reused when bpe.json was
+learned with the same settings and each tokens file names the same bpe.json digest.
+"""
+
+import hashlib
+import html
+import json
+import os
+
+import numpy as np
+
+from vlbpe_jax import parallel
+from vlbpe_jax.bpe import model
+from vlbpe_jax.bpe import visualize
+from vlbpe_jax.data import shapes
+from vlbpe_jax.eval import report
+
+SPLITS = ("train", "validation", "test")
+
+
+def _settings(config) -> dict:
+  c = config.bpe
+  base = int(c.get("base_vocab_size", 0) or 0) or int(config.vq.codebook_size)
+  return dict(base_vocab_size=base, num_merges=int(c.num_merges), alpha=float(c.alpha),
+              sigma=float(c.sigma), offsets=[list(o) for o in c.offsets],
+              min_count=int(c.get("min_count", 2)))
+
+
+def _digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _learn_or_load(config, codes, path, settings):
+  if os.path.exists(path):
+    bpe = model.VisualBPE.load(path)
+    have = dict(base_vocab_size=bpe.base_vocab_size, alpha=bpe.alpha, sigma=bpe.sigma,
+                offsets=[list(o) for o in bpe.offsets], min_count=bpe.min_count)
+    want = {k: v for k, v in settings.items() if k != "num_merges"}
+    if have == want and (len(bpe.merges) == settings["num_merges"] or
+                         os.path.exists(path + ".stopped_early")):
+      return bpe, None
+  mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
+  bpe, timing = model.VisualBPE.learn(codes, mesh=mesh, progress=False, return_timing=True,
+                                      **settings)
+  bpe.save(path)
+  if len(bpe.merges) < settings["num_merges"]:
+    open(path + ".stopped_early", "w").close()
+  return bpe, timing
+
+
+def _section_html(bpe, ratios, img_rel) -> str:
+  rows = "".join(f"<tr><td>{s}</td><td>{r:.3f}</td></tr>" for s, r in ratios.items())
+  merges = "".join(
+      f"<tr><td>{m['id']}</td><td>{m['a']}</td><td>{m['b']}</td><td>{tuple(m['offset'])}</td>"
+      f"<td>{m['count']}</td><td>{m['F']:.3f}</td><td>{m['S']:.3f}</td>"
+      f"<td>{len(bpe.footprint(m['id']))}</td></tr>" for m in bpe.merges[:12])
+  return (f"<p>{len(bpe.merges)} merges over a base vocabulary of {bpe.base_vocab_size} codes "
+          f"(alpha={bpe.alpha}, sigma={bpe.sigma}, offsets={html.escape(str(bpe.offsets))}). "
+          "Compression = grid cells per BPE token.</p>"
+          f"<table><tr><th>split</th><th>cells per token</th></tr>{rows}</table>"
+          f"<p><img class='pix' src='{img_rel}'><br><span class='small'>Test images and their "
+          "token maps: each cell coloured by the BPE token covering it (grey: a single base "
+          "code), token borders dark.</span></p>"
+          "<table><tr><th>id</th><th>a</th><th>b</th><th>offset</th><th>N</th><th>F</th>"
+          f"<th>S</th><th>cells</th></tr>{merges}</table>")
+
+
+def run_stage(config, workdir: str) -> dict:
+  """Runs (or resumes) the BPE stage; returns its metrics."""
+  settings = _settings(config)
+  vq_dir, bpe_dir = os.path.join(workdir, "vq"), os.path.join(workdir, "bpe")
+  os.makedirs(bpe_dir, exist_ok=True)
+  codes = {s: np.load(os.path.join(vq_dir, f"codes_{s}.npy")) for s in SPLITS
+           if os.path.exists(os.path.join(vq_dir, f"codes_{s}.npy"))}
+  if "train" not in codes:
+    raise ValueError(f"workdir={workdir!r}: expected {vq_dir}/codes_train.npy from the VQ stage")
+  path = os.path.join(bpe_dir, "bpe.json")
+  bpe, timing = _learn_or_load(config, codes["train"], path, settings)
+  stats_path = os.path.join(bpe_dir, "stats.json")
+  if timing is not None:
+    with open(stats_path, "w") as f:
+      json.dump(dict(timing, merges=len(bpe.merges)), f)
+  digest = _digest(path)
+  ratios = {}
+  for split, grids in codes.items():
+    out = os.path.join(bpe_dir, f"tokens_{split}.npz")
+    enc = None
+    if os.path.exists(out):
+      with np.load(out) as f:
+        if str(f["bpe_digest"]) == digest and f["lengths"].shape[0] == grids.shape[0]:
+          enc = {k: f[k] for k in f.files}
+    if enc is None:
+      enc = bpe.encode(grids)
+      np.savez(out, bpe_digest=np.array(digest), **enc)
+    ratios[split] = grids.size / max(int(enc["lengths"].sum()), 1)
+  shown = codes.get("test", codes["train"])[:int(config.bpe.get("num_token_maps", 6))]
+  split = "test" if "test" in codes else "train"
+  images = np.stack([shapes.make_example(i, split, seed=config.seed,
+                                         resolution=config.data.resolution)["image"]
+                     for i in range(shown.shape[0])])
+  img_rel = report.save_image(workdir, "bpe/token_map.png",
+                              visualize.token_map_figure(bpe, shown, images))
+  metrics = {"bpe.compression": ratios.get("test", ratios["train"]),
+             "bpe.num_merges": len(bpe.merges), "bpe.vocab_size": bpe.vocab_size}
+  metrics.update({f"bpe.compression_{s}": r for s, r in ratios.items()})
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      st = json.load(f)
+    metrics["bpe.learn_seconds"] = round(st["total_s"], 3)
+  report.add_section(workdir, key="bpe", title="Visual BPE", order=30,
+                     html=_section_html(bpe, ratios, img_rel), metrics=metrics)
+  return metrics
