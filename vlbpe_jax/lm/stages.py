@@ -23,6 +23,7 @@ them.
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,14 +44,20 @@ def _top(path):
   return path[0].key
 
 
+def _name(path):
+  """The last dict key of a path (skips the index of a Partitioned box)."""
+  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+
+
 def _check_stage(stage):
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
 
 
 def param_labels(params, stage, num_layers, first_frac=0.25):
-  """Pytree of "trainable"/"frozen" shaped like `params` (an unboxed LM param dict)."""
+  """Pytree of "trainable"/"frozen" shaped like the unboxed `params` (boxed ones are unboxed)."""
   _check_stage(stage)
+  params = nn.unbox(params)
   n_first = num_first_layers(num_layers, first_frac)
 
   def label(path, _):
@@ -92,11 +99,12 @@ def layer_mask(stage, num_layers, first_frac=0.25):
 def default_decay_mask(params):
   """Weight decay on weight matrices and tables; none on norm scales and biases."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (path[-1].key == "scale" or path[-1].key.endswith("_bias")), params)
+      lambda path, _: not (_name(path) == "scale" or _name(path).endswith("_bias")), params)
 
 
 def num_layers_of(params):
   """L, read from the param tree (scanned stack or `layers_i` entries)."""
+  params = nn.unbox(params)
   if "layers" in params:
     return jax.tree.leaves(params["layers"])[0].shape[0]
   return sum(1 for k in params if re.fullmatch(r"layers_\d+", k))
@@ -109,6 +117,8 @@ def make_optimizer(stage, params, schedule, clip=1.0, weight_decay=0.0, *, first
   schedule: a float or an optax schedule (learning rate per step of this stage).
   clip: global-norm clip over the trainable gradients only (None = no clipping).
   The transform's state tree has the same layout in every stage, as `migrate_opt_state` needs.
+  `params` may be boxed (`nn.Partitioned`) or abstract: `tx.init(boxed_params)` then gives a
+  boxed state whose logical names yield its shardings; update with unboxed trees.
   """
   _check_stage(stage)
   num_layers = num_layers_of(params)
@@ -124,6 +134,7 @@ def make_optimizer(stage, params, schedule, clip=1.0, weight_decay=0.0, *, first
 
 def trainable_count(params, stage, first_frac=0.25):
   """Number of trainable parameters in a stage (scanned stacks counted per layer)."""
+  params = nn.unbox(params)
   num_layers = num_layers_of(params)
   labels = param_labels(params, stage, num_layers, first_frac)
   n_first = num_first_layers(num_layers, first_frac)
