@@ -41,7 +41,10 @@ def _lookup(d, dotted):
 
 
 def _path_str(path) -> str:
-  return jax.tree_util.keystr(path)
+  """`['opt'][0]['mu']`: attribute keys (NamedTuple fields, e.g. optax states) are written like
+  dict keys, as orbax's metadata tree holds NamedTuples as dicts."""
+  return "".join(f"[{getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))!r}]"
+                 for k in path)
 
 
 class Checkpointer:
