@@ -1,0 +1,142 @@
+"""LM training: staged runs on a 2x2x2 mesh, resume == uninterrupted, freezing, NaN stop."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import lm_train_helpers as helpers
+from vlbpe_jax import checkpoint
+from vlbpe_jax import parallel
+from vlbpe_jax.lm import sequences
+from vlbpe_jax.lm import train
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lm"))
+  config = helpers.make_config()
+  tok = helpers.tokenizer(workdir)
+  helpers.write_visual_files(workdir)
+  visual, num_vq, num_bpe = sequences.load_visual_tokens(
+      workdir, "bpe", vq_start=train.text_rows(config, tok))
+  mesh = parallel.mesh_from_config(config.mesh)
+  source = helpers.examples("train")
+  text_params = train.pretrain_text(config, workdir, tok, source, mesh)
+  trainer = train.Trainer(config, train.make_model(config, tok, num_vq, num_bpe), mesh)
+  return dict(workdir=workdir, config=config, tok=tok, trainer=trainer, text=_host(text_params),
+              text_params=text_params,
+              make_iter=train.iterator_fn(config, tok, source, visual["train"]))
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+  """The full plan uninterrupted (a) and stopped at steps 2 and 3, then resumed (b)."""
+  s = setup
+  plan = train.plan_of(s["config"], "full")
+  go = lambda name, **kw: train.run_plan(  # noqa: E731
+      s["config"], os.path.join(s["workdir"], name), s["trainer"], plan, s["make_iter"],
+      base_params=s["text_params"], **kw)
+  init = s["trainer"].init(jax.random.split(jax.random.key(0))[0], plan[0], s["text_params"])
+  out = {"init": _host(init)}
+  out["a"] = go("a")
+  out["b2"] = _host(go("b", stop_at_step=2))  # end of stage 1: migration after the restore
+  out["b3"] = _host(go("b", stop_at_step=3))  # mid stage 2
+  out["b"] = go("b")
+  return out
+
+
+def test_plans():
+  config = helpers.make_config()
+  full, single = train.plan_of(config, "full"), train.plan_of(config, "single_stage")
+  assert [p.stage for p in full] == [1, 2, 3]
+  assert [p.steps for p in full] == [2, 2, 2]
+  assert len(single) == 1 and single[0].stage == 3 and single[0].steps == 6
+  assert single[0].tasks == ("caption", "attributes", "vqa", "dialogue", "vqa")
+  assert train.plan_of(config, "text")[0].tasks == ("caption", "attributes", "vqa", "dialogue")
+  with pytest.raises(ValueError, match="run='two_stage'"):
+    train.plan_of(config, "two_stage")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("stage_steps", (2, 2), "lm.stage_steps"),
+    ("stage_steps", (2, 0, 2), "positive"),
+    ("stage_tasks", (("caption",), ("ocr",), ("vqa",)), "ocr"),
+    ("batch_size", 0, "lm.batch_size"),
+    ("first_frac", 1.5, "first_frac"),
+])
+def test_check_config_refuses_bad_values(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.check_config(helpers.make_config(**{field: value}))
+
+
+def test_resume_equals_uninterrupted_run(runs):
+  a, b = _host(runs["a"]), _host(runs["b"])
+  assert int(a["step"]) == int(b["step"]) == 6
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_metrics_log_each_step_once_with_its_stage(setup, runs):
+  del runs
+  logs = {}
+  for name in ("a", "b"):
+    with open(os.path.join(setup["workdir"], name, "metrics.jsonl")) as f:
+      logs[name] = [json.loads(line) for line in f]
+  assert [r["step"] for r in logs["b"]] == [1, 2, 3, 4, 5, 6]
+  assert [r["stage"] for r in logs["a"]] == [1, 1, 2, 2, 3, 3]
+  assert [r["train/loss"] for r in logs["a"]] == [r["train/loss"] for r in logs["b"]]
+  assert all(math.isfinite(r["perf/tokens_per_s_per_device"]) for r in logs["a"])
+
+
+def test_stage1_changes_only_the_new_rows(setup, runs):
+  init, after = runs["init"]["params"], runs["b2"]["params"]
+  for name in init:
+    same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(init[name]),
+                                                    jax.tree.leaves(after[name])))
+    assert same == (name not in ("visual_embed", "visual_head")), name
+  # The text rows are stage 0's weights, carried over bit for bit.
+  np.testing.assert_array_equal(after["text_embed"], setup["text"]["text_embed"])
+
+
+def test_stage2_changes_the_first_layer_only(runs):
+  before, after = runs["b2"]["params"], runs["b3"]["params"]
+  changed = {name for name in before
+             if not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[name]),
+                                                             jax.tree.leaves(after[name])))}
+  # depth 2, first_frac 0.25 -> ceil(0.5) = 1 layer; the new rows keep training.
+  assert changed == {"layers_0", "visual_embed", "visual_head"}
+
+
+def test_state_is_sharded_by_logical_names(setup, runs):
+  params = runs["a"]["params"]
+  assert params["layers_0"]["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert params["text_embed"].sharding.spec == P("tensor", "fsdp")
+  opt_sh = setup["trainer"].state_shardings(train.plan_of(setup["config"], "full")[1])["opt"]
+  specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
+      opt_sh, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  mu_up = [v for k, v in specs.items() if "mu" in k and "'up'" in k and "layers_0" in k]
+  assert mu_up == [P("fsdp", "tensor")]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup):
+  s = setup
+  good = train.plan_of(s["config"], "full")[0]
+  bad = train.Phase(1, 2, good.tasks, math.inf)  # inf learning rate: NaN updates at once
+  run_dir = os.path.join(s["workdir"], "nan")
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step 3 \(stage 1\).*"
+                                               r"Last good checkpoint: step 2"):
+    train.run_plan(s["config"], run_dir, s["trainer"], [good, bad], s["make_iter"],
+                   base_params=s["text_params"])
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"))
+  assert ckpt.all_steps() == [2]
+  state = ckpt.restore(s["trainer"].abstract_state(good))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_host(state["params"])))
+  ckpt.close()

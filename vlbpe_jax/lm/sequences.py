@@ -1,0 +1,118 @@
+"""Token sequences of the unified LM: visual tokens of each image, training data, prompts.
+
+  visual = load_visual_tokens(workdir, "bpe", vq_start=tok.vocab_size)   # or "vq" (no BPE)
+  ds = train_dataset(source, tok, ("caption", "attributes"), visual["train"], seq_len=256,
+                     batch_size=8, seed=0)
+  prompt = vqa_prompt(tok, visual["test"](example), "what color is the star?")
+
+Vocabulary layout `text | special | VQ | BPE` (lm/config.py). The text tokenizer already holds
+the image begin/end and role tokens, so `num_special = 0` and VQ code c has id `vq_start + c`;
+a visual-BPE token t (ids `[0, V)` are the base codes, `V + k` the k-th merge) has id
+`vq_start + t`, i.e. merges sit right after the VQ codes.
+
+Inputs written by earlier stages: `W/vq/codes_{split}.npy` int32 `[N, h, w]` with
+`W/vq/codes_meta.json` `{"codebook_size", "grid"}`; `W/bpe/bpe.json` and
+`W/bpe/tokens_{split}.npz` (`VisualBPE.encode` output: tokens `[N, L]`, lengths `[N]`, ...).
+Row i of a split belongs to the record whose `index` is i.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from vlbpe_jax.data import pipeline
+
+SPLITS = ("train", "validation", "test")
+KINDS = ("bpe", "vq")
+
+
+class VisualTokens:
+  """`example -> int32 [L]` LM ids of its image (row `example["index"]`); picklable."""
+
+  def __init__(self, tokens, lengths, offset: int):
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+      raise ValueError(f"tokens {tokens.shape}, lengths {lengths.shape}: expected [N, L], [N]")
+    if lengths.size and (lengths.min() < 1 or lengths.max() > tokens.shape[1]):
+      raise ValueError(f"lengths in [{lengths.min()}, {lengths.max()}]: expected [1, "
+                       f"{tokens.shape[1]}]")
+    valid = np.arange(tokens.shape[1])[None] < lengths[:, None]
+    if valid.any() and tokens[valid].min() < 0:
+      raise ValueError(f"tokens hold {tokens[valid].min()} inside the lengths: expected ids >= 0")
+    self.tokens = np.where(valid, tokens + offset, 0).astype(np.int32)
+    self.lengths = lengths.astype(np.int32)
+
+  def __len__(self):
+    return len(self.lengths)
+
+  def max_id(self) -> int:
+    return int(self.tokens.max()) if self.tokens.size else -1
+
+  def __call__(self, example) -> np.ndarray:
+    i = int(example["index"])
+    if not 0 <= i < len(self):
+      raise ValueError(f"example index {i}: visual tokens exist for indices [0, {len(self)})")
+    return self.tokens[i, :self.lengths[i]]
+
+
+def _require(path, stage):
+  if not os.path.exists(path):
+    raise ValueError(f"{path} is missing: run the {stage!r} stage first")
+  return path
+
+
+def codes_meta(workdir: str) -> dict:
+  with open(_require(os.path.join(workdir, "vq", "codes_meta.json"), "vq")) as f:
+    return json.load(f)
+
+
+def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS):
+  """`({split: VisualTokens}, num_vq, num_bpe)` from the VQ (`kind="vq"`) or BPE files."""
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+  num_vq = int(codes_meta(workdir)["codebook_size"])
+  out, num_bpe = {}, 0
+  if kind == "bpe":
+    with open(_require(os.path.join(workdir, "bpe", "bpe.json"), "bpe")) as f:
+      vocab = json.load(f)
+    if int(vocab["base_vocab_size"]) != num_vq:
+      raise ValueError(f"bpe.json base_vocab_size={vocab['base_vocab_size']}: expected the VQ "
+                       f"codebook_size={num_vq}")
+    num_bpe = int(vocab["vocab_size"]) - num_vq
+  for split in splits:
+    if kind == "vq":
+      codes = np.load(_require(os.path.join(workdir, "vq", f"codes_{split}.npy"), "vq"))
+      flat = codes.reshape(len(codes), -1)
+      out[split] = VisualTokens(flat, np.full(len(flat), flat.shape[1]), vq_start)
+    else:
+      enc = np.load(_require(os.path.join(workdir, "bpe", f"tokens_{split}.npz"), "bpe"))
+      out[split] = VisualTokens(enc["tokens"], enc["lengths"], vq_start)
+    if out[split].max_id() >= vq_start + num_vq + num_bpe:
+      raise ValueError(f"{kind} tokens of split {split!r} reach id {out[split].max_id()}: "
+                       f"expected < {vq_start + num_vq + num_bpe}")
+  return out, num_vq, num_bpe
+
+
+def train_dataset(source, tokenizer, tasks, visual, *, seq_len: int, batch_size: int, seed: int,
+                  worker_count: int = 0):
+  """Packed grain batches (pipeline.lm_dataset) of examples formatted as `tasks` (drawn
+  uniformly per example; repeat a name to weight it); `visual=None`: text only."""
+  fmt = pipeline.TaskFormatter(tokenizer, tuple(tasks), image_tokens=visual)
+  return pipeline.lm_dataset(source, fmt, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             truncate=True, worker_count=worker_count)
+
+
+def image_span(tokenizer, visual_ids) -> list[int]:
+  return [tokenizer.image_begin_id] + [int(i) for i in visual_ids] + [tokenizer.image_end_id]
+
+
+def vqa_prompt(tokenizer, visual_ids, question: str) -> list[int]:
+  """`bos <img> ... </img> <user> question <assistant>` (the training format of one turn)."""
+  return ([tokenizer.bos_id] + image_span(tokenizer, visual_ids) + [tokenizer.user_id] +
+          tokenizer.encode(question) + [tokenizer.assistant_id])
+
+
+def caption_prompt(tokenizer, visual_ids) -> list[int]:
+  """`bos <img> ... </img>`: the model continues with a caption or attribute statements."""
+  return [tokenizer.bos_id] + image_span(tokenizer, visual_ids)

@@ -1,0 +1,441 @@
+"""Trains the unified LM: text pretraining (stage 0), then Being-VL's stages 1-3 with a curriculum.
+
+  python -m vlbpe_jax.lm.train --config=configs/tiny.py --workdir=$W
+
+Needs the `data`, `vq` and `bpe` stages' files in `$W` (tfds shapes, text tokenizer, code grids,
+visual BPE). Stage 0 trains a text-only model on the dataset's texts (the stand-in for the
+pretrained LLM a real user loads) into `$W/lm/text/`; the vocabulary is then extended with VQ +
+BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
+
+  full          stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config curriculum
+  no_bpe        the same plan on raw VQ codes
+  single_stage  one stage-3 phase of the same total steps on every phase's data mixed
+
+Each run lives in `$W/lm/<run>/`: orbax checkpoints (state + grain iterator + config) in
+`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed`,
+`config.mesh` and, through the data stage, `config.data.*`.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import tqdm
+
+from vlbpe_jax import checkpoint
+from vlbpe_jax import parallel
+from vlbpe_jax.data import pipeline
+from vlbpe_jax.lm import model as lm_model
+from vlbpe_jax.lm import sequences
+from vlbpe_jax.lm import stages
+
+RUNS = ("full", "no_bpe", "single_stage")
+# Config keys a run's checkpoint must agree on before it is restored.
+MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size", "lm.text_steps",
+              "lm.stage_steps", "lm.stage_tasks", "lm.first_frac", "lm.vocab_multiple")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`."""
+  stage: int
+  steps: int
+  tasks: tuple
+  lr: float
+
+
+def plan_of(config, run: str) -> list[Phase]:
+  """The phases of a run (`"text"` is stage 0: every task, text only, all weights)."""
+  c = config.lm
+  if run == "text":
+    return [Phase(3, int(c.text_steps), pipeline.TASKS, float(c.text_lr))]
+  phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
+            zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
+  if run in ("full", "no_bpe"):
+    return phases
+  if run == "single_stage":
+    return [Phase(3, sum(p.steps for p in phases), sum((p.tasks for p in phases), ()),
+                  phases[-1].lr)]
+  raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
+
+
+def check_config(config):
+  """Raises ValueError on bad `config.lm` values (before any compilation)."""
+  c = config.lm
+  for name in ("seq_len", "batch_size", "log_every", "ckpt_every", "text_steps",
+               "vocab_multiple"):
+    if int(c[name]) < 1:
+      raise ValueError(f"lm.{name}={c[name]!r}: expected a positive int")
+  n = len(stages.STAGES)
+  for name in ("stage_steps", "stage_tasks", "stage_lrs"):
+    if len(c[name]) != n:
+      raise ValueError(f"lm.{name}={c[name]!r}: expected {n} entries, one per stage")
+  if any(int(s) < 1 for s in c.stage_steps):
+    raise ValueError(f"lm.stage_steps={c.stage_steps!r}: expected positive ints")
+  for tasks in c.stage_tasks:
+    bad = [t for t in tasks if t not in pipeline.TASKS]
+    if not tasks or bad:
+      raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
+                       f"{pipeline.TASKS}")
+  stages.num_first_layers(1, c.first_frac)  # validates the fraction
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def text_rows(config, tokenizer) -> int:
+  """Rows of the text tables: the tokenizer's vocabulary padded to `lm.vocab_multiple` (so
+  that the `vocab` axis splits over the mesh); padded ids are never inputs. VQ code c of the
+  extended model has id `text_rows + c`."""
+  return _round_up(tokenizer.vocab_size, int(config.lm.vocab_multiple))
+
+
+def make_model(config, tokenizer, num_vq: int = 0, num_bpe: int = 0) -> lm_model.LM:
+  """The decoder; the visual table (VQ + BPE rows) is padded to `lm.vocab_multiple` too."""
+  visual = num_vq + num_bpe
+  pad = _round_up(visual, int(config.lm.vocab_multiple)) - visual if visual else 0
+  return lm_model.LM(lm_model.lm_config(
+      config.lm.variant, text_vocab=text_rows(config, tokenizer), num_vq=num_vq,
+      num_bpe=num_bpe + pad, **dict(config.lm.model)))
+
+
+def make_tx(config, phase: Phase, params):
+  """The phase's optimizer: AdamW with warm-up + cosine decay on its own step count."""
+  c = config.lm
+  warmup = min(int(c.warmup_steps), max(phase.steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, phase.lr, warmup, max(phase.steps, warmup + 1), phase.lr * c.final_lr_frac)
+  return stages.make_optimizer(phase.stage, params, schedule, clip=c.grad_clip,
+                               weight_decay=c.weight_decay, first_frac=c.first_frac,
+                               b1=c.b1, b2=c.b2)
+
+
+def loss_fn(params, batch, key, *, model):
+  """Next-token cross-entropy on the loss-masked targets.
+
+  batch: inputs/targets/segment_ids/positions `[B, T]` int32, loss_mask `[B, T]` bool.
+  Returns `(loss, metrics)`.
+  """
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"], rngs={"dropout": key})  # [B, T, V]
+  if logits.shape[:2] != batch["targets"].shape:
+    raise ValueError(f"Incorrect shapes. Got {logits.shape} logits and "
+                     f"{batch['targets'].shape} targets")
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+  w = batch["loss_mask"].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  loss = jnp.sum(ce * w) / n
+  acc = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w) / n
+  return loss, {"loss": loss, "token_acc": acc, "loss_tokens": jnp.sum(w)}
+
+
+def _l2(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(state, batch, key, *, model, tx):
+  """One update of `state = {"step", "params", "opt"}`; returns `(state, metrics)`."""
+  key = jax.random.fold_in(key, state["step"])
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model), has_aux=True)
+  (_, metrics), grads = grad_fn(state["params"], batch, key)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics.update(l2_grads=_l2(grads), l2_params=_l2(params), l2_updates=_l2(updates))
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+
+def _key_names(path):
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_shardings(abstract_opt, abstract_params, param_shardings, mesh):
+  """Shardings of an optimizer state: a leaf whose path ends with a parameter's path and has
+  its shape (Adam moments) gets that parameter's sharding; the rest is replicated."""
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+  by_path = {_key_names(p): (x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(param_shardings, is_leaf=is_sharding))}
+
+  def pick(path, x):
+    names = _key_names(path)
+    for i in range(len(names)):
+      hit = by_path.get(names[i:])
+      if hit is not None and hit[0] == x.shape:
+        return hit[1]
+    return parallel.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+class Trainer:
+  """Sharded state layout, init, jitted step and optimizer migration of one model on one mesh.
+
+  The state is born sharded: `eval_shape(init)` -> logical names -> `NamedSharding`s ->
+  `jit(..., out_shardings=...)`.
+  """
+
+  def __init__(self, config, model, mesh):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.rules = parallel.LOGICAL_AXIS_RULES
+    ids = jnp.zeros((1, 4), jnp.int32)
+    self._init_params = lambda key: model.init(key, ids)["params"]
+    with self.ctx():
+      boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+      self.param_shardings = parallel.logical_shardings(boxed, mesh, self.rules)
+    self.abstract_params = nn.unbox(boxed)
+    self.repl = parallel.replicated(mesh)
+    self._fns, self._txs, self._shardings = {}, {}, {}
+
+  @contextlib.contextmanager
+  def ctx(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def tx(self, phase: Phase):
+    if phase not in self._txs:
+      self._txs[phase] = make_tx(self.config, phase, self.abstract_params)
+    return self._txs[phase]
+
+  def state_shardings(self, phase: Phase):
+    if phase not in self._shardings:
+      abstract_opt = jax.eval_shape(self.tx(phase).init, self.abstract_params)
+      self._shardings[phase] = {
+          "step": self.repl, "params": self.param_shardings,
+          "opt": opt_shardings(abstract_opt, self.abstract_params, self.param_shardings,
+                               self.mesh)}
+    return self._shardings[phase]
+
+  def abstract_state(self, phase: Phase):
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
+                "opt": jax.eval_shape(self.tx(phase).init, self.abstract_params)}
+    return checkpoint.abstract_like(abstract, self.state_shardings(phase))
+
+  def _jit(self, key, make):
+    """A jitted function built once per key (phases are hashable)."""
+    if key not in self._fns:
+      self._fns[key] = make()
+    return self._fns[key]
+
+  def init(self, key, phase: Phase, base_params=None):
+    """Fresh state; `base_params` (e.g. stage 0's text model) overwrite the leaves they hold."""
+    tx = self.tx(phase)
+
+    def init(key, base):
+      params = nn.unbox(self._init_params(key))
+      params = {**params, **(base or {})}
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
+
+    fn = self._jit(("init", phase), lambda: jax.jit(
+        init, out_shardings=self.state_shardings(phase)))
+    with self.ctx():
+      return fn(key, base_params)
+
+  def migrate(self, state, old: Phase, new: Phase):
+    """Moves `state["opt"]` from `old`'s optimizer to `new`'s (moments of shared leaves kept)."""
+    tx = self.tx(new)
+    fn = self._jit(("migrate", old, new), lambda: jax.jit(
+        lambda opt, params: stages.migrate_opt_state(opt, old.stage, new.stage, params, tx),
+        out_shardings=self.state_shardings(new)["opt"], donate_argnums=(0,)))
+    with self.ctx():
+      return {**state, "opt": fn(state["opt"], state["params"])}
+
+  def step(self, phase: Phase, state, batch, key):
+    sh = self.state_shardings(phase)
+    fn = self._jit(("step", phase), lambda: jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx(phase)),
+        in_shardings=(sh, parallel.batch_sharding(self.mesh, 2), self.repl),
+        out_shardings=(sh, self.repl), donate_argnums=(0,)))
+    with self.ctx():
+      return fn(state, parallel.shard_batch(batch, self.mesh), key)
+
+
+class MetricLog:
+  """Appends `{"step", ...}` lines to `metrics.jsonl`; drops lines past a resumed step."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    lines = []
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.writelines(lines)
+
+  def write(self, step: int, values: dict):
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+
+
+def _phase_at(plan, step):
+  """Index of the phase that runs global step `step` (0-based); len(plan) past the end."""
+  ends = np.cumsum([p.steps for p in plan])
+  return int(np.searchsorted(ends, step, side="right"))
+
+
+def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_params=None,
+             stop_at_step=None, name="lm"):
+  """Trains `plan` (resuming from `run_dir/ckpt`); returns the final state.
+
+  make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
+  phase's last step holds that phase's optimizer state and iterator; the next phase migrates
+  from it (in memory or after a restore alike). `stop_at_step` stops early (after a checkpoint)
+  at that global step, as a preemption would. A non-finite loss (or parameter norm after the
+  update) raises FloatingPointError naming the step; a checkpoint is only written after its
+  step passed that check, so the last one stays good.
+  """
+  c = config.lm
+  ends = np.cumsum([p.steps for p in plan]).tolist()
+  total = ends[-1]
+  key_init, key_train = jax.random.split(jax.random.key(config.seed))
+  key_train = jax.device_put(key_train, trainer.repl)
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), config=config,
+                                 must_match=MUST_MATCH, max_to_keep=2)
+  latest = ckpt.latest_step()
+  if latest is None:
+    k, it = 0, make_iter(plan[0])
+    state = trainer.init(key_init, plan[0], base_params)
+  else:
+    k = min(_phase_at(plan, latest - 1), len(plan) - 1)
+    it = make_iter(plan[k])
+    state = ckpt.restore(trainer.abstract_state(plan[k]), data_iter=it)
+    logging.info("%s: resumed from step %d (phase %d) in %s", name, latest, k, ckpt.directory)
+  step = int(jax.device_get(state["step"]))
+  log = MetricLog(os.path.join(run_dir, "metrics.jsonl"), step)
+  tokens_per_step = c.batch_size * c.seq_len * jax.process_count()
+  n_dev = jax.device_count()
+  pending, clock = None, {"time": time.time(), "step": step}
+  bar = tqdm.tqdm(total=total, initial=step, desc=name, disable=not c.progress)
+
+  def drain():
+    """Fetches the pending step's metrics, stops on non-finite values, logs when due."""
+    nonlocal pending
+    if pending is None:
+      return
+    (done, m), pending = jax.device_get(pending), None
+    stage = plan[_phase_at(plan, done - 1)].stage
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["l2_params"])):
+      bar.close()
+      ckpt.close()
+      raise FloatingPointError(
+          f"{name}: non-finite loss {m['loss']} or parameter norm {m['l2_params']} at step "
+          f"{done} (stage {stage}); stopped. Last good checkpoint: step {ckpt.latest_step()} "
+          f"in {ckpt.directory}")
+    if done % c.log_every == 0 or done == total:
+      dt = (time.time() - clock["time"]) / max(done - clock["step"], 1)
+      clock.update(time=time.time(), step=done)
+      log.write(done, {"stage": stage, **{f"train/{n}": v for n, v in m.items()},
+                       "perf/step_time_s": dt,
+                       "perf/tokens_per_s_per_device": tokens_per_step / dt / n_dev})
+      bar.set_postfix(loss=f"{m['loss']:.3f}", stage=stage)
+
+  with jax.transfer_guard("disallow"):
+    while step < total and (stop_at_step is None or step < stop_at_step):
+      if step == ends[k]:  # phase boundary: migrate the optimizer, start the next data mix
+        state = trainer.migrate(state, plan[k], plan[k + 1])
+        k, it = k + 1, make_iter(plan[k + 1])
+        logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
+      state, metrics = trainer.step(plan[k], state, next(it), key_train)
+      drain()  # the previous step's metrics, while this step runs
+      step += 1
+      pending = (step, metrics)
+      bar.update(1)
+      if step % c.ckpt_every == 0 or step in ends or step == stop_at_step:
+        drain()
+        ckpt.save(step, state, data_iter=it)
+    drain()
+  bar.close()
+  ckpt.close()
+  return state
+
+
+def iterator_fn(config, tok, source, visual):
+  """`phase -> iterator` of packed batches of the phase's tasks (`visual=None`: text only)."""
+  def make_iter(phase):
+    return iter(sequences.train_dataset(
+        source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
+        batch_size=config.lm.batch_size, seed=config.seed, worker_count=config.lm.worker_count))
+  return make_iter
+
+
+def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
+  """Stage 0: the text-only model on every task's text. Returns its (sharded) params."""
+  plan = plan_of(config, "text")
+  trainer = Trainer(config, make_model(config, tok), mesh)
+  make_iter = iterator_fn(config, tok, source, None)
+  state = run_plan(config, os.path.join(workdir, "lm", "text"), trainer, plan, make_iter,
+                   stop_at_step=stop_at_step, name="lm/text")
+  return state["params"]
+
+
+def train_run(config, workdir, run, tok, source, visual, num_vq, num_bpe, text_params, mesh,
+              *, stop_at_step=None):
+  """Stages 1-3 (or the single-stage ablation) of `run`. Returns `(model, trainer, state)`."""
+  plan = plan_of(config, run)
+  model = make_model(config, tok, num_vq, num_bpe)
+  trainer = Trainer(config, model, mesh)
+  make_iter = iterator_fn(config, tok, source, visual)
+  state = run_plan(config, os.path.join(workdir, "lm", run), trainer, plan, make_iter,
+                   base_params=text_params, stop_at_step=stop_at_step, name=f"lm/{run}")
+  return model, trainer, state
+
+
+def trainable_counts(config, run_plan_, params) -> list[int]:
+  """Trainable parameters of each phase of a plan."""
+  return [int(stages.trainable_count(params, p.stage, config.lm.first_frac)) for p in run_plan_]
+
+
+def train_and_evaluate(config, workdir: str, run: str = "full") -> dict:
+  """Stage 0, then `run` on the pipeline's files in `workdir`; evaluates on the test split."""
+  from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import evaluate  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  mesh = parallel.mesh_from_config(config.mesh)
+  tok = data_stage.load_tokenizer(workdir)
+  builder = data_stage.build_dataset(config, workdir)
+  train_src = tfds_builders.data_source(builder, "train")
+  visual, num_vq, num_bpe = sequences.load_visual_tokens(
+      workdir, "vq" if run == "no_bpe" else "bpe", vq_start=text_rows(config, tok))
+  text_params = pretrain_text(config, workdir, tok, train_src, mesh)
+  model, trainer, state = train_run(config, workdir, run, tok, train_src, visual["train"],
+                                    num_vq, num_bpe, text_params, mesh)
+  test = tfds_builders.data_source(builder, "test")
+  examples = [tfds_builders.decode_record(test[i])
+              for i in range(min(config.lm.num_eval, len(test)))]
+  with trainer.ctx():
+    res = evaluate.evaluate(model, state["params"], tok, examples, visual["test"],
+                            batch_size=config.lm.eval_batch_size,
+                            max_answer_tokens=config.lm.max_answer_tokens,
+                            max_caption_tokens=config.lm.max_caption_tokens)
+  return {k: v for k, v in res.items() if not isinstance(v, list)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  print(json.dumps(train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
+                                      flags.FLAGS.run)))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pipeline directory (the LM writes under workdir/lm).")
+  flags.DEFINE_enum("run", "full", RUNS, "Which plan to train.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
