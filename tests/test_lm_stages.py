@@ -26,6 +26,12 @@ def make(scan=False):
   return model, params["params"]
 
 
+@functools.cache
+def optimizer(stage, scan=False):
+  """One optimizer per (stage, layout), so that jitted steps are shared between tests."""
+  return stages.make_optimizer(stage, make(scan)[1], 1e-2, clip=1.0, weight_decay=0.1)
+
+
 def batch(step):
   ids = jax.random.randint(jax.random.key(100 + step), (4, 9), 0, 44)
   return ids[:, :-1], ids[:, 1:]
@@ -80,8 +86,7 @@ def test_labels_and_first_layer_counts():
 
 def test_stage1_moves_only_visual_rows():
   model, params = make()
-  tx = stages.make_optimizer(1, params, 1e-2, clip=1.0, weight_decay=0.1)
-  new, _ = run(model, params, tx, 3)
+  new, _ = run(model, params, optimizer(1), 3)
   diff = changed(params, new)
   assert diff.pop("visual_embed") and diff.pop("visual_head")
   assert not any(jax.tree.leaves(diff))  # every other leaf bit-identical
@@ -90,8 +95,7 @@ def test_stage1_moves_only_visual_rows():
 @pytest.mark.parametrize("scan", [False, True])
 def test_stage2_changes_exactly_the_first_layers(scan):
   model, params = make(scan)
-  tx = stages.make_optimizer(2, params, 1e-2, clip=1.0, weight_decay=0.1)
-  new, _ = run(model, params, tx, 2)
+  new, _ = run(model, params, optimizer(2, scan), 2)
   if scan:
     per_layer = [changed(jax.tree.map(lambda x: x[i], params["layers"]),
                          jax.tree.map(lambda x: x[i], new["layers"])) for i in range(DEPTH)]
@@ -133,9 +137,9 @@ def test_clipping_ignores_frozen_gradients(scan):
 @pytest.mark.parametrize("scan", [False, True])
 def test_migration_keeps_moments(scan):
   model, params = make(scan)
-  tx1 = stages.make_optimizer(1, params, 1e-2)
+  tx1 = optimizer(1, scan)
   params, opt1 = run(model, params, tx1, 2)
-  tx2 = stages.make_optimizer(2, params, 1e-2)
+  tx2 = optimizer(2, scan)
   restored = jax.tree.map(np.asarray, opt1)  # host copy, as after a checkpoint restore
   opt2 = stages.migrate_opt_state(restored, 1, 2, params, tx2)
   for name in ("mu", "nu"):
@@ -147,7 +151,7 @@ def test_migration_keeps_moments(scan):
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(first))  # fresh
   assert int(opt2.inner_states["trainable"].inner_state[2][0].count) == 0
   params2, opt2 = run(model, params, tx2, 1, opt2, start=2)
-  tx3 = stages.make_optimizer(3, params, 1e-2)
+  tx3 = optimizer(3, scan)
   opt3 = stages.migrate_opt_state(opt2, 2, 3, params2, tx3, keep_count=True)
   mu2 = adam_mu(opt2)
   mu3 = adam_mu(opt3)
