@@ -1,0 +1,40 @@
+"""VQ-GAN losses: reconstruction, PatchGAN hinge, and the adaptive GAN weight.
+
+Images are float in [-1, 1], [B, H, W, 3]; every loss is a float32 scalar.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+RECON_LOSSES = ("l1", "l2")
+
+
+def reconstruction(x, x_rec, kind: str = "l1"):
+  """Mean absolute (l1) or squared (l2) error."""
+  chex.assert_equal_shape([x, x_rec])
+  if kind not in RECON_LOSSES:
+    raise ValueError(f"vq.recon_loss={kind!r} unknown; expected one of {RECON_LOSSES}")
+  d = x_rec.astype(jnp.float32) - x.astype(jnp.float32)
+  return jnp.mean(jnp.abs(d)) if kind == "l1" else jnp.mean(jnp.square(d))
+
+
+def hinge_d_loss(logits_real, logits_fake):
+  """Discriminator hinge loss: mean(relu(1 - D(x))) and mean(relu(1 + D(G(z)))), halved."""
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) +
+                jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def hinge_g_loss(logits_fake):
+  """Generator loss -mean(D(G(z)))."""
+  return -jnp.mean(logits_fake)
+
+
+def adaptive_weight(grad_rec, grad_gan, max_weight: float = 1e4):
+  """taming's lambda = |dL_rec/dW| / (|dL_gan/dW| + 1e-4), W the decoder's last layer.
+
+  Gradients are pytrees; the result carries no gradient.
+  """
+  norm = lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
+  w = norm(grad_rec) / (norm(grad_gan) + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
