@@ -9,6 +9,7 @@ import pytest
 
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import VisualBPE
+from vlbpe_jax.bpe import counting
 from vlbpe_jax.bpe import decode as decode_cli
 from vlbpe_jax.bpe import encode as encode_cli
 from vlbpe_jax.bpe import learn as learn_cli
@@ -192,3 +193,14 @@ def test_clis_in_process(tmp_path, capsys):
       "cells_per_token"] > 1
   decode_cli.main([f"--bpe={out}", f"--tokens={tokens}", f"--out={back}"])
   np.testing.assert_array_equal(np.load(back), g)
+
+
+def test_sharded_first_counts_equal_host_counts():
+  g = patch_grids(seed=9, n=11, noise=0.3)
+  offsets = ((0, 1), (1, 0), (1, -1))
+  want = counting.count_base_pairs_host(g, offsets, 40)
+  for mesh in (None, parallel.make_mesh([("data", -1)])):
+    got = counting.count_base_pairs(g, offsets, 40, mesh)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  assert want[1].sum() == 11 * (11 * 12 + 12 * 11 + 11 * 11)

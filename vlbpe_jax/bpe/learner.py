@@ -82,48 +82,67 @@ class _Counts:
     self.in_pool[new] = True
     self.pool = np.concatenate([self.pool, new])
 
-  def _shrink_pool(self, floor: int):
-    cnt = self.acnt[self.pool]
-    self.in_pool[:self.pairs.size] = False
-    self.floor, self.pool = floor, self.pool[cnt >= floor]
-    self.in_pool[self.pool] = True
+  def _set_pool(self, floor: int, cnt: np.ndarray, full_scan: bool):
+    """Keeps the invariant: every pair with N >= floor is in the pool."""
+    if full_scan:
+      self.pool = np.flatnonzero(cnt >= floor)
+      self.in_pool[:] = False
+      self.in_pool[self.pool] = True
+    else:
+      keep = cnt[self.pool] >= floor
+      self.in_pool[self.pool[~keep]] = False
+      self.pool = self.pool[keep]
+    self.floor = floor
 
-  def select(self, alpha: float, min_count: int):
-    """Slot of the best pair and its (F, S, P), or None when no pair has >= min_count.
+  def _best_in_pool(self, cnt, alpha, min_count):
+    """The best pool pair, if no pair outside the pool (N < floor) can beat it; else None.
 
-    P <= N / nmax + alpha, and a top-count pair has P = 1 + alpha * S, so only pairs with
-    N >= need = nmax * (1 + alpha * S_top - alpha) can win. They are all in `pool` (every pair
-    with N >= floor) while need >= floor; otherwise the pool is rebuilt by one full scan.
+    P = N / nmax + alpha * S <= N / nmax + alpha, so after scoring the pool in decreasing-N
+    chunks, a pair with N / nmax + alpha < best P cannot win (a relative float margin keeps
+    the cut conservative); only the scored pairs go to the exact tie-break.
     """
-    cnt = self.acnt[:self.pairs.size]
-    for full_scan in (False, True):
-      if full_scan:
-        if not cnt.size or int(cnt.max()) < min_count:
-          return None
-        self.floor, self.pool = 0, np.arange(cnt.size, dtype=np.int64)
-      self._shrink_pool(self.floor)
-      pool = self.pool
-      if not pool.size:
-        continue
-      pc = cnt[pool]
-      nmax = int(pc.max())
-      if nmax < min_count:
-        continue
-      need = float(nmax)
-      if alpha:
-        s_top = float(self.consistency(pool[pc == nmax]).max())
-        need = nmax * (1.0 + alpha * s_top - alpha) * (1 - 1e-9)
-      need = max(need, min_count)
-      if need >= self.floor:
-        break
-    if full_scan:  # keep a pool a bit wider than needed, for the next merges
-      self._shrink_pool(max(1, int(need * 0.75)))
-    cand = pool[pc >= need]
-    f = cnt[cand] / nmax
+    pc = cnt[self.pool]
+    nmax = int(pc.max())
+    order = np.argsort(-pc, kind="stable")
+    cand, f = self.pool[order], pc[order] / nmax
+    if alpha:
+      best, done, chunk = -np.inf, 0, 64
+      while done < cand.size and f[done] + alpha >= best * (1 - 1e-9):
+        s = self.consistency(cand[done:done + chunk]).astype(np.float64)
+        best = max(best, float((f[done:done + chunk] + alpha * s).max()))
+        done, chunk = done + s.size, chunk * 2
+      cand, f = cand[:done], f[:done]
+    else:
+      best = 1.0
+      cand, f = cand[f == 1.0], f[f == 1.0]
+    if self.floor > min_count and (self.floor - 1) / nmax + alpha >= best * (1 - 1e-9):
+      return None  # an eligible pair below the floor (not in the pool) might still win
     p = f + alpha * self.consistency(cand).astype(np.float64) if alpha else f
     i = np.lexsort((self.pairs.keys[cand], -cnt[cand], -p))[0]
     s = float(self.consistency(cand[i:i + 1])[0])
-    return int(cand[i]), float(f[i]), s, float(p[i])
+    return (int(cand[i]), float(f[i]), s, float(p[i])), nmax, best
+
+  def select(self, alpha: float, min_count: int):
+    """Slot of the best pair and its (F, S, P), or None when no pair has N >= min_count.
+
+    All pairs with N >= floor are in `pool`, so a merge looks at a few hundred pairs; when the
+    pool cannot decide, it is rebuilt by one full scan with floor = min_count.
+    """
+    cnt = self.acnt[:self.pairs.size]
+    for full_scan in (False, True):
+      self._set_pool(max(self.floor, min_count), cnt, False)
+      if full_scan:
+        self._set_pool(min_count, cnt, True)
+      if self.pool.size:
+        found = self._best_in_pool(cnt, alpha, min_count)
+        if found is not None:
+          result, nmax, best = found
+          # Raise the floor to ~85% of the lowest N that could still have won.
+          floor = int(nmax * (best - alpha) * 0.85)
+          if floor > self.floor:
+            self._set_pool(floor, cnt, False)
+          return result
+    return None
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
@@ -133,7 +152,10 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   n, h, w = grids.shape
   geo = vocab_lib.Geometry(base_vocab_size, offsets)
   vcap = base_vocab_size + num_merges
-  keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
+  if mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
+    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
+  else:
+    keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
   stats = _Counts(keys, counts, h, w, sigma)
   state = grid_state.GridState(grids, geo)
   vanish = np.zeros(n * h * w, bool)

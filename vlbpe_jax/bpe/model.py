@@ -44,6 +44,7 @@ class VisualBPE:
     self.geometry = vocab_lib.Geometry(base_vocab_size, offsets)
     self.alpha, self.sigma, self.min_count = float(alpha), float(sigma), int(min_count)
     self.merges = [dict(m) for m in merges]
+    self._exp = None  # decode tables, built on first use
     for k, m in enumerate(self.merges):
       t = self.geometry.size
       if int(m.get("id", t)) != t or not (0 <= m["a"] < t and 0 <= m["b"] < t):
@@ -149,23 +150,32 @@ class VisualBPE:
       raise ValueError(f"encoding holds token ids in [{toks.min()}, {toks.max()}]: expected ids "
                        f"in [0, {self.vocab_size}) of this vocabulary")
     img = np.nonzero(valid)[0]
+    pos = positions[valid].astype(np.int64)
+    ptr, fy, fx, fcode = self._expansions()
+    size = ptr[toks + 1] - ptr[toks]
+    which = np.repeat(np.arange(toks.size), size)  # one entry per covered cell
+    flat = np.arange(which.size) - (np.cumsum(size) - size)[which] + ptr[toks][which]
+    y, x = pos[which, 0] + fy[flat], pos[which, 1] + fx[flat]
+    if y.size and (y.min() < 0 or y.max() >= h or x.min() < 0 or x.max() >= w):
+      raise ValueError(f"encoding places tokens outside the {h}x{w} grid")
+    g = (img[which] * h + y) * w + x
     out = np.full(n * h * w, -1, np.int32)
-    hits = np.zeros(n * h * w, np.int64)
-    pos = positions[valid]
-    for t in np.unique(toks):
-      sel = toks == t
-      fp, codes = self.geometry.footprint(int(t)), self.geometry.codes(int(t))
-      y = pos[sel, 0][:, None] + fp[None, :, 0]
-      x = pos[sel, 1][:, None] + fp[None, :, 1]
-      if y.min() < 0 or y.max() >= h or x.min() < 0 or x.max() >= w:
-        raise ValueError(f"token {t} at positions outside the {h}x{w} grid")
-      g = (img[sel][:, None] * h + y) * w + x
-      out[g] = np.broadcast_to(codes, g.shape)
-      np.add.at(hits, g.reshape(-1), 1)
-    if (hits != 1).any():
+    out[g] = fcode[flat]
+    if g.size != out.size or (np.bincount(g, minlength=out.size) != 1).any():
       raise ValueError("encoding does not cover every cell exactly once: tokens overlap or "
                        "leave gaps; expected the output of encode with this vocabulary")
     return out.reshape(n, h, w)
+
+  def _expansions(self):
+    """CSR of every token's cells: ptr [V'+1], dy, dx, base code per cell (cached)."""
+    if self._exp is None:
+      ts = range(self.vocab_size)
+      fps = [self.geometry.footprint(t) for t in ts]
+      ptr = np.concatenate([[0], np.cumsum([len(f) for f in fps])]).astype(np.int64)
+      cells = np.concatenate(fps)
+      codes = np.concatenate([self.geometry.codes(t) for t in ts])
+      self._exp = (ptr, cells[:, 0], cells[:, 1], codes.astype(np.int32))
+    return self._exp
 
   def to_dict(self) -> dict:
     merges = []

@@ -45,25 +45,29 @@ def pair_consistency(counts, dy, dx, sigma):
   return jnp.where(tot > 0, _tree_sum(n * kern) / safe, 0.0)
 
 
-def _pow2(n: int, lo: int) -> int:
-  return max(lo, 1 << max(0, int(n) - 1).bit_length())
+def _bucket(n: int, lo: int, step: int) -> int:
+  """Smallest lo * step**k >= n: few distinct kernel shapes, hence few compiles."""
+  size = lo
+  while size < n:
+    size *= step
+  return size
 
 
 def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float) -> np.ndarray:
   """S for `num_groups` pairs from flat histogram entries sorted by (group, offset).
 
   group: int64 [E] pair index in [0, num_groups); d_y, d_x, counts: [E]. Returns float32 [G].
-  Rows are padded to powers of two (few compiled shapes); runs on the first CPU device.
+  Rows and columns are padded to a few bucket sizes; runs on the first CPU device.
   """
   if num_groups == 0:
     return np.zeros(0, np.float32)
   starts = np.searchsorted(group, np.arange(num_groups))
   col = np.arange(group.size) - starts[group]
-  width = _pow2(int(col.max()) + 1 if col.size else 1, 4)
-  rows = _pow2(num_groups, 64)
+  width = _bucket(int(col.max()) + 1 if col.size else 1, 4, 4)
+  rows = _bucket(num_groups, 64, 8)
   out = []
-  for r0 in range(0, rows, 1 << 16):  # bounded kernel sizes for huge first rounds
-    nr = min(rows - r0, 1 << 16)
+  for r0 in range(0, rows, 1 << 15):  # bounded kernel sizes (a bucket size) for huge calls
+    nr = min(rows - r0, 1 << 15)
     sel = (group >= r0) & (group < r0 + nr)
     mats = [np.zeros((nr, width), np.int32) for _ in range(3)]
     for m, v in zip(mats, (counts, d_y, d_x)):
