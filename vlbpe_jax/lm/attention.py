@@ -1,7 +1,7 @@
 """Grouped-query self-attention with RoPE, optional QK-norm and q/k/v bias, and a KV cache.
 
 The attention itself is `jax.nn.dot_product_attention` (GQA natively; `implementation=None` or
-"xla" on CPU, "cudnn" for flash attention on NVIDIA GPUs).
+"xla" on CPU, "cudnn" for flash attention on NVIDIA GPUs, bf16/fp16 only).
 """
 
 import flax.linen as nn
@@ -66,8 +66,10 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new_cache = (k, v)  # [B, S, Nkv, K] each
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cache is None,
-                                     implementation=self.implementation)  # [B, T, N, K]
+    # Decoding with a cache (one query per step, memory-bound) always takes the XLA path.
+    y = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=cache is None,
+        implementation=self.implementation if cache is None else None)  # [B, T, N, K]
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
     wo = self.param("o", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                       ("heads", "kv", "embed")),
