@@ -4,6 +4,7 @@
   ds = train_dataset(source, tok, ("caption", "attributes"), visual["train"], seq_len=256,
                      batch_size=8, seed=0)
   prompt = vqa_prompt(tok, visual["test"](example), "what color is the star?")
+  prompt = image_prefix(tok, visual["test"](example))       # a caption follows
 
 Vocabulary layout `text | special | VQ | BPE` (lm/config.py). The text tokenizer already holds
 the image begin/end and role tokens, so `num_special = 0` and VQ code c has id `vq_start + c`;
@@ -107,12 +108,16 @@ def image_span(tokenizer, visual_ids) -> list[int]:
   return [tokenizer.image_begin_id] + [int(i) for i in visual_ids] + [tokenizer.image_end_id]
 
 
+def image_prefix(tokenizer, visual_ids) -> list[int]:
+  """`bos <img> ... </img>`, or `bos` alone when `visual_ids` is None (a text-only model)."""
+  return [tokenizer.bos_id] + ([] if visual_ids is None else image_span(tokenizer, visual_ids))
+
+
+def turn(tokenizer, question: str) -> list[int]:
+  """`<user> question <assistant>`: the model's answer follows, ended by eos."""
+  return [tokenizer.user_id] + tokenizer.encode(question) + [tokenizer.assistant_id]
+
+
 def vqa_prompt(tokenizer, visual_ids, question: str) -> list[int]:
   """`bos <img> ... </img> <user> question <assistant>` (the training format of one turn)."""
-  return ([tokenizer.bos_id] + image_span(tokenizer, visual_ids) + [tokenizer.user_id] +
-          tokenizer.encode(question) + [tokenizer.assistant_id])
-
-
-def caption_prompt(tokenizer, visual_ids) -> list[int]:
-  """`bos <img> ... </img>`: the model continues with a caption or attribute statements."""
-  return [tokenizer.bos_id] + image_span(tokenizer, visual_ids)
+  return image_prefix(tokenizer, visual_ids) + turn(tokenizer, question)

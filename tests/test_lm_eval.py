@@ -1,0 +1,130 @@
+"""Visual token files, prompts matching the training format, VQA/caption scoring, dialogues."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lm_train_helpers as helpers
+from vlbpe_jax.data import pipeline
+from vlbpe_jax.lm import evaluate
+from vlbpe_jax.lm import sequences
+from vlbpe_jax.lm import train
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lm_eval"))
+  tok = helpers.tokenizer(workdir)
+  codes, bpe = helpers.write_visual_files(workdir)
+  return dict(workdir=workdir, tok=tok, codes=codes, bpe=bpe)
+
+
+def test_visual_tokens_from_vq_and_bpe_files(files):
+  vq, num_vq, num_bpe = sequences.load_visual_tokens(files["workdir"], "vq", vq_start=360)
+  assert (num_vq, num_bpe) == (27, 0)
+  ex = {"index": 5}
+  np.testing.assert_array_equal(vq["test"](ex), files["codes"]["test"][5].reshape(-1) + 360)
+  bpe, num_vq, num_bpe = sequences.load_visual_tokens(files["workdir"], "bpe", vq_start=360)
+  assert (num_vq, num_bpe) == (27, files["bpe"].vocab_size - 27)
+  ids = bpe["test"](ex)
+  assert len(ids) < helpers.GRID ** 2  # merges shorten the sequence
+  # Decoding the (shifted back) BPE tokens gives the code grid again.
+  enc = files["bpe"].encode(files["codes"]["test"][5:6])
+  np.testing.assert_array_equal(ids - 360, enc["tokens"][0, :enc["lengths"][0]])
+  assert ids.max() < 360 + num_vq + num_bpe
+
+
+def test_visual_token_errors(files, tmp_path):
+  vq, _, _ = sequences.load_visual_tokens(files["workdir"], "vq", vq_start=360)
+  with pytest.raises(ValueError, match="index 99"):
+    vq["test"]({"index": 99})
+  with pytest.raises(ValueError, match="'vq' stage"):
+    sequences.load_visual_tokens(str(tmp_path), "bpe", vq_start=360)
+  with pytest.raises(ValueError, match="kind='clip'"):
+    sequences.load_visual_tokens(files["workdir"], "clip", vq_start=360)
+  os.makedirs(tmp_path / "vq")
+  with open(tmp_path / "vq" / "codes_meta.json", "w") as f:
+    json.dump({"codebook_size": 16, "grid": [8, 8]}, f)
+  os.makedirs(tmp_path / "bpe")
+  with open(os.path.join(files["workdir"], "bpe", "bpe.json")) as src:
+    (tmp_path / "bpe" / "bpe.json").write_text(src.read())
+  with pytest.raises(ValueError, match="base_vocab_size=27"):
+    sequences.load_visual_tokens(str(tmp_path), "bpe", vq_start=360)
+  with pytest.raises(ValueError, match="lengths"):
+    sequences.VisualTokens(np.zeros((2, 3)), np.array([1, 4]), 0)
+
+
+def test_prompts_are_prefixes_of_the_training_format(files):
+  tok = files["tok"]
+  vis, _, _ = sequences.load_visual_tokens(files["workdir"], "bpe", vq_start=360)
+  ex = helpers.examples("test", 1)[0]
+  ids, mask = pipeline.format_example(ex, "vqa", tok, image_tokens=vis["test"])
+  prompt = sequences.vqa_prompt(tok, vis["test"](ex), ex["qa"][0]["q"])
+  assert ids[:len(prompt)].tolist() == prompt
+  assert not mask[:len(prompt)].any() and mask[len(prompt)]  # the answer follows
+  ids, _ = pipeline.format_example(ex, "caption", tok, image_tokens=vis["test"])
+  prefix = sequences.image_prefix(tok, vis["test"](ex))
+  assert ids[:len(prefix)].tolist() == prefix
+  assert sequences.image_prefix(tok, None) == [tok.bos_id]
+
+
+def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
+  tok = files["tok"]
+  vis, _, _ = sequences.load_visual_tokens(files["workdir"], "vq", vq_start=360)
+  examples = helpers.examples("test")
+  truth = {tuple(sequences.vqa_prompt(tok, vis["test"](ex), qa["q"])): qa["a"]
+           for ex in examples for qa in ex["qa"]}
+  captions = {tuple(sequences.image_prefix(tok, vis["test"](ex))): ex["caption"]
+              for ex in examples}
+
+  def oracle(model, params, tokenizer, prompts, **kw):
+    del model, params, tokenizer, kw
+    return [truth.get(tuple(p), captions.get(tuple(p))) for p in prompts]
+
+  monkeypatch.setattr(evaluate, "generate_texts", oracle)
+  res = evaluate.evaluate(None, None, tok, examples, vis["test"])
+  held = [evaluate.has_heldout(ex["objects"]) for ex in examples]
+  assert 0 < sum(held) < len(held)
+  assert res["vqa_acc"] == res["vqa_acc_heldout"] == res["vqa_acc_seen"] == 1.0
+  assert res["num_questions"] == sum(len(ex["qa"]) for ex in examples)
+  assert res["num_heldout_questions"] == sum(len(ex["qa"]) for ex, h in zip(examples, held) if h)
+  assert res["caption_precision"] == res["caption_recall"] == 1.0
+
+  # Wrong answers on held-out images only.
+  def half(model, params, tokenizer, prompts, **kw):
+    out = oracle(model, params, tokenizer, prompts, **kw)
+    held_prompts = {tuple(sequences.vqa_prompt(tok, vis["test"](ex), qa["q"]))
+                    for ex, h in zip(examples, held) if h for qa in ex["qa"]}
+    return ["wrong" if tuple(p) in held_prompts else o for p, o in zip(prompts, out)]
+
+  monkeypatch.setattr(evaluate, "generate_texts", half)
+  res = evaluate.evaluate(None, None, tok, examples, vis["test"])
+  assert res["vqa_acc_heldout"] == 0.0 and res["vqa_acc_seen"] == 1.0
+  expected = 1 - res["num_heldout_questions"] / res["num_questions"]
+  assert res["vqa_acc"] == pytest.approx(expected)
+
+
+def test_generation_runs_on_a_real_model(files):
+  tok = files["tok"]
+  config = helpers.make_config()
+  vis, num_vq, num_bpe = sequences.load_visual_tokens(
+      files["workdir"], "bpe", vq_start=train.text_rows(config, tok))
+  model = train.make_model(config, tok, num_vq, num_bpe)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  examples = helpers.examples("test", 3)
+  res = evaluate.evaluate(model, params, tok, examples, vis["test"], batch_size=4,
+                          max_answer_tokens=3, max_caption_tokens=5)
+  assert len(res["answers"]) == res["num_questions"] and len(res["captions"]) == 3
+  assert 0.0 <= res["vqa_acc"] <= 1.0 and 0.0 <= res["caption_recall"] <= 1.0
+  chats = evaluate.dialogue(model, params, tok, examples, vis["test"], batch_size=4,
+                            max_new_tokens=3)
+  assert [len(c) for c in chats] == [len(ex["dialogue"]) // 2 for ex in examples]
+  assert chats[0][0][:2] == (examples[0]["dialogue"][0]["value"],
+                             examples[0]["dialogue"][1]["value"])
+  with pytest.raises(ValueError, match="examples"):
+    evaluate.evaluate(model, params, tok, [], vis["test"])

@@ -1,0 +1,121 @@
+"""Evaluation of the unified LM: VQA exact match, caption attribute precision/recall, dialogues.
+
+  res = evaluate(model, params, tok, examples, visual["test"], batch_size=32)
+  res["vqa_acc"], res["vqa_acc_heldout"], res["caption_precision"], res["caption_recall"]
+  turns = dialogue(model, params, tok, examples[:3], visual["test"])
+
+Answers are generated greedily with the KV cache (lm/generate.py) and stop at eos. VQA: one
+prompt per question (`<img>...</img> <user> q <assistant>`), exact match of the decoded answer
+with the short answer. Held-out: questions about images that contain a (color, shape) pair of
+`shapes.heldout_compositions()`. Captions: the continuation of `bos <img>...</img>` parsed by
+the scene checker and scored against the scene's objects. `visual=None` evaluates a text-only
+model without the image (the image-blind baseline).
+"""
+
+import jax
+import numpy as np
+
+from vlbpe_jax.data import shapes
+from vlbpe_jax.eval import scene_checker
+from vlbpe_jax.lm import generate
+from vlbpe_jax.lm import sequences
+
+WIDTH_BUCKET = 32  # prompts are left-padded to a multiple of this: few distinct compilations
+
+
+def has_heldout(objects) -> bool:
+  heldout = set(shapes.heldout_compositions())
+  return any((o["color"], o["shape"]) in heldout for o in objects)
+
+
+def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_new_tokens: int):
+  """Greedy continuations (decoded text) of token-id prompts, in fixed-shape batches.
+
+  Every batch has `batch_size` rows (the last is filled with copies) and the common left-padded
+  width of all prompts rounded up to WIDTH_BUCKET, so the generation compiles rarely. Generated
+  ids outside the text vocabulary (visual or padding rows) decode to nothing.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: expected >= 1")
+  ids, mask = generate.left_pad(prompts, pad_id=tokenizer.pad_id)
+  extra = -ids.shape[1] % WIDTH_BUCKET
+  ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=tokenizer.pad_id)
+  mask = np.pad(mask, ((0, 0), (extra, 0)))
+  texts = []
+  for start in range(0, len(prompts), batch_size):
+    rows = np.arange(start, start + batch_size).clip(max=len(prompts) - 1)
+    out, lengths = generate.generate(
+        model, params, ids[rows], mask[rows], jax.random.key(0),
+        max_new_tokens=max_new_tokens, stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id)
+    out, lengths = jax.device_get((out, lengths))
+    n = min(batch_size, len(prompts) - start)
+    texts += [tokenizer.decode([t for t in out[i, :lengths[i]] if t < tokenizer.vocab_size])
+              .strip() for i in range(n)]
+  return texts
+
+
+def _visual_ids(visual, example):
+  return None if visual is None else visual(example)
+
+
+def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32,
+             max_answer_tokens: int = 8, max_caption_tokens: int = 64):
+  """VQA accuracy (all / held-out / seen) and caption scores over decoded `examples`.
+
+  examples: dicts with `index`, `objects`, `qa` (decoded tfds records or shapes examples);
+  visual: `sequences.VisualTokens` of their split, or None (no image in the prompts).
+  Returns floats and counts plus `"answers"` (per question: example position, question,
+  truth, generated) and `"captions"` (one per example).
+  """
+  if not examples:
+    raise ValueError("examples: expected at least one example")
+  prompts, truth, where, held = [], [], [], []
+  for k, ex in enumerate(examples):
+    vis = _visual_ids(visual, ex)
+    for qa in ex["qa"]:
+      prompts.append(sequences.vqa_prompt(tokenizer, vis, qa["q"]))
+      truth.append(qa["a"])
+      where.append((k, qa["q"]))
+      held.append(has_heldout(ex["objects"]))
+  answers = generate_texts(model, params, tokenizer, prompts, batch_size=batch_size,
+                           max_new_tokens=max_answer_tokens)
+  correct = np.array([a == t for a, t in zip(answers, truth)])
+  held = np.array(held)
+  captions = generate_texts(
+      model, params, tokenizer,
+      [sequences.image_prefix(tokenizer, _visual_ids(visual, ex)) for ex in examples],
+      batch_size=batch_size, max_new_tokens=max_caption_tokens)
+  scores = [scene_checker.text_attribute_scores(c, ex["objects"])
+            for c, ex in zip(captions, examples)]
+  subset = lambda sel: float(correct[sel].mean()) if sel.any() else float("nan")  # noqa: E731
+  return {
+      "vqa_acc": float(correct.mean()),
+      "vqa_acc_heldout": subset(held),
+      "vqa_acc_seen": subset(~held),
+      "num_questions": int(len(correct)),
+      "num_heldout_questions": int(held.sum()),
+      "caption_precision": float(np.mean([s["precision"] for s in scores])),
+      "caption_recall": float(np.mean([s["recall"] for s in scores])),
+      "answers": [(k, q, t, a) for (k, q), t, a in zip(where, truth, answers)],
+      "captions": captions,
+  }
+
+
+def dialogue(model, params, tokenizer, examples, visual, *, batch_size: int = 8,
+             max_new_tokens: int = 32):
+  """Multi-turn chats: each example's human turns asked in order, the model's own answers kept
+  in the context. Returns per example a list of `(question, reference, generated)`."""
+  contexts = [sequences.image_prefix(tokenizer, _visual_ids(visual, ex)) for ex in examples]
+  turns = [[(h["value"], g["value"]) for h, g in zip(ex["dialogue"][::2], ex["dialogue"][1::2])]
+           for ex in examples]
+  out = [[] for _ in examples]
+  for t in range(max((len(x) for x in turns), default=0)):
+    live = [i for i, x in enumerate(turns) if t < len(x)]
+    prompts = [contexts[i] + sequences.turn(tokenizer, turns[i][t][0]) for i in live]
+    answers = generate_texts(model, params, tokenizer, prompts, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens)
+    for i, p, a in zip(live, prompts, answers):
+      contexts[i] = p + tokenizer.encode(a) + [tokenizer.eos_id]
+      out[i].append((turns[i][t][0], turns[i][t][1], a))
+  return out

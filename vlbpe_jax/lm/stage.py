@@ -1,0 +1,236 @@
+"""Pipeline stage `lm`: the unified model's staged training and its ablations, with a report.
+
+On the same budget (steps, batch, sequence length) it trains, from one text-pretrained model
+(stage 0, also evaluated image-blind as a baseline):
+  full          visual BPE tokens, stages 1 -> 2 -> 3 with the curriculum
+  no_bpe        raw VQ codes as the visual tokens, same stages and curriculum
+  single_stage  BPE tokens, all weights from the start, every stage's data mixed
+and evaluates each on the test split (VQA exact match, all / held-out compositions; caption
+attribute precision/recall; example dialogues). Each run's results go to
+`W/lm/<run>/result.json`; a run with a result is skipped, a run with checkpoints resumes.
+Reads `config.lm.*`, `config.seed`, `config.mesh`, `config.data.*`.
+"""
+
+import html
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+
+from vlbpe_jax import parallel
+from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.data import tfds_builders
+from vlbpe_jax.eval import report
+from vlbpe_jax.lm import evaluate
+from vlbpe_jax.lm import sequences
+from vlbpe_jax.lm import train
+
+KIND = {"full": "bpe", "no_bpe": "vq", "single_stage": "bpe"}
+LABEL = {"full": "full (BPE + 3 stages + curriculum)", "no_bpe": "no BPE (raw VQ codes)",
+         "single_stage": "single stage (all weights, data mixed)",
+         "text": "text-only model, no image (blind baseline)"}
+
+
+def _result_path(workdir, run):
+  return os.path.join(workdir, "lm", run, "result.json")
+
+
+def _load(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _save(path, result):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f)
+  os.replace(tmp, path)
+
+
+class _Context:
+  """Tokenizer, sources, test examples and the text model, built on first use."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.tok = data_stage.load_tokenizer(workdir)
+    builder = data_stage.build_dataset(config, workdir)
+    self.train = tfds_builders.data_source(builder, "train")
+    test = tfds_builders.data_source(builder, "test")
+    records = sorted((tfds_builders.decode_record(test[i]) for i in range(len(test))),
+                     key=lambda r: r["index"])
+    self.test = records[:config.lm.num_eval]
+    self.mesh = parallel.mesh_from_config(config.mesh)
+    self._text = None
+
+  def text_params(self):
+    if self._text is None:
+      self._text = train.pretrain_text(self.config, self.workdir, self.tok, self.train,
+                                       self.mesh)
+    return self._text
+
+  def visual(self, kind):
+    return sequences.load_visual_tokens(self.workdir, kind,
+                                        vq_start=train.text_rows(self.config, self.tok))
+
+
+def _evaluate(ctx, model, params, visual, mesh_ctx):
+  c = ctx.config.lm
+  with mesh_ctx():
+    res = evaluate.evaluate(model, params, ctx.tok, ctx.test, visual,
+                            batch_size=c.eval_batch_size, max_answer_tokens=c.max_answer_tokens,
+                            max_caption_tokens=c.max_caption_tokens)
+    shown = ctx.test[:c.report_examples]
+    res["dialogues"] = evaluate.dialogue(model, params, ctx.tok, shown, visual,
+                                         batch_size=c.eval_batch_size)
+  return res
+
+
+def _run(ctx, run):
+  """Trains (or resumes) and evaluates one run; returns its result dict."""
+  t0 = time.perf_counter()
+  visual, num_vq, num_bpe = ctx.visual(KIND[run])
+  model, trainer, state = train.train_run(ctx.config, ctx.workdir, run, ctx.tok, ctx.train,
+                                          visual["train"], num_vq, num_bpe, ctx.text_params(),
+                                          ctx.mesh)
+  t_train = time.perf_counter() - t0
+  res = _evaluate(ctx, model, state["params"], visual["test"], trainer.ctx)
+  plan = train.plan_of(ctx.config, run)
+  res.update(
+      train_seconds=t_train, eval_seconds=time.perf_counter() - t0 - t_train,
+      steps=sum(p.steps for p in plan),
+      stages=[p.stage for p in plan],
+      trainable=train.trainable_counts(ctx.config, plan, state["params"]),
+      total_params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
+      visual_tokens_per_image=float(visual["test"].lengths.mean()),
+      final_loss=_final_loss(ctx.workdir, run))
+  return res
+
+
+def _final_loss(workdir, run):
+  path = os.path.join(workdir, "lm", run, "metrics.jsonl")
+  with open(path) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  return lines[-1]["train/loss"] if lines else float("nan")
+
+
+def _text_baseline(ctx):
+  """The stage-0 model asked every question without the image."""
+  model = train.make_model(ctx.config, ctx.tok)
+  c = ctx.config.lm
+  with train.Trainer(ctx.config, model, ctx.mesh).ctx():
+    res = evaluate.evaluate(model, ctx.text_params(), ctx.tok, ctx.test, None,
+                            batch_size=c.eval_batch_size, max_answer_tokens=c.max_answer_tokens,
+                            max_caption_tokens=c.max_caption_tokens)
+  res["final_loss"] = _final_loss(ctx.workdir, "text")
+  return res
+
+
+def _se(p, n):
+  return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+
+
+def _verdict(a, b, n, claim):
+  """'holds' / 'does not hold' with the gap in standard errors of the difference."""
+  gap = a - b
+  se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
+  word = "holds" if gap > 0 else "does not hold"
+  sig = "larger" if abs(gap) > 2 * se else "not larger"
+  return (f"{claim}: {a:.1%} vs {b:.1%} &mdash; the seed's direction <b>{word}</b> here "
+          f"(gap {gap:+.1%}, {sig} than two standard errors, &plusmn;{2 * se:.1%}, of "
+          f"{n} questions).")
+
+
+def _finite(metrics):
+  return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+
+
+def _section(config, workdir, results, ctx_examples):
+  runs = [r for r in config.lm.runs if r in results]
+  rows = []
+  for run in runs + ["text"]:
+    r = results[run]
+    rows.append((LABEL[run], r.get("visual_tokens_per_image", "-"), r.get("steps", "-"),
+                 r["vqa_acc"], r["vqa_acc_heldout"], r["vqa_acc_seen"],
+                 r["caption_precision"], r["caption_recall"], r["final_loss"]))
+  table = report.table(["run", "visual tokens / image", "steps", "VQA acc", "VQA acc (held-out)",
+                        "VQA acc (seen)", "caption precision", "caption recall",
+                        "last train loss"], rows)
+  n = results[runs[0]]["num_questions"]
+  lines = []
+  if "full" in results and "no_bpe" in results:
+    lines.append(_verdict(results["full"]["vqa_acc"], results["no_bpe"]["vqa_acc"], n,
+                          "BPE &gt; no BPE"))
+  if "full" in results and "single_stage" in results:
+    lines.append(_verdict(results["full"]["vqa_acc"], results["single_stage"]["vqa_acc"], n,
+                          "staged + curriculum &gt; single stage"))
+  blind = results["text"]["vqa_acc"]
+  above = [run for run in runs if results[run]["vqa_acc"] - blind > 2 * _se(blind, n) * 1.414]
+  lines.append(f"Image-blind baseline (stage-0 text model, no image): {blind:.1%}. Runs clearly "
+               f"above it (i.e. reading the image): "
+               f"{', '.join(above) if above else 'none'}.")
+  full = results.get("full", results[runs[0]])
+  stage_rows = [(f"stage {s}", f"{t:,}", f"{t / full['total_params']:.1%}")
+                for s, t in zip(full["stages"], full["trainable"])]
+  c = config.lm
+  budget = (f"<p>Same budget for every run: {c.batch_size} rows &times; {c.seq_len} tokens per "
+            f"step (packed), stage steps {tuple(c.stage_steps)} (single stage: their sum), "
+            f"after {c.text_steps} text-only steps (stage 0, shared). Because BPE sequences are "
+            f"shorter, BPE runs see more images per step. VQA on {n} questions of "
+            f"{len(ctx_examples)} test images ({results[runs[0]]['num_heldout_questions']} "
+            f"about images with held-out compositions).</p>")
+  dialogs = []
+  for k, ex in enumerate(ctx_examples[:c.report_examples]):
+    src = report.save_image(workdir, f"lm/example_{k}.png", ex["image"])
+    cells = [report.Markup(report.img_tag(src, width=96))]
+    for run in runs:
+      turns = results[run]["dialogues"][k]
+      cells.append(report.Markup("<br>".join(
+          f"Q: {html.escape(q)}<br>&rarr; <b>{html.escape(a)}</b> "
+          f"<span class='small'>(ref: {html.escape(ref)})</span>" for q, ref, a in turns)))
+    dialogs.append(cells)
+  body = (budget + table + "<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>"
+          + "<h3>Trainable parameters per stage (full run)</h3>"
+          + report.table(["stage", "trainable", "of all"], stage_rows)
+          + "<h3>Example dialogues (model answers in bold)</h3>"
+          + report.table(["test image"] + [LABEL[r] for r in runs], dialogs))
+  return body
+
+
+def run_stage(config, workdir: str) -> dict:
+  """Trains/evaluates every run of `config.lm.runs` (skipping finished ones); adds the section."""
+  train.check_config(config)
+  bad = [r for r in config.lm.runs if r not in train.RUNS]
+  if bad or not config.lm.runs:
+    raise ValueError(f"lm.runs={config.lm.runs!r}: expected a non-empty subset of {train.RUNS}")
+  ctx = _Context(config, workdir)
+  results = {}
+  for run in list(config.lm.runs) + ["text"]:
+    path = _result_path(workdir, run)
+    results[run] = _load(path)
+    if results[run] is None:
+      logging.info("lm: run %s", run)
+      results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
+      _save(path, results[run])
+  metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
+  for run in config.lm.runs:
+    r = results[run]
+    metrics.update({f"lm.vqa_acc.{run}": r["vqa_acc"], f"lm.vqa_acc_heldout.{run}":
+                    r["vqa_acc_heldout"], f"lm.caption_precision.{run}": r["caption_precision"],
+                    f"lm.caption_recall.{run}": r["caption_recall"],
+                    f"lm.train_seconds.{run}": r["train_seconds"],
+                    f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"]})
+  full = results.get("full")
+  if full is not None:
+    metrics.update({f"lm.trainable_params.stage{s}": t
+                    for s, t in zip(full["stages"], full["trainable"])})
+  metrics = _finite(metrics)
+  report.add_section(workdir, key="lm", title="Unified model: staged training and ablations",
+                     order=40, html=_section(config, workdir, results, ctx.test),
+                     metrics=metrics)
+  return metrics
