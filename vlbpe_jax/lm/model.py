@@ -110,9 +110,9 @@ class LM(nn.Module):
     heads = ([self.text_embed] + ([self.visual_embed] if c.visual_vocab else [])
              if c.tie_embeddings else
              [self.text_head] + ([self.visual_head] if c.visual_vocab else []))
-    out = [jnp.einsum("BTD,VD->BTV", h, w.astype(c.dtype)) for w in heads]
-    out = jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
-    out = out.astype(jnp.float32)
+    # One [V, D] table (cheaper than concatenating [B, T, V] logits when B * T > D).
+    w = jnp.concatenate([x.astype(c.dtype) for x in heads]) if len(heads) > 1 else heads[0]
+    out = jnp.einsum("BTD,VD->BTV", h, w.astype(c.dtype)).astype(jnp.float32)
     return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids, positions=None, segment_ids=None, extra_embeds=None,

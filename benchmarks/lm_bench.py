@@ -1,0 +1,138 @@
+"""Unified LM train-step throughput as a fraction of this machine's measured matmul FLOP/s.
+
+  .venv/bin/python benchmarks/lm_bench.py --variant mu --batch 8 --seq 256
+  .venv/bin/python benchmarks/lm_bench.py --width 384 --depth 4 --heads 6 --kv_heads 6 \
+      --mlp 1536 --batch 8 --seq 256 --dtype bfloat16 --param_dtype bfloat16
+
+FLOPs are counted like MaxText: 6 * tokens * (matmul params incl. the output head) + causal
+attention 6 * L * B * T^2 * N * K (half of the full T x T). The step is a full stage-3 step
+(forward, backward, clip, AdamW via `stages.make_optimizer`), jitted with the state donated.
+The reference peak is a jitted 2048^3 matmul in the compute dtype (and in float32), timed
+between the steps. Prints one JSON line.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlbpe_jax.lm import model as lm_model
+from vlbpe_jax.lm import stages
+
+
+def matmul_fn(dtype, n=2048):
+  """A jitted n^3 matmul and its FLOPs: the machine's reference peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  return lambda: f(a, b).block_until_ready(), 2 * n**3
+
+
+def _time(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def step_flops(cfg, batch, seq):
+  d, n, nkv, k, f, L = (cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                        cfg.depth)
+  per_layer = 2 * d * n * k + 2 * d * nkv * k + 3 * d * f
+  dense = 6 * batch * seq * (L * per_layer + cfg.vocab_size * d)
+  attention = 6 * L * batch * seq**2 * n * k
+  return dense + attention, L * per_layer + cfg.vocab_size * d
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variant", default="mu")
+  ap.add_argument("--width", type=int)
+  ap.add_argument("--depth", type=int)
+  ap.add_argument("--heads", type=int)
+  ap.add_argument("--kv_heads", type=int)
+  ap.add_argument("--mlp", type=int)
+  ap.add_argument("--vocab", type=int, default=512, help="text rows; +512 visual rows")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--dtype", default="float32", help="compute dtype")
+  ap.add_argument("--param_dtype", default="float32")
+  ap.add_argument("--scan", action="store_true")
+  ap.add_argument("--remat", default="none")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--note", default="", help="free text recorded with the result")
+  args = ap.parse_args()
+  sizes = {k: v for k, v in dict(width=args.width, depth=args.depth, num_heads=args.heads,
+                                 num_kv_heads=args.kv_heads, mlp_dim=args.mlp).items()
+           if v is not None}
+  cfg = lm_model.lm_config(args.variant, text_vocab=args.vocab, num_special=8, num_vq=248,
+                           num_bpe=256, dtype=args.dtype, param_dtype=args.param_dtype,
+                           scan_layers=args.scan, remat_policy=args.remat, **sizes)
+  model = lm_model.LM(cfg)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids[:, :-1]))["params"]
+  tx = stages.make_optimizer(3, params, 1e-4, clip=1.0, weight_decay=0.1)
+  state = {"params": params, "opt": tx.init(params)}
+
+  def step(state, ids):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, ids[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+
+  step = jax.jit(step, donate_argnums=0)
+  t = time.perf_counter()
+  compiled = step.lower(state, ids).compile()
+  compile_s = time.perf_counter() - t
+  state, loss = compiled(state, ids)
+  loss.block_until_ready()
+  # The machine may be shared: interleave the reference matmul with the steps, and report the
+  # best step against the best matmul (a quiet moment) as well as median against median.
+  peak_fns = {"float32": matmul_fn(jnp.float32)}
+  if args.dtype != "float32":
+    peak_fns[args.dtype] = matmul_fn(jnp.dtype(args.dtype))
+  times, peak_times = [], {k: [] for k in peak_fns}
+  for _ in range(args.steps):
+    for k, (fn, _) in peak_fns.items():
+      peak_times[k].append(_time(fn))
+    t = time.perf_counter()
+    state, loss = compiled(state, ids)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t)
+  flops, matmul_params = step_flops(cfg, args.batch, args.seq)
+  peak = {k: (peak_fns[k][1] / min(v), peak_fns[k][1] / float(np.median(v)))
+          for k, v in peak_times.items()}
+  best, median = min(times), float(np.median(times))
+  ref = peak[args.dtype]
+  out = dict(
+      device=str(jax.devices()[0].device_kind), machine=platform.processor() or platform.machine(),
+      variant=args.variant, width=cfg.width, depth=cfg.depth, heads=cfg.num_heads,
+      kv_heads=cfg.num_kv_heads, mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch,
+      seq=args.seq, dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
+      remat=args.remat, matmul_params=matmul_params, gflop_per_step=round(flops / 1e9, 3),
+      compile_s=round(compile_s, 2), step_s_median=round(median, 4), step_s_best=round(best, 4),
+      tokens_per_s_best=round(args.batch * args.seq / best),
+      model_gflop_per_s_best=round(flops / best / 1e9, 2),
+      matmul_peak_gflop_per_s_best=round(ref[0] / 1e9, 2),
+      matmul_peak_gflop_per_s_median=round(ref[1] / 1e9, 2),
+      fp32_peak_gflop_per_s_best=round(peak["float32"][0] / 1e9, 2),
+      frac_of_peak_best=round(flops / best / ref[0], 3),
+      frac_of_peak_median=round(flops / median / ref[1], 3),
+      frac_of_fp32_peak_best=round(flops / best / peak["float32"][0], 3),
+      attention_frac_of_flops=round(6 * cfg.depth * args.batch * args.seq**2 * cfg.num_heads *
+                                    cfg.head_dim / flops, 3),
+      loss=float(loss), note=args.note)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
