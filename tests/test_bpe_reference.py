@@ -47,7 +47,8 @@ def brute_force(grids, base, num_merges, offsets, alpha=0.0, sigma=0.5, min_coun
               for d, v in c.items()) / n
       return n / nmax + alpha * s
 
-    a, b = max(total, key=lambda ab: (score(ab), total[ab], -ab[0], -ab[1]))
+    eligible = [ab for ab in total if total[ab] >= min_count]
+    a, b = max(eligible, key=lambda ab: (score(ab), total[ab], -ab[0], -ab[1]))
     delta = max(hist[(a, b)], key=lambda d: (hist[(a, b)][d], -d[0], -d[1]))
     t = base + k
     fp[t] = sorted(fp[a] + [(delta[0] + u, delta[1] + v) for u, v in fp[b]])
@@ -109,3 +110,14 @@ def test_priority_bpe_equals_reference(alpha, sigma):
   offsets = OFFSETS[1]
   assert (ours(grids, 12, 10, offsets, alpha, sigma)
           == brute_force(grids, 12, 10, offsets, alpha, sigma))
+
+
+@pytest.mark.parametrize("offsets", OFFSETS)
+def test_long_run_with_large_footprints_equals_reference(offsets):
+  grids = planted(7, n=5, h=10, w=10, noise=0.05)
+  want = brute_force(grids, 12, 30, offsets, alpha=1.0)
+  got = ours(grids, 12, 30, offsets, alpha=1.0)
+  assert got == want
+  bpe = VisualBPE.learn(grids, base_vocab_size=12, num_merges=30, alpha=1.0, offsets=offsets,
+                        progress=False)
+  assert max(len(bpe.footprint(t)) for t in range(12, bpe.vocab_size)) >= 8

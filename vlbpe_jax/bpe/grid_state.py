@@ -34,7 +34,7 @@ class GridState:
 
   def shift(self, g: np.ndarray, dy, dx):
     """(g + (dy, dx), in-bounds mask); dy, dx scalars or arrays broadcasting with g."""
-    y = (g % (self.h * self.w)) // self.w + dy
+    y = (g % (self.h * self.w)) // self.w + dy  # numpy divides by a scalar fast (libdivide)
     x = g % self.w + dx
     ok = (y >= 0) & (y < self.h) & (x >= 0) & (x < self.w)
     return g + dy * self.w + dx, ok
@@ -80,9 +80,15 @@ class GridState:
     halo = self.geo.halo(t)
     cells, ok = self.shift(anchors[:, None], halo[None, :, 0], halo[None, :, 1])  # [M, h]
     own = np.where(ok, self.own[np.where(ok, cells, 0)], -1)
-    own.sort(axis=1)
-    keep = own >= 0
-    keep[:, 1:] &= own[:, 1:] != own[:, :-1]
+    if own.shape[1] <= 12:  # drop repeats by pairwise column tests (faster than row sorts)
+      keep = own >= 0
+      for j in range(1, own.shape[1]):
+        for i in range(j):
+          keep[:, j] &= own[:, i] != own[:, j]
+    else:
+      own.sort(axis=1)
+      keep = own >= 0
+      keep[:, 1:] &= own[:, 1:] != own[:, :-1]
     rows = np.broadcast_to(anchors[:, None], own.shape)
     return rows[keep], own[keep]
 

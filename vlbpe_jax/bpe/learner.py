@@ -61,10 +61,19 @@ class _Counts:
     i = int(np.argmax(c))  # histograms are sorted by d, so the first max is raster-first
     return (int(dy[i]), int(dx[i])), int(c[i])
 
-  def update(self, keys: np.ndarray, signs: np.ndarray):
-    """Adds +-1 per pair key; forgets the cached S of every (a, b) whose histogram changed."""
-    uk, inv = np.unique(keys, return_inverse=True)
-    dv = np.rint(np.bincount(inv, weights=signs, minlength=uk.size)).astype(np.int64)
+  def update(self, removed: np.ndarray, added: np.ndarray):
+    """Counts -1 per removed and +1 per added pair key; forgets the cached S of every (a, b)
+    whose histogram changed."""
+    ks = np.sort(np.concatenate([removed * 2, added * 2 + 1]))  # key * 2 + sign bit
+    if not ks.size:
+      return
+    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    runs = np.diff(np.append(starts, ks.size))
+    k2 = ks[starts]
+    uk, dv = k2 >> 1, np.where(k2 & 1, runs, -runs)
+    if uk.size > 1:  # a key both removed and added: adjacent runs, sum them
+      first = np.flatnonzero(np.concatenate([[True], uk[1:] != uk[:-1]]))
+      uk, dv = uk[first], np.add.reduceat(dv, first)
     uk, dv = uk[dv != 0], dv[dv != 0]
     if not uk.size:
       return
@@ -187,8 +196,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     keep = ~vanish[y] | (x < y)
     vanish[p] = False
     added = state.pair_codes(x[keep], y[keep], vcap)
-    stats.update(np.concatenate([removed, added]),
-                 np.concatenate([-np.ones(removed.size), np.ones(added.size)]))
+    stats.update(removed, added)
     records.append(record)
   total = time.perf_counter() - t0
   return geo, records, dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total)

@@ -14,8 +14,7 @@ result, whatever D or K is. The kernel runs on the host's first CPU device so th
 same histogram gives the same bits on a CPU, GPU or TPU machine and on any mesh.
 """
 
-import functools
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +27,14 @@ def _tree_sum(x):
   return x[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def pair_consistency(counts, dy, dx, sigma):
   """S per pair. counts, dy, dx: [K, D] int32 (counts 0 = padding), D a power of two.
 
   Returns S: [K] float32 (0 for all-padding rows).
   """
+  chex.assert_rank(counts, 2)
+  chex.assert_equal_shape([counts, dy, dx])
   n = counts.astype(jnp.float32)                       # [K, D]
   fy, fx = dy.astype(jnp.float32), dx.astype(jnp.float32)
   tot = _tree_sum(n)                                    # [K]

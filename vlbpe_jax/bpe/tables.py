@@ -53,11 +53,10 @@ class SlotMap:
     ok, os_ = self._over
     at = np.searchsorted(ok, q)
     self._over = (np.insert(ok, at, q), np.insert(os_, at, slots))
-    if self._over[0].size > max(1 << 14, self._main[0].size // 16):
-      ks = np.concatenate([self._main[0], self._over[0]])
-      ss = np.concatenate([self._main[1], self._over[1]])
-      order = np.argsort(ks, kind="stable")
-      self._main = (ks[order], ss[order])
+    if self._over[0].size > max(1 << 14, self._main[0].size // 32):  # fold in: one merge pass
+      (mk, ms), (ok, os_) = self._main, self._over
+      at = np.searchsorted(mk, ok)
+      self._main = (np.insert(mk, at, ok), np.insert(ms, at, os_))
       self._over = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     return slots
 
