@@ -77,7 +77,7 @@ def test_restart_dead_codes_reseeds_only_dead_rows():
   np.testing.assert_array_equal(np.asarray(new_book)[~dead], np.asarray(book)[~dead])
   for row in np.asarray(new_book)[dead]:
     assert any(np.array_equal(row, zi) for zi in np.asarray(z))  # copied from encoder outputs
-  np.testing.assert_allclose(np.asarray(new_usage)[dead], 1 / 6)
+  np.testing.assert_allclose(np.asarray(new_usage)[dead], 2 * 0.1 / 6)
   np.testing.assert_array_equal(np.asarray(new_usage)[~dead], np.asarray(usage)[~dead])
   # Restarted codes now win the lookup for those encoder outputs.
   assert set(np.asarray(quantizer.nearest_codes(z, new_book, False))) <= set(np.flatnonzero(dead))

@@ -14,6 +14,9 @@ VARIANTS = {
     # CPU-sized: f=4 (64 px -> 16x16), widths 16/32/32.
     "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, groups=8,
                  attn_levels=()),
+    # CPU-sized: f=2 (64 px -> 32x32, the Being-VL grid size), widths 16/32.
+    "tiny_f2": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, groups=8,
+                    attn_levels=()),
     # Tests: f=4, widths 8/16.
     "mu": dict(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, groups=4,
                attn_levels=()),

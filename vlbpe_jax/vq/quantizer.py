@@ -83,7 +83,8 @@ def restart_dead_codes(codebook, usage, z, key, *, threshold: float, weights=Non
   z: [N, D] encoder outputs of the current batch; key: PRNG key; weights: optional [N]
   sampling weights (e.g. each output's quantisation error, so that new codes go where the
   codebook fits worst); uniform when None.
-  Returns (codebook, usage, n_restarted): restarted rows get the uniform share 1/V.
+  Returns (codebook, usage, n_restarted): restarted rows get twice the threshold share, so a
+  restarted code that stays unused is restarted again after a while.
   """
   chex.assert_rank([codebook, usage, z], [2, 1, 2])
   v = codebook.shape[0]
@@ -96,7 +97,7 @@ def restart_dead_codes(codebook, usage, z, key, *, threshold: float, weights=Non
     rows = jax.random.categorical(key, logits, shape=(v,))
   fresh = jnp.take(z.astype(codebook.dtype), rows, axis=0)  # [V, D]
   codebook = jnp.where(dead[:, None], fresh, codebook)
-  usage = jnp.where(dead, 1.0 / v, usage)
+  usage = jnp.where(dead, 2.0 * threshold / v, usage)
   return codebook, usage, jnp.sum(dead.astype(jnp.int32))
 
 

@@ -1,0 +1,59 @@
+"""VQ-GAN tokenizer on 64x64 shapes (f=4 -> 16x16 codes, 512 codes), sized for a 2-core CPU.
+
+  python -m vlbpe_jax.vq.train --config=configs/vq_tiny.py --workdir=$W
+  python -m vlbpe_jax.vq.train --config=configs/vq_tiny.py:tiny --workdir=$W   # 3 steps, tests
+
+No GAN and no perceptual loss here: on flat-colour shapes L1 + quantisation reaches the PSNR
+target fastest; both are switched on by `vq.disc_weight` / `vq.perceptual_weight`.
+"""
+
+import ml_collections
+
+from vlbpe_jax import config_utils
+
+
+def vq_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """The `config.vq` section (configs/tiny.py includes it as is)."""
+  return ml_collections.ConfigDict(dict(
+      variant="mu" if tiny else "tiny",  # autoencoder.VARIANTS: widths, levels (f=4)
+      codebook_size=64 if tiny else 512,
+      code_dim=8 if tiny else 16,
+      l2_normalize=True,  # cosine lookup (V2L): codes stay in use
+      beta=0.25,  # commitment
+      dtype="float32",  # compute dtype; "bfloat16" halves activation memory on accelerators
+      recon_loss="l1",
+      perceptual_weight=0.0,  # > 0 needs perceptual_weights (a safetensors VGG16+LPIPS file)
+      perceptual_weights="",
+      disc_weight=0.1 if tiny else 0.0,  # > 0: PatchGAN (hinge), taming's adaptive weight
+      disc_start=1,  # step from which the GAN losses count
+      disc_variant="tiny",
+      disc_lr=1e-4,
+      restart_every=10,  # dead-code restart period (steps); 0 = never
+      restart_threshold=0.01,  # restart codes used < 1% of a uniform share
+      usage_decay=0.99,  # running usage per code (window ~100 steps)
+      restart_until=3 if tiny else 400,  # no restarts after this step: codes settle
+      lr=2e-3,
+      warmup_steps=2 if tiny else 20,
+      b1=0.9,
+      b2=0.9,
+      grad_clip=1.0,
+      batch_size=8 if tiny else 16,
+      total_steps=3 if tiny else 400,
+      log_every=1 if tiny else 20,
+      eval_every=3 if tiny else 200,
+      ckpt_every=3 if tiny else 200,
+      grid_images=8,  # validation pairs in each PNG grid
+      progress=not tiny,  # tqdm bar
+  ))
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, tiny=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # `:tiny` (tests): 32 px, a PatchGAN from step 1 so that every loss path runs.
+  c.data = dict(resolution=32 if arg.tiny else 64, num_train=64 if arg.tiny else 2000,
+                num_validation=16 if arg.tiny else 64, num_test=16 if arg.tiny else 64)
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.vq = vq_config(arg.tiny)
+  return c
