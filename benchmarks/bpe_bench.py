@@ -66,6 +66,8 @@ def main():
       "merge_loop_seconds": round(timing["merge_s"], 3),
       "merges_per_s_total": round(done / learn_s, 2),
       "merges_per_s_loop": round(done / timing["merge_s"], 2),
+      "learn_cpu_seconds": round(timing["cpu_s"], 3),
+      "merges_per_cpu_s_loop": round(done / timing["merge_cpu_s"], 2),
       "process_seconds_excl_corpus": round(time.perf_counter() - T_START - corpus_s, 3),
       "encode_images_per_s": round(heldout.shape[0] / encode_s, 1),
       "heldout_tokens_per_image": round(float(enc["lengths"].mean()), 2),

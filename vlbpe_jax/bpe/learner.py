@@ -156,8 +156,12 @@ class _Counts:
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
           sigma: float, offsets, min_count: int, mesh=None, progress: bool = False):
-  """Learns up to `num_merges` merges. Returns (Geometry, merge records, timing dict)."""
-  t0 = time.perf_counter()
+  """Learns up to `num_merges` merges. Returns (Geometry, merge records, timing dict).
+
+  timing: wall seconds (setup_s: first counts + tables, merge_s: the merge loop, total_s) and
+  CPU seconds of this process (cpu_s, merge_cpu_s; all threads).
+  """
+  t0, c0 = time.perf_counter(), time.process_time()
   n, h, w = grids.shape
   geo = vocab_lib.Geometry(base_vocab_size, offsets)
   vcap = base_vocab_size + num_merges
@@ -168,7 +172,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   stats = _Counts(keys, counts, h, w, sigma)
   state = grid_state.GridState(grids, geo)
   vanish = np.zeros(n * h * w, bool)
-  t_setup = time.perf_counter() - t0
+  t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
   records = []
   for _ in tqdm.trange(num_merges, disable=not progress, desc="visual BPE merges"):
     best = stats.select(alpha, min_count)
@@ -198,5 +202,6 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     added = state.pair_codes(x[keep], y[keep], vcap)
     stats.update(removed, added)
     records.append(record)
-  total = time.perf_counter() - t0
-  return geo, records, dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total)
+  total, cpu = time.perf_counter() - t0, time.process_time() - c0
+  return geo, records, dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total,
+                            cpu_s=cpu, merge_cpu_s=cpu - c_setup)
