@@ -55,6 +55,14 @@ def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_ne
   return texts
 
 
+def first_examples(source, num: int):
+  """The decoded records of indices `0 .. num-1` of a source (tfds stores them hashed)."""
+  from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  records = sorted((tfds_builders.decode_record(source[i]) for i in range(len(source))),
+                   key=lambda r: r["index"])
+  return records[:num]
+
+
 def _visual_ids(visual, example):
   return None if visual is None else visual(example)
 

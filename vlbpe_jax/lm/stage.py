@@ -34,15 +34,38 @@ LABEL = {"full": "full (BPE + 3 stages + curriculum)", "no_bpe": "no BPE (raw VQ
          "text": "text-only model, no image (blind baseline)"}
 
 
+# Config keys a stored result must agree on to be reused (besides train.MUST_MATCH).
+RESULT_KEYS = train.MUST_MATCH + ("lm.stage_lrs", "lm.text_lr", "lm.num_eval",
+                                  "lm.max_answer_tokens", "lm.max_caption_tokens", "data")
+
+
 def _result_path(workdir, run):
   return os.path.join(workdir, "lm", run, "result.json")
 
 
-def _load(path):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
+def _fingerprint(config) -> dict:
+  d = json.loads(json.dumps(config.to_dict(), default=str))
+  out = {}
+  for key in RESULT_KEYS:
+    v = d
+    for part in key.split("."):
+      v = v.get(part, "<missing>") if isinstance(v, dict) else "<missing>"
+    out[key] = v
+  return out
+
+
+def _load(path, config):
+  """The stored result, or None; a result written with another config raises."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  want = _fingerprint(config)
+  bad = [k for k in want if result.get("config", {}).get(k) != want[k]]
+  if bad:
+    raise ValueError(f"{path} was written with another config (differs at {bad}); remove "
+                     f"{os.path.dirname(path)} to retrain")
+  return result
 
 
 def _save(path, result):
@@ -62,9 +85,7 @@ class _Context:
     builder = data_stage.build_dataset(config, workdir)
     self.train = tfds_builders.data_source(builder, "train")
     test = tfds_builders.data_source(builder, "test")
-    records = sorted((tfds_builders.decode_record(test[i]) for i in range(len(test))),
-                     key=lambda r: r["index"])
-    self.test = records[:config.lm.num_eval]
+    self.test = evaluate.first_examples(test, config.lm.num_eval)
     self.mesh = parallel.mesh_from_config(config.mesh)
     self._text = None
 
@@ -212,10 +233,11 @@ def run_stage(config, workdir: str) -> dict:
   results = {}
   for run in list(config.lm.runs) + ["text"]:
     path = _result_path(workdir, run)
-    results[run] = _load(path)
+    results[run] = _load(path, config)
     if results[run] is None:
       logging.info("lm: run %s", run)
       results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
+      results[run]["config"] = _fingerprint(config)
       _save(path, results[run])
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:

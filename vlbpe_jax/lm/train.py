@@ -414,8 +414,7 @@ def train_and_evaluate(config, workdir: str, run: str = "full") -> dict:
   model, trainer, state = train_run(config, workdir, run, tok, train_src, visual["train"],
                                     num_vq, num_bpe, text_params, mesh)
   test = tfds_builders.data_source(builder, "test")
-  examples = [tfds_builders.decode_record(test[i])
-              for i in range(min(config.lm.num_eval, len(test)))]
+  examples = evaluate.first_examples(test, config.lm.num_eval)
   with trainer.ctx():
     res = evaluate.evaluate(model, state["params"], tok, examples, visual["test"],
                             batch_size=config.lm.eval_batch_size,

@@ -1,0 +1,45 @@
+"""The `lm` pipeline stage end to end on a tiny tfds dataset: ablation runs, report, resume."""
+
+import json
+import os
+
+import pytest
+
+import lm_train_helpers as helpers
+from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.eval import report
+from vlbpe_jax.lm import stage as lm_stage
+from vlbpe_jax.lm import train
+
+
+@pytest.mark.slow
+def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
+  workdir = str(tmp_path)
+  config = helpers.make_config(num_eval=8, report_examples=2)
+  data_stage.run_stage(config, workdir)
+  helpers.write_visual_files(workdir)
+  metrics = lm_stage.run_stage(config, workdir)
+  for run in ("full", "no_bpe", "single_stage"):
+    assert 0.0 <= metrics[f"lm.vqa_acc.{run}"] <= 1.0
+  assert "lm.vqa_acc_heldout.full" in metrics and "lm.vqa_acc.text_only" in metrics
+  assert (metrics["lm.trainable_params.stage1"] < metrics["lm.trainable_params.stage2"]
+          < metrics["lm.trainable_params.stage3"])
+  assert metrics["lm.visual_tokens_per_image.full"] < metrics["lm.visual_tokens_per_image.no_bpe"]
+  saved = report.read_metrics(workdir)
+  assert all(saved[k] == v for k, v in metrics.items())
+  with open(os.path.join(workdir, "report", "sections", "lm.json")) as f:
+    section = json.load(f)
+  assert section["order"] == 40 and "BPE &gt; no BPE" in section["html"]
+  assert os.path.exists(os.path.join(workdir, "report", "lm", "example_0.png"))
+
+  # Finished runs are skipped: same numbers, result files untouched.
+  path = os.path.join(workdir, "lm", "full", "result.json")
+  mtime = os.path.getmtime(path)
+  assert lm_stage.run_stage(config, workdir) == metrics
+  assert os.path.getmtime(path) == mtime
+  with pytest.raises(ValueError, match="another config"):
+    lm_stage.run_stage(helpers.make_config(num_eval=4), workdir)
+
+  # The CLI's function resumes the finished checkpoint and evaluates it the same way.
+  res = train.train_and_evaluate(config, workdir, "no_bpe")
+  assert res["vqa_acc"] == metrics["lm.vqa_acc.no_bpe"]
