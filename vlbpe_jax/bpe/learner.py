@@ -1,11 +1,14 @@
 """Incremental exact learner: pair counts are updated only around the tokens a merge touched.
 
 State: `GridState` (tokens on the grids), exact int64 counts per (a, b, offset) and per (a, b)
-in `SlotMap` tables, and a cache of S per (a, b), re-scored by the jitted kernel for the pairs
-whose histogram changed. Per merge: pick the best pair (`_select`), find its occurrences from
-the position list of a, subtract every pair that touches a vanishing token (old grid), commit,
-add every pair that touches a new token (new grid). The result equals recounting from scratch.
+in `SlotMap` tables, and a cache of S per (a, b): a change to a pair's histogram clears its S,
+and the jitted kernel re-scores it only when the pair could win a merge. Per merge: pick the
+best pair (`_Counts.select`), find its occurrences from the position list of a, subtract every
+pair that touches a vanishing token (old grid), commit, add every pair that touches a new token
+(new grid). The result equals recounting from scratch (tests/test_bpe_reference.py).
 """
+
+_MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
 
 import time
 
@@ -107,8 +110,8 @@ class _Counts:
     """The best pool pair, if no pair outside the pool (N < floor) can beat it; else None.
 
     P = N / nmax + alpha * S <= N / nmax + alpha, so after scoring the pool in decreasing-N
-    chunks, a pair with N / nmax + alpha < best P cannot win (a relative float margin keeps
-    the cut conservative); only the scored pairs go to the exact tie-break.
+    chunks, a pair with N / nmax + alpha < best P cannot win (`_MARGIN` keeps the cut
+    conservative); only the scored pairs go to the exact tie-break.
     """
     pc = cnt[self.pool]
     nmax = int(pc.max())
@@ -116,7 +119,7 @@ class _Counts:
     cand, f = self.pool[order], pc[order] / nmax
     if alpha:
       best, done, chunk = -np.inf, 0, 64
-      while done < cand.size and f[done] + alpha >= best * (1 - 1e-9):
+      while done < cand.size and f[done] + alpha >= best * (1 - _MARGIN):
         s = self.consistency(cand[done:done + chunk]).astype(np.float64)
         best = max(best, float((f[done:done + chunk] + alpha * s).max()))
         done, chunk = done + s.size, chunk * 2
@@ -124,7 +127,7 @@ class _Counts:
     else:
       best = 1.0
       cand, f = cand[f == 1.0], f[f == 1.0]
-    if self.floor > min_count and (self.floor - 1) / nmax + alpha >= best * (1 - 1e-9):
+    if self.floor > min_count and (self.floor - 1) / nmax + alpha >= best * (1 - _MARGIN):
       return None  # an eligible pair below the floor (not in the pool) might still win
     p = f + alpha * self.consistency(cand).astype(np.float64) if alpha else f
     i = np.lexsort((self.pairs.keys[cand], -cnt[cand], -p))[0]
