@@ -69,18 +69,15 @@ class LM(nn.Module):
 
   def setup(self):
     c = self.config
-    init = nn.initializers.normal(c.init_std)
-    table = lambda n: nn.with_logical_partitioning(init, ("vocab", "embed"))
+    table = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed"))
     pdt = jnp.dtype(c.param_dtype)
-    self.text_embed = self.param("text_embed", table(c.text_vocab), (c.text_vocab, c.width), pdt)
+    self.text_embed = self.param("text_embed", table, (c.text_vocab, c.width), pdt)
     if c.visual_vocab:
-      self.visual_embed = self.param("visual_embed", table(c.visual_vocab),
-                                     (c.visual_vocab, c.width), pdt)
+      self.visual_embed = self.param("visual_embed", table, (c.visual_vocab, c.width), pdt)
     if not c.tie_embeddings:
-      self.text_head = self.param("text_head", table(c.text_vocab), (c.text_vocab, c.width), pdt)
+      self.text_head = self.param("text_head", table, (c.text_vocab, c.width), pdt)
       if c.visual_vocab:
-        self.visual_head = self.param("visual_head", table(c.visual_vocab),
-                                      (c.visual_vocab, c.width), pdt)
+        self.visual_head = self.param("visual_head", table, (c.visual_vocab, c.width), pdt)
     block = Block
     if c.remat_policy != "none":
       block = nn.remat(Block, policy=_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
@@ -111,8 +108,8 @@ class LM(nn.Module):
              if c.tie_embeddings else
              [self.text_head] + ([self.visual_head] if c.visual_vocab else []))
     # One [V, D] table (cheaper than concatenating [B, T, V] logits when B * T > D).
-    w = jnp.concatenate([x.astype(c.dtype) for x in heads]) if len(heads) > 1 else heads[0]
-    out = jnp.einsum("BTD,VD->BTV", h, w.astype(c.dtype)).astype(jnp.float32)
+    w = jnp.concatenate([x.astype(c.dtype) for x in heads])  # [V, D]
+    out = jnp.einsum("BTD,VD->BTV", h, w).astype(jnp.float32)
     return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids, positions=None, segment_ids=None, extra_embeds=None,
@@ -131,8 +128,11 @@ class LM(nn.Module):
     chex.assert_rank(input_ids, 2)
     x = self.embed(input_ids)
     if extra_embeds is not None:
+      chex.assert_shape(extra_embeds, (x.shape[0], None, c.width))
       x = jnp.concatenate([x, extra_embeds.astype(x.dtype)], axis=1)
     b, t = x.shape[:2]
+    if segment_ids is not None:
+      chex.assert_shape(segment_ids, (b, t))
     index = None if cache is None else cache["index"]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t)[None] + (0 if index is None else index), (b, t))
