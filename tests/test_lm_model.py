@@ -168,3 +168,14 @@ def test_config_errors():
     lm_model.lm_config("mu", remat_policy="some")
   with pytest.raises(ValueError, match="unknown"):
     lm_model.lm_config("mu", widht=3)
+
+
+def test_model_accepts_2d_positions():
+  model, params = make()
+  ids = ids_for(jax.random.key(9), 1, 6)
+  grid = jnp.array([[[0, 0], [1, 1], [2, 2], [2, 3], [3, 2], [3, 3]]])  # text diagonal, then 2x2
+  out2d = jit_apply(model)({"params": params}, ids, positions=grid)
+  out1d = jit_apply(model)({"params": params}, ids)
+  assert out2d.shape == out1d.shape and np.isfinite(out2d).all()
+  np.testing.assert_array_equal(out2d[:, 0], out1d[:, 0])  # position (0, 0) == position 0
+  assert np.abs(out2d[:, 3:] - out1d[:, 3:]).max() > 1e-4
