@@ -28,7 +28,7 @@ def make_config(**lm):
       model=dict(width=32, depth=2, num_heads=2, num_kv_heads=2, mlp_dim=64, dtype="float32"),
       seq_len=160, batch_size=8, vocab_multiple=8,
       text_steps=2, text_lr=3e-3,
-      stage_steps=(2, 2, 2), stage_lrs=(3e-3, 2e-3, 1e-3),
+      stage_steps=(2, 2, 2), stage_lrs=(3e-3, 2e-3, 1e-3), single_stage_lr=2e-3,
       stage_tasks=(("caption", "attributes"), ("vqa",), ("dialogue", "vqa")),
       first_frac=0.25, warmup_steps=0, final_lr_frac=0.1, grad_clip=1.0, weight_decay=0.0,
       b1=0.9, b2=0.95, log_every=1, ckpt_every=100, progress=False, worker_count=0,

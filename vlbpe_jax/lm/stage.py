@@ -34,19 +34,21 @@ LABEL = {"full": "full (BPE + 3 stages + curriculum)", "no_bpe": "no BPE (raw VQ
          "text": "text-only model, no image (blind baseline)"}
 
 
-# Config keys a stored result must agree on to be reused (besides train.MUST_MATCH).
-RESULT_KEYS = train.MUST_MATCH + ("lm.stage_lrs", "lm.text_lr", "lm.num_eval",
-                                  "lm.max_answer_tokens", "lm.max_caption_tokens", "data")
+# Config keys a stored result must agree on to be reused: the blind baseline's, the runs'.
+TEXT_RESULT_KEYS = train.TEXT_MUST_MATCH + ("lm.text_lr", "lm.num_eval", "lm.max_answer_tokens",
+                                            "lm.max_caption_tokens", "data")
+RESULT_KEYS = TEXT_RESULT_KEYS + train.MUST_MATCH[len(train.TEXT_MUST_MATCH):] + (
+    "lm.stage_lrs", "lm.single_stage_lr")
 
 
 def _result_path(workdir, run):
   return os.path.join(workdir, "lm", run, "result.json")
 
 
-def _fingerprint(config) -> dict:
+def _fingerprint(config, run) -> dict:
   d = json.loads(json.dumps(config.to_dict(), default=str))
   out = {}
-  for key in RESULT_KEYS:
+  for key in TEXT_RESULT_KEYS if run == "text" else RESULT_KEYS:
     v = d
     for part in key.split("."):
       v = v.get(part, "<missing>") if isinstance(v, dict) else "<missing>"
@@ -54,13 +56,13 @@ def _fingerprint(config) -> dict:
   return out
 
 
-def _load(path, config):
+def _load(path, config, run):
   """The stored result, or None; a result written with another config raises."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     result = json.load(f)
-  want = _fingerprint(config)
+  want = _fingerprint(config, run)
   bad = [k for k in want if result.get("config", {}).get(k) != want[k]]
   if bad:
     raise ValueError(f"{path} was written with another config (differs at {bad}); remove "
@@ -233,11 +235,11 @@ def run_stage(config, workdir: str) -> dict:
   results = {}
   for run in list(config.lm.runs) + ["text"]:
     path = _result_path(workdir, run)
-    results[run] = _load(path, config)
+    results[run] = _load(path, config, run)
     if results[run] is None:
       logging.info("lm: run %s", run)
       results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
-      results[run]["config"] = _fingerprint(config)
+      results[run]["config"] = _fingerprint(config, run)
       _save(path, results[run])
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:

@@ -42,9 +42,10 @@ from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import stages
 
 RUNS = ("full", "no_bpe", "single_stage")
-# Config keys a run's checkpoint must agree on before it is restored.
-MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size", "lm.text_steps",
-              "lm.stage_steps", "lm.stage_tasks", "lm.first_frac", "lm.vocab_multiple")
+# Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
+TEXT_MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
+                   "lm.text_steps", "lm.vocab_multiple")
+MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def plan_of(config, run: str) -> list[Phase]:
     return phases
   if run == "single_stage":
     return [Phase(3, sum(p.steps for p in phases), sum((p.tasks for p in phases), ()),
-                  phases[-1].lr)]
+                  float(c.single_stage_lr))]
   raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
 
 
@@ -287,7 +288,7 @@ def _phase_at(plan, step):
 
 
 def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_params=None,
-             stop_at_step=None, name="lm"):
+             stop_at_step=None, name="lm", must_match=MUST_MATCH):
   """Trains `plan` (resuming from `run_dir/ckpt`); returns the final state.
 
   make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
@@ -303,7 +304,7 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   key_init, key_train = jax.random.split(jax.random.key(config.seed))
   key_train = jax.device_put(key_train, trainer.repl)
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), config=config,
-                                 must_match=MUST_MATCH, max_to_keep=2)
+                                 must_match=must_match, max_to_keep=2)
   latest = ckpt.latest_step()
   if latest is None:
     k, it = 0, make_iter(plan[0])
@@ -377,7 +378,7 @@ def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
   trainer = Trainer(config, make_model(config, tok), mesh)
   make_iter = iterator_fn(config, tok, source, None)
   state = run_plan(config, os.path.join(workdir, "lm", "text"), trainer, plan, make_iter,
-                   stop_at_step=stop_at_step, name="lm/text")
+                   stop_at_step=stop_at_step, name="lm/text", must_match=TEXT_MUST_MATCH)
   return state["params"]
 
 
