@@ -9,6 +9,12 @@ attention 6 * L * B * T^2 * N * K (half of the full T x T). The step is a full s
 (forward, backward, clip, AdamW via `stages.make_optimizer`), jitted with the state donated.
 The reference peak is a jitted 2048^3 matmul in the compute dtype (and in float32), timed
 between the steps. Prints one JSON line.
+
+  .venv/bin/python benchmarks/lm_bench.py --variant S --generate 64 --batch 8 --seq 32
+
+times KV-cache generation instead: `--generate` new tokens after a `--seq` token prompt
+(greedy, no stop tokens), reported as generated tokens/s over the whole call (prefill included)
+after a compile run.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import stages
 
@@ -66,6 +73,7 @@ def main():
   ap.add_argument("--scan", action="store_true")
   ap.add_argument("--remat", default="none")
   ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--generate", type=int, default=0, help="time generation of this many tokens")
   ap.add_argument("--note", default="", help="free text recorded with the result")
   args = ap.parse_args()
   sizes = {k: v for k, v in dict(width=args.width, depth=args.depth, num_heads=args.heads,
@@ -78,6 +86,8 @@ def main():
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids[:, :-1]))["params"]
+  if args.generate:
+    return bench_generate(model, params, np.asarray(ids[:, :-1]), args)
   tx = stages.make_optimizer(3, params, 1e-4, clip=1.0, weight_decay=0.1)
   state = {"params": params, "opt": tx.init(params)}
 
@@ -132,6 +142,26 @@ def main():
                                     cfg.head_dim / flops, 3),
       loss=float(loss), note=args.note)
   print(json.dumps(out))
+
+
+def bench_generate(model, params, prompts, args):
+  mask = np.ones(prompts.shape, bool)
+  run = lambda: lm_generate.generate(model, params, prompts, mask, jax.random.key(0),
+                                     max_new_tokens=args.generate)[0].block_until_ready()
+  t = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t
+  times = [_time(run) for _ in range(args.steps)]
+  best, median = min(times), float(np.median(times))
+  cfg = model.config
+  print(json.dumps(dict(
+      device=str(jax.devices()[0].device_kind), mode="generate", variant=args.variant,
+      width=cfg.width, depth=cfg.depth, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+      vocab=cfg.vocab_size, batch=args.batch, prompt=args.seq, new_tokens=args.generate,
+      dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
+      compile_s=round(compile_s, 2), call_s_best=round(best, 4), call_s_median=round(median, 4),
+      tokens_per_s_best=round(args.batch * args.generate / best),
+      tokens_per_s_median=round(args.batch * args.generate / median), note=args.note)))
 
 
 if __name__ == "__main__":
