@@ -30,8 +30,9 @@ class _Counts:
     self.sigma = sigma
     self.triples = tables.SlotMap(keys)
     self.tcnt = counts.astype(np.int64)
-    ab, first = np.unique(keys // self.d, return_index=True)
+    ab, first, which = np.unique(keys // self.d, return_index=True, return_inverse=True)
     self.pairs = tables.SlotMap(ab)
+    self.tpair = which.astype(np.int64)  # triple slot -> pair slot
     self.acnt = np.add.reduceat(self.tcnt, first) if keys.size else np.zeros(0, np.int64)
     self.s = np.full(ab.size, np.nan, np.float32)  # S cache; NaN = not scored since a change
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
@@ -80,11 +81,18 @@ class _Counts:
     uk, dv = uk[dv != 0], dv[dv != 0]
     if not uk.size:
       return
-    slots = self.triples.lookup_or_insert(uk)
+    slots = self.triples.lookup(uk)
+    new = slots < 0
+    abk = uk // self.d  # sorted, like uk
+    if new.any():  # new triples: find (or add) their pairs once
+      slots[new] = self.triples.insert(uk[new])
+      self.tpair = tables.grow(self.tpair, self.triples.size)
+      nab, inv = np.unique(abk[new], return_inverse=True)
+      self.tpair[slots[new]] = self.pairs.lookup_or_insert(nab)[inv]
     self.tcnt = tables.grow(self.tcnt, self.triples.size)
-    np.add.at(self.tcnt, slots, dv)
-    ab, first = np.unique(uk // self.d, return_index=True)
-    slots = self.pairs.lookup_or_insert(ab)
+    self.tcnt[slots] += dv  # uk is unique
+    first = np.flatnonzero(np.concatenate([[True], abk[1:] != abk[:-1]]))
+    slots = self.tpair[slots[first]]
     self.acnt = tables.grow(self.acnt, self.pairs.size)
     self.s = tables.grow(self.s, self.pairs.size)
     self.acnt[slots] += np.add.reduceat(dv, first)
