@@ -174,7 +174,7 @@ def test_save_load_round_trip_with_extended_vocab_and_scan(tmp_path):
   assert sum(f.endswith(".safetensors") for f in files) > 1
   model2, params2 = hf.load_llama(str(tmp_path / "out"))
   assert model2.config == dataclasses.replace(cfg, scan_layers=False)
-  jax.tree.map(np.testing.assert_array_equal, params2, hf.unstack_layers(ext, 2))
+  jax.tree.map(np.testing.assert_array_equal, params2, lm_model.unstack_layers(ext, 2))
   ids = jnp.asarray([[3, 55, 12, 60, 59]])
   np.testing.assert_allclose(forward(model2)(params2, ids),
                              forward(lm_model.LM(cfg))(ext, ids), atol=1e-5)

@@ -35,7 +35,7 @@ def make(**kw):
   if model.config.tie_embeddings:
     params = {k: v for k, v in params.items() if not k.endswith("_head")}
   if model.config.scan_layers:
-    params = stack_layers(params, model.config.depth)
+    params = lm_model.stack_layers(params, model.config.depth)
   return model, params
 
 
@@ -46,13 +46,6 @@ def jit_apply(model):
 
 def ids_for(key, b, t):
   return jax.random.randint(key, (b, t), 0, V_TEXT + N_SPECIAL + N_VQ + N_BPE)
-
-
-def stack_layers(params, depth):
-  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"]
-                                                             for i in range(depth)])
-  return out
 
 
 def test_shapes_dtypes_and_determinism():

@@ -22,9 +22,8 @@ import numpy as np
 import safetensors.numpy as stn
 
 from vlbpe_jax.lm import model as lm_model
+from vlbpe_jax.lm.hf_config import config_from_hf, config_to_hf  # noqa: F401
 
-_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-_VOCAB_KEYS = ("text_vocab", "num_special", "num_vq", "num_bpe")
 # (our path under layers_i, HF name under model.layers.{i}, kind)
 _LAYER_KEYS = (
     (("attn", "q"), "self_attn.q_proj.weight", "in_heads"),
@@ -42,62 +41,6 @@ _LAYER_KEYS = (
     (("attn_norm", "scale"), "input_layernorm.weight", "vector"),
     (("mlp_norm", "scale"), "post_attention_layernorm.weight", "vector"),
 )
-
-
-def config_from_hf(hf, **overrides):
-  """`LMConfig` from a parsed HF config.json dict."""
-  kind = hf.get("model_type")
-  if kind not in _ARCH:
-    raise ValueError(f"config.json model_type={kind!r}; expected one of {sorted(_ARCH)}")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; expected 'silu'")
-  if hf.get("mlp_bias") or (kind == "llama" and hf.get("attention_bias")):
-    raise ValueError("config.json: mlp_bias / Llama attention_bias (o_proj bias) unsupported")
-  if hf.get("use_sliding_window"):
-    raise ValueError("config.json use_sliding_window=true: sliding-window attention unsupported")
-  scaling = hf.get("rope_scaling")
-  if scaling is not None:
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type == "default":
-      scaling = None
-    elif rope_type == "llama3":
-      scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                 float(scaling["high_freq_factor"]),
-                 int(scaling["original_max_position_embeddings"]))
-    else:
-      raise ValueError(f"config.json rope_scaling type {rope_type!r}; expected 'llama3'")
-  vocab = hf.get("vlbpe_vocab") or {"text_vocab": hf["vocab_size"]}
-  fields = dict(
-      width=hf["hidden_size"], depth=hf["num_hidden_layers"],
-      num_heads=hf["num_attention_heads"],
-      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-      mlp_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      rope_theta=float(hf.get("rope_theta", 10_000.0)), rope_scaling=scaling,
-      qkv_bias=kind == "qwen2" or (kind == "qwen3" and bool(hf.get("attention_bias"))),
-      qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      **{k: int(vocab.get(k, 0)) for k in _VOCAB_KEYS})
-  return lm_model.LMConfig(**{**fields, **overrides})
-
-
-def config_to_hf(cfg):
-  """HF config.json dict for an `LMConfig`."""
-  kind = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
-  out = dict(
-      architectures=[_ARCH[kind]], model_type=kind, hidden_act="silu",
-      hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-      vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-      torch_dtype="float32" if cfg.param_dtype == "float32" else cfg.param_dtype,
-      attention_bias=bool(cfg.qkv_bias) if kind == "qwen3" else False)
-  if cfg.rope_scaling is not None:
-    f, lo, hi, old = cfg.rope_scaling
-    out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
-                               high_freq_factor=hi, original_max_position_embeddings=old)
-  if cfg.visual_vocab:
-    out["vlbpe_vocab"] = {k: getattr(cfg, k) for k in _VOCAB_KEYS}
-  return out
 
 
 def _to_ours(w, kind, shape, name):
@@ -182,7 +125,7 @@ def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   if unused:
     raise ValueError(f"hf_dir={hf_dir!r}: unexpected tensors {unused[:8]}")
   if cfg.scan_layers:
-    params = stack_layers(params, cfg.depth)
+    params = lm_model.stack_layers(params, cfg.depth)
   return lm_model.LM(cfg), params
 
 
@@ -190,7 +133,7 @@ def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=N
   """Writes config.json and safetensors shards (+ index when more than one) in HF layout."""
   cfg = model_config
   if "layers" in params:
-    params = unstack_layers(params, cfg.depth)
+    params = lm_model.unstack_layers(params, cfg.depth)
   np_ = lambda x: np.asarray(x if dtype is None else jnp.asarray(x, dtype))
   tensors = {"model.embed_tokens.weight": np_(_full_table(params, "embed", cfg))}
   for i in range(cfg.depth):
@@ -243,22 +186,6 @@ def extend_vocab(params, n_visual, key):
     rows = (mean + std * jax.random.normal(k, (n_visual, text.shape[1]))).astype(text.dtype)
     old = params.get(f"visual_{name}")
     out[f"visual_{name}"] = rows if old is None else jnp.concatenate([old, rows])
-  return out
-
-
-def stack_layers(params, depth):
-  """`layers_0..layers_{L-1}` -> one `layers` stack (the scanned layout)."""
-  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[params[f"layers_{i}"] for i in range(depth)])
-  return out
-
-
-def unstack_layers(params, depth):
-  """Inverse of `stack_layers`."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(depth):
-    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   return out
 
 

@@ -163,3 +163,19 @@ class LM(nn.Module):
     if cache is None:
       return out
     return out, {"k": new_k, "v": new_v, "valid": valid, "index": index + t}
+
+
+def stack_layers(params, depth):
+  """`layers_0..layers_{L-1}` -> one `layers` stack (the scanned layout)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[params[f"layers_{i}"] for i in range(depth)])
+  return out
+
+
+def unstack_layers(params, depth):
+  """Inverse of `stack_layers`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(depth):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
