@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy as stn
 
 from vlbpe_jax.lm import model as lm_model
@@ -67,19 +68,35 @@ def _to_hf(x, kind):
   return x.T if kind == "matrix" else x
 
 
-def _read_tensors(hf_dir):
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  else:
-    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
-  if not files:
-    raise ValueError(f"hf_dir={hf_dir!r}: no *.safetensors files")
-  tensors = {}
-  for name in files:
-    tensors.update(stn.load_file(os.path.join(hf_dir, name)))
-  return tensors
+class _Tensors:
+  """Lazy name -> numpy view of a checkpoint's shards: one tensor in memory at a time."""
+
+  def __init__(self, hf_dir):
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    if not files:
+      raise ValueError(f"hf_dir={hf_dir!r}: no *.safetensors files")
+    self._where = {}
+    for name in files:
+      handle = safetensors.safe_open(os.path.join(hf_dir, name), framework="np")
+      self._where.update({key: handle for key in handle.keys()})
+
+  def __contains__(self, key):
+    return key in self._where
+
+  def __iter__(self):
+    return iter(list(self._where))
+
+  def pop(self, key, *default):
+    if key not in self._where:
+      if default:
+        return default[0]
+      raise ValueError(f"checkpoint: tensor {key} missing")
+    return self._where.pop(key).get_tensor(key)
 
 
 def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
@@ -95,7 +112,7 @@ def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   unrolled = lm_model.LM(dataclasses.replace(cfg, scan_layers=False))
   shapes = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(shapes["params"]))
-  t = _read_tensors(hf_dir)
+  t = _Tensors(hf_dir)
   cast = lambda x: jnp.asarray(np.asarray(x), dtype)
   params = {"final_norm": {"scale": cast(t.pop("model.norm.weight"))}}
   embed = t.pop("model.embed_tokens.weight")
