@@ -199,7 +199,8 @@ def test_sharded_first_counts_equal_host_counts():
   g = patch_grids(seed=9, n=11, noise=0.3)
   offsets = ((0, 1), (1, 0), (1, -1))
   want = counting.count_base_pairs_host(g, offsets, 40)
-  for mesh in (None, parallel.make_mesh([("data", -1)])):
+  for mesh in (None, parallel.make_mesh([("data", -1)]),
+               parallel.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])):
     got = counting.count_base_pairs(g, offsets, 40, mesh)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
