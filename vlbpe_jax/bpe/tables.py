@@ -53,7 +53,7 @@ class SlotMap:
     ok, os_ = self._over
     at = np.searchsorted(ok, q)
     self._over = (np.insert(ok, at, q), np.insert(os_, at, slots))
-    if self._over[0].size > max(1 << 14, self._main[0].size // 32):  # fold in: one merge pass
+    if self._over[0].size > max(1 << 14, self._main[0].size // 6):  # fold in: one merge pass
       (mk, ms), (ok, os_) = self._main, self._over
       at = np.searchsorted(mk, ok)
       self._main = (np.insert(mk, at, ok), np.insert(ms, at, os_))
