@@ -23,21 +23,31 @@ from vlbpe_jax.bpe import vocab as vocab_lib
 
 
 class _Counts:
-  """Exact pair statistics and the S cache."""
+  """Exact pair statistics and the S cache, for the pairs that can still be merged.
 
-  def __init__(self, keys, counts, h, w, sigma):
+  A pair's count only grows in the merge that creates its newer token (tokens are never made
+  again and footprints never move), so a pair with N < min_count after that merge can never be
+  chosen: it is not stored (most first-round pairs are single noise pairs), and later
+  decrements of such keys are ignored.
+  """
+
+  def __init__(self, keys, counts, h, w, sigma, min_count):
     self.h, self.w, self.d = h, w, h * (2 * w - 1)
-    self.sigma = sigma
+    self.sigma, self.min_count = sigma, min_count
+    ab, first, which = np.unique(keys // self.d, return_index=True, return_inverse=True)
+    acnt = np.add.reduceat(counts, first) if keys.size else np.zeros(0, np.int64)
+    live = acnt >= min_count
+    keys, counts, which = keys[live[which]], counts[live[which]], which[live[which]]
+    remap = np.cumsum(live) - 1
     self.triples = tables.SlotMap(keys)
     self.tcnt = counts.astype(np.int64)
-    ab, first, which = np.unique(keys // self.d, return_index=True, return_inverse=True)
-    self.pairs = tables.SlotMap(ab)
-    self.tpair = which.astype(np.int64)  # triple slot -> pair slot
-    self.acnt = np.add.reduceat(self.tcnt, first) if keys.size else np.zeros(0, np.int64)
-    self.s = np.full(ab.size, np.nan, np.float32)  # S cache; NaN = not scored since a change
+    self.pairs = tables.SlotMap(ab[live])
+    self.tpair = remap[which].astype(np.int64)  # triple slot -> pair slot
+    self.acnt = acnt[live].astype(np.int64)
+    self.s = np.full(self.acnt.size, np.nan, np.float32)  # S cache; NaN = not scored yet
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
     self.pool = np.zeros(0, np.int64)
-    self.in_pool = np.zeros(ab.size, bool)
+    self.in_pool = np.zeros(self.acnt.size, bool)
 
   def histograms(self, ab):
     """Flat (pair index, dy, dx, count) of the offsets of pairs `ab`, sorted by (pair, d)."""
@@ -82,13 +92,22 @@ class _Counts:
     if not uk.size:
       return
     slots = self.triples.lookup(uk)
-    new = slots < 0
-    abk = uk // self.d  # sorted, like uk
-    if new.any():  # new triples: find (or add) their pairs once
+    # Absent keys: dv < 0 belongs to a pair not stored (N < min_count); dv > 0 to a pair with
+    # the token just made, all of whose triples are here: store it if N >= min_count.
+    new = (slots < 0) & (dv > 0)
+    if new.any():
+      nab, first, inv = np.unique(uk[new] // self.d, return_index=True, return_inverse=True)
+      keep = (np.add.reduceat(dv[new], first) >= self.min_count)[inv]
+      new[np.flatnonzero(new)[~keep]] = False
+    if new.any():
       slots[new] = self.triples.insert(uk[new])
       self.tpair = tables.grow(self.tpair, self.triples.size)
-      nab, inv = np.unique(abk[new], return_inverse=True)
-      self.tpair[slots[new]] = self.pairs.lookup_or_insert(nab)[inv]
+      nab, inv = np.unique(uk[new] // self.d, return_inverse=True)
+      self.tpair[slots[new]] = self.pairs.insert(nab)[inv]
+    uk, dv, slots = uk[slots >= 0], dv[slots >= 0], slots[slots >= 0]
+    if not uk.size:
+      return
+    abk = uk // self.d  # sorted, like uk
     self.tcnt = tables.grow(self.tcnt, self.triples.size)
     self.tcnt[slots] += dv  # uk is unique
     first = np.flatnonzero(np.concatenate([[True], abk[1:] != abk[:-1]]))
@@ -180,7 +199,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
-  stats = _Counts(keys, counts, h, w, sigma)
+  stats = _Counts(keys, counts, h, w, sigma, min_count)
   state = grid_state.GridState(grids, geo)
   vanish = np.zeros(n * h * w, bool)
   t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
