@@ -187,16 +187,35 @@ def _section(config, workdir, results, ctx_examples):
   n = results[runs[0]]["num_questions"]
   lines = []
   if "full" in results and "no_bpe" in results:
-    lines.append(_verdict(results["full"]["vqa_acc"], results["no_bpe"]["vqa_acc"], n,
-                          "BPE &gt; no BPE"))
+    full, raw = results["full"], results["no_bpe"]
+    lines.append(_verdict(full["vqa_acc"], raw["vqa_acc"], n, "BPE &gt; no BPE") +
+                 f" Raw VQ images take {raw['visual_tokens_per_image']:.0f} tokens against "
+                 f"{full['visual_tokens_per_image']:.0f} with BPE "
+                 f"({raw['visual_tokens_per_image'] / full['visual_tokens_per_image']:.1f}x "
+                 "longer image spans), so at equal tokens per step the no-BPE run sees fewer "
+                 "images.")
   if "full" in results and "single_stage" in results:
-    lines.append(_verdict(results["full"]["vqa_acc"], results["single_stage"]["vqa_acc"], n,
-                          "staged + curriculum &gt; single stage"))
+    full, single = results["full"], results["single_stage"]
+    line = _verdict(full["vqa_acc"], single["vqa_acc"], n,
+                    "staged + curriculum &gt; single stage")
+    if single["final_loss"] < full["final_loss"]:
+      frozen = sum(s for s, st in zip(config.lm.stage_steps, full["stages"]) if st < 3)
+      line += (f" The single-stage run ends at a lower training loss "
+               f"({single['final_loss']:.3f} vs {full['final_loss']:.3f}): it trains every "
+               f"weight from the first step, while the staged run keeps most of them frozen for "
+               f"{frozen} of its {full['steps']} steps; the frozen start protects a pretrained "
+               "model's knowledge, which a short text pretraining gives little of.")
+    lines.append(line)
   blind = results["text"]["vqa_acc"]
   above = [run for run in runs if results[run]["vqa_acc"] - blind > 2 * _se(blind, n) * 1.414]
-  lines.append(f"Image-blind baseline (stage-0 text model, no image): {blind:.1%}. Runs clearly "
-               f"above it (i.e. reading the image): "
-               f"{', '.join(above) if above else 'none'}.")
+  lines.append(f"Image-blind baseline (stage-0 text model, no image): {blind:.1%} VQA, caption "
+               f"precision {results['text']['caption_precision']:.2f}. Runs clearly above it in "
+               f"VQA (i.e. answering from the image): {', '.join(above) if above else 'none'}.")
+  if not above:
+    lines.append("No run beats the image-blind baseline by more than two standard errors: at "
+                 "this budget none answers from the image yet, so the comparisons above measure "
+                 "how much each setting disturbs the text model's prior rather than how well it "
+                 "reads images; more steps per stage are needed to test the seed's claims.")
   full = results.get("full", results[runs[0]])
   stage_rows = [(f"stage {s}", f"{t:,}", f"{t / full['total_params']:.1%}")
                 for s, t in zip(full["stages"], full["trainable"])]
