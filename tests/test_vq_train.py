@@ -42,9 +42,15 @@ def test_sharded_step_equals_unsharded():
   s8, m8, t8 = _run_steps(config, mesh8, images)
   s1, m1, _ = _run_steps(config, mesh1, images)
   assert int(s8["step"]) == 2 and "disc_params" in s8
-  # Adam turns gradients that are ~0 (float noise) into updates of up to lr (1e-3 here), so
-  # parameters agree to a fraction of one update; losses and gradient norms agree closely.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), s8, s1)
+  # The attention key bias has an exactly zero gradient (softmax ignores a per-query constant),
+  # so Adam turns float noise into updates of up to lr there; it is only checked for size.
+  flat8 = dict(jax.tree_util.tree_flatten_with_path(s8)[0])
+  for path, b in jax.tree_util.tree_flatten_with_path(s1)[0]:
+    a, name = flat8[path], jax.tree_util.keystr(path)
+    if "['k']['bias']" in name:
+      assert np.abs(a).max() <= 2 * config.vq.lr, name
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
   for k in ("loss", "rec_loss", "d_loss", "g_loss", "adaptive_weight", "l2_grads"):
     np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
   # Weights really are split over fsdp (conv output channels) and the batch over data x fsdp.
