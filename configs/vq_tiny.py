@@ -2,7 +2,7 @@
 
   python -m vlbpe_jax.vq.train --config=configs/vq_tiny.py --workdir=$W
   python -m vlbpe_jax.vq.train --config=configs/vq_tiny.py:tiny --workdir=$W   # 3 steps, tests
-  python -m vlbpe_jax.main --config=configs/vq_tiny.py --workdir=$W   # data + vq stages, report
+  python -m vlbpe_jax.main --config=configs/vq_tiny.py --workdir=$W   # the vq stage + report
 
 No GAN and no perceptual loss here: on flat-colour shapes L2 + quantisation trained fastest in
 our runs (400 steps: ~23 dB validation PSNR, ~94% codebook usage; BENCHMARKS.md "VQ-GAN");
@@ -53,11 +53,10 @@ def get_config(arg=None):
   arg = config_utils.parse_arg(arg, tiny=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = "data,vq"  # pipeline stages for vlbpe_jax.main
+  c.stages = "vq"  # pipeline stages for vlbpe_jax.main (the VQ renders its own shapes)
   # `:tiny` (tests): 32 px, a PatchGAN from step 1 so that every loss path runs.
   c.data = dict(resolution=32 if arg.tiny else 64, num_train=64 if arg.tiny else 2000,
-                num_validation=16 if arg.tiny else 64, num_test=16 if arg.tiny else 64,
-                report_examples=4)
+                num_validation=16 if arg.tiny else 64, num_test=16 if arg.tiny else 64)
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.vq = vq_config(arg.tiny)
   return c
