@@ -51,9 +51,11 @@ Encoding output: tokens in raster order of anchors with their (row, col) anchors
 sizes; `decode` paints each token's base codes back, so decode(encode(g)) == g for any codes in
 [0, V), seen in training or not.
 
-Implementation: one exact first count over all grids (jitted and sharded over the mesh's data
-axis when `mesh=` is given, numpy otherwise; integer counts, so both agree bit for bit), then
-per merge only the pairs touching the changed tokens are subtracted and added (`learner`); S is
+Implementation: one exact first count over all grids (with `mesh=`, a jitted shard_map over
+the mesh's batch axes: each device counts its grids, an all_gather combines the counts; numpy
+on the host otherwise; integer counts, so all agree bit for bit), then per merge only the pairs
+touching the changed tokens are subtracted and added (`learner`). A pair's count only falls
+after the merge that makes its newer token, so pairs below min_count are never stored. S is
 scored by a jitted JAX kernel on the host CPU device, lazily, only for pairs that could still
 win (`learner._Counts.select`). Encoding replays the merges with the same `grid_state` rule,
 vectorised over the whole batch per merge.
