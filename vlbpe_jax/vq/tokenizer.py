@@ -14,14 +14,13 @@ import ml_collections
 import numpy as np
 
 from vlbpe_jax import checkpoint
-from vlbpe_jax import parallel
+from vlbpe_jax.vq import train
 
 
 class Tokenizer:
   """Holds a config, its parameters and the jitted encode/decode functions."""
 
   def __init__(self, config, params, mesh=None, batch_size: int = 64):
-    from vlbpe_jax.vq import train  # pylint: disable=g-import-not-at-top  (cycle-free)
     self.config = config
     self.trainer = train.Trainer(config, mesh)
     self.params = params
@@ -82,16 +81,7 @@ class Tokenizer:
                          (codes.shape[1] * f, codes.shape[2] * f, 3))
 
   def _batched(self, fn, x, dtype, item_shape):
-    n_shards = int(np.prod([self.trainer.mesh.shape[a] for a in ("data", "fsdp")
-                            if a in self.trainer.mesh.axis_names]))
-    bs = -(-self.batch_size // n_shards) * n_shards
-    outs = []
-    for i in range(0, len(x), bs):
-      chunk = x[i:i + bs]
-      pad = bs - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      outs.append(np.asarray(fn(self.params, chunk))[:bs - pad])
-    if not outs:
+    if not len(x):
       return np.zeros((0,) + tuple(item_shape), dtype)
-    return np.concatenate(outs).astype(dtype)
+    run = lambda chunk: fn(self.params, chunk)
+    return train.map_batches(run, x, self.batch_size, self.trainer.batch_shards).astype(dtype)

@@ -245,22 +245,35 @@ class Trainer:
     with self._ctx():
       return jax.device_get(self._decode(params, parallel.shard_batch(codes, self.mesh)))
 
+  @property
+  def batch_shards(self) -> int:
+    """How many ways a batch is split (the product of the data and fsdp mesh axes)."""
+    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")
+                        if a in self.mesh.axis_names]))
+
   def reconstruct(self, params, images, batch_size: int | None = None):
     """uint8 images [N, H, W, 3] (host) -> (recon uint8, codes, psnr [N], ssim [N]) on host."""
-    n_shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")
-                            if a in self.mesh.axis_names]))
-    bs = batch_size or self.cfg.batch_size
-    bs = -(-bs // n_shards) * n_shards
-    outs = []
-    for i in range(0, len(images), bs):
-      chunk = images[i:i + bs]
-      pad = bs - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+    def run(chunk):
       with self._ctx():
-        out = self._eval(params, parallel.shard_batch(chunk, self.mesh))
-      outs.append([np.asarray(jax.device_get(o))[:bs - pad] for o in out])
-    return tuple(np.concatenate(parts) for parts in zip(*outs))
+        return jax.device_get(self._eval(params, parallel.shard_batch(chunk, self.mesh)))
+    return map_batches(run, images, batch_size or self.cfg.batch_size, self.batch_shards)
+
+
+def map_batches(fn, x: np.ndarray, batch_size: int, multiple: int):
+  """Applies `fn` to batches of host array `x` and concatenates its (pytree of) outputs.
+
+  Batches are `batch_size` rounded up to a multiple of `multiple` (the batch shards); the last
+  one is zero-padded and the padding rows are dropped from the outputs. `x` must be non-empty.
+  """
+  bs = -(-batch_size // multiple) * multiple
+  outs = []
+  for i in range(0, len(x), bs):
+    chunk = x[i:i + bs]
+    pad = bs - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(jax.tree.map(lambda o, n=bs - pad: np.asarray(o)[:n], fn(chunk)))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
 
 
 def evaluate(trainer, params, images) -> tuple[dict, np.ndarray]:
@@ -292,6 +305,9 @@ def _check_config(config):
                "eval_every", "ckpt_every"):
     if int(cfg[name]) <= 0:
       raise ValueError(f"vq.{name}={cfg[name]!r}; expected a positive int")
+  if int(config.data.num_validation) <= 0:
+    raise ValueError(f"data.num_validation={config.data.num_validation!r}; the VQ needs "
+                     "validation images for its metrics")
   if cfg.recon_loss not in losses.RECON_LOSSES:
     raise ValueError(f"vq.recon_loss={cfg.recon_loss!r} unknown; expected one of "
                      f"{losses.RECON_LOSSES}")
