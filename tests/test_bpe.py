@@ -42,16 +42,24 @@ def consistent_vs_scattered():
 
 
 def test_kernel_matches_formula():
-  counts = np.array([[3, 1, 0, 0], [2, 2, 0, 0], [5, 0, 0, 0]], np.int32)
-  dy = np.array([[0, 1, 0, 0], [0, 1, 0, 0], [2, 0, 0, 0]], np.int32)
-  dx = np.array([[1, 0, 0, 0], [1, -1, 0, 0], [-1, 0, 0, 0]], np.int32)
-  s = np.asarray(scoring.pair_consistency(counts, dy, dx, np.float32(0.7)))
-  for k in range(3):
-    u = [(dy[k, j], dx[k, j]) for j in range(4) for _ in range(counts[k, j])]
+  hists = [[(0, 1, 3), (1, 0, 1)], [(0, 1, 2), (1, -1, 2)], [(2, -1, 5)],
+           [(0, 1, 4), (1, 1, 2), (2, 0, 1), (0, 3, 1)]]  # (dy, dx, n) per offset
+  group = np.concatenate([np.full(len(h), k) for k, h in enumerate(hists)])
+  dy, dx, n = (np.array([e[i] for h in hists for e in h]) for i in range(3))
+  s = scoring.score_histograms(group, dy, dx, n, len(hists), 0.7)
+  for k, h in enumerate(hists):
+    u = [(a, b) for a, b, c in h for _ in range(c)]
     my, mx = np.mean([a for a, _ in u]), np.mean([b for _, b in u])
     want = np.mean([math.exp(-((a - my) ** 2 + (b - mx) ** 2) / (2 * 0.7 ** 2)) for a, b in u])
     assert s[k] == pytest.approx(want, rel=1e-6)
   assert s[2] == 1.0 and s[0] > s[1]
+  # The same shape shifted, mirrored or transposed (and listed in another order) ties exactly.
+  moved = [[(3, 2, 2), (2, 2, 4), (4, 1, 1), (2, 4, 1)],   # shifted by (2, 1)
+           [(1, 1, 2), (0, 2, 1), (1, 0, 4), (3, 0, 1)],   # transposed
+           [(1, 2, 2), (0, 0, 1), (2, 3, 1), (0, 2, 4)]]   # mirrored, shifted by (0, 3)
+  group = np.concatenate([np.full(len(h), k) for k, h in enumerate(moved)])
+  dy, dx, n = (np.array([e[i] for h in moved for e in h]) for i in range(3))
+  assert (scoring.score_histograms(group, dy, dx, n, 3, 0.7) == s[3]).all()
 
 
 def test_fixed_offset_pair_beats_scattered_pair():

@@ -39,13 +39,12 @@ def brute_force(grids, base, num_merges, offsets, alpha=0.0, sigma=0.5, min_coun
     if nmax < min_count:
       break
 
-    def score(ab):
+    def score(ab):  # ||d - mean||^2 = ||n d - sum||^2 / n^2 in exact integers, exact sum
       c, n = hist[ab], total[ab]
-      my = sum(v * d[0] for d, v in c.items()) / n
-      mx = sum(v * d[1] for d, v in c.items()) / n
-      s = sum(v * math.exp(-((d[0] - my) ** 2 + (d[1] - mx) ** 2) / (2 * sigma ** 2))
-              for d, v in c.items()) / n
-      return n / nmax + alpha * s
+      sy, sx = sum(v * d[0] for d, v in c.items()), sum(v * d[1] for d, v in c.items())
+      terms = [v * math.exp(-((n * d[0] - sy) ** 2 + (n * d[1] - sx) ** 2) / n ** 2
+                            / (2 * sigma ** 2)) for d, v in c.items()]
+      return n / nmax + alpha * math.fsum(terms) / n
 
     eligible = [ab for ab in total if total[ab] >= min_count]
     a, b = max(eligible, key=lambda ab: (score(ab), total[ab], -ab[0], -ab[1]))
@@ -66,9 +65,9 @@ def brute_force(grids, base, num_merges, offsets, alpha=0.0, sigma=0.5, min_coun
   return merges
 
 
-def ours(grids, base, num_merges, offsets, alpha=0.0, sigma=0.5):
+def ours(grids, base, num_merges, offsets, alpha=0.0, sigma=0.5, min_count=2):
   bpe = VisualBPE.learn(grids, base_vocab_size=base, num_merges=num_merges, alpha=alpha,
-                        sigma=sigma, offsets=offsets, progress=False)
+                        sigma=sigma, offsets=offsets, min_count=min_count, progress=False)
   return [(m["a"], m["b"], tuple(m["offset"]), m["count"], m["merged"]) for m in bpe.merges]
 
 
@@ -121,3 +120,10 @@ def test_long_run_with_large_footprints_equals_reference(offsets):
   bpe = VisualBPE.learn(grids, base_vocab_size=12, num_merges=30, alpha=1.0, offsets=offsets,
                         progress=False)
   assert max(len(bpe.footprint(t)) for t in range(12, bpe.vocab_size)) >= 8
+
+
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_min_count_equals_reference(min_count):
+  grids = planted(11, n=4, noise=0.3)
+  want = brute_force(grids, 12, 25, OFFSETS[0], alpha=2.0, min_count=min_count)
+  assert ours(grids, 12, 25, OFFSETS[0], alpha=2.0, min_count=min_count) == want

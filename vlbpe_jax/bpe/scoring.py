@@ -6,12 +6,16 @@ a), N = sum n_delta, u_bar = sum n_delta * delta / N and
   S(a, b) = (1 / N) * sum_delta n_delta * exp(-||delta - u_bar||^2 / (2 sigma^2)),
 
 which equals the seed's (1/N_ab) sum_i exp(-||u_i - u_bar||^2 / 2 sigma^2) over occurrences i,
-grouped by their (discrete) offsets. The kernel scores a padded batch `[K, D]` of histograms.
+grouped by their (discrete) offsets. The host computes the sufficient statistics exactly:
+||delta - u_bar||^2 = q / N^2 with the integer q = ||N delta - sum n delta'||^2; the jitted
+kernel scores a padded batch `[K, D]` of (n, q / N^2) rows.
 
-Bit-exactness: inputs are exact integers; every sum over D is an adjacent-pair tree of single
-float32 additions (`x[0::2] + x[1::2]`), so zero padding at the end of a row never changes the
-result, whatever D or K is. The kernel runs on the host's first CPU device so that the
-same histogram gives the same bits on a CPU, GPU or TPU machine and on any mesh.
+Bit-exactness: the kernel's inputs are exact functions of the integer histogram, each row is put
+in a canonical order (by n, then distance), and every sum over D is an adjacent-pair tree of
+single float32 additions (`x[0::2] + x[1::2]`), so zero padding never changes a result, whatever
+D or K is. Two histograms of the same shape (equal up to a shift, mirror or transpose of the
+offsets) therefore get bit-identical S and tie exactly. The kernel runs on the host's first CPU
+device, so a histogram gives the same bits on a CPU, GPU or TPU machine and on any mesh.
 """
 
 import chex
@@ -28,22 +32,17 @@ def _tree_sum(x):
 
 
 @jax.jit
-def pair_consistency(counts, dy, dx, sigma):
-  """S per pair. counts, dy, dx: [K, D] int32 (counts 0 = padding), D a power of two.
+def pair_consistency(counts, dist2, sigma):
+  """S per pair. counts: [K, D] int32 (0 = padding); dist2: [K, D] float32, ||delta - u_bar||^2.
 
-  Returns S: [K] float32 (0 for all-padding rows).
+  D is a power of two. Returns S: [K] float32 (0 for all-padding rows).
   """
   chex.assert_rank(counts, 2)
-  chex.assert_equal_shape([counts, dy, dx])
-  n = counts.astype(jnp.float32)                       # [K, D]
-  fy, fx = dy.astype(jnp.float32), dx.astype(jnp.float32)
-  tot = _tree_sum(n)                                    # [K]
-  safe = jnp.maximum(tot, 1.0)
-  my = _tree_sum(n * fy) / safe                         # [K]
-  mx = _tree_sum(n * fx) / safe
-  d2 = (fy - my[:, None]) ** 2 + (fx - mx[:, None]) ** 2  # [K, D]
-  kern = jnp.exp(-d2 / (2.0 * sigma * sigma))
-  return jnp.where(tot > 0, _tree_sum(n * kern) / safe, 0.0)
+  chex.assert_equal_shape([counts, dist2])
+  n = counts.astype(jnp.float32)                        # [K, D]
+  tot = _tree_sum(n)                                     # [K]
+  kern = jnp.exp(-dist2 / (2.0 * sigma * sigma))         # [K, D]
+  return jnp.where(tot > 0, _tree_sum(n * kern) / jnp.maximum(tot, 1.0), 0.0)
 
 
 def _bucket(n: int, lo: int, step: int) -> int:
@@ -55,14 +54,25 @@ def _bucket(n: int, lo: int, step: int) -> int:
 
 
 def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float) -> np.ndarray:
-  """S for `num_groups` pairs from flat histogram entries sorted by (group, offset).
+  """S for `num_groups` pairs from flat histogram entries sorted by pair.
 
-  group: int64 [E] pair index in [0, num_groups); d_y, d_x, counts: [E]. Returns float32 [G].
-  Rows and columns are padded to a few bucket sizes; runs on the first CPU device.
+  group: int64 [E] pair index in [0, num_groups), non-decreasing; d_y, d_x, counts: int [E].
+  Returns float32 [G]. Rows and columns are padded to a few bucket sizes; runs on the first
+  CPU device.
   """
   if num_groups == 0:
     return np.zeros(0, np.float32)
+  counts = counts.astype(np.int64)
   starts = np.searchsorted(group, np.arange(num_groups))
+
+  def per_pair(v):  # exact integer sums per pair (float64 holds them exactly)
+    return np.rint(np.bincount(group, weights=v, minlength=num_groups)).astype(np.int64)
+
+  total, sy, sx = per_pair(counts), per_pair(counts * d_y), per_pair(counts * d_x)
+  vy, vx = total[group] * d_y - sy[group], total[group] * d_x - sx[group]  # exact int64
+  dist2 = (vy * vy + vx * vx) / (total[group].astype(np.float64) ** 2)
+  order = np.lexsort((dist2, -counts, group))  # canonical row order
+  group, counts, dist2 = group[order], counts[order], dist2[order]
   col = np.arange(group.size) - starts[group]
   width = _bucket(int(col.max()) + 1 if col.size else 1, 4, 4)
   rows = _bucket(num_groups, 64, 8)
@@ -70,11 +80,11 @@ def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float) -> 
   for r0 in range(0, rows, 1 << 15):  # bounded kernel sizes (a bucket size) for huge calls
     nr = min(rows - r0, 1 << 15)
     sel = (group >= r0) & (group < r0 + nr)
-    mats = [np.zeros((nr, width), np.int32) for _ in range(3)]
-    for m, v in zip(mats, (counts, d_y, d_x)):
-      m[group[sel] - r0, col[sel]] = v[sel]
+    n_mat = np.zeros((nr, width), np.int32)
+    d_mat = np.zeros((nr, width), np.float32)
+    n_mat[group[sel] - r0, col[sel]] = counts[sel]
+    d_mat[group[sel] - r0, col[sel]] = dist2[sel]
     with jax.default_device(jax.devices("cpu")[0]):
-      s = pair_consistency(*mats, np.float32(sigma))
+      s = pair_consistency(n_mat, d_mat, np.float32(sigma))
     out.append(np.asarray(s))
   return np.concatenate(out)[:num_groups]
-
