@@ -1,8 +1,9 @@
 """Vector quantizer: nearest codebook entry, straight-through gradients, dead-code restart.
 
   z_q, codes, loss, aux = quantize(z, codebook, beta=0.25, l2_normalize=True)
-  loss = |sg(z) - e|^2 (codebook) + beta * |z - sg(e)|^2 (commitment); the decoder reads
-  z_q = sg(e) + z - sg(z) (value exactly e, the same vector `decode(codes)` reads), so the
+
+loss = |sg(z) - e|^2 (codebook) + beta * |z - sg(e)|^2 (commitment). The decoder reads
+z_q = sg(e) + z - sg(z): its value is exactly e, the vector `decode(codes)` reads, and the
 decoder's gradient reaches the encoder unchanged (straight-through).
 
 With `l2_normalize` (V2L, ViT-VQGAN) both z and the codebook are projected onto the unit
