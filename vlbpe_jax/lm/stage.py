@@ -116,10 +116,11 @@ def _evaluate(ctx, model, params, visual, mesh_ctx):
 
 def _run(ctx, run):
   """Trains (or resumes) and evaluates one run; returns its result dict."""
+  text_params = ctx.text_params()  # stage 0 (shared by the runs) is not timed here
   t0 = time.perf_counter()
   visual, num_vq, num_bpe = ctx.visual(KIND[run])
   model, trainer, state = train.train_run(ctx.config, ctx.workdir, run, ctx.tok, ctx.train,
-                                          visual["train"], num_vq, num_bpe, ctx.text_params(),
+                                          visual["train"], num_vq, num_bpe, text_params,
                                           ctx.mesh)
   t_train = time.perf_counter() - t0
   res = _evaluate(ctx, model, state["params"], visual["test"], trainer.ctx)
