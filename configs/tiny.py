@@ -1,0 +1,111 @@
+"""The CPU demo: shapes data -> text tokenizer -> VQ-GAN -> visual BPE -> unified LM.
+
+  python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo
+  python -m vlbpe_jax.main --config=configs/tiny.py:tiny --workdir=/tmp/w   # seconds, tests
+  python -m vlbpe_jax.vq.train --config=configs/tiny.py --workdir=runs/demo  # one stage alone
+
+Any field can be overridden, e.g. `--config.bpe.num_merges=200 --config.stages=data,vq`.
+"""
+
+import ml_collections
+
+from vlbpe_jax import config_utils
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, tiny=False)
+  tiny = arg.tiny
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
+  c.stages = "data,vq,bpe,lm"  # pipeline stages to run, in this order (vlbpe_jax/train.py)
+  # Device mesh: -1 = all remaining devices. Rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES.
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+
+  c.data = dict(
+      resolution=64,  # shapes scenes are resolution x resolution RGB
+      num_train=48 if tiny else 2000,  # examples per split (TFDS array_record)
+      num_validation=16 if tiny else 200,
+      num_test=16 if tiny else 200,  # the test split holds the held-out compositions
+      report_examples=4 if tiny else 8,  # sample scenes shown in the report
+  )
+  c.tokenizer = dict(
+      vocab_size=512,  # upper bound: shapes text needs ~100 words + 256 byte-fallback pieces
+      model_type="unigram",  # sentencepiece model type ("unigram" or "bpe")
+  )
+
+  c.vq = dict(
+      variant="mu" if tiny else "tiny",  # autoencoder.VARIANTS: widths, levels (f=4)
+      codebook_size=64 if tiny else 512,
+      code_dim=8 if tiny else 16,
+      l2_normalize=True,  # cosine lookup (V2L): codes stay in use
+      beta=0.25,  # commitment
+      dtype="float32",  # compute dtype; "bfloat16" halves activation memory on accelerators
+      recon_loss="l2",  # PSNR is an L2 measure; l1 trained ~2 dB lower in 400 steps here
+      perceptual_weight=0.0,  # > 0 needs perceptual_weights (a safetensors VGG16+LPIPS file)
+      perceptual_weights="",
+      disc_weight=0.1 if tiny else 0.0,  # > 0: PatchGAN (hinge), taming's adaptive weight
+      disc_start=1,  # step from which the GAN losses count
+      disc_variant="tiny",
+      disc_lr=1e-4,
+      restart_every=10,  # dead-code restart period (steps); 0 = never
+      restart_threshold=0.1,  # restart codes used < 10% of a uniform share
+      usage_decay=0.95,  # running usage per code (window ~20 steps)
+      restart_until=3 if tiny else 300,  # no restarts after this step: codes settle
+      lr=3e-3,
+      warmup_steps=2 if tiny else 20,
+      b1=0.9,
+      b2=0.99,
+      grad_clip=10.0,  # only against spikes
+      batch_size=8 if tiny else 16,
+      total_steps=3 if tiny else 400,
+      log_every=1 if tiny else 20,
+      eval_every=3 if tiny else 200,
+      ckpt_every=3 if tiny else 200,
+      grid_images=8,  # validation pairs in each PNG grid
+      progress=not tiny,  # tqdm bar
+  )
+
+  c.bpe = dict(
+      num_merges=16 if tiny else 512,  # ~ the VQ codebook size: the seed's sweet spot
+      alpha=1.0,  # P = F + alpha * S (0 = plain frequency BPE)
+      sigma=0.5,  # width of the Gaussian kernel of S, in grid cells
+      offsets=((0, 1), (1, 0), (1, 1), (1, -1)),  # forward neighbourhood (dy, dx)
+      min_count=2,  # a pair seen fewer times is never merged
+      base_vocab_size=0,  # 0 = config.vq.codebook_size
+      num_token_maps=6,  # test images shown as BPE token maps in the report
+  )
+
+  c.lm = dict(
+      variant="mu",  # vlbpe_jax/lm/config.py:VARIANTS (width 64, 2 layers, 4 heads, 2 kv heads)
+      # LMConfig overrides; bf16 is not faster on this CPU.
+      model=(dict(width=32, num_heads=2, num_kv_heads=2, mlp_dim=64, dtype="float32") if tiny
+             else dict(dtype="float32")),
+      seq_len=384,  # packed row: a raw-VQ example (2 + 256 image tokens + text) fits
+      batch_size=8,  # global rows per step, the same for every run ("same budget")
+      vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)
+      text_steps=2 if tiny else 200,  # stage 0: text-only stand-in for the pretrained LLM
+      text_lr=3e-3,
+      stage_steps=(2, 2, 2) if tiny else (100, 100, 200),  # 1 new rows, 2 + first layers, 3 all
+      stage_lrs=(3e-3, 2e-3, 1e-3),  # peak LR per stage (warm-up + cosine within each stage)
+      single_stage_lr=2e-3,  # peak LR of the single-stage ablation
+      stage_tasks=(("caption", "attributes"), ("vqa", "caption", "attributes"),
+                   ("dialogue", "vqa")),  # curriculum per stage; repeat a task to weight it
+      first_frac=0.25,  # stage 2 unfreezes the first ceil(25%) of the layers
+      warmup_steps=10,  # per stage
+      final_lr_frac=0.1,  # cosine decays to 10% of the peak
+      grad_clip=1.0,  # global norm over the trainable gradients only
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.95,
+      log_every=1 if tiny else 10,  # metrics.jsonl period (fetched one step late)
+      ckpt_every=100,  # plus at every stage end
+      progress=not tiny,  # tqdm bar
+      worker_count=0,  # grain worker processes (0 = in-process)
+      num_eval=8 if tiny else 100,  # test images for VQA and captions (~7 questions each)
+      eval_batch_size=8 if tiny else 64,
+      max_answer_tokens=4,
+      max_caption_tokens=16 if tiny else 48,
+      runs=("full", "no_bpe", "single_stage"),  # ablations the lm stage trains
+      report_examples=2 if tiny else 3,  # test images with dialogues in the report
+  )
+  return c
