@@ -10,6 +10,7 @@ The anchors: ../shared/anchors/beingvl_vbpe/bench_anchor.py (Being-VL numba lear
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlbpe_jax.bpe import VisualBPE  # noqa: E402
-from vlbpe_jax.bpe import learn as learn_cli  # noqa: E402
+from vlbpe_jax.bpe import vocab as vocab_lib  # noqa: E402
 
 ANCHOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                       "anchors", "beingvl_vbpe")
@@ -49,7 +50,7 @@ def main():
   t = time.perf_counter()
   bpe, timing = VisualBPE.learn(train, base_vocab_size=args.vocab, num_merges=args.merges,
                                 alpha=args.alpha, sigma=args.sigma,
-                                offsets=learn_cli.parse_offsets(args.offsets), progress=False,
+                                offsets=vocab_lib.parse_offsets(args.offsets), progress=False,
                                 return_timing=True)
   learn_s = time.perf_counter() - t
   done = len(bpe.merges)
@@ -73,6 +74,8 @@ def main():
       "heldout_tokens_per_image": round(float(enc["lengths"].mean()), 2),
       "heldout_cells_per_token": round(heldout.size / int(enc["lengths"].sum()), 4),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "merges_digest": hashlib.sha256(json.dumps(bpe.merges, sort_keys=True).encode())
+                       .hexdigest()[:16],
       "corpus_digest": corpus_digest(train, heldout), "jax": jax.__version__,
       "numpy": np.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
   }))

@@ -14,9 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
-
-from vlbpe_jax import parallel
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 _PAD = np.iinfo(np.int32).max
 
@@ -87,7 +85,7 @@ def count_base_pairs(grids: np.ndarray, offsets, vcap: int, mesh=None):
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     grids = np.concatenate([grids, np.full((-n % shards, h, w), -1, np.int32)])
     with jax.set_mesh(mesh):
-      x = jax.device_put(grids, parallel.batch_sharding(mesh, 3))
+      x = jax.device_put(grids, NamedSharding(mesh, P(axes)))
       uab, ud, counts = _sharded_pair_runs(x, tuple(offsets), vcap, mesh, axes)
   uab, ud, counts = np.asarray(uab), np.asarray(ud), np.asarray(counts)
   keep = uab != _PAD

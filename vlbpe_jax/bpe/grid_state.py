@@ -17,12 +17,19 @@ class GridState:
     self.n, self.h, self.w = grids.shape
     self.geo = geometry
     self.tok = np.ascontiguousarray(grids, np.int32).reshape(-1).copy()
-    self.own = np.arange(self.tok.size, dtype=np.int64)
+    # Cell ids in int32 when every id +- one grid fits (halves the memory traffic).
+    small = (self.n + 2) * self.h * self.w < np.iinfo(np.int32).max
+    self.idx = np.int32 if small else np.int64
+    self.own = np.arange(self.tok.size, dtype=self.idx)
     self._mark = np.zeros(self.tok.size, bool)  # scratch, always all-False between calls
-    order = np.argsort(self.tok, kind="stable")
-    self._base_order = order
-    self._base_start = np.searchsorted(self.tok[order], np.arange(geometry.base + 1))
-    self._pos = {}  # token -> int64 candidate anchors (may be stale; checked on use)
+    local = np.arange(self.h * self.w)
+    self._yx = local // self.w, local % self.w  # row, col of each cell of one grid
+    # Base codes in [0, V), V <= 65536: a 16-bit stable argsort is a radix sort.
+    keys = self.tok.astype(np.uint16) if geometry.base <= 1 << 16 else self.tok
+    self._base_order = np.argsort(keys, kind="stable").astype(self.idx)
+    self._base_start = np.concatenate(
+        [[0], np.cumsum(np.bincount(self.tok, minlength=geometry.base))])
+    self._pos = {}  # token -> candidate anchors (may be stale; checked on use)
 
   def positions(self, t: int) -> np.ndarray:
     """Anchors that may hold token t (a superset; filter with `tok == t`)."""
@@ -77,19 +84,25 @@ class GridState:
 
   def neighbours(self, anchors: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
     """All (anchor, neighbour anchor) pairs of tokens `t` at `anchors`, each neighbour once."""
-    halo = self.geo.halo(t)
-    cells, ok = self.shift(anchors[:, None], halo[None, :, 0], halo[None, :, 1])  # [M, h]
-    own = np.where(ok, self.own[np.where(ok, cells, 0)], -1)
-    if own.shape[1] <= 12:  # drop repeats by pairwise column tests (faster than row sorts)
-      keep = own >= 0
-      for j in range(1, own.shape[1]):
+    halo = self.geo.halo(t)                                         # [K, 2]
+    ly, lx = self._yx
+    inside = ((ly[None] + halo[:, :1] >= 0) & (ly[None] + halo[:, :1] < self.h) &
+              (lx[None] + halo[:, 1:] >= 0) & (lx[None] + halo[:, 1:] < self.w))  # [K, HW]
+    local = anchors % (self.h * self.w)
+    ok = inside[:, local]                                           # [K, M]
+    step = (halo[:, 0] * self.w + halo[:, 1]).astype(self.idx)
+    own = np.take(self.own, anchors[None, :] + step[:, None], mode="clip")  # [K, M]
+    own[~ok] = -1
+    if own.shape[0] <= 12:  # drop repeats by pairwise row tests (faster than column sorts)
+      keep = ok
+      for j in range(1, own.shape[0]):
         for i in range(j):
-          keep[:, j] &= own[:, i] != own[:, j]
+          keep[j] &= own[i] != own[j]
     else:
-      own.sort(axis=1)
+      own = np.sort(own, axis=0)
       keep = own >= 0
-      keep[:, 1:] &= own[:, 1:] != own[:, :-1]
-    rows = np.broadcast_to(anchors[:, None], own.shape)
+      keep[1:] &= own[1:] != own[:-1]
+    rows = np.broadcast_to(anchors[None, :], own.shape)
     return rows[keep], own[keep]
 
   def pair_codes(self, x: np.ndarray, y: np.ndarray, vcap: int) -> np.ndarray:
@@ -99,9 +112,8 @@ class GridState:
     (dy, dx), `d = dy * (2W - 1) + dx + W - 1`, `D = H * (2W - 1)`.
     """
     first, second = np.minimum(x, y), np.maximum(x, y)
-    hw = self.h * self.w
-    dy = (second % hw) // self.w - (first % hw) // self.w
-    dx = second % self.w - first % self.w
-    d = dy * (2 * self.w - 1) + dx + self.w - 1
+    # second - first = dy * W + dx, and dy = (row of second) - (row of first) where a cell's
+    # global row is its id // W; so d = (second - first) + dy * (W - 1) + W - 1.
+    d = second - first + (second // self.w - first // self.w) * (self.w - 1) + (self.w - 1)
     ab = self.tok[first].astype(np.int64) * vcap + self.tok[second]
     return ab * (self.h * (2 * self.w - 1)) + d

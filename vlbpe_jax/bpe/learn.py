@@ -14,14 +14,7 @@ import numpy as np
 
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import model
-
-
-def parse_offsets(text: str):
-  """"0,1;1,0" -> ((0, 1), (1, 0))."""
-  try:
-    return tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part)
-  except ValueError as e:
-    raise ValueError(f"offsets={text!r}: expected 'dy,dx;dy,dx;...'") from e
+from vlbpe_jax.bpe import vocab as vocab_lib
 
 
 def main(argv=None):
@@ -45,7 +38,7 @@ def main(argv=None):
     mesh = parallel.make_mesh([("data", -1)], jax.devices()[:args.devices])
   bpe, timing = model.VisualBPE.learn(
       codes, base_vocab_size=base, num_merges=args.merges, alpha=args.alpha, sigma=args.sigma,
-      offsets=parse_offsets(args.offsets), min_count=args.min_count, mesh=mesh,
+      offsets=vocab_lib.parse_offsets(args.offsets), min_count=args.min_count, mesh=mesh,
       progress=not args.no_progress, return_timing=True)
   bpe.save(args.out)
   done = len(bpe.merges)

@@ -9,6 +9,7 @@ pair that touches a vanishing token (old grid), commit, add every pair that touc
 """
 
 _MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
+_LOWER = 4      # when the pool of pairs with N >= floor cannot decide: floor /= _LOWER
 
 import time
 
@@ -20,6 +21,11 @@ from vlbpe_jax.bpe import grid_state
 from vlbpe_jax.bpe import scoring
 from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import vocab as vocab_lib
+
+
+def _run_starts(x: np.ndarray) -> np.ndarray:
+  """Indices where a run of equal values of sorted `x` starts."""
+  return np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]])) if x.size else x[:0]
 
 
 class _Counts:
@@ -34,30 +40,34 @@ class _Counts:
   def __init__(self, keys, counts, h, w, sigma, min_count):
     self.h, self.w, self.d = h, w, h * (2 * w - 1)
     self.sigma, self.min_count = sigma, min_count
-    ab, first, which = np.unique(keys // self.d, return_index=True, return_inverse=True)
+    ab = keys // self.d  # keys are sorted, so are their pairs
+    first = _run_starts(ab)
     acnt = np.add.reduceat(counts, first) if keys.size else np.zeros(0, np.int64)
     live = acnt >= min_count
+    which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
     keys, counts, which = keys[live[which]], counts[live[which]], which[live[which]]
-    remap = np.cumsum(live) - 1
-    self.triples = tables.SlotMap(keys)
+    self.triples = tables.SlotMap(keys)  # slot = rank: each pair's triples are contiguous
     self.tcnt = counts.astype(np.int64)
-    self.pairs = tables.SlotMap(ab[live])
-    self.tpair = remap[which].astype(np.int64)  # triple slot -> pair slot
+    self.npairs = int(live.sum())
+    self.pair_keys = ab[first[live]]
+    self.tpair = (np.cumsum(live) - 1)[which].astype(np.int64)  # triple slot -> pair slot
+    self.tstart = _run_starts(self.tpair)                       # pair slot -> first triple
+    self.tlen = np.diff(np.append(self.tstart, self.tpair.size))  # and its number of triples
     self.acnt = acnt[live].astype(np.int64)
     self.s = np.full(self.acnt.size, np.nan, np.float32)  # S cache; NaN = not scored yet
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
     self.pool = np.zeros(0, np.int64)
     self.in_pool = np.zeros(self.acnt.size, bool)
 
-  def histograms(self, ab):
-    """Flat (pair index, dy, dx, count) of the offsets of pairs `ab`, sorted by (pair, d)."""
-    slots, which = self.triples.range_slots(ab * self.d, (ab + 1) * self.d)
+  def histograms(self, pairs: np.ndarray):
+    """Flat (index into `pairs`, dy, dx, count) of the offsets of pair slots `pairs`, sorted
+    by (index, d)."""
+    slots, which = tables.ranges_to_indices(self.tstart[pairs],
+                                            self.tstart[pairs] + self.tlen[pairs])
     c = self.tcnt[slots]
     live = c > 0
     slots, which, c = slots[live], which[live], c[live]
-    d = self.triples.keys[slots] % self.d
-    order = np.lexsort((d, which))
-    which, d, c = which[order], d[order], c[order]
+    d = self.triples.keys[slots] % self.d  # a pair's triples sit in slots in order of d
     dy, dx = d // (2 * self.w - 1), d % (2 * self.w - 1) - (self.w - 1)
     return which, dy, dx, c
 
@@ -65,15 +75,40 @@ class _Counts:
     """S of the pairs at `slots`, scoring (with the jitted kernel) those not cached."""
     stale = slots[np.isnan(self.s[slots])]
     if stale.size:
-      which, dy, dx, c = self.histograms(self.pairs.keys[stale])
+      which, dy, dx, c = self.histograms(stale)
       self.s[stale] = scoring.score_histograms(which, dy, dx, c, stale.size, self.sigma)
     return self.s[slots]
 
-  def dominant(self, ab: int):
-    """(dy, dx) with the most occurrences of pair `ab` (ties: raster-first offset), its count."""
-    _, dy, dx, c = self.histograms(np.array([ab], np.int64))
+  def dominant(self, slot: int):
+    """(dy, dx) with the most occurrences of pair `slot` (ties: raster-first offset), count."""
+    _, dy, dx, c = self.histograms(np.array([slot], np.int64))
     i = int(np.argmax(c))  # histograms are sorted by d, so the first max is raster-first
     return (int(dy[i]), int(dx[i])), int(c[i])
+
+  def _add_pairs(self, keys: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    """Stores the new triples `keys` (sorted, absent) of pairs with N >= min_count, all of
+    whose triples are in `keys`; returns the triple slots (-1: not stored)."""
+    ab = keys // self.d
+    first = _run_starts(ab)
+    runs = np.diff(np.append(first, ab.size))
+    keep = np.repeat(np.add.reduceat(dv, first) >= self.min_count, runs)
+    out = np.full(keys.size, -1, np.int64)
+    if not keep.any():
+      return out
+    slots = self.triples.insert(keys[keep])  # consecutive, in key order
+    out[keep] = slots
+    first, runs = first[keep[first]], runs[keep[first]]
+    pslots = np.arange(self.npairs, self.npairs + first.size)
+    self.npairs += first.size
+    self.pair_keys = tables.grow(self.pair_keys, self.npairs)
+    self.pair_keys[pslots] = ab[first]
+    self.tstart = tables.grow(self.tstart, self.npairs)
+    self.tlen = tables.grow(self.tlen, self.npairs)
+    self.tstart[pslots] = out[first]
+    self.tlen[pslots] = runs
+    self.tpair = tables.grow(self.tpair, self.triples.size)
+    self.tpair[slots] = np.repeat(pslots, runs)
+    return out
 
   def update(self, removed: np.ndarray, added: np.ndarray):
     """Counts -1 per removed and +1 per added pair key; forgets the cached S of every (a, b)
@@ -81,12 +116,12 @@ class _Counts:
     ks = np.sort(np.concatenate([removed * 2, added * 2 + 1]))  # key * 2 + sign bit
     if not ks.size:
       return
-    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    starts = _run_starts(ks)
     runs = np.diff(np.append(starts, ks.size))
     k2 = ks[starts]
     uk, dv = k2 >> 1, np.where(k2 & 1, runs, -runs)
     if uk.size > 1:  # a key both removed and added: adjacent runs, sum them
-      first = np.flatnonzero(np.concatenate([[True], uk[1:] != uk[:-1]]))
+      first = _run_starts(uk)
       uk, dv = uk[first], np.add.reduceat(dv, first)
     uk, dv = uk[dv != 0], dv[dv != 0]
     if not uk.size:
@@ -96,27 +131,21 @@ class _Counts:
     # the token just made, all of whose triples are here: store it if N >= min_count.
     new = (slots < 0) & (dv > 0)
     if new.any():
-      nab, first, inv = np.unique(uk[new] // self.d, return_index=True, return_inverse=True)
-      keep = (np.add.reduceat(dv[new], first) >= self.min_count)[inv]
-      new[np.flatnonzero(new)[~keep]] = False
-    if new.any():
-      slots[new] = self.triples.insert(uk[new])
-      self.tpair = tables.grow(self.tpair, self.triples.size)
-      nab, inv = np.unique(uk[new] // self.d, return_inverse=True)
-      self.tpair[slots[new]] = self.pairs.insert(nab)[inv]
-    uk, dv, slots = uk[slots >= 0], dv[slots >= 0], slots[slots >= 0]
+      slots[new] = self._add_pairs(uk[new], dv[new])
+    found = slots >= 0
+    uk, dv, slots = uk[found], dv[found], slots[found]
     if not uk.size:
       return
     abk = uk // self.d  # sorted, like uk
     self.tcnt = tables.grow(self.tcnt, self.triples.size)
     self.tcnt[slots] += dv  # uk is unique
-    first = np.flatnonzero(np.concatenate([[True], abk[1:] != abk[:-1]]))
+    first = _run_starts(abk)
     slots = self.tpair[slots[first]]
-    self.acnt = tables.grow(self.acnt, self.pairs.size)
-    self.s = tables.grow(self.s, self.pairs.size)
+    self.acnt = tables.grow(self.acnt, self.npairs)
+    self.s = tables.grow(self.s, self.npairs)
     self.acnt[slots] += np.add.reduceat(dv, first)
     self.s[slots] = np.nan
-    self.in_pool = tables.grow(self.in_pool, self.pairs.size)
+    self.in_pool = tables.grow(self.in_pool, self.npairs)
     new = slots[(self.acnt[slots] >= self.floor) & ~self.in_pool[slots]]
     self.in_pool[new] = True
     self.pool = np.concatenate([self.pool, new])
@@ -157,7 +186,7 @@ class _Counts:
     if self.floor > min_count and (self.floor - 1) / nmax + alpha >= best * (1 - _MARGIN):
       return None  # an eligible pair below the floor (not in the pool) might still win
     p = f + alpha * self.consistency(cand).astype(np.float64) if alpha else f
-    i = np.lexsort((self.pairs.keys[cand], -cnt[cand], -p))[0]
+    i = np.lexsort((self.pair_keys[cand], -cnt[cand], -p))[0]
     s = float(self.consistency(cand[i:i + 1])[0])
     return (int(cand[i]), float(f[i]), s, float(p[i])), nmax, best
 
@@ -165,13 +194,11 @@ class _Counts:
     """Slot of the best pair and its (F, S, P), or None when no pair has N >= min_count.
 
     All pairs with N >= floor are in `pool`, so a merge looks at a few hundred pairs; when the
-    pool cannot decide, it is rebuilt by one full scan with floor = min_count.
+    pool cannot decide, the floor is lowered (a scan of all counts) until it can.
     """
-    cnt = self.acnt[:self.pairs.size]
-    for full_scan in (False, True):
-      self._set_pool(max(self.floor, min_count), cnt, False)
-      if full_scan:
-        self._set_pool(min_count, cnt, True)
+    cnt = self.acnt[:self.npairs]
+    self._set_pool(max(self.floor, min_count), cnt, False)
+    while True:
       if self.pool.size:
         found = self._best_in_pool(cnt, alpha, min_count)
         if found is not None:
@@ -181,7 +208,9 @@ class _Counts:
           if floor > self.floor:
             self._set_pool(floor, cnt, False)
           return result
-    return None
+      if self.floor <= min_count:
+        return None
+      self._set_pool(max(min_count, self.floor // _LOWER), cnt, True)
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
@@ -209,9 +238,8 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     if best is None:
       break
     slot, f, s, pr = best
-    ab = int(stats.pairs.keys[slot])
-    a, b = divmod(ab, vcap)
-    delta, n_delta = stats.dominant(ab)
+    a, b = divmod(int(stats.pair_keys[slot]), vcap)
+    delta, n_delta = stats.dominant(slot)
     p, q = state.find_merge(a, b, delta)
     # Pairs that touch a vanishing token, each once (both ends vanishing: from the first end).
     xa, ya = state.neighbours(p, a)

@@ -1,4 +1,4 @@
-"""Exact sparse counters keyed by int64, with vectorised lookup, insert and range queries.
+"""Exact sparse counters keyed by int64, with vectorised lookup and insert.
 
 `SlotMap` gives every key a fixed slot (its insertion rank), so per-key values live in plain
 numpy arrays indexed by slot. The key -> slot index is a large sorted array plus a small sorted
@@ -59,23 +59,6 @@ class SlotMap:
       self._main = (np.insert(mk, at, ok), np.insert(ms, at, os_))
       self._over = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     return slots
-
-  def lookup_or_insert(self, q: np.ndarray) -> np.ndarray:
-    """Slots of sorted unique keys `q`, inserting the absent ones."""
-    slots = self.lookup(q)
-    new = slots < 0
-    if new.any():
-      slots[new] = self.insert(q[new])
-    return slots
-
-  def range_slots(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slots of all keys in `[lo[i], hi[i])`, and the i of each (not sorted by key)."""
-    parts = []
-    for ks, ss in (self._main, self._over):
-      a, b = np.searchsorted(ks, lo), np.searchsorted(ks, hi)
-      idx, which = ranges_to_indices(a, b)
-      parts.append((ss[idx], which))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def grow(arr: np.ndarray, size: int) -> np.ndarray:

@@ -26,6 +26,15 @@ def check_offsets(offsets) -> tuple[tuple[int, int], ...]:
   return out
 
 
+def parse_offsets(text: str) -> tuple[tuple[int, int], ...]:
+  """"0,1;1,0" -> ((0, 1), (1, 0)), validated by `check_offsets`."""
+  try:
+    out = tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";") if part)
+  except ValueError as e:
+    raise ValueError(f"offsets={text!r}: expected 'dy,dx;dy,dx;...'") from e
+  return check_offsets(out)
+
+
 class Geometry:
   """Footprints, halos and expansions of base codes `[0, V)` plus merged tokens `V + k`."""
 
