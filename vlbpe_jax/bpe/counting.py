@@ -54,16 +54,32 @@ def _sharded_pair_runs(grids, offsets, vcap, mesh, axes):
 
 
 def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int):
-  """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU)."""
+  """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU).
+
+  Each pair is coded `(a * vcap + b) * K + o` with o the rank of its offset in raster order
+  (so code order is key order), in int32 when that fits (a sort twice as fast as int64).
+  """
   _, h, w = grids.shape
-  keys = []
-  for dy, dx in offsets:
+  offsets = sorted(offsets)  # raster order of (dy, dx) = increasing d
+  k = len(offsets)
+  dtype = np.int32 if vcap * vcap * k < np.iinfo(np.int32).max else np.int64
+  codes = np.empty(sum((h - dy) * (w - abs(dx)) for dy, dx in offsets) * grids.shape[0], dtype)
+  at = 0
+  for o, (dy, dx) in enumerate(offsets):
     x0, x1 = max(0, -dx), w - max(0, dx)
-    a = grids[:, :h - dy, x0:x1].astype(np.int64)
+    a = grids[:, :h - dy, x0:x1].astype(dtype)
     b = grids[:, dy:, x0 + dx:x1 + dx]
-    keys.append(((a * vcap + b) * (h * (2 * w - 1)) + dy * (2 * w - 1) + dx + w - 1).ravel())
-  keys, counts = np.unique(np.concatenate(keys), return_counts=True)
-  return keys, counts.astype(np.int64)
+    part = ((a * vcap + b) * k + o).ravel()
+    codes[at:at + part.size] = part
+    at += part.size
+  codes.sort()
+  if not codes.size:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  first = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]]))
+  counts = np.diff(np.append(first, codes.size))
+  codes = codes[first].astype(np.int64)
+  d = np.array([dy * (2 * w - 1) + dx + w - 1 for dy, dx in offsets], np.int64)
+  return (codes // k) * (h * (2 * w - 1)) + d[codes % k], counts.astype(np.int64)
 
 
 def count_base_pairs(grids: np.ndarray, offsets, vcap: int, mesh=None):

@@ -89,9 +89,10 @@ class GridState:
     inside = ((ly[None] + halo[:, :1] >= 0) & (ly[None] + halo[:, :1] < self.h) &
               (lx[None] + halo[:, 1:] >= 0) & (lx[None] + halo[:, 1:] < self.w))  # [K, HW]
     local = anchors % (self.h * self.w)
-    ok = inside[:, local]                                           # [K, M]
+    ok = np.take(inside, local, axis=1)                             # [K, M]
     step = (halo[:, 0] * self.w + halo[:, 1]).astype(self.idx)
-    own = np.take(self.own, anchors[None, :] + step[:, None], mode="clip")  # [K, M]
+    # Out-of-range cells are masked below; "wrap" is a cheap way to keep their reads legal.
+    own = np.take(self.own, anchors[None, :] + step[:, None], mode="wrap")  # [K, M]
     own[~ok] = -1
     if own.shape[0] <= 12:  # drop repeats by pairwise row tests (faster than column sorts)
       keep = ok
@@ -115,5 +116,5 @@ class GridState:
     # second - first = dy * W + dx, and dy = (row of second) - (row of first) where a cell's
     # global row is its id // W; so d = (second - first) + dy * (W - 1) + W - 1.
     d = second - first + (second // self.w - first // self.w) * (self.w - 1) + (self.w - 1)
-    ab = self.tok[first].astype(np.int64) * vcap + self.tok[second]
+    ab = np.take(self.tok, first).astype(np.int64) * vcap + np.take(self.tok, second)
     return ab * (self.h * (2 * self.w - 1)) + d

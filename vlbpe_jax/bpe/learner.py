@@ -126,10 +126,12 @@ class _Counts:
     uk, dv = uk[dv != 0], dv[dv != 0]
     if not uk.size:
       return
-    slots = self.triples.lookup(uk)
-    # Absent keys: dv < 0 belongs to a pair not stored (N < min_count); dv > 0 to a pair with
-    # the token just made, all of whose triples are here: store it if N >= min_count.
-    new = (slots < 0) & (dv > 0)
+    # Removed keys (dv < 0) hold a vanishing token: absent if their pair is not stored
+    # (N < min_count). Added keys (dv > 0) hold the token just made, so they are all new and
+    # all of their pairs' triples are here: stored if N >= min_count.
+    new = dv > 0
+    slots = np.full(uk.size, -1, np.int64)
+    slots[~new] = self.triples.lookup(uk[~new])
     if new.any():
       slots[new] = self._add_pairs(uk[new], dv[new])
     found = slots >= 0
@@ -246,7 +248,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     xb, yb = state.neighbours(q, b)
     x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
     vanish[p] = vanish[q] = True
-    keep = ~vanish[y] | (x < y)
+    keep = ~np.take(vanish, y) | (x < y)
     vanish[p] = vanish[q] = False
     removed = state.pair_codes(x[keep], y[keep], vcap)
     t = geo.add(a, b, delta)
@@ -255,7 +257,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     state.commit_merge(b, p, q, t)
     x, y = state.neighbours(p, t)
     vanish[p] = True
-    keep = ~vanish[y] | (x < y)
+    keep = ~np.take(vanish, y) | (x < y)
     vanish[p] = False
     added = state.pair_codes(x[keep], y[keep], vcap)
     stats.update(removed, added)
