@@ -37,8 +37,8 @@ class _Counts:
   decrements of such keys are ignored.
   """
 
-  def __init__(self, keys, counts, h, w, sigma, min_count):
-    self.h, self.w, self.d = h, w, h * (2 * w - 1)
+  def __init__(self, keys, counts, vcap, h, w, sigma, min_count):
+    self.vcap, self.h, self.w, self.d = vcap, h, w, h * (2 * w - 1)
     self.sigma, self.min_count = sigma, min_count
     ab = keys // self.d  # keys are sorted, so are their pairs
     first = _run_starts(ab)
@@ -46,7 +46,8 @@ class _Counts:
     live = acnt >= min_count
     which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
     keys, counts, which = keys[live[which]], counts[live[which]], which[live[which]]
-    self.triples = tables.SlotMap(keys)  # slot = rank: each pair's triples are contiguous
+    self.triples = tables.SlotMap(self._index_key(keys))  # slot = rank: a pair's triples
+    #                                                       are contiguous, in order of d
     self.tcnt = counts.astype(np.int64)
     self.npairs = int(live.sum())
     self.pair_keys = ab[first[live]]
@@ -58,6 +59,15 @@ class _Counts:
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
     self.pool = np.zeros(0, np.int64)
     self.in_pool = np.zeros(self.acnt.size, bool)
+
+  def _index_key(self, keys: np.ndarray) -> np.ndarray:
+    """Triple key `(a * vcap + b) * D + d` -> its key in `triples`, ordered by (newer token,
+    older token, a > b, d): the triples made with a new token sort after all stored ones, so
+    the index only ever appends. Its remainder mod D is still d."""
+    ab, d = keys // self.d, keys % self.d
+    a, b = ab // self.vcap, ab % self.vcap
+    newer, older = np.maximum(a, b), np.minimum(a, b)
+    return ((newer * self.vcap + older) * 2 + (a > b)) * self.d + d
 
   def histograms(self, pairs: np.ndarray):
     """Flat (index into `pairs`, dy, dx, count) of the offsets of pair slots `pairs`, sorted
@@ -95,7 +105,7 @@ class _Counts:
     out = np.full(keys.size, -1, np.int64)
     if not keep.any():
       return out
-    slots = self.triples.insert(keys[keep])  # consecutive, in key order
+    slots = self.triples.insert(self._index_key(keys[keep]))  # consecutive, in key order
     out[keep] = slots
     first, runs = first[keep[first]], runs[keep[first]]
     pslots = np.arange(self.npairs, self.npairs + first.size)
@@ -131,7 +141,7 @@ class _Counts:
     # all of their pairs' triples are here: stored if N >= min_count.
     new = dv > 0
     slots = np.full(uk.size, -1, np.int64)
-    slots[~new] = self.triples.lookup(uk[~new])
+    slots[~new] = self.triples.lookup(self._index_key(uk[~new]))
     if new.any():
       slots[new] = self._add_pairs(uk[new], dv[new])
     found = slots >= 0
@@ -230,7 +240,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
-  stats = _Counts(keys, counts, h, w, sigma, min_count)
+  stats = _Counts(keys, counts, vcap, h, w, sigma, min_count)
   state = grid_state.GridState(grids, geo)
   vanish = np.zeros(n * h * w, bool)
   t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
