@@ -126,3 +126,15 @@ def test_perceptual_loads_file_and_refuses_missing(tmp_path):
     perceptual.load_lpips(path)
   with pytest.raises(ValueError, match="no such file"):
     perceptual.load_lpips(str(tmp_path / "missing.safetensors"))
+
+
+def test_space_to_depth_round_trip_and_patch_variant():
+  x = jax.random.uniform(jax.random.key(2), (2, 8, 12, 3))
+  s = autoencoder.space_to_depth(x, 4)
+  assert s.shape == (2, 2, 3, 48)
+  np.testing.assert_array_equal(np.asarray(s[1, 1, 2]),
+                                np.asarray(x[1, 4:8, 8:12].reshape(-1)))  # row-major block
+  np.testing.assert_array_equal(np.asarray(autoencoder.depth_to_space(s, 4)), np.asarray(x))
+  for name, sizes in autoencoder.VARIANTS.items():
+    want = sizes.get("patch", 1) * 2 ** (len(sizes["ch_mult"]) - 1)
+    assert model_lib.VQModel(name).downsample == want == autoencoder.downsample_factor(name)

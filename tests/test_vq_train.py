@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -151,3 +152,18 @@ def test_encode_decode_cli_and_errors(trained, tmp_path):
     tokenizer.Tokenizer.from_workdir(str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="expected uint8"):
     tok.encode(np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.slow
+def test_patch_variant_step_with_gan():
+  """A patch (space-to-depth) variant: the GAN's adaptive weight sees its unfolded last conv."""
+  config = vq_tiny.get_config("tiny")
+  with config.unlocked():
+    config.vq.variant = "tiny_p4"
+  cfg = config.vq
+  state = jax.jit(lambda k: nn.unbox(train.init_state(k, cfg, 16)))(jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  step = jax.jit(lambda s, x, k: train.train_step(s, x, k, None, cfg=cfg))
+  state, m = step(state, images, jax.random.key(1))
+  assert state["params"]["decoder"]["conv_out"]["kernel"].shape[-1] == 3 * 4 * 4
+  assert np.isfinite(m["loss"]) and m["adaptive_weight"] > 0

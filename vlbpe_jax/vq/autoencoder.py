@@ -1,19 +1,28 @@
 """Taming-VQGAN encoder and decoder; sizes come from `VARIANTS`.
 
-Downsampling factor f = 2 ** (len(ch_mult) - 1); attention always sits in the middle (lowest
-resolution) and also after the ResBlocks of the levels listed in `attn_levels`.
+Downsampling factor f = patch * 2 ** (len(ch_mult) - 1); attention always sits in the middle
+(lowest resolution) and also after the ResBlocks of the levels listed in `attn_levels`.
+`patch` > 1 folds each patch x patch block of pixels into channels before the first conv and
+unfolds the last conv's channels back into pixels (space-to-depth, as a ViT patch embedding):
+on a CPU this trades thin full-resolution convs for fewer, wider ones.
 """
 
+import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
 from vlbpe_jax.vq import layers
 
-# ch: base width; ch_mult: width multiplier per level; groups: GroupNorm groups.
+# ch: base width; ch_mult: width multiplier per level; groups: GroupNorm groups; patch:
+# pixels per side folded into channels first (default 1).
 VARIANTS = {
     # CPU-sized: f=4 (64 px -> 16x16), widths 16/32/32.
     "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, groups=8,
                  attn_levels=()),
+    # CPU-sized, f=4 as 4x4 patches into channels, then one 16x16 level of width 64: about
+    # twice the steps per second of "tiny" on a 2-core CPU at the same quality per step.
+    "tiny_p4": dict(ch=64, ch_mult=(1,), num_res_blocks=1, z_channels=64, groups=8,
+                    attn_levels=(), patch=4),
     # CPU-sized: f=2 (64 px -> 32x32, the Being-VL grid size), widths 16/32.
     "tiny_f2": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, groups=8,
                     attn_levels=()),
@@ -37,6 +46,28 @@ def decode_variant(variant: str) -> dict:
   return dict(VARIANTS[variant])
 
 
+def downsample_factor(variant: str) -> int:
+  """Pixels per code along each side: patch * 2 ** (levels - 1)."""
+  sizes = decode_variant(variant)
+  return sizes.get("patch", 1) * 2 ** (len(sizes["ch_mult"]) - 1)
+
+
+def space_to_depth(x, p: int):
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C] (each p x p block into channels, row-major)."""
+  b, h, w, c = x.shape
+  chex.assert_is_divisible(h, p)
+  chex.assert_is_divisible(w, p)
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)  # [B, h, w, p, p, C]
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x, p: int):
+  """[B, h, w, p*p*C] -> [B, h*p, w*p, C]; the inverse of `space_to_depth`."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)  # [B, h, p, w, p, C]
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 class Encoder(nn.Module):
   """[B, H, W, 3] -> [B, H/f, W/f, z_channels]."""
   ch: int
@@ -45,11 +76,14 @@ class Encoder(nn.Module):
   z_channels: int
   groups: int = 32
   attn_levels: tuple[int, ...] = ()
+  patch: int = 1
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kw = dict(groups=self.groups, dtype=self.dtype)
+    if self.patch > 1:
+      x = space_to_depth(x, self.patch)  # [B, H/p, W/p, p*p*3]
     h = layers.conv(self.ch, 3, "conv_in", dtype=self.dtype)(x.astype(self.dtype))
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
@@ -69,7 +103,8 @@ class Decoder(nn.Module):
   """[B, h, w, z_channels] -> [B, h*f, w*f, 3].
 
   The features entering `conv_out` are sown as `intermediates/features` so that the GAN's
-  adaptive weight can differentiate the losses with respect to the last layer alone.
+  adaptive weight can differentiate the losses with respect to the last layer alone
+  (`conv_out` has out_channels * patch**2 outputs, unfolded by `depth_to_space`).
   """
   ch: int
   ch_mult: tuple[int, ...]
@@ -77,6 +112,7 @@ class Decoder(nn.Module):
   z_channels: int
   groups: int = 32
   attn_levels: tuple[int, ...] = ()
+  patch: int = 1
   dtype: jnp.dtype = jnp.float32
   out_channels: int = 3
 
@@ -97,5 +133,6 @@ class Decoder(nn.Module):
         h = layers.Upsample(self.dtype, name=f"up_{i}_upsample")(h)
     h = nn.silu(layers.group_norm(self.groups, "norm_out", self.dtype)(h))
     self.sow("intermediates", "features", h)
-    out = layers.conv(self.out_channels, 3, "conv_out", out_axis=None, dtype=self.dtype)(h)
-    return out.astype(jnp.float32)
+    out = layers.conv(self.out_channels * self.patch ** 2, 3, "conv_out", out_axis=None,
+                      dtype=self.dtype)(h)
+    return depth_to_space(out, self.patch).astype(jnp.float32)

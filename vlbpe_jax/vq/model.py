@@ -34,7 +34,7 @@ class VQModel(nn.Module):
 
   @property
   def downsample(self) -> int:
-    return 2 ** (len(autoencoder.decode_variant(self.variant)["ch_mult"]) - 1)
+    return autoencoder.downsample_factor(self.variant)
 
   def encode_latent(self, x):
     """x: [B, H, W, 3] float in [-1, 1] -> z_e [B, H/f, W/f, code_dim] float32."""

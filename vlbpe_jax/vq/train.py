@@ -27,6 +27,7 @@ import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import parallel
+from vlbpe_jax.vq import autoencoder
 from vlbpe_jax.vq import discriminator as disc_lib
 from vlbpe_jax.vq import input_pipeline
 from vlbpe_jax.vq import layers
@@ -112,10 +113,12 @@ def generator_loss(params, disc_params, lpips_params, x, step, *, cfg):
   if disc is not None:
     # Adaptive weight: gradients of both losses at the decoder's last conv only.
     h = inter["intermediates"]["decoder"]["features"][0]
-    last = layers.conv(3, 3, out_axis=None, dtype=jnp.dtype(cfg.dtype))
-    x_of = lambda w: last.apply({"params": w}, h).astype(jnp.float32)
-    gan_of = lambda w: losses.hinge_g_loss(disc.apply({"params": disc_params}, x_of(w)))
     w_last = params["decoder"]["conv_out"]
+    last = layers.conv(w_last["kernel"].shape[-1], 3, out_axis=None, dtype=jnp.dtype(cfg.dtype))
+    patch = autoencoder.decode_variant(cfg.variant).get("patch", 1)
+    x_of = lambda w: autoencoder.depth_to_space(last.apply({"params": w}, h),
+                                                patch).astype(jnp.float32)
+    gan_of = lambda w: losses.hinge_g_loss(disc.apply({"params": disc_params}, x_of(w)))
     weight = losses.adaptive_weight(jax.grad(lambda w: nll_of(x_of(w)))(w_last),
                                     jax.grad(gan_of)(w_last))
     factor = cfg.disc_weight * (step >= cfg.disc_start).astype(jnp.float32)
