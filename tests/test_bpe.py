@@ -14,6 +14,7 @@ from vlbpe_jax.bpe import decode as decode_cli
 from vlbpe_jax.bpe import encode as encode_cli
 from vlbpe_jax.bpe import learn as learn_cli
 from vlbpe_jax.bpe import scoring
+from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import visualize
 
 
@@ -213,3 +214,23 @@ def test_sharded_first_counts_equal_host_counts():
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
   assert want[1].sum() == 11 * (11 * 12 + 12 * 11 + 11 * 11)
+  # A capacity whose pair codes overflow int32 on the host (int64 path) gives the same counts.
+  big = counting.count_base_pairs_host(g * 997, offsets, 40000)
+  np.testing.assert_array_equal(big[0], counting.count_base_pairs(g * 997, offsets, 40000)[0])
+  np.testing.assert_array_equal(big[1], want[1])
+
+
+def test_slot_map_lookup_insert():
+  rng = np.random.default_rng(0)
+  keys = np.unique(rng.integers(0, 10**12, 3000))
+  m = tables.SlotMap(rng.permutation(keys[:1000]))
+  slot_of = {int(k): i for i, k in enumerate(m.keys)}
+  for lo, hi in ((1000, 1000), (1000, 1001), (1001, 1500), (1500, 3000)):
+    batch = rng.permutation(keys[lo:hi])
+    slot_of.update({int(k): int(s) for k, s in zip(batch, m.insert(batch))})
+    q = np.concatenate([keys[:hi], rng.integers(0, 10**12, 200), [-1, 10**13]])
+    want = [slot_of.get(int(k), -1) for k in q]
+    np.testing.assert_array_equal(m.lookup(q), want)
+  assert m.size == 3000 and (m.keys[list(slot_of.values())] == list(slot_of)).all()
+  with pytest.raises(ValueError, match="does not exceed"):
+    m.insert(keys[:1])

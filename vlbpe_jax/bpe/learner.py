@@ -1,7 +1,8 @@
 """Incremental exact learner: pair counts are updated only around the tokens a merge touched.
 
-State: `GridState` (tokens on the grids), exact int64 counts per (a, b, offset) and per (a, b)
-in `SlotMap` tables, and a cache of S per (a, b): a change to a pair's histogram clears its S,
+State: `GridState` (tokens on the grids), exact int64 counts per (a, b, offset) (slots of a
+`SlotMap`; a pair's triples take consecutive slots, so its histogram is one slice) and per
+(a, b), and a cache of S per (a, b): a change to a pair's histogram clears its S,
 and the jitted kernel re-scores it only when the pair could win a merge. Per merge: pick the
 best pair (`_Counts.select`), find its occurrences from the position list of a, subtract every
 pair that touches a vanishing token (old grid), commit, add every pair that touches a new token
