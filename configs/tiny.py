@@ -34,7 +34,7 @@ def get_config(arg=None):
   )
 
   c.vq = dict(
-      variant="mu" if tiny else "tiny",  # autoencoder.VARIANTS: widths, levels (f=4)
+      variant="mu" if tiny else "tiny_p4",  # autoencoder.VARIANTS: sizes, f=4
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
       l2_normalize=True,  # cosine lookup (V2L): codes stay in use
@@ -50,17 +50,17 @@ def get_config(arg=None):
       restart_every=10,  # dead-code restart period (steps); 0 = never
       restart_threshold=0.1,  # restart codes used < 10% of a uniform share
       usage_decay=0.95,  # running usage per code (window ~20 steps)
-      restart_until=3 if tiny else 300,  # no restarts after this step: codes settle
+      restart_until=3 if tiny else 2000,  # no restarts after this step: codes settle
       lr=3e-3,
-      warmup_steps=2 if tiny else 20,
+      warmup_steps=2 if tiny else 40,
       b1=0.9,
       b2=0.99,
       grad_clip=10.0,  # only against spikes
-      batch_size=8 if tiny else 16,
-      total_steps=3 if tiny else 400,
+      batch_size=8,  # 8 beat 16 at equal images seen: more steps
+      total_steps=3 if tiny else 2600,
       log_every=1 if tiny else 20,
-      eval_every=3 if tiny else 200,
-      ckpt_every=3 if tiny else 200,
+      eval_every=3 if tiny else 1300,
+      ckpt_every=3 if tiny else 1300,
       grid_images=8,  # validation pairs in each PNG grid
       progress=not tiny,  # tqdm bar
   )
