@@ -27,6 +27,7 @@ import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import parallel
+from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
 from vlbpe_jax.vq import discriminator as disc_lib
 from vlbpe_jax.vq import input_pipeline
@@ -291,15 +292,7 @@ def evaluate(trainer, params, images) -> tuple[dict, np.ndarray]:
 
 def comparison_grid(images, rec, ncols: int = 4) -> np.ndarray:
   """Rows of (original | reconstruction) pairs: uint8 [rows*H, ncols*2W (+gaps), 3]."""
-  pairs = np.concatenate([images, rec], axis=2)  # [N, H, 2W, 3]
-  n, h, w, c = pairs.shape
-  ncols = min(ncols, n)
-  rows = -(-n // ncols)
-  grid = np.full((rows * (h + 2), ncols * (w + 2), c), 255, np.uint8)
-  for i in range(n):
-    r, k = divmod(i, ncols)
-    grid[r * (h + 2):r * (h + 2) + h, k * (w + 2):k * (w + 2) + w] = pairs[i]
-  return grid
+  return report.image_grid(np.concatenate([images, rec], axis=2), ncols)  # pairs [N, H, 2W, 3]
 
 
 def _check_config(config):
