@@ -72,6 +72,7 @@ def main():
   ap.add_argument("--param_dtype", default="float32")
   ap.add_argument("--scan", action="store_true")
   ap.add_argument("--remat", default="none")
+  ap.add_argument("--attention", default=None, help="LMConfig.attention_impl (e.g. blockwise)")
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--generate", type=int, default=0, help="time generation of this many tokens")
   ap.add_argument("--note", default="", help="free text recorded with the result")
@@ -81,7 +82,8 @@ def main():
            if v is not None}
   cfg = lm_model.lm_config(args.variant, text_vocab=args.vocab, num_special=8, num_vq=248,
                            num_bpe=256, dtype=args.dtype, param_dtype=args.param_dtype,
-                           scan_layers=args.scan, remat_policy=args.remat, **sizes)
+                           scan_layers=args.scan, remat_policy=args.remat,
+                           attention_impl=args.attention, **sizes)
   model = lm_model.LM(cfg)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
@@ -128,7 +130,7 @@ def main():
       variant=args.variant, width=cfg.width, depth=cfg.depth, heads=cfg.num_heads,
       kv_heads=cfg.num_kv_heads, mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch,
       seq=args.seq, dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
-      remat=args.remat, matmul_params=matmul_params, gflop_per_step=round(flops / 1e9, 3),
+      remat=args.remat, attention=args.attention, matmul_params=matmul_params, gflop_per_step=round(flops / 1e9, 3),
       compile_s=round(compile_s, 2), step_s_median=round(median, 4), step_s_best=round(best, 4),
       tokens_per_s_best=round(args.batch * args.seq / best),
       model_gflop_per_s_best=round(flops / best / 1e9, 2),

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from vlbpe_jax import parallel
@@ -16,10 +17,10 @@ from vlbpe_jax.lm import stages
 AXES = [("data", 2), ("fsdp", 2), ("tensor", 2)]
 
 
-def make(scan):
+def make(scan, attention=None):
   cfg = lm_model.lm_config("mu", width=32, num_heads=4, num_kv_heads=2, mlp_dim=64, depth=4,
                            text_vocab=40, num_special=2, num_vq=4, num_bpe=2,
-                           dtype="float32", scan_layers=scan)
+                           dtype="float32", scan_layers=scan, attention_impl=attention)
   return lm_model.LM(cfg)
 
 
@@ -63,8 +64,9 @@ def sharded(mesh, model, stage):
   return nn.unbox(state), step_jit, shardings
 
 
-def test_sharded_step_equals_unsharded():
-  model = make(scan=True)
+@pytest.mark.parametrize("attention", [None, "blockwise"])
+def test_sharded_step_equals_unsharded(attention):
+  model = make(scan=True, attention=attention)
   mesh = parallel.make_mesh(AXES)
   state, step_jit, shardings = sharded(mesh, model, stage=2)
   q = state["params"]["layers"]["attn"]["q"]

@@ -1,13 +1,15 @@
 """Grouped-query self-attention with RoPE, optional QK-norm and q/k/v bias, and a KV cache.
 
 The attention itself is `jax.nn.dot_product_attention` (GQA natively; `implementation=None` or
-"xla" on CPU, "cudnn" for flash attention on NVIDIA GPUs, bf16/fp16 only).
+"xla" on CPU, "cudnn" for flash attention on NVIDIA GPUs, bf16/fp16 only), or, with
+`implementation="blockwise"`, `blockwise_attention` (causal blocks, ~2x faster on CPU).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlbpe_jax.lm import blockwise_attention
 from vlbpe_jax.lm import layers
 
 
@@ -15,7 +17,8 @@ class Attention(nn.Module):
   """x: `[B, T, D]` -> `[B, T, D]`.
 
   Without a cache the attention is causal over the T tokens, restricted by `mask`
-  (`[B, 1, T, T]` bool, e.g. segments of a packed row) when given. With `cache = (k, v)`,
+  (`[B, 1, T, T]` bool, e.g. segments of a packed row) when given; the "blockwise"
+  implementation takes `segment_ids` (`[B, T]`) instead of a mask. With `cache = (k, v)`,
   each `[B, S, Nkv, K]`, the new keys/values are written at slots `[index, index + T)` and the
   queries attend to all S slots allowed by `mask` (`[B, 1, T, S]`, built by the caller).
   Returns `(y, new_cache)`; `new_cache` is None without a cache.
@@ -44,7 +47,7 @@ class Attention(nn.Module):
     return y  # [B, T, N, K]
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask=None, cache=None, index=None):
+  def __call__(self, x, cos, sin, mask=None, cache=None, index=None, segment_ids=None):
     x = x.astype(self.dtype)
     q = self._proj(x, "q", self.num_heads, "heads")  # [B, T, N, K]
     k = self._proj(x, "k", self.num_kv_heads, "kv_heads")  # [B, T, Nkv, K]
@@ -67,9 +70,13 @@ class Attention(nn.Module):
       new_cache = (k, v)  # [B, S, Nkv, K] each
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     # Decoding with a cache (one query per step, memory-bound) always takes the XLA path.
-    y = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=cache is None,
-        implementation=self.implementation if cache is None else None)  # [B, T, N, K]
+    if self.implementation == "blockwise" and cache is None:
+      y = blockwise_attention.blockwise_attention(q, k, v, segment_ids)  # [B, T, N, K]
+    else:
+      impl = None if cache is not None or self.implementation == "blockwise" else (
+          self.implementation)
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cache is None,
+                                       implementation=impl)  # [B, T, N, K]
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_heads", "act_kv"))
     wo = self.param("o", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                       ("heads", "kv", "embed")),

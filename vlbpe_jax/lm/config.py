@@ -29,6 +29,7 @@ VARIANTS = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class LMConfig:
   init_std: float = 0.02
   dtype: str = "bfloat16"  # compute
   param_dtype: str = "float32"  # master weights
-  attention_impl: str | None = None  # None / "xla" / "cudnn"
+  attention_impl: str | None = None  # None / "xla" / "cudnn" / "blockwise" (attention.py)
   scan_layers: bool = False
   remat_policy: str = "none"
 
@@ -78,8 +79,9 @@ class LMConfig:
       raise ValueError(f"head_dim={self.head_dim}: RoPE needs an even head dim")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"attention_impl={self.attention_impl!r}; expected None, 'xla' or 'cudnn'")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of "
+                       f"{ATTENTION_IMPLS}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raises on unknown names
 
   @property

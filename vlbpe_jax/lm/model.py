@@ -31,14 +31,14 @@ class Block(nn.Module):
   config: LMConfig
 
   @nn.compact
-  def __call__(self, x, cache, cos, sin, mask, index):
+  def __call__(self, x, cache, cos, sin, mask, index, segment_ids):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = layers.RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
     h, cache = attention.Attention(
         c.num_heads, c.num_kv_heads, c.head_dim, qk_norm=c.qk_norm, qkv_bias=c.qkv_bias,
         norm_eps=c.norm_eps, init_std=c.init_std, implementation=c.attention_impl,
-        name="attn", **kw)(h, cos, sin, mask, cache, index)
+        name="attn", **kw)(h, cos, sin, mask, cache, index, segment_ids)
     x = nn.with_logical_constraint(x + h, ("act_batch", "act_len", "act_embed"))
     h = layers.RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.Mlp(c.mlp_dim, init_std=c.init_std, name="mlp", **kw)(h)
@@ -84,7 +84,7 @@ class LM(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [block(c) for _ in range(c.depth)]
@@ -138,7 +138,7 @@ class LM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t)[None] + (0 if index is None else index), (b, t))
     cos, sin = layers.rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
     mask, valid = None, None
-    if cache is None and segment_ids is not None:
+    if cache is None and segment_ids is not None and c.attention_impl != "blockwise":
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
     elif cache is not None:
       new = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
@@ -148,13 +148,13 @@ class LM(nn.Module):
       mask = valid[:, None, None, :] & causal[None, None]  # [B, 1, T, S]
     if c.scan_layers:
       kv = None if cache is None else (cache["k"], cache["v"])
-      x, kv = self.layers(x, kv, cos, sin, mask, index)
+      x, kv = self.layers(x, kv, cos, sin, mask, index, segment_ids)
       new_k, new_v = (None, None) if kv is None else kv
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
         x, kv = layer(x, None if cache is None else (cache["k"][i], cache["v"][i]),
-                      cos, sin, mask, index)
+                      cos, sin, mask, index, segment_ids)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
