@@ -2,7 +2,8 @@
 
 The attention itself is `jax.nn.dot_product_attention` (GQA natively; `implementation=None` or
 "xla" on CPU, "cudnn" for flash attention on NVIDIA GPUs, bf16/fp16 only), or, with
-`implementation="blockwise"`, `blockwise_attention` (causal blocks, ~2x faster on CPU).
+`implementation="blockwise"`, `blockwise_attention` (causal blocks, ~2x faster on CPU), or with
+`"splash"` the Pallas splash kernel on TPU (splash.py).
 """
 
 import flax.linen as nn
@@ -11,14 +12,15 @@ import jax.numpy as jnp
 
 from vlbpe_jax.lm import blockwise_attention
 from vlbpe_jax.lm import layers
+from vlbpe_jax.lm import splash
 
 
 class Attention(nn.Module):
   """x: `[B, T, D]` -> `[B, T, D]`.
 
   Without a cache the attention is causal over the T tokens, restricted by `mask`
-  (`[B, 1, T, T]` bool, e.g. segments of a packed row) when given; the "blockwise"
-  implementation takes `segment_ids` (`[B, T]`) instead of a mask. With `cache = (k, v)`,
+  (`[B, 1, T, T]` bool, e.g. segments of a packed row) when given; the "blockwise" and
+  "splash" implementations take `segment_ids` (`[B, T]`) instead of a mask. With `cache = (k, v)`,
   each `[B, S, Nkv, K]`, the new keys/values are written at slots `[index, index + T)` and the
   queries attend to all S slots allowed by `mask` (`[B, 1, T, S]`, built by the caller).
   Returns `(y, new_cache)`; `new_cache` is None without a cache.
@@ -70,10 +72,12 @@ class Attention(nn.Module):
       new_cache = (k, v)  # [B, S, Nkv, K] each
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     # Decoding with a cache (one query per step, memory-bound) always takes the XLA path.
-    if self.implementation == "blockwise" and cache is None:
-      y = blockwise_attention.blockwise_attention(q, k, v, segment_ids)  # [B, T, N, K]
+    kernels = {"blockwise": blockwise_attention.blockwise_attention,
+               "splash": splash.splash_attention}
+    if self.implementation in kernels and cache is None:
+      y = kernels[self.implementation](q, k, v, segment_ids)  # [B, T, N, K]
     else:
-      impl = None if cache is not None or self.implementation == "blockwise" else (
+      impl = None if cache is not None or self.implementation in kernels else (
           self.implementation)
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cache is None,
                                        implementation=impl)  # [B, T, N, K]

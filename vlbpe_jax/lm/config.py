@@ -29,7 +29,7 @@ VARIANTS = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class LMConfig:
   init_std: float = 0.02
   dtype: str = "bfloat16"  # compute
   param_dtype: str = "float32"  # master weights
-  attention_impl: str | None = None  # None / "xla" / "cudnn" / "blockwise" (attention.py)
+  attention_impl: str | None = None  # None/"xla"/"cudnn"/"blockwise"/"splash" (attention.py)
   scan_layers: bool = False
   remat_policy: str = "none"
 

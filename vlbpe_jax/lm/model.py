@@ -19,6 +19,8 @@ from vlbpe_jax.lm import attention
 from vlbpe_jax.lm import layers
 from vlbpe_jax.lm.config import LMConfig, lm_config  # noqa: F401  (re-exported)
 
+SEGMENT_KERNELS = ("blockwise", "splash")  # attention impls taking segment ids, not a mask
+
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -138,7 +140,7 @@ class LM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t)[None] + (0 if index is None else index), (b, t))
     cos, sin = layers.rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
     mask, valid = None, None
-    if cache is None and segment_ids is not None and c.attention_impl != "blockwise":
+    if cache is None and segment_ids is not None and c.attention_impl not in SEGMENT_KERNELS:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
     elif cache is not None:
       new = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
