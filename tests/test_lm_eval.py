@@ -94,6 +94,7 @@ def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
   assert res["num_questions"] == sum(len(ex["qa"]) for ex in examples)
   assert res["num_heldout_questions"] == sum(len(ex["qa"]) for ex, h in zip(examples, held) if h)
   assert res["caption_precision"] == res["caption_recall"] == 1.0
+  assert res["vqa_acc_by_type"] and set(res["vqa_acc_by_type"].values()) == {1.0}
 
   # Wrong answers on held-out images only.
   def half(model, params, tokenizer, prompts, **kw):
@@ -107,6 +108,17 @@ def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
   assert res["vqa_acc_heldout"] == 0.0 and res["vqa_acc_seen"] == 1.0
   expected = 1 - res["num_heldout_questions"] / res["num_questions"]
   assert res["vqa_acc"] == pytest.approx(expected)
+
+  # Wrong answers to one question type only.
+  def no_color(model, params, tokenizer, prompts, **kw):
+    out = oracle(model, params, tokenizer, prompts, **kw)
+    color = {tuple(sequences.vqa_prompt(tok, vis["test"](ex), qa["q"]))
+             for ex in examples for qa in ex["qa"] if qa["q"].startswith("what color")}
+    return ["wrong" if tuple(p) in color else o for p, o in zip(prompts, out)]
+
+  monkeypatch.setattr(evaluate, "generate_texts", no_color)
+  by_type = evaluate.evaluate(None, None, tok, examples, vis["test"])["vqa_acc_by_type"]
+  assert by_type.pop("color") == 0.0 and set(by_type.values()) == {1.0}
 
 
 def test_generation_runs_on_a_real_model(files):

@@ -128,6 +128,18 @@ def test_texts():
              for m in shapes.make_example(i, "train")["dialogue"][2:])
 
 
+def test_question_types_cover_every_template():
+  seen = {}
+  for i in range(200):
+    for qa in shapes.make_example(i, "test", resolution=32)["qa"]:
+      seen.setdefault(shapes.question_type(qa["q"]), set()).add(qa["a"])
+  assert set(seen) == {name for name, _, _ in shapes.QUESTION_TYPES}
+  assert seen["existence"] == {"yes", "no"} and seen["size"] == set(shapes.SIZES)
+  assert seen["count"] <= {"1", "2", "3", "4"} and "0" in seen["color_count"]
+  with pytest.raises(ValueError, match="templates"):
+    shapes.question_type("why is the sky blue?")
+
+
 def test_bad_inputs():
   with pytest.raises(ValueError, match="split"):
     shapes.make_scene(0, "dev")

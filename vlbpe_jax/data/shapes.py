@@ -259,6 +259,28 @@ def _absent_pair(objects, split, rng):
   return absent[int(rng.integers(len(absent)))]
 
 
+# The templates of `questions`, by what they ask: (name, question prefix, chance of a guess
+# that knows the answer set but not the image).
+QUESTION_TYPES = (
+    ("count", "how many objects", 1 / MAX_OBJECTS),
+    ("color", "what color", 1 / len(COLORS)),
+    ("shape", "what shape", 1 / len(SHAPES)),
+    ("size", "what size", 1 / len(SIZES)),
+    ("position", "where is", 1 / len(POSITIONS)),
+    ("color_count", "how many ", 1 / (MAX_OBJECTS + 1)),
+    ("existence", "is there", 1 / 2),
+)
+
+
+def question_type(question: str) -> str:
+  """The `QUESTION_TYPES` name of a question made by `questions`."""
+  for name, prefix, _ in QUESTION_TYPES:
+    if question.startswith(prefix):
+      return name
+  raise ValueError(f"question {question!r}: expected one of the templates of "
+                   f"shapes.questions (prefixes {[p for _, p, _ in QUESTION_TYPES]})")
+
+
 def questions(objects, split, rng):
   """Color, shape, size, count, position and existence questions with 1-2 word answers."""
   pick = lambda: objects[int(rng.integers(len(objects)))]  # noqa: E731

@@ -2,6 +2,7 @@
 
   res = evaluate(model, params, tok, examples, visual["test"], batch_size=32)
   res["vqa_acc"], res["vqa_acc_heldout"], res["caption_precision"], res["caption_recall"]
+  res["vqa_acc_by_type"]                            # {"color": ..., "count": ..., ...}
   turns = dialogue(model, params, tok, examples[:3], visual["test"])
 
 Answers are generated greedily with the KV cache (lm/generate.py) and stop at eos. VQA: one
@@ -63,6 +64,16 @@ def first_examples(source, num: int):
   return records[:num]
 
 
+def accuracy_by_type(answers) -> dict:
+  """`{question type: exact-match accuracy}` (shapes.QUESTION_TYPES order) of `evaluate`'s
+  `"answers"` rows `(example, question, truth, generated)`."""
+  hits = {}
+  for _, q, truth, answer in answers:
+    hits.setdefault(shapes.question_type(q), []).append(answer == truth)
+  return {name: float(np.mean(hits[name])) for name, _, _ in shapes.QUESTION_TYPES
+          if name in hits}
+
+
 def _visual_ids(visual, example):
   return None if visual is None else visual(example)
 
@@ -97,6 +108,7 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
   scores = [scene_checker.text_attribute_scores(c, ex["objects"])
             for c, ex in zip(captions, examples)]
   subset = lambda sel: float(correct[sel].mean()) if sel.any() else float("nan")  # noqa: E731
+  rows = [(k, q, t, a) for (k, q), t, a in zip(where, truth, answers)]
   return {
       "vqa_acc": float(correct.mean()),
       "vqa_acc_heldout": subset(held),
@@ -105,7 +117,8 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
       "num_heldout_questions": int(held.sum()),
       "caption_precision": float(np.mean([s["precision"] for s in scores])),
       "caption_recall": float(np.mean([s["recall"] for s in scores])),
-      "answers": [(k, q, t, a) for (k, q), t, a in zip(where, truth, answers)],
+      "vqa_acc_by_type": accuracy_by_type(rows),
+      "answers": rows,
       "captions": captions,
   }
 

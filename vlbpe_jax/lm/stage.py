@@ -21,6 +21,7 @@ from absl import logging
 import jax
 
 from vlbpe_jax import parallel
+from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.eval import report
@@ -217,6 +218,12 @@ def _section(config, workdir, results, ctx_examples):
                  "this budget none answers from the image yet, so the comparisons above measure "
                  "how much each setting disturbs the text model's prior rather than how well it "
                  "reads images; more steps per stage are needed to test the seed's claims.")
+  by_type = {run: evaluate.accuracy_by_type(results[run]["answers"]) for run in runs + ["text"]}
+  type_rows = [(name, f"{chance:.0%}") + tuple(by_type[run].get(name, float("nan"))
+                                               for run in runs + ["text"])
+               for name, _, chance in shapes.QUESTION_TYPES]
+  type_table = report.table(["question type", "chance"] + [LABEL[r] for r in runs + ["text"]],
+                            type_rows)
   full = results.get("full", results[runs[0]])
   stage_rows = [(f"stage {s}", f"{t:,}", f"{t / full['total_params']:.1%}")
                 for s, t in zip(full["stages"], full["trainable"])]
@@ -238,6 +245,9 @@ def _section(config, workdir, results, ctx_examples):
           f"<span class='small'>(ref: {html.escape(ref)})</span>" for q, ref, a in turns)))
     dialogs.append(cells)
   body = (budget + table + "<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>"
+          + "<h3>VQA accuracy by question type</h3><p>Where a run beats the image-blind "
+          "model it reads the image; chance is a uniform guess among the type's answers.</p>"
+          + type_table
           + "<h3>Trainable parameters per stage (full run)</h3>"
           + report.table(["stage", "trainable", "of all"], stage_rows)
           + "<h3>Example dialogues (model answers in bold)</h3>"
@@ -269,6 +279,9 @@ def run_stage(config, workdir: str) -> dict:
                     f"lm.caption_recall.{run}": r["caption_recall"],
                     f"lm.train_seconds.{run}": r["train_seconds"],
                     f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"]})
+  for run in list(config.lm.runs) + ["text"]:
+    metrics.update({f"lm.vqa_acc_by_type.{'text_only' if run == 'text' else run}.{name}": acc
+                    for name, acc in evaluate.accuracy_by_type(results[run]["answers"]).items()})
   full = results.get("full")
   if full is not None:
     metrics.update({f"lm.trainable_params.stage{s}": t
