@@ -121,6 +121,16 @@ def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
   assert by_type.pop("color") == 0.0 and set(by_type.values()) == {1.0}
 
 
+def test_wrong_image_control(files):
+  vis, _, _ = sequences.load_visual_tokens(files["workdir"], "vq", vq_start=360)
+  examples = helpers.examples("test")[:3]
+  other = evaluate.OtherImage(vis["test"], examples)
+  for k, ex in enumerate(examples):
+    np.testing.assert_array_equal(other(ex), vis["test"](examples[(k + 1) % 3]))
+  with pytest.raises(ValueError, match="at least 2"):
+    evaluate.OtherImage(vis["test"], examples[:1])
+
+
 def test_generation_runs_on_a_real_model(files):
   tok = files["tok"]
   config = helpers.make_config()

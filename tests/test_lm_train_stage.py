@@ -30,6 +30,10 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   with open(os.path.join(workdir, "report", "sections", "lm.json")) as f:
     section = json.load(f)
   assert section["order"] == 40 and "BPE &gt; no BPE" in section["html"]
+  assert "full, wrong image" in section["html"] and "answers from the image" in section["html"]
+  for run in ("full", "no_bpe", "single_stage"):
+    assert 0.0 <= metrics[f"lm.vqa_acc_wrong_image.{run}"] <= 1.0
+  assert "lm.vqa_acc_by_type.text_only.count" in metrics
   assert os.path.exists(os.path.join(workdir, "report", "lm", "example_0.png"))
 
   # Finished runs are skipped: same numbers, result files untouched.

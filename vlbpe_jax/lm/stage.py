@@ -109,6 +109,11 @@ def _evaluate(ctx, model, params, visual, mesh_ctx):
     res = evaluate.evaluate(model, params, ctx.tok, ctx.test, visual,
                             batch_size=c.eval_batch_size, max_answer_tokens=c.max_answer_tokens,
                             max_caption_tokens=c.max_caption_tokens)
+    wrong = evaluate.evaluate(model, params, ctx.tok, ctx.test,
+                              evaluate.OtherImage(visual, ctx.test),
+                              batch_size=c.eval_batch_size,
+                              max_answer_tokens=c.max_answer_tokens, captions=False)
+    res["wrong_image"] = {k: wrong[k] for k in ("vqa_acc", "vqa_acc_by_type", "answers")}
     shown = ctx.test[:c.report_examples]
     res["dialogues"] = evaluate.dialogue(model, params, ctx.tok, shown, visual,
                                          batch_size=c.eval_batch_size)
@@ -175,17 +180,46 @@ def _finite(metrics):
   return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
 
 
+def _by_type(results, runs):
+  """VQA accuracy per question type of every run, its wrong-image control and the blind model
+  (an html table), and per run the types it answers from the image (lines)."""
+  acc = evaluate.accuracy_by_type
+  counts = {}
+  for _, q, _, _ in results["text"]["answers"]:
+    counts[shapes.question_type(q)] = counts.get(shapes.question_type(q), 0) + 1
+  cols, header, lines = [acc(results["text"]["answers"])], ["text-only, no image"], []
+  for run in runs:
+    right = acc(results[run]["answers"])
+    cols.append(right)
+    header.append(run)
+    if "wrong_image" not in results[run]:
+      continue
+    wrong = acc(results[run]["wrong_image"]["answers"])
+    cols.append(wrong)
+    header.append(f"{run}, wrong image")
+    read = [name for name, a in right.items() if a - wrong[name] > 2 * math.hypot(
+        _se(a, counts[name]), _se(wrong[name], counts[name]))]
+    lines.append(f"{LABEL[run]}: question types it answers from the image (accuracy above its "
+                 f"own wrong-image control by over two standard errors): "
+                 f"{', '.join(read) if read else 'none'}.")
+  rows = [(name, f"{chance:.0%}", counts.get(name, 0)) +
+          tuple(col.get(name, float("nan")) for col in cols)
+          for name, _, chance in shapes.QUESTION_TYPES]
+  return report.table(["question type", "chance", "questions"] + header, rows), lines
+
+
 def _section(config, workdir, results, ctx_examples):
   runs = [r for r in config.lm.runs if r in results]
   rows = []
   for run in runs + ["text"]:
     r = results[run]
     rows.append((LABEL[run], r.get("visual_tokens_per_image", "-"), r.get("steps", "-"),
-                 r["vqa_acc"], r["vqa_acc_heldout"], r["vqa_acc_seen"],
+                 r["vqa_acc"], r.get("wrong_image", {}).get("vqa_acc", "-"),
+                 r["vqa_acc_heldout"], r["vqa_acc_seen"],
                  r["caption_precision"], r["caption_recall"], r["final_loss"]))
-  table = report.table(["run", "visual tokens / image", "steps", "VQA acc", "VQA acc (held-out)",
-                        "VQA acc (seen)", "caption precision", "caption recall",
-                        "last train loss"], rows)
+  table = report.table(["run", "visual tokens / image", "steps", "VQA acc",
+                        "VQA acc, wrong image", "VQA acc (held-out)", "VQA acc (seen)",
+                        "caption precision", "caption recall", "last train loss"], rows)
   n = results[runs[0]]["num_questions"]
   lines = []
   if "full" in results and "no_bpe" in results:
@@ -211,19 +245,18 @@ def _section(config, workdir, results, ctx_examples):
   blind = results["text"]["vqa_acc"]
   above = [run for run in runs if results[run]["vqa_acc"] - blind > 2 * _se(blind, n) * 1.414]
   lines.append(f"Image-blind baseline (stage-0 text model, no image): {blind:.1%} VQA, caption "
-               f"precision {results['text']['caption_precision']:.2f}. Runs clearly above it in "
-               f"VQA (i.e. answering from the image): {', '.join(above) if above else 'none'}.")
+               f"precision {results['text']['caption_precision']:.2f}. Runs above it by over two "
+               f"standard errors: {', '.join(above) if above else 'none'}. Being above it does "
+               "not by itself mean reading the image: the blind model never trained on the "
+               "answer formats. The wrong-image control (by question type, below) separates "
+               "the two.")
   if not above:
     lines.append("No run beats the image-blind baseline by more than two standard errors: at "
                  "this budget none answers from the image yet, so the comparisons above measure "
                  "how much each setting disturbs the text model's prior rather than how well it "
                  "reads images; more steps per stage are needed to test the seed's claims.")
-  by_type = {run: evaluate.accuracy_by_type(results[run]["answers"]) for run in runs + ["text"]}
-  type_rows = [(name, f"{chance:.0%}") + tuple(by_type[run].get(name, float("nan"))
-                                               for run in runs + ["text"])
-               for name, _, chance in shapes.QUESTION_TYPES]
-  type_table = report.table(["question type", "chance"] + [LABEL[r] for r in runs + ["text"]],
-                            type_rows)
+  type_table, read_lines = _by_type(results, runs)
+  lines += read_lines
   full = results.get("full", results[runs[0]])
   stage_rows = [(f"stage {s}", f"{t:,}", f"{t / full['total_params']:.1%}")
                 for s, t in zip(full["stages"], full["trainable"])]
@@ -245,8 +278,11 @@ def _section(config, workdir, results, ctx_examples):
           f"<span class='small'>(ref: {html.escape(ref)})</span>" for q, ref, a in turns)))
     dialogs.append(cells)
   body = (budget + table + "<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>"
-          + "<h3>VQA accuracy by question type</h3><p>Where a run beats the image-blind "
-          "model it reads the image; chance is a uniform guess among the type's answers.</p>"
+          + "<h3>VQA accuracy by question type</h3><p>&ldquo;Wrong image&rdquo;: the same "
+          "model and questions, each shown another test image (example k gets k+1's). What a "
+          "run answers above that control it reads from the right image; what it answers as "
+          "well with the wrong image comes from the question and the answer format. Chance: a "
+          "uniform guess among the type's answers.</p>"
           + type_table
           + "<h3>Trainable parameters per stage (full run)</h3>"
           + report.table(["stage", "trainable", "of all"], stage_rows)
@@ -280,8 +316,14 @@ def run_stage(config, workdir: str) -> dict:
                     f"lm.train_seconds.{run}": r["train_seconds"],
                     f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"]})
   for run in list(config.lm.runs) + ["text"]:
-    metrics.update({f"lm.vqa_acc_by_type.{'text_only' if run == 'text' else run}.{name}": acc
-                    for name, acc in evaluate.accuracy_by_type(results[run]["answers"]).items()})
+    name = "text_only" if run == "text" else run
+    metrics.update({f"lm.vqa_acc_by_type.{name}.{t}": a
+                    for t, a in evaluate.accuracy_by_type(results[run]["answers"]).items()})
+    wrong = results[run].get("wrong_image")
+    if wrong:
+      metrics[f"lm.vqa_acc_wrong_image.{name}"] = wrong["vqa_acc"]
+      metrics.update({f"lm.vqa_acc_by_type_wrong_image.{name}.{t}": a
+                      for t, a in evaluate.accuracy_by_type(wrong["answers"]).items()})
   full = results.get("full")
   if full is not None:
     metrics.update({f"lm.trainable_params.stage{s}": t
