@@ -1,6 +1,8 @@
 """Unified LM train-step throughput as a fraction of this machine's measured matmul FLOP/s.
 
   .venv/bin/python benchmarks/lm_bench.py --variant mu --batch 8 --seq 256
+  .venv/bin/python benchmarks/lm_bench.py --variant Ti --batch 8 --seq 384 --vocab 360 \
+      --visual_vocab 1024 --dtype bfloat16 --attention blockwise   # the demo's LM step
   .venv/bin/python benchmarks/lm_bench.py --width 384 --depth 4 --heads 6 --kv_heads 6 \
       --mlp 1536 --batch 8 --seq 256 --dtype bfloat16 --param_dtype bfloat16
 
@@ -65,7 +67,9 @@ def main():
   ap.add_argument("--heads", type=int)
   ap.add_argument("--kv_heads", type=int)
   ap.add_argument("--mlp", type=int)
-  ap.add_argument("--vocab", type=int, default=512, help="text rows; +512 visual rows")
+  ap.add_argument("--vocab", type=int, default=512, help="text rows")
+  ap.add_argument("--visual_vocab", type=int, default=512,
+                  help="new rows: 8 special, then VQ codes and BPE tokens half and half")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--dtype", default="float32", help="compute dtype")
@@ -80,8 +84,10 @@ def main():
   sizes = {k: v for k, v in dict(width=args.width, depth=args.depth, num_heads=args.heads,
                                  num_kv_heads=args.kv_heads, mlp_dim=args.mlp).items()
            if v is not None}
-  cfg = lm_model.lm_config(args.variant, text_vocab=args.vocab, num_special=8, num_vq=248,
-                           num_bpe=256, dtype=args.dtype, param_dtype=args.param_dtype,
+  num_vq = (args.visual_vocab - 8) // 2
+  cfg = lm_model.lm_config(args.variant, text_vocab=args.vocab, num_special=8, num_vq=num_vq,
+                           num_bpe=args.visual_vocab - 8 - num_vq, dtype=args.dtype,
+                           param_dtype=args.param_dtype,
                            scan_layers=args.scan, remat_policy=args.remat,
                            attention_impl=args.attention, **sizes)
   model = lm_model.LM(cfg)

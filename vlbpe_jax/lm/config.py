@@ -16,6 +16,9 @@ import jax.numpy as jnp
 # name -> sizes (plus the pretrained model's own settings for the real Llama shapes).
 VARIANTS = {
     "mu": dict(width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=192),
+    # The demo's model (configs/tiny.py): the smallest shape whose train step reaches half of
+    # the CPU's matmul rate in bf16 (BENCHMARKS.md), at about the step time of `mu` in fp32.
+    "Ti": dict(width=128, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=512),
     "S": dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=768),
     "B": dict(width=768, depth=12, num_heads=12, num_kv_heads=4, mlp_dim=2048),
     # Llama-3.2-1B shapes (BLIP3-o's study backbone).
