@@ -44,6 +44,15 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   with pytest.raises(ValueError, match="another config"):
     lm_stage.run_stage(helpers.make_config(num_eval=4), workdir)
 
+  # A result stored before the wrong-image control existed gets it from the finished run.
+  with open(path) as f:
+    stored = json.load(f)
+  with open(path, "w") as f:
+    json.dump({k: v for k, v in stored.items() if k != "wrong_image"}, f)
+  assert lm_stage.run_stage(config, workdir) == metrics
+  with open(path) as f:
+    assert json.load(f) == stored
+
   # The CLI's function resumes the finished checkpoint and evaluates it the same way.
   res = train.train_and_evaluate(config, workdir, "no_bpe")
   assert res["vqa_acc"] == metrics["lm.vqa_acc.no_bpe"]

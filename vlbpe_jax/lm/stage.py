@@ -103,17 +103,33 @@ class _Context:
                                         vq_start=train.text_rows(self.config, self.tok))
 
 
+def _wrong_image(ctx, model, params, visual):
+  """The wrong-image control of a trained run (call inside the trainer's mesh context)."""
+  c = ctx.config.lm
+  wrong = evaluate.evaluate(model, params, ctx.tok, ctx.test,
+                            evaluate.OtherImage(visual, ctx.test), batch_size=c.eval_batch_size,
+                            max_answer_tokens=c.max_answer_tokens, captions=False)
+  return {k: wrong[k] for k in ("vqa_acc", "vqa_acc_by_type", "answers")}
+
+
+def _add_wrong_image(ctx, run, result):
+  """Adds the control to a result stored before it existed (restores the finished run)."""
+  visual, num_vq, num_bpe = ctx.visual(KIND[run])
+  model, trainer, state = train.train_run(ctx.config, ctx.workdir, run, ctx.tok, ctx.train,
+                                          visual["train"], num_vq, num_bpe, ctx.text_params(),
+                                          ctx.mesh)
+  with trainer.ctx():
+    result["wrong_image"] = _wrong_image(ctx, model, state["params"], visual["test"])
+  return result
+
+
 def _evaluate(ctx, model, params, visual, mesh_ctx):
   c = ctx.config.lm
   with mesh_ctx():
     res = evaluate.evaluate(model, params, ctx.tok, ctx.test, visual,
                             batch_size=c.eval_batch_size, max_answer_tokens=c.max_answer_tokens,
                             max_caption_tokens=c.max_caption_tokens)
-    wrong = evaluate.evaluate(model, params, ctx.tok, ctx.test,
-                              evaluate.OtherImage(visual, ctx.test),
-                              batch_size=c.eval_batch_size,
-                              max_answer_tokens=c.max_answer_tokens, captions=False)
-    res["wrong_image"] = {k: wrong[k] for k in ("vqa_acc", "vqa_acc_by_type", "answers")}
+    res["wrong_image"] = _wrong_image(ctx, model, params, visual)
     shown = ctx.test[:c.report_examples]
     res["dialogues"] = evaluate.dialogue(model, params, ctx.tok, shown, visual,
                                          batch_size=c.eval_batch_size)
@@ -307,6 +323,9 @@ def run_stage(config, workdir: str) -> dict:
       results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
       results[run]["config"] = _fingerprint(config, run)
       _save(path, results[run])
+    elif run != "text" and "wrong_image" not in results[run]:
+      logging.info("lm: wrong-image control of run %s", run)
+      _save(path, _add_wrong_image(ctx, run, results[run]))
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
     r = results[run]
