@@ -91,20 +91,25 @@ def _attention_bwd(block, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_attention(q, k, v, segment_ids=None, block=64):
-  """Causal (and, with `segment_ids [B, T]`, same-segment) attention.
-
-  q: `[B, T, N, K]`; k, v: `[B, T, Nkv, K]` with `N % Nkv == 0`. Returns `[B, T, N, K]` in
-  q's dtype; scores, softmax and accumulation run in float32.
-  """
+def check_inputs(q, k, v, segment_ids=None):
+  """Raises unless q `[B, T, N, K]`, k/v `[B, T, Nkv, K]` (N % Nkv == 0), segments `[B, T]`."""
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
   b, t, n, d = q.shape
   if k.shape[:2] != (b, t) or k.shape[3] != d or n % k.shape[2]:
     raise ValueError(f"q {q.shape} and k/v {k.shape}: expected [B, T, N, K] and [B, T, Nkv, K] "
                      "with N a multiple of Nkv (self-attention, no cache)")
-  if block < 1:
-    raise ValueError(f"block={block}: expected a positive number of queries per block")
   if segment_ids is not None:
     chex.assert_shape(segment_ids, (b, t))
+
+
+def blockwise_attention(q, k, v, segment_ids=None, block=64):
+  """Causal (and, with `segment_ids [B, T]`, same-segment) attention.
+
+  q: `[B, T, N, K]`; k, v: `[B, T, Nkv, K]` with `N % Nkv == 0`. Returns `[B, T, N, K]` in
+  q's dtype; scores, softmax and accumulation run in float32.
+  """
+  check_inputs(q, k, v, segment_ids)
+  if block < 1:
+    raise ValueError(f"block={block}: expected a positive number of queries per block")
   return _attention(q, k, v, segment_ids, block)

@@ -13,12 +13,13 @@ for tests and debugging); other backends raise.
 
 import functools
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+from vlbpe_jax.lm import blockwise_attention
 
 BLOCKS = (512, 256, 128)  # tried in order; the first that divides T is used
 
@@ -53,19 +54,14 @@ def _local(q, k, v, seg, interpret):
 
 def splash_attention(q, k, v, segment_ids=None):
   """Causal same-segment attention with the splash kernel. Returns `[B, T, N, K]`."""
-  chex.assert_rank([q, k, v], 4)
-  chex.assert_equal_shape([k, v])
-  b, t, n, d = q.shape
-  if k.shape[:2] != (b, t) or k.shape[3] != d or n % k.shape[2]:
-    raise ValueError(f"q {q.shape} and k/v {k.shape}: expected [B, T, N, K] and [B, T, Nkv, K] "
-                     "with N a multiple of Nkv (self-attention, no cache)")
+  blockwise_attention.check_inputs(q, k, v, segment_ids)
+  b, t = q.shape[:2]
   backend = jax.default_backend()
   if backend not in ("tpu", "cpu"):
     raise ValueError(f"attention_impl='splash' is a TPU kernel; this backend is {backend!r} "
                      "(use 'cudnn' on GPU)")
   seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
          else segment_ids.astype(jnp.int32))
-  chex.assert_shape(seg, (b, t))
   fn = functools.partial(_local, interpret=backend != "tpu")
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
