@@ -25,11 +25,15 @@ def _blocks(t, block):
   return [(lo, min(lo + block, t)) for lo in range(0, t, block)]
 
 
+def _grouped(x, h):
+  """`[B, T, N, K]` -> `[B, H, G, T, K]`: the G = N / H query heads of each of H kv heads."""
+  b, t, n, d = x.shape
+  return jnp.transpose(x.reshape(b, t, h, n // h, d), (0, 2, 3, 1, 4))
+
+
 def _heads_first(q, k, v):
-  """`[B, T, N, K]` -> q `[B, H, G, T, K]` (scaled), k/v `[B, H, T, K]` for H kv heads."""
-  b, t, n, d = q.shape
-  h = k.shape[2]
-  qh = jnp.transpose((q * d**-0.5).reshape(b, t, h, n // h, d), (0, 2, 3, 1, 4))
+  """q -> `[B, H, G, T, K]` scaled by `1 / sqrt(K)`; k, v -> `[B, H, T, K]`."""
+  qh = _grouped(q * q.shape[-1]**-0.5, k.shape[2])
   return qh, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
 
 
@@ -70,8 +74,7 @@ def _attention_fwd(q, k, v, seg, block):
 def _attention_bwd(block, res, do):
   q, k, v, seg, o, lses = res
   qh, kh, vh = _heads_first(q, k, v)
-  doh = _heads_first(do, k, v)[0] * q.shape[-1]**0.5  # [B, H, G, T, K], unscaled
-  oh = _heads_first(o, k, v)[0] * q.shape[-1]**0.5
+  doh, oh = _grouped(do, k.shape[2]), _grouped(o, k.shape[2])  # [B, H, G, T, K]
   delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), -1, keepdims=True)
   dqs, dk, dv = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
   for (lo, hi), lse in zip(_blocks(q.shape[1], block), lses):
