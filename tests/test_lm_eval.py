@@ -119,6 +119,13 @@ def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
   monkeypatch.setattr(evaluate, "generate_texts", no_color)
   by_type = evaluate.evaluate(None, None, tok, examples, vis["test"])["vqa_acc_by_type"]
   assert by_type.pop("color") == 0.0 and set(by_type.values()) == {1.0}
+  monkeypatch.setattr(evaluate, "generate_texts", oracle)
+  res = evaluate.evaluate(None, None, tok, examples, vis["test"])
+  assert set(evaluate.accuracy_by_type(res["answers"], valid=True).values()) == {1.0}
+  swapped = [(k, q, t, "red" if q.startswith("what color") else "yellow")
+             for k, q, t, _ in res["answers"]]
+  valid = evaluate.accuracy_by_type(swapped, valid=True)
+  assert valid.pop("color") == 1.0 and set(valid.values()) == {0.0}
 
 
 def test_wrong_image_control(files):

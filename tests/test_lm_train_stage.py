@@ -31,6 +31,7 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
     section = json.load(f)
   assert section["order"] == 40 and "BPE &gt; no BPE" in section["html"]
   assert "full, wrong image" in section["html"] and "answers from the image" in section["html"]
+  assert "question type's format" in section["html"]
   for run in ("full", "no_bpe", "single_stage"):
     assert 0.0 <= metrics[f"lm.vqa_acc_wrong_image.{run}"] <= 1.0
   assert "lm.vqa_acc_by_type.text_only.count" in metrics

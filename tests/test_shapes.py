@@ -136,6 +136,9 @@ def test_question_types_cover_every_template():
   assert set(seen) == {name for name, _, _ in shapes.QUESTION_TYPES}
   assert seen["existence"] == {"yes", "no"} and seen["size"] == set(shapes.SIZES)
   assert seen["count"] <= {"1", "2", "3", "4"} and "0" in seen["color_count"]
+  assert all(seen[name] <= set(shapes.ANSWERS[name]) for name in seen)
+  assert len(shapes.ANSWERS["color"]) == round(1 / dict(
+      (n, c) for n, _, c in shapes.QUESTION_TYPES)["color"])
   with pytest.raises(ValueError, match="templates"):
     shapes.question_type("why is the sky blue?")
 

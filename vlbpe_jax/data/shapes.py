@@ -270,6 +270,16 @@ QUESTION_TYPES = (
     ("color_count", "how many ", 1 / (MAX_OBJECTS + 1)),
     ("existence", "is there", 1 / 2),
 )
+# Every answer each type can have (an answer outside it is a format error, right or wrong image).
+ANSWERS = {
+    "count": tuple(str(n) for n in range(1, MAX_OBJECTS + 1)),
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "size": SIZES,
+    "position": POSITIONS,
+    "color_count": tuple(str(n) for n in range(MAX_OBJECTS + 1)),
+    "existence": ("yes", "no"),
+}
 
 
 def question_type(question: str) -> str:

@@ -64,12 +64,15 @@ def first_examples(source, num: int):
   return records[:num]
 
 
-def accuracy_by_type(answers) -> dict:
+def accuracy_by_type(answers, *, valid: bool = False) -> dict:
   """`{question type: exact-match accuracy}` (shapes.QUESTION_TYPES order) of `evaluate`'s
-  `"answers"` rows `(example, question, truth, generated)`."""
+  `"answers"` rows `(example, question, truth, generated)`; with `valid`, the fraction of
+  answers that are any answer of the type (`shapes.ANSWERS`), i.e. in the right format."""
   hits = {}
   for _, q, truth, answer in answers:
-    hits.setdefault(shapes.question_type(q), []).append(answer == truth)
+    kind = shapes.question_type(q)
+    hits.setdefault(kind, []).append(answer in shapes.ANSWERS[kind] if valid else
+                                     answer == truth)
   return {name: float(np.mean(hits[name])) for name, _, _ in shapes.QUESTION_TYPES
           if name in hits}
 

@@ -197,8 +197,9 @@ def _finite(metrics):
 
 
 def _by_type(results, runs):
-  """VQA accuracy per question type of every run, its wrong-image control and the blind model
-  (an html table), and per run the types it answers from the image (lines)."""
+  """VQA accuracy per question type of every run, its wrong-image control and the blind model,
+  and the share of well-formed answers (html tables); per run the types it answers from the
+  image (lines)."""
   acc = evaluate.accuracy_by_type
   counts = {}
   for _, q, _, _ in results["text"]["answers"]:
@@ -221,7 +222,15 @@ def _by_type(results, runs):
   rows = [(name, f"{chance:.0%}", counts.get(name, 0)) +
           tuple(col.get(name, float("nan")) for col in cols)
           for name, _, chance in shapes.QUESTION_TYPES]
-  return report.table(["question type", "chance", "questions"] + header, rows), lines
+  valid = [acc(results[run]["answers"], valid=True) for run in ["text"] + runs]
+  valid_rows = [(name,) + tuple(col.get(name, float("nan")) for col in valid)
+                for name, _, _ in shapes.QUESTION_TYPES]
+  html = (report.table(["question type", "chance", "questions"] + header, rows)
+          + "<p>Answers in the question type's format (any of its possible answers, right or "
+          "wrong): a low value means the run has not learned how to answer that question, "
+          "whatever it sees.</p>"
+          + report.table(["question type", "text-only, no image"] + runs, valid_rows))
+  return html, lines
 
 
 def _section(config, workdir, results, ctx_examples):
