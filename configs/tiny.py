@@ -83,6 +83,7 @@ def get_config(arg=None):
       model=(dict(width=32, num_heads=2, num_kv_heads=2, mlp_dim=64, dtype="float32",
                   attention_impl="blockwise") if tiny
              else dict(attention_impl="blockwise")),
+      positions="1d",  # RoPE positions: "1d", or "2d" (image tokens at their code-grid (row, col))
       seq_len=384,  # packed row: a raw-VQ example (2 + 256 image tokens + text) fits
       batch_size=8,  # global rows per step, the same for every run ("same budget")
       vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)

@@ -73,6 +73,30 @@ def test_greedy_generation_matches_cache_free_loop_and_stops():
   assert (np.asarray(toks[0, first:]) == -1).all()
 
 
+def test_greedy_generation_with_2d_positions_matches_cache_free_loop():
+  model, params = make()
+  fwd = forward(model)
+  prompts = [[5, 41, 44, 45, 46, 7], [9, 42, 43]]
+  grids = [np.array([[0, 0], [1, 1], [2, 2], [2, 3], [3, 2], [4, 4]]),  # 2x2 image block
+           np.array([[0, 0], [1, 1], [2, 2]])]
+  ids, mask = gen.left_pad(prompts)
+  pos = np.zeros(ids.shape + (2,), np.int32)
+  for i, g in enumerate(grids):
+    pos[i, ids.shape[1] - len(g):] = g
+  toks, _ = gen.generate(model, params, ids, mask, jax.random.key(1), max_new_tokens=4,
+                         positions=pos)
+  for row, prompt, grid in zip(np.asarray(toks), prompts, grids):
+    seq, seq_pos = list(prompt), [list(p) for p in grid]
+    for _ in range(4):
+      logits = fwd(params, jnp.array([seq]), None, jnp.array([seq_pos]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+      seq_pos.append([seq_pos[-1][0] + 1, seq_pos[-1][1] + 1])
+    assert row.tolist() == seq[len(prompt):]
+  with pytest.raises(ValueError, match="positions"):
+    gen.generate(model, params, ids, mask, jax.random.key(1), max_new_tokens=2,
+                 positions=pos[:, :2])
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
   keys = jax.random.key(2)

@@ -72,6 +72,7 @@ def test_plans():
     ("stage_tasks", (("caption",), ("ocr",), ("vqa",)), "ocr"),
     ("batch_size", 0, "lm.batch_size"),
     ("first_frac", 1.5, "first_frac"),
+    ("positions", "3d", "lm.positions"),
 ])
 def test_check_config_refuses_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):

@@ -7,7 +7,9 @@ import pytest
 
 import lm_train_helpers as helpers
 from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.eval import report
+from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.lm import train
 
@@ -57,3 +59,26 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   # The CLI's function resumes the finished checkpoint and evaluates it the same way.
   res = train.train_and_evaluate(config, workdir, "no_bpe")
   assert res["vqa_acc"] == metrics["lm.vqa_acc.no_bpe"]
+
+
+@pytest.mark.slow
+def test_2d_positions_train_evaluate_and_refuse_a_1d_resume(tmp_path):
+  workdir = str(tmp_path)
+  config = helpers.make_config(positions="2d", num_eval=4)
+  data_stage.run_stage(config, workdir)
+  _, bpe = helpers.write_visual_files(workdir)
+  tok = data_stage.load_tokenizer(workdir)
+  visual, _, _ = sequences.load_visual_tokens(workdir, "bpe",
+                                              vq_start=train.text_rows(config, tok))
+  source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
+  phase = train.plan_of(config, "full")[0]
+  batch = next(train.iterator_fn(config, tok, source, visual["train"])(phase))
+  assert batch["positions"].shape == (8, 160, 2)
+  image = batch["inputs"] >= train.text_rows(config, tok)
+  rows, cols = batch["positions"][..., 0], batch["positions"][..., 1]
+  assert (rows[~image] == cols[~image]).all()  # text on the diagonal
+  assert (rows[image] != cols[image]).any()  # image tokens off it
+  res = train.train_and_evaluate(config, workdir, "full")
+  assert 0.0 <= res["vqa_acc"] <= 1.0 and res["num_questions"] > 0
+  with pytest.raises(ValueError, match="lm.positions"):
+    train.train_and_evaluate(helpers.make_config(num_eval=4), workdir, "full")

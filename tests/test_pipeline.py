@@ -188,6 +188,43 @@ def test_format_caption_attributes_and_image_span(tok):
     pl.format_example(ex, "ocr", tok)
 
 
+def test_grid_positions_layout():
+  # bos <img> v v v v </img> a b: a 2x2 image after two tokens.
+  ids = [1, 9, 50, 51, 52, 53, 8, 30, 31]
+  pos = pl.grid_positions(ids, 9, [[0, 0], [0, 1], [1, 0], [1, 1]])
+  assert pos.tolist() == [[0, 0], [1, 1], [2, 2], [2, 3], [3, 2], [3, 3], [4, 4], [5, 5],
+                          [6, 6]]
+  assert pl.grid_positions([1, 30, 31], 9).tolist() == [[0, 0], [1, 1], [2, 2]]
+  with pytest.raises(ValueError, match="visual_positions is None"):
+    pl.grid_positions(ids, 9)
+  with pytest.raises(ValueError, match="only 3 tokens"):
+    pl.grid_positions([1, 9, 50, 51, 8], 9, [[0, 0]] * 4)
+  with pytest.raises(ValueError, match="expected exactly 1"):
+    pl.grid_positions([1, 9, 50, 9, 51], 9, [[0, 0]])
+
+
+def test_packed_batches_carry_grid_positions(tok):
+  examples = [dict(shapes.make_example(i, "train", resolution=32), index=i) for i in range(6)]
+  grid = lambda e: np.stack(np.divmod(np.arange(4 + e["index"] % 3), 2), -1)  # noqa: E731
+  visual = lambda e: 1000 + np.arange(4 + e["index"] % 3)  # noqa: E731
+  fmt = pl.TaskFormatter(tok, tasks=("vqa",), image_tokens=visual, image_positions=grid)
+  ids, mask, pos = fmt(examples[4], np.random.default_rng(0))
+  np.testing.assert_array_equal(pos, pl.grid_positions(ids, tok.image_begin_id, grid(examples[4])))
+  for pack in (True, False):
+    b = next(iter(pl.lm_dataset(examples, fmt, seq_len=160, batch_size=2, seed=0, grid=True,
+                                truncate=True, pack=pack)))
+    assert b["positions"].shape == (2, 160, 2) and b["inputs"].shape == (2, 160)
+    for row in range(2):  # every packed example keeps its own layout, from (0, 0)
+      for seg in set(b["segment_ids"][row].tolist()) - {0}:
+        span = b["segment_ids"][row] == seg
+        inputs = b["inputs"][row][span]
+        n = int((inputs >= 1000).sum())  # the toy grid depends on the token count only
+        want = pl.grid_positions(inputs, tok.image_begin_id, grid({"index": n - 4}))
+        np.testing.assert_array_equal(b["positions"][row][span], want)
+  with pytest.raises(ValueError, match="image_positions without image_tokens"):
+    pl.TaskFormatter(tok, tasks=("vqa",), image_positions=grid)
+
+
 def test_llava_conversations_drop_image_marker(tok):
   ex = {"conversations": [{"from": "human", "value": "<image>\nwhat color is the star?"},
                           {"from": "gpt", "value": "red"}]}

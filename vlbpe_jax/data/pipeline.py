@@ -27,7 +27,9 @@ Text formats (`format_example`): `[bos] [<img> image tokens </img>] body`, where
   dialogue    (<user> human | <assistant> gpt [eos])*   loss on gpt turns and their eos
 Images are present only when an `image_tokens(example) -> int array` callable is given (the LM
 stage plugs visual-BPE ids in); LLaVA's "<image>" marker is removed from the text, the image
-span always comes first.
+span always comes first. With `image_positions(example) -> int [n, 2]` (each visual token's
+(row, col)) as well, examples also carry 2D RoPE positions (`grid_positions`) and the batches'
+`positions` are `[B, T, 2]`.
 """
 
 import functools
@@ -117,43 +119,85 @@ class ImageMap:
     return np.asarray(square.resize((self.resolution,) * 2, Image.Resampling.BICUBIC))
 
 
+def grid_positions(ids, image_begin_id: int, visual_positions=None) -> np.ndarray:
+  """2D RoPE positions `[L, 2]` int32 of a token sequence with at most one image.
+
+  Text tokens sit on the diagonal, `(p, p)`, p counting up (so they read as 1D RoPE, see
+  lm/layers.py). The `n` tokens after `image_begin_id` are the image: token i gets
+  `(p + row_i, p + col_i)` from `visual_positions` (`[n, 2]`, row/col on the code grid), and
+  the text after it resumes at `p + max(row, col) + 1` (M-RoPE's layout).
+  """
+  ids = np.asarray(ids)
+  out = np.stack([np.arange(len(ids))] * 2, axis=-1).astype(np.int32)
+  begins = np.flatnonzero(ids == image_begin_id)
+  if visual_positions is None:
+    if begins.size:
+      raise ValueError("ids hold an image but visual_positions is None")
+    return out
+  grid = np.asarray(visual_positions, np.int32).reshape(-1, 2)
+  if begins.size != 1:
+    raise ValueError(f"ids hold {begins.size} images: expected exactly 1 with visual_positions")
+  start = int(begins[0]) + 1
+  if start + len(grid) > len(ids):
+    raise ValueError(f"{len(grid)} visual positions but only {len(ids) - start} tokens after "
+                     "the image begin token")
+  if grid.size and grid.min() < 0:
+    raise ValueError(f"visual_positions hold {grid.min()}: expected rows/cols >= 0")
+  out[start:start + len(grid)] = start + grid
+  extent = int(grid.max()) + 1 if grid.size else 0
+  out[start + len(grid):] += extent - len(grid)
+  return out
+
+
 class _ShiftAndCheck:
-  """(ids, mask) [L] -> inputs/targets/loss_mask [L-1]; picklable for grain workers."""
+  """(ids, mask[, positions [L, 2]]) -> inputs/targets/loss_mask[/grid_positions] of length
+  L-1; picklable for grain workers."""
 
   def __init__(self, to_tokens, seq_len, truncate):
     self.to_tokens, self.seq_len, self.truncate = to_tokens, seq_len, truncate
 
   def __call__(self, record, rng):
-    ids, mask = self.to_tokens(record, rng)
-    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+    out = self.to_tokens(record, rng)
+    ids, mask = np.asarray(out[0], np.int32), np.asarray(out[1], np.bool_)
+    pos = np.asarray(out[2], np.int32) if len(out) == 3 else None
     if ids.ndim != 1 or ids.shape != mask.shape or len(ids) < 2:
       raise ValueError(f"to_tokens returned ids {ids.shape} and mask {mask.shape}: expected "
                        "equal 1-D shapes of length >= 2")
+    if pos is not None and pos.shape != ids.shape + (2,):
+      raise ValueError(f"to_tokens returned positions {pos.shape}: expected {ids.shape + (2,)}")
     if len(ids) > self.seq_len + 1:
       if not self.truncate:
         raise ValueError(f"example of {len(ids)} tokens > seq_len + 1 = {self.seq_len + 1}; "
                          "raise seq_len or pass truncate=True")
       ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
-    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+      pos = None if pos is None else pos[:self.seq_len + 1]
+    ex = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+    if pos is not None:
+      ex["grid_positions"] = pos[:-1]
+    return ex
 
 
 def _pad(ex, seq_len):
   n = len(ex["inputs"])
-  out = {k: np.pad(v, (0, seq_len - n)) for k, v in ex.items()}
+  out = {k: np.pad(v, [(0, seq_len - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in ex.items()}
   out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-  out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+  out["positions"] = out.pop("grid_positions", None)
+  if out["positions"] is None:
+    out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
   return out
 
 
 def _unpacked_names(ex):
   return {"inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
-          "segment_ids": ex["inputs_segment_ids"], "positions": ex["inputs_positions"]}
+          "segment_ids": ex["inputs_segment_ids"],
+          "positions": ex.get("grid_positions", ex["inputs_positions"])}
 
 
 def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
                pack: bool = True, num_packing_bins: int | None = None, truncate: bool = False,
                shuffle: bool = True, num_epochs: int | None = None, worker_count: int = 0,
-               shard=None, read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+               shard=None, read_options: grain.ReadOptions | None = None,
+               grid: bool = False) -> grain.IterDataset:
   """Next-token batches from `to_tokens(record, rng) -> (ids [L], loss_mask [L])`.
 
   Returns batches of `inputs = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]` (True
@@ -161,7 +205,8 @@ def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
   `positions` (restart at 0 per example), all [batch_size, seq_len]. `pack=True` packs
   several examples per row with grain's first-fit packing (`num_packing_bins`, default
   `batch_size`); otherwise each row holds one example padded with 0. Examples longer than
-  `seq_len + 1` tokens raise unless `truncate`.
+  `seq_len + 1` tokens raise unless `truncate`. `grid=True`: `to_tokens` also returns 2D
+  positions `[L, 2]` (`grid_positions`), and `positions` is `[batch_size, seq_len, 2]`.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len}: expected >= 1")
@@ -169,9 +214,12 @@ def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
   ds = ds.random_map(_ShiftAndCheck(to_tokens, seq_len, truncate)).to_iter_dataset(
       read_options or READ_OPTIONS)
   if pack:
+    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    if grid:
+      lengths["grid_positions"] = seq_len
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
-        num_packing_bins=num_packing_bins or batch_size, shuffle_bins=False)
+        ds, length_struct=lengths, num_packing_bins=num_packing_bins or batch_size,
+        shuffle_bins=False)
     ds = ds.map(_unpacked_names)
   else:
     ds = ds.map(functools.partial(_pad, seq_len=seq_len))
@@ -229,20 +277,30 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
 
 class TaskFormatter:
   """`(record, rng) -> (ids, loss_mask)` for `lm_dataset`: decodes a tfds record (or takes a
-  shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`.
+  shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`. With
+  `image_positions` (and `image_tokens`) it returns `(ids, loss_mask, grid_positions(...))`
+  (use `lm_dataset(..., grid=True)`).
 
   A class rather than a closure so that it pickles into grain workers.
   """
 
-  def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None):
+  def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None,
+               image_positions=None):
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
       raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
+    if image_positions is not None and image_tokens is None:
+      raise ValueError("image_positions without image_tokens: expected both or neither")
     self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
+    self.image_positions = image_positions
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
-    return format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
-                          rng=rng)
+    ids, mask = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
+                               rng=rng)
+    if self.image_positions is None:
+      return ids, mask
+    return ids, mask, grid_positions(ids, self.tokenizer.image_begin_id,
+                                     self.image_positions(example))

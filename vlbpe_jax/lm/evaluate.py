@@ -29,12 +29,14 @@ def has_heldout(objects) -> bool:
   return any((o["color"], o["shape"]) in heldout for o in objects)
 
 
-def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_new_tokens: int):
+def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_new_tokens: int,
+                   positions=None):
   """Greedy continuations (decoded text) of token-id prompts, in fixed-shape batches.
 
   Every batch has `batch_size` rows (the last is filled with copies) and the common left-padded
   width of all prompts rounded up to WIDTH_BUCKET, so the generation compiles rarely. Generated
-  ids outside the text vocabulary (visual or padding rows) decode to nothing.
+  ids outside the text vocabulary (visual or padding rows) decode to nothing. `positions`: one
+  `[L, 2]` array of 2D RoPE positions per prompt (default: 1D positions).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1")
@@ -42,13 +44,20 @@ def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_ne
   extra = -ids.shape[1] % WIDTH_BUCKET
   ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=tokenizer.pad_id)
   mask = np.pad(mask, ((0, 0), (extra, 0)))
+  pos = None
+  if positions is not None:
+    if len(positions) != len(prompts):
+      raise ValueError(f"{len(positions)} position arrays for {len(prompts)} prompts")
+    pos = np.zeros(ids.shape + (2,), np.int32)
+    for i, p in enumerate(positions):
+      pos[i, ids.shape[1] - len(p):] = p
   texts = []
   for start in range(0, len(prompts), batch_size):
     rows = np.arange(start, start + batch_size).clip(max=len(prompts) - 1)
     out, lengths = generate.generate(
         model, params, ids[rows], mask[rows], jax.random.key(0),
         max_new_tokens=max_new_tokens, stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id)
+        pad_id=tokenizer.pad_id, positions=None if pos is None else pos[rows])
     out, lengths = jax.device_get((out, lengths))
     n = min(batch_size, len(prompts) - start)
     texts += [tokenizer.decode([t for t in out[i, :lengths[i]] if t < tokenizer.vocab_size])
@@ -81,6 +90,14 @@ def _visual_ids(visual, example):
   return None if visual is None else visual(example)
 
 
+def _positions(tokenizer, prompts, examples, visual, grid):
+  """2D positions of prompts (one example each) when `grid`, else None (1D)."""
+  if not grid:
+    return None
+  return [sequences.prompt_positions(tokenizer, p, None if visual is None else visual.grid(ex))
+          for p, ex in zip(prompts, examples)]
+
+
 class OtherImage:
   """The wrong-image control: example k of `examples` is shown the image of example k + 1
   (cyclically). Accuracy above this control's comes from reading the right image, not from
@@ -96,19 +113,24 @@ class OtherImage:
   def __call__(self, example):
     return self.visual(self.other[int(example["index"])])
 
+  def grid(self, example):
+    return self.visual.grid(self.other[int(example["index"])])
+
 
 def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32,
-             max_answer_tokens: int = 8, max_caption_tokens: int = 64, captions: bool = True):
+             max_answer_tokens: int = 8, max_caption_tokens: int = 64, captions: bool = True,
+             grid: bool = False):
   """VQA accuracy (all / held-out / seen) and caption scores over decoded `examples`.
 
   examples: dicts with `index`, `objects`, `qa` (decoded tfds records or shapes examples);
   visual: `sequences.VisualTokens` of their split (or `OtherImage`), or None (no image in the
   prompts). Returns floats and counts plus `"answers"` (per question: example position,
-  question, truth, generated) and, with `captions`, caption scores and `"captions"`.
+  question, truth, generated) and, with `captions`, caption scores and `"captions"`. `grid`:
+  prompts get 2D RoPE positions from `visual.grid` (a model trained with `lm.positions="2d"`).
   """
   if not examples:
     raise ValueError("examples: expected at least one example")
-  prompts, truth, where, held = [], [], [], []
+  prompts, truth, where, held, owner = [], [], [], [], []
   for k, ex in enumerate(examples):
     vis = _visual_ids(visual, ex)
     for qa in ex["qa"]:
@@ -116,8 +138,10 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
       truth.append(qa["a"])
       where.append((k, qa["q"]))
       held.append(has_heldout(ex["objects"]))
+      owner.append(ex)
   answers = generate_texts(model, params, tokenizer, prompts, batch_size=batch_size,
-                           max_new_tokens=max_answer_tokens)
+                           max_new_tokens=max_answer_tokens,
+                           positions=_positions(tokenizer, prompts, owner, visual, grid))
   correct = np.array([a == t for a, t in zip(answers, truth)])
   held = np.array(held)
   subset = lambda sel: float(correct[sel].mean()) if sel.any() else float("nan")  # noqa: E731
@@ -132,10 +156,11 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
       "answers": rows,
   }
   if captions:
+    prefixes = [sequences.image_prefix(tokenizer, _visual_ids(visual, ex)) for ex in examples]
     texts = generate_texts(
-        model, params, tokenizer,
-        [sequences.image_prefix(tokenizer, _visual_ids(visual, ex)) for ex in examples],
-        batch_size=batch_size, max_new_tokens=max_caption_tokens)
+        model, params, tokenizer, prefixes, batch_size=batch_size,
+        max_new_tokens=max_caption_tokens,
+        positions=_positions(tokenizer, prefixes, examples, visual, grid))
     scores = [scene_checker.text_attribute_scores(c, ex["objects"])
               for c, ex in zip(texts, examples)]
     out.update(caption_precision=float(np.mean([s["precision"] for s in scores])),
@@ -144,7 +169,7 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
 
 
 def dialogue(model, params, tokenizer, examples, visual, *, batch_size: int = 8,
-             max_new_tokens: int = 32):
+             max_new_tokens: int = 32, grid: bool = False):
   """Multi-turn chats: each example's human turns asked in order, the model's own answers kept
   in the context. Returns per example a list of `(question, reference, generated)`."""
   contexts = [sequences.image_prefix(tokenizer, _visual_ids(visual, ex)) for ex in examples]
@@ -154,8 +179,9 @@ def dialogue(model, params, tokenizer, examples, visual, *, batch_size: int = 8,
   for t in range(max((len(x) for x in turns), default=0)):
     live = [i for i, x in enumerate(turns) if t < len(x)]
     prompts = [contexts[i] + sequences.turn(tokenizer, turns[i][t][0]) for i in live]
-    answers = generate_texts(model, params, tokenizer, prompts, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens)
+    answers = generate_texts(
+        model, params, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        positions=_positions(tokenizer, prompts, [examples[i] for i in live], visual, grid))
     for i, p, a in zip(live, prompts, answers):
       contexts[i] = p + tokenizer.encode(a) + [tokenizer.eos_id]
       out[i].append((turns[i][t][0], turns[i][t][1], a))

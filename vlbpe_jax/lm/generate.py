@@ -53,14 +53,15 @@ def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "stop_tokens", "pad_id"))
-def _generate(model, params, ids, mask, key, max_new_tokens, temperature, top_k, top_p,
-              stop_tokens, pad_id):
+def _generate(model, params, ids, mask, positions, key, max_new_tokens, temperature, top_k,
+              top_p, stop_tokens, pad_id):
   b, p = ids.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   apply = lambda tok, pos, seg, cache: model.apply({"params": params}, tok, positions=pos,
                                                    segment_ids=seg, cache=cache)
   cache = lm_model.init_cache(model.config, b, p + max_new_tokens)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, P]
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, P]
   logits, cache = apply(ids, positions, mask.astype(jnp.int32), cache)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -86,10 +87,13 @@ def _generate(model, params, ids, mask, key, max_new_tokens, temperature, top_k,
 
 
 def generate(model, params, ids, mask, key, *, max_new_tokens, temperature=0.0, top_k=0,
-             top_p=1.0, stop_tokens=(), pad_id=0):
+             top_p=1.0, stop_tokens=(), pad_id=0, positions=None):
   """Generates up to `max_new_tokens` per row.
 
   ids: `[B, P]` int32 left-padded prompts; mask: `[B, P]` bool (True = real token).
+  positions: the prompts' RoPE positions, `[B, P]` or `[B, P, 2]` (2D RoPE; left-padded like
+  ids); default: each row's real tokens count 0, 1, ... New tokens continue from the last
+  prompt position + 1 (on both axes in 2D).
   Returns `(tokens [B, N] int32, lengths [B] int32)`: a row ends after its first stop token
   (included in `lengths`) and is `pad_id` from there on.
   """
@@ -107,6 +111,11 @@ def generate(model, params, ids, mask, key, *, max_new_tokens, temperature=0.0, 
   vocab = model.config.vocab_size
   if host_ids.min() < 0 or host_ids[host_mask].max() >= vocab:
     raise ValueError(f"ids outside [0, {vocab}): min {host_ids.min()}, max {host_ids.max()}")
-  return _generate(model, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), key,
-                   int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                   tuple(int(s) for s in stop_tokens), int(pad_id))
+  if positions is not None:
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape not in (host_ids.shape, host_ids.shape + (2,)):
+      raise ValueError(f"positions {positions.shape}: expected {host_ids.shape} or "
+                       f"{host_ids.shape + (2,)}")
+  return _generate(model, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
+                   positions, key, int(max_new_tokens), float(temperature), int(top_k),
+                   float(top_p), tuple(int(s) for s in stop_tokens), int(pad_id))

@@ -51,19 +51,18 @@ def rope_inv_freq(dim, theta, scaling=None):
 def rope_angles(positions, head_dim, theta, scaling=None):
   """Returns `(cos, sin)`, each `[B, T, K]` float32.
 
-  positions: `[B, T]` int (1D RoPE) or `[B, T, 2]` int (2D RoPE: (row, col) per token; the
-  first half of the rotary pairs turns with the row, the second half with the column, each half
-  with its own frequency ladder over `K / 2` dims).
+  positions: `[B, T]` int (1D RoPE) or `[B, T, 2]` int (2D RoPE: (row, col) per token). In 2D,
+  the rotary pairs keep the 1D frequency ladder and alternate between the axes (pair j turns
+  with the row for even j, the column for odd j, as in interleaved M-RoPE), so a token at
+  `(p, p)` gets exactly the 1D rotation of position p: text laid on the diagonal reads as a
+  pretrained 1D model expects, while image tokens carry their grid offsets.
   """
+  inv = jnp.asarray(rope_inv_freq(head_dim, theta, scaling))  # [K/2]
   if positions.ndim == 2:
-    inv = jnp.asarray(rope_inv_freq(head_dim, theta, scaling))
     ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, K/2]
   elif positions.ndim == 3 and positions.shape[-1] == 2:
-    if head_dim % 4:
-      raise ValueError(f"2D RoPE needs head_dim divisible by 4; got head_dim={head_dim}")
-    inv = jnp.asarray(rope_inv_freq(head_dim // 2, theta, scaling))
-    pos = positions.astype(jnp.float32)
-    ang = jnp.concatenate([pos[..., 0:1] * inv, pos[..., 1:2] * inv], axis=-1)  # [B, T, K/2]
+    axis = np.arange(head_dim // 2) % 2  # 0: row, 1: column
+    ang = positions.astype(jnp.float32)[..., axis] * inv  # [B, T, K/2]
   else:
     raise ValueError(f"positions shape {positions.shape}: expected [B, T] or [B, T, 2]")
   ang = jnp.concatenate([ang, ang], axis=-1)  # [B, T, K]

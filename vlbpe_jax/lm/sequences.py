@@ -29,12 +29,19 @@ KINDS = ("bpe", "vq")
 
 
 class VisualTokens:
-  """`example -> int32 [L]` LM ids of its image (row `example["index"]`); picklable."""
+  """`example -> int32 [L]` LM ids of its image (row `example["index"]`); picklable.
 
-  def __init__(self, tokens, lengths, offset: int):
+  `positions` (`[N, L, 2]`, each token's (row, col) on the code grid) makes `grid(example)`
+  available: the `[L, 2]` positions of the image's tokens, for 2D RoPE.
+  """
+
+  def __init__(self, tokens, lengths, offset: int, positions=None):
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
       raise ValueError(f"tokens {tokens.shape}, lengths {lengths.shape}: expected [N, L], [N]")
+    if positions is not None and np.shape(positions) != tokens.shape + (2,):
+      raise ValueError(f"positions {np.shape(positions)}: expected {tokens.shape + (2,)}")
+    self.positions = None if positions is None else np.asarray(positions, np.int32)
     if lengths.size and (lengths.min() < 1 or lengths.max() > tokens.shape[1]):
       raise ValueError(f"lengths in [{lengths.min()}, {lengths.max()}]: expected [1, "
                        f"{tokens.shape[1]}]")
@@ -50,11 +57,22 @@ class VisualTokens:
   def max_id(self) -> int:
     return int(self.tokens.max()) if self.tokens.size else -1
 
-  def __call__(self, example) -> np.ndarray:
+  def _row(self, example) -> int:
     i = int(example["index"])
     if not 0 <= i < len(self):
       raise ValueError(f"example index {i}: visual tokens exist for indices [0, {len(self)})")
+    return i
+
+  def __call__(self, example) -> np.ndarray:
+    i = self._row(example)
     return self.tokens[i, :self.lengths[i]]
+
+  def grid(self, example) -> np.ndarray:
+    """`[L, 2]` (row, col) of the image's tokens."""
+    if self.positions is None:
+      raise ValueError("these visual tokens were loaded without positions")
+    i = self._row(example)
+    return self.positions[i, :self.lengths[i]]
 
 
 def _require(path, stage):
@@ -84,11 +102,14 @@ def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS)
   for split in splits:
     if kind == "vq":
       codes = np.load(_require(os.path.join(workdir, "vq", f"codes_{split}.npy"), "vq"))
-      flat = codes.reshape(len(codes), -1)
-      out[split] = VisualTokens(flat, np.full(len(flat), flat.shape[1]), vq_start)
+      n, h, w = codes.shape
+      flat = codes.reshape(n, -1)
+      rows, cols = np.divmod(np.arange(h * w), w)
+      grid = np.broadcast_to(np.stack([rows, cols], -1), (n, h * w, 2))
+      out[split] = VisualTokens(flat, np.full(n, h * w), vq_start, grid)
     else:
       enc = np.load(_require(os.path.join(workdir, "bpe", f"tokens_{split}.npz"), "bpe"))
-      out[split] = VisualTokens(enc["tokens"], enc["lengths"], vq_start)
+      out[split] = VisualTokens(enc["tokens"], enc["lengths"], vq_start, enc["positions"])
     if out[split].max_id() >= vq_start + num_vq + num_bpe:
       raise ValueError(f"{kind} tokens of split {split!r} reach id {out[split].max_id()}: "
                        f"expected < {vq_start + num_vq + num_bpe}")
@@ -96,12 +117,15 @@ def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS)
 
 
 def train_dataset(source, tokenizer, tasks, visual, *, seq_len: int, batch_size: int, seed: int,
-                  worker_count: int = 0):
+                  worker_count: int = 0, grid: bool = False):
   """Packed grain batches (pipeline.lm_dataset) of examples formatted as `tasks` (drawn
-  uniformly per example; repeat a name to weight it); `visual=None`: text only."""
-  fmt = pipeline.TaskFormatter(tokenizer, tuple(tasks), image_tokens=visual)
+  uniformly per example; repeat a name to weight it); `visual=None`: text only. `grid`: 2D
+  RoPE positions `[B, T, 2]` (pipeline.grid_positions) instead of 1D."""
+  fmt = pipeline.TaskFormatter(tokenizer, tuple(tasks), image_tokens=visual,
+                               image_positions=visual.grid if grid and visual else None)
   return pipeline.lm_dataset(source, fmt, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                             truncate=True, worker_count=worker_count)
+                             truncate=True, worker_count=worker_count,
+                             grid=bool(grid and visual))
 
 
 def image_span(tokenizer, visual_ids) -> list[int]:
@@ -121,3 +145,9 @@ def turn(tokenizer, question: str) -> list[int]:
 def vqa_prompt(tokenizer, visual_ids, question: str) -> list[int]:
   """`bos <img> ... </img> <user> question <assistant>` (the training format of one turn)."""
   return image_prefix(tokenizer, visual_ids) + turn(tokenizer, question)
+
+
+def prompt_positions(tokenizer, prompt, grid) -> np.ndarray:
+  """2D RoPE positions `[L, 2]` of a prompt whose image tokens sit at `grid` (`[n, 2]`, from
+  `VisualTokens.grid`; None for a prompt without an image), as in training."""
+  return pipeline.grid_positions(prompt, tokenizer.image_begin_id, grid)

@@ -108,7 +108,8 @@ def _wrong_image(ctx, model, params, visual):
   c = ctx.config.lm
   wrong = evaluate.evaluate(model, params, ctx.tok, ctx.test,
                             evaluate.OtherImage(visual, ctx.test), batch_size=c.eval_batch_size,
-                            max_answer_tokens=c.max_answer_tokens, captions=False)
+                            max_answer_tokens=c.max_answer_tokens, captions=False,
+                            grid=train.grid_positions(ctx.config))
   return {k: wrong[k] for k in ("vqa_acc", "vqa_acc_by_type", "answers")}
 
 
@@ -128,11 +129,13 @@ def _evaluate(ctx, model, params, visual, mesh_ctx):
   with mesh_ctx():
     res = evaluate.evaluate(model, params, ctx.tok, ctx.test, visual,
                             batch_size=c.eval_batch_size, max_answer_tokens=c.max_answer_tokens,
-                            max_caption_tokens=c.max_caption_tokens)
+                            max_caption_tokens=c.max_caption_tokens,
+                            grid=train.grid_positions(ctx.config))
     res["wrong_image"] = _wrong_image(ctx, model, params, visual)
     shown = ctx.test[:c.report_examples]
     res["dialogues"] = evaluate.dialogue(model, params, ctx.tok, shown, visual,
-                                         batch_size=c.eval_batch_size)
+                                         batch_size=c.eval_batch_size,
+                                         grid=train.grid_positions(ctx.config))
   return res
 
 

@@ -45,7 +45,11 @@ RUNS = ("full", "no_bpe", "single_stage")
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
 TEXT_MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
                    "lm.text_steps", "lm.vocab_multiple")
-MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac")
+MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
+                                 "lm.positions")
+# lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
+# grid, text on the diagonal, which equals 1D RoPE; pipeline.grid_positions).
+POSITIONS = ("1d", "2d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,13 @@ def check_config(config):
       raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
                        f"{pipeline.TASKS}")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
+  if c.get("positions", "1d") not in POSITIONS:
+    raise ValueError(f"lm.positions={c.positions!r}: expected one of {POSITIONS}")
+
+
+def grid_positions(config) -> bool:
+  """Whether visual tokens get 2D RoPE positions (`lm.positions == "2d"`)."""
+  return config.lm.get("positions", "1d") == "2d"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -368,7 +379,8 @@ def iterator_fn(config, tok, source, visual):
   def make_iter(phase):
     return iter(sequences.train_dataset(
         source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
-        batch_size=config.lm.batch_size, seed=config.seed, worker_count=config.lm.worker_count))
+        batch_size=config.lm.batch_size, seed=config.seed, worker_count=config.lm.worker_count,
+        grid=grid_positions(config)))
   return make_iter
 
 
@@ -420,7 +432,8 @@ def train_and_evaluate(config, workdir: str, run: str = "full") -> dict:
     res = evaluate.evaluate(model, state["params"], tok, examples, visual["test"],
                             batch_size=config.lm.eval_batch_size,
                             max_answer_tokens=config.lm.max_answer_tokens,
-                            max_caption_tokens=config.lm.max_caption_tokens)
+                            max_caption_tokens=config.lm.max_caption_tokens,
+                            grid=grid_positions(config))
   return {k: v for k, v in res.items() if not isinstance(v, list)}
 
 
