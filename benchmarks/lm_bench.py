@@ -17,6 +17,16 @@ between the steps. Prints one JSON line.
 times KV-cache generation instead: `--generate` new tokens after a `--seq` token prompt
 (greedy, no stop tokens), reported as generated tokens/s over the whole call (prefill included)
 after a compile run.
+
+On an accelerator, MFU is against the chip's nominal dense peak, as MaxText reports it
+(H100 SXM bf16: 989 TFLOP/s):
+
+  .venv/bin/python benchmarks/lm_bench.py --variant 1B --batch 8 --seq 2048 --dtype bfloat16 \
+      --attention cudnn --scan --remat dots --peak_tflops 989
+
+`--compile_only` lowers and compiles that step on whatever backend is here without running it
+(the state is abstract: nothing of the model's size is allocated) and prints XLA's memory
+analysis and FLOP count beside ours: a check, on a CPU, that a GPU/TPU command builds.
 """
 
 import argparse
@@ -33,6 +43,7 @@ import optax
 from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import stages
+from vlbpe_jax.lm.config import VARIANTS
 
 
 def matmul_fn(dtype, n=2048):
@@ -67,7 +78,7 @@ def main():
   ap.add_argument("--heads", type=int)
   ap.add_argument("--kv_heads", type=int)
   ap.add_argument("--mlp", type=int)
-  ap.add_argument("--vocab", type=int, default=512, help="text rows")
+  ap.add_argument("--vocab", type=int, help="text rows (default: the variant's, else 512)")
   ap.add_argument("--visual_vocab", type=int, default=512,
                   help="new rows: 8 special, then VQ codes and BPE tokens half and half")
   ap.add_argument("--batch", type=int, default=8)
@@ -79,8 +90,16 @@ def main():
   ap.add_argument("--attention", default=None, help="LMConfig.attention_impl (e.g. blockwise)")
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--generate", type=int, default=0, help="time generation of this many tokens")
+  ap.add_argument("--peak_tflops", type=float,
+                  help="the accelerator's nominal peak in the compute dtype: adds `mfu`")
+  ap.add_argument("--compile_only", action="store_true",
+                  help="compile the train step with an abstract state and report its memory")
   ap.add_argument("--note", default="", help="free text recorded with the result")
   args = ap.parse_args()
+  if args.compile_only and args.generate:
+    ap.error("--compile_only compiles the train step; it cannot be combined with --generate")
+  if args.vocab is None:
+    args.vocab = VARIANTS.get(args.variant, {}).get("text_vocab", 512)
   sizes = {k: v for k, v in dict(width=args.width, depth=args.depth, num_heads=args.heads,
                                  num_kv_heads=args.kv_heads, mlp_dim=args.mlp).items()
            if v is not None}
@@ -93,11 +112,16 @@ def main():
   model = lm_model.LM(cfg)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids[:, :-1]))["params"]
+  init = lambda: nn.unbox(model.init(jax.random.key(0), ids[:, :-1]))["params"]
+  if args.compile_only:
+    params = jax.eval_shape(init)
+  else:
+    params = jax.jit(init)()
   if args.generate:
     return bench_generate(model, params, np.asarray(ids[:, :-1]), args)
   tx = stages.make_optimizer(3, params, 1e-4, clip=1.0, weight_decay=0.1)
-  state = {"params": params, "opt": tx.init(params)}
+  state = {"params": params, "opt": jax.eval_shape(tx.init, params) if args.compile_only
+           else tx.init(params)}
 
   def step(state, ids):
     def loss_fn(params):
@@ -111,6 +135,8 @@ def main():
   t = time.perf_counter()
   compiled = step.lower(state, ids).compile()
   compile_s = time.perf_counter() - t
+  if args.compile_only:
+    return report_compiled(compiled, cfg, args, compile_s)
   state, loss = compiled(state, ids)
   loss.block_until_ready()
   # The machine may be shared: interleave the reference matmul with the steps, and report the
@@ -149,7 +175,33 @@ def main():
       attention_frac_of_flops=round(6 * cfg.depth * args.batch * args.seq**2 * cfg.num_heads *
                                     cfg.head_dim / flops, 3),
       loss=float(loss), note=args.note)
+  if args.peak_tflops:
+    out.update(peak_tflops=args.peak_tflops,
+               mfu_best=round(flops / best / (args.peak_tflops * 1e12), 3),
+               mfu_median=round(flops / median / (args.peak_tflops * 1e12), 3))
   print(json.dumps(out))
+
+
+def report_compiled(compiled, cfg, args, compile_s):
+  """Prints XLA's view of the compiled step: buffer sizes and FLOPs (next to `step_flops`)."""
+  flops, matmul_params = step_flops(cfg, args.batch, args.seq)
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = lambda n: round(n / 2**30, 3)
+  print(json.dumps(dict(
+      device=str(jax.devices()[0].device_kind), mode="compile_only", variant=args.variant,
+      width=cfg.width, depth=cfg.depth, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+      mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch, seq=args.seq, dtype=args.dtype,
+      param_dtype=args.param_dtype, scan=args.scan, remat=args.remat, attention=args.attention,
+      matmul_params=matmul_params, compile_s=round(compile_s, 2),
+      gflop_per_step=round(flops / 1e9, 1),
+      xla_gflop_per_step=round(float(cost.get("flops", float("nan"))) / 1e9, 1),
+      argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
+      alias_gib=gib(mem.alias_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
+      peak_gib=gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                   - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      note=args.note)))
 
 
 def bench_generate(model, params, prompts, args):
