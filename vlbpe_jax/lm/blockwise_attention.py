@@ -31,10 +31,16 @@ def _grouped(x, h):
   return jnp.transpose(x.reshape(b, t, h, n // h, d), (0, 2, 3, 1, 4))
 
 
-def _heads_first(q, k, v):
-  """q -> `[B, H, G, T, K]` scaled by `1 / sqrt(K)`; k, v -> `[B, H, T, K]`."""
+def heads_first(q, k, v):
+  """q -> `[B, H, G, T, K]` scaled by `1 / sqrt(K)`; k, v -> `[B, H, T, K]` (the layout of the
+  kernels here and in splash.py)."""
   qh = _grouped(q * q.shape[-1]**-0.5, k.shape[2])
   return qh, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def heads_last(o, shape):
+  """`[B, H, G, T, K]` -> `shape` (`[B, T, N, K]`): the inverse of `heads_first`'s q layout."""
+  return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(shape)
 
 
 def _scores(qh, kh, seg, lo, hi):
@@ -47,7 +53,7 @@ def _scores(qh, kh, seg, lo, hi):
 
 
 def _forward(q, k, v, seg, block):
-  qh, kh, vh = _heads_first(q, k, v)
+  qh, kh, vh = heads_first(q, k, v)
   outs, lses = [], []
   for lo, hi in _blocks(q.shape[1], block):
     s = _scores(qh, kh, seg, lo, hi)
@@ -56,8 +62,7 @@ def _forward(q, k, v, seg, block):
     l = jnp.sum(p, axis=-1, keepdims=True)
     outs.append(jnp.einsum("BHGTS,BHSK->BHGTK", p.astype(v.dtype), vh[:, :, :hi], **_F32) / l)
     lses.append(m + jnp.log(l))
-  o = jnp.concatenate(outs, axis=3)  # [B, H, G, T, K]
-  o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(q.shape).astype(q.dtype)
+  o = heads_last(jnp.concatenate(outs, axis=3), q.shape).astype(q.dtype)
   return o, lses
 
 
@@ -73,7 +78,7 @@ def _attention_fwd(q, k, v, seg, block):
 
 def _attention_bwd(block, res, do):
   q, k, v, seg, o, lses = res
-  qh, kh, vh = _heads_first(q, k, v)
+  qh, kh, vh = heads_first(q, k, v)
   doh, oh = _grouped(do, k.shape[2]), _grouped(o, k.shape[2])  # [B, H, G, T, K]
   delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), -1, keepdims=True)
   dqs, dk, dv = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
@@ -85,8 +90,7 @@ def _attention_bwd(block, res, do):
     dk = dk.at[:, :, :hi].add(jnp.einsum("BHGTS,BHGTK->BHSK", ds, qh[..., lo:hi, :], **_F32))
     dv = dv.at[:, :, :hi].add(jnp.einsum("BHGTS,BHGTK->BHSK", p.astype(do.dtype),
                                          doh[..., lo:hi, :], **_F32))
-  dq = jnp.concatenate(dqs, axis=3) * q.shape[-1]**-0.5
-  dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(q.shape)
+  dq = heads_last(jnp.concatenate(dqs, axis=3) * q.shape[-1]**-0.5, q.shape)
   back = lambda x, like: jnp.transpose(x, (0, 2, 1, 3)).astype(like.dtype)
   return dq.astype(q.dtype), back(dk, k), back(dv, v), None
 

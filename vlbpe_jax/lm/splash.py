@@ -41,15 +41,12 @@ def _kernel(t: int, group: int, interpret: bool):
 
 def _local(q, k, v, seg, interpret):
   """Per-device call on `[b, T, n, K]` / `[b, T, h, K]` / `[b, T]` shards."""
-  b, t, n, d = q.shape
-  h = k.shape[2]
-  kernel = _kernel(t, n // h, interpret)
-  qh = jnp.transpose((q * d**-0.5).reshape(b, t, h, n // h, d), (0, 2, 3, 1, 4))  # [b,h,G,T,K]
-  kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, h, T, K]
+  kernel = _kernel(q.shape[1], q.shape[2] // k.shape[2], interpret)
+  qh, kh, vh = blockwise_attention.heads_first(q, k, v)  # [b, h, G, T, K], [b, h, T, K]
   one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1))
   per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
   o = jax.vmap(per_head)(qh, kh, vh, seg)  # [b, h, G, T, K]
-  return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(q.shape).astype(q.dtype)
+  return blockwise_attention.heads_last(o, q.shape).astype(q.dtype)
 
 
 def splash_attention(q, k, v, segment_ids=None):
