@@ -11,6 +11,7 @@ attribute precision/recall; example dialogues). Each run's results go to
 Reads `config.lm.*`, `config.seed`, `config.mesh`, `config.data.*`.
 """
 
+import collections
 import html
 import json
 import math
@@ -204,9 +205,8 @@ def _by_type(results, runs):
   and the share of well-formed answers (html tables); per run the types it answers from the
   image (lines)."""
   acc = evaluate.accuracy_by_type
-  counts = {}
-  for _, q, _, _ in results["text"]["answers"]:
-    counts[shapes.question_type(q)] = counts.get(shapes.question_type(q), 0) + 1
+  counts = collections.Counter(shapes.question_type(q)
+                               for _, q, _, _ in results["text"]["answers"])
   cols, header, lines = [acc(results["text"]["answers"])], ["text-only, no image"], []
   for run in runs:
     right = acc(results[run]["answers"])
