@@ -22,7 +22,7 @@ On an accelerator, MFU is against the chip's nominal dense peak, as MaxText repo
 (H100 SXM bf16: 989 TFLOP/s):
 
   .venv/bin/python benchmarks/lm_bench.py --variant 1B --batch 8 --seq 2048 --dtype bfloat16 \
-      --attention cudnn --scan --remat dots --peak_tflops 989
+      --attention cudnn --scan --remat dots_no_batch --peak_tflops 989
 
 `--compile_only` lowers and compiles that step on whatever backend is here without running it
 (the state is abstract: nothing of the model's size is allocated) and prints XLA's memory
@@ -59,6 +59,16 @@ def _time(fn):
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
+
+
+def describe(cfg, args):
+  """The fields every result line carries: where it ran and what was measured."""
+  return dict(
+      device=str(jax.devices()[0].device_kind), machine=platform.processor() or platform.machine(),
+      variant=args.variant, width=cfg.width, depth=cfg.depth, heads=cfg.num_heads,
+      kv_heads=cfg.num_kv_heads, mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch,
+      seq=args.seq, dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
+      remat=args.remat, attention=args.attention)
 
 
 def step_flops(cfg, batch, seq):
@@ -158,11 +168,7 @@ def main():
   best, median = min(times), float(np.median(times))
   ref = peak[args.dtype]
   out = dict(
-      device=str(jax.devices()[0].device_kind), machine=platform.processor() or platform.machine(),
-      variant=args.variant, width=cfg.width, depth=cfg.depth, heads=cfg.num_heads,
-      kv_heads=cfg.num_kv_heads, mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch,
-      seq=args.seq, dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
-      remat=args.remat, attention=args.attention, matmul_params=matmul_params, gflop_per_step=round(flops / 1e9, 3),
+      **describe(cfg, args), matmul_params=matmul_params, gflop_per_step=round(flops / 1e9, 3),
       compile_s=round(compile_s, 2), step_s_median=round(median, 4), step_s_best=round(best, 4),
       tokens_per_s_best=round(args.batch * args.seq / best),
       model_gflop_per_s_best=round(flops / best / 1e9, 2),
@@ -190,11 +196,8 @@ def report_compiled(compiled, cfg, args, compile_s):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gib = lambda n: round(n / 2**30, 3)
   print(json.dumps(dict(
-      device=str(jax.devices()[0].device_kind), mode="compile_only", variant=args.variant,
-      width=cfg.width, depth=cfg.depth, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-      mlp=cfg.mlp_dim, vocab=cfg.vocab_size, batch=args.batch, seq=args.seq, dtype=args.dtype,
-      param_dtype=args.param_dtype, scan=args.scan, remat=args.remat, attention=args.attention,
-      matmul_params=matmul_params, compile_s=round(compile_s, 2),
+      **describe(cfg, args), mode="compile_only", matmul_params=matmul_params,
+      compile_s=round(compile_s, 2),
       gflop_per_step=round(flops / 1e9, 1),
       xla_gflop_per_step=round(float(cost.get("flops", float("nan"))) / 1e9, 1),
       argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
@@ -213,12 +216,8 @@ def bench_generate(model, params, prompts, args):
   compile_s = time.perf_counter() - t
   times = [_time(run) for _ in range(args.steps)]
   best, median = min(times), float(np.median(times))
-  cfg = model.config
   print(json.dumps(dict(
-      device=str(jax.devices()[0].device_kind), mode="generate", variant=args.variant,
-      width=cfg.width, depth=cfg.depth, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-      vocab=cfg.vocab_size, batch=args.batch, prompt=args.seq, new_tokens=args.generate,
-      dtype=args.dtype, param_dtype=args.param_dtype, scan=args.scan,
+      **describe(model.config, args), mode="generate", prompt=args.seq, new_tokens=args.generate,
       compile_s=round(compile_s, 2), call_s_best=round(best, 4), call_s_median=round(median, 4),
       tokens_per_s_best=round(args.batch * args.generate / best),
       tokens_per_s_median=round(args.batch * args.generate / median), note=args.note)))
