@@ -11,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vlbpe_jax import cli
 from vlbpe_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's artifacts.",
@@ -29,4 +30,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

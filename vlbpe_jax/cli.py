@@ -1,0 +1,75 @@
+"""Entry points of every CLI: bad input ends in one line naming it, not a traceback.
+
+  if __name__ == "__main__":
+    cli.run(main)          # absl apps (--config flags): replaces app.run(main)
+    cli.run_plain(main)    # argparse apps: main(argv=None)
+
+A `ValueError` (our convention for bad input, e.g. `fileio.CorruptArtifactError`), a missing
+file, or a misspelled `--config.` override prints `error: <message>` on stderr and exits 2.
+Set `VLBPE_TRACEBACK=1` to get the full traceback instead.
+"""
+
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+
+EXIT_BAD_INPUT = 2
+_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _fail(message: str):
+  if os.environ.get("VLBPE_TRACEBACK"):
+    raise  # pylint: disable=misplaced-bare-raise  (re-raises the exception being handled)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _override_message(argv, e) -> str:
+  """`--config.vq.totl_steps=3`: no such field; did you mean "total_steps"?"""
+  text = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  text = re.sub(r"\s+", " ", text)
+  bad = [a for a in argv[1:] if a.startswith("--config.")]
+  field = re.match(r"'?([^' ]+)'?", text)
+  named = [a for a in bad if field and field.group(1) in a.split("=")[0]] or bad
+  where = named[0].split("=")[0] if named else "a --config override"
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  return (f"{where}: no such config field" + (f"; did you mean {hint.group(1)!r}?" if hint
+                                                 else f" ({text})"))
+
+
+def _parse_flags(argv):
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:  # config files load lazily: load now, report a bad path here
+      getattr(flags.FLAGS.config, "to_dict")
+    return rest
+  except flags.Error as e:  # a config file's own error comes with its traceback: keep the end
+    text = f"{e}"
+    if "Traceback" in text:
+      text = text.split("\n")[0].rstrip(":") + ": " + text.strip().splitlines()[-1]
+    _fail(text)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.<field>
+    _fail(_override_message(argv, e))
+  except (OSError, ValueError) as e:  # a config file that is missing or rejects its argument
+    _fail(re.sub(r"\s+", " ", f"{e}").strip())
+
+
+def run(main):
+  """`app.run(main)` with one-line errors for bad flags, configs and inputs."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except _INPUT_ERRORS as e:
+      _fail(f"{e}")
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def run_plain(main):
+  """Runs an argparse `main()` with one-line errors for bad inputs."""
+  try:
+    main()
+  except _INPUT_ERRORS as e:
+    _fail(f"{e}")
