@@ -199,3 +199,66 @@ def test_bad_checkpoints_raise(tmp_path):
   stn.save_file(w, str(tmp_path / "hf" / "model-00001-of-00001.safetensors"))
   with pytest.raises(ValueError, match="mlp.up_proj.weight missing"):
     hf.load_llama(str(tmp_path / "hf"))
+
+
+def _tiny_model(tmp_path, seed=0):
+  write_hf(tmp_path / f"hf{seed}", QWEN2, seed=seed)
+  return hf.load_llama(str(tmp_path / f"hf{seed}"))
+
+
+def test_save_replaces_an_earlier_sharded_checkpoint_whole(tmp_path):
+  model, old = _tiny_model(tmp_path, seed=0)
+  _, new = _tiny_model(tmp_path, seed=1)
+  out = str(tmp_path / "out")
+  hf.save_llama(model.config, old, out, max_shard_bytes=20_000)
+  assert "model.safetensors.index.json" in os.listdir(out)
+  with pytest.raises(ValueError, match=r"out_dir=.*out.*not empty.*overwrite=True"):
+    hf.save_llama(model.config, new, out)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_llama(out)[1], old)  # untouched
+  hf.save_llama(model.config, new, out, overwrite=True)  # one shard now
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  jax.tree.map(np.testing.assert_array_equal, hf.load_llama(out)[1], new)
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary left
+  with pytest.raises(ValueError, match="not a directory"):
+    hf.save_llama(model.config, new, str(tmp_path / "out" / "config.json"), overwrite=True)
+
+
+def test_save_failure_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+  model, old = _tiny_model(tmp_path)
+  out = str(tmp_path / "out")
+  hf.save_llama(model.config, old, out)
+
+  def crash(*args, **kwargs):
+    raise OSError("disk full")
+
+  with monkeypatch.context() as m:
+    m.setattr(hf.stn, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+      hf.save_llama(model.config, old, out, overwrite=True)
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  rename = os.rename
+
+  def swap_fails(src, dst):
+    if ".tmp-" in os.fspath(src):
+      raise OSError("rename failed")
+    rename(src, dst)
+
+  with monkeypatch.context() as m:
+    m.setattr(hf.os, "rename", swap_fails)
+    with pytest.raises(OSError, match="rename failed"):
+      hf.save_llama(model.config, old, out, overwrite=True)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_llama(out)[1], old)
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_saved_files_get_the_umask(tmp_path):
+  model, params = _tiny_model(tmp_path)
+  old = os.umask(0o022)
+  try:
+    hf.save_llama(model.config, params, str(tmp_path / "out"), max_shard_bytes=20_000)
+  finally:
+    os.umask(old)
+  modes = {f: os.stat(tmp_path / "out" / f).st_mode & 0o777
+           for f in os.listdir(tmp_path / "out")}
+  assert len(modes) > 3 and set(modes.values()) == {0o644}, modes
+  assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755

@@ -11,9 +11,12 @@ An extended vocabulary is saved as one `embed_tokens` / `lm_head` of `text + vis
 the split recorded under `"vlbpe_vocab"` in config.json so that loading restores both tables.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import secrets
+import shutil
 
 import flax.linen as nn
 import jax
@@ -22,6 +25,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy as stn
 
+from vlbpe_jax import fileio
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm.hf_config import config_from_hf, config_to_hf  # noqa: F401
 
@@ -146,9 +150,22 @@ def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   return lm_model.LM(cfg), params
 
 
-def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
-  """Writes config.json and safetensors shards (+ index when more than one) in HF layout."""
+def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=None, *,
+               overwrite=False):
+  """Writes config.json and safetensors shards (+ index when more than one) in HF layout.
+
+  `out_dir` ends up holding exactly this checkpoint: a non-empty `out_dir` raises unless
+  `overwrite=True`, which replaces it whole. Files are written into a temporary sibling folder
+  that is then renamed onto `out_dir`, so a crash leaves the old checkpoint or the new one
+  (or, between the two renames, both as hidden siblings), never a mix of their shards.
+  """
   cfg = model_config
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"out_dir={out_dir!r} is not a directory; expected a checkpoint folder")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(f"out_dir={out_dir!r} is not empty; expected a new or empty folder, or "
+                     "overwrite=True to replace the checkpoint there")
   if "layers" in params:
     params = lm_model.unstack_layers(params, cfg.depth)
   np_ = lambda x: np.asarray(x if dtype is None else jnp.asarray(x, dtype))
@@ -161,9 +178,6 @@ def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=N
   tensors["model.norm.weight"] = np_(params["final_norm"]["scale"])
   if not cfg.tie_embeddings:
     tensors["lm_head.weight"] = np_(_full_table(params, "head", cfg))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg), f, indent=2)
   shards, size = [{}], 0
   for name, x in tensors.items():
     if shards[-1] and size + x.nbytes > max_shard_bytes:
@@ -171,18 +185,42 @@ def save_llama(model_config, params, out_dir, max_shard_bytes=5 * 2**30, dtype=N
       size = 0
     shards[-1][name] = np.ascontiguousarray(x)
     size += x.nbytes
-  if len(shards) == 1:
-    stn.save_file(shards[0], os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
-    return
-  weight_map = {}
-  for j, shard in enumerate(shards):
-    fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-    stn.save_file(shard, os.path.join(out_dir, fname), {"format": "pt"})
-    weight_map.update({name: fname for name in shard})
-  index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
-           "weight_map": weight_map}
-  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-    json.dump(index, f, indent=2)
+  with _fresh_folder(out_dir) as tmp:
+    fileio.write_json(os.path.join(tmp, "config.json"), config_to_hf(cfg), indent=2)
+    # safetensors creates files 0600: give them the umask's mode, read off the new folder.
+    mode = os.stat(tmp).st_mode & 0o666
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))])
+    for fname, shard in zip(names, shards):
+      stn.save_file(shard, os.path.join(tmp, fname), {"format": "pt"})
+      os.chmod(os.path.join(tmp, fname), mode)
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
+               "weight_map": {name: f for f, shard in zip(names, shards) for name in shard}}
+      fileio.write_json(os.path.join(tmp, "model.safetensors.index.json"), index, indent=2)
+
+
+@contextlib.contextmanager
+def _fresh_folder(out_dir):
+  """Yields an empty sibling folder of `out_dir` (umask mode); swaps it in if the block ends."""
+  parent, base = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+  tmp, old = (os.path.join(parent, f".{base}.{kind}-{tag}") for kind in ("tmp", "old"))
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    if os.path.isdir(out_dir):
+      os.rename(out_dir, old)
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:
+      if os.path.isdir(old):
+        os.rename(old, out_dir)
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def extend_vocab(params, n_visual, key):
