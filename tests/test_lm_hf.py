@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -262,3 +263,59 @@ def test_saved_files_get_the_umask(tmp_path):
            for f in os.listdir(tmp_path / "out")}
   assert len(modes) > 3 and set(modes.values()) == {0o644}, modes
   assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+
+
+def _rewrite(path, w):
+  """Replaces the checkpoint's tensors by `w` (one shard, no index)."""
+  for f in os.listdir(path):
+    if f.startswith("model"):
+      os.remove(os.path.join(path, f))
+  stn.save_file(w, os.path.join(path, "model.safetensors"))
+
+
+def test_wrong_shapes_are_listed_before_building_params(tmp_path):
+  w = write_hf(tmp_path / "hf", QWEN2)
+  w["model.norm.weight"] = np.ones(31, np.float32)
+  w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"].T.copy()
+  w["model.layers.1.self_attn.k_proj.bias"] = np.ones(9, np.float32)
+  w["model.layers.2.mlp.up_proj.weight"] = np.ones((48, 32), np.float32)
+  del w["model.layers.1.mlp.down_proj.weight"]
+  _rewrite(tmp_path / "hf", w)
+  with pytest.raises(ValueError) as e:
+    hf.load_llama(str(tmp_path / "hf"))
+  msg = str(e.value)
+  assert "config.json" in msg and str(tmp_path / "hf") in msg
+  assert "model.norm.weight has shape (31,); expected (32,)" in msg
+  assert "model.layers.0.mlp.up_proj.weight has shape (32, 48); expected (48, 32)" in msg
+  assert "model.layers.1.self_attn.k_proj.bias has shape (9,); expected (8,)" in msg
+  assert "model.layers.1.mlp.down_proj.weight missing" in msg
+  assert "unexpected tensors ['model.layers.2.mlp.up_proj.weight']" in msg
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: {k: v for k, v in c.items() if k not in ("hidden_size", "intermediate_size")},
+     r"config.json: required keys \['hidden_size', 'intermediate_size'\] missing"),
+    (lambda c: dict(c, num_hidden_layers="2"), r"config.json: num_hidden_layers='2'"),
+    (lambda c: dict(c, rope_scaling=dict(rope_type="llama3", factor=8.0)),
+     r"config.json: rope_scaling.*missing.*low_freq_factor"),
+    (lambda c: dict(c, vlbpe_vocab=dict(text_vocab=40, num_special=2, num_vq=5, num_bpe=1)),
+     r"config.json: vlbpe_vocab .* sums to 48; expected vocab_size=50"),
+    (lambda c: [c], r"config.json: expected a JSON object"),
+])
+def test_bad_config_json_names_the_file(tmp_path, edit, match):
+  write_hf(tmp_path / "hf", LLAMA31)
+  with open(tmp_path / "hf" / "config.json", "w") as fh:
+    json.dump(edit(LLAMA31), fh)
+  with pytest.raises(ValueError, match=match) as e:
+    hf.load_llama(str(tmp_path / "hf"))
+  assert str(tmp_path / "hf" / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json",
+                                  "model-00002-of-00002.safetensors"])
+def test_truncated_files_name_the_file(tmp_path, name):
+  write_hf(tmp_path / "hf", QWEN2)
+  path = tmp_path / "hf" / name
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  with pytest.raises(ValueError, match=re.escape(str(path))):
+    hf.load_llama(str(tmp_path / "hf"))

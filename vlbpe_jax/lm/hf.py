@@ -48,15 +48,19 @@ _LAYER_KEYS = (
 )
 
 
-def _to_ours(w, kind, shape, name):
-  """HF tensor -> our layout of `shape`; in_heads [N*K, D] -> [D, N, K], heads_out
-  [D, N*K] -> [N, K, D], bias [N*K] -> [N, K], matrix [out, in] -> [in, out]."""
-  want = {"in_heads": (shape[0], -1), "heads_out": (-1, shape[-1]),
-          "bias": (int(np.prod(shape)),), "matrix": shape[::-1], "vector": shape}[kind]
-  if kind in ("in_heads", "heads_out"):
-    want = want[::-1]
-  if w.size != int(np.prod(shape)) or any(a not in (-1, b) for a, b in zip(want, w.shape)):
-    raise ValueError(f"tensor {name} has shape {w.shape}; expected {shape} in our layout")
+def _hf_shape(shape, kind):
+  """Shape in the checkpoint (HF layout) of our tensor of `shape`."""
+  if kind == "in_heads":  # [D, N, K] -> [N*K, D]
+    return (int(np.prod(shape[1:])), shape[0])
+  if kind == "heads_out":  # [N, K, D] -> [D, N*K]
+    return (shape[-1], int(np.prod(shape[:-1])))
+  if kind == "bias":  # [N, K] -> [N*K]
+    return (int(np.prod(shape)),)
+  return tuple(shape[::-1]) if kind == "matrix" else tuple(shape)  # [in, out] -> [out, in]
+
+
+def _to_ours(w, kind, shape):
+  """HF tensor (already checked to have `_hf_shape(shape, kind)`) -> our layout of `shape`."""
   if kind in ("in_heads", "heads_out", "matrix"):
     return w.T.reshape(shape)
   return w.reshape(shape)
@@ -78,16 +82,27 @@ class _Tensors:
   def __init__(self, hf_dir):
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      data = fileio.read_json(index, what="safetensors index")
+      weight_map = data.get("weight_map") if isinstance(data, dict) else None
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(f, str) and f == os.path.basename(f) for f in weight_map.values()):
+        raise ValueError(f"{index}: expected {{\"weight_map\": {{tensor: shard file name}}}}")
+      files = sorted(set(weight_map.values()))
     else:
       files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
       raise ValueError(f"hf_dir={hf_dir!r}: no *.safetensors files")
     self._where = {}
     for name in files:
-      handle = safetensors.safe_open(os.path.join(hf_dir, name), framework="np")
-      self._where.update({key: handle for key in handle.keys()})
+      path = os.path.join(hf_dir, name)
+      try:
+        handle = safetensors.safe_open(path, framework="np")
+      except FileNotFoundError:
+        raise ValueError(f"{path}: shard listed in {index} is missing") from None
+      except Exception as e:  # SafetensorError (bad header, truncated data) or OSError.
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is "
+                         "truncated or corrupt: download or save it again") from e
+      self._where.update({key: (handle, path) for key in handle.keys()})
 
   def __contains__(self, key):
     return key in self._where
@@ -95,56 +110,78 @@ class _Tensors:
   def __iter__(self):
     return iter(list(self._where))
 
+  def shape(self, key):
+    return tuple(self._where[key][0].get_slice(key).get_shape())
+
   def pop(self, key, *default):
     if key not in self._where:
       if default:
         return default[0]
       raise ValueError(f"checkpoint: tensor {key} missing")
-    return self._where.pop(key).get_tensor(key)
+    handle, path = self._where.pop(key)
+    try:
+      return handle.get_tensor(key)
+    except Exception as e:  # SafetensorError: e.g. a dtype numpy cannot hold.
+      raise ValueError(f"{path}: tensor {key} cannot be read ({e})") from e
+
+
+def _check_tensors(t, expected, where):
+  """Raises listing every missing, misshapen or unexpected tensor (shapes in HF layout)."""
+  problems = []
+  for key, (shape, required) in expected.items():
+    if key not in t:
+      if required:
+        problems.append(f"tensor {key} missing")
+    elif t.shape(key) != shape:
+      problems.append(f"tensor {key} has shape {t.shape(key)}; expected {shape}")
+  unused = sorted(k for k in t if k not in expected and "rotary_emb" not in k)
+  if unused:
+    problems.append(f"unexpected tensors {unused[:8]}" +
+                    (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+  if problems:
+    raise ValueError(f"{where} (shapes in the checkpoint's HF layout, [out, in] matrices): " +
+                     "; ".join(problems))
 
 
 def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   """Returns `(LM, params)`; params (unboxed) in `dtype`, compute in `compute_dtype or dtype`.
 
   `overrides` set other LMConfig fields (e.g. `scan_layers=True`, `attention_impl="cudnn"`).
+  Every tensor's shape is checked against config.json before any is read; a mismatch raises
+  a ValueError listing every bad key.
   """
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hf = json.load(f)
+  config_path = os.path.join(hf_dir, "config.json")
+  hf = fileio.read_json(config_path, what="Hugging Face config")
   dtype = jnp.dtype(dtype)
-  cfg = config_from_hf(hf, param_dtype=dtype.name,
+  cfg = config_from_hf(hf, source=config_path, param_dtype=dtype.name,
                        dtype=jnp.dtype(compute_dtype or dtype).name, **overrides)
   unrolled = lm_model.LM(dataclasses.replace(cfg, scan_layers=False))
   shapes = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(shapes["params"]))
+  table = (cfg.vocab_size, cfg.width)
+  expected = {"model.embed_tokens.weight": (table, True), "model.norm.weight": ((cfg.width,), True),
+              "lm_head.weight": (table, not cfg.tie_embeddings)}  # tied: may still be stored
+  layer_keys = {}
+  for i in range(cfg.depth):
+    for path, hf_name, kind in _LAYER_KEYS:
+      want = _lookup(shapes[f"layers_{i}"], path)
+      if want is not None:
+        layer_keys[f"model.layers.{i}.{hf_name}"] = (i, path, kind, want)
+        expected[f"model.layers.{i}.{hf_name}"] = (_hf_shape(want, kind), True)
   t = _Tensors(hf_dir)
+  _check_tensors(t, expected, f"hf_dir={hf_dir!r}: the safetensors do not match {config_path}")
   cast = lambda x: jnp.asarray(np.asarray(x), dtype)
   params = {"final_norm": {"scale": cast(t.pop("model.norm.weight"))}}
   embed = t.pop("model.embed_tokens.weight")
-  head = None if cfg.tie_embeddings else t.pop("lm_head.weight", None)
-  if not cfg.tie_embeddings and head is None:
-    raise ValueError(f"hf_dir={hf_dir!r}: lm_head.weight missing and tie_word_embeddings false")
-  for name, table in (("embed", embed), ("head", head)):
+  head = t.pop("lm_head.weight", None)
+  for name, table in (("embed", embed), ("head", None if cfg.tie_embeddings else head)):
     if table is None:
       continue
-    if table.shape != (cfg.vocab_size, cfg.width):
-      raise ValueError(f"{name} table shape {table.shape}; expected {(cfg.vocab_size, cfg.width)}")
     params[f"text_{name}"] = cast(table[:cfg.text_vocab])
     if cfg.visual_vocab:
       params[f"visual_{name}"] = cast(table[cfg.text_vocab:])
-  t.pop("lm_head.weight", None)  # a tied checkpoint may still store it
-  for i in range(cfg.depth):
-    layer = params[f"layers_{i}"] = {}
-    for path, hf_name, kind in _LAYER_KEYS:
-      key = f"model.layers.{i}.{hf_name}"
-      want = _lookup(shapes[f"layers_{i}"], path)
-      if want is None:
-        continue
-      if key not in t:
-        raise ValueError(f"hf_dir={hf_dir!r}: tensor {key} missing")
-      _store(layer, path, cast(_to_ours(t.pop(key), kind, want, key)))
-  unused = sorted(k for k in t if "rotary_emb" not in k)
-  if unused:
-    raise ValueError(f"hf_dir={hf_dir!r}: unexpected tensors {unused[:8]}")
+  for key, (i, path, kind, want) in layer_keys.items():
+    _store(params.setdefault(f"layers_{i}", {}), path, cast(_to_ours(t.pop(key), kind, want)))
   if cfg.scan_layers:
     params = lm_model.stack_layers(params, cfg.depth)
   return lm_model.LM(cfg), params
