@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -163,3 +164,57 @@ def test_bad_paths(tmp_path):
   (tmp_path / "a.json").write_text("[]")
   with pytest.raises(ValueError, match="image_dir=.*no such directory"):
     tb.user_data_config(tmp_path / "a.json", tmp_path / "nodir")
+
+
+def _outside_image_dir(tmp_path):
+  """An image beside (not inside) the image folder, and a symlink inside pointing to it."""
+  _write_images(tmp_path, ["x.png"])
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "secret.png")
+  os.symlink(tmp_path / "secret.png", tmp_path / "img" / "link.png")
+  os.symlink(tmp_path / "img" / "x.png", tmp_path / "img" / "inside_link.png")
+  return str(tmp_path / "secret.png")
+
+
+@pytest.mark.parametrize("image", ["../secret.png", "ABS", "link.png", "sub/../../secret.png"])
+def test_llava_refuses_images_outside_the_folder(tmp_path, image):
+  secret = _outside_image_dir(tmp_path)
+  image = secret if image == "ABS" else image
+  records = [{"id": "ok", "image": "inside_link.png",
+              "conversations": [{"from": "gpt", "value": "a"}]},
+             {"id": "evil", "image": image, "conversations": [{"from": "gpt", "value": "a"}]}]
+  (tmp_path / "llava.json").write_text(json.dumps(records))
+  with pytest.raises(ValueError, match=r"llava.json: record 1 \(id='evil'\): image=" +
+                     re.escape(repr(image)) + ".*outside image_dir"):
+    tb.build_llava(tmp_path / "tfds", annotations=tmp_path / "llava.json",
+                   image_dir=tmp_path / "img")
+
+
+@pytest.mark.parametrize("image", ["../secret.png", "ABS", "link.png"])
+def test_caption_pairs_refuse_images_outside_the_folder(tmp_path, image):
+  secret = _outside_image_dir(tmp_path)
+  image = secret if image == "ABS" else image
+  (tmp_path / "c.jsonl").write_text(json.dumps({"image": "inside_link.png", "caption": "ok"}) +
+                                    "\n" + json.dumps({"image": image, "caption": "x"}) + "\n")
+  with pytest.raises(ValueError, match=r"c.jsonl:2: image=.*outside image_dir"):
+    tb.build_caption_pairs(tmp_path / "tfds", annotations=tmp_path / "c.jsonl",
+                           image_dir=tmp_path / "img")
+
+
+def test_a_symlink_inside_the_folder_is_read(tmp_path):
+  _outside_image_dir(tmp_path)
+  (tmp_path / "c.jsonl").write_text('{"image": "inside_link.png", "caption": "ok"}\n')
+  builder = tb.build_caption_pairs(tmp_path / "tfds", annotations=tmp_path / "c.jsonl",
+                                   image_dir=tmp_path / "img")
+  (rec,) = tb.data_source(builder, "train")
+  assert tb.decode_record(rec)["image_path"] == "inside_link.png"
+
+
+@pytest.mark.parametrize("build, name, text", [
+    (tb.build_llava, "llava.json", "[]"),
+    (tb.build_caption_pairs, "c.jsonl", "\n\n"),
+])
+def test_empty_annotations_name_the_file(tmp_path, build, name, text):
+  _write_images(tmp_path, ["x.png"])
+  (tmp_path / name).write_text(text)
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + ": no records"):
+    build(tmp_path / "tfds", annotations=tmp_path / name, image_dir=tmp_path / "img")

@@ -18,8 +18,11 @@ User data fails at build time, never in a reader worker: records and image paths
 before anything is written, each image is fully decoded while writing, and a malformed record
 (bad JSON, missing key, a "from" other than "human"/"gpt") or a missing or unreadable image
 raises a ValueError naming the file and the record (LLaVA: position and "id"; JSONL: line
-number). Config names hold a hash of the inputs so that nothing stale is reused: shapes, of a
-few generated examples (a changed generator builds anew); user data, of the annotation files
+number). Annotation files are untrusted: an image path that leaves the image folder (absolute,
+`..`, a symlink resolving outside) is refused, and so is a file without records.
+
+Config names hold a hash of the inputs so that nothing stale is reused: shapes, of a few
+generated examples (a changed generator builds anew); user data, of the annotation files
 (images are not hashed: after replacing images in place, pass `name=`).
 """
 
@@ -163,6 +166,17 @@ def _image_bytes(path, where) -> bytes:
   return data
 
 
+def _image_file(image_dir, image, where) -> str:
+  """`image_dir/image`; refuses a path that leaves the folder (annotation files are untrusted):
+  absolute, `..` or a symlink resolving outside. Symlinks inside the folder are followed."""
+  root = os.path.realpath(image_dir)
+  resolved = None if "\0" in image else os.path.realpath(os.path.join(root, image))
+  if os.path.isabs(image) or resolved is None or os.path.commonpath([root, resolved]) != root:
+    raise ValueError(f"{where}: image={image!r} resolves outside image_dir {image_dir!r}; "
+                     "expected a relative path to a file inside it")
+  return os.path.join(image_dir, image)
+
+
 def _require(record, key, kind, where):
   if not isinstance(record, dict) or key not in record:
     raise ValueError(f"{where}: missing key {key!r} (record: {str(record)[:200]})")
@@ -194,10 +208,12 @@ def _read_llava(path, image_dir):
       _require(turn, "value", str, f"{where} turn {t}")
       if _require(turn, "from", str, f"{where} turn {t}") not in _ROLES:
         raise ValueError(f"{where} turn {t}: from={turn['from']!r}; expected one of {_ROLES}")
-    image_path = os.path.join(image_dir, image)
+    image_path = _image_file(image_dir, image, where)
     if not os.path.isfile(image_path):
       raise ValueError(f"{where}: image file {image_path!r} does not exist")
     out.append((i, str(rid), image, [{"from": t["from"], "value": t["value"]} for t in turns]))
+  if not out:
+    raise ValueError(f"{path}: no records; expected a JSON list of at least one record")
   return out
 
 
@@ -215,9 +231,12 @@ def _read_caption_pairs(path, image_dir):
         raise ValueError(f"{where}: not a JSON object ({e})") from e
       image = _require(rec, "image", str, where)
       caption = _require(rec, "caption", str, where)
-      if not os.path.isfile(os.path.join(image_dir, image)):
-        raise ValueError(f"{where}: image file {os.path.join(image_dir, image)!r} does not exist")
+      image_path = _image_file(image_dir, image, where)
+      if not os.path.isfile(image_path):
+        raise ValueError(f"{where}: image file {image_path!r} does not exist")
       out.append((line_no, image, caption))
+  if not out:
+    raise ValueError(f"{path}: no records; expected at least one JSON line")
   return out
 
 
@@ -242,8 +261,8 @@ class LlavaBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, path, records):
     for i, rid, image, turns in records:
-      data = _image_bytes(os.path.join(self.builder_config.image_dir, image),
-                          f"{path}: record {i} (id={rid!r})")
+      where = f"{path}: record {i} (id={rid!r})"
+      data = _image_bytes(_image_file(self.builder_config.image_dir, image, where), where)
       yield i, dict(index=i, id=rid, image=data, image_path=image, conversations=_json(turns))
 
 
@@ -268,7 +287,8 @@ class CaptionPairsBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, path, records):
     for line_no, image, caption in records:
-      data = _image_bytes(os.path.join(self.builder_config.image_dir, image), f"{path}:{line_no}")
+      where = f"{path}:{line_no}"
+      data = _image_bytes(_image_file(self.builder_config.image_dir, image, where), where)
       yield line_no, dict(index=line_no, image=data, image_path=image, caption=caption)
 
 
