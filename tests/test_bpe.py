@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.bpe import counting
@@ -234,3 +235,119 @@ def test_slot_map_lookup_insert():
   assert m.size == 3000 and (m.keys[list(slot_of.values())] == list(slot_of)).all()
   with pytest.raises(ValueError, match="does not exceed"):
     m.insert(keys[:1])
+
+
+def test_learn_validates_codes_before_counting(tmp_path):
+  g = patch_grids()
+  with pytest.raises(ValueError, match=r"shape \(0, 4, 4\): expected at least 1 grid"):
+    VisualBPE.learn(np.zeros((0, 4, 4), np.int32), base_vocab_size=4, num_merges=2)
+  with pytest.raises(ValueError, match=r"2\*\*24"):
+    VisualBPE.learn(g, base_vocab_size=2**24, num_merges=1)  # no 2**24-token tables built
+  with pytest.raises(ValueError, match="base_vocab_size=32.5"):
+    VisualBPE.learn(g, base_vocab_size=32.5, num_merges=1)
+  with pytest.raises(ValueError,
+                     match=r"holds code 1099511627\d+: expected codes < base_vocab_size=32"):
+    VisualBPE.learn(g.astype(np.int64) + 2**40, base_vocab_size=32, num_merges=1)
+  cases = {"empty": np.zeros((0, 4, 4), np.int32), "huge": np.full((2, 4, 4), 2**40),
+           "negative": np.full((2, 4, 4), -3, np.int32), "flat": np.zeros(5, np.int32)}
+  want = {"empty": "at least 1 grid", "huge": r"code 1099511627776: expected codes < 16777216",
+          "negative": r"negative code -3: expected codes in \[0, 16777216\)",
+          "flat": r"shape \(5,\): expected \[N, H, W\]"}
+  for name, codes in cases.items():
+    path = str(tmp_path / f"{name}.npy")
+    np.save(path, codes)
+    with pytest.raises(ValueError, match=want[name]) as e:
+      learn_cli.main([f"--codes={path}", "--merges=2", f"--out={tmp_path}/b.json",
+                      "--no_progress"])
+    assert path in str(e.value)
+  (tmp_path / "torn.npy").write_bytes(open(tmp_path / "huge.npy", "rb").read()[:100])
+  with pytest.raises(ValueError, match="torn.npy"):
+    learn_cli.main([f"--codes={tmp_path}/torn.npy", "--merges=2", f"--out={tmp_path}/b.json"])
+
+
+def _saved_vocabulary(tmp_path):
+  bpe = VisualBPE.learn(patch_grids(seed=3), base_vocab_size=32, num_merges=6, progress=False)
+  path = str(tmp_path / "bpe.json")
+  bpe.save(path)
+  return bpe, path
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: json.dumps(d)[:200], "not valid JSON"),
+    (lambda d: [d], "JSON list"),
+    (lambda d: (d.pop("merges"), d)[1], r"missing field\(s\) \['merges'\]"),
+    (lambda d: d.update(base_vocab_size="32") or d, "base_vocab_size='32'"),
+    (lambda d: d.update(base_vocab_size=2**40) or d, "base_vocab_size=1099511627776"),
+    (lambda d: d.update(alpha="high") or d, "alpha='high'"),
+    (lambda d: d.update(min_count=2.5) or d, "min_count=2.5"),
+    (lambda d: d.update(offsets=[[0, 1], [1]]) or d, "offsets"),
+    (lambda d: d.update(merges={"a": 1}) or d, "merges of type dict"),
+    (lambda d: d["merges"][2].update(a=33.7) or d, r"merge 2 \(token 34\): a=33.7"),
+    (lambda d: d["merges"][2].update(a=True) or d, r"merge 2 \(token 34\): a=True"),
+    (lambda d: d["merges"][1].update(b=33) or d, r"merge 1 \(token 33\): b=33"),
+    (lambda d: d["merges"][1].update(id=40) or d, r"merge 1 \(token 33\): id=40"),
+    (lambda d: d["merges"][0].update(offset=[0, -1]) or d, "raster-forward"),
+    (lambda d: d["merges"][0].update(offset=[0]) or d, r"offset=\[0\]"),
+    (lambda d: d["merges"][0].update(a=d["merges"][0]["b"], offset=[0, 0]) or d,
+     "raster-forward"),
+    (lambda d: (d["merges"][3].pop("a"), d)[1], r"merge 3 .*expected a dict with keys a, b"),
+    (lambda d: d["merges"][3].update(count=1.5) or d, r"merge 3 \(token 35\) field 'count'"),
+    (lambda d: d.update(vocab_size=99) or d, "vocab_size"),
+])
+def test_load_refuses_bad_files_naming_file_and_field(tmp_path, edit, field):
+  _, path = _saved_vocabulary(tmp_path)
+  d = json.load(open(path))
+  out = edit(d)
+  open(path, "w").write(out if isinstance(out, str) else json.dumps(out))
+  with pytest.raises(ValueError, match=field) as e:
+    VisualBPE.load(path)
+  assert path in str(e.value)
+
+
+def test_merge_footprints_must_not_overlap():
+  a = dict(a=0, b=1, offset=[0, 1])
+  VisualBPE(4, [a, dict(a=4, b=4, offset=[0, 2])])
+  with pytest.raises(ValueError, match="overlap"):
+    VisualBPE(4, [a, dict(a=4, b=4, offset=[0, 1])])
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+  bpe, path = _saved_vocabulary(tmp_path)
+  before = open(path).read()
+  bigger = VisualBPE.learn(patch_grids(seed=3), base_vocab_size=32, num_merges=9,
+                           progress=False)
+
+  def crash(*args):
+    raise OSError("simulated crash before the rename")
+  monkeypatch.setattr("os.replace", crash)
+  with pytest.raises(OSError, match="simulated"):
+    bigger.save(path)
+  assert open(path).read() == before and len(VisualBPE.load(path).merges) == 6
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.json"]  # no temporary left
+
+
+def test_decode_cli_checks_the_vocabulary_digest_and_names_torn_files(tmp_path):
+  g = patch_grids(seed=8)
+  bpe, path = _saved_vocabulary(tmp_path)
+  codes, tokens = str(tmp_path / "codes.npy"), str(tmp_path / "tokens.npz")
+  np.save(codes, g)
+  encode_cli.main([f"--bpe={path}", f"--codes={codes}", f"--out={tokens}"])
+  assert len(str(np.load(tokens)["bpe_digest"])) == 16
+  decode_cli.main([f"--bpe={path}", f"--tokens={tokens}", f"--out={tmp_path}/back.npy"])
+  np.testing.assert_array_equal(np.load(tmp_path / "back.npy"), g)
+  # The stage's layout (bpe_digest saved by vlbpe_jax.bpe.stage), then an edited vocabulary.
+  np.savez(tokens, bpe_digest=np.array(fileio.file_digest(path)[:16]), **bpe.encode(g))
+  d = json.load(open(path))
+  d["merges"][-1]["offset"] = [1, 0]
+  d["merges"][-1].pop("footprint")
+  json.dump(d, open(path, "w"))
+  with pytest.raises(ValueError, match="digest") as e:
+    decode_cli.main([f"--bpe={path}", f"--tokens={tokens}", f"--out={tmp_path}/x.npy"])
+  assert tokens in str(e.value) and path in str(e.value)
+  (tmp_path / "torn.npz").write_bytes(open(tokens, "rb").read()[:200])
+  with pytest.raises(ValueError, match="torn.npz"):
+    decode_cli.main([f"--bpe={path}", f"--tokens={tmp_path}/torn.npz", f"--out={tmp_path}/x"])
+  enc = bpe.encode(g)
+  np.savez(tokens, **dict(enc, tokens=enc["tokens"].astype(np.float32)))
+  with pytest.raises(ValueError, match=r"tokens.npz: encoding\['tokens'\] has dtype float32"):
+    decode_cli.main([f"--bpe={path}", f"--tokens={tokens}", f"--out={tmp_path}/x.npy"])

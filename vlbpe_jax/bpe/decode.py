@@ -1,13 +1,16 @@
 """Decode a tokens .npz (from `vlbpe_jax.bpe.encode`) back to int codes [N, H, W] (.npy).
 
   python -m vlbpe_jax.bpe.decode --bpe=bpe.json --tokens=tokens.npz --out=codes.npy
+
+Tokens that carry a `bpe_digest` (from `encode` or the pipeline's bpe stage) must come from this
+very vocabulary file: a mismatch is refused, since another vocabulary decodes to wrong codes.
 """
 
 import argparse
 import json
 
-import numpy as np
-
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax.bpe import model
 
 
@@ -18,14 +21,22 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   args = ap.parse_args(argv)
   bpe = model.VisualBPE.load(args.bpe)
-  with np.load(args.tokens) as f:
-    enc = {k: f[k] for k in f.files}
-  codes = bpe.decode(enc)
-  np.save(args.out, codes)
+  enc = fileio.load_npz(args.tokens, what="tokens")
+  if "bpe_digest" in enc:
+    want, have = str(enc["bpe_digest"]), fileio.file_digest(args.bpe)[:16]
+    if want != have:
+      raise ValueError(f"tokens {args.tokens} were encoded with a vocabulary of digest {want}, "
+                       f"but {args.bpe} has digest {have}: expected the bpe.json they were "
+                       "encoded with (another vocabulary decodes to wrong codes)")
+  try:
+    codes = bpe.decode(enc)
+  except ValueError as e:
+    raise ValueError(f"tokens {args.tokens}: {e}") from e
+  fileio.save_npy(args.out, codes)
   result = dict(images=int(codes.shape[0]), shape=list(codes.shape), out=args.out)
   print(json.dumps(result))
   return result
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_plain(main)

@@ -3,7 +3,9 @@
   python -m vlbpe_jax.bpe.encode --bpe=bpe.json --codes=codes.npy --out=tokens.npz
 
 The .npz holds tokens [N, L] (-1 padding), positions [N, L, 2], cells [N, L], lengths [N],
-grid_shape [2] (see `VisualBPE.encode`). Prints one JSON line with the compression.
+grid_shape [2] (see `VisualBPE.encode`) and bpe_digest (the first 16 hex digits of the
+vocabulary file's sha256, as the pipeline's bpe stage writes it; `decode` checks it). Prints one
+JSON line with the compression.
 """
 
 import argparse
@@ -12,6 +14,8 @@ import time
 
 import numpy as np
 
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax.bpe import model
 
 
@@ -22,11 +26,13 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   args = ap.parse_args(argv)
   bpe = model.VisualBPE.load(args.bpe)
-  codes = np.load(args.codes)
+  codes = model.check_grids(fileio.load_npy(args.codes, what="codes"), bpe.base_vocab_size,
+                            f"codes {args.codes}")
   t = time.perf_counter()
   enc = bpe.encode(codes)
   seconds = time.perf_counter() - t
-  np.savez(args.out, **enc)
+  digest = fileio.file_digest(args.bpe)[:16]
+  fileio.save_npz(args.out, bpe_digest=np.array(digest), **enc)
   result = dict(images=int(codes.shape[0]), out=args.out, seconds=round(seconds, 3),
                 cells_per_token=round(codes.size / max(int(enc["lengths"].sum()), 1), 4))
   print(json.dumps(result))
@@ -34,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_plain(main)

@@ -4,14 +4,17 @@
       --out=bpe.json [--base_vocab_size=V] [--offsets=0,1;1,0] [--devices=8]
 
 Prints tqdm progress, then one JSON line: merges, seconds (set-up, merges), merges per second.
+Bad input (a torn or empty .npy, negative codes, codes >= 2**24) ends in one `error:` line
+naming the file, exit code 2.
 """
 
 import argparse
 import json
 
 import jax
-import numpy as np
 
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import vocab as vocab_lib
@@ -31,8 +34,11 @@ def main(argv=None):
                   help="shard first counts over this many devices (0: no mesh)")
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
-  codes = np.load(args.codes)
-  base = args.base_vocab_size or int(codes.max()) + 1
+  codes = fileio.load_npy(args.codes, what="codes")
+  name = f"codes {args.codes}"
+  if args.base_vocab_size:
+    codes = model.check_grids(codes, args.base_vocab_size, name, min_grids=1)
+  base = args.base_vocab_size or model.infer_vocab_size(codes, name)
   mesh = None
   if args.devices:
     mesh = parallel.make_mesh([("data", -1)], jax.devices()[:args.devices])
@@ -50,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_plain(main)

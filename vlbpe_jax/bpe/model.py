@@ -1,20 +1,30 @@
-"""`VisualBPE`: learn, encode, decode, save and load a 2D visual BPE vocabulary."""
+"""`VisualBPE`: learn, encode, decode, save and load a 2D visual BPE vocabulary.
 
-import json
-import os
+A vocabulary holds at most `vocab.MAX_VOCAB_SIZE` (2**24) tokens, base codes included.
+"""
+
+import numbers
 
 import numpy as np
 
+from vlbpe_jax import fileio
 from vlbpe_jax.bpe import grid_state
 from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import vocab as vocab_lib
 
 FORMAT = "vlbpe_jax.visual_bpe"
 ENCODING_KEYS = ("tokens", "positions", "lengths", "cells", "grid_shape")
+MAX_VOCAB_SIZE = vocab_lib.MAX_VOCAB_SIZE
+_MERGE_INTS = ("count", "offset_count", "merged")  # optional learning statistics
+_MERGE_FLOATS = ("F", "S", "P")
 
 
-def check_grids(grids, base_vocab_size: int, name: str = "grids") -> np.ndarray:
-  """int32 [N, H, W] codes in [0, V) or ValueError."""
+def check_grids(grids, base_vocab_size=None, name: str = "grids",
+                min_grids: int = 0) -> np.ndarray:
+  """int32 [N, H, W] codes in [0, V) or ValueError naming `name` and the bad value.
+
+  base_vocab_size=None only checks codes >= 0 and < MAX_VOCAB_SIZE (see `infer_vocab_size`).
+  """
   if not isinstance(grids, np.ndarray) and hasattr(grids, "__array__"):
     grids = np.asarray(grids)
   if not isinstance(grids, np.ndarray):
@@ -23,15 +33,33 @@ def check_grids(grids, base_vocab_size: int, name: str = "grids") -> np.ndarray:
     raise ValueError(f"{name} has dtype {grids.dtype}: expected an integer dtype (int32)")
   if grids.ndim != 3 or grids.shape[1] < 1 or grids.shape[2] < 1:
     raise ValueError(f"{name} has shape {grids.shape}: expected [N, H, W] with H, W >= 1")
+  if grids.shape[0] < min_grids:
+    raise ValueError(f"{name} has shape {grids.shape}: expected at least {min_grids} grid(s)")
+  limit = MAX_VOCAB_SIZE if base_vocab_size is None else base_vocab_size
   if grids.size:
     lo, hi = int(grids.min()), int(grids.max())
     if lo < 0:
-      raise ValueError(f"{name} holds the negative code {lo}: expected codes in "
-                       f"[0, {base_vocab_size})")
-    if hi >= base_vocab_size:
-      raise ValueError(f"{name} holds code {hi}: expected codes < base_vocab_size="
-                       f"{base_vocab_size}")
+      raise ValueError(f"{name} holds the negative code {lo}: expected codes in [0, {limit})")
+    if hi >= limit:
+      what = (f"< base_vocab_size={base_vocab_size}" if base_vocab_size is not None else
+              f"< {limit} (vocab.MAX_VOCAB_SIZE = 2**24)")
+      raise ValueError(f"{name} holds code {hi}: expected codes {what}")
   return np.ascontiguousarray(grids, np.int32)
+
+
+def infer_vocab_size(grids, name: str = "grids") -> int:
+  """max code + 1 of non-empty grids [N, H, W] (validated: integer codes in [0, 2**24))."""
+  grids = check_grids(grids, None, name, min_grids=1)
+  return int(grids.max()) + 1
+
+
+def _check_sizes(base_vocab_size, num_merges) -> tuple[int, int]:
+  base = vocab_lib.check_int("base_vocab_size", base_vocab_size, 1, MAX_VOCAB_SIZE + 1)
+  merges = vocab_lib.check_int("num_merges", num_merges, 0)
+  if base + merges > MAX_VOCAB_SIZE:
+    raise ValueError(f"base_vocab_size={base} + num_merges={merges} = {base + merges} tokens: "
+                     f"expected at most {MAX_VOCAB_SIZE} (2**24)")
+  return base, merges
 
 
 class VisualBPE:
@@ -39,22 +67,54 @@ class VisualBPE:
 
   def __init__(self, base_vocab_size: int, merges, offsets=vocab_lib.DEFAULT_OFFSETS,
                alpha: float = 0.0, sigma: float = 0.5, min_count: int = 2):
-    if int(base_vocab_size) < 1:
-      raise ValueError(f"base_vocab_size={base_vocab_size}: expected >= 1")
+    if not isinstance(merges, (list, tuple)):
+      raise ValueError(f"merges of type {type(merges).__name__}: expected a list of dicts")
+    _check_sizes(base_vocab_size, len(merges))
+    for name, v in (("alpha", alpha), ("sigma", sigma)):
+      if not isinstance(v, numbers.Real) or isinstance(v, bool) or not np.isfinite(v):
+        raise ValueError(f"{name}={v!r}: expected a finite number")
+    if not alpha >= 0 or not sigma > 0:
+      raise ValueError(f"alpha={alpha}, sigma={sigma}: expected alpha >= 0 and sigma > 0")
     self.geometry = vocab_lib.Geometry(base_vocab_size, offsets)
-    self.alpha, self.sigma, self.min_count = float(alpha), float(sigma), int(min_count)
-    self.merges = [dict(m) for m in merges]
+    self.alpha, self.sigma = float(alpha), float(sigma)
+    self.min_count = vocab_lib.check_int("min_count", min_count, 1)
+    self.merges = []
     self._exp = None  # decode tables, built on first use
-    for k, m in enumerate(self.merges):
-      t = self.geometry.size
-      if int(m.get("id", t)) != t or not (0 <= m["a"] < t and 0 <= m["b"] < t):
-        raise ValueError(f"merge {k} {m}: expected id {t} and a, b in [0, {t}) "
-                         f"(vocabulary of base size {base_vocab_size} and {k} earlier merges)")
+    for k, m in enumerate(merges):
+      self.merges.append(self._check_merge(k, m))
+    self._sizes = np.concatenate([  # cells per token
+        np.ones(self.base_vocab_size, np.int32),
+        np.array([len(self.geometry.codes(t)) for t in range(self.base_vocab_size,
+                                                               self.vocab_size)], np.int32)])
+
+  def _check_merge(self, k: int, m) -> dict:
+    """Registers merge record k (id, a, b, offset; optional stats, footprint); its copy."""
+    t = self.geometry.size
+    where = f"merge {k} (token {t})"
+    if not isinstance(m, dict) or not {"a", "b", "offset"} <= m.keys():
+      raise ValueError(f"{where}: {m!r}; expected a dict with keys a, b, offset")
+    m = dict(m)
+    if m.setdefault("id", t) != t or not vocab_lib.is_int(m["id"]):
+      raise ValueError(f"{where}: id={m['id']!r}; expected id {t} (base vocabulary "
+                       f"{self.base_vocab_size} plus {k} earlier merges)")
+    for key in _MERGE_INTS:
+      if key in m:
+        vocab_lib.check_int(f"{where} field {key!r}", m[key], 0)
+    for key in _MERGE_FLOATS:
+      v = m.get(key)
+      if v is not None and (not isinstance(v, numbers.Real) or isinstance(v, bool)):
+        raise ValueError(f"{where} field {key!r}={v!r}: expected a number (or null)")
+    try:
       self.geometry.add(m["a"], m["b"], m["offset"])
-      m["id"] = t
-    self._sizes = np.array([1] * self.base_vocab_size +
-                           [len(self.geometry.codes(t)) for t in range(
-                               self.base_vocab_size, self.vocab_size)], np.int32)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from e
+    if "footprint" in m and self.geometry.footprint(t).tolist() != m["footprint"]:
+      raise ValueError(f"{where} field 'footprint'={m['footprint']!r} does not match its "
+                       f"(a, b, offset): expected {self.geometry.footprint(t).tolist()}")
+    m.pop("footprint", None)
+    m["id"], m["a"], m["b"], m["offset"] = t, int(m["a"]), int(m["b"]), list(
+        self.geometry.merges[-1][2])
+    return m
 
   @property
   def base_vocab_size(self) -> int:
@@ -81,10 +141,17 @@ class VisualBPE:
   def learn(cls, grids, base_vocab_size: int, num_merges: int, alpha: float = 1.0,
             sigma: float = 0.5, offsets=vocab_lib.DEFAULT_OFFSETS, min_count: int = 2,
             mesh=None, progress: bool = True, return_timing: bool = False):
-    """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V)."""
-    grids = check_grids(grids, base_vocab_size)
-    if int(num_merges) < 0:
-      raise ValueError(f"num_merges={num_merges}: expected >= 0")
+    """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
+
+    V + num_merges must stay <= MAX_VOCAB_SIZE (2**24); grids must hold at least one grid.
+    """
+    base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
+    grids = check_grids(grids, base_vocab_size, min_grids=1)
+    _, h, w = grids.shape
+    if 2 * (base_vocab_size + num_merges) ** 2 * h * (2 * w - 1) >= 2**63:
+      raise ValueError(f"grids of {h}x{w} with a vocabulary of {base_vocab_size + num_merges} "
+                       "tokens: pair keys would overflow int64; expected fewer tokens or "
+                       "smaller grids")
     if not alpha >= 0 or not sigma > 0:
       raise ValueError(f"alpha={alpha}, sigma={sigma}: expected alpha >= 0 and sigma > 0")
     if int(min_count) < 1:
@@ -136,14 +203,25 @@ class VisualBPE:
     missing = [k for k in ("tokens", "positions", "lengths", "grid_shape") if k not in encoding]
     if missing:
       raise ValueError(f"encoding lacks {missing}: expected the dict returned by encode")
-    tokens = np.asarray(encoding["tokens"])
-    positions = np.asarray(encoding["positions"])
-    lengths = np.asarray(encoding["lengths"])
-    h, w = (int(v) for v in np.asarray(encoding["grid_shape"]))
+    arrays = {k: np.asarray(encoding[k]) for k in ("tokens", "positions", "lengths",
+                                                   "grid_shape")}
+    for k, v in arrays.items():
+      if v.dtype == bool or not np.issubdtype(v.dtype, np.integer):
+        raise ValueError(f"encoding[{k!r}] has dtype {v.dtype}: expected integers (int32)")
+    tokens, positions, lengths = arrays["tokens"], arrays["positions"], arrays["lengths"]
+    grid_shape = arrays["grid_shape"]
+    if grid_shape.shape != (2,) or grid_shape.min() < 1:
+      raise ValueError(f"encoding['grid_shape']={grid_shape.tolist()}: expected [H, W] >= 1")
+    h, w = (int(v) for v in grid_shape)
+    if tokens.ndim != 2:
+      raise ValueError(f"encoding['tokens'] has shape {tokens.shape}: expected [N, L]")
     n, width = tokens.shape
     if positions.shape != (n, width, 2) or lengths.shape != (n,):
       raise ValueError(f"encoding shapes tokens {tokens.shape}, positions {positions.shape}, "
                        f"lengths {lengths.shape}: expected [N, L], [N, L, 2], [N]")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > width):
+      raise ValueError(f"encoding['lengths'] in [{lengths.min()}, {lengths.max()}]: expected "
+                       f"lengths in [0, {width}] (L = {width})")
     valid = np.arange(width)[None, :] < lengths[:, None]
     toks = tokens[valid].astype(np.int64)
     if toks.size and (toks.min() < 0 or toks.max() >= self.vocab_size):
@@ -188,28 +266,36 @@ class VisualBPE:
                 alpha=self.alpha, sigma=self.sigma, min_count=self.min_count, merges=merges)
 
   def save(self, path: str):
-    """Writes a readable JSON vocabulary (one merge per line)."""
+    """Writes a readable JSON vocabulary (one merge per line), atomically (`fileio`)."""
     d = self.to_dict()
     merges = d.pop("merges")
-    head = json.dumps(d)[:-1]
-    body = ",\n".join("  " + json.dumps(m) for m in merges)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      f.write(f'{head}, "merges": [\n{body}\n]}}\n')
+    head = fileio.dumps_json(d)[:-1]
+    body = ",\n".join("  " + fileio.dumps_json(m) for m in merges)
+    fileio.write_text(path, f'{head}, "merges": [\n{body}\n]}}\n')
 
   @classmethod
   def load(cls, path: str) -> "VisualBPE":
-    with open(path) as f:
-      d = json.load(f)
+    """Reads `save`'s JSON; a torn, edited or foreign file raises ValueError naming the file
+    and the bad field (every id, offset and footprint is checked)."""
+    d = fileio.read_json(path, what="visual BPE vocabulary")
+    where = f"visual BPE vocabulary {path}"
+    if not isinstance(d, dict):
+      raise ValueError(f"{where}: a JSON {type(d).__name__}; expected an object with "
+                       f"format {FORMAT!r}")
     if d.get("format") != FORMAT:
-      raise ValueError(f"{path}: format {d.get('format')!r}, expected {FORMAT!r}")
-    bpe = cls(d["base_vocab_size"], d["merges"], d["offsets"], d["alpha"], d["sigma"],
-              d["min_count"])
-    for m in d["merges"]:
-      if "footprint" in m and bpe.geometry.footprint(m["id"]).tolist() != m["footprint"]:
-        raise ValueError(f"{path}: merge {m['id']} footprint {m['footprint']} does not match "
-                         "its (a, b, offset)")
+      raise ValueError(f"{where}: format {d.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in ("base_vocab_size", "offsets", "alpha", "sigma", "min_count",
+                           "merges") if k not in d]
+    if missing:
+      raise ValueError(f"{where}: missing field(s) {missing}")
+    if d.get("version", 1) != 1:
+      raise ValueError(f"{where}: version {d['version']!r}; expected 1")
+    try:
+      bpe = cls(d["base_vocab_size"], d["merges"], d["offsets"], d["alpha"], d["sigma"],
+                d["min_count"])
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from e
     if d.get("vocab_size", bpe.vocab_size) != bpe.vocab_size:
-      raise ValueError(f"{path}: vocab_size {d['vocab_size']} != base + merges "
-                       f"({bpe.vocab_size})")
+      raise ValueError(f"{where}: field 'vocab_size'={d['vocab_size']!r}; expected base + "
+                       f"merges = {bpe.vocab_size}")
     return bpe
