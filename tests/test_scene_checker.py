@@ -178,3 +178,29 @@ def test_text_attribute_scores():
   s = sc.text_attribute_scores("a large red circle at the top-left and a blue star.", objects)
   assert s == {"precision": pytest.approx(4 / 6), "recall": pytest.approx(4 / 8)}
   assert sc.text_attribute_scores("hello.", objects) == {"precision": 0.0, "recall": 0.0}
+
+
+def test_empty_scenes_file_is_an_error(tmp_path):
+  (tmp_path / "scenes.jsonl").write_text("\n\n")
+  with pytest.raises(ValueError, match="scenes.jsonl holds no scene") as e:
+    sc.check_dir(str(tmp_path))
+  assert str(tmp_path / "scenes.jsonl") in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [("shape", "hexagon"), ("color", "mauve"),
+                                         ("size", "huge"), ("position", "middle")])
+def test_unknown_names_in_ground_truth_are_refused(tmp_path, field, value):
+  ex = shapes.make_example(2, "test")
+  objects = copy.deepcopy(ex["objects"])
+  objects[-1][field] = value
+  with pytest.raises(ValueError, match=f"{field}={value!r} unknown; expected one of") as e:
+    sc.score(ex["image"], objects)
+  allowed = {"shape": shapes.SHAPES, "color": shapes.COLORS, "size": shapes.SIZES,
+             "position": shapes.POSITIONS}[field]
+  assert all(name in str(e.value) for name in allowed)
+  shapes.write_split(str(tmp_path), "test", 3, seed=1)
+  recs = [json.loads(x) for x in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+  recs[1]["objects"][0][field] = value
+  (tmp_path / "scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  with pytest.raises(ValueError, match=f"scenes.jsonl:2: .*{field}={value!r} unknown"):
+    sc.check_dir(str(tmp_path))

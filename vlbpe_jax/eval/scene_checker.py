@@ -18,6 +18,9 @@ Text: `parse_text` reads the templates of `shapes` (captions and attribute state
 CLI (DIR as written by `python -m vlbpe_jax.data.shapes`), prints one JSON line:
 
   python -m vlbpe_jax.eval.scene_checker --data=DIR
+
+A missing or empty scenes.jsonl, an unreadable image or a ground-truth name outside `shapes`
+(shape, color, size, position) ends in one `error:` line naming it, exit code 2.
 """
 
 import collections
@@ -32,11 +35,14 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from vlbpe_jax import cli
 from vlbpe_jax.data import shapes
 
 _NAMES = list(shapes.COLORS)
 _OBJECT_RGB = np.array(list(shapes.COLORS.values()), np.float32)  # [P, 3]
 _KEYS = ("shape", "color", "size", "position")
+_ALLOWED = {"shape": tuple(shapes.SHAPES), "color": tuple(shapes.COLORS),
+            "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 CRITERIA = ("present", "shape", "color", "size", "position", "count", "all_correct")
 
 
@@ -158,9 +164,15 @@ def parse_image(image):
 
 
 def _check_objects(objects, name="objects"):
+  """A list of dicts with the keys _KEYS, every value one of `shapes`' names, or ValueError."""
   if not isinstance(objects, (list, tuple)) or not all(
       isinstance(o, dict) and all(k in o for k in _KEYS) for o in objects):
     raise ValueError(f"{name}={objects!r}; expected a list of dicts with keys {_KEYS}")
+  for i, o in enumerate(objects):
+    for k in _KEYS:
+      if not isinstance(o[k], str) or o[k] not in _ALLOWED[k]:
+        raise ValueError(f"{name}[{i}] {k}={o[k]!r} unknown; expected one of "
+                         f"{list(_ALLOWED[k])}")
 
 
 def _match(listed, found, keys=_KEYS):
@@ -225,14 +237,21 @@ def check_dir(data_dir):
         continue
       try:
         rec = json.loads(line)
-        with Image.open(os.path.join(data_dir, rec["image"])) as im:
-          image = np.asarray(im.convert("RGB"))
+        image_path = os.path.join(data_dir, rec["image"])
+        try:
+          with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        except OSError as e:
+          raise ValueError(f"image {image_path} cannot be read ({e})") from e
         s = score(image, rec["objects"])
-      except (OSError, KeyError, json.JSONDecodeError, ValueError) as e:
+      except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{path}:{lineno}: bad record ({e})") from e
       for k in CRITERIA:
         totals[k] += float(s[k])
       n += 1
+  if not n:
+    raise ValueError(f"{path} holds no scene records: expected one JSON object per line "
+                     "(as `python -m vlbpe_jax.data.shapes` writes)")
   criteria = {k: totals[k] / max(n, 1) for k in CRITERIA}
   return {"n": n, "exact": criteria["all_correct"], "criteria": criteria}
 
@@ -325,9 +344,12 @@ def _flag_values():
 def main(argv=None):
   """CLI entry point; argv like sys.argv (program name first)."""
   fv = _flag_values()
-  fv(sys.argv if argv is None else argv)
+  try:
+    fv(sys.argv if argv is None else argv)
+  except flags.Error as e:
+    raise ValueError(f"{e}") from e
   print(json.dumps(check_dir(fv.data)))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_plain(main)
