@@ -5,8 +5,9 @@
     cli.run_plain(main)    # argparse apps: main(argv=None)
 
 A `ValueError` (our convention for bad input, e.g. `fileio.CorruptArtifactError`), a missing
-file, or a misspelled `--config.` override prints `error: <message>` on stderr and exits 2.
-Set `VLBPE_TRACEBACK=1` to get the full traceback instead.
+file, a path that is a file where a folder is expected (a `--workdir` is checked up front), a
+bad flag, or a misspelled `--config.` override prints one line `error: <message>` on stderr
+and exits 2. Set `VLBPE_TRACEBACK=1` to get the full traceback instead.
 """
 
 import os
@@ -17,13 +18,14 @@ from absl import app
 from absl import flags
 
 EXIT_BAD_INPUT = 2
-_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                 IsADirectoryError)
 
 
 def _fail(message: str):
-  if os.environ.get("VLBPE_TRACEBACK"):
+  if os.environ.get("VLBPE_TRACEBACK") and sys.exc_info()[0] is not None:
     raise  # pylint: disable=misplaced-bare-raise  (re-raises the exception being handled)
-  print(f"error: {message}", file=sys.stderr)
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
   sys.exit(EXIT_BAD_INPUT)
 
 
@@ -40,12 +42,15 @@ def _override_message(argv, e) -> str:
                                                  else f" ({text})"))
 
 
+def _config_arg(argv) -> str:
+  return next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+
+
 def _parse_flags(argv):
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS:  # config files load lazily: load now, report a bad path here
       getattr(flags.FLAGS.config, "to_dict")
-    return rest
   except flags.Error as e:  # a config file's own error comes with its traceback: keep the end
     text = f"{e}"
     if "Traceback" in text:
@@ -53,8 +58,15 @@ def _parse_flags(argv):
     _fail(text)
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.<field>
     _fail(_override_message(argv, e))
-  except (OSError, ValueError) as e:  # a config file that is missing or rejects its argument
-    _fail(re.sub(r"\s+", " ", f"{e}").strip())
+  except OSError as e:  # config_flags: "Failed loading config file ...", then the OS error
+    cause = f"{e}".strip().splitlines()[-1].strip()
+    _fail(f"{_config_arg(argv)}: cannot load the config file ({cause})")
+  except ValueError as e:  # a config file that rejects its argument
+    _fail(f"{e}")
+  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f"--workdir={workdir} is a file; expected a directory (new or from an earlier run)")
+  return rest
 
 
 def run(main):
@@ -68,8 +80,8 @@ def run(main):
 
 
 def run_plain(main):
-  """Runs an argparse `main()` with one-line errors for bad inputs."""
+  """Runs an argparse (or absl `FlagValues`) `main()` with one-line errors for bad inputs."""
   try:
     main()
-  except _INPUT_ERRORS as e:
+  except _INPUT_ERRORS + (flags.Error,) as e:
     _fail(f"{e}")

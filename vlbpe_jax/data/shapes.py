@@ -37,6 +37,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from vlbpe_jax import cli
+
 SHAPES = ("square", "circle", "triangle", "diamond", "cross", "star")
 COLORS = {
     "red": (220, 30, 30),
@@ -401,4 +403,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_plain(main)

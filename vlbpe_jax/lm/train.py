@@ -35,6 +35,7 @@ import optax
 import tqdm
 
 from vlbpe_jax import checkpoint
+from vlbpe_jax import cli
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
@@ -451,4 +452,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Pipeline directory (the LM writes under workdir/lm).")
   flags.DEFINE_enum("run", "full", RUNS, "Which plan to train.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ from PIL import Image
 import tqdm
 
 from vlbpe_jax import checkpoint
+from vlbpe_jax import cli
 from vlbpe_jax import parallel
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
@@ -383,4 +384,4 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints under workdir/vq).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)
