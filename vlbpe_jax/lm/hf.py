@@ -173,8 +173,8 @@ def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   cast = lambda x: jnp.asarray(np.asarray(x), dtype)
   params = {"final_norm": {"scale": cast(t.pop("model.norm.weight"))}}
   embed = t.pop("model.embed_tokens.weight")
-  head = t.pop("lm_head.weight", None)
-  for name, table in (("embed", embed), ("head", None if cfg.tie_embeddings else head)):
+  head = None if cfg.tie_embeddings else t.pop("lm_head.weight")  # tied: a stored copy unread
+  for name, table in (("embed", embed), ("head", head)):
     if table is None:
       continue
     params[f"text_{name}"] = cast(table[:cfg.text_vocab])
