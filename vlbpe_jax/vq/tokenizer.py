@@ -17,6 +17,30 @@ from vlbpe_jax import checkpoint
 from vlbpe_jax.vq import train
 
 
+def check_codes(codes, grid=None, codebook_size=None) -> np.ndarray:
+  """Code grids as int32 [N, h, w] or ValueError naming the bad shape, dtype or value.
+
+  grid: the (h, w) the tokenizer was trained for (None: any); codebook_size: codes must lie in
+  [0, codebook_size) (None: only >= 0).
+  """
+  codes = np.asarray(codes)
+  if codes.ndim != 3:
+    raise ValueError(f"codes of shape {codes.shape}: expected [N, h, w]")
+  if codes.dtype == bool or not np.issubdtype(codes.dtype, np.integer):
+    raise ValueError(f"codes of dtype {codes.dtype}: expected integers (int32)")
+  if grid is not None and codes.shape[1:] != tuple(grid):
+    raise ValueError(f"codes of shape {codes.shape} (grid {codes.shape[1]}x{codes.shape[2]}): "
+                     f"expected [N, {grid[0]}, {grid[1]}], the {grid[0]}x{grid[1]} grid this "
+                     "tokenizer was trained for")
+  bad = (codes < 0) if codebook_size is None else (codes < 0) | (codes >= codebook_size)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    want = "codes >= 0" if codebook_size is None else f"codes in [0, {codebook_size})"
+    raise ValueError(f"codes hold {int(bad.sum())} values outside [0, {codebook_size or 'inf'}) "
+                     f"(first at index {first}: {int(codes[first])}); expected {want}")
+  return codes.astype(np.int32)
+
+
 class Tokenizer:
   """Holds a config, its parameters and the jitted encode/decode functions."""
 
@@ -56,17 +80,9 @@ class Tokenizer:
     return images
 
   def check_codes(self, codes) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 3:
-      raise ValueError(f"codes of shape {codes.shape}: expected [N, h, w]")
-    if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f"codes of dtype {codes.dtype}: expected integers")
-    bad = (codes < 0) | (codes >= self.codebook_size)
-    if bad.any():
-      first = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"codes hold {int(bad.sum())} values outside [0, {self.codebook_size}) "
-                       f"(first at index {first}: {int(codes[first])})")
-    return codes.astype(np.int32)
+    """int32 [N, h, w] on this tokenizer's grid with codes in [0, codebook_size), or
+    ValueError."""
+    return check_codes(codes, self.grid, self.codebook_size)
 
   def encode(self, images) -> np.ndarray:
     """uint8 [N, R, R, 3] -> int32 [N, R/f, R/f]."""
@@ -74,7 +90,7 @@ class Tokenizer:
     return self._batched(self.trainer.encode_fn, images, np.int32, self.grid)
 
   def decode(self, codes) -> np.ndarray:
-    """int [N, h, w] with values in [0, codebook_size) -> uint8 [N, h*f, w*f, 3]."""
+    """int [N, h, w] (the trained grid) in [0, codebook_size) -> uint8 [N, h*f, w*f, 3]."""
     codes = self.check_codes(codes)
     f = self.downsample
     return self._batched(self.trainer.decode_fn, codes, np.uint8,
