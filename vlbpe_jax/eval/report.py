@@ -4,22 +4,27 @@ Every stage adds its own section; the report is rebuilt from all sections each t
 resumed run (or a stage re-run alone) keeps what the other stages wrote:
 
   workdir/report/index.html           # the page, sections sorted by `order`
-  workdir/report/metrics.json         # flat {"vq.psnr_db": 31.2, "bpe.compression": 2.9, ...}
-  workdir/report/sections/<key>.json  # {"title", "order", "html"} of one stage
-  workdir/report/<any image path>     # pictures saved by `save_image`
+  workdir/report/metrics.json         # flat {"vq.psnr_db": 31.2, ...}: every section's metrics
+  workdir/report/sections/<key>.json  # {"title", "order", "html", "metrics"} of one stage
+  workdir/report/<key>/...            # pictures saved by `save_image` (by convention under
+                                      # the section's key, so `remove_section` drops them too)
+
+metrics.json is rebuilt from the sections, so removing a section (a stage whose inputs
+changed) removes its numbers too: the page never shows a number its section did not produce.
 
   report.add_section(workdir, key="bpe", title="Visual BPE", order=30,
                      html="<p>...</p>", metrics={"bpe.compression": 2.9})
 """
 
 import html as html_lib
-import json
 import math
 import os
-import tempfile
+import shutil
 
 import numpy as np
 from PIL import Image
+
+from vlbpe_jax import fileio
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -33,14 +38,6 @@ img.pix { image-rendering: pixelated; }
 
 def report_dir(workdir: str) -> str:
   return os.path.join(workdir, "report")
-
-
-def _atomic_write(path: str, text: str):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _check_metrics(metrics: dict) -> dict:
@@ -64,27 +61,43 @@ def read_metrics(workdir: str) -> dict:
   path = os.path.join(report_dir(workdir), "metrics.json")
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(path, what="report metrics")
 
 
 def add_section(workdir: str, key: str, title: str, order: int, html: str,
                 metrics: dict | None = None) -> str:
-  """Adds (or replaces) the section `key`, merges `metrics`, rebuilds index.html.
+  """Adds (or replaces) the section `key` with its `metrics`; rebuilds the page.
 
   Returns the path of index.html.
   """
   if not key.isidentifier():
     raise ValueError(f"section key {key!r}: expected an identifier like 'vq'")
   metrics = _check_metrics(metrics or {})
-  rdir = report_dir(workdir)
-  _atomic_write(os.path.join(rdir, "sections", f"{key}.json"),
-                json.dumps({"title": title, "order": int(order), "html": html}))
-  merged = read_metrics(workdir)
-  merged.update(metrics)
-  _atomic_write(os.path.join(rdir, "metrics.json"),
-                json.dumps(dict(sorted(merged.items())), indent=1))
+  fileio.write_json(os.path.join(report_dir(workdir), "sections", f"{key}.json"),
+                    {"title": title, "order": int(order), "html": html, "metrics": metrics})
   return build_index(workdir)
+
+
+def remove_section(workdir: str, key: str) -> bool:
+  """Drops section `key`, its metrics and its pictures (`report/<key>/`); rebuilds the page.
+  Returns whether there was such a section."""
+  rdir = report_dir(workdir)
+  path = os.path.join(rdir, "sections", f"{key}.json")
+  had = os.path.exists(path)
+  if had:
+    os.remove(path)
+  shutil.rmtree(os.path.join(rdir, key), ignore_errors=True)
+  if had:
+    build_index(workdir)
+  return had
+
+
+def section_metrics(workdir: str, key: str) -> dict | None:
+  """The metrics of section `key`, or None when there is no such section."""
+  path = os.path.join(report_dir(workdir), "sections", f"{key}.json")
+  if not os.path.exists(path):
+    return None
+  return fileio.read_json(path, what=f"report section {key!r}").get("metrics", {})
 
 
 def build_index(workdir: str) -> str:
@@ -93,10 +106,13 @@ def build_index(workdir: str) -> str:
   sections = []
   for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
     if name.endswith(".json"):
-      with open(os.path.join(sdir, name)) as f:
-        sections.append(json.load(f))
+      sections.append(fileio.read_json(os.path.join(sdir, name), what="report section"))
   sections.sort(key=lambda s: (s["order"], s["title"]))
-  metrics = read_metrics(workdir)
+  metrics = {}
+  for s in sections:
+    metrics.update(s.get("metrics", {}))
+  metrics = dict(sorted(metrics.items()))
+  fileio.write_json(os.path.join(rdir, "metrics.json"), metrics, indent=1)
   rows = "".join(f"<tr><td><code>{html_lib.escape(k)}</code></td><td>{_fmt(v)}</td></tr>"
                  for k, v in metrics.items())
   toc = "".join(f"<li>{html_lib.escape(s['title'])}</li>" for s in sections)
@@ -105,11 +121,13 @@ def build_index(workdir: str) -> str:
           f"<style>{_STYLE}</style></head><body><h1>vlbpe_jax report</h1>"
           f"<ol>{toc}</ol><h2>Metrics</h2><table>{rows}</table>{body}</body></html>")
   path = os.path.join(rdir, "index.html")
-  _atomic_write(path, page)
+  fileio.write_text(path, page)
   return path
 
 
 def _fmt(v) -> str:
+  if v is None:
+    return "&ndash;"
   if isinstance(v, float):
     return f"{v:.4g}"
   return html_lib.escape(str(v))
@@ -124,8 +142,8 @@ def save_image(workdir: str, relpath: str, image) -> str:
   if os.path.isabs(relpath) or ".." in relpath.split("/"):
     raise ValueError(f"relpath={relpath!r}: expected a relative path inside the report")
   path = os.path.join(report_dir(workdir), relpath)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+  with fileio.atomic_file(path) as tmp:
+    Image.fromarray(image).save(tmp, format="PNG")
   return relpath
 
 
