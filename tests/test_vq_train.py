@@ -91,7 +91,8 @@ def test_resume_reaches_the_same_state(trained, tmp_path):
 @pytest.mark.slow
 def test_outputs_metrics_and_samples(trained):
   _, workdir, val = trained
-  assert set(val) == {"psnr_db", "ssim", "codebook_usage", "perplexity"}
+  assert set(val) == {"psnr_db", "ssim", "codebook_usage", "perplexity", "train_seconds"}
+  assert val["train_seconds"] > 0
   rows = [json.loads(line) for line in open(os.path.join(workdir, "vq", "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(

@@ -1,13 +1,16 @@
 """Orbax checkpoints holding the train state, the data-iterator state and the config.
 
-One checkpoint step is a directory with three items:
+One checkpoint step is a directory with up to four items:
   state     the state pytree (`{"step", "params", "opt", ...}`), sharded arrays via tensorstore
   data_iter the grain iterator state (optional), so a resumed run sees the same batches
   config    the run's config as JSON
+  meta      JSON facts of the run up to this step (optional), e.g. {"train_seconds": 81.2},
+            so records of a resumed run add up as one run's
 
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"), config=config, must_match=("vq.model",))
-  ckpt.save(step, state, data_iter=it)              # async; keeps the last `max_to_keep`
+  ckpt.save(step, state, data_iter=it, meta={"train_seconds": t})  # async; keeps the last k
   state = ckpt.restore(abstract_state, data_iter=it)   # onto the shardings in abstract_state
+  ckpt.meta()                                          # the latest step's meta ({} if none)
 
 `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, so a checkpoint
 saved on one mesh restores onto any other (or one device). A checkpoint whose tree, shapes or
@@ -61,7 +64,8 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     # Handlers are named up front so that metadata of a checkpoint written by another
     # process can be read before restoring; the grain iterator handler is added on first use.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
     try:
       import grain  # pylint: disable=g-import-not-at-top  (absent on some accelerator hosts)
       handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
@@ -75,10 +79,13 @@ class Checkpointer:
   def all_steps(self):
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state, *, data_iter=None, force: bool = False) -> bool:
-    """Starts an (async) save of `state` (+ iterator state) at `step`."""
+  def save(self, step: int, state, *, data_iter=None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an (async) save of `state` (+ iterator state, + `meta`) at `step`."""
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(self._config))
+    if meta is not None:
+      items["meta"] = ocp.args.JsonSave(dict(meta))
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top  (only where data iterators exist)
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -108,6 +115,14 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
         "config"]
+
+  def meta(self, step=None) -> dict:
+    """The `meta` saved at `step` (default: latest); {} when that step has none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+      return {}
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"]
 
   def _check_config(self, step):
     if not self._must_match:

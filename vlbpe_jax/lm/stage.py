@@ -21,6 +21,7 @@ import time
 from absl import logging
 import jax
 
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
@@ -62,8 +63,7 @@ def _load(path, config, run):
   """The stored result, or None; a result written with another config raises."""
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    result = json.load(f)
+  result = fileio.read_json(path, what=f"result of LM run {run!r}")
   want = _fingerprint(config, run)
   bad = [k for k in want if result.get("config", {}).get(k) != want[k]]
   if bad:
@@ -73,11 +73,7 @@ def _load(path, config, run):
 
 
 def _save(path, result):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f)
-  os.replace(tmp, path)
+  fileio.write_json(path, result)  # atomic; NaN (e.g. no seen-composition question) -> null
 
 
 class _Context:
@@ -152,7 +148,9 @@ def _run(ctx, run):
   res = _evaluate(ctx, model, state["params"], visual["test"], trainer.ctx)
   plan = train.plan_of(ctx.config, run)
   res.update(
-      train_seconds=t_train, eval_seconds=time.perf_counter() - t0 - t_train,
+      # Summed over every process that trained the run (a resumed run counts its first part).
+      train_seconds=train.train_seconds(os.path.join(ctx.workdir, "lm", run)),
+      eval_seconds=time.perf_counter() - t0 - t_train,
       steps=sum(p.steps for p in plan),
       stages=[p.stage for p in plan],
       trainable=train.trainable_counts(ctx.config, plan, state["params"]),
@@ -197,7 +195,9 @@ def _verdict(a, b, n, claim):
 
 
 def _finite(metrics):
-  return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+  """Drops metrics without a value (None, NaN: e.g. no held-out question in a tiny split)."""
+  return {k: v for k, v in metrics.items()
+          if v is not None and (not isinstance(v, float) or math.isfinite(v))}
 
 
 def _by_type(results, runs):

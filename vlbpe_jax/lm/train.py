@@ -36,6 +36,7 @@ import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
@@ -283,14 +284,28 @@ class MetricLog:
     lines = []
     if os.path.exists(path):
       with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      f.writelines(lines)
+        lines = [ln for ln in f if ln.strip() and _step_of(ln, path) <= resume_step]
+    fileio.write_text(path, "".join(ln if ln.endswith("\n") else ln + "\n" for ln in lines))
 
   def write(self, step: int, values: dict):
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+
+
+def _step_of(line: str, path: str) -> float:
+  """The step of a metrics.jsonl line; a line torn by a crash counts as past any step."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    logging.warning("%s: dropping a torn line %r", path, line[:80])
+    return float("inf")
+
+
+def train_seconds(run_dir: str) -> float:
+  """Seconds spent training `run_dir` up to its latest checkpoint, summed over every process
+  that resumed it (saved with each checkpoint); NaN when it has none."""
+  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt")) as ckpt:
+    return float(ckpt.meta().get("train_seconds", float("nan")))
 
 
 def _phase_at(plan, step):
@@ -311,6 +326,7 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   step passed that check, so the last one stays good.
   """
   c = config.lm
+  t_start = time.time()
   ends = np.cumsum([p.steps for p in plan]).tolist()
   total = ends[-1]
   key_init, key_train = jax.random.split(jax.random.key(config.seed))
@@ -318,6 +334,7 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), config=config,
                                  must_match=must_match, max_to_keep=2)
   latest = ckpt.latest_step()
+  seconds_before = ckpt.meta().get("train_seconds", 0.0) if latest is not None else 0.0
   if latest is None:
     k, it = 0, make_iter(plan[0])
     state = trainer.init(key_init, plan[0], base_params)
@@ -368,7 +385,8 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
       bar.update(1)
       if step % c.ckpt_every == 0 or step in ends or step == stop_at_step:
         drain()
-        ckpt.save(step, state, data_iter=it)
+        ckpt.save(step, state, data_iter=it,
+                  meta={"train_seconds": seconds_before + time.time() - t_start})
     drain()
   bar.close()
   ckpt.close()

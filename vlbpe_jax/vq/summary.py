@@ -5,18 +5,25 @@ writes the two formats directly: `events.out.tfevents.*` are TFRecords of `Event
 (wall_time=1, step=2, file_version=3, summary=5 -> Value tag=1, simple_value=2), which
 TensorBoard reads, and `metrics.jsonl` holds `{"step": s, "name": value, ...}` per call.
 
-  w = MetricWriter(os.path.join(workdir, "vq"))
+  w = MetricWriter(os.path.join(workdir, "vq"), resume_step=restored_step)
   w.write_scalars(step, {"train/loss": 0.1})
   w.close()
+
+A resumed run reads as one run: the writer keeps the lines of steps <= `resume_step` (those
+the restored checkpoint had seen) and drops the rest, and there is one event file per logdir,
+rewritten from the kept lines, not a new file per restart.
 """
 
 import json
 import os
-import socket
 import struct
 import time
 
 import numpy as np
+
+from vlbpe_jax import fileio
+
+EVENTS_NAME = "events.out.tfevents.vlbpe"
 
 
 def _crc32c_table():
@@ -80,15 +87,44 @@ def tfrecord(data: bytes) -> bytes:
           struct.pack("<I", _masked_crc(data)))
 
 
-class MetricWriter:
-  """Appends scalars to `logdir/events.out.tfevents.*` and `logdir/metrics.jsonl`."""
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    lines = f.read().split("\n")
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 2:  # not the last line: the file was edited or damaged
+        raise fileio.CorruptArtifactError(f"{path} line {i + 1} is not JSON ({e}); delete "
+                                          "the file to start its log afresh") from e
+  return out
 
-  def __init__(self, logdir: str):
+
+class MetricWriter:
+  """Appends scalars to `logdir/events.out.tfevents.vlbpe` and `logdir/metrics.jsonl`."""
+
+  def __init__(self, logdir: str, resume_step: int = 0):
     os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._events = open(os.path.join(logdir, name), "ab")
-    self._events.write(tfrecord(event_bytes(0, time.time(), file_version="brain.Event:2")))
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    jsonl = os.path.join(logdir, "metrics.jsonl")
+    kept = [r for r in read_jsonl(jsonl) if int(r["step"]) <= resume_step]
+    fileio.write_text(jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+    events = tfrecord(event_bytes(0, time.time(), file_version="brain.Event:2"))
+    events += b"".join(tfrecord(event_bytes(int(r["step"]), time.time(),
+                                            {k: v for k, v in r.items() if k != "step"}))
+                       for r in kept)
+    for name in os.listdir(logdir):  # earlier versions wrote one file per restart
+      if name.startswith("events.out.tfevents.") and name != EVENTS_NAME:
+        os.remove(os.path.join(logdir, name))
+    path = os.path.join(logdir, EVENTS_NAME)
+    fileio.write_bytes(path, events)
+    self._events = open(path, "ab")
+    self._jsonl = open(jsonl, "a")
 
   def write_scalars(self, step: int, scalars: dict):
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}

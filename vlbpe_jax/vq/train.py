@@ -27,6 +27,7 @@ import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
@@ -330,13 +331,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                            parallel.replicated(trainer.mesh))
   ckpt = checkpoint.Checkpointer(os.path.join(vq_dir, "ckpt"), config=config,
                                  must_match=MUST_MATCH)
+  t_start, seconds_before = time.time(), ckpt.meta().get("train_seconds", 0.0)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state, data_iter=data_iter)
     logging.info("Resumed from step %d in %s", ckpt.latest_step(), ckpt.directory)
   else:
     state = trainer.init(key_init)
   first = int(jax.device_get(state["step"]))
-  writer = summary.MetricWriter(vq_dir)
+  writer = summary.MetricWriter(vq_dir, resume_step=first)
   t_last, last_logged = time.time(), first
   with jax.transfer_guard("disallow"):
     for step in tqdm.trange(first, cfg.total_steps, initial=first, total=cfg.total_steps,
@@ -359,18 +361,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("vq step %d: %s", done, val)
         _save_grid(vq_dir, done, val_images[:cfg.grid_images], rec[:cfg.grid_images])
       if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
-        ckpt.save(done, state, data_iter=data_iter)
+        ckpt.save(done, state, data_iter=data_iter,
+                  meta={"train_seconds": seconds_before + time.time() - t_start})
   if first >= cfg.total_steps:  # nothing to train: evaluate the restored state
     val, _ = evaluate(trainer, state["params"], val_images)
+  ckpt.wait()
+  # Summed over every process that trained this run (resumes included), up to the last save.
+  val["train_seconds"] = float(ckpt.meta().get("train_seconds", float("nan")))
   ckpt.close()
   writer.close()
   return val
 
 
 def _save_grid(vq_dir, step, images, rec):
-  os.makedirs(os.path.join(vq_dir, "samples"), exist_ok=True)
-  Image.fromarray(comparison_grid(images, rec)).save(
-      os.path.join(vq_dir, "samples", f"step_{step:06d}.png"))
+  with fileio.atomic_file(os.path.join(vq_dir, "samples", f"step_{step:06d}.png")) as tmp:
+    Image.fromarray(comparison_grid(images, rec)).save(tmp, format="PNG")
 
 
 def main(argv):
