@@ -18,6 +18,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
   c.stages = "data,vq,bpe,lm"  # pipeline stages to run, in this order (vlbpe_jax/train.py)
+  # A rerun skips stages whose inputs are unchanged and recomputes the others; a training
+  # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
+  # after it may then be deleted and retrained; "all": every stage).
+  c.recompute = ""
   # Device mesh: -1 = all remaining devices. Rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES.
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
 

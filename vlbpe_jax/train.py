@@ -1,62 +1,232 @@
 """The pipeline: data -> VQ -> visual BPE -> unified LM, each stage reading the previous one's files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
-stage.py`), resumes from what `workdir` already holds, and adds its section to the one
-report (`workdir/report/index.html`, `metrics.json`). `config.stages` picks which run.
+stage.py`) and adds its section to the one report (`workdir/report/index.html`,
+`metrics.json`). `config.stages` picks which run.
+
+Resume rule (`vlbpe_jax/manifest.py`): each stage's outputs carry a manifest of the config
+fields that produced them (its own and those of the stages it reads) and the digests of the
+files it read. A rerun skips a stage whose manifest matches, resumes one that was interrupted,
+and recomputes one whose inputs changed, with everything downstream. A stage that holds a
+training run (`Stage.trains`) is never deleted silently: it is refused with the changed fields,
+unless `config.recompute` names it or a stage before it (`all`: every stage).
 """
 
+import dataclasses
 import html
-import json
 import os
+import shutil
 import time
+from typing import Callable
 
 from absl import logging
 
+from vlbpe_jax import fileio
+from vlbpe_jax import manifest
 from vlbpe_jax.bpe import stage as bpe_stage
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.vq import stage as vq_stage
 
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """How the pipeline keys, skips and recomputes one stage."""
+  run: Callable  # run_stage(config, workdir) -> metrics; adds the report section `name`
+  config_keys: tuple  # config fields it reads itself (dotted paths)
+  reads: tuple = ()  # upstream stages whose outputs it reads
+  outputs: tuple = ()  # globs (relative to workdir) of the files later stages read
+  owns: tuple = ()  # what it writes (relative to workdir), deleted before a recompute
+  trains: bool = False  # holds a training run: a recompute must be asked for
+
+
+_DATA = ("seed", "data.resolution", "data.num_train", "data.num_validation", "data.num_test")
+
 # In pipeline order: a stage reads the artifacts of those before it.
 STAGES = {
-    "data": data_stage.run_stage,
-    "vq": vq_stage.run_stage,
-    "bpe": bpe_stage.run_stage,
-    "lm": lm_stage.run_stage,
+    "data": Stage(data_stage.run_stage, _DATA + ("data", "tokenizer"),
+                  outputs=("data/tfds", "tokenizer/text.model"), owns=("data", "tokenizer")),
+    "vq": Stage(vq_stage.run_stage, _DATA + ("vq",),
+                outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True),
+    "bpe": Stage(bpe_stage.run_stage, ("seed", "data.resolution", "bpe"), reads=("vq",),
+                 outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",)),
+    "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "vq", "bpe"),
+                outputs=("lm/*/result.json",), owns=("lm",), trains=True),
 }
 
 
-def parse_stages(spec) -> list[str]:
+def parse_stages(spec, what: str = "config.stages") -> list[str]:
   """`"data,vq"` (or a sequence) -> stage names in pipeline order; unknown names raise."""
   names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
   unknown = [n for n in names if n not in STAGES]
   if unknown or not names:
-    raise ValueError(f"config.stages={spec!r}: unknown or empty; expected a comma-separated "
+    raise ValueError(f"{what}={spec!r}: unknown or empty; expected a comma-separated "
                      f"subset of {list(STAGES)}")
   return [n for n in STAGES if n in names]
+
+
+def recompute_allowed(config) -> set[str]:
+  """Stages whose training runs `config.recompute` allows to delete: the named ones and every
+  stage after the first of them ("all": every stage)."""
+  spec = str(config.get("recompute", "") or "").strip()
+  if not spec:
+    return set()
+  if spec == "all":
+    return set(STAGES)
+  first = parse_stages(spec, "config.recompute")[0]
+  order = list(STAGES)
+  return set(order[order.index(first):])
+
+
+def config_keys(name: str) -> tuple:
+  """A stage's config fields and those of every stage it reads from, transitively."""
+  keys = set(STAGES[name].config_keys)
+  for up in STAGES[name].reads:
+    keys |= set(config_keys(up))
+  return tuple(sorted(keys))
+
+
+def _config_part(config, name):
+  return manifest.stage_key(config.to_dict(), config_keys(name), {})["config"]
+
+
+def _key(config, workdir, name):
+  """The current key of stage `name`; None when an upstream stage is not done."""
+  inputs = {}
+  for up in STAGES[name].reads:
+    m = manifest.load(workdir, up)
+    if m is None or m["status"] != "done" or m["key"] != _key(config, workdir, up):
+      return None
+    inputs[up] = fileio.value_digest(m["outputs"])
+  return manifest.stage_key(config.to_dict(), config_keys(name), inputs)
+
+
+def _has_work(workdir, name) -> bool:
+  return any(os.path.exists(os.path.join(workdir, p)) for p in STAGES[name].owns)
+
+
+def _refusal(name, workdir, changes) -> str:
+  dirs = ", ".join(os.path.join(workdir, p) for p in STAGES[name].owns)
+  return (f"stage {name!r}: {dirs} holds a training run made from other inputs:\n  "
+          + "\n  ".join(changes) +
+          f"\nRetraining deletes it. To retrain {name!r} and recompute every stage after it, "
+          f"rerun the same command with --config.recompute={name} (or restore the setting "
+          "above to keep the run).")
+
+
+def _preflight(config, workdir, names, allowed):
+  """Refuses, before anything is written, a selected training stage whose config changed."""
+  for name in names:
+    if not STAGES[name].trains or name in allowed or not _has_work(workdir, name):
+      continue
+    m = manifest.load(workdir, name)
+    want = {"config": _config_part(config, name)}
+    if m is None or m["key"]["config"] != want["config"]:
+      changes = manifest.describe_changes(
+          None if m is None else {"config": m["key"]["config"]}, want)
+      raise ValueError(_refusal(name, workdir, changes))
+
+
+def _discard(workdir, name):
+  """Deletes a stage's outputs, manifest and report section (before recomputing it)."""
+  for p in STAGES[name].owns:
+    shutil.rmtree(os.path.join(workdir, p), ignore_errors=True)
+  manifest.remove(workdir, name)
+  report.remove_section(workdir, name)
+
+
+def _status(config, workdir, name):
+  """(status, reasons, key) of stage `name` under `config`: 'done' (skip), 'resume' (an
+  interrupted run, or a done one whose report section is missing), 'stale' (recompute) or
+  'blocked' (an upstream stage is not up to date)."""
+  key = _key(config, workdir, name)
+  if key is None:
+    return "blocked", [], None
+  m = manifest.load(workdir, name)
+  if m is None or m["key"] != key:
+    return "stale", manifest.describe_changes(None if m is None else m["key"], key), key
+  if m["status"] != "done":
+    return "resume", ["interrupted"], key
+  changed = manifest.changed_outputs(workdir, m, STAGES[name].outputs)
+  if changed:
+    return "stale", [f"output {p} differs from what the stage wrote" for p in changed], key
+  if report.section_metrics(workdir, name) is None:
+    return "resume", ["its report section is missing"], key
+  return "done", [], key
+
+
+def run_one(config, workdir, name, allowed) -> dict:
+  """Brings stage `name` up to date (skip, resume or recompute); returns its metrics.
+
+  Only training stages resume (from their checkpoints); the others start over, so a file
+  torn by a crash is never reused.
+  """
+  status, reasons, key = _status(config, workdir, name)
+  if status == "blocked":
+    ups = ", ".join(STAGES[name].reads)
+    raise ValueError(f"stage {name!r} reads the outputs of {ups}, which are not up to date "
+                     f"for this config in {workdir}: add them to --config.stages")
+  if status == "done":
+    logging.info("stage %s: up to date, skipped", name)
+    return report.section_metrics(workdir, name)
+  m = manifest.load(workdir, name) or {}
+  seconds = 0.0
+  if status == "resume" and STAGES[name].trains:
+    seconds = float(m.get("seconds", 0.0))
+    logging.info("stage %s: resuming (%s)", name, "; ".join(reasons))
+  else:
+    if status == "stale" and STAGES[name].trains and _has_work(workdir, name) and (
+        name not in allowed):
+      raise ValueError(_refusal(name, workdir, reasons))
+    if _has_work(workdir, name) or m:
+      logging.warning("stage %s: recomputing (%s)", name, "; ".join(reasons))
+    _discard(workdir, name)
+  manifest.save(workdir, name, {"stage": name, "status": "running", "key": key,
+                                "seconds": seconds})
+  t0 = time.perf_counter()
+  try:
+    metrics = STAGES[name].run(config, workdir)
+  finally:
+    seconds += time.perf_counter() - t0
+    if os.path.exists(manifest.path(workdir, name)):
+      manifest.save(workdir, name, dict(manifest.load(workdir, name), seconds=seconds))
+  manifest.save(workdir, name, {
+      "stage": name, "status": "done", "key": key, "seconds": round(seconds, 2),
+      "finished": time.strftime("%F %T"),
+      "outputs": manifest.output_digests(workdir, STAGES[name].outputs)})
+  logging.info("stage %s done in %.1fs: %s", name, seconds, metrics)
+  return metrics
 
 
 def train_and_evaluate(config, workdir: str) -> str:
   """Runs `config.stages` in order; returns the path of the report's index.html."""
   names = parse_stages(config.stages)
+  allowed = recompute_allowed(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir={workdir!r} is a file; expected a directory")
   os.makedirs(workdir, exist_ok=True)
-  timings_path = os.path.join(workdir, "stages.json")
-  timings = {}
-  if os.path.exists(timings_path):
-    with open(timings_path) as f:
-      timings = json.load(f)
-  for name in names:
-    logging.info("=== stage %s ===", name)
-    t0 = time.perf_counter()
-    metrics = STAGES[name](config, workdir)
-    seconds = time.perf_counter() - t0
-    logging.info("stage %s done in %.1fs: %s", name, seconds, metrics)
-    timings[name] = {"seconds": round(seconds, 2), "finished": time.strftime("%F %T")}
-    with open(timings_path, "w") as f:
-      json.dump(timings, f, indent=1)
-  rows = [(n, t["seconds"], t["finished"]) for n, t in timings.items()]
+  _preflight(config, workdir, names, allowed)
+  for name in STAGES:
+    if name in names:
+      logging.info("=== stage %s ===", name)
+      run_one(config, workdir, name, allowed)
+    elif _status(config, workdir, name)[0] != "done":
+      # Not run now and not made from this config: its numbers must not show beside it.
+      if report.remove_section(workdir, name):
+        logging.warning("stage %s is not up to date for this config: its report section "
+                        "was removed (run it with --config.stages)", name)
+  return _run_section(config, workdir)
+
+
+def _run_section(config, workdir):
+  rows, metrics = [], {}
+  for name in STAGES:
+    m = manifest.load(workdir, name)
+    if m is not None and m["status"] == "done" and report.section_metrics(workdir, name):
+      rows.append((name, m["seconds"], m.get("finished", "")))
+      metrics[f"time_s.{name}"] = m["seconds"]
   config_html = f"<pre class='small'>{html.escape(str(config))}</pre>"
   return report.add_section(
-      workdir, key="run", title="Run", order=0,
-      html=report.table(["stage", "seconds (last run)", "finished"], rows) + config_html)
+      workdir, key="run", title="Run", order=0, metrics=metrics,
+      html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)

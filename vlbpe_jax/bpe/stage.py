@@ -10,13 +10,12 @@ Config (`config.bpe`): num_merges, alpha, sigma, offsets, min_count, base_vocab_
 learned with the same settings and each tokens file names the same bpe.json digest.
 """
 
-import hashlib
 import html
-import json
 import os
 
 import numpy as np
 
+from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import visualize
@@ -35,8 +34,8 @@ def _settings(config) -> dict:
 
 
 def _digest(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()[:16]
+  """The vocabulary's digest stored with the tokens it encoded (`bpe.decode` checks it)."""
+  return fileio.file_digest(path)[:16]
 
 
 def _learn_or_load(config, codes, path, settings):
@@ -53,7 +52,7 @@ def _learn_or_load(config, codes, path, settings):
                                       **settings)
   bpe.save(path)
   if len(bpe.merges) < settings["num_merges"]:
-    open(path + ".stopped_early", "w").close()
+    fileio.write_text(path + ".stopped_early", "")
   return bpe, timing
 
 
@@ -79,7 +78,8 @@ def run_stage(config, workdir: str) -> dict:
   settings = _settings(config)
   vq_dir, bpe_dir = os.path.join(workdir, "vq"), os.path.join(workdir, "bpe")
   os.makedirs(bpe_dir, exist_ok=True)
-  codes = {s: np.load(os.path.join(vq_dir, f"codes_{s}.npy")) for s in SPLITS
+  codes = {s: fileio.load_npy(os.path.join(vq_dir, f"codes_{s}.npy"), what="VQ codes")
+           for s in SPLITS
            if os.path.exists(os.path.join(vq_dir, f"codes_{s}.npy"))}
   if "train" not in codes:
     raise ValueError(f"workdir={workdir!r}: expected {vq_dir}/codes_train.npy from the VQ stage")
@@ -87,20 +87,19 @@ def run_stage(config, workdir: str) -> dict:
   bpe, timing = _learn_or_load(config, codes["train"], path, settings)
   stats_path = os.path.join(bpe_dir, "stats.json")
   if timing is not None:
-    with open(stats_path, "w") as f:
-      json.dump(dict(timing, merges=len(bpe.merges)), f)
+    fileio.write_json(stats_path, dict(timing, merges=len(bpe.merges)))
   digest = _digest(path)
   ratios = {}
   for split, grids in codes.items():
     out = os.path.join(bpe_dir, f"tokens_{split}.npz")
     enc = None
     if os.path.exists(out):
-      with np.load(out) as f:
-        if str(f["bpe_digest"]) == digest and f["lengths"].shape[0] == grids.shape[0]:
-          enc = {k: f[k] for k in f.files}
+      stored = fileio.load_npz(out, what="BPE tokens")
+      if str(stored["bpe_digest"]) == digest and stored["lengths"].shape[0] == grids.shape[0]:
+        enc = {k: v for k, v in stored.items() if k != "bpe_digest"}
     if enc is None:
       enc = bpe.encode(grids)
-      np.savez(out, bpe_digest=np.array(digest), **enc)
+      fileio.save_npz(out, bpe_digest=np.array(digest), **enc)
     ratios[split] = grids.size / max(int(enc["lengths"].sum()), 1)
   shown = codes.get("test", codes["train"])[:int(config.bpe.get("num_token_maps", 6))]
   split = "test" if "test" in codes else "train"
@@ -113,8 +112,7 @@ def run_stage(config, workdir: str) -> dict:
              "bpe.num_merges": len(bpe.merges), "bpe.vocab_size": bpe.vocab_size}
   metrics.update({f"bpe.compression_{s}": r for s, r in ratios.items()})
   if os.path.exists(stats_path):
-    with open(stats_path) as f:
-      st = json.load(f)
+    st = fileio.read_json(stats_path, what="BPE learning stats")
     metrics["bpe.learn_seconds"] = round(st["total_s"], 3)
   report.add_section(workdir, key="bpe", title="Visual BPE", order=30,
                      html=_section_html(bpe, ratios, img_rel), metrics=metrics)

@@ -26,6 +26,8 @@ import os
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from vlbpe_jax import fileio
+
 # Role name -> piece spelling, in id order for trained models (after unk=0).
 SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "image_begin": "<img>",
                   "image_end": "</img>", "user": "<user>", "assistant": "<assistant>"}
@@ -62,7 +64,14 @@ class TextTokenizer:
     if not os.path.isfile(path):
       raise ValueError(f"path={str(path)!r}: no such sentencepiece model file")
     with open(path, "rb") as f:
-      return cls(f.read())
+      data = f.read()
+    try:
+      sp_pb2.ModelProto.FromString(data)
+    except Exception as e:  # protobuf's DecodeError: a torn or foreign file
+      raise fileio.CorruptArtifactError(
+          f"sentencepiece model {path} cannot be parsed ({e}): the file is truncated or not a "
+          "sentencepiece .model; delete it and rerun the data stage") from e
+    return cls(data)
 
   @classmethod
   def train(cls, texts, *, vocab_size: int, model_path, model_type: str = "unigram",
@@ -97,9 +106,7 @@ class TextTokenizer:
 
   def save(self, model_path) -> None:
     """Writes the (possibly extended) model; `load` of it gives the same ids."""
-    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-    with open(model_path, "wb") as f:
-      f.write(self._proto)
+    fileio.write_bytes(model_path, self._proto)  # atomic: a crash never leaves half a model
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     if not isinstance(text, str):

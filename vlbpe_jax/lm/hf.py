@@ -13,7 +13,6 @@ the split recorded under `"vlbpe_vocab"` in config.json so that loading restores
 
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import shutil

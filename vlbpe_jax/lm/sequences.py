@@ -17,11 +17,11 @@ Inputs written by earlier stages: `W/vq/codes_{split}.npy` int32 `[N, h, w]` wit
 Row i of a split belongs to the record whose `index` is i.
 """
 
-import json
 import os
 
 import numpy as np
 
+from vlbpe_jax import fileio
 from vlbpe_jax.data import pipeline
 
 SPLITS = ("train", "validation", "test")
@@ -82,8 +82,8 @@ def _require(path, stage):
 
 
 def codes_meta(workdir: str) -> dict:
-  with open(_require(os.path.join(workdir, "vq", "codes_meta.json"), "vq")) as f:
-    return json.load(f)
+  return fileio.read_json(_require(os.path.join(workdir, "vq", "codes_meta.json"), "vq"),
+                         what="VQ codes metadata")
 
 
 def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS):
@@ -93,22 +93,27 @@ def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS)
   num_vq = int(codes_meta(workdir)["codebook_size"])
   out, num_bpe = {}, 0
   if kind == "bpe":
-    with open(_require(os.path.join(workdir, "bpe", "bpe.json"), "bpe")) as f:
-      vocab = json.load(f)
+    vocab_path = _require(os.path.join(workdir, "bpe", "bpe.json"), "bpe")
+    vocab = fileio.read_json(vocab_path, what="visual BPE vocabulary")
     if int(vocab["base_vocab_size"]) != num_vq:
       raise ValueError(f"bpe.json base_vocab_size={vocab['base_vocab_size']}: expected the VQ "
                        f"codebook_size={num_vq}")
     num_bpe = int(vocab["vocab_size"]) - num_vq
   for split in splits:
     if kind == "vq":
-      codes = np.load(_require(os.path.join(workdir, "vq", f"codes_{split}.npy"), "vq"))
+      codes = fileio.load_npy(_require(os.path.join(workdir, "vq", f"codes_{split}.npy"), "vq"),
+                              what="VQ codes")
       n, h, w = codes.shape
       flat = codes.reshape(n, -1)
       rows, cols = np.divmod(np.arange(h * w), w)
       grid = np.broadcast_to(np.stack([rows, cols], -1), (n, h * w, 2))
       out[split] = VisualTokens(flat, np.full(n, h * w), vq_start, grid)
     else:
-      enc = np.load(_require(os.path.join(workdir, "bpe", f"tokens_{split}.npz"), "bpe"))
+      tokens_path = _require(os.path.join(workdir, "bpe", f"tokens_{split}.npz"), "bpe")
+      enc = fileio.load_npz(tokens_path, what="BPE tokens")
+      if str(enc.get("bpe_digest", "")) != fileio.file_digest(vocab_path)[:16]:
+        raise ValueError(f"{tokens_path} was encoded with another vocabulary than {vocab_path} "
+                         "(bpe_digest differs): rerun the bpe stage")
       out[split] = VisualTokens(enc["tokens"], enc["lengths"], vq_start, enc["positions"])
     if out[split].max_id() >= vq_start + num_vq + num_bpe:
       raise ValueError(f"{kind} tokens of split {split!r} reach id {out[split].max_id()}: "

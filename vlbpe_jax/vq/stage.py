@@ -7,11 +7,10 @@ Writes `workdir/vq/codes_{train,validation,test}.npy` (int32 [N, h, w], the firs
 ({"codebook_size", "grid": [h, w]}) and the "VQ-GAN" section of `workdir/report/`.
 """
 
-import json
+import math
 import os
 
-import numpy as np
-
+from vlbpe_jax import fileio
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import input_pipeline
 from vlbpe_jax.vq import tokenizer
@@ -27,19 +26,22 @@ def run_stage(config, workdir: str) -> dict:
   vq_dir = os.path.join(workdir, "vq")
   for split in SPLITS:
     codes = tok.encode(input_pipeline.load_shapes(config, split))
-    np.save(os.path.join(vq_dir, f"codes_{split}.npy"), codes)
-  with open(os.path.join(vq_dir, "codes_meta.json"), "w") as f:
-    json.dump({"codebook_size": tok.codebook_size, "grid": list(tok.grid)}, f)
+    fileio.save_npy(os.path.join(vq_dir, f"codes_{split}.npy"), codes)
+  fileio.write_json(os.path.join(vq_dir, "codes_meta.json"),
+                    {"codebook_size": tok.codebook_size, "grid": list(tok.grid)})
 
   n = min(8, int(config.data.num_validation))
   images = input_pipeline.load_shapes(config, "validation", n)
-  rec = tok.decode(np.load(os.path.join(vq_dir, "codes_validation.npy"))[:n])
+  rec = tok.decode(fileio.load_npy(os.path.join(vq_dir, "codes_validation.npy"),
+                                   what="VQ codes")[:n])
   src = report.save_image(workdir, "vq/validation_pairs.png",
                           train.comparison_grid(images, rec, ncols=4))
   metrics = {"vq.psnr_db": val["psnr_db"], "vq.ssim": val["ssim"],
              "vq.codebook_usage": val["codebook_usage"], "vq.perplexity": val["perplexity"],
              "vq.codebook_size": tok.codebook_size, "vq.grid_h": tok.grid[0],
-             "vq.grid_w": tok.grid[1], "vq.train_steps": int(config.vq.total_steps)}
+             "vq.grid_w": tok.grid[1], "vq.train_steps": int(config.vq.total_steps),
+             **({"vq.train_seconds": val["train_seconds"]}
+                if math.isfinite(val["train_seconds"]) else {})}
   rows = [(k, v) for k, v in metrics.items()]
   html = (f"<p>VQ tokenizer ({config.vq.variant}, f={tok.downsample}): "
           f"{tok.resolution}px images become {tok.grid[0]}x{tok.grid[1]} grids of "
