@@ -1,0 +1,187 @@
+"""The pipeline's resume rule (vlbpe_jax/train.py, manifest.py) on three toy stages.
+
+a (reads config a.*) -> b (a training stage: reads a's output, config b.*) -> c (reads b).
+Each writes one output file derived from its inputs and adds its report section, so what a
+rerun reuses, recomputes or refuses can be checked without jax.
+"""
+
+import json
+import os
+
+import ml_collections
+import pytest
+
+from vlbpe_jax import fileio
+from vlbpe_jax import manifest
+from vlbpe_jax import train
+from vlbpe_jax.eval import report
+
+
+def _read(workdir, rel):
+  with open(os.path.join(workdir, rel)) as f:
+    return f.read()
+
+
+def _toy_stage(name, upstream, calls):
+  def run(config, workdir):
+    calls.append(name)
+    value = f"{name}:{config[name].value}"
+    if upstream:
+      value += "|" + _read(workdir, f"{upstream}/out.txt")
+    fileio.write_text(os.path.join(workdir, name, "out.txt"), value)
+    metrics = {f"{name}.value": value}
+    report.add_section(workdir, key=name, title=name, order=ord(name), html=value,
+                       metrics=metrics)
+    return metrics
+  return run
+
+
+@pytest.fixture
+def toy(monkeypatch):
+  calls = []
+  stages = {
+      "a": train.Stage(_toy_stage("a", None, calls), ("a",), outputs=("a/out.txt",),
+                       owns=("a",)),
+      "b": train.Stage(_toy_stage("b", "a", calls), ("b",), reads=("a",),
+                       outputs=("b/out.txt",), owns=("b",), trains=True),
+      "c": train.Stage(_toy_stage("c", "b", calls), ("c",), reads=("b",),
+                       outputs=("c/out.txt",), owns=("c",)),
+  }
+  monkeypatch.setattr(train, "STAGES", stages)
+  return calls
+
+
+def _config(a=1, b=1, c=1, stages="a,b,c", recompute=""):
+  return ml_collections.ConfigDict(dict(a=dict(value=a, shown=0, progress=True),
+                                        b=dict(value=b), c=dict(value=c), stages=stages,
+                                        recompute=recompute))
+
+
+def _metrics(workdir):
+  return {k: v for k, v in report.read_metrics(workdir).items() if not k.startswith("time_s.")}
+
+
+def test_rerun_skips_every_stage_and_keeps_the_metrics(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  first = _metrics(w)
+  assert toy == ["a", "b", "c"]
+  assert first["c.value"] == "c:1|b:1|a:1"
+  train.train_and_evaluate(_config(), w)
+  assert toy == ["a", "b", "c"]  # nothing ran again
+  assert _metrics(w) == first
+
+
+def test_a_changed_stage_recomputes_itself_and_downstream_only(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  toy.clear()
+  train.train_and_evaluate(_config(c=2), w)
+  assert toy == ["c"]
+  fresh = str(tmp_path / "fresh")
+  train.train_and_evaluate(_config(c=2), fresh)
+  assert _metrics(w) == _metrics(fresh)
+
+
+def test_a_cosmetic_field_changes_no_key(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  toy.clear()
+  config = _config()
+  config.a.progress = False  # manifest.COSMETIC: shown, never a result
+  train.train_and_evaluate(config, w)
+  assert toy == []
+
+
+def test_a_training_stage_is_refused_with_the_change_and_the_command(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  toy.clear()
+  before = _metrics(w)
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(_config(a=2), w)  # b's key holds a's config: refused up front
+  assert "stage 'b'" in str(e.value) and "a.value: 1 -> 2" in str(e.value)
+  assert "--config.recompute=b" in str(e.value)
+  assert toy == [] and _metrics(w) == before  # nothing written before the refusal
+  train.train_and_evaluate(_config(a=2, recompute="b"), w)
+  assert toy == ["a", "b", "c"]
+  fresh = str(tmp_path / "fresh")
+  train.train_and_evaluate(_config(a=2), fresh)
+  assert _metrics(w) == _metrics(fresh)
+
+
+def test_recompute_names_a_stage_and_everything_after_it():
+  config = _config(recompute="vq")
+  assert train.recompute_allowed(config) == {"vq", "bpe", "lm"}
+  assert train.recompute_allowed(_config(recompute="all")) == set(train.STAGES)
+  with pytest.raises(ValueError, match="config.recompute"):
+    train.recompute_allowed(_config(recompute="nope"))
+
+
+def test_changed_input_content_is_seen_through_the_digest(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  toy.clear()
+  # a's output edited by hand: a is recomputed (non-training); then b's input digest matches
+  # again (same content), so nothing else runs.
+  fileio.write_text(os.path.join(w, "a", "out.txt"), "edited")
+  train.train_and_evaluate(_config(), w)
+  assert toy == ["a"]
+  # c's output torn: c is recomputed from b, whose output is intact.
+  with open(os.path.join(w, "c", "out.txt"), "w") as f:
+    f.write("c:")
+  toy.clear()
+  train.train_and_evaluate(_config(), w)
+  assert toy == ["c"] and _read(w, "c/out.txt") == "c:1|b:1|a:1"
+
+
+def test_an_interrupted_training_stage_resumes_and_times_add_up(toy, tmp_path, monkeypatch):
+  w = str(tmp_path)
+  run_b = train.STAGES["b"].run
+
+  def crash(config, workdir):
+    raise KeyboardInterrupt("killed")
+  monkeypatch.setitem(train.STAGES, "b", train.STAGES["b"].__class__(
+      **{**train.STAGES["b"].__dict__, "run": crash}))
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_config(), w)
+  m = manifest.load(w, "b")
+  assert m["status"] == "running" and m["seconds"] >= 0
+  assert "b" not in report.read_metrics(w) and report.section_metrics(w, "c") is None
+  monkeypatch.setitem(train.STAGES, "b", train.STAGES["b"].__class__(
+      **{**train.STAGES["b"].__dict__, "run": run_b}))
+  toy.clear()
+  train.train_and_evaluate(_config(), w)
+  assert toy == ["b", "c"]  # a was done; b resumed (its folder kept), c ran
+  assert manifest.load(w, "b")["status"] == "done"
+
+
+def test_an_unselected_stale_stage_loses_its_report_section(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  train.train_and_evaluate(_config(c=5, stages="a"), w)
+  metrics = report.read_metrics(w)
+  assert "c.value" not in metrics and "b.value" in metrics  # b still matches; c does not
+  assert os.path.exists(os.path.join(w, "c", "out.txt"))  # its files are kept
+  with pytest.raises(ValueError, match="not up to date"):
+    train.train_and_evaluate(_config(stages="c", a=1, b=1, c=5), str(tmp_path / "empty"))
+
+
+def test_a_torn_manifest_is_named(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  path = manifest.path(w, "b")
+  with open(path, "r+") as f:
+    f.truncate(10)
+  with pytest.raises(ValueError, match=path):
+    train.train_and_evaluate(_config(), w)
+
+
+def test_manifests_are_strict_json_with_the_key(toy, tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(_config(), w)
+  with open(manifest.path(w, "c")) as f:
+    m = json.load(f)
+  assert m["key"]["config"] == {"a": {"shown": 0, "value": 1}, "b": {"value": 1},
+                                "c": {"value": 1}}
+  assert set(m["key"]["inputs"]) == {"b"} and m["outputs"].keys() == {"c/out.txt"}
