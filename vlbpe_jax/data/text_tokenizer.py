@@ -66,8 +66,11 @@ class TextTokenizer:
     with open(path, "rb") as f:
       data = f.read()
     try:
-      sp_pb2.ModelProto.FromString(data)
-    except Exception as e:  # protobuf's DecodeError: a torn or foreign file
+      proto = sp_pb2.ModelProto.FromString(data)
+      # Cut at a field boundary, a torn file still parses, without the specs after the pieces.
+      if not (proto.HasField("trainer_spec") and proto.HasField("normalizer_spec")):
+        raise ValueError("no trainer_spec or normalizer_spec")
+    except Exception as e:  # protobuf's DecodeError (or the above): a torn or foreign file
       raise fileio.CorruptArtifactError(
           f"sentencepiece model {path} cannot be parsed ({e}): the file is truncated or not a "
           "sentencepiece .model; delete it and rerun the data stage") from e
