@@ -6,6 +6,7 @@ import os
 import ml_collections
 import numpy as np
 
+from vlbpe_jax import fileio
 from vlbpe_jax.bpe import model as bpe_model
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import text_tokenizer
@@ -67,6 +68,8 @@ def write_visual_files(workdir):
     json.dump({"codebook_size": 27, "grid": [GRID, GRID]}, f)
   bpe = bpe_model.VisualBPE.learn(codes["train"], 27, NUM_MERGES, progress=False)
   bpe.save(os.path.join(workdir, "bpe", "bpe.json"))
+  digest = fileio.file_digest(os.path.join(workdir, "bpe", "bpe.json"))[:16]  # as the stage
   for s, c in codes.items():
-    np.savez(os.path.join(workdir, "bpe", f"tokens_{s}.npz"), **bpe.encode(c))
+    np.savez(os.path.join(workdir, "bpe", f"tokens_{s}.npz"), bpe_digest=np.array(digest),
+             **bpe.encode(c))
   return codes, bpe
