@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from vlbpe_jax.lm import adam
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import stages
 
@@ -149,14 +150,99 @@ def test_migration_keeps_moments(scan):
     assert np.abs(old["visual_embed"]).max() > 0
     first = new["layers"] if scan else new["layers_0"]
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(first))  # fresh
-  assert int(opt2.inner_states["trainable"].inner_state[2][0].count) == 0
+  count = opt2.inner_states["trainable"].inner_state[2][0].count  # per leaf, carried
+  assert int(count["visual_embed"]) == 2
+  new_counts = count["layers"] if scan else count["layers_0"]  # newly trainable: fresh
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(new_counts))
   params2, opt2 = run(model, params, tx2, 1, opt2, start=2)
   tx3 = optimizer(3, scan)
-  opt3 = stages.migrate_opt_state(opt2, 2, 3, params2, tx3, keep_count=True)
+  opt3 = stages.migrate_opt_state(opt2, 2, 3, params2, tx3)
   mu2 = adam_mu(opt2)
   mu3 = adam_mu(opt3)
   first = "layers" if scan else "layers_0"
   chex.assert_trees_all_equal(mu3[first], mu2[first])
-  assert int(opt3.inner_states["trainable"].inner_state[2][0].count) == 1
+  count3 = opt3.inner_states["trainable"].inner_state[2][0].count
+  assert int(count3["visual_embed"]) == 3
+  if scan:  # layer 0 trained 1 step in stage 2; the other slices start fresh
+    assert [int(c) for c in jax.tree.leaves(count3["layers"])[0].ravel()] == [1, 0, 0]
+  else:
+    assert int(jax.tree.leaves(count3["layers_0"])[0]) == 1
+    assert int(jax.tree.leaves(count3["layers_1"])[0]) == 0
   with pytest.raises(ValueError, match="only unfreeze"):
     stages.migrate_opt_state(opt2, 2, 1, params2, tx1)
+
+
+
+def adam_bound(n, b1, b2):
+  """Adam's own bound on max |update| / lr after n steps (Cauchy-Schwarz over the gradient
+  history; about 1.002 for n=4 at b1=0.9, b2=0.95): a carried leaf continuing its optimizer may
+  exceed a fresh step by this much, never by the 1.6-2.2x of restarting the count."""
+  k = np.arange(n)
+  w = (1 - b1) * b1 ** k / (1 - b1 ** n)
+  u = (1 - b2) * b2 ** k / (1 - b2 ** n)
+  return float(np.sqrt(np.sum(w ** 2 / u)))
+
+
+def parts_by_origin(labels_old, labels_new, trees, scan, old_stage):
+  """(carried, [leaf part of each tree]) for every part trainable in the new stage; a scanned
+  stack trained in stage 2 splits into its first slices (carried) and the rest (new)."""
+  n_first = stages.num_first_layers(DEPTH)
+  out = []
+  for path, label in jax.tree_util.tree_flatten_with_path(labels_new)[0]:
+    if label == "frozen":
+      continue
+    at = lambda t, p=path: functools.reduce(lambda t, k: t[k.key], p, t)  # noqa: E731
+    was = at(labels_old) == "trainable"
+    leaves = [at(t) for t in trees]
+    if scan and path[0].key == "layers" and was and old_stage == 2:
+      out.append((True, [x[:n_first] for x in leaves]))
+      out.append((False, [x[n_first:] for x in leaves]))
+    else:
+      out.append((was, leaves))
+  return out
+
+
+@pytest.mark.parametrize("b2", [0.95, 0.999])
+@pytest.mark.parametrize("scan", [False, True])
+def test_first_update_after_migration_is_never_larger_than_a_fresh_step(scan, b2):
+  """Stage 1 -> 2 -> 3 at the boundaries, on a host copy of the state (as after a checkpoint
+  restore): leaves trained before continue their optimizer exactly; leaves (and scanned layer
+  slices) newly trainable take exactly a fresh Adam step."""
+  model, params = make(scan)
+  lr, b1, steps = 1e-2, 0.9, 3
+  txs = {s: stages.make_optimizer(s, params, lr, clip=None, b2=b2) for s in (1, 2, 3)}
+  grad = jax.jit(jax.grad(functools.partial(loss_fn, model)))
+  opt, step = txs[1].init(params), 0
+  for old, new in ((1, 2), (2, 3)):
+    for _ in range(steps):  # train the old stage
+      updates, opt = txs[old].update(grad(params, *batch(step)), opt, params)
+      params, step = optax.apply_updates(params, updates), step + 1
+    g = grad(params, *batch(step))
+    migrated = stages.migrate_opt_state(jax.tree.map(np.asarray, opt), old, new, params,
+                                        txs[new])
+    up, _ = txs[new].update(g, migrated, params)
+    fresh, _ = txs[new].update(g, txs[new].init(params), params)
+    cont, _ = txs[old].update(g, opt, params)
+    labels = [stages.param_labels(params, s, DEPTH) for s in (old, new)]
+    for carried, (u, c, f) in parts_by_origin(*labels, (up, cont, fresh), scan, old):
+      size, fresh_size = float(jnp.abs(u).max()) / lr, float(jnp.abs(f).max()) / lr
+      if carried:  # what the old optimizer would do: Adam's own bound, not a restart's 2.2x
+        np.testing.assert_allclose(u, c, rtol=1e-5, atol=1e-9)
+        assert size <= fresh_size * adam_bound(steps + 1, b1, b2) * (1 + 1e-5), (old, size)
+      else:
+        np.testing.assert_allclose(u, f, rtol=1e-5, atol=1e-9)
+        assert size <= fresh_size * (1 + 1e-5), (old, size, fresh_size)
+    opt = migrated
+
+
+def test_per_leaf_count_adam_matches_optax_adam():
+  tree = {"a": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "layers": jnp.ones((3, 2))}
+  ours = adam.scale_by_adam(0.9, 0.95, stacked=lambda path: path[0].key == "layers")
+  ref = optax.scale_by_adam(0.9, 0.95)
+  s_ours, s_ref = ours.init(tree), ref.init(tree)
+  assert s_ours.count["layers"].shape == (3, 1) and s_ours.count["a"].shape == ()
+  for i in range(3):
+    g = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1.0)) + 0.1 * i, tree)
+    u_ours, s_ours = ours.update(g, s_ours)
+    u_ref, s_ref = ref.update(g, s_ref)
+    chex.assert_trees_all_close(u_ours, u_ref, rtol=1e-6)

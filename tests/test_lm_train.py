@@ -116,6 +116,16 @@ def test_stage2_changes_the_first_layer_only(runs):
   assert changed == {"layers_0", "visual_embed", "visual_head"}
 
 
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_migration_carries_adam_counts_per_leaf(runs, name):
+  """Trainer.migrate (in memory in run a, after restoring the stage-1 checkpoint in run b):
+  leaves keep their Adam step counts across stages, newly trainable ones start at 0."""
+  count = _host(runs[name]["opt"].inner_states["trainable"].inner_state[2][0].count)
+  steps = lambda leaf: {int(c) for c in jax.tree.leaves(count[leaf])}  # noqa: E731
+  # stages (2, 2, 2): the new rows trained 6 steps, layers_0 4 (stages 2, 3), layers_1 2.
+  assert steps("visual_embed") == {6} and steps("layers_0") == {4}
+  assert steps("layers_1") == {2} and steps("text_embed") == {2}
+
 def test_state_is_sharded_by_logical_names(setup, runs):
   params = runs["a"]["params"]
   assert params["layers_0"]["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", "tensor")

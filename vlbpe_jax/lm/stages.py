@@ -10,14 +10,21 @@
 
 Frozen leaves get `optax.set_to_zero()`; clipping, Adam and weight decay live inside the
 trainable branch of `optax.multi_transform`, so frozen gradients never enter the clip norm and
-frozen weights never decay.
+frozen weights never decay. Adam (`adam.scale_by_adam`) counts steps per leaf, so that at a
+stage change the leaves trained before keep their moments *and* their count (their first update
+is the one the old optimizer would have made) while newly trainable ones start fresh (count 0,
+zero moments: exactly a fresh Adam step). So a stage change never inflates an update: new
+leaves move by a fresh step, carried ones as if no stage had changed (within Adam's own bound,
+~1.0x a fresh step for steady gradients). Resetting one shared count instead (as before) gave
+carried moments up to 2.2x a fresh step at b2=0.95; carrying it would give fresh leaves up to
+3.2x at b2=0.999 (see `adam`). The learning-rate schedule restarts with each stage.
 
 Scanned layers (one `layers` stack with a leading L axis) cannot be split by a per-leaf label.
 In stage 2 the whole stack is labelled trainable and the trainable branch multiplies by a layer
 mask twice: on the gradients before clipping (frozen layers add nothing to the norm nor to the
 Adam moments) and on the final updates (no weight decay for them), so frozen slices stay
-bit-identical. Their moments stay zero, which is also their fresh state when stage 3 unfreezes
-them.
+bit-identical. Their moments stay zero and, like their per-slice counts, are reset to a fresh
+state when stage 3 unfreezes them.
 """
 
 import math
@@ -27,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from vlbpe_jax.lm import adam
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 NEW_ROWS = ("visual_embed", "visual_head")
@@ -127,7 +136,10 @@ def make_optimizer(stage, params, schedule, clip=1.0, weight_decay=0.0, *, first
   trainable = optax.chain(
       mask,
       optax.identity() if clip is None else optax.clip_by_global_norm(clip),
-      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+      optax.chain(  # optax.adamw with per-leaf step counts
+          adam.scale_by_adam(b1, b2, eps, stacked=lambda path: _top(path) == "layers"),
+          optax.add_decayed_weights(weight_decay, decay_mask),
+          optax.scale_by_learning_rate(schedule)),
       mask)
   return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
 
@@ -161,30 +173,41 @@ def _key(path):
   return tuple(out)
 
 
-def migrate_opt_state(old_opt_state, old_stage, new_stage, params, new_tx, keep_count=False):
-  """Optimizer state for `new_tx` (the new stage's `make_optimizer`), carrying moments over.
+def migrate_opt_state(old_opt_state, old_stage, new_stage, params, new_tx, *,
+                      first_frac=0.25):
+  """Optimizer state for `new_tx` (the new stage's `make_optimizer`), carrying Adam over.
 
   Every array of the new state whose path also holds an array of the same shape in the old
-  state (the Adam moments of leaves trainable before) is copied; newly unfrozen leaves keep
-  their fresh state (zeros). Step counts restart at 0 unless `keep_count`: the new stage runs
-  its own schedule, and Adam's bias correction then damps (never inflates) the carried-over
-  moments while treating the fresh ones correctly. Works on a restored tree of plain
-  arrays/dicts as well (paths are compared by their names).
-  """
+  state is copied: the Adam moments *and per-leaf step counts* of leaves trainable before, so
+  their first update in the new stage is exactly the one the old optimizer would have made.
+  Leaves newly trainable keep their fresh state (count 0, zero moments): their first update is
+  exactly a fresh Adam step. Layer slices of a scanned stack frozen in the old stage (stage 2,
+  `first_frac` as in `make_optimizer`) are reset to the fresh state the same way. So no first
+  update is inflated by the move (a restarted count gave carried moments up to 2.2x a fresh
+  step at b2=0.95). The scalar counts (the learning-rate schedule's) restart at 0: each stage
+  runs its own schedule. Works on a restored tree of plain arrays/dicts as well (paths are
+  compared by their names)."""
   _check_stage(old_stage)
   _check_stage(new_stage)
   if new_stage < old_stage:
     raise ValueError(f"new_stage={new_stage} < old_stage={old_stage}: stages only unfreeze")
   old = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(old_opt_state)[0]}
   fresh = new_tx.init(params)
+  params = nn.unbox(params)
+  num_layers = num_layers_of(params)
+  stacked = {_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+             if _top(p) == "layers"}
+  keep = jnp.arange(num_layers) < (num_first_layers(num_layers, first_frac)
+                                   if old_stage == 2 else num_layers)
 
   def pick(path, x):
     key = _key(path)
-    if key[-1] == "count" and not keep_count:
-      return x
     prev = old.get(key)
-    if prev is not None and getattr(prev, "shape", None) == x.shape:
-      return jnp.asarray(prev, x.dtype)
-    return x
+    if key[-1] == "count" or prev is None or getattr(prev, "shape", None) != x.shape:
+      return x
+    prev = jnp.asarray(prev, x.dtype)
+    if any(key[i:] in stacked for i in range(len(key))):  # [L, ...]: frozen slices start fresh
+      return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), prev, x)
+    return prev
 
   return jax.tree_util.tree_map_with_path(pick, fresh)

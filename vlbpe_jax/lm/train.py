@@ -258,10 +258,12 @@ class Trainer:
       return fn(key, base_params)
 
   def migrate(self, state, old: Phase, new: Phase):
-    """Moves `state["opt"]` from `old`'s optimizer to `new`'s (moments of shared leaves kept)."""
+    """Moves `state["opt"]` from `old`'s optimizer to `new`'s (`stages.migrate_opt_state`:
+    Adam moments and counts of leaves trained before kept, newly trainable ones fresh)."""
     tx = self.tx(new)
     fn = self._jit(("migrate", old, new), lambda: jax.jit(
-        lambda opt, params: stages.migrate_opt_state(opt, old.stage, new.stage, params, tx),
+        lambda opt, params: stages.migrate_opt_state(
+            opt, old.stage, new.stage, params, tx, first_frac=self.config.lm.first_frac),
         out_shardings=self.state_shardings(new)["opt"], donate_argnums=(0,)))
     with self.ctx():
       return {**state, "opt": fn(state["opt"], state["params"])}
