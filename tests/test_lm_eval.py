@@ -11,6 +11,7 @@ import pytest
 
 import lm_train_helpers as helpers
 from vlbpe_jax.data import pipeline
+from vlbpe_jax.data import shapes
 from vlbpe_jax.lm import evaluate
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
@@ -73,6 +74,76 @@ def test_prompts_are_prefixes_of_the_training_format(files):
   assert sequences.image_prefix(tok, None) == [tok.bos_id]
 
 
+# Hand-made scene: a held-out red star at the top-left, a seen blue square at the center.
+RED_STAR = {"shape": "star", "color": "red", "size": "large", "position": "top-left"}
+BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "small", "position": "center"}
+# (question, answer, held out?) as shapes.questions words them.
+HAND_QA = [
+    ("how many objects are there?", "2", False),  # reads no object's attributes
+    ("what color is the square?", "blue", False),  # the other object of a held-out image
+    ("what color is the star?", "red", True),  # about the red star
+    ("what shape is at the top-left?", "star", True),
+    ("what shape is at the center?", "square", False),
+    ("what size is the red star?", "large", True),
+    ("what size is the square at the center?", "small", False),
+    ("where is the red star?", "top-left", True),
+    ("where is the blue square?", "center", False),
+    ("how many red objects are there?", "1", True),  # counts the red star
+    ("how many blue objects are there?", "1", False),
+    ("how many green objects are there?", "0", False),
+    ("is there a red star?", "yes", True),
+    ("is there a green triangle?", "no", True),  # names a held-out pair, absent
+    ("is there a blue square?", "yes", False),
+    ("is there a red square?", "no", False),  # seen pair, absent
+]
+
+
+def test_heldout_questions_are_those_about_a_heldout_composition():
+  objects = [RED_STAR, BLUE_SQUARE]
+  assert ("red", "star") in shapes.heldout_compositions()
+  assert ("blue", "square") not in shapes.heldout_compositions()
+  for q, _, held in HAND_QA:
+    assert evaluate.heldout_question(q, objects) == held, q
+  # An image without a held-out object: only a question naming a held-out pair counts.
+  assert evaluate.heldout_question("is there a blue circle?", [BLUE_SQUARE])
+  assert not evaluate.heldout_question("what color is the square?", [BLUE_SQUARE])
+  with pytest.raises(ValueError, match="question"):
+    evaluate.heldout_question("why is the sky blue?", objects)
+
+
+def test_heldout_scores_count_only_heldout_questions():
+  examples = [{"objects": [RED_STAR, BLUE_SQUARE]}, {"objects": [BLUE_SQUARE]}]
+  rows = [(0, q, a, "wrong" if held else a) for q, a, held in HAND_QA]
+  rows += [(1, "what color is the square?", "blue", "blue"),
+           (1, "is there a blue circle?", "no", "no")]  # held out, right
+  res = evaluate.heldout_scores(rows, examples)
+  n = sum(h for _, _, h in HAND_QA) + 1
+  assert res["num_heldout_questions"] == n
+  assert res["vqa_acc_heldout"] == pytest.approx(1 / n)
+  assert res["vqa_acc_heldout_se"] == pytest.approx(np.sqrt((1 / n) * (1 - 1 / n) / n))
+  assert res["vqa_acc_seen"] == 1.0
+
+
+def test_generated_questions_resolve_to_their_objects():
+  """Every attribute question of shapes.questions is about exactly one object, existence ones
+  about the objects present; held-out ones are a minority of the questions on images holding a
+  held-out pair."""
+  held = image_held = 0
+  for i in range(200):
+    ex = shapes.make_example(i, "test", seed=0, resolution=32)
+    for qa in ex["qa"]:
+      kind = shapes.question_type(qa["q"])
+      objs = evaluate.question_objects(qa["q"], ex["objects"])
+      if kind in ("color", "shape", "size", "position"):  # one object: the answer is its
+        assert len(objs) == 1 and objs[0][kind] == qa["a"], qa  # attribute of that name
+      if kind == "existence":
+        assert bool(objs) == (qa["a"] == "yes"), qa
+      h = evaluate.heldout_question(qa["q"], ex["objects"])
+      held += h
+      image_held += evaluate.has_heldout(ex["objects"])
+      assert not h or evaluate.has_heldout(ex["objects"]) or kind == "existence"
+  assert 0 < held < image_held / 2
+
 def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
   tok = files["tok"]
   vis, _, _ = sequences.load_visual_tokens(files["workdir"], "vq", vq_start=360)
@@ -88,19 +159,21 @@ def test_scoring_with_oracle_and_wrong_answers(files, monkeypatch):
 
   monkeypatch.setattr(evaluate, "generate_texts", oracle)
   res = evaluate.evaluate(None, None, tok, examples, vis["test"])
-  held = [evaluate.has_heldout(ex["objects"]) for ex in examples]
-  assert 0 < sum(held) < len(held)
+  held = [[evaluate.heldout_question(qa["q"], ex["objects"]) for qa in ex["qa"]]
+          for ex in examples]
+  assert 0 < sum(map(sum, held)) < sum(map(len, held))
   assert res["vqa_acc"] == res["vqa_acc_heldout"] == res["vqa_acc_seen"] == 1.0
+  assert res["vqa_acc_heldout_se"] == 0.0
   assert res["num_questions"] == sum(len(ex["qa"]) for ex in examples)
-  assert res["num_heldout_questions"] == sum(len(ex["qa"]) for ex, h in zip(examples, held) if h)
+  assert res["num_heldout_questions"] == sum(map(sum, held))
   assert res["caption_precision"] == res["caption_recall"] == 1.0
   assert res["vqa_acc_by_type"] and set(res["vqa_acc_by_type"].values()) == {1.0}
 
-  # Wrong answers on held-out images only.
+  # Wrong answers to held-out questions only.
   def half(model, params, tokenizer, prompts, **kw):
     out = oracle(model, params, tokenizer, prompts, **kw)
     held_prompts = {tuple(sequences.vqa_prompt(tok, vis["test"](ex), qa["q"]))
-                    for ex, h in zip(examples, held) if h for qa in ex["qa"]}
+                    for ex, hs in zip(examples, held) for qa, h in zip(ex["qa"], hs) if h}
     return ["wrong" if tuple(p) in held_prompts else o for p, o in zip(prompts, out)]
 
   monkeypatch.setattr(evaluate, "generate_texts", half)

@@ -24,6 +24,7 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   for run in ("full", "no_bpe", "single_stage"):
     assert 0.0 <= metrics[f"lm.vqa_acc.{run}"] <= 1.0
   assert "lm.vqa_acc_heldout.full" in metrics and "lm.vqa_acc.text_only" in metrics
+  assert metrics["lm.vqa_acc_heldout_se.full"] >= 0.0
   assert (metrics["lm.trainable_params.stage1"] < metrics["lm.trainable_params.stage2"]
           < metrics["lm.trainable_params.stage3"])
   assert metrics["lm.visual_tokens_per_image.full"] < metrics["lm.visual_tokens_per_image.no_bpe"]
@@ -34,6 +35,7 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   assert section["order"] == 40 and "BPE &gt; no BPE" in section["html"]
   assert "full, wrong image" in section["html"] and "answers from the image" in section["html"]
   assert "question type's format" in section["html"]
+  assert "of them about a held-out composition" in section["html"]
   for run in ("full", "no_bpe", "single_stage"):
     assert 0.0 <= metrics[f"lm.vqa_acc_wrong_image.{run}"] <= 1.0
   assert "lm.vqa_acc_by_type.text_only.count" in metrics

@@ -1,16 +1,19 @@
 """Evaluation of the unified LM: VQA exact match, caption attribute precision/recall, dialogues.
 
   res = evaluate(model, params, tok, examples, visual["test"], batch_size=32)
-  res["vqa_acc"], res["vqa_acc_heldout"], res["caption_precision"], res["caption_recall"]
+  res["vqa_acc"], res["vqa_acc_heldout"], res["vqa_acc_heldout_se"], res["caption_recall"]
   res["vqa_acc_by_type"]                            # {"color": ..., "count": ..., ...}
   turns = dialogue(model, params, tok, examples[:3], visual["test"])
 
 Answers are generated greedily with the KV cache (lm/generate.py) and stop at eos. VQA: one
 prompt per question (`<img>...</img> <user> q <assistant>`), exact match of the decoded answer
-with the short answer. Held-out: questions about images that contain a (color, shape) pair of
-`shapes.heldout_compositions()`. Captions: the continuation of `bos <img>...</img>` parsed by
-the scene checker and scored against the scene's objects. `visual=None` evaluates a text-only
-model without the image (the image-blind baseline).
+with the short answer. Held-out (`heldout_question`): the questions whose answer depends on a
+(color, shape) pair of `shapes.heldout_compositions()`, i.e. that name a held-out pair or ask
+about an object that is one (its accuracy comes with a standard error; the other questions are
+"seen", including the ones about another object of an image holding a held-out pair).
+Captions: the continuation of `bos <img>...</img>` parsed by the scene checker and scored
+against the scene's objects. `visual=None` evaluates a text-only model without the image (the
+image-blind baseline).
 """
 
 import jax
@@ -25,8 +28,69 @@ WIDTH_BUCKET = 32  # prompts are left-padded to a multiple of this: few distinct
 
 
 def has_heldout(objects) -> bool:
+  """Whether an image holds a held-out (color, shape) pair (most of its questions may not)."""
   heldout = set(shapes.heldout_compositions())
   return any((o["color"], o["shape"]) in heldout for o in objects)
+
+
+_ATTRIBUTES = (("shape", shapes.SHAPES), ("color", tuple(shapes.COLORS)),
+               ("size", shapes.SIZES), ("position", shapes.POSITIONS))
+
+
+def _named(question: str) -> dict:
+  """`{attribute: value}` of the attribute values a `shapes.questions` question names."""
+  kind = shapes.question_type(question)  # raises on other templates
+  named = {}
+  for word in question.rstrip("?").split():
+    for attr, values in _ATTRIBUTES:
+      if word in values:
+        named[attr] = word
+  if not named and kind != "count":
+    raise ValueError(f"question {question!r}: a {kind!r} question naming no shape, color, "
+                     "size or position")
+  return named
+
+
+def question_objects(question: str, objects) -> list:
+  """The objects whose attributes the answer to a `shapes.questions` question reads: those
+  matching every value it names ("what color is the star at the top?": that star; "what
+  shape is at the center?": the object there; "how many red objects are there?": the red ones;
+  "is there a red star?": the red stars, none for a "no"). "how many objects are there?" reads
+  none."""
+  if shapes.question_type(question) == "count":
+    return []
+  named = _named(question)
+  return [o for o in objects if all(o[a] == v for a, v in named.items())]
+
+
+def heldout_question(question: str, objects) -> bool:
+  """Whether the answer depends on a held-out composition: the question names a held-out
+  (color, shape) pair ("where is the red star?", "is there a green triangle?" with a "no"
+  answer too), or an object it reads (`question_objects`) is a held-out pair ("what color is
+  the star?" about a red star; "how many red objects are there?" counting one). A question about
+  another object of an image that holds a held-out pair is not, nor is the object count."""
+  heldout = set(shapes.heldout_compositions())
+  named = _named(question)
+  if (named.get("color"), named.get("shape")) in heldout:
+    return True
+  return any((o["color"], o["shape"]) in heldout for o in question_objects(question, objects))
+
+
+def heldout_scores(rows, examples) -> dict:
+  """VQA accuracy on the held-out questions (`heldout_question`) with its standard error and
+  count, and on the rest ("seen"), from `evaluate`'s `"answers"` rows `(example position,
+  question, truth, generated)` over `examples` (NaN where a subset is empty)."""
+  held, correct = [], []
+  for k, q, truth, answer in rows:
+    held.append(heldout_question(q, examples[k]["objects"]))
+    correct.append(answer == truth)
+  held, correct = np.array(held, bool), np.array(correct, bool)
+  n = int(held.sum())
+  acc = float(correct[held].mean()) if n else float("nan")
+  return {"vqa_acc_heldout": acc,
+          "vqa_acc_heldout_se": float(np.sqrt(acc * (1 - acc) / n)) if n else float("nan"),
+          "vqa_acc_seen": float(correct[~held].mean()) if (~held).any() else float("nan"),
+          "num_heldout_questions": n}
 
 
 def generate_texts(model, params, tokenizer, prompts, *, batch_size: int, max_new_tokens: int,
@@ -120,7 +184,7 @@ class OtherImage:
 def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32,
              max_answer_tokens: int = 8, max_caption_tokens: int = 64, captions: bool = True,
              grid: bool = False):
-  """VQA accuracy (all / held-out / seen) and caption scores over decoded `examples`.
+  """VQA accuracy (all / held-out with its SE / seen) and caption scores over `examples`.
 
   examples: dicts with `index`, `objects`, `qa` (decoded tfds records or shapes examples);
   visual: `sequences.VisualTokens` of their split (or `OtherImage`), or None (no image in the
@@ -130,28 +194,23 @@ def evaluate(model, params, tokenizer, examples, visual, *, batch_size: int = 32
   """
   if not examples:
     raise ValueError("examples: expected at least one example")
-  prompts, truth, where, held, owner = [], [], [], [], []
+  prompts, truth, where, owner = [], [], [], []
   for k, ex in enumerate(examples):
     vis = _visual_ids(visual, ex)
     for qa in ex["qa"]:
       prompts.append(sequences.vqa_prompt(tokenizer, vis, qa["q"]))
       truth.append(qa["a"])
       where.append((k, qa["q"]))
-      held.append(has_heldout(ex["objects"]))
       owner.append(ex)
   answers = generate_texts(model, params, tokenizer, prompts, batch_size=batch_size,
                            max_new_tokens=max_answer_tokens,
                            positions=_positions(tokenizer, prompts, owner, visual, grid))
   correct = np.array([a == t for a, t in zip(answers, truth)])
-  held = np.array(held)
-  subset = lambda sel: float(correct[sel].mean()) if sel.any() else float("nan")  # noqa: E731
   rows = [(k, q, t, a) for (k, q), t, a in zip(where, truth, answers)]
   out = {
       "vqa_acc": float(correct.mean()),
-      "vqa_acc_heldout": subset(held),
-      "vqa_acc_seen": subset(~held),
+      **heldout_scores(rows, examples),
       "num_questions": int(len(correct)),
-      "num_heldout_questions": int(held.sum()),
       "vqa_acc_by_type": accuracy_by_type(rows),
       "answers": rows,
   }

@@ -5,8 +5,9 @@ On the same budget (steps, batch, sequence length) it trains, from one text-pret
   full          visual BPE tokens, stages 1 -> 2 -> 3 with the curriculum
   no_bpe        raw VQ codes as the visual tokens, same stages and curriculum
   single_stage  BPE tokens, all weights from the start, every stage's data mixed
-and evaluates each on the test split (VQA exact match, all / held-out compositions; caption
-attribute precision/recall; example dialogues). Each run's results go to
+and evaluates each on the test split (VQA exact match, all / on the questions about a held-out
+composition, `evaluate.heldout_question`, with its standard error; caption attribute
+precision/recall; example dialogues). Each run's results go to
 `W/lm/<run>/result.json`; a run with a result is skipped, a run with checkpoints resumes.
 Reads `config.lm.*`, `config.seed`, `config.mesh`, `config.data.*`.
 """
@@ -289,12 +290,17 @@ def _section(config, workdir, results, ctx_examples):
   stage_rows = [(f"stage {s}", f"{t:,}", f"{t / full['total_params']:.1%}")
                 for s, t in zip(full["stages"], full["trainable"])]
   c = config.lm
+  heldout_se = ", ".join(
+      f"{run} {results[run]['vqa_acc_heldout']:.1%} &plusmn; "
+      f"{results[run]['vqa_acc_heldout_se']:.1%}" for run in runs)
   budget = (f"<p>Same budget for every run: {c.batch_size} rows &times; {c.seq_len} tokens per "
             f"step (packed), stage steps {tuple(c.stage_steps)} (single stage: their sum), "
             f"after {c.text_steps} text-only steps (stage 0, shared). Because BPE sequences are "
             f"shorter, BPE runs see more images per step. VQA on {n} questions of "
-            f"{len(ctx_examples)} test images ({results[runs[0]]['num_heldout_questions']} "
-            f"about images with held-out compositions).</p>")
+            f"{len(ctx_examples)} test images, {results[runs[0]]['num_heldout_questions']} "
+            "of them about a held-out composition (they name a held-out color-shape pair or ask "
+            "about an object that is one; other questions on the same images count as seen). "
+            f"Held-out accuracy &plusmn; one standard error: {heldout_se}.</p>")
   dialogs = []
   for k, ex in enumerate(ctx_examples[:c.report_examples]):
     src = report.save_image(workdir, f"lm/example_{k}.png", ex["image"])
@@ -338,11 +344,14 @@ def run_stage(config, workdir: str) -> dict:
     elif run != "text" and "wrong_image" not in results[run]:
       logging.info("lm: wrong-image control of run %s", run)
       _save(path, _add_wrong_image(ctx, run, results[run]))
+    # From the stored answers: a result saved before the held-out definition changed agrees.
+    results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
     r = results[run]
     metrics.update({f"lm.vqa_acc.{run}": r["vqa_acc"], f"lm.vqa_acc_heldout.{run}":
-                    r["vqa_acc_heldout"], f"lm.caption_precision.{run}": r["caption_precision"],
+                    r["vqa_acc_heldout"], f"lm.vqa_acc_heldout_se.{run}":
+                    r["vqa_acc_heldout_se"], f"lm.caption_precision.{run}": r["caption_precision"],
                     f"lm.caption_recall.{run}": r["caption_recall"],
                     f"lm.train_seconds.{run}": r["train_seconds"],
                     f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"]})
