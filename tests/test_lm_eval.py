@@ -74,6 +74,24 @@ def test_prompts_are_prefixes_of_the_training_format(files):
   assert sequences.image_prefix(tok, None) == [tok.bos_id]
 
 
+def test_every_question_type_is_trained_where_evaluation_asks_it(files):
+  # Evaluation asks each question right after the image (sequences.vqa_prompt); training must
+  # put every question there too, not only the first one shapes.questions emits.
+  tok = files["tok"]
+  vis, _, _ = sequences.load_visual_tokens(files["workdir"], "bpe", vq_start=360)
+  ex = helpers.examples("test", 1)[0]
+  first_seen = set()
+  for seed in range(40):
+    ids, mask = pipeline.format_example(ex, "vqa", tok, image_tokens=vis["test"],
+                                        rng=np.random.default_rng(seed))
+    for qa in ex["qa"]:
+      prompt = sequences.vqa_prompt(tok, vis["test"](ex), qa["q"])
+      if ids[:len(prompt)].tolist() == prompt:
+        assert mask[len(prompt)] and not mask[:len(prompt)].any()
+        first_seen.add(shapes.question_type(qa["q"]))
+  assert first_seen == {shapes.question_type(qa["q"]) for qa in ex["qa"]}
+
+
 # Hand-made scene: a held-out red star at the top-left, a seen blue square at the center.
 RED_STAR = {"shape": "star", "color": "red", "size": "large", "position": "top-left"}
 BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "small", "position": "center"}

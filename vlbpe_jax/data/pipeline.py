@@ -233,8 +233,10 @@ def _encode(tokenizer, text):
 def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
 
-  `rng` (np.random.Generator) picks one of `example["captions"]` for "caption"; without it the
-  first caption is used.
+  `rng` (np.random.Generator) picks one of `example["captions"]` for "caption" and shuffles the
+  question order of "vqa" (so that every question type is trained right after the image, where
+  evaluation asks it, and no answer is always preceded by the same others); without it the first
+  caption and the stored order are used.
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -256,7 +258,9 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
       text = " ".join(example["attributes"])
     add(_encode(tokenizer, text) + [tokenizer.eos_id], True)
   elif task == "vqa":
-    for qa in example["qa"]:
+    qas = example["qa"]
+    order = rng.permutation(len(qas)) if rng is not None else range(len(qas))
+    for qa in (qas[i] for i in order):
       add([tokenizer.user_id] + _encode(tokenizer, qa["q"]) + [tokenizer.assistant_id],
           False)
       add(_encode(tokenizer, qa["a"]) + [tokenizer.eos_id], True)
