@@ -1,11 +1,25 @@
-"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere; one compilation cache.
 
+The end-to-end tests compile the same tiny steps many times (the pipeline, its reruns, the LM
+stage); a persistent compilation cache shared by the test processes of one session (a fresh
+folder, removed at exit) compiles each once. Set VLBPE_TEST_JAX_CACHE to keep one across runs.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "VLBPE_TEST_JAX_CACHE" not in os.environ:  # the first process (pytest-xdist's controller)
+  _cache = tempfile.mkdtemp(prefix="vlbpe_jax_test_cache_")
+  os.environ["VLBPE_TEST_JAX_CACHE"] = _cache  # inherited by the worker processes
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)
+jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

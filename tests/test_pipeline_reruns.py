@@ -9,7 +9,6 @@ the message names) and compares every metric with a fresh run, times aside.
 import os
 import shutil
 
-import jax
 import pytest
 
 from vlbpe_jax import train
@@ -26,15 +25,6 @@ CASES = [
     ("data.resolution", 32, "data.resolution: 64 -> 32", "vq"),
     ("tokenizer.vocab_size", 300, "tokenizer.vocab_size: 512 -> 300", "lm"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """The runs compile the same steps: a persistent cache makes the later ones cheap."""
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
 
 
 def _config(**overrides):
