@@ -37,6 +37,7 @@ def main():
   ap.add_argument("--alpha", type=float, default=1.0)
   ap.add_argument("--sigma", type=float, default=0.5)
   ap.add_argument("--offsets", default="0,1;1,0")
+  ap.add_argument("--s_prior_count", type=float, default=0.0, help="k of S's shrinkage")
   ap.add_argument("--heldout", type=int, default=1000)
   ap.add_argument("--vocab", type=int, default=8192)
   ap.add_argument("--out", default="", help="also save the vocabulary JSON here")
@@ -51,7 +52,7 @@ def main():
   bpe, timing = VisualBPE.learn(train, base_vocab_size=args.vocab, num_merges=args.merges,
                                 alpha=args.alpha, sigma=args.sigma,
                                 offsets=vocab_lib.parse_offsets(args.offsets), progress=False,
-                                return_timing=True)
+                                return_timing=True, s_prior_count=args.s_prior_count)
   learn_s = time.perf_counter() - t
   done = len(bpe.merges)
   t = time.perf_counter()
@@ -62,7 +63,7 @@ def main():
     bpe.save(args.out)
   print(json.dumps({
       "impl": "vlbpe_jax_visual_bpe", "n": args.n, "merges": done, "alpha": args.alpha,
-      "sigma": args.sigma, "offsets": args.offsets,
+      "sigma": args.sigma, "offsets": args.offsets, "s_prior_count": args.s_prior_count,
       "learn_seconds": round(learn_s, 3), "setup_seconds": round(timing["setup_s"], 3),
       "merge_loop_seconds": round(timing["merge_s"], 3),
       "merges_per_s_total": round(done / learn_s, 2),

@@ -1,5 +1,6 @@
 """VisualBPE: the S term, round trips, determinism over meshes, save/load, bad inputs, CLIs."""
 
+import hashlib
 import json
 import math
 
@@ -351,3 +352,71 @@ def test_decode_cli_checks_the_vocabulary_digest_and_names_torn_files(tmp_path):
   np.savez(tokens, **dict(enc, tokens=enc["tokens"].astype(np.float32)))
   with pytest.raises(ValueError, match=r"tokens.npz: encoding\['tokens'\] has dtype float32"):
     decode_cli.main([f"--bpe={path}", f"--tokens={tokens}", f"--out={tmp_path}/x.npy"])
+
+
+# Small-sample correction of S (issue 12, defect 7): S_k = S * N / (N + k).
+
+def _merges_digest(bpe):
+  return hashlib.sha256(json.dumps(bpe.merges, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_s_prior_count_shrinks_rare_pairs():
+  # One offset seen twice vs the same shape seen 1000 times; a two-offset shape likewise.
+  group, dy, dx = np.array([0, 1, 2, 2, 3, 3]), np.array([0, 0, 0, 1, 0, 1]), np.array(
+      [1, 1, 1, 0, 1, 0])
+  n = np.array([2, 1000, 1, 1, 500, 500])
+  plain = scoring.score_histograms(group, dy, dx, n, 4, 0.5)
+  assert plain[0] == plain[1] == 1.0 and plain[2] == plain[3]  # k = 0: sample size ignored
+  np.testing.assert_array_equal(scoring.score_histograms(group, dy, dx, n, 4, 0.5, 0.0), plain)
+  for k in (1.0, 8.0):
+    s = scoring.score_histograms(group, dy, dx, n, 4, 0.5, k)
+    assert s[0] < s[1] and s[2] < s[3]
+    np.testing.assert_allclose(s, plain * np.array([2, 1000, 2, 1000]) /
+                               (np.array([2, 1000, 2, 1000]) + k), rtol=1e-6)
+
+
+def test_s_prior_count_zero_keeps_merges_and_alpha_zero_ignores_it():
+  g = patch_grids(seed=8, n=24, noise=0.3)
+  kw = dict(base_vocab_size=32, num_merges=40, sigma=0.5, progress=False)
+  # The digest of the merges learned before the correction existed (commit 1463bbd).
+  assert _merges_digest(VisualBPE.learn(g, alpha=4.0, s_prior_count=0, **kw)) == (
+      "13f38f9d3a78e042")
+  assert _merges_digest(VisualBPE.learn(g, alpha=4.0, **kw)) == "13f38f9d3a78e042"
+  shrunk = VisualBPE.learn(g, alpha=4.0, s_prior_count=8, **kw)
+  assert _merges_digest(shrunk) != "13f38f9d3a78e042"
+  assert all(m["S"] <= m["count"] / (m["count"] + 8) * (1 + 1e-6) for m in shrunk.merges)
+  freq = [VisualBPE.learn(g, alpha=0.0, s_prior_count=k, **kw).merges for k in (0, 8)]
+  drop = lambda ms: [{k: v for k, v in m.items() if k not in ("S", "P")} for m in ms]
+  assert drop(freq[0]) == drop(freq[1])
+
+
+def test_s_prior_count_saved_loaded_and_validated(tmp_path):
+  g = patch_grids(seed=6)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=10, s_prior_count=2.5,
+                        progress=False)
+  path = str(tmp_path / "bpe.json")
+  bpe.save(path)
+  back = VisualBPE.load(path)
+  assert back.s_prior_count == 2.5 and back.to_dict() == bpe.to_dict()
+  d = json.load(open(path))
+  del d["s_prior_count"]  # a file written before the field existed: learned with k = 0
+  json.dump(d, open(path, "w"))
+  assert VisualBPE.load(path).s_prior_count == 0.0
+  for bad in (-1.0, float("nan"), float("inf"), "2", True):
+    with pytest.raises(ValueError, match="s_prior_count"):
+      VisualBPE.learn(g, base_vocab_size=32, num_merges=2, s_prior_count=bad)
+  for bad in (-1, "2", None):
+    d["s_prior_count"] = bad
+    json.dump(d, open(path, "w"))
+    with pytest.raises(ValueError, match="s_prior_count") as e:
+      VisualBPE.load(path)
+    assert path in str(e.value)
+  codes = str(tmp_path / "codes.npy")
+  np.save(codes, g)
+  out = str(tmp_path / "cli.json")
+  learn_cli.main([f"--codes={codes}", "--merges=4", f"--out={out}", "--base_vocab_size=32",
+                  "--no_progress", "--s_prior_count=3"])
+  assert VisualBPE.load(out).s_prior_count == 3.0
+  with pytest.raises(ValueError, match="s_prior_count=-2"):
+    learn_cli.main([f"--codes={codes}", "--merges=4", f"--out={out}", "--no_progress",
+                    "--s_prior_count=-2"])

@@ -48,3 +48,15 @@ def test_stage_learns_encodes_reports_and_resumes(tmp_path):
   changed.bpe.alpha = 0.0
   stage.run_stage(changed, workdir)
   assert VisualBPE.load(str(tmp_path / "bpe" / "bpe.json")).alpha == 0.0
+
+
+def test_stage_passes_s_prior_count_and_relearns_when_it_changes(tmp_path):
+  os.makedirs(tmp_path / "vq")
+  g = np.tile(np.arange(4).reshape(2, 2), (8, 2, 2)).astype(np.int32)  # [8, 4, 4]
+  np.save(tmp_path / "vq" / "codes_train.npy", g)
+  config = _config()
+  stage.run_stage(config, str(tmp_path))  # no s_prior_count in the config: 0
+  assert VisualBPE.load(str(tmp_path / "bpe" / "bpe.json")).s_prior_count == 0.0
+  config.bpe.s_prior_count = 4.0
+  stage.run_stage(config, str(tmp_path))
+  assert VisualBPE.load(str(tmp_path / "bpe" / "bpe.json")).s_prior_count == 4.0

@@ -1,7 +1,8 @@
 """Learn a visual BPE from a .npy of int codes [N, H, W] and write its JSON vocabulary.
 
   python -m vlbpe_jax.bpe.learn --codes=codes.npy --merges=512 --alpha=1.0 --sigma=0.5 \
-      --out=bpe.json [--base_vocab_size=V] [--offsets=0,1;1,0] [--devices=8]
+      --out=bpe.json [--base_vocab_size=V] [--offsets=0,1;1,0] [--s_prior_count=0] \
+      [--devices=8]
 
 Prints tqdm progress, then one JSON line: merges, seconds (set-up, merges), merges per second.
 Bad input (a torn or empty .npy, negative codes, codes >= 2**24) ends in one `error:` line
@@ -29,6 +30,8 @@ def main(argv=None):
   ap.add_argument("--sigma", type=float, default=0.5)
   ap.add_argument("--offsets", default="0,1;1,0", help="cell window, 'dy,dx;dy,dx'")
   ap.add_argument("--min_count", type=int, default=2)
+  ap.add_argument("--s_prior_count", type=float, default=0.0,
+                  help="pseudo-count k: S_k = S * N / (N + k) for a pair seen N times (0: off)")
   ap.add_argument("--base_vocab_size", type=int, default=0, help="V (default: max code + 1)")
   ap.add_argument("--devices", type=int, default=0,
                   help="shard first counts over this many devices (0: no mesh)")
@@ -45,7 +48,7 @@ def main(argv=None):
   bpe, timing = model.VisualBPE.learn(
       codes, base_vocab_size=base, num_merges=args.merges, alpha=args.alpha, sigma=args.sigma,
       offsets=vocab_lib.parse_offsets(args.offsets), min_count=args.min_count, mesh=mesh,
-      progress=not args.no_progress, return_timing=True)
+      progress=not args.no_progress, return_timing=True, s_prior_count=args.s_prior_count)
   bpe.save(args.out)
   done = len(bpe.merges)
   result = dict(merges=done, out=args.out, setup_s=round(timing["setup_s"], 3),

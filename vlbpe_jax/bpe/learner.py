@@ -38,9 +38,9 @@ class _Counts:
   decrements of such keys are ignored.
   """
 
-  def __init__(self, keys, counts, vcap, h, w, sigma, min_count):
+  def __init__(self, keys, counts, vcap, h, w, sigma, min_count, s_prior_count=0.0):
     self.vcap, self.h, self.w, self.d = vcap, h, w, h * (2 * w - 1)
-    self.sigma, self.min_count = sigma, min_count
+    self.sigma, self.min_count, self.s_prior_count = sigma, min_count, s_prior_count
     ab = keys // self.d  # keys are sorted, so are their pairs
     first = _run_starts(ab)
     acnt = np.add.reduceat(counts, first) if keys.size else np.zeros(0, np.int64)
@@ -87,7 +87,8 @@ class _Counts:
     stale = slots[np.isnan(self.s[slots])]
     if stale.size:
       which, dy, dx, c = self.histograms(stale)
-      self.s[stale] = scoring.score_histograms(which, dy, dx, c, stale.size, self.sigma)
+      self.s[stale] = scoring.score_histograms(which, dy, dx, c, stale.size, self.sigma,
+                                               self.s_prior_count)
     return self.s[slots]
 
   def dominant(self, slot: int):
@@ -178,9 +179,9 @@ class _Counts:
   def _best_in_pool(self, cnt, alpha, min_count):
     """The best pool pair, if no pair outside the pool (N < floor) can beat it; else None.
 
-    P = N / nmax + alpha * S <= N / nmax + alpha, so after scoring the pool in decreasing-N
-    chunks, a pair with N / nmax + alpha < best P cannot win (`_MARGIN` keeps the cut
-    conservative); only the scored pairs go to the exact tie-break.
+    P = N / nmax + alpha * S <= N / nmax + alpha (S here is S_k <= 1 for any k), so after
+    scoring the pool in decreasing-N chunks, a pair with N / nmax + alpha < best P cannot win
+    (`_MARGIN` keeps the cut conservative); only the scored pairs go to the exact tie-break.
     """
     pc = cnt[self.pool]
     nmax = int(pc.max())
@@ -227,8 +228,11 @@ class _Counts:
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
-          sigma: float, offsets, min_count: int, mesh=None, progress: bool = False):
+          sigma: float, offsets, min_count: int, mesh=None, progress: bool = False,
+          s_prior_count: float = 0.0):
   """Learns up to `num_merges` merges. Returns (Geometry, merge records, timing dict).
+
+  s_prior_count: pseudo-count k of the small-sample correction of S (`scoring`; 0: none).
 
   timing: wall seconds (setup_s: first counts + tables, merge_s: the merge loop, total_s) and
   CPU seconds of this process (cpu_s, merge_cpu_s; all threads).
@@ -241,7 +245,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
-  stats = _Counts(keys, counts, vcap, h, w, sigma, min_count)
+  stats = _Counts(keys, counts, vcap, h, w, sigma, min_count, s_prior_count)
   state = grid_state.GridState(grids, geo)
   vanish = np.zeros(n * h * w, bool)
   t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0

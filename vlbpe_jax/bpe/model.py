@@ -53,6 +53,15 @@ def infer_vocab_size(grids, name: str = "grids") -> int:
   return int(grids.max()) + 1
 
 
+def check_s_prior_count(s_prior_count) -> float:
+  """The pseudo-count k of S's small-sample correction (`scoring`): a finite number >= 0."""
+  v = s_prior_count
+  if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not np.isfinite(v)
+      or not v >= 0):
+    raise ValueError(f"s_prior_count={v!r}: expected a finite number >= 0 (0: no correction)")
+  return float(v)
+
+
 def _check_sizes(base_vocab_size, num_merges) -> tuple[int, int]:
   base = vocab_lib.check_int("base_vocab_size", base_vocab_size, 1, MAX_VOCAB_SIZE + 1)
   merges = vocab_lib.check_int("num_merges", num_merges, 0)
@@ -66,7 +75,8 @@ class VisualBPE:
   """A learned 2D BPE vocabulary: base codes `[0, V)` plus merged tokens `V + k`."""
 
   def __init__(self, base_vocab_size: int, merges, offsets=vocab_lib.DEFAULT_OFFSETS,
-               alpha: float = 0.0, sigma: float = 0.5, min_count: int = 2):
+               alpha: float = 0.0, sigma: float = 0.5, min_count: int = 2,
+               s_prior_count: float = 0.0):
     if not isinstance(merges, (list, tuple)):
       raise ValueError(f"merges of type {type(merges).__name__}: expected a list of dicts")
     _check_sizes(base_vocab_size, len(merges))
@@ -78,6 +88,7 @@ class VisualBPE:
     self.geometry = vocab_lib.Geometry(base_vocab_size, offsets)
     self.alpha, self.sigma = float(alpha), float(sigma)
     self.min_count = vocab_lib.check_int("min_count", min_count, 1)
+    self.s_prior_count = check_s_prior_count(s_prior_count)
     self.merges = []
     self._exp = None  # decode tables, built on first use
     for k, m in enumerate(merges):
@@ -140,11 +151,15 @@ class VisualBPE:
   @classmethod
   def learn(cls, grids, base_vocab_size: int, num_merges: int, alpha: float = 1.0,
             sigma: float = 0.5, offsets=vocab_lib.DEFAULT_OFFSETS, min_count: int = 2,
-            mesh=None, progress: bool = True, return_timing: bool = False):
+            mesh=None, progress: bool = True, return_timing: bool = False,
+            s_prior_count: float = 0.0):
     """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
 
     V + num_merges must stay <= MAX_VOCAB_SIZE (2**24); grids must hold at least one grid.
+    s_prior_count: pseudo-count k shrinking S towards 0 for rare pairs, S_k = S * N / (N + k)
+    (`scoring`); 0 = no correction.
     """
+    s_prior_count = check_s_prior_count(s_prior_count)
     base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
     grids = check_grids(grids, base_vocab_size, min_grids=1)
     _, h, w = grids.shape
@@ -159,8 +174,9 @@ class VisualBPE:
     offsets = vocab_lib.check_offsets(offsets)
     _, records, timing = learner.learn(grids, int(base_vocab_size), int(num_merges),
                                        float(alpha), float(sigma), offsets, int(min_count),
-                                       mesh=mesh, progress=progress)
-    bpe = cls(base_vocab_size, records, offsets, alpha, sigma, min_count)
+                                       mesh=mesh, progress=progress,
+                                       s_prior_count=s_prior_count)
+    bpe = cls(base_vocab_size, records, offsets, alpha, sigma, min_count, s_prior_count)
     return (bpe, timing) if return_timing else bpe
 
   def tokenize(self, grids) -> grid_state.GridState:
@@ -263,7 +279,8 @@ class VisualBPE:
       merges.append(m)
     return dict(format=FORMAT, version=1, base_vocab_size=self.base_vocab_size,
                 vocab_size=self.vocab_size, offsets=[list(o) for o in self.offsets],
-                alpha=self.alpha, sigma=self.sigma, min_count=self.min_count, merges=merges)
+                alpha=self.alpha, sigma=self.sigma, min_count=self.min_count,
+                s_prior_count=self.s_prior_count, merges=merges)
 
   def save(self, path: str):
     """Writes a readable JSON vocabulary (one merge per line), atomically (`fileio`)."""
@@ -276,7 +293,8 @@ class VisualBPE:
   @classmethod
   def load(cls, path: str) -> "VisualBPE":
     """Reads `save`'s JSON; a torn, edited or foreign file raises ValueError naming the file
-    and the bad field (every id, offset and footprint is checked)."""
+    and the bad field (every id, offset and footprint is checked). Files written before
+    `s_prior_count` existed load with s_prior_count = 0 (how they were learned)."""
     d = fileio.read_json(path, what="visual BPE vocabulary")
     where = f"visual BPE vocabulary {path}"
     if not isinstance(d, dict):
@@ -292,7 +310,7 @@ class VisualBPE:
       raise ValueError(f"{where}: version {d['version']!r}; expected 1")
     try:
       bpe = cls(d["base_vocab_size"], d["merges"], d["offsets"], d["alpha"], d["sigma"],
-                d["min_count"])
+                d["min_count"], d.get("s_prior_count", 0.0))
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from e
     if d.get("vocab_size", bpe.vocab_size) != bpe.vocab_size:

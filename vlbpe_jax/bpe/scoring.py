@@ -10,11 +10,22 @@ grouped by their (discrete) offsets. The host computes the sufficient statistics
 ||delta - u_bar||^2 = q / N^2 with the integer q = ||N delta - sum n delta'||^2; the jitted
 kernel scores a padded batch `[K, D]` of (n, q / N^2) rows.
 
+Small-sample correction: a pair seen twice at one offset has S = 1, like one seen 10,000 times.
+With a pseudo-count k >= 0 (`s_prior_count`) S is shrunk towards the prior S0 = 0 (no evidence
+of consistency) as if k extra occurrences scored S0:
+
+  S_k = (N * S + k * S0) / (N + k) = S * N / (N + k).
+
+S0 = 0 is the lower end of S's range, so S_k <= S <= 1 (the learner's bound P <= F + alpha still
+holds) and S_k grows with N for a fixed histogram shape; k = 0 gives S exactly (N / N = 1 in
+float32). The factor N / (N + k) is computed in float32 inside the kernel from the integer N.
+
 Bit-exactness: the kernel's inputs are exact functions of the integer histogram, each row is put
 in a canonical order (by n, then distance), and every sum over D is an adjacent-pair tree of
 single float32 additions (`x[0::2] + x[1::2]`), so zero padding never changes a result, whatever
 D or K is. Two histograms of the same shape (equal up to a shift, mirror or transpose of the
-offsets) therefore get bit-identical S and tie exactly. The kernel runs on the host's first CPU
+offsets) therefore get bit-identical S and tie exactly (S_k too: N / (N + k) depends only
+on N, an exact integer sum). The kernel runs on the host's first CPU
 device, so a histogram gives the same bits on a CPU, GPU or TPU machine and on any mesh.
 """
 
@@ -32,17 +43,21 @@ def _tree_sum(x):
 
 
 @jax.jit
-def pair_consistency(counts, dist2, sigma):
-  """S per pair. counts: [K, D] int32 (0 = padding); dist2: [K, D] float32, ||delta - u_bar||^2.
+def pair_consistency(counts, dist2, sigma, prior_count):
+  """S_k per pair. counts: [K, D] int32 (0 = padding); dist2: [K, D] float32, ||delta -
+  u_bar||^2; sigma, prior_count (k): float32 scalars.
 
-  D is a power of two. Returns S: [K] float32 (0 for all-padding rows).
+  D is a power of two. Returns S_k: [K] float32 (0 for all-padding rows).
   """
   chex.assert_rank(counts, 2)
   chex.assert_equal_shape([counts, dist2])
   n = counts.astype(jnp.float32)                        # [K, D]
   tot = _tree_sum(n)                                     # [K]
   kern = jnp.exp(-dist2 / (2.0 * sigma * sigma))         # [K, D]
-  return jnp.where(tot > 0, _tree_sum(n * kern) / jnp.maximum(tot, 1.0), 0.0)
+  s = _tree_sum(n * kern) / jnp.maximum(tot, 1.0)        # [K]
+  n_int = jnp.sum(counts, axis=-1).astype(jnp.float32)  # [K] exact integer N, any order
+  shrink = n_int / jnp.maximum(n_int + prior_count, 1.0)  # [K] N / (N + k); 1 when k = 0
+  return jnp.where(tot > 0, s * shrink, 0.0)
 
 
 def _bucket(n: int, lo: int, step: int) -> int:
@@ -53,12 +68,13 @@ def _bucket(n: int, lo: int, step: int) -> int:
   return size
 
 
-def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float) -> np.ndarray:
-  """S for `num_groups` pairs from flat histogram entries sorted by pair.
+def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float,
+                     prior_count: float = 0.0) -> np.ndarray:
+  """S_k for `num_groups` pairs from flat histogram entries sorted by pair.
 
-  group: int64 [E] pair index in [0, num_groups), non-decreasing; d_y, d_x, counts: int [E].
-  Returns float32 [G]. Rows and columns are padded to a few bucket sizes; runs on the first
-  CPU device.
+  group: int64 [E] pair index in [0, num_groups), non-decreasing; d_y, d_x, counts: int [E];
+  prior_count: the pseudo-count k >= 0 (0: plain S). Returns float32 [G]. Rows and columns are
+  padded to a few bucket sizes; runs on the first CPU device.
   """
   if num_groups == 0:
     return np.zeros(0, np.float32)
@@ -85,6 +101,6 @@ def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float) -> 
     n_mat[group[sel] - r0, col[sel]] = counts[sel]
     d_mat[group[sel] - r0, col[sel]] = dist2[sel]
     with jax.default_device(jax.devices("cpu")[0]):
-      s = pair_consistency(n_mat, d_mat, np.float32(sigma))
+      s = pair_consistency(n_mat, d_mat, np.float32(sigma), np.float32(prior_count))
     out.append(np.asarray(s))
   return np.concatenate(out)[:num_groups]

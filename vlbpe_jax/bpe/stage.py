@@ -5,9 +5,10 @@ writes `workdir/bpe/bpe.json`, `workdir/bpe/tokens_{split}.npz` and `workdir/bpe
 and adds the "Visual BPE" report section with token maps of the first test images (rendered
 with `vlbpe_jax.data.shapes.make_example(i, "test", ...)`, so codes_test[i] must be example i).
 
-Config (`config.bpe`): num_merges, alpha, sigma, offsets, min_count, base_vocab_size (0: use
-`config.vq.codebook_size`), num_token_maps. Work already done is reused when bpe.json was
-learned with the same settings and each tokens file names the same bpe.json digest.
+Config (`config.bpe`): num_merges, alpha, sigma, offsets, min_count, s_prior_count (0 if
+absent), base_vocab_size (0: use `config.vq.codebook_size`), num_token_maps. Work already
+done is reused when bpe.json was learned with the same settings and each tokens file names the
+same bpe.json digest.
 """
 
 import html
@@ -30,7 +31,8 @@ def _settings(config) -> dict:
   base = int(c.get("base_vocab_size", 0) or 0) or int(config.vq.codebook_size)
   return dict(base_vocab_size=base, num_merges=int(c.num_merges), alpha=float(c.alpha),
               sigma=float(c.sigma), offsets=[list(o) for o in c.offsets],
-              min_count=int(c.get("min_count", 2)))
+              min_count=int(c.get("min_count", 2)),
+              s_prior_count=float(c.get("s_prior_count", 0.0)))
 
 
 def _digest(path: str) -> str:
@@ -42,7 +44,8 @@ def _learn_or_load(config, codes, path, settings):
   if os.path.exists(path):
     bpe = model.VisualBPE.load(path)
     have = dict(base_vocab_size=bpe.base_vocab_size, alpha=bpe.alpha, sigma=bpe.sigma,
-                offsets=[list(o) for o in bpe.offsets], min_count=bpe.min_count)
+                offsets=[list(o) for o in bpe.offsets], min_count=bpe.min_count,
+                s_prior_count=bpe.s_prior_count)
     want = {k: v for k, v in settings.items() if k != "num_merges"}
     if have == want and (len(bpe.merges) == settings["num_merges"] or
                          os.path.exists(path + ".stopped_early")):
@@ -63,7 +66,8 @@ def _section_html(bpe, ratios, img_rel) -> str:
       f"<td>{m['count']}</td><td>{m['F']:.3f}</td><td>{m['S']:.3f}</td>"
       f"<td>{len(bpe.footprint(m['id']))}</td></tr>" for m in bpe.merges[:12])
   return (f"<p>{len(bpe.merges)} merges over a base vocabulary of {bpe.base_vocab_size} codes "
-          f"(alpha={bpe.alpha}, sigma={bpe.sigma}, offsets={html.escape(str(bpe.offsets))}). "
+          f"(alpha={bpe.alpha}, sigma={bpe.sigma}, s_prior_count={bpe.s_prior_count}, "
+          f"offsets={html.escape(str(bpe.offsets))}). "
           "Compression = grid cells per BPE token.</p>"
           f"<table><tr><th>split</th><th>cells per token</th></tr>{rows}</table>"
           f"<p><img class='pix' src='{img_rel}'><br><span class='small'>Test images and their "
