@@ -75,6 +75,11 @@ def get_config(arg=None):
       sigma=0.5,  # width of the Gaussian kernel of S, in grid cells
       offsets=((0, 1), (1, 0), (1, 1), (1, -1)),  # forward neighbourhood (dy, dx)
       min_count=2,  # a pair seen fewer times is never merged
+      # Pseudo-count k of S's small-sample correction, S_k = S * N / (N + k) (bpe/scoring.py).
+      # 0 (off, the earlier merges bit for bit): k = 2, 8, 32 left held-out compression on the
+      # synthetic corpus unchanged (400 merges) or within +-0.01% (2000 merges), and k = 32 was
+      # 1.6x slower (BENCHMARKS.md, "Small-sample correction of S").
+      s_prior_count=0.0,
       base_vocab_size=0,  # 0 = config.vq.codebook_size
       num_token_maps=6,  # test images shown as BPE token maps in the report
   )

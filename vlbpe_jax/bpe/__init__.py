@@ -24,6 +24,8 @@ Score. n(a, b, delta) counts occurrences over all grids, N_ab = sum_delta n. The
   S(a, b) = (1 / N_ab) sum_i exp(-||u_i - u_bar||^2 / 2 sigma^2)   (u_i: offsets of the
             occurrences, u_bar their mean; computed from n(a, b, .), see `scoring`)
   P(a, b) = F + alpha * S;  alpha = 0 is plain frequency BPE.
+With s_prior_count = k > 0, S is shrunk for rare pairs: S_k = S * N_ab / (N_ab + k) (`scoring`;
+k = 0, the default, is the plain S).
 The best pair has the largest P, then the larger N_ab, then the smaller (a, b). It merges at its
 dominant offset delta* (most occurrences; ties: raster-first offset). No pair with
 N_ab < min_count (default 2) is merged; learning stops early when none is left.
