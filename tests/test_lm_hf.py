@@ -190,6 +190,29 @@ def test_save_load_round_trip_with_extended_vocab_and_scan(tmp_path):
   assert saved_w["model.embed_tokens.weight"].shape == (60, 32)
 
 
+def test_new_text_rows_are_exported_at_their_ids(tmp_path):
+  """`new_text_embed` / `new_text_head` (e.g. the trained `<img>` `</img>` rows) replace the
+  text rows at `new_text_ids` in the HF tables; loading restores them and the ids."""
+  write_hf(tmp_path / "hf", LLAMA31)
+  model, params = hf.load_llama(str(tmp_path / "hf"))
+  ext = hf.extend_vocab(params, 10, jax.random.key(0), n_new_text=2)
+  assert ext["new_text_embed"].shape == (2, 32) and ext["new_text_head"].shape == (2, 32)
+  cfg = dataclasses.replace(model.config, num_special=2, num_vq=5, num_bpe=3,
+                            new_text_ids=(7, 11))
+  hf.save_llama(cfg, ext, str(tmp_path / "out"))
+  saved = stn.load_file(str(tmp_path / "out" / "model.safetensors"))
+  for hf_name, name in (("model.embed_tokens.weight", "embed"), ("lm_head.weight", "head")):
+    np.testing.assert_array_equal(saved[hf_name][[7, 11]], ext[f"new_text_{name}"])
+    np.testing.assert_array_equal(saved[hf_name][[3, 12]], np.asarray(ext[f"text_{name}"])[[3, 12]])
+  model2, params2 = hf.load_llama(str(tmp_path / "out"))
+  assert model2.config == cfg
+  for name in ("new_text_embed", "new_text_head", "visual_embed", "layers_1"):
+    jax.tree.map(np.testing.assert_array_equal, params2[name], ext[name])
+  ids = jnp.asarray([[3, 7, 55, 11, 12]])
+  np.testing.assert_allclose(forward(model2)(params2, ids),
+                             forward(lm_model.LM(cfg))(ext, ids), atol=1e-5)
+
+
 def test_bad_checkpoints_raise(tmp_path):
   with pytest.raises(ValueError, match="model_type"):
     hf.config_from_hf(dict(LLAMA31, model_type="gpt2"))

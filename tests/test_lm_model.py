@@ -108,6 +108,32 @@ def test_visual_ids_read_the_visual_table():
   np.testing.assert_array_equal(jit_apply(model)({"params": bumped}, ids), base)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_new_text_ids_read_the_new_text_rows(tie):
+  """`<img>`-like ids: embedding and head row from `new_text_*`; their text rows get no gradient."""
+  model = lm_model.LM(config(new_text_ids=(5, 9), tie_embeddings=tie))
+  ids = jnp.array([[3, 5, 9, V_TEXT + 2, 9]])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(3), ids)["params"])
+  assert params["new_text_embed"].shape == (2, 64)
+  assert ("new_text_head" in params) == (not tie)
+  emb = jit_apply(model)({"params": params}, ids, method=lm_model.LM.embed)
+  np.testing.assert_array_equal(emb[0, [1, 2, 4]], params["new_text_embed"][jnp.array([0, 1, 1])])
+  np.testing.assert_array_equal(emb[0, 0], params["text_embed"][3])
+  h = jit_apply(model)({"params": params}, ids, return_hidden=True)
+  logits = jit_apply(model)({"params": params}, ids)
+  head = params["new_text_embed" if tie else "new_text_head"]
+  np.testing.assert_allclose(logits[..., jnp.array([5, 9])], h @ head.T, atol=1e-5)
+  loss = lambda p: jit_apply(model)({"params": p}, ids).sum()  # noqa: E731
+  g = jax.grad(loss)(params)
+  for name in ("text_embed",) + (() if tie else ("text_head",)):
+    assert not np.any(g[name][jnp.array([5, 9])]) and np.any(g[name]), name
+  assert np.abs(g["new_text_embed"]).min() > 0
+  with pytest.raises(ValueError, match="new_text_ids"):
+    config(new_text_ids=(5, 5))
+  with pytest.raises(ValueError, match="new_text_ids"):
+    config(new_text_ids=(V_TEXT,))
+
+
 def test_tied_head_has_no_head_params():
   model, params = make(tie_embeddings=True)
   assert "text_head" not in params and "visual_head" not in params

@@ -15,12 +15,14 @@ from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import stages
 
 DEPTH = 3  # stage 2 unfreezes ceil(0.25 * 3) = 1 layer
+NEW_TEXT_IDS = (4, 5)  # text ids with new rows (as <img> </img>), trained from stage 1
 
 
 @functools.cache
 def make(scan=False):
   cfg = lm_model.lm_config("mu", width=32, num_heads=2, num_kv_heads=1, mlp_dim=64, depth=DEPTH,
                            text_vocab=32, num_special=2, num_vq=6, num_bpe=4,
+                           new_text_ids=NEW_TEXT_IDS,
                            dtype="float32", scan_layers=scan)
   model = lm_model.LM(cfg)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
@@ -68,6 +70,7 @@ def test_labels_and_first_layer_counts():
   _, params = make()
   labels = stages.param_labels(params, 1, DEPTH)
   assert labels["visual_embed"] == "trainable" and labels["visual_head"] == "trainable"
+  assert labels["new_text_embed"] == "trainable" and labels["new_text_head"] == "trainable"
   assert labels["text_embed"] == "frozen" and labels["layers_0"]["attn"]["q"] == "frozen"
   labels = stages.param_labels(params, 2, DEPTH)
   assert labels["layers_0"]["attn"]["q"] == "trainable"
@@ -82,14 +85,16 @@ def test_labels_and_first_layer_counts():
   _, sparams = make(scan=True)
   counts = [stages.trainable_count(p, s) for p in (params, sparams) for s in (1, 2, 3)]
   assert counts[:3] == counts[3:] and counts[0] < counts[1] < counts[2]
-  assert counts[0] == 2 * 12 * 32 and counts[2] == sum(x.size for x in jax.tree.leaves(params))
+  assert counts[0] == 2 * (12 + 2) * 32  # visual + new-text rows, embed and head
+  assert counts[2] == sum(x.size for x in jax.tree.leaves(params))
 
 
-def test_stage1_moves_only_visual_rows():
+def test_stage1_moves_only_new_rows():
   model, params = make()
   new, _ = run(model, params, optimizer(1), 3)
   diff = changed(params, new)
   assert diff.pop("visual_embed") and diff.pop("visual_head")
+  assert diff.pop("new_text_embed") and diff.pop("new_text_head")
   assert not any(jax.tree.leaves(diff))  # every other leaf bit-identical
 
 

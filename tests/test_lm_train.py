@@ -16,6 +16,9 @@ from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
 
 
+NEW_ROWS = ("visual_embed", "visual_head", "new_text_embed", "new_text_head")
+
+
 def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -102,9 +105,24 @@ def test_stage1_changes_only_the_new_rows(setup, runs):
   for name in init:
     same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(init[name]),
                                                     jax.tree.leaves(after[name])))
-    assert same == (name not in ("visual_embed", "visual_head")), name
+    assert same == (name not in NEW_ROWS), name
   # The text rows are stage 0's weights, carried over bit for bit.
   np.testing.assert_array_equal(after["text_embed"], setup["text"]["text_embed"])
+
+
+def test_stage1_trains_the_image_delimiters(setup, runs):
+  """`<img>` `</img>` never occur in stage 0's text: stage 1 must train the embeddings the
+  model reads for them (issue 12, defect 3), while every text row and layer stays put."""
+  tok, model = setup["tok"], setup["trainer"].model
+  init, after = runs["init"]["params"], runs["b2"]["params"]
+  ids = np.array([[tok.image_begin_id, tok.image_end_id, tok.bos_id, tok.user_id]])
+  before, moved = (np.asarray(model.apply({"params": p}, ids, method=type(model).embed))[0]
+                   for p in (init, after))
+  assert np.all(np.any(before[:2] != moved[:2], axis=-1))  # both delimiters trained
+  np.testing.assert_array_equal(before[2:], moved[2:])  # text tokens read unchanged rows
+  for name in init:
+    if name not in NEW_ROWS:  # text tables, layers, final norm: bit-identical
+      jax.tree.map(np.testing.assert_array_equal, init[name], after[name])
 
 
 def test_stage2_changes_the_first_layer_only(runs):
@@ -113,7 +131,7 @@ def test_stage2_changes_the_first_layer_only(runs):
              if not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[name]),
                                                              jax.tree.leaves(after[name])))}
   # depth 2, first_frac 0.25 -> ceil(0.5) = 1 layer; the new rows keep training.
-  assert changed == {"layers_0", "visual_embed", "visual_head"}
+  assert changed == {"layers_0", *NEW_ROWS}
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -124,6 +142,7 @@ def test_migration_carries_adam_counts_per_leaf(runs, name):
   steps = lambda leaf: {int(c) for c in jax.tree.leaves(count[leaf])}  # noqa: E731
   # stages (2, 2, 2): the new rows trained 6 steps, layers_0 4 (stages 2, 3), layers_1 2.
   assert steps("visual_embed") == {6} and steps("layers_0") == {4}
+  assert steps("new_text_embed") == {6} and steps("new_text_head") == {6}
   assert steps("layers_1") == {2} and steps("text_embed") == {2}
 
 def test_state_is_sharded_by_logical_names(setup, runs):

@@ -7,6 +7,11 @@ Vocabulary layout (ids): `text | special | VQ codes | BPE tokens`.
   `num_bpe` visual BPE tokens. All these new rows live in `visual_embed` / `visual_head`, so
   "train only the new rows" (stage 1) is a plain parameter partition. New special tokens sit
   with the visual rows because they, too, start untrained.
+- `new_text_ids`: text ids that are new to the model although the tokenizer holds them (our
+  `<img>` `</img>`: appended to a loaded tokenizer, and never in text pretraining). Their input
+  embeddings (and head rows) come from the small `new_text_embed` / `new_text_head` tables (one
+  row per id, in order), which override the text rows at those ids and train with the visual
+  rows (stages.py); the shadowed text rows are unused.
 """
 
 import dataclasses
@@ -42,6 +47,7 @@ class LMConfig:
   num_special: int = 0
   num_vq: int = 0
   num_bpe: int = 0
+  new_text_ids: tuple[int, ...] = ()  # text ids served by `new_text_embed` (see above)
   width: int = 64
   depth: int = 2
   num_heads: int = 4
@@ -75,6 +81,11 @@ class LMConfig:
     for name in ("num_special", "num_vq", "num_bpe"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+    ids = tuple(int(i) for i in self.new_text_ids)
+    object.__setattr__(self, "new_text_ids", ids)
+    if len(set(ids)) != len(ids) or any(not 0 <= i < self.text_vocab for i in ids):
+      raise ValueError(f"new_text_ids={ids}: expected distinct ids in [0, "
+                       f"text_vocab={self.text_vocab})")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")

@@ -1,14 +1,18 @@
 """Hugging Face Llama-2/3/3.1, Qwen2 and Qwen3 checkpoints <-> LM params (numpy, no torch).
 
   model, params = load_llama("/ckpt/Llama-3.1-8B")         # config.json + *.safetensors
-  params = extend_vocab(params, n_visual=16_388, key=key)  # new special + VQ + BPE rows
-  model = LM(dataclasses.replace(model.config, num_special=4, num_vq=8192, num_bpe=8192))
+  params = extend_vocab(params, n_visual=16_388, key=key, n_new_text=2)  # + <img> </img>
+  model = LM(dataclasses.replace(model.config, num_special=4, num_vq=8192, num_bpe=8192,
+                                 new_text_ids=(tok.image_begin_id, tok.image_end_id)))
   save_llama(model.config, params, "/out/being-vl")        # shards + index, HF key names
 
 HF stores `[out, in]` matrices; we store `[in, ...out]` kernels (`q: [D, N, K]`,
 `o: [N, K, D]`). HF's q/k weights are already permuted for the rotate-half RoPE used here.
 An extended vocabulary is saved as one `embed_tokens` / `lm_head` of `text + visual` rows, with
 the split recorded under `"vlbpe_vocab"` in config.json so that loading restores both tables.
+The rows of `new_text_embed` / `new_text_head` (`LMConfig.new_text_ids`, e.g. `<img>`) are
+written into that table at their ids, in place of the unused text rows there, and the ids are
+recorded, so HF sees the trained rows and loading restores the small tables from them.
 """
 
 import contextlib
@@ -177,6 +181,8 @@ def load_llama(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
     if table is None:
       continue
     params[f"text_{name}"] = cast(table[:cfg.text_vocab])
+    if cfg.new_text_ids:
+      params[f"new_text_{name}"] = cast(table[np.asarray(cfg.new_text_ids)])
     if cfg.visual_vocab:
       params[f"visual_{name}"] = cast(table[cfg.text_vocab:])
   for key, (i, path, kind, want) in layer_keys.items():
@@ -259,12 +265,14 @@ def _fresh_folder(out_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def extend_vocab(params, n_visual, key):
+def extend_vocab(params, n_visual, key, *, n_new_text=0):
   """Appends `n_visual` rows to `visual_embed` (and `visual_head` when untied).
 
   Text rows are untouched. New rows are drawn from a diagonal Gaussian fitted to the existing
   text rows (mean + std * N(0, 1)), so they start at the scale of the pretrained embeddings.
   Update the config to match (`num_special + num_vq + num_bpe` grows by `n_visual`).
+  `n_new_text`: also draw (replace) `new_text_embed` / `new_text_head` with that many rows, for
+  `LMConfig.new_text_ids` (e.g. `<img>` `</img>`) of as many ids.
   """
   if n_visual < 1:
     raise ValueError(f"n_visual={n_visual}: expected >= 1")
@@ -274,14 +282,22 @@ def extend_vocab(params, n_visual, key):
     if text is None:
       continue
     mean, std = text.mean(axis=0), text.std(axis=0)
-    rows = (mean + std * jax.random.normal(k, (n_visual, text.shape[1]))).astype(text.dtype)
+    rows = (mean + std * jax.random.normal(k, (n_visual + n_new_text, text.shape[1]))
+            ).astype(text.dtype)
+    rows, new_rows = rows[:n_visual], rows[n_visual:]
+    if n_new_text:
+      out[f"new_text_{name}"] = new_rows
     old = params.get(f"visual_{name}")
     out[f"visual_{name}"] = rows if old is None else jnp.concatenate([old, rows])
   return out
 
 
 def _full_table(params, name, cfg):
-  parts = [params[f"text_{name}"]] + ([params[f"visual_{name}"]] if cfg.visual_vocab else [])
+  """The `[V, D]` table HF reads: text rows (new-text rows at their ids), then visual rows."""
+  text = params[f"text_{name}"]
+  if cfg.new_text_ids:
+    text = jnp.asarray(text).at[np.asarray(cfg.new_text_ids)].set(params[f"new_text_{name}"])
+  parts = [text] + ([params[f"visual_{name}"]] if cfg.visual_vocab else [])
   return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 

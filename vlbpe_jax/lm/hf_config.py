@@ -1,7 +1,8 @@
 """Hugging Face config.json <-> `LMConfig` (Llama-2/3/3.1, Qwen2, Qwen3).
 
 An extended vocabulary is saved as one `vocab_size = text + visual` with the split recorded
-under `"vlbpe_vocab"` (transformers keeps unknown keys as attributes and ignores them).
+under `"vlbpe_vocab"` (transformers keeps unknown keys as attributes and ignores them),
+with `new_text_ids` (LMConfig) when there are any.
 """
 
 from vlbpe_jax.lm import config as lm_config
@@ -42,6 +43,10 @@ def config_from_hf(hf, source="config.json", **overrides):
       or not all(_int_at_least(vocab.get(k, 0), 0) for k in _VOCAB_KEYS[1:])):
     raise ValueError(f"{source}: vlbpe_vocab={vocab!r}; expected {{text_vocab: int > 0, "
                      "num_special, num_vq, num_bpe: int >= 0}")
+  new_ids = vocab.get("new_text_ids", [])
+  if not isinstance(new_ids, list) or not all(_int_at_least(i, 0) for i in new_ids):
+    raise ValueError(f"{source}: vlbpe_vocab new_text_ids={new_ids!r}; expected a list of "
+                     "ints >= 0")
   total = sum(vocab.get(k, 0) for k in _VOCAB_KEYS)
   if total != hf["vocab_size"]:
     raise ValueError(f"{source}: vlbpe_vocab {vocab} sums to {total}; expected "
@@ -56,7 +61,7 @@ def config_from_hf(hf, source="config.json", **overrides):
       rope_scaling=_rope_scaling(hf.get("rope_scaling"), source),
       qkv_bias=kind == "qwen2" or (kind == "qwen3" and bool(hf.get("attention_bias"))),
       qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      **{k: int(vocab.get(k, 0)) for k in _VOCAB_KEYS})
+      new_text_ids=tuple(new_ids), **{k: int(vocab.get(k, 0)) for k in _VOCAB_KEYS})
   try:
     return lm_config.LMConfig(**{**fields, **overrides})
   except ValueError as e:
@@ -115,6 +120,8 @@ def config_to_hf(cfg):
     f, lo, hi, old = cfg.rope_scaling
     out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
                                high_freq_factor=hi, original_max_position_embeddings=old)
-  if cfg.visual_vocab:
+  if cfg.visual_vocab or cfg.new_text_ids:
     out["vlbpe_vocab"] = {k: getattr(cfg, k) for k in _VOCAB_KEYS}
+    if cfg.new_text_ids:
+      out["vlbpe_vocab"]["new_text_ids"] = list(cfg.new_text_ids)
   return out

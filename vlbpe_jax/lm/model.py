@@ -7,7 +7,8 @@
 
 As a frozen backbone (BLIP3-o) the model takes extra input embeddings appended after the
 tokens (`[C; Q]`) and returns the final-norm hidden states of every position; `LM.embed` gives
-the token embeddings alone. Generation passes a KV cache from `init_cache` (see generate.py).
+the token embeddings alone (`new_text_ids` rows from `new_text_embed`, config.py). Generation
+passes a KV cache from `init_cache` (see generate.py).
 """
 
 import chex
@@ -80,6 +81,12 @@ class LM(nn.Module):
       self.text_head = self.param("text_head", table, (c.text_vocab, c.width), pdt)
       if c.visual_vocab:
         self.visual_head = self.param("visual_head", table, (c.visual_vocab, c.width), pdt)
+    if c.new_text_ids:  # a few rows: replicated over the vocab axis
+      rows = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), (None, "embed"))
+      shape = (len(c.new_text_ids), c.width)
+      self.new_text_embed = self.param("new_text_embed", rows, shape, pdt)
+      if not c.tie_embeddings:
+        self.new_text_head = self.param("new_text_head", rows, shape, pdt)
     block = Block
     if c.remat_policy != "none":
       block = nn.remat(Block, policy=_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
@@ -101,6 +108,10 @@ class LM(nn.Module):
       vis = jnp.take(self.visual_embed, jnp.clip(ids - c.text_vocab, 0, c.visual_vocab - 1),
                      axis=0)
       x = jnp.where((ids >= c.text_vocab)[..., None], vis, x)
+    if c.new_text_ids:
+      hit = ids[..., None] == jnp.asarray(c.new_text_ids)  # [B, T, n]
+      new = jnp.take(self.new_text_embed, jnp.argmax(hit, axis=-1), axis=0)  # [B, T, D]
+      x = jnp.where(hit.any(axis=-1)[..., None], new, x)
     return nn.with_logical_constraint(x.astype(c.dtype), ("act_batch", "act_len", "act_embed"))
 
   def logits(self, h):
@@ -111,6 +122,9 @@ class LM(nn.Module):
              [self.text_head] + ([self.visual_head] if c.visual_vocab else []))
     # One [V, D] table (cheaper than concatenating [B, T, V] logits when B * T > D).
     w = jnp.concatenate([x.astype(c.dtype) for x in heads])  # [V, D]
+    if c.new_text_ids:
+      new = self.new_text_embed if c.tie_embeddings else self.new_text_head
+      w = w.at[jnp.asarray(c.new_text_ids)].set(new.astype(c.dtype))
     out = jnp.einsum("BTD,VD->BTV", h, w).astype(jnp.float32)
     return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 

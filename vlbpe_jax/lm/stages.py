@@ -1,12 +1,23 @@
 """Being-VL's progressive unfreezing as optax parameter partitions.
 
   stage 1: only the new rows train: `visual_embed` and `visual_head` (special + VQ + BPE rows;
-           with a tied head the `visual_embed` rows are the head rows too).
+           with a tied head the `visual_embed` rows are the head rows too), and
+           `new_text_embed` / `new_text_head` (the image begin/end tokens, see below).
   stage 2: stage 1 + the first `ceil(first_frac * L)` decoder layers (the input side).
   stage 3: everything.
 
   tx = make_optimizer(2, params, optax.cosine_decay_schedule(3e-4, 1000), clip=1.0)
   opt = migrate_opt_state(opt_stage1, 1, 2, params, tx)   # also after a checkpoint restore
+
+Every token that stage 1 must learn is in a new-rows table. `<img>` `</img>` have ids in the
+text tokenizer's vocabulary, but a pretrained LLM (lm/hf.py) has never seen them, nor does our
+text pretraining (stage 0 has no images), so their text rows are untrained. The model therefore
+reads them from `new_text_embed` / `new_text_head` (`LMConfig.new_text_ids`, set by
+`train.make_model`), small tables that override the text rows at those ids and sit in
+`NEW_ROWS`. The text tables stay whole leaves, frozen bit for bit in stages 1-2 (the shadowed
+rows get zero gradient), with no row mask in the optimizer and no Adam moments for them; the
+ids need no remapping in the data. `hf.save_llama` folds the new rows into the exported tables
+at their ids (and records the ids), so the HF model embeds `<img>` as trained here.
 
 Frozen leaves get `optax.set_to_zero()`; clipping, Adam and weight decay live inside the
 trainable branch of `optax.multi_transform`, so frozen gradients never enter the clip norm and
@@ -38,7 +49,7 @@ import optax
 from vlbpe_jax.lm import adam
 
 TRAINABLE, FROZEN = "trainable", "frozen"
-NEW_ROWS = ("visual_embed", "visual_head")
+NEW_ROWS = ("visual_embed", "visual_head", "new_text_embed", "new_text_head")
 STAGES = (1, 2, 3)
 
 

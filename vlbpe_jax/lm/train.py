@@ -118,12 +118,14 @@ def text_rows(config, tokenizer) -> int:
 
 
 def make_model(config, tokenizer, num_vq: int = 0, num_bpe: int = 0) -> lm_model.LM:
-  """The decoder; the visual table (VQ + BPE rows) is padded to `lm.vocab_multiple` too."""
+  """The decoder; the visual table (VQ + BPE rows) is padded to `lm.vocab_multiple` too. With
+  visual rows, `<img>` `</img>` (never in stage 0's text) get new rows that stage 1 trains."""
   visual = num_vq + num_bpe
   pad = _round_up(visual, int(config.lm.vocab_multiple)) - visual if visual else 0
+  new_ids = (tokenizer.image_begin_id, tokenizer.image_end_id) if visual else ()
   return lm_model.LM(lm_model.lm_config(
       config.lm.variant, text_vocab=text_rows(config, tokenizer), num_vq=num_vq,
-      num_bpe=num_bpe + pad, **dict(config.lm.model)))
+      num_bpe=num_bpe + pad, new_text_ids=new_ids, **dict(config.lm.model)))
 
 
 def make_tx(config, phase: Phase, params):
