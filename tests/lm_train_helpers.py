@@ -68,7 +68,7 @@ def write_visual_files(workdir):
     json.dump({"codebook_size": 27, "grid": [GRID, GRID]}, f)
   bpe = bpe_model.VisualBPE.learn(codes["train"], 27, NUM_MERGES, progress=False)
   bpe.save(os.path.join(workdir, "bpe", "bpe.json"))
-  digest = fileio.file_digest(os.path.join(workdir, "bpe", "bpe.json"))[:16]  # as the stage
+  digest = fileio.short_digest(os.path.join(workdir, "bpe", "bpe.json"))  # as the stage
   for s, c in codes.items():
     np.savez(os.path.join(workdir, "bpe", f"tokens_{s}.npz"), bpe_digest=np.array(digest),
              **bpe.encode(c))

@@ -53,7 +53,7 @@ def _visual_workdir(w):
   vocab = os.path.join(w, "bpe", "bpe.json")
   bpe.save(vocab)
   fileio.save_npz(os.path.join(w, "bpe", "tokens_train.npz"),
-                  bpe_digest=np.array(fileio.file_digest(vocab)[:16]), **bpe.encode(codes))
+                  bpe_digest=np.array(fileio.short_digest(vocab)), **bpe.encode(codes))
 
 
 # Each case writes a valid artifact under `w` with the package's writer and returns

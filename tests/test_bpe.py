@@ -337,7 +337,7 @@ def test_decode_cli_checks_the_vocabulary_digest_and_names_torn_files(tmp_path):
   decode_cli.main([f"--bpe={path}", f"--tokens={tokens}", f"--out={tmp_path}/back.npy"])
   np.testing.assert_array_equal(np.load(tmp_path / "back.npy"), g)
   # The stage's layout (bpe_digest saved by vlbpe_jax.bpe.stage), then an edited vocabulary.
-  np.savez(tokens, bpe_digest=np.array(fileio.file_digest(path)[:16]), **bpe.encode(g))
+  np.savez(tokens, bpe_digest=np.array(fileio.short_digest(path)), **bpe.encode(g))
   d = json.load(open(path))
   d["merges"][-1]["offset"] = [1, 0]
   d["merges"][-1].pop("footprint")

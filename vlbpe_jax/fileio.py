@@ -137,6 +137,12 @@ def file_digest(path: str) -> str:
   return h.hexdigest()
 
 
+def short_digest(path: str) -> str:
+  """The first 16 hex digits of `file_digest`: what a derived artifact stores to name the file it
+  was made from (BPE tokens name their vocabulary in `bpe_digest`; readers compare it)."""
+  return file_digest(path)[:16]
+
+
 def tree_digest(root: str) -> str:
   """sha256 over every file under `root` (relative paths and contents, sorted)."""
   h = hashlib.sha256()

@@ -23,7 +23,7 @@ def main(argv=None):
   bpe = model.VisualBPE.load(args.bpe)
   enc = fileio.load_npz(args.tokens, what="tokens")
   if "bpe_digest" in enc:
-    want, have = str(enc["bpe_digest"]), fileio.file_digest(args.bpe)[:16]
+    want, have = str(enc["bpe_digest"]), fileio.short_digest(args.bpe)
     if want != have:
       raise ValueError(f"tokens {args.tokens} were encoded with a vocabulary of digest {want}, "
                        f"but {args.bpe} has digest {have}: expected the bpe.json they were "

@@ -31,7 +31,7 @@ def main(argv=None):
   t = time.perf_counter()
   enc = bpe.encode(codes)
   seconds = time.perf_counter() - t
-  digest = fileio.file_digest(args.bpe)[:16]
+  digest = fileio.short_digest(args.bpe)
   fileio.save_npz(args.out, bpe_digest=np.array(digest), **enc)
   result = dict(images=int(codes.shape[0]), out=args.out, seconds=round(seconds, 3),
                 cells_per_token=round(codes.size / max(int(enc["lengths"].sum()), 1), 4))

@@ -35,11 +35,6 @@ def _settings(config) -> dict:
               s_prior_count=float(c.get("s_prior_count", 0.0)))
 
 
-def _digest(path: str) -> str:
-  """The vocabulary's digest stored with the tokens it encoded (`bpe.decode` checks it)."""
-  return fileio.file_digest(path)[:16]
-
-
 def _learn_or_load(config, codes, path, settings):
   if os.path.exists(path):
     bpe = model.VisualBPE.load(path)
@@ -92,7 +87,7 @@ def run_stage(config, workdir: str) -> dict:
   stats_path = os.path.join(bpe_dir, "stats.json")
   if timing is not None:
     fileio.write_json(stats_path, dict(timing, merges=len(bpe.merges)))
-  digest = _digest(path)
+  digest = fileio.short_digest(path)  # stored with the tokens; bpe.decode and the LM check it
   ratios = {}
   for split, grids in codes.items():
     out = os.path.join(bpe_dir, f"tokens_{split}.npz")

@@ -111,7 +111,7 @@ def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS)
     else:
       tokens_path = _require(os.path.join(workdir, "bpe", f"tokens_{split}.npz"), "bpe")
       enc = fileio.load_npz(tokens_path, what="BPE tokens")
-      if str(enc.get("bpe_digest", "")) != fileio.file_digest(vocab_path)[:16]:
+      if str(enc.get("bpe_digest", "")) != fileio.short_digest(vocab_path):
         raise ValueError(f"{tokens_path} was encoded with another vocabulary than {vocab_path} "
                          "(bpe_digest differs): rerun the bpe stage")
       out[split] = VisualTokens(enc["tokens"], enc["lengths"], vq_start, enc["positions"])
