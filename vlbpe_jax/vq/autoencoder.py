@@ -5,6 +5,13 @@ Downsampling factor f = patch * 2 ** (len(ch_mult) - 1); attention always sits i
 `patch` > 1 folds each patch x patch block of pixels into channels before the first conv and
 unfolds the last conv's channels back into pixels (space-to-depth, as a ViT patch embedding):
 on a CPU this trades thin full-resolution convs for fewer, wider ones.
+
+`local` (encoder only): `conv_in` is `local_kernel` x `local_kernel`, every later conv 1x1, no
+attention, and LayerNorm per position instead of GroupNorm. A code then sees only its own
+local_kernel x local_kernel patches, so identical neighbourhoods get identical codes: a flat
+background is one code per tone. Taming's encoder sees the whole image (GroupNorm statistics,
+mid attention, a receptive field past the grid), and the demo's 16x16 grid gave 55-64 codes
+per background tone (BENCHMARKS.md, "Codes per flat region").
 """
 
 import chex
@@ -15,6 +22,7 @@ from vlbpe_jax.vq import layers
 
 # ch: base width; ch_mult: width multiplier per level; groups: GroupNorm groups; patch:
 # pixels per side folded into channels first (default 1).
+ENCODER_ONLY = ("local", "local_kernel")  # VARIANTS keys the Decoder does not take
 VARIANTS = {
     # CPU-sized: f=4 (64 px -> 16x16), widths 16/32/32.
     "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, groups=8,
@@ -23,6 +31,9 @@ VARIANTS = {
     # twice the steps per second of "tiny" on a 2-core CPU at the same quality per step.
     "tiny_p4": dict(ch=64, ch_mult=(1,), num_res_blocks=1, z_channels=64, groups=8,
                     attn_levels=(), patch=4),
+    # tiny_p4 whose encoder is local (each code reads its 3x3 patch neighbourhood, 12x12 px).
+    "tiny_p4_local": dict(ch=64, ch_mult=(1,), num_res_blocks=1, z_channels=64, groups=8,
+                          attn_levels=(), patch=4, local=True, local_kernel=3),
     # CPU-sized: f=2 (64 px -> 32x32, the Being-VL grid size), widths 16/32.
     "tiny_f2": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, groups=8,
                     attn_levels=()),
@@ -78,25 +89,34 @@ class Encoder(nn.Module):
   attn_levels: tuple[int, ...] = ()
   patch: int = 1
   dtype: jnp.dtype = jnp.float32
+  local: bool = False
+  local_kernel: int = 3
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(groups=self.groups, dtype=self.dtype)
+    if self.local and len(self.ch_mult) != 1:
+      raise ValueError(f"local encoder with ch_mult={self.ch_mult}: expected one level (the "
+                       "downsampling is `patch`)")
+    k = 1 if self.local else 3
+    groups = 0 if self.local else self.groups
+    kw = dict(groups=groups, dtype=self.dtype, kernel=k)
     if self.patch > 1:
       x = space_to_depth(x, self.patch)  # [B, H/p, W/p, p*p*3]
-    h = layers.conv(self.ch, 3, "conv_in", dtype=self.dtype)(x.astype(self.dtype))
+    h = layers.conv(self.ch, self.local_kernel if self.local else 3, "conv_in",
+                    dtype=self.dtype)(x.astype(self.dtype))
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
         h = layers.ResBlock(self.ch * mult, name=f"down_{i}_block_{j}", **kw)(h)
-        if i in self.attn_levels:
-          h = layers.AttnBlock(name=f"down_{i}_attn_{j}", **kw)(h)
+        if i in self.attn_levels and not self.local:
+          h = layers.AttnBlock(name=f"down_{i}_attn_{j}", groups=groups, dtype=self.dtype)(h)
       if i != len(self.ch_mult) - 1:
         h = layers.Downsample(self.dtype, name=f"down_{i}_downsample")(h)
     h = layers.ResBlock(h.shape[-1], name="mid_block_1", **kw)(h)
-    h = layers.AttnBlock(name="mid_attn_1", **kw)(h)
+    if not self.local:
+      h = layers.AttnBlock(name="mid_attn_1", groups=groups, dtype=self.dtype)(h)
     h = layers.ResBlock(h.shape[-1], name="mid_block_2", **kw)(h)
-    h = nn.silu(layers.group_norm(self.groups, "norm_out", self.dtype)(h))
-    return layers.conv(self.z_channels, 3, "conv_out", dtype=self.dtype)(h)
+    h = nn.silu(layers.group_norm(groups, "norm_out", self.dtype)(h))
+    return layers.conv(self.z_channels, k, "conv_out", dtype=self.dtype)(h)
 
 
 class Decoder(nn.Module):

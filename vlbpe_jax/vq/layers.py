@@ -27,24 +27,31 @@ def conv(features, kernel, name=None, *, stride=1, padding="SAME", out_axis="con
 
 
 def group_norm(groups, name, dtype=jnp.float32):
-  """GroupNorm as in taming (eps 1e-6, affine); statistics in float32."""
-  return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-6, dtype=dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+  """GroupNorm as in taming (eps 1e-6, affine); statistics in float32.
+
+  groups=0: LayerNorm over the channels of each position instead (same parameter names), so
+  that a position's output does not depend on the rest of the image (`Encoder(local=True)`).
+  """
+  kw = dict(epsilon=1e-6, dtype=dtype, name=name,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+  if groups == 0:
+    return nn.LayerNorm(**kw)
+  return nn.GroupNorm(num_groups=groups, **kw)
 
 
 class ResBlock(nn.Module):
   """norm-SiLU-conv twice plus a (1x1 conv when widths differ) shortcut."""
   features: int
-  groups: int = 32
+  groups: int = 32  # 0: per-position LayerNorm (`group_norm`)
   dtype: jnp.dtype = jnp.float32
+  kernel: int = 3
 
   @nn.compact
   def __call__(self, x):  # x: [B, H, W, C]
-    h = conv(self.features, 3, "conv1", dtype=self.dtype)(
+    h = conv(self.features, self.kernel, "conv1", dtype=self.dtype)(
         nn.silu(group_norm(self.groups, "norm1", self.dtype)(x)))
-    h = conv(self.features, 3, "conv2", dtype=self.dtype)(
+    h = conv(self.features, self.kernel, "conv2", dtype=self.dtype)(
         nn.silu(group_norm(self.groups, "norm2", self.dtype)(h)))
     if x.shape[-1] != self.features:
       x = conv(self.features, 1, "nin_shortcut", dtype=self.dtype)(x)

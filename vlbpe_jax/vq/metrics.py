@@ -1,4 +1,5 @@
-"""Image and codebook metrics: PSNR, SSIM (Wang et al. 2004), codebook usage, perplexity.
+"""Image and codebook metrics: PSNR, SSIM (Wang et al. 2004), codebook usage, perplexity,
+codes per flat region.
 
 Images are float in [0, max_val], [B, H, W, C]; metrics are per image `[B]` unless noted.
 """
@@ -6,6 +7,7 @@ Images are float in [0, max_val], [B, H, W, C]; metrics are per image `[B]` unle
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlbpe_jax.vq import quantizer
 
@@ -55,3 +57,44 @@ def codebook_usage(codes, codebook_size: int):
 def code_perplexity(codes, codebook_size: int):
   """exp(entropy) of the code distribution in `codes`: scalar in [1, V]."""
   return quantizer.perplexity(quantizer.code_counts(codes, codebook_size))
+
+
+def flat_region_codes(images, codes, *, min_cells: int = 20) -> dict:
+  """How consistently flat regions are coded: one code per constant colour is the ideal.
+
+  images: uint8 [N, H, W, 3]; codes: int [N, h, w] with H = f*h. A cell is *flat* when the
+  3x3 neighbourhood of f x f pixel patches around it (not touching the border) is one exact
+  colour. Returns {colour (r, g, b): {"cells", "codes" (distinct), "top_share" (share of the
+  most common code)}} over the colours with at least `min_cells` flat cells (numpy, on host).
+  """
+  images, codes = np.asarray(images), np.asarray(codes)
+  if images.ndim != 4 or images.shape[-1] != 3 or codes.ndim != 3:
+    raise ValueError(f"images {images.shape} / codes {codes.shape}: expected [N, H, W, 3] and "
+                     "[N, h, w]")
+  n, hh, ww, _ = images.shape
+  if codes.shape[0] != n or hh % codes.shape[1] or ww % codes.shape[2] or (
+      hh // codes.shape[1] != ww // codes.shape[2]):
+    raise ValueError(f"codes {codes.shape} do not tile images {images.shape}: expected "
+                     "[N, H/f, W/f]")
+  h, w = codes.shape[1:]
+  f = hh // h
+  patches = images.reshape(n, h, f, w, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, -1, 3)
+  uniform = np.all(patches == patches[:, :, :, :1], axis=(3, 4))  # [N, h, w]
+  colour = patches[:, :, :, 0].astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])  # [N, h, w]
+  flat = np.ones((n, h - 2, w - 2), bool)
+  centre = colour[:, 1:-1, 1:-1]
+  for dy in range(3):
+    for dx in range(3):
+      flat &= uniform[:, dy:dy + h - 2, dx:dx + w - 2]
+      flat &= colour[:, dy:dy + h - 2, dx:dx + w - 2] == centre
+  out = {}
+  inner_codes = codes[:, 1:-1, 1:-1]
+  for c in np.unique(centre[flat]):
+    cs = inner_codes[flat & (centre == c)]
+    if cs.size < min_cells:
+      continue
+    counts = np.bincount(cs - cs.min())
+    out[(int(c) >> 16, (int(c) >> 8) & 255, int(c) & 255)] = dict(
+        cells=int(cs.size), codes=int(np.count_nonzero(counts)),
+        top_share=float(counts.max() / cs.size))
+  return out

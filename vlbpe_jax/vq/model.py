@@ -26,7 +26,8 @@ class VQModel(nn.Module):
   def setup(self):
     sizes = autoencoder.decode_variant(self.variant)
     self.encoder = autoencoder.Encoder(dtype=self.dtype, **sizes)
-    self.decoder = autoencoder.Decoder(dtype=self.dtype, **sizes)
+    self.decoder = autoencoder.Decoder(dtype=self.dtype, **{
+        k: v for k, v in sizes.items() if k not in autoencoder.ENCODER_ONLY})
     self.quant_conv = layers.conv(self.code_dim, 1, dtype=self.dtype)
     self.post_quant_conv = layers.conv(sizes["z_channels"], 1, dtype=self.dtype)
     self.quantize = quantizer.VectorQuantizer(

@@ -13,6 +13,7 @@ import os
 from vlbpe_jax import fileio
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import input_pipeline
+from vlbpe_jax.vq import metrics as metrics_lib
 from vlbpe_jax.vq import tokenizer
 from vlbpe_jax.vq import train
 
@@ -25,8 +26,10 @@ def run_stage(config, workdir: str) -> dict:
   tok = tokenizer.Tokenizer.from_workdir(workdir)
   vq_dir = os.path.join(workdir, "vq")
   for split in SPLITS:
-    codes = tok.encode(input_pipeline.load_shapes(config, split))
+    images = input_pipeline.load_shapes(config, split)
+    codes = tok.encode(images)
     fileio.save_npy(os.path.join(vq_dir, f"codes_{split}.npy"), codes)
+  flat = metrics_lib.flat_region_codes(images, codes)  # the test split
   fileio.write_json(os.path.join(vq_dir, "codes_meta.json"),
                     {"codebook_size": tok.codebook_size, "grid": list(tok.grid)})
 
@@ -48,6 +51,12 @@ def run_stage(config, workdir: str) -> dict:
           f"{tok.codebook_size} codes. Validation pairs, original | reconstruction "
           f"(decoded from the saved codes):</p>"
           f"{report.img_tag(src, width=4 * 2 * tok.resolution * 2)}"
-          f"{report.table(('metric', 'value'), rows)}")
+          f"{report.table(('metric', 'value'), rows)}"
+          f"<p>Codes per flat region (test split): cells whose 3x3 neighbourhood of "
+          f"{tok.downsample}x{tok.downsample}-pixel patches is one constant colour should all "
+          f"get one code.</p>"
+          + report.table(("colour (RGB)", "flat cells", "distinct codes", "top code's share"),
+                         [(str(k), v["cells"], v["codes"], f"{v['top_share']:.1%}")
+                          for k, v in flat.items()]))
   report.add_section(workdir, key="vq", title="VQ-GAN", order=20, html=html, metrics=metrics)
   return metrics
