@@ -28,6 +28,9 @@ def test_separation_of_gaussian_clouds():
   np.testing.assert_allclose(embeddings.separation(text, visual), want, rtol=0.03)
   same = embeddings.separation(*_clouds(np.zeros(d), d=d))
   assert same < 0.05  # ~ sqrt(2 / 4000)
+  # Random relabelling gives the finite-sample level, whatever the offset.
+  for x in (_clouds(offset, d=d), _clouds(np.zeros(d), d=d)):
+    np.testing.assert_allclose(embeddings.shuffled_separation(*x), np.sqrt(2 / 4000), rtol=0.3)
   assert embeddings.separation(text, text) == 0.0
 
 
@@ -57,6 +60,7 @@ def test_summary_and_figure():
   assert sum(s["norm_hist_text"]) == 3000 and sum(s["norm_hist_visual"]) == 50
   assert len(s["norm_edges"]) == embeddings.BINS + 1
   assert s["separation"] == embeddings.separation(text, visual[:50])
+  assert s["separation_shuffled"] < s["separation"] / 3
   img = embeddings.figure(s, "full")
   assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
   assert (img == (255, 127, 14)).all(-1).any() and (img == (31, 119, 180)).all(-1).any()
@@ -71,5 +75,7 @@ def test_summary_and_figure():
 def test_bad_tables_raise(text, visual, match):
   with pytest.raises(ValueError, match=match):
     embeddings.separation(text, visual)
+  with pytest.raises(ValueError, match=match):
+    embeddings.shuffled_separation(text, visual)
   with pytest.raises(ValueError, match=match):
     embeddings.summary(text, visual)

@@ -5,8 +5,10 @@ text embeddings. We measure one number,
 
   separation = |mean(text rows) - mean(visual rows)| / mean row norm over both tables,
 
-(0: the tables share their centre; 1: the centres are an average row's length apart), and draw
-a 2D PCA of both tables together and the histogram of their row norms:
+(0: the tables share their centre; 1: the centres are an average row's length apart), its
+value when the rows are dealt to the two tables at random (what finite tables of one
+distribution give: ~sqrt(1/Nt + 1/Nv) for isotropic rows), and draw a 2D PCA of both tables
+together and the histogram of their row norms:
 
   s = summary(text, visual)   # text [Nt, D], visual [Nv, D]; a JSON-able dict
   img = figure(s)              # uint8 [H, W, 3] for report.save_image
@@ -44,6 +46,19 @@ def separation(text, visual) -> float:
   return float(np.linalg.norm(text.mean(0) - visual.mean(0)) / max(norm, 1e-30))
 
 
+def shuffled_separation(text, visual, num: int = 20, seed: int = 0) -> float:
+  """Mean `separation` over `num` random relabellings of the rows (same table sizes)."""
+  text, visual = _check_pair(text, visual)
+  x = np.concatenate([text, visual])
+  norm = max(np.linalg.norm(x, axis=1).mean(), 1e-30)
+  rng = np.random.default_rng(seed)
+  seps = []
+  for _ in range(num):
+    p = rng.permutation(len(x))
+    seps.append(np.linalg.norm(x[p[:len(text)]].mean(0) - x[p[len(text):]].mean(0)) / norm)
+  return float(np.mean(seps))
+
+
 def pca_2d(x):
   """x `[N, D]` -> (points `[N, 2]` on the top two principal axes, axes `[2, D]`, explained
   variance fraction `[2]`). Signs: each axis's largest-magnitude loading is positive."""
@@ -71,7 +86,9 @@ def summary(text, visual) -> dict:
   points, _, var = pca_2d(np.concatenate([t, v]))
   edges = np.histogram_bin_edges(np.concatenate([nt, nv]), BINS)
   return dict(
-      separation=separation(text, visual), num_text=len(text), num_visual=len(visual),
+      separation=separation(text, visual),
+      separation_shuffled=shuffled_separation(text, visual),
+      num_text=len(text), num_visual=len(visual),
       mean_norm_text=float(nt.mean()), mean_norm_visual=float(nv.mean()),
       pca_text=points[:len(t)].tolist(), pca_visual=points[len(t):].tolist(),
       pca_explained=var.tolist(), norm_edges=edges.tolist(),
