@@ -30,7 +30,9 @@ def test_separation_of_gaussian_clouds():
   assert same < 0.05  # ~ sqrt(2 / 4000)
   # Random relabelling gives the finite-sample level, whatever the offset.
   for x in (_clouds(offset, d=d), _clouds(np.zeros(d), d=d)):
-    np.testing.assert_allclose(embeddings.shuffled_separation(*x), np.sqrt(2 / 4000), rtol=0.3)
+    shuffled = embeddings.shuffled_separations(*x, num=20)
+    assert shuffled.shape == (20,)
+    np.testing.assert_allclose(shuffled.mean(), np.sqrt(2 / 4000), rtol=0.3)
   assert embeddings.separation(text, text) == 0.0
 
 
@@ -61,6 +63,9 @@ def test_summary_and_figure():
   assert len(s["norm_edges"]) == embeddings.BINS + 1
   assert s["separation"] == embeddings.separation(text, visual[:50])
   assert s["separation_shuffled"] < s["separation"] / 3
+  assert s["separation_p"] == 1 / 101  # no relabelling is as separated
+  same = embeddings.summary(*_clouds(np.zeros(8), n=200, d=8))
+  assert same["separation_p"] > 0.01  # one distribution: not significant at the 1% level
   img = embeddings.figure(s, "full")
   assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
   assert (img == (255, 127, 14)).all(-1).any() and (img == (31, 119, 180)).all(-1).any()
@@ -76,6 +81,6 @@ def test_bad_tables_raise(text, visual, match):
   with pytest.raises(ValueError, match=match):
     embeddings.separation(text, visual)
   with pytest.raises(ValueError, match=match):
-    embeddings.shuffled_separation(text, visual)
+    embeddings.shuffled_separations(text, visual)
   with pytest.raises(ValueError, match=match):
     embeddings.summary(text, visual)

@@ -6,8 +6,9 @@ text embeddings. We measure one number,
   separation = |mean(text rows) - mean(visual rows)| / mean row norm over both tables,
 
 (0: the tables share their centre; 1: the centres are an average row's length apart), its
-value when the rows are dealt to the two tables at random (what finite tables of one
-distribution give: ~sqrt(1/Nt + 1/Nv) for isotropic rows), and draw a 2D PCA of both tables
+values when the rows are dealt to the two tables at random (what finite tables of one
+distribution give: ~sqrt(1/Nt + 1/Nv) for isotropic rows; their mean and the share at least
+as large, a permutation p-value), and draw a 2D PCA of both tables
 together and the histogram of their row norms:
 
   s = summary(text, visual)   # text [Nt, D], visual [Nv, D]; a JSON-able dict
@@ -46,17 +47,15 @@ def separation(text, visual) -> float:
   return float(np.linalg.norm(text.mean(0) - visual.mean(0)) / max(norm, 1e-30))
 
 
-def shuffled_separation(text, visual, num: int = 20, seed: int = 0) -> float:
-  """Mean `separation` over `num` random relabellings of the rows (same table sizes)."""
+def shuffled_separations(text, visual, num: int = 100, seed: int = 0) -> np.ndarray:
+  """`separation` of `num` random relabellings of the rows (same table sizes): `[num]`."""
   text, visual = _check_pair(text, visual)
   x = np.concatenate([text, visual])
   norm = max(np.linalg.norm(x, axis=1).mean(), 1e-30)
   rng = np.random.default_rng(seed)
-  seps = []
-  for _ in range(num):
-    p = rng.permutation(len(x))
-    seps.append(np.linalg.norm(x[p[:len(text)]].mean(0) - x[p[len(text):]].mean(0)) / norm)
-  return float(np.mean(seps))
+  perms = [rng.permutation(len(x)) for _ in range(num)]
+  return np.array([np.linalg.norm(x[p[:len(text)]].mean(0) - x[p[len(text):]].mean(0)) / norm
+                   for p in perms])
 
 
 def pca_2d(x):
@@ -82,12 +81,14 @@ def summary(text, visual) -> dict:
   histogram of both tables, as plain floats and lists (stored with a run's result)."""
   text, visual = _check_pair(text, visual)
   nt, nv = np.linalg.norm(text, axis=1), np.linalg.norm(visual, axis=1)
+  sep, shuffled = separation(text, visual), shuffled_separations(text, visual)
   t, v = _every(text, MAX_POINTS), _every(visual, MAX_POINTS)
   points, _, var = pca_2d(np.concatenate([t, v]))
   edges = np.histogram_bin_edges(np.concatenate([nt, nv]), BINS)
   return dict(
-      separation=separation(text, visual),
-      separation_shuffled=shuffled_separation(text, visual),
+      separation=sep, separation_shuffled=float(shuffled.mean()),
+      # Permutation p-value: the share of relabellings at least as separated (with the data).
+      separation_p=float((1 + (shuffled >= sep).sum()) / (1 + len(shuffled))),
       num_text=len(text), num_visual=len(visual),
       mean_norm_text=float(nt.mean()), mean_norm_visual=float(nv.mean()),
       pca_text=points[:len(t)].tolist(), pca_visual=points[len(t):].tolist(),
