@@ -1,6 +1,7 @@
 """The `lm` pipeline stage end to end on a tiny tfds dataset: ablation runs, report, resume."""
 
 import json
+import math
 import os
 
 import pytest
@@ -40,6 +41,20 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
     assert 0.0 <= metrics[f"lm.vqa_acc_wrong_image.{run}"] <= 1.0
   assert "lm.vqa_acc_by_type.text_only.count" in metrics
   assert os.path.exists(os.path.join(workdir, "report", "lm", "example_0.png"))
+  for run in ("full", "no_bpe", "single_stage"):
+    assert math.isfinite(metrics[f"lm.embed_separation.{run}"])
+    assert metrics[f"lm.embed_separation.{run}"] > 0.0
+    assert metrics[f"lm.embed_separation_shuffled.{run}"] > 0.0
+    assert 0.0 < metrics[f"lm.embed_separation_p.{run}"] <= 1.0
+    assert f"embeddings_{run}.png" in section["html"]
+    assert os.path.exists(os.path.join(workdir, "report", "lm", f"embeddings_{run}.png"))
+  assert "embedding separation" in section["html"]
+  with open(os.path.join(workdir, "lm", "full", "result.json")) as f:
+    emb = json.load(f)["embeddings"]
+  tok = data_stage.load_tokenizer(workdir)
+  # Byte-fallback pieces never occur in the shapes texts: their (untrained) rows are left out.
+  assert 0 < emb["num_text"] < tok.vocab_size - 256
+  assert 0 < emb["num_visual"] <= 27 + helpers.NUM_MERGES
 
   # Finished runs are skipped: same numbers, result files untouched.
   path = os.path.join(workdir, "lm", "full", "result.json")
@@ -49,14 +64,17 @@ def test_lm_stage_runs_ablations_reports_and_skips_finished_runs(tmp_path):
   with pytest.raises(ValueError, match="another config"):
     lm_stage.run_stage(helpers.make_config(num_eval=4), workdir)
 
-  # A result stored before the wrong-image control existed gets it from the finished run.
+  # A result stored before the wrong-image control and the embedding summary existed gets them
+  # from the finished run; the figure is drawn again from the result.
   with open(path) as f:
     stored = json.load(f)
   with open(path, "w") as f:
-    json.dump({k: v for k, v in stored.items() if k != "wrong_image"}, f)
+    json.dump({k: v for k, v in stored.items() if k not in ("wrong_image", "embeddings")}, f)
+  os.remove(os.path.join(workdir, "report", "lm", "embeddings_full.png"))
   assert lm_stage.run_stage(config, workdir) == metrics
   with open(path) as f:
     assert json.load(f) == stored
+  assert os.path.exists(os.path.join(workdir, "report", "lm", "embeddings_full.png"))
 
   # The CLI's function resumes the finished checkpoint and evaluates it the same way.
   res = train.train_and_evaluate(config, workdir, "no_bpe")

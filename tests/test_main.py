@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -60,8 +61,11 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
               "bpe.compression", "lm.vqa_acc.full", "lm.vqa_acc.no_bpe",
               "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full"):
     assert key in metrics, key
+  assert math.isfinite(metrics["lm.embed_separation.full"])
   page = open(index).read()
   assert "Data: shapes scenes" in page and "<img" in page
+  assert "lm/embeddings_full.png" in page
+  assert os.path.exists(tmp_path / "report" / "lm" / "embeddings_full.png")
   # A second run finds every stage's work done and gives the same metrics.
   train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "report" / "metrics.json") as f:

@@ -7,7 +7,8 @@ On the same budget (steps, batch, sequence length) it trains, from one text-pret
   single_stage  BPE tokens, all weights from the start, every stage's data mixed
 and evaluates each on the test split (VQA exact match, all / on the questions about a held-out
 composition, `evaluate.heldout_question`, with its standard error; caption attribute
-precision/recall; example dialogues). Each run's results go to
+precision/recall; example dialogues; the separation of its text and visual embedding rows,
+`embeddings.py`). Each run's results go to
 `W/lm/<run>/result.json`; a run with a result is skipped, a run with checkpoints resumes.
 Reads `config.lm.*`, `config.seed`, `config.mesh`, `config.data.*`.
 """
@@ -21,13 +22,17 @@ import time
 
 from absl import logging
 import jax
+import numpy as np
 
 from vlbpe_jax import fileio
 from vlbpe_jax import parallel
+from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.data import text_tokenizer
 from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.eval import report
+from vlbpe_jax.lm import embeddings
 from vlbpe_jax.lm import evaluate
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
@@ -111,14 +116,46 @@ def _wrong_image(ctx, model, params, visual):
   return {k: wrong[k] for k in ("vqa_acc", "vqa_acc_by_type", "answers")}
 
 
-def _add_wrong_image(ctx, run, result):
-  """Adds the control to a result stored before it existed (restores the finished run)."""
+def _used_ids(ctx, run, visual):
+  """Sorted ids in the run's training data: every train example formatted as each task of
+  stage 0 and of the run (with its image tokens), plus all its texts."""
+  tasks = {t for p in train.plan_of(ctx.config, "text") + train.plan_of(ctx.config, run)
+           for t in p.tasks}
+  ids = set()
+  for i in range(len(ctx.train)):
+    ex = tfds_builders.decode_record(ctx.train[i])
+    for task in sorted(tasks):
+      ids.update(pipeline.format_example(ex, task, ctx.tok, image_tokens=visual)[0])
+    for text in text_tokenizer.example_texts(ex):
+      ids.update(ctx.tok.encode(text))
+  return np.array(sorted(int(i) for i in ids))
+
+
+def _embeddings(ctx, run, model, params, visual):
+  """`embeddings.summary` of the input-embedding rows of tokens in the training data: text
+  rows of the tokenizer's pieces (not `<img>` `</img>`, whose rows `new_text_embed` overrides),
+  visual rows of VQ / BPE tokens. Padding rows and rows of tokens the data never holds (e.g.
+  byte-fallback pieces) are left out: they keep their random initialisation."""
+  c, used = model.config, _used_ids(ctx, run, visual)
+  text = [i for i in used if i < ctx.tok.vocab_size and i not in c.new_text_ids]
+  vis = [i - c.text_vocab for i in used if i >= c.text_vocab]
+  tables = jax.device_get({k: params[k] for k in ("text_embed", "visual_embed")})
+  return embeddings.summary(np.asarray(tables["text_embed"])[text],
+                            np.asarray(tables["visual_embed"])[vis])
+
+
+def _complete(ctx, run, result):
+  """Adds the wrong-image control and the embedding summary to a result stored before they
+  existed (restores the finished run)."""
   visual, num_vq, num_bpe = ctx.visual(KIND[run])
   model, trainer, state = train.train_run(ctx.config, ctx.workdir, run, ctx.tok, ctx.train,
                                           visual["train"], num_vq, num_bpe, ctx.text_params(),
                                           ctx.mesh)
-  with trainer.ctx():
-    result["wrong_image"] = _wrong_image(ctx, model, state["params"], visual["test"])
+  if "wrong_image" not in result:
+    with trainer.ctx():
+      result["wrong_image"] = _wrong_image(ctx, model, state["params"], visual["test"])
+  if "embeddings" not in result:
+    result["embeddings"] = _embeddings(ctx, run, model, state["params"], visual["train"])
   return result
 
 
@@ -157,7 +194,8 @@ def _run(ctx, run):
       trainable=train.trainable_counts(ctx.config, plan, state["params"]),
       total_params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
       visual_tokens_per_image=float(visual["test"].lengths.mean()),
-      final_loss=_final_loss(ctx.workdir, run))
+      final_loss=_final_loss(ctx.workdir, run),
+      embeddings=_embeddings(ctx, run, model, state["params"], visual["train"]))
   return res
 
 
@@ -235,6 +273,40 @@ def _by_type(results, runs):
           "whatever it sees.</p>"
           + report.table(["question type", "text-only, no image"] + runs, valid_rows))
   return html, lines
+
+
+def _embeddings_html(workdir, results, runs):
+  """Per run: the separation number and a PCA | norm-histogram figure of its embedding rows."""
+  rows, figs = [], []
+  for run in runs:
+    e = results[run]["embeddings"]
+    rows.append((LABEL[run], e["num_text"], e["num_visual"], e["mean_norm_text"],
+                 e["mean_norm_visual"], e["separation"], e["separation_shuffled"],
+                 e["separation_p"]))
+    src = report.save_image(workdir, f"lm/embeddings_{run}.png", embeddings.figure(e, run))
+    figs.append(f"<p>{html.escape(LABEL[run])}<br>{report.img_tag(src, pixelated=False)}</p>")
+  seps = ", ".join(f"{run} {e['separation']:.2f} (shuffled {e['separation_shuffled']:.2f}, "
+                   f"p = {e['separation_p']:.2f})"
+                   for run, e in ((r, results[r]["embeddings"]) for r in runs))
+  return ("<h3>Text and visual embedding rows</h3><p>Being-VL reports that visual-token "
+          "embeddings stay separated from, and distributed differently than, the text "
+          "embeddings. Our number, <i>embedding separation</i> = |mean text row &minus; mean "
+          "visual row| / mean row norm (over both tables), measures how far apart the centres "
+          "of the two tables lie relative to a typical row's length (0: same centre, 1: an "
+          "average row's length apart); &ldquo;shuffled&rdquo; is its mean when the same rows "
+          "are dealt to two tables of the same sizes at random, the level that finite tables "
+          "of one distribution reach, and p the share of 100 such deals at least as separated: "
+          f"{seps}. A small p (say under 0.05) means the two tables' centres differ by more "
+          "than chance; a large one, that this number cannot tell them apart. It says "
+          "nothing about the spread or shape of the two clouds (the PCA and norm plots show "
+          "those) nor whether the model needs the separation. Rows: the tokens in the "
+          "training data; padding rows, pieces the data never holds (e.g. byte fallback) and "
+          "the shadowed <code>&lt;img&gt;</code> <code>&lt;/img&gt;</code> text rows are left "
+          "out. The visual rows start at random in stage 1 while the text rows come from stage "
+          "0, so part of any separation is that starting point.</p>"
+          + report.table(["run", "text rows", "visual rows", "mean norm, text",
+                          "mean norm, visual", "embedding separation", "shuffled", "p"], rows)
+          + "".join(figs))
 
 
 def _section(config, workdir, results, ctx_examples):
@@ -318,6 +390,7 @@ def _section(config, workdir, results, ctx_examples):
           "well with the wrong image comes from the question and the answer format. Chance: a "
           "uniform guess among the type's answers.</p>"
           + type_table
+          + _embeddings_html(workdir, results, runs)
           + "<h3>Trainable parameters per stage (full run)</h3>"
           + report.table(["stage", "trainable", "of all"], stage_rows)
           + "<h3>Example dialogues (model answers in bold)</h3>"
@@ -341,9 +414,9 @@ def run_stage(config, workdir: str) -> dict:
       results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
       results[run]["config"] = _fingerprint(config, run)
       _save(path, results[run])
-    elif run != "text" and "wrong_image" not in results[run]:
-      logging.info("lm: wrong-image control of run %s", run)
-      _save(path, _add_wrong_image(ctx, run, results[run]))
+    elif run != "text" and not {"wrong_image", "embeddings"} <= set(results[run]):
+      logging.info("lm: wrong-image control / embedding summary of run %s", run)
+      _save(path, _complete(ctx, run, results[run]))
     # From the stored answers: a result saved before the held-out definition changed agrees.
     results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
@@ -354,7 +427,10 @@ def run_stage(config, workdir: str) -> dict:
                     r["vqa_acc_heldout_se"], f"lm.caption_precision.{run}": r["caption_precision"],
                     f"lm.caption_recall.{run}": r["caption_recall"],
                     f"lm.train_seconds.{run}": r["train_seconds"],
-                    f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"]})
+                    f"lm.visual_tokens_per_image.{run}": r["visual_tokens_per_image"],
+                    f"lm.embed_separation.{run}": r["embeddings"]["separation"],
+                    f"lm.embed_separation_shuffled.{run}": r["embeddings"]["separation_shuffled"],
+                    f"lm.embed_separation_p.{run}": r["embeddings"]["separation_p"]})
   for run in list(config.lm.runs) + ["text"]:
     name = "text_only" if run == "text" else run
     metrics.update({f"lm.vqa_acc_by_type.{name}.{t}": a
