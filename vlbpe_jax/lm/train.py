@@ -7,12 +7,18 @@ visual BPE). Stage 0 trains a text-only model on the dataset's texts (the stand-
 pretrained LLM a real user loads) into `$W/lm/text/`; the vocabulary is then extended with VQ +
 BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
 
-  full          stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config curriculum
-  no_bpe        the same plan on raw VQ codes
-  single_stage  one stage-3 phase of the same total steps on every phase's data mixed
+  full                   stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config
+                         curriculum
+  no_bpe                 the same plan on raw VQ codes
+  single_stage           one stage-3 phase of the same total steps on every phase's data mixed
+  staged_no_curriculum   full's stages, steps and LRs, each on every phase's data mixed
+  curriculum_no_staging  full's phases and data, all weights throughout at single_stage_lr: one
+                         optimizer and one LR schedule over all phases (`Phase.schedule_*`), as
+                         if one stage; only the data mix changes at a phase boundary
 
 Each run lives in `$W/lm/<run>/`: orbax checkpoints (state + grain iterator + config) in
-`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed`,
+`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed` (through
+`lm_seed`: `lm.seed` when set, so that LM seeds vary on one set of data/VQ/BPE files),
 `config.mesh` and, through the data stage, `config.data.*`.
 """
 
@@ -37,15 +43,17 @@ import tqdm
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
+from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import stages
 
-RUNS = ("full", "no_bpe", "single_stage")
+RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no_staging")
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
-TEXT_MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
+# lm.seed is keyed as `manifest.config_dict` shows it: absent while it means `seed`.
+TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
                    "lm.text_steps", "lm.vocab_multiple")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions")
@@ -56,11 +64,17 @@ POSITIONS = ("1d", "2d")
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`."""
+  """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`.
+
+  The LR schedule (warm-up + cosine) spans `schedule_steps` steps (0: this phase's) and the
+  phase starts at its step `schedule_start`: phases that share one schedule continue it.
+  """
   stage: int
   steps: int
   tasks: tuple
   lr: float
+  schedule_start: int = 0
+  schedule_steps: int = 0
 
 
 def plan_of(config, run: str) -> list[Phase]:
@@ -70,12 +84,25 @@ def plan_of(config, run: str) -> list[Phase]:
     return [Phase(3, int(c.text_steps), pipeline.TASKS, float(c.text_lr))]
   phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
             zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
+  mixed = sum((p.tasks for p in phases), ())  # every phase's tasks, in the curriculum's weights
+  total = sum(p.steps for p in phases)
   if run in ("full", "no_bpe"):
     return phases
   if run == "single_stage":
-    return [Phase(3, sum(p.steps for p in phases), sum((p.tasks for p in phases), ()),
-                  float(c.single_stage_lr))]
+    return [Phase(3, total, mixed, float(c.single_stage_lr))]
+  if run == "staged_no_curriculum":
+    return [dataclasses.replace(p, tasks=mixed) for p in phases]
+  if run == "curriculum_no_staging":
+    starts = np.cumsum([0] + [p.steps for p in phases[:-1]]).tolist()
+    return [Phase(3, p.steps, p.tasks, float(c.single_stage_lr), int(start), total)
+            for p, start in zip(phases, starts)]
   raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
+
+
+def lm_seed(config) -> int:
+  """The LM stage's seed (init, data order, dropout): `lm.seed`, or `seed` when it is -1."""
+  s = int(config.lm.get("seed", -1))
+  return int(config.seed) if s == -1 else s
 
 
 def check_config(config):
@@ -97,6 +124,8 @@ def check_config(config):
       raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
                        f"{pipeline.TASKS}")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
+  if int(c.get("seed", -1)) < -1:
+    raise ValueError(f"lm.seed={c.seed!r}: expected -1 (use config.seed) or a seed >= 0")
   if c.get("positions", "1d") not in POSITIONS:
     raise ValueError(f"lm.positions={c.positions!r}: expected one of {POSITIONS}")
 
@@ -128,12 +157,24 @@ def make_model(config, tokenizer, num_vq: int = 0, num_bpe: int = 0) -> lm_model
       num_bpe=num_bpe + pad, new_text_ids=new_ids, **dict(config.lm.model)))
 
 
-def make_tx(config, phase: Phase, params):
-  """The phase's optimizer: AdamW with warm-up + cosine decay on its own step count."""
+def lr_schedule(config, phase: Phase):
+  """The phase's LR at its own step n: warm-up + cosine decay over `phase.schedule_steps`
+  (default: the phase's steps), read at `n + phase.schedule_start`."""
   c = config.lm
-  warmup = min(int(c.warmup_steps), max(phase.steps - 1, 0))
+  steps = phase.schedule_steps or phase.steps
+  warmup = min(int(c.warmup_steps), max(steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, phase.lr, warmup, max(phase.steps, warmup + 1), phase.lr * c.final_lr_frac)
+      0.0, phase.lr, warmup, max(steps, warmup + 1), phase.lr * c.final_lr_frac)
+  if not phase.schedule_start:
+    return schedule
+  return lambda n: schedule(n + phase.schedule_start)
+
+
+def make_tx(config, phase: Phase, params):
+  """The phase's optimizer: AdamW with `lr_schedule` on the phase's step count (which
+  `stages.migrate_opt_state` restarts at 0 at each phase, keeping Adam's moments and counts)."""
+  c = config.lm
+  schedule = lr_schedule(config, phase)
   return stages.make_optimizer(phase.stage, params, schedule, clip=c.grad_clip,
                                weight_decay=c.weight_decay, first_frac=c.first_frac,
                                b1=c.b1, b2=c.b2)
@@ -333,9 +374,10 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   t_start = time.time()
   ends = np.cumsum([p.steps for p in plan]).tolist()
   total = ends[-1]
-  key_init, key_train = jax.random.split(jax.random.key(config.seed))
+  key_init, key_train = jax.random.split(jax.random.key(lm_seed(config)))
   key_train = jax.device_put(key_train, trainer.repl)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), config=config,
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"),
+                                 config=manifest.config_dict(config),
                                  must_match=must_match, max_to_keep=2)
   latest = ckpt.latest_step()
   seconds_before = ckpt.meta().get("train_seconds", 0.0) if latest is not None else 0.0
@@ -402,7 +444,7 @@ def iterator_fn(config, tok, source, visual):
   def make_iter(phase):
     return iter(sequences.train_dataset(
         source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
-        batch_size=config.lm.batch_size, seed=config.seed, worker_count=config.lm.worker_count,
+        batch_size=config.lm.batch_size, seed=lm_seed(config), worker_count=config.lm.worker_count,
         grid=grid_positions(config)))
   return make_iter
 
