@@ -13,8 +13,8 @@ BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
   single_stage           one stage-3 phase of the same total steps on every phase's data mixed
   staged_no_curriculum   full's stages, steps and LRs, each on every phase's data mixed
   curriculum_no_staging  full's phases and data, all weights throughout at single_stage_lr: one
-                         optimizer and one LR schedule over all phases (`Phase.schedule_*`), as
-                         if one stage; only the data mix changes at a phase boundary
+                         optimizer state and one LR schedule over all phases (`Phase.optimizer`),
+                         as if one stage; only the data mix changes at a phase boundary
 
 Each run lives in `$W/lm/<run>/`: orbax checkpoints (state + grain iterator + config) in
 `ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed` (through
@@ -66,15 +66,21 @@ POSITIONS = ("1d", "2d")
 class Phase:
   """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`.
 
-  The LR schedule (warm-up + cosine) spans `schedule_steps` steps (0: this phase's) and the
-  phase starts at its step `schedule_start`: phases that share one schedule continue it.
+  The LR schedule (warm-up + cosine) spans `schedule_steps` steps (0: the phase's own). Phases
+  in a row with the same `optimizer` share one optimizer state, step count included, so the
+  schedule runs on across them (curriculum_no_staging); at any other phase boundary Adam's
+  state migrates (`stages.migrate_opt_state`) and the schedule restarts.
   """
   stage: int
   steps: int
   tasks: tuple
   lr: float
-  schedule_start: int = 0
   schedule_steps: int = 0
+
+  @property
+  def optimizer(self) -> tuple:
+    """What the phase's optimizer is made of: (stage, peak LR, schedule length)."""
+    return (self.stage, self.lr, self.schedule_steps or self.steps)
 
 
 def plan_of(config, run: str) -> list[Phase]:
@@ -92,10 +98,8 @@ def plan_of(config, run: str) -> list[Phase]:
     return [Phase(3, total, mixed, float(c.single_stage_lr))]
   if run == "staged_no_curriculum":
     return [dataclasses.replace(p, tasks=mixed) for p in phases]
-  if run == "curriculum_no_staging":
-    starts = np.cumsum([0] + [p.steps for p in phases[:-1]]).tolist()
-    return [Phase(3, p.steps, p.tasks, float(c.single_stage_lr), int(start), total)
-            for p, start in zip(phases, starts)]
+  if run == "curriculum_no_staging":  # one optimizer: single_stage's, fed the curriculum
+    return [Phase(3, p.steps, p.tasks, float(c.single_stage_lr), total) for p in phases]
   raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
 
 
@@ -158,21 +162,17 @@ def make_model(config, tokenizer, num_vq: int = 0, num_bpe: int = 0) -> lm_model
 
 
 def lr_schedule(config, phase: Phase):
-  """The phase's LR at its own step n: warm-up + cosine decay over `phase.schedule_steps`
-  (default: the phase's steps), read at `n + phase.schedule_start`."""
+  """The LR at step n of the phase's optimizer: warm-up + cosine decay over its schedule."""
   c = config.lm
-  steps = phase.schedule_steps or phase.steps
+  _, lr, steps = phase.optimizer
   warmup = min(int(c.warmup_steps), max(steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, phase.lr, warmup, max(steps, warmup + 1), phase.lr * c.final_lr_frac)
-  if not phase.schedule_start:
-    return schedule
-  return lambda n: schedule(n + phase.schedule_start)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
+                                            lr * c.final_lr_frac)
 
 
 def make_tx(config, phase: Phase, params):
-  """The phase's optimizer: AdamW with `lr_schedule` on the phase's step count (which
-  `stages.migrate_opt_state` restarts at 0 at each phase, keeping Adam's moments and counts)."""
+  """The phase's optimizer: AdamW with `lr_schedule` on its step count (which
+  `stages.migrate_opt_state` restarts at 0 for a new optimizer, keeping Adam's moments)."""
   c = config.lm
   schedule = lr_schedule(config, phase)
   return stages.make_optimizer(phase.stage, params, schedule, clip=c.grad_clip,
@@ -241,7 +241,8 @@ class Trainer:
   """Sharded state layout, init, jitted step and optimizer migration of one model on one mesh.
 
   The state is born sharded: `eval_shape(init)` -> logical names -> `NamedSharding`s ->
-  `jit(..., out_shardings=...)`.
+  `jit(..., out_shardings=...)`. Optimizers, shardings and jitted functions are built once per
+  `Phase.optimizer`: phases that share an optimizer share its compiled step.
   """
 
   def __init__(self, config, model, mesh):
@@ -262,18 +263,18 @@ class Trainer:
       yield
 
   def tx(self, phase: Phase):
-    if phase not in self._txs:
-      self._txs[phase] = make_tx(self.config, phase, self.abstract_params)
-    return self._txs[phase]
+    if phase.optimizer not in self._txs:
+      self._txs[phase.optimizer] = make_tx(self.config, phase, self.abstract_params)
+    return self._txs[phase.optimizer]
 
   def state_shardings(self, phase: Phase):
-    if phase not in self._shardings:
+    if phase.optimizer not in self._shardings:
       abstract_opt = jax.eval_shape(self.tx(phase).init, self.abstract_params)
-      self._shardings[phase] = {
+      self._shardings[phase.optimizer] = {
           "step": self.repl, "params": self.param_shardings,
           "opt": opt_shardings(abstract_opt, self.abstract_params, self.param_shardings,
                                self.mesh)}
-    return self._shardings[phase]
+    return self._shardings[phase.optimizer]
 
   def abstract_state(self, phase: Phase):
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
@@ -281,7 +282,7 @@ class Trainer:
     return checkpoint.abstract_like(abstract, self.state_shardings(phase))
 
   def _jit(self, key, make):
-    """A jitted function built once per key (phases are hashable)."""
+    """A jitted function built once per key (optimizers are hashable)."""
     if key not in self._fns:
       self._fns[key] = make()
     return self._fns[key]
@@ -295,7 +296,7 @@ class Trainer:
       params = {**params, **(base or {})}
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
 
-    fn = self._jit(("init", phase), lambda: jax.jit(
+    fn = self._jit(("init", phase.optimizer), lambda: jax.jit(
         init, out_shardings=self.state_shardings(phase)))
     with self.ctx():
       return fn(key, base_params)
@@ -304,7 +305,7 @@ class Trainer:
     """Moves `state["opt"]` from `old`'s optimizer to `new`'s (`stages.migrate_opt_state`:
     Adam moments and counts of leaves trained before kept, newly trainable ones fresh)."""
     tx = self.tx(new)
-    fn = self._jit(("migrate", old, new), lambda: jax.jit(
+    fn = self._jit(("migrate", old.optimizer, new.optimizer), lambda: jax.jit(
         lambda opt, params: stages.migrate_opt_state(
             opt, old.stage, new.stage, params, tx, first_frac=self.config.lm.first_frac),
         out_shardings=self.state_shardings(new)["opt"], donate_argnums=(0,)))
@@ -313,7 +314,7 @@ class Trainer:
 
   def step(self, phase: Phase, state, batch, key):
     sh = self.state_shardings(phase)
-    fn = self._jit(("step", phase), lambda: jax.jit(
+    fn = self._jit(("step", phase.optimizer), lambda: jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx(phase)),
         in_shardings=(sh, parallel.batch_sharding(self.mesh, 2), self.repl),
         out_shardings=(sh, self.repl), donate_argnums=(0,)))
@@ -365,7 +366,8 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
 
   make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
   phase's last step holds that phase's optimizer state and iterator; the next phase migrates
-  from it (in memory or after a restore alike). `stop_at_step` stops early (after a checkpoint)
+  from it (in memory or after a restore alike), or keeps it whole when it has the same
+  `Phase.optimizer`. `stop_at_step` stops early (after a checkpoint)
   at that global step, as a preemption would. A non-finite loss (or parameter norm after the
   update) raises FloatingPointError naming the step; a checkpoint is only written after its
   step passed that check, so the last one stays good.
@@ -420,8 +422,9 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
 
   with jax.transfer_guard("disallow"):
     while step < total and (stop_at_step is None or step < stop_at_step):
-      if step == ends[k]:  # phase boundary: migrate the optimizer, start the next data mix
-        state = trainer.migrate(state, plan[k], plan[k + 1])
+      if step == ends[k]:  # phase boundary: the next data mix; a new optimizer migrates
+        if plan[k + 1].optimizer != plan[k].optimizer:
+          state = trainer.migrate(state, plan[k], plan[k + 1])
         k, it = k + 1, make_iter(plan[k + 1])
         logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
       state, metrics = trainer.step(plan[k], state, next(it), key_train)
