@@ -86,6 +86,9 @@ def get_config(arg=None):
 
   c.lm = dict(
       variant="Ti",  # vlbpe_jax/lm/config.py:VARIANTS (width 128, 2 layers, 2 heads, 1 kv head)
+      # LM init, data order and dropout; -1 = config.seed. Another value retrains only the lm
+      # stage on the same data/VQ/BPE files (benchmarks/claims.py varies it).
+      seed=-1,
       # LMConfig overrides. bf16 compute (fp32 master weights, the LMConfig default) and the
       # blockwise causal attention take the CPU step past half of the matmul rate (BENCHMARKS.md,
       # "Unified LM"); the :tiny model stays fp32 for exact tests.
@@ -118,7 +121,9 @@ def get_config(arg=None):
       eval_batch_size=8 if tiny else 64,
       max_answer_tokens=4,
       max_caption_tokens=16 if tiny else 48,
-      runs=("full", "no_bpe", "single_stage"),  # ablations the lm stage trains
+      # Ablations the lm stage trains (vlbpe_jax/lm/train.py:RUNS); also opt-in:
+      # "staged_no_curriculum", "curriculum_no_staging" (the seed's "either alone").
+      runs=("full", "no_bpe", "single_stage"),
       report_examples=2 if tiny else 3,  # test images with dialogues in the report
   )
   return c

@@ -1,5 +1,6 @@
 """LM training: staged runs on a 2x2x2 mesh, resume == uninterrupted, freezing, NaN stop."""
 
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,57 @@ def test_plans():
   assert train.plan_of(config, "text")[0].tasks == ("caption", "attributes", "vqa", "dialogue")
   with pytest.raises(ValueError, match="run='two_stage'"):
     train.plan_of(config, "two_stage")
+
+
+def test_plans_of_staging_alone_and_curriculum_alone():
+  config = helpers.make_config()
+  full, single = train.plan_of(config, "full"), train.plan_of(config, "single_stage")[0]
+  staged = train.plan_of(config, "staged_no_curriculum")
+  # full's stages, steps, LRs and per-stage schedules; every phase on single_stage's mix.
+  assert staged == [dataclasses.replace(p, tasks=single.tasks) for p in full]
+  assert [(p.stage, p.steps, p.lr) for p in staged] == [(1, 2, 3e-3), (2, 2, 2e-3), (3, 2, 1e-3)]
+  curriculum = train.plan_of(config, "curriculum_no_staging")
+  assert [p.stage for p in curriculum] == [3, 3, 3]
+  assert [p.steps for p in curriculum] == [2, 2, 2]
+  assert [p.tasks for p in curriculum] == [p.tasks for p in full]
+  assert [p.lr for p in curriculum] == [2e-3] * 3
+  # single_stage's optimizer (stage 3, its LR, one schedule over the 6 steps) in every phase.
+  assert {p.optimizer for p in curriculum} == {single.optimizer} == {(3, 2e-3, 6)}
+  assert len({p.optimizer for p in full}) == 3
+  for bad in ("no_curriculum", "curriculum_no_staging "):
+    with pytest.raises(ValueError, match="expected 'text' or one of.*curriculum_no_staging"):
+      train.plan_of(config, bad)
+
+
+def test_curriculum_no_staging_keeps_one_optimizer_across_its_phases(setup, tmp_path):
+  """Its phases share one optimizer: the state crosses their boundaries whole (Adam moments and
+  counts, the LR schedule's step: no re-warm-up), so on the same batches it ends where one
+  stage-3 phase over all the steps does."""
+  s = setup
+  plan = train.plan_of(s["config"], "curriculum_no_staging")
+  one = train.plan_of(s["config"], "single_stage")
+
+  def same_batches():
+    stream = s["make_iter"](one[0])
+    return lambda phase: stream
+
+  ends = [train.run_plan(s["config"], str(tmp_path / name), s["trainer"], p, same_batches(),
+                         base_params=s["text_params"]) for name, p in (("a", plan), ("b", one))]
+  a, b = _host(ends[0]), _host(ends[1])
+  assert int(a["step"]) == 6
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_lm_seed_defaults_to_the_seed_and_is_checked():
+  config = helpers.make_config()
+  config.seed = 5
+  assert train.lm_seed(config) == 5  # no lm.seed field: config.seed
+  config.lm.seed = -1
+  assert train.lm_seed(config) == 5
+  config.lm.seed = 2
+  assert train.lm_seed(config) == 2
+  with pytest.raises(ValueError, match="lm.seed"):
+    train.check_config(helpers.make_config(seed=-3))
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -102,3 +102,26 @@ def test_2d_positions_train_evaluate_and_refuse_a_1d_resume(tmp_path):
   assert 0.0 <= res["vqa_acc"] <= 1.0 and res["num_questions"] > 0
   with pytest.raises(ValueError, match="lm.positions"):
     train.train_and_evaluate(helpers.make_config(num_eval=4), workdir, "full")
+
+
+def test_results_are_keyed_by_the_lm_seed_and_older_ones_still_load(tmp_path):
+  config = helpers.make_config()
+  path = str(tmp_path / "result.json")
+  key = lm_stage._fingerprint(config, "full")  # pylint: disable=protected-access
+  assert key["lm.seed"] == "<missing>"  # lm.seed -1 (or absent): config.seed, as before
+  older = {k: v for k, v in key.items() if k != "lm.seed"}  # stored before lm.seed existed
+  with open(path, "w") as f:
+    json.dump({"vqa_acc": 0.5, "config": older}, f)
+  assert lm_stage._load(path, config, "full")["vqa_acc"] == 0.5  # pylint: disable=protected-access
+  seeded = helpers.make_config(seed=3)
+  assert lm_stage._fingerprint(seeded, "full")["lm.seed"] == 3  # pylint: disable=protected-access
+  assert lm_stage._fingerprint(seeded, "text")["lm.seed"] == 3  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="lm.seed"):
+    lm_stage._load(path, seeded, "full")  # pylint: disable=protected-access
+
+
+def test_unknown_runs_are_refused_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match="lm.runs=.*expected a non-empty subset of.*"
+                                       "curriculum_no_staging"):
+    lm_stage.run_stage(helpers.make_config(runs=("full", "staged")), str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -185,3 +185,24 @@ def test_manifests_are_strict_json_with_the_key(toy, tmp_path):
   assert m["key"]["config"] == {"a": {"shown": 0, "value": 1}, "b": {"value": 1},
                                 "c": {"value": 1}}
   assert set(m["key"]["inputs"]) == {"b"} and m["outputs"].keys() == {"c/out.txt"}
+
+
+
+def test_lm_seed_keys_only_the_lm_stage_and_its_default_changes_no_key():
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")  # noqa: E731
+  part = train._config_part  # pylint: disable=protected-access
+  default = config()
+  assert default.lm.seed == -1
+  before = config()  # as configs were before lm.seed existed
+  with before.unlocked():
+    del before.lm["seed"]
+  same, other = config(), config()
+  same.lm.seed = default.seed  # the seed lm.seed=-1 stands for
+  other.lm.seed = 7
+  for name in train.STAGES:
+    assert part(before, name) == part(default, name) == part(same, name)
+    assert (part(other, name) != part(default, name)) == (name == "lm"), name
+  assert manifest.describe_changes({"config": part(default, "lm")},
+                                   {"config": part(other, "lm")}) == [
+                                       "config lm.seed: '<missing>' -> 7"]

@@ -18,12 +18,26 @@ that recomputes it.
 """
 
 import glob
+import json
 import os
 
 from vlbpe_jax import fileio
 
 # Config leaves that only change what is shown or logged, never a result: not part of keys.
 COSMETIC = ("progress", "report_examples", "num_token_maps", "grid_images", "log_every")
+
+
+def config_dict(config) -> dict:
+  """The config as every key sees it (manifests, LM checkpoints, stored LM results): JSON
+  types, and `lm.seed` left out while it means `seed` (-1, its default, or the same value), so
+  that keys stored before `lm.seed` existed still match, and a changed LM seed changes only
+  the keys that read `lm`."""
+  d = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
+                            default=str))
+  lm = d.get("lm")
+  if isinstance(lm, dict) and lm.get("seed", -1) in (-1, d.get("seed")):
+    lm.pop("seed", None)
+  return d
 
 
 def path(workdir: str, stage: str) -> str:

@@ -88,7 +88,7 @@ def config_keys(name: str) -> tuple:
 
 
 def _config_part(config, name):
-  return manifest.stage_key(config.to_dict(), config_keys(name), {})["config"]
+  return manifest.stage_key(manifest.config_dict(config), config_keys(name), {})["config"]
 
 
 def _key(config, workdir, name):
@@ -99,7 +99,7 @@ def _key(config, workdir, name):
     if m is None or m["status"] != "done" or m["key"] != _key(config, workdir, up):
       return None
     inputs[up] = fileio.value_digest(m["outputs"])
-  return manifest.stage_key(config.to_dict(), config_keys(name), inputs)
+  return manifest.stage_key(manifest.config_dict(config), config_keys(name), inputs)
 
 
 def _has_work(workdir, name) -> bool:

@@ -2,15 +2,20 @@
 
 On the same budget (steps, batch, sequence length) it trains, from one text-pretrained model
 (stage 0, also evaluated image-blind as a baseline):
-  full          visual BPE tokens, stages 1 -> 2 -> 3 with the curriculum
-  no_bpe        raw VQ codes as the visual tokens, same stages and curriculum
-  single_stage  BPE tokens, all weights from the start, every stage's data mixed
-and evaluates each on the test split (VQA exact match, all / on the questions about a held-out
-composition, `evaluate.heldout_question`, with its standard error; caption attribute
-precision/recall; example dialogues; the separation of its text and visual embedding rows,
-`embeddings.py`). Each run's results go to
-`W/lm/<run>/result.json`; a run with a result is skipped, a run with checkpoints resumes.
-Reads `config.lm.*`, `config.seed`, `config.mesh`, `config.data.*`.
+  full                   visual BPE tokens, stages 1 -> 2 -> 3 with the curriculum
+  no_bpe                 raw VQ codes as the visual tokens, same stages and curriculum
+  single_stage           BPE tokens, all weights from the start, every stage's data mixed
+  staged_no_curriculum   BPE tokens, stages 1 -> 2 -> 3, each on every stage's data mixed
+  curriculum_no_staging  BPE tokens, the curriculum's phases, all weights from the start
+(the last two are opt-in via `lm.runs`; `train.plan_of` has the plans) and evaluates each on
+the test split (VQA exact match, all / on the questions about a held-out composition,
+`evaluate.heldout_question`, with its standard error; caption attribute precision/recall;
+example dialogues; the separation of its text and visual embedding rows, `embeddings.py`).
+Each run's results go to
+`W/lm/<run>/result.json`, keyed by the config fields that made it (`lm.seed` among them, as
+`manifest.config_dict` shows it); a run with a result is skipped, a run with checkpoints
+resumes. Reads `config.lm.*`, `config.seed` (via `train.lm_seed`), `config.mesh`,
+`config.data.*`.
 """
 
 import collections
@@ -25,6 +30,7 @@ import jax
 import numpy as np
 
 from vlbpe_jax import fileio
+from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import shapes
@@ -37,10 +43,20 @@ from vlbpe_jax.lm import evaluate
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
 
-KIND = {"full": "bpe", "no_bpe": "vq", "single_stage": "bpe"}
+KIND = {"full": "bpe", "no_bpe": "vq", "single_stage": "bpe", "staged_no_curriculum": "bpe",
+        "curriculum_no_staging": "bpe"}
 LABEL = {"full": "full (BPE + 3 stages + curriculum)", "no_bpe": "no BPE (raw VQ codes)",
          "single_stage": "single stage (all weights, data mixed)",
+         "staged_no_curriculum": "3 stages, no curriculum (data mixed)",
+         "curriculum_no_staging": "curriculum, no staging (all weights)",
          "text": "text-only model, no image (blind baseline)"}
+# The seed's "either alone is worse than both" (and better than neither): (a, b, claim a > b),
+# in the report beside BPE > no BPE and staged + curriculum > single stage.
+PARTIAL_CLAIMS = (
+    ("full", "staged_no_curriculum", "staged + curriculum &gt; staged, no curriculum"),
+    ("full", "curriculum_no_staging", "staged + curriculum &gt; curriculum, no staging"),
+    ("staged_no_curriculum", "single_stage", "staged, no curriculum &gt; single stage"),
+    ("curriculum_no_staging", "single_stage", "curriculum, no staging &gt; single stage"))
 
 
 # Config keys a stored result must agree on to be reused: the blind baseline's, the runs'.
@@ -55,7 +71,7 @@ def _result_path(workdir, run):
 
 
 def _fingerprint(config, run) -> dict:
-  d = json.loads(json.dumps(config.to_dict(), default=str))
+  d = manifest.config_dict(config)
   out = {}
   for key in TEXT_RESULT_KEYS if run == "text" else RESULT_KEYS:
     v = d
@@ -71,7 +87,7 @@ def _load(path, config, run):
     return None
   result = fileio.read_json(path, what=f"result of LM run {run!r}")
   want = _fingerprint(config, run)
-  bad = [k for k in want if result.get("config", {}).get(k) != want[k]]
+  bad = [k for k in want if result.get("config", {}).get(k, "<missing>") != want[k]]
   if bad:
     raise ValueError(f"{path} was written with another config (differs at {bad}); remove "
                      f"{os.path.dirname(path)} to retrain")
@@ -343,6 +359,9 @@ def _section(config, workdir, results, ctx_examples):
                f"{frozen} of its {full['steps']} steps; the frozen start protects a pretrained "
                "model's knowledge, which a short text pretraining gives little of.")
     lines.append(line)
+  for a, b, claim in PARTIAL_CLAIMS:
+    if a in results and b in results:
+      lines.append(_verdict(results[a]["vqa_acc"], results[b]["vqa_acc"], n, claim))
   blind = results["text"]["vqa_acc"]
   above = [run for run in runs if results[run]["vqa_acc"] - blind > 2 * _se(blind, n) * 1.414]
   lines.append(f"Image-blind baseline (stage-0 text model, no image): {blind:.1%} VQA, caption "

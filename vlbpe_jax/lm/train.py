@@ -7,12 +7,18 @@ visual BPE). Stage 0 trains a text-only model on the dataset's texts (the stand-
 pretrained LLM a real user loads) into `$W/lm/text/`; the vocabulary is then extended with VQ +
 BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
 
-  full          stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config curriculum
-  no_bpe        the same plan on raw VQ codes
-  single_stage  one stage-3 phase of the same total steps on every phase's data mixed
+  full                   stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config
+                         curriculum
+  no_bpe                 the same plan on raw VQ codes
+  single_stage           one stage-3 phase of the same total steps on every phase's data mixed
+  staged_no_curriculum   full's stages, steps and LRs, each on every phase's data mixed
+  curriculum_no_staging  full's phases and data, all weights throughout at single_stage_lr: one
+                         optimizer state and one LR schedule over all phases (`Phase.optimizer`),
+                         as if one stage; only the data mix changes at a phase boundary
 
 Each run lives in `$W/lm/<run>/`: orbax checkpoints (state + grain iterator + config) in
-`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed`,
+`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed` (through
+`lm_seed`: `lm.seed` when set, so that LM seeds vary on one set of data/VQ/BPE files),
 `config.mesh` and, through the data stage, `config.data.*`.
 """
 
@@ -37,15 +43,17 @@ import tqdm
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
+from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import stages
 
-RUNS = ("full", "no_bpe", "single_stage")
+RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no_staging")
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
-TEXT_MUST_MATCH = ("seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
+# lm.seed is keyed as `manifest.config_dict` shows it: absent while it means `seed`.
+TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
                    "lm.text_steps", "lm.vocab_multiple")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions")
@@ -56,11 +64,23 @@ POSITIONS = ("1d", "2d")
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`."""
+  """`steps` steps of optimizer stage `stage` (1-3) on `tasks` at peak learning rate `lr`.
+
+  The LR schedule (warm-up + cosine) spans `schedule_steps` steps (0: the phase's own). Phases
+  in a row with the same `optimizer` share one optimizer state, step count included, so the
+  schedule runs on across them (curriculum_no_staging); at any other phase boundary Adam's
+  state migrates (`stages.migrate_opt_state`) and the schedule restarts.
+  """
   stage: int
   steps: int
   tasks: tuple
   lr: float
+  schedule_steps: int = 0
+
+  @property
+  def optimizer(self) -> tuple:
+    """What the phase's optimizer is made of: (stage, peak LR, schedule length)."""
+    return (self.stage, self.lr, self.schedule_steps or self.steps)
 
 
 def plan_of(config, run: str) -> list[Phase]:
@@ -70,12 +90,23 @@ def plan_of(config, run: str) -> list[Phase]:
     return [Phase(3, int(c.text_steps), pipeline.TASKS, float(c.text_lr))]
   phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
             zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
+  mixed = sum((p.tasks for p in phases), ())  # every phase's tasks, in the curriculum's weights
+  total = sum(p.steps for p in phases)
   if run in ("full", "no_bpe"):
     return phases
   if run == "single_stage":
-    return [Phase(3, sum(p.steps for p in phases), sum((p.tasks for p in phases), ()),
-                  float(c.single_stage_lr))]
+    return [Phase(3, total, mixed, float(c.single_stage_lr))]
+  if run == "staged_no_curriculum":
+    return [dataclasses.replace(p, tasks=mixed) for p in phases]
+  if run == "curriculum_no_staging":  # one optimizer: single_stage's, fed the curriculum
+    return [Phase(3, p.steps, p.tasks, float(c.single_stage_lr), total) for p in phases]
   raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
+
+
+def lm_seed(config) -> int:
+  """The LM stage's seed (init, data order, dropout): `lm.seed`, or `seed` when it is -1."""
+  s = int(config.lm.get("seed", -1))
+  return int(config.seed) if s == -1 else s
 
 
 def check_config(config):
@@ -97,6 +128,8 @@ def check_config(config):
       raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
                        f"{pipeline.TASKS}")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
+  if int(c.get("seed", -1)) < -1:
+    raise ValueError(f"lm.seed={c.seed!r}: expected -1 (use config.seed) or a seed >= 0")
   if c.get("positions", "1d") not in POSITIONS:
     raise ValueError(f"lm.positions={c.positions!r}: expected one of {POSITIONS}")
 
@@ -128,12 +161,20 @@ def make_model(config, tokenizer, num_vq: int = 0, num_bpe: int = 0) -> lm_model
       num_bpe=num_bpe + pad, new_text_ids=new_ids, **dict(config.lm.model)))
 
 
-def make_tx(config, phase: Phase, params):
-  """The phase's optimizer: AdamW with warm-up + cosine decay on its own step count."""
+def lr_schedule(config, phase: Phase):
+  """The LR at step n of the phase's optimizer: warm-up + cosine decay over its schedule."""
   c = config.lm
-  warmup = min(int(c.warmup_steps), max(phase.steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, phase.lr, warmup, max(phase.steps, warmup + 1), phase.lr * c.final_lr_frac)
+  _, lr, steps = phase.optimizer
+  warmup = min(int(c.warmup_steps), max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
+                                            lr * c.final_lr_frac)
+
+
+def make_tx(config, phase: Phase, params):
+  """The phase's optimizer: AdamW with `lr_schedule` on its step count (which
+  `stages.migrate_opt_state` restarts at 0 for a new optimizer, keeping Adam's moments)."""
+  c = config.lm
+  schedule = lr_schedule(config, phase)
   return stages.make_optimizer(phase.stage, params, schedule, clip=c.grad_clip,
                                weight_decay=c.weight_decay, first_frac=c.first_frac,
                                b1=c.b1, b2=c.b2)
@@ -200,7 +241,8 @@ class Trainer:
   """Sharded state layout, init, jitted step and optimizer migration of one model on one mesh.
 
   The state is born sharded: `eval_shape(init)` -> logical names -> `NamedSharding`s ->
-  `jit(..., out_shardings=...)`.
+  `jit(..., out_shardings=...)`. Optimizers, shardings and jitted functions are built once per
+  `Phase.optimizer`: phases that share an optimizer share its compiled step.
   """
 
   def __init__(self, config, model, mesh):
@@ -221,18 +263,18 @@ class Trainer:
       yield
 
   def tx(self, phase: Phase):
-    if phase not in self._txs:
-      self._txs[phase] = make_tx(self.config, phase, self.abstract_params)
-    return self._txs[phase]
+    if phase.optimizer not in self._txs:
+      self._txs[phase.optimizer] = make_tx(self.config, phase, self.abstract_params)
+    return self._txs[phase.optimizer]
 
   def state_shardings(self, phase: Phase):
-    if phase not in self._shardings:
+    if phase.optimizer not in self._shardings:
       abstract_opt = jax.eval_shape(self.tx(phase).init, self.abstract_params)
-      self._shardings[phase] = {
+      self._shardings[phase.optimizer] = {
           "step": self.repl, "params": self.param_shardings,
           "opt": opt_shardings(abstract_opt, self.abstract_params, self.param_shardings,
                                self.mesh)}
-    return self._shardings[phase]
+    return self._shardings[phase.optimizer]
 
   def abstract_state(self, phase: Phase):
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
@@ -240,7 +282,7 @@ class Trainer:
     return checkpoint.abstract_like(abstract, self.state_shardings(phase))
 
   def _jit(self, key, make):
-    """A jitted function built once per key (phases are hashable)."""
+    """A jitted function built once per key (optimizers are hashable)."""
     if key not in self._fns:
       self._fns[key] = make()
     return self._fns[key]
@@ -254,7 +296,7 @@ class Trainer:
       params = {**params, **(base or {})}
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
 
-    fn = self._jit(("init", phase), lambda: jax.jit(
+    fn = self._jit(("init", phase.optimizer), lambda: jax.jit(
         init, out_shardings=self.state_shardings(phase)))
     with self.ctx():
       return fn(key, base_params)
@@ -263,7 +305,7 @@ class Trainer:
     """Moves `state["opt"]` from `old`'s optimizer to `new`'s (`stages.migrate_opt_state`:
     Adam moments and counts of leaves trained before kept, newly trainable ones fresh)."""
     tx = self.tx(new)
-    fn = self._jit(("migrate", old, new), lambda: jax.jit(
+    fn = self._jit(("migrate", old.optimizer, new.optimizer), lambda: jax.jit(
         lambda opt, params: stages.migrate_opt_state(
             opt, old.stage, new.stage, params, tx, first_frac=self.config.lm.first_frac),
         out_shardings=self.state_shardings(new)["opt"], donate_argnums=(0,)))
@@ -272,7 +314,7 @@ class Trainer:
 
   def step(self, phase: Phase, state, batch, key):
     sh = self.state_shardings(phase)
-    fn = self._jit(("step", phase), lambda: jax.jit(
+    fn = self._jit(("step", phase.optimizer), lambda: jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx(phase)),
         in_shardings=(sh, parallel.batch_sharding(self.mesh, 2), self.repl),
         out_shardings=(sh, self.repl), donate_argnums=(0,)))
@@ -324,7 +366,8 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
 
   make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
   phase's last step holds that phase's optimizer state and iterator; the next phase migrates
-  from it (in memory or after a restore alike). `stop_at_step` stops early (after a checkpoint)
+  from it (in memory or after a restore alike), or keeps it whole when it has the same
+  `Phase.optimizer`. `stop_at_step` stops early (after a checkpoint)
   at that global step, as a preemption would. A non-finite loss (or parameter norm after the
   update) raises FloatingPointError naming the step; a checkpoint is only written after its
   step passed that check, so the last one stays good.
@@ -333,9 +376,10 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   t_start = time.time()
   ends = np.cumsum([p.steps for p in plan]).tolist()
   total = ends[-1]
-  key_init, key_train = jax.random.split(jax.random.key(config.seed))
+  key_init, key_train = jax.random.split(jax.random.key(lm_seed(config)))
   key_train = jax.device_put(key_train, trainer.repl)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), config=config,
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"),
+                                 config=manifest.config_dict(config),
                                  must_match=must_match, max_to_keep=2)
   latest = ckpt.latest_step()
   seconds_before = ckpt.meta().get("train_seconds", 0.0) if latest is not None else 0.0
@@ -378,8 +422,9 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
 
   with jax.transfer_guard("disallow"):
     while step < total and (stop_at_step is None or step < stop_at_step):
-      if step == ends[k]:  # phase boundary: migrate the optimizer, start the next data mix
-        state = trainer.migrate(state, plan[k], plan[k + 1])
+      if step == ends[k]:  # phase boundary: the next data mix; a new optimizer migrates
+        if plan[k + 1].optimizer != plan[k].optimizer:
+          state = trainer.migrate(state, plan[k], plan[k + 1])
         k, it = k + 1, make_iter(plan[k + 1])
         logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
       state, metrics = trainer.step(plan[k], state, next(it), key_train)
@@ -402,7 +447,7 @@ def iterator_fn(config, tok, source, visual):
   def make_iter(phase):
     return iter(sequences.train_dataset(
         source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
-        batch_size=config.lm.batch_size, seed=config.seed, worker_count=config.lm.worker_count,
+        batch_size=config.lm.batch_size, seed=lm_seed(config), worker_count=config.lm.worker_count,
         grid=grid_positions(config)))
   return make_iter
 
