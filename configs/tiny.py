@@ -38,7 +38,11 @@ def get_config(arg=None):
   )
 
   c.vq = dict(
-      variant="mu" if tiny else "tiny_p4",  # autoencoder.VARIANTS: sizes, f=4
+      # autoencoder.VARIANTS: sizes, f=4. tiny_p4_patch's encoder codes each 4x4 patch alone,
+      # so a flat background is one code per tone and BPE compresses 4.5 cells/token (taming's
+      # global encoder: 55-64 codes per tone, 1.4 cells/token; BENCHMARKS.md, "Codes per flat
+      # region"); 6400 steps keep validation PSNR >= 30 dB with it (30.39).
+      variant="mu" if tiny else "tiny_p4_patch",
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
       l2_normalize=True,  # cosine lookup (V2L): codes stay in use
@@ -54,17 +58,17 @@ def get_config(arg=None):
       restart_every=10,  # dead-code restart period (steps); 0 = never
       restart_threshold=0.1,  # restart codes used < 10% of a uniform share
       usage_decay=0.95,  # running usage per code (window ~20 steps)
-      restart_until=3 if tiny else 3700,  # no restarts after this step: codes settle
+      restart_until=3 if tiny else 5000,  # no restarts after this step: codes settle
       lr=3e-3,
       warmup_steps=2 if tiny else 80,
       b1=0.9,
       b2=0.99,
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
-      total_steps=3 if tiny else 4800,
+      total_steps=3 if tiny else 6400,
       log_every=1 if tiny else 20,
-      eval_every=3 if tiny else 2400,
-      ckpt_every=3 if tiny else 2400,
+      eval_every=3 if tiny else 3200,
+      ckpt_every=3 if tiny else 3200,
       grid_images=8,  # validation pairs in each PNG grid
       progress=not tiny,  # tqdm bar
   )

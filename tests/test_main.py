@@ -62,6 +62,7 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
               "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full"):
     assert key in metrics, key
   assert math.isfinite(metrics["lm.embed_separation.full"])
+  assert 1.0 <= metrics["vq.flat_codes_per_colour"] and 0.0 < metrics["vq.flat_top_share_min"]
   page = open(index).read()
   assert "Data: shapes scenes" in page and "<img" in page
   assert "lm/embeddings_full.png" in page

@@ -37,14 +37,15 @@ def _flat_cells_z(images, z):
   return np.stack(out)
 
 
-def test_local_encoder_codes_a_flat_background_alike_across_images():
+@pytest.mark.parametrize("variant", ["tiny_p4_local", "tiny_p4_patch"])
+def test_local_encoder_codes_a_flat_background_alike_across_images(variant):
   # One background, the object elsewhere in each image. Taming's encoder (GroupNorm statistics,
   # attention over the whole image) moves the background's features with the object; the local
   # encoder reads only its 12x12-pixel neighbourhood, so every flat cell gets the same vector.
   images = np.stack([_scene((120, 120, 120), c, at) for c, at in
                      [((220, 30, 30), (0, 0)), ((40, 80, 230), (20, 20)),
                       ((245, 225, 40), (0, 24)), ((250, 130, 200), (24, 0))]])
-  z_local, codes_local = _encode("tiny_p4_local", images)
+  z_local, codes_local = _encode(variant, images)
   flat = _flat_cells_z(images, z_local)
   np.testing.assert_allclose(flat, np.broadcast_to(flat[0], flat.shape), atol=1e-5)
   stats = metrics.flat_region_codes(images, codes_local, min_cells=1)

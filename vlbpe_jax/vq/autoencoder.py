@@ -34,6 +34,9 @@ VARIANTS = {
     # tiny_p4 whose encoder is local (each code reads its 3x3 patch neighbourhood, 12x12 px).
     "tiny_p4_local": dict(ch=64, ch_mult=(1,), num_res_blocks=1, z_channels=64, groups=8,
                           attn_levels=(), patch=4, local=True, local_kernel=3),
+    # tiny_p4 whose encoder reads each 4x4 patch alone: equal patches get equal codes.
+    "tiny_p4_patch": dict(ch=64, ch_mult=(1,), num_res_blocks=1, z_channels=64, groups=8,
+                          attn_levels=(), patch=4, local=True, local_kernel=1),
     # CPU-sized: f=2 (64 px -> 32x32, the Being-VL grid size), widths 16/32.
     "tiny_f2": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, groups=8,
                     attn_levels=()),

@@ -43,6 +43,11 @@ def run_stage(config, workdir: str) -> dict:
              "vq.codebook_usage": val["codebook_usage"], "vq.perplexity": val["perplexity"],
              "vq.codebook_size": tok.codebook_size, "vq.grid_h": tok.grid[0],
              "vq.grid_w": tok.grid[1], "vq.train_steps": int(config.vq.total_steps),
+             # Flat regions (test split): distinct codes per constant colour, and the share of
+             # its cells that get its most common code (the worst colour); 1 code, 1.0 is ideal.
+             **({"vq.flat_codes_per_colour": sum(v["codes"] for v in flat.values()) / len(flat),
+                 "vq.flat_top_share_min": min(v["top_share"] for v in flat.values())}
+                if flat else {}),
              **({"vq.train_seconds": val["train_seconds"]}
                 if math.isfinite(val["train_seconds"]) else {})}
   rows = [(k, v) for k, v in metrics.items()]
