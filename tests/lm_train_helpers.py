@@ -45,6 +45,11 @@ def examples(split, num=None):
           for i in range(NUM[split] if num is None else num)]
 
 
+def images(split, num):
+  """uint8 [num, RES, RES, 3]: the first `num` shapes images of `split`."""
+  return shapes.make_images(split, 0, num, seed=0, resolution=RES)
+
+
 def tokenizer(path):
   return text_tokenizer.train_on_shapes(os.path.join(path, "t.model"), num_examples=150,
                                         vocab_size=400)
@@ -58,10 +63,12 @@ def color_codes(images):
   return q[..., 0] * 9 + q[..., 1] * 3 + q[..., 2]  # [N, 8, 8] in [0, 27)
 
 
-def write_visual_files(workdir):
-  """Fake `vq` and `bpe` stage outputs for the first NUM[split] examples of each split."""
+def write_visual_files(workdir, num=None):
+  """Fake `vq` and `bpe` stage outputs for the first num[split] (default NUM) examples of each
+  split."""
+  num = num or NUM
   os.makedirs(os.path.join(workdir, "vq"), exist_ok=True)
-  codes = {s: color_codes(np.stack([e["image"] for e in examples(s)])) for s in NUM}
+  codes = {s: color_codes(images(s, n)) for s, n in num.items()}
   for s, c in codes.items():
     np.save(os.path.join(workdir, "vq", f"codes_{s}.npy"), c)
   with open(os.path.join(workdir, "vq", "codes_meta.json"), "w") as f:
