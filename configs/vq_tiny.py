@@ -5,7 +5,7 @@
   python -m vlbpe_jax.main --config=configs/vq_tiny.py --workdir=$W   # the vq stage + report
 
 No GAN and no perceptual loss here: on flat-colour shapes L2 + quantisation trained fastest in
-our runs; both are switched on by `vq.disc_weight` / `vq.perceptual_weight`. The `tiny_p4`
+our runs; both are switched on by `vq.disc_weight` / `vq.perceptual_weight`. The `tiny_p4*`
 autoencoder (4x4 pixel patches into channels) runs about twice the steps per CPU second of
 `tiny` at the same quality per step; figures in BENCHMARKS.md "VQ-GAN".
 """
@@ -18,7 +18,7 @@ from vlbpe_jax import config_utils
 def vq_config(tiny: bool = False) -> ml_collections.ConfigDict:
   """The `config.vq` section (configs/tiny.py includes it as is)."""
   return ml_collections.ConfigDict(dict(
-      variant="mu" if tiny else "tiny_p4",  # autoencoder.VARIANTS: sizes, f=4
+      variant="mu" if tiny else "tiny_p4_patch",  # autoencoder.VARIANTS; configs/tiny.py says why
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
       l2_normalize=True,  # cosine lookup (V2L): codes stay in use
@@ -34,17 +34,17 @@ def vq_config(tiny: bool = False) -> ml_collections.ConfigDict:
       restart_every=10,  # dead-code restart period (steps); 0 = never
       restart_threshold=0.1,  # restart codes used < 10% of a uniform share
       usage_decay=0.95,  # running usage per code (window ~20 steps)
-      restart_until=3 if tiny else 3700,  # no restarts after this step: codes settle
+      restart_until=3 if tiny else 5000,  # no restarts after this step: codes settle
       lr=3e-3,
       warmup_steps=2 if tiny else 80,
       b1=0.9,
       b2=0.99,
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
-      total_steps=3 if tiny else 4800,
+      total_steps=3 if tiny else 6400,
       log_every=1 if tiny else 20,
-      eval_every=3 if tiny else 2400,
-      ckpt_every=3 if tiny else 2400,
+      eval_every=3 if tiny else 3200,
+      ckpt_every=3 if tiny else 3200,
       grid_images=8,  # validation pairs in each PNG grid
       progress=not tiny,  # tqdm bar
   ))
