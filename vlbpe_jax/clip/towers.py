@@ -1,0 +1,80 @@
+"""CLIP's two towers (OpenAI layout); model.CLIP wires them and checks inputs.
+
+VisionTower: conv patch embedding (no bias) -> [CLS; patches] + learned positions -> ln_pre ->
+blocks; `head` = ln_post on the CLS token, then `proj` (no bias). TextTower: token + learned
+position embeddings -> causal blocks -> ln_final -> the state at the last non-pad token -> `proj`.
+Init stds are OpenAI's.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlbpe_jax.clip import layers
+
+_EDGE = ("act_batch", "act_len", "act_embed")
+
+
+def _kw(c):
+  return dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+
+
+def _param(module, name, std, shape, axes):
+  init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+  return module.param(name, init, shape, jnp.dtype(module.config.param_dtype))
+
+
+class VisionTower(nn.Module):
+  """pixels `[B, R, R, 3]` (normalised) -> tokens `[B, 1 + h*w, D]` after the last block."""
+  config: "CLIPConfig"  # noqa: F821  (model.CLIPConfig; no import cycle)
+
+  def setup(self):
+    c, kw = self.config, _kw(self.config)
+    d, p = c.width, c.patch_size
+    self.patch_embed = nn.Conv(
+        d, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embed",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                 ("conv_h", "conv_w", "conv_in", "conv_out")),
+        **kw)
+    self.class_embedding = _param(self, "class_embedding", d ** -0.5, (d,), ("embed",))
+    self.position_embedding = _param(self, "position_embedding", d ** -0.5,
+                                     (c.grid * c.grid + 1, d), (None, "embed"))
+    self.ln_pre = layers.layer_norm(c.norm_eps, name="ln_pre", **kw)
+    self.transformer = layers.Transformer(c.depth, c.heads, c.vision_mlp, c.act, causal=False,
+                                          norm_eps=c.norm_eps, name="transformer", **kw)
+    self.ln_post = layers.layer_norm(c.norm_eps, name="ln_post", **kw)
+    self.proj = _param(self, "proj", d ** -0.5, (d, c.embed_dim), ("embed", None))
+
+  def __call__(self, pixels):
+    dt = jnp.dtype(self.config.dtype)
+    x = self.patch_embed(pixels.astype(dt))  # [B, h, w, D]
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, h*w, D]
+    cls = jnp.broadcast_to(self.class_embedding.astype(dt), (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.position_embedding.astype(dt)  # [B, 1+h*w, D]
+    x = nn.with_logical_constraint(self.ln_pre(x), _EDGE)
+    return self.transformer(x)
+
+  def head(self, cls):
+    """cls `[B, D]` (the CLS token after the last block) -> `[B, E]`."""
+    h = self.ln_post(cls)
+    return jnp.einsum("BD,DE->BE", h, self.proj.astype(h.dtype))
+
+
+class TextTower(nn.Module):
+  """ids `[B, T]` int (pad 0 after the sequence) -> `[B, E]` at the last non-pad token."""
+  config: "CLIPConfig"  # noqa: F821
+
+  @nn.compact
+  def __call__(self, ids):
+    c, kw = self.config, _kw(self.config)
+    d, t = c.text_width, ids.shape[1]
+    table = _param(self, "token_embedding", 0.02, (c.vocab_size, d), ("vocab", "embed"))
+    pos = _param(self, "position_embedding", 0.01, (c.context_len, d), (None, "embed"))
+    x = (jnp.take(table, ids, axis=0) + pos[:t]).astype(kw["dtype"])  # [B, T, D]
+    x = nn.with_logical_constraint(x, _EDGE)
+    x = layers.Transformer(c.text_depth, c.text_heads, c.text_mlp, c.act, causal=True,
+                           norm_eps=c.norm_eps, name="transformer", **kw)(x)
+    x = layers.layer_norm(c.norm_eps, name="ln_final", **kw)(x)
+    eos = jnp.max(jnp.where(ids != 0, jnp.arange(t), 0), axis=1)  # [B] last non-pad
+    h = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # [B, D]
+    proj = _param(self, "proj", d ** -0.5, (d, c.embed_dim), ("embed", None))
+    return jnp.einsum("BD,DE->BE", h, proj.astype(h.dtype))
