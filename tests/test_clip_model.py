@@ -1,0 +1,184 @@
+"""CLIP model, loss, feature pooling, ids convention and zero-shot helpers (tiny sizes)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vlbpe_jax.clip import features
+from vlbpe_jax.clip import layers
+from vlbpe_jax.clip import loss as clip_loss
+from vlbpe_jax.clip import model as clip_model
+from vlbpe_jax.clip import text as clip_text
+from vlbpe_jax.clip import zero_shot
+from vlbpe_jax.data import shapes
+
+CFG = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=12, vocab_size=64)
+
+
+def _init(cfg=CFG, batch=2):
+  model = clip_model.CLIP(cfg)
+  images = jax.random.uniform(jax.random.key(1), (batch, cfg.image_size, cfg.image_size, 3),
+                              minval=-1, maxval=1)
+  ids = jnp.asarray(np.tile([[5, 6, 7, 2] + [0] * (cfg.context_len - 4)], (batch, 1)), jnp.int32)
+  boxed = model.init(jax.random.key(0), images, ids)["params"]
+  return model, boxed, images, ids
+
+
+def test_shapes_names_and_temperature():
+  model, boxed, images, ids = _init()
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.Partitioned) for x in leaves)  # every param has logical names
+  params = nn.unbox(boxed)
+  img, txt, scale = model.apply({"params": params}, images, ids)
+  assert img.shape == txt.shape == (2, CFG.embed_dim)
+  np.testing.assert_allclose(scale, np.log(1 / 0.07), rtol=1e-6)
+  feats = model.apply({"params": params}, images, method="patch_features")
+  assert feats.shape == (2, 4, 4, CFG.width)
+  # patch_features are the last block's patch tokens, before ln_post: not unit-normalised.
+  assert not np.allclose(np.std(np.asarray(feats), axis=-1), 1.0, atol=1e-3)
+
+
+def test_bad_inputs_raise():
+  model, boxed, images, ids = _init()
+  params = nn.unbox(boxed)
+  with pytest.raises(ValueError, match="images shape"):
+    model.apply({"params": params}, images[:, :14, :14], method="encode_image")
+  with pytest.raises(ValueError, match="context_len=12"):
+    model.apply({"params": params}, jnp.ones((2, 13), jnp.int32), method="encode_text")
+  with pytest.raises(ValueError, match="patch_size=4"):
+    clip_model.config_for("tiny", image_size=18, patch_size=4)
+  with pytest.raises(ValueError, match="variant='XL'"):
+    clip_model.config_for("XL")
+  with pytest.raises(ValueError, match="widht"):
+    clip_model.config_for("tiny", widht=3)
+
+
+def test_text_feature_depends_only_on_tokens_up_to_eos():
+  model, boxed, _, _ = _init()
+  params = nn.unbox(boxed)
+  enc = lambda ids: np.asarray(model.apply(  # noqa: E731
+      {"params": params}, jnp.asarray(ids, jnp.int32), method="encode_text"))
+  full = enc([[5, 6, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0], [9, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  short = enc([[5, 6, 7, 2], [9, 3, 2, 0]])  # fewer pads: same features
+  np.testing.assert_allclose(full, short, atol=1e-5)
+  other = enc([[5, 6, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0], [9, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  assert not np.allclose(full[0], other[0], atol=1e-4)  # a token before the EOS matters
+  np.testing.assert_allclose(full[1], other[1], atol=1e-6)
+
+
+def test_causal_blocks_see_only_the_past():
+  block = layers.Transformer(depth=2, num_heads=2, mlp_dim=16, act="gelu", causal=True)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  params = block.init(jax.random.key(1), x)
+  y = block.apply(params, x)
+  y2 = block.apply(params, x.at[:, 4:].set(3.0))
+  np.testing.assert_allclose(y[:, :4], y2[:, :4], atol=1e-6)
+  assert not np.allclose(y[:, 4:], y2[:, 4:])
+  bidir = layers.Transformer(depth=2, num_heads=2, mlp_dim=16, act="gelu", causal=False)
+  z, z2 = bidir.apply(params, x), bidir.apply(params, x.at[:, 4:].set(3.0))
+  assert not np.allclose(z[:, :4], z2[:, :4])
+
+
+def _numpy_infonce(img, txt, scale):
+  img = img / np.linalg.norm(img, axis=1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+  logits = scale * img @ txt.T
+  def ce(lg):
+    lg = lg - lg.max(axis=1, keepdims=True)
+    return np.mean(np.log(np.exp(lg).sum(axis=1)) - np.diag(lg))
+  return (ce(logits) + ce(logits.T)) / 2
+
+
+def test_clip_loss_matches_numpy_and_clips_scale():
+  img = np.array([[1.0, 0.0, 0.5], [0.2, 2.0, 0.0], [0.0, 0.3, -1.0]], np.float32)
+  txt = np.array([[0.9, 0.1, 0.0], [0.0, 0.5, 0.5], [0.4, 0.0, -2.0]], np.float32)
+  loss, m = clip_loss.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(np.log(10.0)))
+  np.testing.assert_allclose(loss, _numpy_infonce(img, txt, 10.0), rtol=1e-5)
+  # Row 1's best text is 1; text 1's best image is 1; image 0 <-> text 0; 2 <-> 2.
+  np.testing.assert_allclose([m["i2t_acc"], m["t2i_acc"], m["temperature"]], [1, 1, 0.1],
+                             rtol=1e-6)
+  loss, m = clip_loss.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(np.log(500.0)))
+  np.testing.assert_allclose(loss, _numpy_infonce(img, txt, 100.0), rtol=1e-5)
+  np.testing.assert_allclose(m["scale"], 100.0)
+
+
+def test_loss_decreases_under_a_few_steps():
+  model, boxed, _, _ = _init(batch=4)
+  params = nn.unbox(boxed)
+  images = jax.random.uniform(jax.random.key(3), (4, 16, 16, 3), minval=-1, maxval=1)
+  ids = jnp.asarray([[5, 2, 0, 0], [9, 11, 2, 0], [13, 2, 0, 0], [17, 19, 21, 2]], jnp.int32)
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt):
+    def loss_fn(p):
+      return clip_loss.clip_loss(*model.apply({"params": p}, images, ids))[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  losses = []
+  for _ in range(5):
+    params, opt, loss = step(params, opt)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_pool_grid():
+  feats = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  pooled = features.pool_grid(feats, 2)
+  want = np.asarray(feats).reshape(2, 2, 2, 2, 3, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(pooled, want)
+  assert pooled.shape == (2, 2, 2, 3)
+  np.testing.assert_allclose(pooled[0, 0, 0], np.asarray(feats)[0, :2, :3].mean(axis=(0, 1)))
+  with pytest.raises(ValueError, match="grid=4 .* h=4, w=6"):
+    features.pool_grid(feats, 4)
+
+
+def test_tokenize_pads_with_zero_and_checks():
+  ids = clip_text.tokenize(["ab", "c"], lambda s: [ord(ch) - 90 for ch in s] + [2], 4)
+  np.testing.assert_array_equal(ids, [[7, 8, 2, 0], [9, 2, 0, 0]])
+  with pytest.raises(ValueError, match="context_len=2"):
+    clip_text.tokenize(["ab"], lambda s: [3, 4, 2], 2)
+  with pytest.raises(ValueError, match="pad id 0"):
+    clip_text.tokenize(["ab"], lambda s: [3, 0, 2], 4)
+
+
+def test_classify_by_cosine():
+  class_emb = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+  img = jnp.asarray([[10.0, 1.0], [0.1, 0.5], [-3.0, -2.0], [0.2, -5.0]])
+  np.testing.assert_array_equal(zero_shot.classify(img, class_emb), [0, 1, 2, 2])
+
+
+def test_class_prompts_read_like_training_captions():
+  prompts = zero_shot.class_prompts("shape")
+  assert list(prompts) == list(shapes.SHAPES)
+  assert len(prompts["star"]) == len(shapes.COLORS) * len(shapes.SIZES) * len(shapes.POSITIONS)
+  assert "a small red star at the top-left." in prompts["star"]
+  assert all("star" not in p for p in prompts["circle"])
+  colors = zero_shot.class_prompts("color", all_templates=True)
+  assert "a picture of a large pink cross at the center." in colors["pink"]
+
+
+def test_zero_shot_accuracy_matches_direct_classification():
+  cfg = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=48,
+                              vocab_size=128)
+  model, boxed, _, _ = _init(cfg)
+  params = nn.unbox(boxed)
+  scenes = [shapes.make_scene(i, "test") for i in range(40)]
+  scenes = [s for s in scenes if len(s) == 1][:5]
+  images = np.stack([shapes.render(s, 16) for s in scenes])
+  encode = lambda s: [ord(ch) % 120 + 3 for ch in s] + [2]  # noqa: E731
+  acc = zero_shot.zero_shot_accuracy(model, params, images, scenes, encode, batch_size=3)
+  img_emb = model.apply({"params": params}, images / 127.5 - 1.0, method="encode_image")
+  embed = lambda ids: model.apply({"params": params}, ids, method="encode_text")  # noqa: E731
+  for attr, classes in zero_shot.ATTRIBUTES.items():
+    class_emb = zero_shot.class_embeddings(embed, zero_shot.class_prompts(attr), encode, 48)
+    pred = np.asarray(zero_shot.classify(img_emb, class_emb))
+    assert acc[attr] == np.mean(pred == [classes.index(s[0][attr]) for s in scenes])
+  with pytest.raises(ValueError, match="single-object"):
+    zero_shot.zero_shot_accuracy(model, params, images[:1], [scenes[0] * 2], encode)
