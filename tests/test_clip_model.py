@@ -15,39 +15,44 @@ from vlbpe_jax.clip import text as clip_text
 from vlbpe_jax.clip import zero_shot
 from vlbpe_jax.data import shapes
 
-CFG = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=12, vocab_size=64)
+CFG = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=48, vocab_size=128)
+IDS = np.zeros((2, 48), np.int32)
+IDS[:, :4] = [5, 6, 7, 2]
 
 
-def _init(cfg=CFG, batch=2):
-  model = clip_model.CLIP(cfg)
-  images = jax.random.uniform(jax.random.key(1), (batch, cfg.image_size, cfg.image_size, 3),
-                              minval=-1, maxval=1)
-  ids = jnp.asarray(np.tile([[5, 6, 7, 2] + [0] * (cfg.context_len - 4)], (batch, 1)), jnp.int32)
-  boxed = model.init(jax.random.key(0), images, ids)["params"]
-  return model, boxed, images, ids
+@pytest.fixture(scope="module", name="tiny")
+def _tiny():
+  """(model, boxed params, images [2, 16, 16, 3], apply): initialised once (compiling the
+  initialisers dominates these tests' time on CPU)."""
+  model = clip_model.CLIP(CFG)
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  boxed = jax.jit(model.init)(jax.random.key(0), images, jnp.asarray(IDS))["params"]
+  apply = jax.jit(lambda p, *a, method="__call__": model.apply({"params": p}, *a, method=method),
+                  static_argnames="method")
+  return model, boxed, images, apply
 
 
-def test_shapes_names_and_temperature():
-  model, boxed, images, ids = _init()
+def test_shapes_names_and_temperature(tiny):
+  _, boxed, images, apply = tiny
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert all(isinstance(x, nn.Partitioned) for x in leaves)  # every param has logical names
   params = nn.unbox(boxed)
-  img, txt, scale = model.apply({"params": params}, images, ids)
+  img, txt, scale = apply(params, images, jnp.asarray(IDS))
   assert img.shape == txt.shape == (2, CFG.embed_dim)
   np.testing.assert_allclose(scale, np.log(1 / 0.07), rtol=1e-6)
-  feats = model.apply({"params": params}, images, method="patch_features")
+  feats = apply(params, images, method="patch_features")
   assert feats.shape == (2, 4, 4, CFG.width)
   # patch_features are the last block's patch tokens, before ln_post: not unit-normalised.
   assert not np.allclose(np.std(np.asarray(feats), axis=-1), 1.0, atol=1e-3)
 
 
-def test_bad_inputs_raise():
-  model, boxed, images, ids = _init()
+def test_bad_inputs_raise(tiny):
+  model, boxed, images, _ = tiny
   params = nn.unbox(boxed)
   with pytest.raises(ValueError, match="images shape"):
     model.apply({"params": params}, images[:, :14, :14], method="encode_image")
-  with pytest.raises(ValueError, match="context_len=12"):
-    model.apply({"params": params}, jnp.ones((2, 13), jnp.int32), method="encode_text")
+  with pytest.raises(ValueError, match="context_len=48"):
+    model.apply({"params": params}, jnp.ones((2, 49), jnp.int32), method="encode_text")
   with pytest.raises(ValueError, match="patch_size=4"):
     clip_model.config_for("tiny", image_size=18, patch_size=4)
   with pytest.raises(ValueError, match="variant='XL'"):
@@ -56,30 +61,31 @@ def test_bad_inputs_raise():
     clip_model.config_for("tiny", widht=3)
 
 
-def test_text_feature_depends_only_on_tokens_up_to_eos():
-  model, boxed, _, _ = _init()
+def test_text_feature_depends_only_on_tokens_up_to_eos(tiny):
+  _, boxed, _, apply = tiny
   params = nn.unbox(boxed)
-  enc = lambda ids: np.asarray(model.apply(  # noqa: E731
-      {"params": params}, jnp.asarray(ids, jnp.int32), method="encode_text"))
-  full = enc([[5, 6, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0], [9, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  enc = lambda ids: np.asarray(  # noqa: E731
+      apply(params, jnp.asarray(ids, jnp.int32), method="encode_text"))
+  pad = [0] * 8
+  full = enc([[5, 6, 7, 2] + pad, [9, 3, 2, 0] + pad])
   short = enc([[5, 6, 7, 2], [9, 3, 2, 0]])  # fewer pads: same features
   np.testing.assert_allclose(full, short, atol=1e-5)
-  other = enc([[5, 6, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0], [9, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  other = enc([[5, 6, 8, 2] + pad, [9, 3, 2, 0] + pad])
   assert not np.allclose(full[0], other[0], atol=1e-4)  # a token before the EOS matters
   np.testing.assert_allclose(full[1], other[1], atol=1e-6)
 
 
-def test_causal_blocks_see_only_the_past():
-  block = layers.Transformer(depth=2, num_heads=2, mlp_dim=16, act="gelu", causal=True)
-  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
-  params = block.init(jax.random.key(1), x)
-  y = block.apply(params, x)
-  y2 = block.apply(params, x.at[:, 4:].set(3.0))
-  np.testing.assert_allclose(y[:, :4], y2[:, :4], atol=1e-6)
-  assert not np.allclose(y[:, 4:], y2[:, 4:])
-  bidir = layers.Transformer(depth=2, num_heads=2, mlp_dim=16, act="gelu", causal=False)
-  z, z2 = bidir.apply(params, x), bidir.apply(params, x.at[:, 4:].set(3.0))
-  assert not np.allclose(z[:, :4], z2[:, :4])
+def test_causal_blocks_see_only_the_past(tiny):
+  c = CFG
+  params = {"params": nn.unbox(tiny[1])["text"]["transformer"]}  # the text tower's blocks
+  block = layers.Transformer(c.text_depth, c.text_heads, c.text_mlp, c.act, causal=True)
+  x = jax.random.normal(jax.random.key(0), (1, 6, c.text_width))
+  y, y2 = block.apply(params, jnp.concatenate([x, x.at[:, 4:].set(3.0)]))
+  np.testing.assert_allclose(y[:4], y2[:4], atol=1e-6)
+  assert not np.allclose(y[4:], y2[4:])
+  bidir = layers.Transformer(c.text_depth, c.text_heads, c.text_mlp, c.act, causal=False)
+  z, z2 = bidir.apply(params, jnp.concatenate([x, x.at[:, 4:].set(3.0)]))
+  assert not np.allclose(z[:4], z2[:4])
 
 
 def _numpy_infonce(img, txt, scale):
@@ -105,8 +111,8 @@ def test_clip_loss_matches_numpy_and_clips_scale():
   np.testing.assert_allclose(m["scale"], 100.0)
 
 
-def test_loss_decreases_under_a_few_steps():
-  model, boxed, _, _ = _init(batch=4)
+def test_loss_decreases_under_a_few_steps(tiny):
+  model, boxed, _, _ = tiny
   params = nn.unbox(boxed)
   images = jax.random.uniform(jax.random.key(3), (4, 16, 16, 3), minval=-1, maxval=1)
   ids = jnp.asarray([[5, 2, 0, 0], [9, 11, 2, 0], [13, 2, 0, 0], [17, 19, 21, 2]], jnp.int32)
@@ -164,18 +170,16 @@ def test_class_prompts_read_like_training_captions():
   assert "a picture of a large pink cross at the center." in colors["pink"]
 
 
-def test_zero_shot_accuracy_matches_direct_classification():
-  cfg = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=48,
-                              vocab_size=128)
-  model, boxed, _, _ = _init(cfg)
+def test_zero_shot_accuracy_matches_direct_classification(tiny):
+  model, boxed, _, apply = tiny
   params = nn.unbox(boxed)
   scenes = [shapes.make_scene(i, "test") for i in range(40)]
   scenes = [s for s in scenes if len(s) == 1][:5]
   images = np.stack([shapes.render(s, 16) for s in scenes])
   encode = lambda s: [ord(ch) % 120 + 3 for ch in s] + [2]  # noqa: E731
-  acc = zero_shot.zero_shot_accuracy(model, params, images, scenes, encode, batch_size=3)
-  img_emb = model.apply({"params": params}, images / 127.5 - 1.0, method="encode_image")
-  embed = lambda ids: model.apply({"params": params}, ids, method="encode_text")  # noqa: E731
+  acc = zero_shot.zero_shot_accuracy(model, params, images, scenes, encode, batch_size=256)
+  img_emb = apply(params, images / 127.5 - 1.0, method="encode_image")
+  embed = lambda ids: apply(params, ids, method="encode_text")  # noqa: E731
   for attr, classes in zero_shot.ATTRIBUTES.items():
     class_emb = zero_shot.class_embeddings(embed, zero_shot.class_prompts(attr), encode, 48)
     pred = np.asarray(zero_shot.classify(img_emb, class_emb))

@@ -163,8 +163,9 @@ def save_clip(config, params, out_dir, dtype=None, *, overwrite=False):
     raise ValueError(f"out_dir={out_dir!r} is not empty; expected a new or empty folder, or "
                      "overwrite=True to replace the checkpoint there")
   params = nn.unbox(params)
-  np_ = lambda x: np.ascontiguousarray(  # noqa: E731
-      np.asarray(x if dtype is None else jnp.asarray(x, dtype)))
+  # .copy(order="C"), not np.ascontiguousarray, which turns the 0-d logit_scale into [1].
+  np_ = lambda x: np.asarray(x if dtype is None else jnp.asarray(x, dtype)).copy(  # noqa: E731
+      order="C")
   tensors = {name: np_(_to_hf(np.asarray(_lookup(params, path)), kind))
              for name, path, kind in key_table(config)}
   pre = {"image_mean": list(config.image_mean), "image_std": list(config.image_std),
