@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy as stn
@@ -137,7 +136,8 @@ def test_load_clip_matches_numpy_reference(tmp_path, act):
   images = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   ids = np.array([[3, 7, 49, 0, 0, 0], [5, 9, 11, 4, 49, 0]], np.int32)  # EOT 49 = max id
   hidden, img_ref = np_vision(w, images, act)
-  apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+  apply = jax.jit(lambda *a, method: model.apply({"params": params}, *a, method=method),
+                  static_argnames="method")
   np.testing.assert_allclose(apply(images, method="encode_image"), img_ref, atol=1e-5, rtol=1e-5)
   feats = apply(images, method="patch_features")  # [B, 4, 4, D]
   np.testing.assert_allclose(feats, hidden[:, 1:].reshape(2, 4, 4, 32), atol=1e-5, rtol=1e-5)
@@ -147,7 +147,7 @@ def test_load_clip_matches_numpy_reference(tmp_path, act):
   # One vision block alone.
   x = np.random.default_rng(2).normal(0, 1, (2, 5, 32)).astype(np.float32)
   block = layers.Block(4, 48, act, causal=False, depth=2)
-  y = block.apply({"params": params["visual"]["transformer"]["blocks_1"]}, jnp.asarray(x))
+  y = jax.jit(block.apply)({"params": params["visual"]["transformer"]["blocks_1"]}, x)
   np.testing.assert_allclose(y, np_layer(w, "vision_model.encoder.layers.1.", x, 4, act, False),
                              atol=1e-5, rtol=1e-5)
 

@@ -5,7 +5,7 @@ Fields missing from config.json take transformers' CLIPTextConfig / CLIPVisionCo
 LayerNorm eps serve both towers here; a config whose towers differ is refused.
 """
 
-from vlbpe_jax.clip import model as clip_model
+from vlbpe_jax.clip import config as clip_config
 
 _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, image_size=224, patch_size=32, num_channels=3,
@@ -39,7 +39,7 @@ def config_from_hf(hf, source="config.json", **overrides):
       text_mlp_dim=txt["intermediate_size"], vocab_size=txt["vocab_size"],
       context_len=txt["max_position_embeddings"], embed_dim=hf.get("projection_dim", 512),
       act=vis["hidden_act"], norm_eps=vis["layer_norm_eps"])
-  return clip_model.CLIPConfig(**{**fields, **overrides})
+  return clip_config.CLIPConfig(**{**fields, **overrides})
 
 
 def config_to_hf(cfg):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlbpe_jax.clip import layers
+from vlbpe_jax.clip.config import CLIPConfig
 
 _EDGE = ("act_batch", "act_len", "act_embed")
 
@@ -25,7 +26,7 @@ def _param(module, name, std, shape, axes):
 
 class VisionTower(nn.Module):
   """pixels `[B, R, R, 3]` (normalised) -> tokens `[B, 1 + h*w, D]` after the last block."""
-  config: "CLIPConfig"  # noqa: F821  (model.CLIPConfig; no import cycle)
+  config: CLIPConfig
 
   def setup(self):
     c, kw = self.config, _kw(self.config)
@@ -61,7 +62,7 @@ class VisionTower(nn.Module):
 
 class TextTower(nn.Module):
   """ids `[B, T]` int (pad 0 after the sequence) -> `[B, E]` at the last non-pad token."""
-  config: "CLIPConfig"  # noqa: F821
+  config: CLIPConfig
 
   @nn.compact
   def __call__(self, ids):
