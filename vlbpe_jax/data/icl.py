@@ -1,0 +1,152 @@
+"""Text-only in-context episodes: stage-0 pretraining data and the text-only few-shot control.
+
+  texts = episodes(np.random.default_rng(0), 1000)               # list[str]
+  ids, loss_mask = episode_ids(tok, sample_episode(rng))        # one training sequence
+  tasks = text_fewshot_tasks(0, 200, way=2, shot=1)            # the text-only accuracy set
+
+Kinds (so that a small LM learns to use examples, as V2L's frozen LM must):
+- "classify": N-way K-shot with a random symbol -> label mapping per episode, in EXACTLY the
+  layout of `v2l.prompts.classification_parts` (the visual prompt), with inputs that are
+  strings of symbols instead of image ids. Each class has a prototype of `input_len` symbols;
+  an example is its prototype with each symbol replaced by a random one with prob `noise`
+  (like the overlapping global tokens of two images of one class). Labels: shape names or
+  colour names (data/shapes.py), drawn per episode.
+- "copy": the same layout, each output is its input (copy from context).
+- "induction": a random symbol sequence, then the sequence again (induction heads).
+An `Episode` is text parts joined by spaces (`prompts.prompt_text`); `targets` marks the parts
+trained on (labels, copied outputs, the repeat). Encoding the parts one by one equals
+encoding the text (sentencepiece splits at spaces), so the ids match the visual prompts'.
+
+To add "icl" as a stage-0 task (lead): in `data/pipeline.py:format_example`, for
+`task == "icl"` return `icl.episode_ids(tokenizer, icl.sample_episode(rng))` (the record is
+ignored; `rng` is grain's per-example generator), add "icl" to `TASKS`, and put
+`icl.episodes(...)` texts in the text tokenizer's training texts so "Input:"/"Output:" and the
+symbols become pieces.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from vlbpe_jax.data import shapes
+from vlbpe_jax.v2l import prompts
+
+LABEL_SETS = {"shape": tuple(shapes.SHAPES), "color": tuple(shapes.COLORS)}
+# Letters and scene words that are never labels.
+SYMBOLS = tuple("abcdefghijklmnopqrstuvwxyz") + (
+    "small", "large", "top", "bottom", "left", "right", "center", "black", "gray", "white")
+KINDS = ("classify", "copy", "induction")
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+  parts: tuple[str, ...]  # text parts, joined by single spaces
+  targets: tuple[bool, ...]  # per part: in the loss
+
+  @property
+  def text(self) -> str:
+    return prompts.prompt_text(self.parts)
+
+
+def _word(rng, symbols, n):
+  return [symbols[i] for i in rng.integers(len(symbols), size=n)]
+
+
+def classification_task(rng, *, way=2, shot=1, label_set="shape", input_len=4, noise=0.25,
+                        symbols=SYMBOLS) -> dict:
+  """One N-way K-shot task: {"support": [(str, label)], "query", "answer", "classes"}."""
+  if label_set not in LABEL_SETS:
+    raise ValueError(f"label_set={label_set!r}: expected one of {sorted(LABEL_SETS)}")
+  names = LABEL_SETS[label_set]
+  if not 2 <= way <= len(names) or shot < 1 or input_len < 1 or not 0 <= noise < 1:
+    raise ValueError(f"way={way}, shot={shot}, input_len={input_len}, noise={noise}: expected "
+                     f"2 <= way <= {len(names)}, shot >= 1, input_len >= 1, 0 <= noise < 1")
+  if len(symbols) ** input_len < 2 * way:
+    raise ValueError(f"{len(symbols)} symbols, input_len={input_len}: too few inputs for "
+                     f"way={way}")
+  classes = [names[i] for i in rng.permutation(len(names))[:way]]
+  protos = []
+  while len(protos) < way:
+    p = _word(rng, symbols, input_len)
+    if p not in protos:
+      protos.append(p)
+
+  def instance(c):
+    w = list(protos[c])
+    for j in np.flatnonzero(rng.random(input_len) < noise):
+      w[j] = symbols[rng.integers(len(symbols))]
+    return " ".join(w)
+
+  support = [(instance(c), classes[c]) for c in range(way) for _ in range(shot)]
+  support = [support[i] for i in rng.permutation(len(support))]
+  c = int(rng.integers(way))
+  return {"support": support, "query": instance(c), "answer": classes[c], "classes": classes}
+
+
+def _episode(parts):
+  targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT for i in range(len(parts)))
+  return Episode(tuple(parts), targets)
+
+
+def classification_episode(rng, **task_kw) -> Episode:
+  t = classification_task(rng, **task_kw)
+  return _episode(prompts.classification_parts(t["support"], t["query"], t["classes"],
+                                               answer=t["answer"]))
+
+
+def copy_episode(rng, *, shots=3, max_len=4, symbols=SYMBOLS) -> Episode:
+  """`shots` examples plus the query, each "Input: < x >\\nOutput: x"."""
+  xs = [" ".join(_word(rng, symbols, int(rng.integers(1, max_len + 1))))
+        for _ in range(shots + 1)]
+  parts = []
+  for x in xs:
+    parts += [prompts.EXAMPLE_IN, "<", x, prompts.EXAMPLE_OUT, x]
+  return _episode(parts)
+
+
+def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS) -> Episode:
+  """A random symbol sequence, then the same again (the repeat is the target)."""
+  seq = " ".join(_word(rng, symbols, int(rng.integers(min_len, max_len + 1))))
+  return Episode((seq, seq), (False, True))
+
+
+def sample_episode(rng, kinds=KINDS, ways=(2, 3, 5), shots=(1, 2, 3, 5)) -> Episode:
+  """One episode of a kind drawn uniformly from `kinds` (classification: way, shot and the
+  label set drawn too)."""
+  bad = [k for k in kinds if k not in KINDS]
+  if not kinds or bad:
+    raise ValueError(f"kinds={kinds!r}: expected a non-empty subset of {KINDS}")
+  kind = kinds[int(rng.integers(len(kinds)))]
+  if kind == "copy":
+    return copy_episode(rng, shots=int(rng.integers(1, 4)))
+  if kind == "induction":
+    return induction_episode(rng)
+  return classification_episode(
+      rng, way=int(rng.choice(ways)), shot=int(rng.choice(shots)),
+      label_set=sorted(LABEL_SETS)[int(rng.integers(len(LABEL_SETS)))])
+
+
+def episodes(rng, num: int, **kw) -> list[str]:
+  """`num` episode texts (`sample_episode(rng, **kw).text`)."""
+  if num < 0:
+    raise ValueError(f"num={num}: expected >= 0")
+  return [sample_episode(rng, **kw).text for _ in range(num)]
+
+
+def episode_ids(tok, episode: Episode):
+  """`(ids [L] int32, loss_mask [L] bool)`: bos, the parts, eos; the loss on target parts and
+  eos (the format of `pipeline.format_example`)."""
+  ids, mask = [tok.bos_id], [False]
+  for part, target in zip(episode.parts, episode.targets):
+    piece = tok.encode(part)
+    ids += piece
+    mask += [target] * len(piece)
+  return np.asarray(ids + [tok.eos_id], np.int32), np.asarray(mask + [True], np.bool_)
+
+
+def text_fewshot_tasks(seed: int, num: int, **task_kw) -> list[dict]:
+  """The text-only control: `num` tasks of `classification_task(**task_kw)` from `seed`.
+  Prompt each with `prompts.classification_prompt(tok, t["support"], t["query"],
+  t["classes"])` and decode with `constrained.classify`; chance is 1 / way."""
+  rng = np.random.default_rng(seed)
+  return [classification_task(rng, **task_kw) for _ in range(num)]
