@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlbpe_jax import fileio
+from vlbpe_jax.dit import config as dit_config
 from vlbpe_jax.dit import embed
 from vlbpe_jax.dit import model as dit_model
 from vlbpe_jax.lm.hf import _Tensors
@@ -90,7 +91,7 @@ def config_from_hf(hf, source="config.json", **overrides):
     raise ValueError(f"{source}: num_kv_heads={kv} != heads={kw['heads']} (GQA unsupported)")
   size = kw["grid"]
   kw["grid"] = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-  return dit_model.config_for("tiny", **{**defaults, **kw, **overrides})
+  return dit_config.config_for("tiny", **{**defaults, **kw, **overrides})
 
 
 def _to_ours(x, kind, shape, perm, p):
