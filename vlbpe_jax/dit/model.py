@@ -4,10 +4,11 @@
   params = nn.unbox(model.init(key, x, t, cond, cond_mask)["params"])
   v = model.apply({"params": params}, x, t, cond, cond_mask)   # [B, H, W, C], eps - x0
 
-x [B, H, W, C] -> patches (block.py, embed.py) -> Linear to D; cond [B, Q, cond_dim] ->
+x [B, H, W, C] -> p x p patches (embed.py) -> Linear to D; cond [B, Q, cond_dim] ->
 caption projection (Linear, GELU-tanh, Linear) -> y [B, Q, D]; temb [B, min(D, 1024)] =
 MLP(sinusoid(t)) + Linear(LayerNorm(masked mean of y)); `depth` blocks; final LayerNorm (no
-affine, eps 1e-6) scaled by 1 + Linear(silu(temb)), Linear to p*p*C; unpatchify.
+affine, eps 1e-6) scaled by 1 + Linear(silu(temb)), Linear to p*p*C; unpatchify. Blocks:
+block.py. BLIP3-o passes an all-ones cond_mask (64 queries); padding masks work here too.
 
 Known differences from BLIP3-o's code (diffusers `LuminaNextDiT2DModel` + its cross-attn edit):
 - Init: adaLN modulations and the final Linear are zero-initialised (Lumina-Next / DiT); BLIP3-o
@@ -18,7 +19,7 @@ Known differences from BLIP3-o's code (diffusers `LuminaNextDiT2DModel` + its cr
 - 2D RoPE pairs and patch features use our layouts (embed.py); hf.py permutes on import.
 - The masked mean divides by max(count, 1) (an all-masked row gives 0, not NaN); an all-masked
   cross-attention row attends uniformly rather than giving NaN.
-- SwiGLU width: int(2 * 4 * dim / 3) rounded up to multiple_of (4864 for dim 1792), as in the
+- Not a difference but a pin: SwiGLU width int(2 * 4 * dim / 3) rounded up to multiple_of (4864 for dim 1792), as in the
   diffusers LuminaFeedForward (<= 0.32) under BLIP3-o's `inner_dim=4 * dim` call: its 1.36B
   parameters need it. diffusers >= 0.33 dropped the 2/3 there (7168 wide with BLIP3-o's call);
   such a checkpoint loads with ffn_dim_multiplier=1.5.
