@@ -19,9 +19,9 @@ Known differences from BLIP3-o's code (diffusers `LuminaNextDiT2DModel` + its cr
 - 2D RoPE pairs and patch features use our layouts (embed.py); hf.py permutes on import.
 - The masked mean divides by max(count, 1) (an all-masked row gives 0, not NaN); an all-masked
   cross-attention row attends uniformly rather than giving NaN.
-- Not a difference but a pin: SwiGLU width int(2 * 4 * dim / 3) rounded up to multiple_of (4864 for dim 1792), as in the
-  diffusers LuminaFeedForward (<= 0.32) under BLIP3-o's `inner_dim=4 * dim` call: its 1.36B
-  parameters need it. diffusers >= 0.33 dropped the 2/3 there (7168 wide with BLIP3-o's call);
+- Not a difference but a pin: SwiGLU width int(2 * 4 * dim / 3) rounded up to multiple_of
+  (4864 for dim 1792), as in diffusers' LuminaFeedForward (<= 0.32) under BLIP3-o's
+  `inner_dim=4 * dim` call: its ~1.36B parameters need it. diffusers >= 0.33 dropped the 2/3 there (7168 wide with BLIP3-o's call);
   such a checkpoint loads with ffn_dim_multiplier=1.5.
 - SwiGLU's SiLU runs in the compute dtype (diffusers: float32); same in float32.
 - Positions are computed for the input grid; BLIP3-o slices a 384x384 table (same values).
