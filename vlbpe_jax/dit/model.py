@@ -21,8 +21,9 @@ Known differences from BLIP3-o's code (diffusers `LuminaNextDiT2DModel` + its cr
   cross-attention row attends uniformly rather than giving NaN.
 - Not a difference but a pin: SwiGLU width int(2 * 4 * dim / 3) rounded up to multiple_of
   (4864 for dim 1792), as in diffusers' LuminaFeedForward (<= 0.32) under BLIP3-o's
-  `inner_dim=4 * dim` call: its ~1.36B parameters need it. diffusers >= 0.33 dropped the 2/3 there (7168 wide with BLIP3-o's call);
-  such a checkpoint loads with ffn_dim_multiplier=1.5.
+  `inner_dim=4 * dim` call: its ~1.36B parameters need it. diffusers >= 0.33 dropped the
+  2/3 there (7168 wide under the same call); such a checkpoint loads with
+  ffn_dim_multiplier=1.5.
 - SwiGLU's SiLU runs in the compute dtype (diffusers: float32); same in float32.
 - Positions are computed for the input grid; BLIP3-o slices a 384x384 table (same values).
 """
