@@ -18,12 +18,12 @@ from vlbpe_jax import checkpoint
 from vlbpe_jax import fileio
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.bpe import model as bpe_model
 from vlbpe_jax.data import text_tokenizer
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
-from vlbpe_jax.vq import summary
 
 _V = 6  # base vocabulary of the fake VQ codes
 

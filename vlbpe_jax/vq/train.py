@@ -29,6 +29,7 @@ from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
 from vlbpe_jax.vq import discriminator as disc_lib
@@ -39,7 +40,6 @@ from vlbpe_jax.vq import metrics as metrics_lib
 from vlbpe_jax.vq import model as model_lib
 from vlbpe_jax.vq import perceptual
 from vlbpe_jax.vq import quantizer
-from vlbpe_jax.vq import summary
 
 # Config keys a checkpoint must agree on before it is restored.
 MUST_MATCH = ("vq.variant", "vq.codebook_size", "vq.code_dim", "vq.l2_normalize",
