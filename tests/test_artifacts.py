@@ -16,14 +16,15 @@ import lm_train_helpers as helpers
 import test_vq_summary
 from vlbpe_jax import checkpoint
 from vlbpe_jax import fileio
+from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.bpe import model as bpe_model
 from vlbpe_jax.data import text_tokenizer
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
-from vlbpe_jax.vq import summary
 
 _V = 6  # base vocabulary of the fake VQ codes
 
@@ -304,35 +305,40 @@ def test_lm_resumed_run_sums_train_seconds_and_logs_each_step_once(tmp_path, mon
   trainer = train.Trainer(config, train.make_model(config, tok),
                           parallel.mesh_from_config(config.mesh))
   make_iter = train.iterator_fn(config, tok, helpers.examples("train"), None)
-  # run_plan's clock jumps by 1000 s once the first process started: its seconds are > 1000,
-  # the resumed process's far fewer, so only a sum keeps the total above the first's.
+  # The clock jumps by 1000 s while the first process initialises the state (timed, like its
+  # steps): its seconds are > 1000, the resumed process's (which restores) far fewer, so only
+  # a sum keeps the total above the first's.
   clock = types.SimpleNamespace(offset=0.0)
-  monkeypatch.setattr(train, "time", types.SimpleNamespace(
+  monkeypatch.setattr(loop, "time", types.SimpleNamespace(
       time=lambda: time.time() + clock.offset))
+  init = trainer.init
 
-  def slow_start(phase):
+  def slow_init(*args):
     clock.offset += 1000.0
-    return make_iter(phase)
+    return init(*args)
 
+  monkeypatch.setattr(trainer, "init", slow_init)
   run_dir = os.path.join(workdir, "lm", "text")
-  go = lambda it, **kw: train.run_plan(  # noqa: E731
-      config, run_dir, trainer, plan, it, name="lm/text", must_match=train.TEXT_MUST_MATCH, **kw)
-  go(slow_start, stop_at_step=2)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"))
+  go = lambda **kw: train.run_plan(  # noqa: E731
+      config, run_dir, trainer, plan, make_iter, name="lm/text",
+      must_match=train.TEXT_MUST_MATCH, **kw)
+  go(stop_at_step=2)
+  ckpt_dir = os.path.join(run_dir, "ckpt")
+  ckpt = checkpoint.Checkpointer(ckpt_dir)
   assert ckpt.latest_step() == 2
   at_stop = ckpt.meta(2)["train_seconds"]
   ckpt.close()
-  assert at_stop > 1000 and train.train_seconds(run_dir) == at_stop
+  assert at_stop > 1000 and loop.train_seconds(ckpt_dir) == at_stop
   # The preempted process logged step 3 and began a line before its checkpoint was written.
   log = os.path.join(run_dir, "metrics.jsonl")
   with open(log, "a") as f:
     f.write(json.dumps({"step": 3, "train/loss": -1.0}) + '\n{"step": 4, "train/lo')
   start = time.time()
-  go(make_iter)
+  go()
   resumed_for = time.time() - start
-  total = train.train_seconds(run_dir)
+  total = loop.train_seconds(ckpt_dir)
   assert at_stop < total <= at_stop + resumed_for
-  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt")) as ckpt:
+  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
     assert ckpt.meta(2)["train_seconds"] == at_stop and ckpt.latest_step() == 3
   rows = [json.loads(line) for line in open(log)]
   assert [r["step"] for r in rows] == [1, 2, 3]

@@ -9,7 +9,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf import message_factory
 import pytest
 
-from vlbpe_jax.vq import summary
+from vlbpe_jax import summary
 
 
 def _event_class():

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from vlbpe_jax import fileio
+from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
@@ -203,7 +204,7 @@ def _run(ctx, run):
   plan = train.plan_of(ctx.config, run)
   res.update(
       # Summed over every process that trained the run (a resumed run counts its first part).
-      train_seconds=train.train_seconds(os.path.join(ctx.workdir, "lm", run)),
+      train_seconds=loop.train_seconds(os.path.join(ctx.workdir, "lm", run, "ckpt")),
       eval_seconds=time.perf_counter() - t0 - t_train,
       steps=sum(p.steps for p in plan),
       stages=[p.stage for p in plan],

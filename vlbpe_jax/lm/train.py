@@ -17,9 +17,10 @@ BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
                          as if one stage; only the data mix changes at a phase boundary
 
 Each run lives in `$W/lm/<run>/`: orbax checkpoints (state + grain iterator + config) in
-`ckpt/`, `metrics.jsonl`. Reads `config.lm.*` (see `check_config`), `config.seed` (through
-`lm_seed`: `lm.seed` when set, so that LM seeds vary on one set of data/VQ/BPE files),
-`config.mesh` and, through the data stage, `config.data.*`.
+`ckpt/`, `metrics.jsonl` (+ the same scalars as a TensorBoard event file). Reads `config.lm.*`
+(see `check_config`), `config.seed` (through `lm_seed`: `lm.seed` when set, so that LM seeds
+vary on one set of data/VQ/BPE files), `config.mesh` and, through the data stage,
+`config.data.*`.
 """
 
 import contextlib
@@ -27,7 +28,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 import optax
-import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
-from vlbpe_jax import fileio
+from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import sequences
@@ -322,38 +322,6 @@ class Trainer:
       return fn(state, parallel.shard_batch(batch, self.mesh), key)
 
 
-class MetricLog:
-  """Appends `{"step", ...}` lines to `metrics.jsonl`; drops lines past a resumed step."""
-
-  def __init__(self, path: str, resume_step: int):
-    self.path = path
-    lines = []
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and _step_of(ln, path) <= resume_step]
-    fileio.write_text(path, "".join(ln if ln.endswith("\n") else ln + "\n" for ln in lines))
-
-  def write(self, step: int, values: dict):
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
-
-
-def _step_of(line: str, path: str) -> float:
-  """The step of a metrics.jsonl line; a line torn by a crash counts as past any step."""
-  try:
-    return json.loads(line)["step"]
-  except (json.JSONDecodeError, KeyError, TypeError):
-    logging.warning("%s: dropping a torn line %r", path, line[:80])
-    return float("inf")
-
-
-def train_seconds(run_dir: str) -> float:
-  """Seconds spent training `run_dir` up to its latest checkpoint, summed over every process
-  that resumed it (saved with each checkpoint); NaN when it has none."""
-  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt")) as ckpt:
-    return float(ckpt.meta().get("train_seconds", float("nan")))
-
-
 def _phase_at(plan, step):
   """Index of the phase that runs global step `step` (0-based); len(plan) past the end."""
   ends = np.cumsum([p.steps for p in plan])
@@ -362,84 +330,51 @@ def _phase_at(plan, step):
 
 def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_params=None,
              stop_at_step=None, name="lm", must_match=MUST_MATCH):
-  """Trains `plan` (resuming from `run_dir/ckpt`); returns the final state.
+  """Trains `plan` with `loop.fit` (resuming from `run_dir/ckpt`); returns the final state.
 
   make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
   phase's last step holds that phase's optimizer state and iterator; the next phase migrates
   from it (in memory or after a restore alike), or keeps it whole when it has the same
-  `Phase.optimizer`. `stop_at_step` stops early (after a checkpoint)
-  at that global step, as a preemption would. A non-finite loss (or parameter norm after the
-  update) raises FloatingPointError naming the step; a checkpoint is only written after its
-  step passed that check, so the last one stays good.
+  `Phase.optimizer`. `stop_at_step` stops early (after a checkpoint) at that global step, as a
+  preemption would. A non-finite loss (or parameter norm after the update) raises
+  FloatingPointError naming the step and its stage; the last checkpoint stays a good one.
+  Metrics lines (`train/...`, `stage`, `perf/...`) go to `run_dir/metrics.jsonl`.
   """
   c = config.lm
-  t_start = time.time()
   ends = np.cumsum([p.steps for p in plan]).tolist()
-  total = ends[-1]
   key_init, key_train = jax.random.split(jax.random.key(lm_seed(config)))
   key_train = jax.device_put(key_train, trainer.repl)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"),
-                                 config=manifest.config_dict(config),
-                                 must_match=must_match, max_to_keep=2)
-  latest = ckpt.latest_step()
-  seconds_before = ckpt.meta().get("train_seconds", 0.0) if latest is not None else 0.0
-  if latest is None:
-    k, it = 0, make_iter(plan[0])
-    state = trainer.init(key_init, plan[0], base_params)
-  else:
-    k = min(_phase_at(plan, latest - 1), len(plan) - 1)
+  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"),
+                               config=manifest.config_dict(config), must_match=must_match,
+                               max_to_keep=2) as ckpt:
+    latest = ckpt.latest_step()
+    k = 0 if latest is None else min(_phase_at(plan, latest - 1), len(plan) - 1)
     it = make_iter(plan[k])
-    state = ckpt.restore(trainer.abstract_state(plan[k]), data_iter=it)
-    logging.info("%s: resumed from step %d (phase %d) in %s", name, latest, k, ckpt.directory)
-  step = int(jax.device_get(state["step"]))
-  log = MetricLog(os.path.join(run_dir, "metrics.jsonl"), step)
-  tokens_per_step = c.batch_size * c.seq_len * jax.process_count()
-  n_dev = jax.device_count()
-  pending, clock = None, {"time": time.time(), "step": step}
-  bar = tqdm.tqdm(total=total, initial=step, desc=name, disable=not c.progress)
+    state, start, seconds = loop.restore_or_init(
+        ckpt, trainer.abstract_state(plan[k]),
+        lambda: trainer.init(key_init, plan[0], base_params), it)
 
-  def drain():
-    """Fetches the pending step's metrics, stops on non-finite values, logs when due."""
-    nonlocal pending
-    if pending is None:
-      return
-    (done, m), pending = jax.device_get(pending), None
-    stage = plan[_phase_at(plan, done - 1)].stage
-    if not (np.isfinite(m["loss"]) and np.isfinite(m["l2_params"])):
-      bar.close()
-      ckpt.close()
-      raise FloatingPointError(
-          f"{name}: non-finite loss {m['loss']} or parameter norm {m['l2_params']} at step "
-          f"{done} (stage {stage}); stopped. Last good checkpoint: step {ckpt.latest_step()} "
-          f"in {ckpt.directory}")
-    if done % c.log_every == 0 or done == total:
-      dt = (time.time() - clock["time"]) / max(done - clock["step"], 1)
-      clock.update(time=time.time(), step=done)
-      log.write(done, {"stage": stage, **{f"train/{n}": v for n, v in m.items()},
-                       "perf/step_time_s": dt,
-                       "perf/tokens_per_s_per_device": tokens_per_step / dt / n_dev})
-      bar.set_postfix(loss=f"{m['loss']:.3f}", stage=stage)
+    def before_step(step, state, it):
+      """At a phase boundary: the next data mix; a new optimizer migrates."""
+      nonlocal k
+      if step != ends[k]:
+        return state, it
+      if plan[k + 1].optimizer != plan[k].optimizer:
+        state = trainer.migrate(state, plan[k], plan[k + 1])
+      k += 1
+      logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
+      return state, make_iter(plan[k])
 
-  with jax.transfer_guard("disallow"):
-    while step < total and (stop_at_step is None or step < stop_at_step):
-      if step == ends[k]:  # phase boundary: the next data mix; a new optimizer migrates
-        if plan[k + 1].optimizer != plan[k].optimizer:
-          state = trainer.migrate(state, plan[k], plan[k + 1])
-        k, it = k + 1, make_iter(plan[k + 1])
-        logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
-      state, metrics = trainer.step(plan[k], state, next(it), key_train)
-      drain()  # the previous step's metrics, while this step runs
-      step += 1
-      pending = (step, metrics)
-      bar.update(1)
-      if step % c.ckpt_every == 0 or step in ends or step == stop_at_step:
-        drain()
-        ckpt.save(step, state, data_iter=it,
-                  meta={"train_seconds": seconds_before + time.time() - t_start})
-    drain()
-  bar.close()
-  ckpt.close()
-  return state
+    tokens_per_device = c.batch_size * c.seq_len * jax.process_count() / jax.device_count()
+    with summary.MetricWriter(run_dir, resume_step=start) as writer:
+      return loop.fit(
+          state, lambda state, batch: trainer.step(plan[k], state, batch, key_train), it,
+          total_steps=ends[-1], ckpt=ckpt, writer=writer, log_every=c.log_every,
+          ckpt_every=c.ckpt_every, name=name, seconds_before=seconds,
+          items_per_step={"perf/tokens_per_s_per_device": tokens_per_device},
+          check_keys=("loss", "l2_params"), progress=c.progress, stop_at_step=stop_at_step,
+          ckpt_at=ends, before_step=before_step,
+          extra_scalars=lambda step: {"stage": plan[_phase_at(plan, step - 1)].stage})
 
 
 def iterator_fn(config, tok, source, visual):

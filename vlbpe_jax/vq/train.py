@@ -11,7 +11,6 @@ num_validation, resolution), `config.mesh` and `config.seed`. Writes under `$W/v
 import contextlib
 import functools
 import os
-import time
 
 from absl import app
 from absl import flags
@@ -23,12 +22,13 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 from PIL import Image
-import tqdm
 
 from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
+from vlbpe_jax import loop
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
 from vlbpe_jax.vq import discriminator as disc_lib
@@ -39,7 +39,6 @@ from vlbpe_jax.vq import metrics as metrics_lib
 from vlbpe_jax.vq import model as model_lib
 from vlbpe_jax.vq import perceptual
 from vlbpe_jax.vq import quantizer
-from vlbpe_jax.vq import summary
 
 # Config keys a checkpoint must agree on before it is restored.
 MUST_MATCH = ("vq.variant", "vq.codebook_size", "vq.code_dim", "vq.l2_normalize",
@@ -329,47 +328,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   key_init, key_train = jax.random.split(jax.random.key(config.seed))
   key_train, lpips_params = jax.device_put((key_train, lpips_params),
                                            parallel.replicated(trainer.mesh))
-  ckpt = checkpoint.Checkpointer(os.path.join(vq_dir, "ckpt"), config=config,
-                                 must_match=MUST_MATCH)
-  t_start, seconds_before = time.time(), ckpt.meta().get("train_seconds", 0.0)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(trainer.abstract_state, data_iter=data_iter)
-    logging.info("Resumed from step %d in %s", ckpt.latest_step(), ckpt.directory)
-  else:
-    state = trainer.init(key_init)
-  first = int(jax.device_get(state["step"]))
-  writer = summary.MetricWriter(vq_dir, resume_step=first)
-  t_last, last_logged = time.time(), first
-  with jax.transfer_guard("disallow"):
-    for step in tqdm.trange(first, cfg.total_steps, initial=first, total=cfg.total_steps,
-                            desc="vq", disable=not cfg.get("progress", True)):
-      state, m = trainer.step(state, next(data_iter), key_train, lpips_params)
-      done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.total_steps:
-        m = jax.device_get(m)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"vq loss {m['loss']} is not finite at one of the steps "
-                                   f"{last_logged + 1}..{done}")
-        dt = (time.time() - t_last) / max(done - last_logged, 1)
-        t_last, last_logged = time.time(), done
-        writer.write_scalars(done, {**{f"train/{k}": v for k, v in m.items()},
-                                    "perf/step_time_s": dt,
-                                    "perf/images_per_s": cfg.batch_size / dt})
-      if done % cfg.eval_every == 0 or done == cfg.total_steps:
-        val, rec = evaluate(trainer, state["params"], val_images)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in val.items()})
-        logging.info("vq step %d: %s", done, val)
-        _save_grid(vq_dir, done, val_images[:cfg.grid_images], rec[:cfg.grid_images])
-      if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
-        ckpt.save(done, state, data_iter=data_iter,
-                  meta={"train_seconds": seconds_before + time.time() - t_start})
-  if first >= cfg.total_steps:  # nothing to train: evaluate the restored state
-    val, _ = evaluate(trainer, state["params"], val_images)
-  ckpt.wait()
+  ckpt_dir = os.path.join(vq_dir, "ckpt")
+  val = {}
+  with checkpoint.Checkpointer(ckpt_dir, config=config, must_match=MUST_MATCH) as ckpt:
+    state, first, seconds = loop.restore_or_init(
+        ckpt, trainer.abstract_state, lambda: trainer.init(key_init), data_iter)
+    with summary.MetricWriter(vq_dir, resume_step=first) as writer:
+
+      def evaluate_at(step, state):
+        metrics, rec = evaluate(trainer, state["params"], val_images)
+        val.update(metrics)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in val.items()})
+        logging.info("vq step %d: %s", step, val)
+        _save_grid(vq_dir, step, val_images[:cfg.grid_images], rec[:cfg.grid_images])
+
+      state = loop.fit(
+          state, lambda state, images: trainer.step(state, images, key_train, lpips_params),
+          data_iter, total_steps=cfg.total_steps, ckpt=ckpt, writer=writer,
+          log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, name="vq",
+          seconds_before=seconds, items_per_step={"perf/images_per_s": cfg.batch_size},
+          progress=cfg.get("progress", True), after_step=evaluate_at, after_every=cfg.eval_every)
+  if not val:  # nothing to train: evaluate the restored state
+    val.update(evaluate(trainer, state["params"], val_images)[0])
   # Summed over every process that trained this run (resumes included), up to the last save.
-  val["train_seconds"] = float(ckpt.meta().get("train_seconds", float("nan")))
-  ckpt.close()
-  writer.close()
+  val["train_seconds"] = loop.train_seconds(ckpt_dir)
   return val
 
 

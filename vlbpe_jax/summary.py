@@ -5,9 +5,8 @@ writes the two formats directly: `events.out.tfevents.*` are TFRecords of `Event
 (wall_time=1, step=2, file_version=3, summary=5 -> Value tag=1, simple_value=2), which
 TensorBoard reads, and `metrics.jsonl` holds `{"step": s, "name": value, ...}` per call.
 
-  w = MetricWriter(os.path.join(workdir, "vq"), resume_step=restored_step)
-  w.write_scalars(step, {"train/loss": 0.1})
-  w.close()
+  with MetricWriter(os.path.join(workdir, "vq"), resume_step=restored_step) as w:
+    w.write_scalars(step, {"train/loss": 0.1})
 
 A resumed run reads as one run: the writer keeps the lines of steps <= `resume_step` (those
 the restored checkpoint had seen) and drops the rest, and there is one event file per logdir,
@@ -139,3 +138,9 @@ class MetricWriter:
   def close(self):
     self._events.close()
     self._jsonl.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
