@@ -1,0 +1,1 @@
+"""V2L tokenizer: images as tokens of a frozen language model's own vocabulary."""
