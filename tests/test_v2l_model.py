@@ -1,4 +1,4 @@
-"""V2L tokenizer model: LM-id codes, projector-only codebook, straight-through, global cross-attn."""
+"""V2L tokenizer: LM-id codes, projector-only codebook, straight-through, global cross-attn."""
 
 import flax.linen as nn
 import jax

@@ -3,6 +3,7 @@
   model = V2LTokenizer(config_for("demo", embed_dim=clip_cfg.embed_dim))
   params = nn.unbox(model.init(key, x, local_emb, g, g_mask)["params"])
   x_rec, aux = model.apply({"params": params}, x, local_emb, g, g_mask)      # training path
+  v = {"params": params}
   z_q, idx, loss, aux = model.apply(v, x, local_emb, method="encode")      # idx: [B, h, w]
   x_rec = model.apply(v, idx, local_emb, g, g_mask, method="decode_ids")   # restoration
 
