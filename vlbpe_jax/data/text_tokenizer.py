@@ -128,6 +128,18 @@ class TextTokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def piece_type(self, i: int) -> str:
+    """The sentencepiece type of id `i`: "control", "unknown", "byte", "unused" or "normal"
+    (user-defined pieces count as normal: plain text can produce them)."""
+    i = int(i)
+    if not 0 <= i < self.vocab_size:
+      raise ValueError(f"id={i}: expected an id in [0, {self.vocab_size})")
+    for kind, test in (("control", self._sp.is_control), ("unknown", self._sp.is_unknown),
+                       ("byte", self._sp.is_byte), ("unused", self._sp.is_unused)):
+      if test(i):
+        return kind
+    return "normal"
+
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()

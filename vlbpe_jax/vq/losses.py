@@ -38,3 +38,17 @@ def adaptive_weight(grad_rec, grad_gan, max_weight: float = 1e4):
   norm = lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
   w = norm(grad_rec) / (norm(grad_gan) + 1e-4)
   return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
+
+
+def adaptive_gan_term(nll_of, gan_of, w_last, g_loss, step, *, disc_weight: float,
+                      disc_start: int):
+  """taming's generator GAN term: disc_weight * [step >= disc_start] * lambda * g_loss.
+
+  nll_of(w), gan_of(w): the reconstruction (+ perceptual) loss and the generator hinge loss as
+  functions of the decoder's last layer parameters w alone (its input features held), so that
+  lambda = `adaptive_weight(dnll/dw, dgan/dw)`; g_loss: the hinge loss through the whole model,
+  which carries the generator's gradient. Returns (term, lambda).
+  """
+  weight = adaptive_weight(jax.grad(nll_of)(w_last), jax.grad(gan_of)(w_last))
+  factor = disc_weight * (jnp.asarray(step) >= disc_start).astype(jnp.float32)
+  return factor * weight * g_loss, weight

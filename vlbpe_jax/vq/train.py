@@ -121,11 +121,11 @@ def generator_loss(params, disc_params, lpips_params, x, step, *, cfg):
     x_of = lambda w: autoencoder.depth_to_space(last.apply({"params": w}, h),
                                                 patch).astype(jnp.float32)
     gan_of = lambda w: losses.hinge_g_loss(disc.apply({"params": disc_params}, x_of(w)))
-    weight = losses.adaptive_weight(jax.grad(lambda w: nll_of(x_of(w)))(w_last),
-                                    jax.grad(gan_of)(w_last))
-    factor = cfg.disc_weight * (step >= cfg.disc_start).astype(jnp.float32)
     g_loss = losses.hinge_g_loss(disc.apply({"params": disc_params}, x_rec))
-    loss += factor * weight * g_loss
+    gan, weight = losses.adaptive_gan_term(lambda w: nll_of(x_of(w)), gan_of, w_last, g_loss,
+                                           step, disc_weight=cfg.disc_weight,
+                                           disc_start=cfg.disc_start)
+    loss += gan
     m.update(g_loss=g_loss, adaptive_weight=weight)
   return loss, (dict(m, loss=loss), x_rec, aux["z_e"], aux["counts"])
 

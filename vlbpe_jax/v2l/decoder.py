@@ -1,0 +1,106 @@
+"""V2L decoder: the taming VQGAN decoder with one cross-attention to the global tokens.
+
+vq/autoencoder.Decoder is one compact body with no place for a second input, so this module
+composes the same vq/layers.py blocks in the same order and names (conv_in, mid_block_1,
+mid_attn_1, [mid_cross_attn], mid_block_2, up_i_block_j, up_i_attn_j, up_i_upsample, norm_out,
+conv_out) and inserts `CrossAttention` after the mid self-attention, as the public code's
+`mid.cross_attn_1` (queries: the h x w feature map; keys/values: the global entries' CLIP
+embeddings [B, Kg, E]; 8 heads of width C there).
+
+Two departures from the public code, both so that "no global tokens" is a defined input (the
+report compares reconstructions with and without them):
+- the public block replaces the map by the attention output (no norm, no residual); here it is
+  a residual pre-norm block, x + out(attn(norm(x), g));
+- a mask [B, Kg] says which global rows exist; masked rows get no weight, and a row with no
+  global token at all adds nothing (the block is the identity for it).
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlbpe_jax.vq import autoencoder
+from vlbpe_jax.vq import layers
+
+_HEADS = ("act_batch", "act_len", "act_heads", "act_kv")
+
+
+class CrossAttention(nn.Module):
+  """x: [B, H, W, C] queries; context: [B, S, E]; mask: [B, S] bool -> [B, H, W, C]."""
+  heads: int = 8
+  head_dim: int | None = None  # None: C (the public code's dim_head=block_in)
+  groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _w(self, name, shape, axes, init=nn.initializers.lecun_normal()):
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      self.param_dtype).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x, context, mask):
+    chex.assert_rank([x, context, mask], [4, 3, 2])
+    chex.assert_equal_shape_prefix([x, context, mask], 1)
+    chex.assert_axis_dimension(mask, 1, context.shape[1])
+    b, hh, ww, c = x.shape
+    n, k, e = self.heads, self.head_dim or c, context.shape[-1]
+    h = layers.group_norm(self.groups, "norm", self.dtype)(x).reshape(b, hh * ww, c)
+    g = context.astype(self.dtype)
+    q = jnp.einsum("BTC,CNK->BTNK", h, self._w("q", (c, n, k), ("embed", "heads", "kv")))
+    key = jnp.einsum("BSE,ENK->BSNK", g, self._w("k", (e, n, k), ("embed", "heads", "kv")))
+    v = jnp.einsum("BSE,ENK->BSNK", g, self._w("v", (e, n, k), ("embed", "heads", "kv")))
+    q, key, v = (nn.with_logical_constraint(t, _HEADS) for t in (q, key, v))
+    logits = jnp.einsum("BTNK,BSNK->BNTS", q, key).astype(jnp.float32) * (k ** -0.5)
+    valid = mask[:, None, None, :]  # [B, 1, 1, S]
+    weights = jax.nn.softmax(jnp.where(valid, logits, -1e30), axis=-1)
+    weights = jnp.where(valid, weights, 0.0).astype(v.dtype)  # all masked: zero weights
+    y = jnp.einsum("BNTS,BSNK->BTNK", weights, v)  # [B, T, N, K]
+    out = jnp.einsum("BTNK,NKC->BTC", y, self._w("o", (n, k, c), ("heads", "kv", "embed")))
+    out = out + self._w("o_bias", (c,), ("embed",), nn.initializers.zeros_init())
+    out = jnp.where(jnp.any(mask, axis=1)[:, None, None], out, 0.0)  # no global token: no-op
+    return nn.with_logical_constraint(x + out.reshape(b, hh, ww, c), layers.ACT)
+
+
+class V2LDecoder(nn.Module):
+  """z: [B, h, w, z_channels], global_emb: [B, Kg, E], global_mask: [B, Kg] bool ->
+  [B, h*f, w*f, 3] float32. Features entering conv_out are sown as `intermediates/features`
+  (the GAN's adaptive weight differentiates with respect to conv_out alone, as vq/train.py)."""
+  ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  groups: int = 32
+  attn_levels: tuple[int, ...] = ()
+  patch: int = 1
+  cross_heads: int = 8
+  cross_head_dim: int | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  out_channels: int = 3
+
+  @nn.compact
+  def __call__(self, z, global_emb, global_mask):
+    kw = dict(groups=self.groups, dtype=self.dtype)
+    h = layers.conv(self.ch * self.ch_mult[-1], 3, "conv_in", dtype=self.dtype)(
+        z.astype(self.dtype))
+    h = layers.ResBlock(h.shape[-1], name="mid_block_1", **kw)(h)
+    h = layers.AttnBlock(name="mid_attn_1", **kw)(h)
+    h = CrossAttention(self.cross_heads, self.cross_head_dim, param_dtype=self.param_dtype,
+                       name="mid_cross_attn", **kw)(h, global_emb, global_mask)
+    h = layers.ResBlock(h.shape[-1], name="mid_block_2", **kw)(h)
+    for i in reversed(range(len(self.ch_mult))):
+      for j in range(self.num_res_blocks + 1):
+        h = layers.ResBlock(self.ch * self.ch_mult[i], name=f"up_{i}_block_{j}", **kw)(h)
+        if i in self.attn_levels:
+          h = layers.AttnBlock(name=f"up_{i}_attn_{j}", **kw)(h)
+      if i != 0:
+        h = layers.Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+    h = nn.silu(layers.group_norm(self.groups, "norm_out", self.dtype)(h))
+    self.sow("intermediates", "features", h)
+    out = conv_out(self.out_channels * self.patch ** 2, self.dtype)(h)
+    return autoencoder.depth_to_space(out, self.patch).astype(jnp.float32)
+
+
+def conv_out(features: int, dtype=jnp.float32):
+  """The decoder's last conv (replicated output channels); losses re-apply it alone."""
+  return layers.conv(features, 3, "conv_out", out_axis=None, dtype=dtype)
