@@ -17,7 +17,7 @@ def get_config(arg=None):
   tiny = arg.tiny
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
-  c.stages = "data,vq,bpe,lm"  # pipeline stages to run, in this order (vlbpe_jax/train.py)
+  c.stages = "data,vq,bpe,lm,clip,dit"  # pipeline stages to run, in order (vlbpe_jax/train.py)
   # A rerun skips stages whose inputs are unchanged and recomputes the others; a training
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
@@ -132,5 +132,54 @@ def get_config(arg=None):
       # "staged_no_curriculum", "curriculum_no_staging" (the seed's "either alone").
       runs=("full", "no_bpe", "single_stage"),
       report_examples=2 if tiny else 3,  # test images with dialogues in the report
+  )
+
+  # BLIP3-o's generation target: a small CLIP on the shapes data (vlbpe_jax/clip/).
+  c.clip = dict(
+      variant="tiny" if tiny else "mu",  # clip/model.py:VARIANTS
+      model=dict(patch_size=8),  # CLIPConfig overrides; 64 px / 8 = an 8x8 patch grid
+      grid=8,  # target tokens per side after average pooling (BLIP3-o: 8x8 = 64 tokens)
+      batch_size=16 if tiny else 64,
+      total_steps=2 if tiny else 400,
+      lr=1e-3,
+      warmup_steps=1 if tiny else 20,
+      final_lr_frac=0.1,
+      grad_clip=1.0,
+      weight_decay=0.0,
+      log_every=1 if tiny else 20,
+      ckpt_every=400,
+      progress=not tiny,
+  )
+  # BLIP3-o's generator (vlbpe_jax/dit/): queries through the frozen LM condition a DiT.
+  c.dit = dict(
+      designs=("fm", "mse", "vq_latent"),  # the seed's study (dit/train.py:DESIGNS)
+      variant="tiny",  # dit/model.py:VARIANTS ("blip3o": 1792 wide, 24 layers, 28 heads)
+      model=dict(),  # DiTConfig overrides
+      num_queries=64,  # learnable queries appended to the prompt (BLIP3-o: 64)
+      query_init_std=0.02,
+      prompt_template="Please generate image based on the following caption: {caption}",
+      prompt_len=112,  # prompt tokens, left-padded (the template alone is 46); longer: refused
+      batch_size=8 if tiny else 32,
+      total_steps=2 if tiny else 600,  # per design
+      lr=1e-3 if tiny else 5e-4,  # BLIP3-o: 1e-4 cosine to 1e-5 at batch 512
+      warmup_steps=1 if tiny else 10,
+      final_lr_frac=0.1,
+      grad_clip=1.0,  # BLIP3-o: a loss spike without it
+      weight_decay=0.0,
+      cfg_dropout=0.1,  # conditions zeroed per sample for classifier-free guidance
+      time_sampling="uniform",  # sigma ~ U over 1000 steps ("logit_normal" also)
+      shift=1.0,  # timestep shift s*t/(1+(s-1)t); 1 = none
+      sample_steps=4 if tiny else 30,  # Euler steps (BLIP3-o: 30)
+      guidance=3.0,  # classifier-free guidance scale (BLIP3-o: 3.0)
+      num_samples=2 if tiny else 4,  # samples per prompt
+      num_eval=4 if tiny else 64,  # test captions scored by the checker
+      report_prompts=2 if tiny else 6,
+      log_every=1 if tiny else 50,
+      ckpt_every=1000,
+      progress=not tiny,
+      decoder=dict(  # CLIP features -> pixels (vq/autoencoder.Decoder), L2
+          ch=16 if tiny else 32, ch_mult=(1, 2), num_res_blocks=1, groups=8,
+          batch_size=8 if tiny else 32, total_steps=2 if tiny else 600, lr=2e-3,
+          warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
   )
   return c

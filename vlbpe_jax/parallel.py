@@ -119,3 +119,48 @@ def shard_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def _key_names(path):
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_shardings(abstract_opt, abstract_params, param_shardings, mesh: Mesh):
+  """Shardings of an optimizer state: a leaf whose path ends with a parameter's path and has
+  its shape (Adam moments) gets that parameter's sharding; the rest is replicated."""
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+  by_path = {_key_names(p): (x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(param_shardings, is_leaf=is_sharding))}
+
+  def pick(path, x):
+    names = _key_names(path)
+    for i in range(len(names)):
+      hit = by_path.get(names[i:])
+      if hit is not None and hit[0] == x.shape:
+        return hit[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def map_batches(fn, x: np.ndarray, batch_size: int, multiple: int):
+  """Applies `fn` to batches of host array `x` and concatenates its (pytree of) outputs.
+
+  Batches are `batch_size` rounded up to a multiple of `multiple` (the batch shards); the last
+  one is zero-padded and the padding rows are dropped from the outputs. `x` must be non-empty.
+  """
+  bs = -(-batch_size // multiple) * multiple
+  outs = []
+  for i in range(0, len(x), bs):
+    chunk = x[i:i + bs]
+    pad = bs - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(jax.tree.map(lambda o, n=bs - pad: np.asarray(o)[:n], fn(chunk)))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+
+
+def batch_shards(mesh: Mesh, batch_axes=("data", "fsdp")) -> int:
+  """How many ways a batch is split (the product of the batch mesh axes)."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))

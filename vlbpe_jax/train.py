@@ -1,4 +1,5 @@
-"""The pipeline: data -> VQ -> visual BPE -> unified LM, each stage reading the previous one's files.
+"""The pipeline: data -> VQ -> visual BPE -> unified LM -> CLIP + DiT, each stage reading its
+inputs' files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
 stage.py`) and adds its section to the one report (`workdir/report/index.html`,
@@ -24,7 +25,9 @@ from absl import logging
 from vlbpe_jax import fileio
 from vlbpe_jax import manifest
 from vlbpe_jax.bpe import stage as bpe_stage
+from vlbpe_jax.clip import stage as clip_stage
 from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.dit import stage as dit_stage
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.vq import stage as vq_stage
@@ -53,6 +56,10 @@ STAGES = {
                  outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",)),
     "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "vq", "bpe"),
                 outputs=("lm/*/result.json",), owns=("lm",), trains=True),
+    "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
+                  outputs=("clip/ckpt",), owns=("clip",), trains=True),
+    "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
+                 outputs=("dit/*/result.json",), owns=("dit",), trains=True),
 }
 
 

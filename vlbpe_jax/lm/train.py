@@ -214,29 +214,6 @@ def train_step(state, batch, key, *, model, tx):
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
-def _key_names(path):
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def opt_shardings(abstract_opt, abstract_params, param_shardings, mesh):
-  """Shardings of an optimizer state: a leaf whose path ends with a parameter's path and has
-  its shape (Adam moments) gets that parameter's sharding; the rest is replicated."""
-  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
-  by_path = {_key_names(p): (x.shape, s) for (p, x), s in zip(
-      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-      jax.tree.leaves(param_shardings, is_leaf=is_sharding))}
-
-  def pick(path, x):
-    names = _key_names(path)
-    for i in range(len(names)):
-      hit = by_path.get(names[i:])
-      if hit is not None and hit[0] == x.shape:
-        return hit[1]
-    return parallel.replicated(mesh)
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
-
-
 class Trainer:
   """Sharded state layout, init, jitted step and optimizer migration of one model on one mesh.
 
@@ -272,7 +249,7 @@ class Trainer:
       abstract_opt = jax.eval_shape(self.tx(phase).init, self.abstract_params)
       self._shardings[phase.optimizer] = {
           "step": self.repl, "params": self.param_shardings,
-          "opt": opt_shardings(abstract_opt, self.abstract_params, self.param_shardings,
+          "opt": parallel.opt_shardings(abstract_opt, self.abstract_params, self.param_shardings,
                                self.mesh)}
     return self._shardings[phase.optimizer]
 

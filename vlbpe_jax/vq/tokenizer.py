@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from vlbpe_jax import checkpoint
+from vlbpe_jax import parallel
 from vlbpe_jax.vq import train
 
 
@@ -100,4 +101,4 @@ class Tokenizer:
     if not len(x):
       return np.zeros((0,) + tuple(item_shape), dtype)
     run = lambda chunk: fn(self.params, chunk)
-    return train.map_batches(run, x, self.batch_size, self.trainer.batch_shards).astype(dtype)
+    return parallel.map_batches(run, x, self.batch_size, self.trainer.batch_shards).astype(dtype)

@@ -261,24 +261,7 @@ class Trainer:
     def run(chunk):
       with self._ctx():
         return jax.device_get(self._eval(params, parallel.shard_batch(chunk, self.mesh)))
-    return map_batches(run, images, batch_size or self.cfg.batch_size, self.batch_shards)
-
-
-def map_batches(fn, x: np.ndarray, batch_size: int, multiple: int):
-  """Applies `fn` to batches of host array `x` and concatenates its (pytree of) outputs.
-
-  Batches are `batch_size` rounded up to a multiple of `multiple` (the batch shards); the last
-  one is zero-padded and the padding rows are dropped from the outputs. `x` must be non-empty.
-  """
-  bs = -(-batch_size // multiple) * multiple
-  outs = []
-  for i in range(0, len(x), bs):
-    chunk = x[i:i + bs]
-    pad = bs - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    outs.append(jax.tree.map(lambda o, n=bs - pad: np.asarray(o)[:n], fn(chunk)))
-  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+    return parallel.map_batches(run, images, batch_size or self.cfg.batch_size, self.batch_shards)
 
 
 def evaluate(trainer, params, images) -> tuple[dict, np.ndarray]:

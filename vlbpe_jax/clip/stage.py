@@ -1,0 +1,32 @@
+"""Pipeline stage `clip`: the contrastive image-text model on the shapes data, with a report.
+
+Trains `clip/train.py` (resuming), then reports zero-shot shape and colour accuracy on the test
+split's single-object scenes (chance: 1 / number of shapes or colours). Its image tower's pooled
+patch features are the `dit` stage's generation target. Reads `config.clip.*`, `config.seed`,
+`config.mesh`, `config.data.*`.
+"""
+
+import math
+
+from vlbpe_jax.clip import train
+from vlbpe_jax.data import shapes
+from vlbpe_jax.eval import report
+
+
+def run_stage(config, workdir: str) -> dict:
+  res = train.train_and_evaluate(config, workdir)
+  m = {f"clip.zero_shot_{k}": v for k, v in res.items()
+       if k in ("shape_acc", "color_acc", "n")}
+  m["clip.train_steps"] = int(config.clip.total_steps)
+  if math.isfinite(res.get("train_seconds", math.nan)):
+    m["clip.train_seconds"] = res["train_seconds"]
+  chance = {"shape": 1 / len(shapes.SHAPES), "color": 1 / len(shapes.COLORS)}
+  rows = [(k, f"{res[f'{k}_acc']:.1%}", f"{chance[k]:.1%}") for k in ("shape", "color")]
+  html = (f"<p>CLIP ({config.clip.variant}), trained {int(config.clip.total_steps)} steps with "
+          "InfoNCE on (image, caption) pairs. Zero-shot classification of the "
+          f"{res['n']} single-object test scenes, by cosine between the image embedding and "
+          "one text embedding per class:</p>"
+          + report.table(("attribute", "zero-shot accuracy", "chance"), rows))
+  report.add_section(workdir, key="clip", title="CLIP (generation target)", order=50,
+                     html=html, metrics=m)
+  return m

@@ -1,0 +1,204 @@
+"""Trains the small CLIP on the shapes data: InfoNCE over (image, one of its captions) pairs.
+
+  python -m vlbpe_jax.clip.train --config=configs/tiny.py --workdir=$W
+
+Needs the `data` stage's files in `$W` (tfds shapes, text tokenizer). Writes `$W/clip/ckpt`
+(orbax: state + grain iterator + config) and `$W/clip/metrics.jsonl` (+ tfevents); resumes
+from the latest checkpoint. Its image tower's patch features, average-pooled to a
+`clip.grid` x `clip.grid` token grid, are what the DiT learns to generate (BLIP3-o's EVA-CLIP
+target, `features.pool_grid`). Reads `config.clip.*`, `config.seed`, `config.mesh`.
+"""
+
+import functools
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from vlbpe_jax import checkpoint
+from vlbpe_jax import cli
+from vlbpe_jax import loop
+from vlbpe_jax import parallel
+from vlbpe_jax import sharded_trainer
+from vlbpe_jax import summary
+from vlbpe_jax.clip import features
+from vlbpe_jax.clip import loss as loss_lib
+from vlbpe_jax.clip import model as model_lib
+from vlbpe_jax.clip import text as text_lib
+from vlbpe_jax.clip import zero_shot
+from vlbpe_jax.data import pipeline
+from vlbpe_jax.data import stage as data_stage
+
+# Config keys a checkpoint must agree on before it is restored.
+MUST_MATCH = ("seed", "data", "clip.variant", "clip.model", "clip.batch_size",
+              "clip.total_steps", "clip.lr")
+
+
+def check_config(config):
+  c = config.clip
+  for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "grid"):
+    if int(c[name]) < 1:
+      raise ValueError(f"clip.{name}={c[name]!r}: expected a positive int")
+  if not float(c.lr) > 0:
+    raise ValueError(f"clip.lr={c.lr!r}: expected > 0")
+
+
+def make_model(config, tok) -> model_lib.CLIP:
+  c = config.clip
+  return model_lib.CLIP(model_lib.config_for(
+      c.variant, image_size=config.data.resolution, vocab_size=tok.vocab_size,
+      **dict(c.model)))
+
+
+def encode_fn(tok):
+  """The text tower's encoder: sentencepiece pieces + EOS (never the pad id 0)."""
+  return lambda s: tok.encode(s, add_eos=True)
+
+
+def to_float(images):
+  """uint8 [..., 3] -> float32 in [-1, 1]."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+class _Pairs:
+  """`(index, rng) -> {"images", "ids"}`: the image and one of its captions, drawn per epoch."""
+
+  def __init__(self, images, ids):
+    self.images, self.ids = images, ids  # [N, R, R, 3] uint8, [N, K, T] int32
+
+  def __call__(self, index, rng):
+    i = int(index)
+    return {"images": to_float(self.images[i]),
+            "ids": self.ids[i, int(rng.integers(self.ids.shape[1]))]}
+
+
+def caption_ids(tok, captions, context_len):
+  """Lists of captions (the same count for every example) -> int32 [N, K, T]."""
+  k = len(captions[0])
+  if any(len(c) != k for c in captions):
+    raise ValueError(f"examples hold different numbers of captions; expected {k} each")
+  flat = text_lib.tokenize([t for c in captions for t in c], encode_fn(tok), context_len)
+  return flat.reshape(len(captions), k, context_len)
+
+
+def loss_fn(params, batch, key, frozen, *, model):
+  del key, frozen
+  img, txt, scale = model.apply({"params": params}, batch["images"], batch["ids"])
+  return loss_lib.clip_loss(img, txt, scale)
+
+
+def make_trainer(config, model, mesh) -> sharded_trainer.Trainer:
+  c = config.clip
+  r = config.data.resolution
+  init = lambda key: model.init(key, jnp.zeros((1, r, r, 3)),  # noqa: E731
+                                jnp.ones((1, model.config.context_len), jnp.int32))["params"]
+  tx = sharded_trainer.adamw_cosine(
+      lr=float(c.lr), total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
+      final_lr=float(c.lr) * float(c.final_lr_frac), grad_clip=float(c.grad_clip),
+      weight_decay=float(c.weight_decay))
+  return sharded_trainer.Trainer(init, functools.partial(loss_fn, model=model), tx, mesh)
+
+
+def run_dir(workdir):
+  return os.path.join(workdir, "clip")
+
+
+def train(config, workdir: str, *, stop_at_step=None):
+  """Trains (or resumes) to `clip.total_steps`; returns `(model, trainer, state)`."""
+  check_config(config)
+  c = config.clip
+  tok = data_stage.load_tokenizer(workdir)
+  model = make_model(config, tok)
+  mesh = parallel.mesh_from_config(config.mesh)
+  trainer = make_trainer(config, model, mesh)
+  data = data_stage.load_scenes(config, workdir, "train")
+  ids = caption_ids(tok, data["captions"], model.config.context_len)
+  per_process = int(c.batch_size) // jax.process_count()
+  it = iter(pipeline.dataset(np.arange(len(ids)), _Pairs(data["images"], ids),
+                             batch_size=per_process, seed=config.seed))
+  key_init, key_train = jax.random.split(jax.random.key(config.seed))
+  key_train = jax.device_put(key_train, trainer.repl)
+  with checkpoint.Checkpointer(os.path.join(run_dir(workdir), "ckpt"), max_to_keep=2,
+                               config=config, must_match=MUST_MATCH) as ckpt:
+    state, start, seconds = loop.restore_or_init(ckpt, trainer.abstract_state,
+                                                 lambda: trainer.init(key_init), it)
+    with summary.MetricWriter(run_dir(workdir), resume_step=start) as writer:
+      state = loop.fit(state, lambda s, b: trainer.step(s, b, key_train), it,
+                       total_steps=int(c.total_steps), ckpt=ckpt, writer=writer,
+                       log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name="clip",
+                       seconds_before=seconds, progress=bool(c.progress),
+                       items_per_step={"perf/pairs_per_s": int(c.batch_size)},
+                       stop_at_step=stop_at_step)
+  return model, trainer, state
+
+
+def restore(config, workdir: str):
+  """The trained CLIP: `(model, params)` from `$W/clip/ckpt` (ValueError when absent)."""
+  tok = data_stage.load_tokenizer(workdir)
+  model = make_model(config, tok)
+  trainer = make_trainer(config, model, parallel.mesh_from_config(config.mesh))
+  path = os.path.join(run_dir(workdir), "ckpt")
+  with checkpoint.Checkpointer(path, config=config, must_match=MUST_MATCH) as ckpt:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no CLIP checkpoint in {path}: run the 'clip' stage first")
+    state = ckpt.restore(trainer.abstract_state)
+  return model, state["params"], trainer
+
+
+def _apply(model, params, images, mesh, method, batch_size=64):
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+
+  def run(chunk):
+    with jax.set_mesh(mesh):
+      return jax.device_get(fn(params, parallel.shard_batch(to_float(chunk), mesh)))
+  return parallel.map_batches(run, np.asarray(images), batch_size, parallel.batch_shards(mesh))
+
+
+def image_embeddings(model, params, images, mesh):
+  """uint8 [N, R, R, 3] -> float32 [N, E] (not normalised)."""
+  return _apply(model, params, images, mesh, model_lib.CLIP.encode_image)
+
+
+def grid_features(model, params, images, mesh, grid: int):
+  """uint8 [N, R, R, 3] -> float32 [N, grid, grid, D]: patch features pooled to the grid."""
+  feats = _apply(model, params, images, mesh, model_lib.CLIP.patch_features)
+  return np.asarray(features.pool_grid(jnp.asarray(feats), grid))
+
+
+def evaluate(config, workdir, model, params) -> dict:
+  """Zero-shot shape and colour accuracy on the test split's single-object scenes."""
+  tok = data_stage.load_tokenizer(workdir)
+  test = data_stage.load_scenes(config, workdir, "test")
+  one = [i for i, o in enumerate(test["objects"]) if len(o) == 1]
+  if not one:
+    raise ValueError("the test split holds no single-object scene for zero-shot accuracy")
+  acc = zero_shot.zero_shot_accuracy(model, params, test["images"][one],
+                                     [test["objects"][i] for i in one], encode_fn(tok))
+  return {"shape_acc": acc["shape"], "color_acc": acc["color"], "n": len(one)}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  model, trainer, state = train(config, workdir)
+  out = evaluate(config, workdir, model, state["params"])
+  out["train_seconds"] = loop.train_seconds(os.path.join(run_dir(workdir), "ckpt"))
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  print(json.dumps(train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pipeline directory (CLIP writes under workdir/clip).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.run(main)

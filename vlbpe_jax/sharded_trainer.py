@@ -1,0 +1,96 @@
+"""One model's sharded train state and jitted step: one loss, one optimizer (CLIP, DiT, decoder).
+
+  trainer = Trainer(init_params, loss_fn, tx, mesh)      # init_params(key) -> boxed params
+  state = trainer.init(key)                              # {"step", "params", "opt"}, sharded
+  state, metrics = trainer.step(state, batch, key, frozen)  # batch: host numpy pytree
+
+`loss_fn(params, batch, key, frozen) -> (loss, metrics)` is pure; `frozen` is any pytree the
+loss reads but never trains (e.g. a frozen backbone's params, already on the mesh): it is an
+argument of the step, not part of the state, so nothing can update it. The state is born
+sharded (`eval_shape` -> logical names -> `NamedSharding`s -> `jit(out_shardings=...)`); the
+step donates it, folds the step into the key and logs `l2_grads/l2_params/l2_updates`. The loop
+around it (checkpoints, resume, logging, NaN stop) is `vlbpe_jax/loop.py`.
+"""
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlbpe_jax import checkpoint
+from vlbpe_jax import parallel
+
+
+def adamw_cosine(*, lr: float, total_steps: int, warmup_steps: int, final_lr: float,
+                 grad_clip: float = 1.0, weight_decay: float = 0.0, b1: float = 0.9,
+                 b2: float = 0.999):
+  """Global-norm clipping, then AdamW with linear warm-up and cosine decay to `final_lr`
+  (BLIP3-o: 1e-4 -> 1e-5, 0.3% warm-up, no weight decay, clipping at 1.0)."""
+  for name, v in (("total_steps", total_steps), ("lr", lr)):
+    if not v > 0:
+      raise ValueError(f"{name}={v!r}: expected > 0")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps}: expected 0 <= warmup < total_steps="
+                     f"{total_steps}")
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps, final_lr)
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def l2(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(state, batch, key, frozen, *, loss_fn, tx):
+  """One update of `state = {"step", "params", "opt"}`; returns `(state, metrics)`."""
+  key = jax.random.fold_in(key, state["step"])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state["params"], batch, key, frozen)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics.update(l2_grads=l2(grads), l2_params=l2(params), l2_updates=l2(updates))
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+
+class Trainer:
+  """Sharded state layout, init and jitted step of one model on one mesh."""
+
+  def __init__(self, init_params, loss_fn, tx, mesh, rules=parallel.LOGICAL_AXIS_RULES):
+    self.mesh, self.rules, self.tx = mesh, rules, tx
+    self._init_params = init_params
+    with self.ctx():
+      boxed = jax.eval_shape(init_params, jax.random.key(0))
+      param_sh = parallel.logical_shardings(boxed, mesh, rules)
+    self.abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+    self.repl = parallel.replicated(mesh)
+    self.state_shardings = {
+        "step": self.repl, "params": param_sh,
+        "opt": parallel.opt_shardings(abstract_opt, self.abstract_params, param_sh, mesh)}
+    self.abstract_state = checkpoint.abstract_like(
+        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
+         "opt": abstract_opt}, self.state_shardings)
+    self._init = jax.jit(self._fresh, out_shardings=self.state_shardings)
+    self._step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx),
+                         out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,))
+
+  @contextlib.contextmanager
+  def ctx(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def _fresh(self, key):
+    params = nn.unbox(self._init_params(key))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": self.tx.init(params)}
+
+  def init(self, key):
+    with self.ctx():
+      return self._init(key)
+
+  def step(self, state, batch, key, frozen=None):
+    """batch: host-local numpy pytree `[B_local, ...]`; key and frozen already on the mesh."""
+    with self.ctx():
+      return self._step(state, parallel.shard_batch(batch, self.mesh), key, frozen)
