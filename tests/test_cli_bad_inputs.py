@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/tiny.py:tiny"
 MAIN, VQ, LM, SHAPES = ("vlbpe_jax.main", "vlbpe_jax.vq.train", "vlbpe_jax.lm.train",
                         "vlbpe_jax.data.shapes")
+CLIP, DIT, SAMPLE = "vlbpe_jax.clip.train", "vlbpe_jax.dit.train", "vlbpe_jax.dit.sample"
+PROMPTS = "--prompts={tmp}/prompts.txt"  # two captions (written below)
 FILE = "{tmp}/a_file"  # a workdir/outdir that is a file
 WORK = "--workdir={tmp}/w"
 
@@ -33,6 +35,15 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
     (LM, [TINY, WORK, "--config.vq.totl_steps=3"], ["--config.vq.totl_steps", "'total_steps'"]),
     (LM, [TINY, f"--workdir={FILE}"], ["--workdir=", "a directory"]),
     (LM, [TINY, WORK], ["run the 'data' stage first"]),  # an empty workdir: no inputs
+    (CLIP, [TINY, WORK], ["run the 'data' stage first"]),
+    (CLIP, [TINY, WORK, "--config.clip.total_steps=0"], ["clip.total_steps=0", "positive"]),
+    (DIT, [TINY, WORK, "--design=gan"], ["--design", "gan"]),
+    (DIT, [TINY, WORK, "--config.dit.total_steps=0"], ["dit.total_steps=0", "positive"]),
+    (SAMPLE, [WORK, PROMPTS, "--outdir={tmp}/o"], ["no checkpoint of design 'fm'"]),
+    (SAMPLE, [WORK, "--prompts={tmp}/none.txt", "--outdir={tmp}/o"], ["none.txt", "no such file"]),
+    (SAMPLE, [WORK, "--prompts={tmp}/blank.txt", "--outdir={tmp}/o"], ["line(s) [2]", "empty"]),
+    (SAMPLE, [WORK, "--prompts={tmp}/a_file", "--outdir={tmp}/o", "--num_samples=0"],
+     ["num_samples=0", ">= 1"]),
     (SHAPES, ["--outdir={tmp}/s", "--nmu=2"], ["'nmu'", "num"]),
     (SHAPES, ["--num=2"], ["--outdir"]),
     (SHAPES, ["--outdir={tmp}/s", "--num=abc"], ["--num", "abc"]),
@@ -51,6 +62,8 @@ def _id(case):
 @pytest.mark.parametrize("module, args, fragments", CASES, ids=[_id(c) for c in CASES])
 def test_bad_input_is_one_line(tmp_path, module, args, fragments):
   (tmp_path / "a_file").write_text("not a folder")
+  (tmp_path / "prompts.txt").write_text("a red circle at the center.\na blue star.\n")
+  (tmp_path / "blank.txt").write_text("a red circle at the center.\n\na blue star.\n")
   env = {k: v for k, v in os.environ.items() if k != "VLBPE_TRACEBACK"}
   env["JAX_PLATFORMS"] = "cpu"
   res = subprocess.run([sys.executable, "-m", module, *(a.format(tmp=tmp_path) for a in args)],

@@ -51,6 +51,28 @@ def test_query_states_ignore_padding(impl):
   assert np.abs(queries_lib.query_states(lm, params, q, *other) - a).max() > 1e-3
 
 
+def _one_pass(lm, params, q, ids, mask):
+  """Reference: the backbone over [prompt; queries] in one pass, padding as its own segment."""
+  b, n = ids.shape[0], q.shape[0]
+  seg = jnp.concatenate([mask, jnp.ones((b, n), bool)], axis=1).astype(jnp.int32)
+  pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  h = lm.apply({"params": params}, ids, positions=pos, segment_ids=seg,
+               extra_embeds=jnp.broadcast_to(q[None], (b,) + q.shape), return_hidden=True)
+  return h[:, -n:]
+
+
+def test_cached_prompt_equals_one_pass_values_and_gradients():
+  lm, params = _lm()
+  q = jax.random.normal(jax.random.key(1), (3, 32))
+  ids, mask = queries_lib.encode_prompts(_encode, ["red circle", "a blue star"],
+                                         template="{caption}", max_len=14)
+  np.testing.assert_allclose(queries_lib.query_states(lm, params, q, ids, mask),
+                             _one_pass(lm, params, q, ids, mask), atol=1e-5)
+  loss = lambda f: lambda q: jnp.sum(jnp.sin(f(lm, params, q, ids, mask)))  # noqa: E731
+  np.testing.assert_allclose(jax.grad(loss(queries_lib.query_states))(q),
+                             jax.grad(loss(_one_pass))(q), atol=1e-4)
+
+
 def test_training_moves_queries_not_backbone():
   lm, params = _lm()
   before = jax.tree.map(np.array, params)

@@ -59,14 +59,20 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
     metrics = json.load(f)
   for key in ("data.num_train", "tokenizer.vocab_size", "vq.psnr_db", "vq.codebook_usage",
               "bpe.compression", "lm.vqa_acc.full", "lm.vqa_acc.no_bpe",
-              "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full"):
+              "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full",
+              "clip.zero_shot_shape_acc", "dit.geneval.fm", "dit.geneval.mse",
+              "dit.geneval.vq_latent", "dit.geneval_single.fm", "dit.diversity.fm",
+              "dit.fid_clip.fm", "dit.geneval_upper_bound"):
     assert key in metrics, key
+  # The MSE design is deterministic given the prompt; flow matching samples differ.
+  assert metrics["dit.diversity.mse"] == 0.0 < metrics["dit.diversity.fm"]
   assert math.isfinite(metrics["lm.embed_separation.full"])
   assert 1.0 <= metrics["vq.flat_codes_per_colour"] and 0.0 < metrics["vq.flat_top_share_min"]
   page = open(index).read()
   assert "Data: shapes scenes" in page and "<img" in page
   assert "lm/embeddings_full.png" in page
   assert os.path.exists(tmp_path / "report" / "lm" / "embeddings_full.png")
+  assert "dit/samples_fm.png" in page and "decoder(CLIP(real image))" in page
   # A second run finds every stage's work done and gives the same metrics.
   train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "report" / "metrics.json") as f:

@@ -30,6 +30,7 @@ CASES = [
 def _config(**overrides):
   c = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
   c.lm.runs = ("full",)  # one run is enough to see stale tokens or models
+  c.stages = "data,vq,bpe,lm"  # clip and dit: tests/test_main.py and tests/test_dit_*.py
   for dotted, value in overrides.items():
     *path, leaf = dotted.split(".")
     node = c

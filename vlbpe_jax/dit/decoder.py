@@ -26,6 +26,7 @@ from vlbpe_jax import parallel
 from vlbpe_jax import sharded_trainer
 from vlbpe_jax import summary
 from vlbpe_jax.data import pipeline
+from vlbpe_jax.dit import targets
 from vlbpe_jax.vq import autoencoder
 
 MUST_MATCH = ("seed", "data", "clip", "dit.decoder")
@@ -97,15 +98,13 @@ def restore(config, workdir, mesh=None):
 
 
 def standardise(s: Setup, feats):
-  return ((np.asarray(feats) - s.stats["mean"]) / s.stats["std"]).astype(np.float32)
+  return targets.standardise(feats, s.stats)
 
 
 def train_decoder(config, workdir, feats, images, *, mesh=None, stop_at_step=None):
   """Trains (or resumes) the decoder on raw features [N, g, g, D] and uint8 images."""
   c = config.dit.decoder
-  feats = np.asarray(feats)
-  s = setup(config, workdir, {"mean": float(np.mean(feats)), "std": float(np.std(feats)),
-                              "shape": list(feats.shape[1:])}, mesh)
+  s = setup(config, workdir, targets.stats_of(feats), mesh)
   per_process = int(c.batch_size) // jax.process_count()
   it = iter(pipeline.dataset(np.arange(len(feats)), _Pairs(standardise(s, feats), images),
                              batch_size=per_process, seed=config.seed))

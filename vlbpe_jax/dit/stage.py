@@ -29,6 +29,7 @@ from vlbpe_jax import parallel
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.dit import decoder as decoder_lib
+from vlbpe_jax.dit import targets
 from vlbpe_jax.dit import train
 from vlbpe_jax.eval import generation
 from vlbpe_jax.eval import report
@@ -91,7 +92,7 @@ def _design(ctx, design, dec, dec_params):
   else:
     x0 = ctx.train_feats
   s = train.setup(config, ctx.workdir, design, shape=x0.shape[1:],
-                  stats=train.target_stats(x0), backbone=ctx.backbone, mesh=ctx.mesh)
+                  stats=targets.stats_of(x0), backbone=ctx.backbone, mesh=ctx.mesh)
   state = train.train(config, s, ctx.train["captions"], x0)
   key = jax.random.fold_in(jax.random.key(config.seed), 1000 + train.DESIGNS.index(design))
   gen = train.generate(config, s, state["params"], ctx.prompts, key,

@@ -12,7 +12,7 @@ Designs (the seed's study, same budget):
              the VQ's own decoder (the seed's VAE + FM)
 Trainable: the learnable queries (`dit.num_queries` x LM width) and the DiT (or W); the LM's
 params are only an argument of the step (`sharded_trainer`), so they stay bit-identical. The
-targets are standardised by their training-set mean and std (scalars, `target_stats`); BLIP3-o
+targets are standardised per channel by their training-set statistics (`targets.py`); BLIP3-o
 feeds raw EVA-CLIP features. Each design lives in `$W/dit/<design>/` (orbax `ckpt/`,
 `metrics.jsonl`) and resumes. Reads `config.dit.*`, `config.clip.*` (targets),
 `config.lm.*` (backbone), `config.seed`, `config.mesh`.
@@ -45,6 +45,7 @@ from vlbpe_jax.dit import flow
 from vlbpe_jax.dit import model as dit_model
 from vlbpe_jax.dit import queries as queries_lib
 from vlbpe_jax.dit import sampler
+from vlbpe_jax.dit import targets
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train as lm_train
 
@@ -187,11 +188,6 @@ def encode_captions(backbone, captions, config):
   return ids.reshape(len(captions), k, -1), mask.reshape(len(captions), k, -1)
 
 
-def target_stats(x) -> dict:
-  """Scalar mean and std of raw targets [N, H, W, C] (and their item shape)."""
-  return {"mean": float(np.mean(x)), "std": float(np.std(x)), "shape": list(x.shape[1:])}
-
-
 def vq_latents(vq, codes):
   """int codes [N, h, w] -> the VQ's code vectors [N, h, w, d] (its lookup table)."""
   from vlbpe_jax.vq import quantizer  # pylint: disable=g-import-not-at-top
@@ -222,7 +218,7 @@ class Setup:
 
 def setup(config, workdir, design, *, shape, stats, backbone=None, mesh=None) -> Setup:
   """Models and trainer of `design` for targets of `shape` (H, W, C) standardised by `stats`
-  (`target_stats` of the raw training targets)."""
+  (`targets.stats_of` of the raw training targets)."""
   check_config(config, design)
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   backbone = backbone or load_backbone(config, workdir, mesh)
@@ -255,7 +251,7 @@ def train(config, s: Setup, captions, train_x0, *, stop_at_step=None):
   """Trains (or resumes) design `s` to `dit.total_steps`; returns the state."""
   c = config.dit
   ids, mask = encode_captions(s.backbone, captions, config)
-  x0 = ((train_x0 - s.stats["mean"]) / s.stats["std"]).astype(np.float32)
+  x0 = targets.standardise(train_x0, s.stats)
   per_process = int(c.batch_size) // jax.process_count()
   it = iter(pipeline.dataset(np.arange(len(x0)), _Examples(ids, mask, x0),
                              batch_size=per_process, seed=config.seed))
@@ -301,7 +297,7 @@ def make_generate(config, s: Setup, *, num_samples: int, steps: int, guidance: f
       x = sampler.euler_sample(fn, key, (cond.shape[0],) + s.shape, cond=cond,
                                cond_mask=jnp.ones(cond.shape[:2], bool), steps=steps,
                                guidance=guidance, shift=float(config.dit.shift))
-    return x * s.stats["std"] + s.stats["mean"]
+    return x * jnp.asarray(s.stats["std"]) + jnp.asarray(s.stats["mean"])
   return jax.jit(generate)
 
 
@@ -341,7 +337,7 @@ def train_design(config, workdir, design, *, stop_at_step=None):
   else:
     model, params, _ = clip_train.restore(config, workdir)
     x0 = clip_train.grid_features(model, params, data["images"], mesh, int(config.clip.grid))
-  s = setup(config, workdir, design, shape=x0.shape[1:], stats=target_stats(x0), mesh=mesh)
+  s = setup(config, workdir, design, shape=x0.shape[1:], stats=targets.stats_of(x0), mesh=mesh)
   return s, train(config, s, data["captions"], x0, stop_at_step=stop_at_step)
 
 

@@ -1,0 +1,144 @@
+"""BLIP3-o training (dit/train.py): sharded step = unsharded, frozen backbone, resume, sampling."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlbpe_jax import parallel
+from vlbpe_jax.dit import targets
+from vlbpe_jax.dit import train
+from vlbpe_jax.lm import model as lm_model
+from test_main import ROOT, load_config
+
+CAPTIONS = [["a red circle.", "one red circle."], ["a blue star.", "one blue star."],
+            ["a green square.", "one green square."], ["a cyan heart.", "one cyan heart."]] * 2
+
+
+class _Tok:
+  """Stands in for the text tokenizer: one id per character."""
+  bos_id = 1
+
+  def encode(self, text):
+    return [3 + ord(ch) % 30 for ch in text]
+
+
+def _config(**dit):
+  c = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  c.dit.prompt_template = "{caption}"
+  c.dit.prompt_len = 24
+  c.dit.num_queries = 4
+  c.clip.grid = 2  # 2x2 target tokens: one per query for the mse design
+  c.dit.batch_size = 8
+  for k, v in dit.items():
+    c.dit[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def lm():
+  cfg = lm_model.lm_config("mu", text_vocab=40, width=32, num_heads=2, num_kv_heads=2,
+                           mlp_dim=64, depth=1, dtype="float32")
+  model = lm_model.LM(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  return model, jax.tree.map(np.asarray, params)
+
+
+def _backbone(lm, mesh):
+  model, params = lm
+  params = jax.device_put(params, parallel.replicated(mesh))
+  return train.Backbone(model, params, _Tok(), False)
+
+
+def _targets(n=8, shape=(2, 2, 4)):
+  return np.random.default_rng(0).normal(2.0, 3.0, (n,) + shape).astype(np.float32)
+
+
+def _setup(config, workdir, design, lm, mesh, x0):
+  return train.setup(config, str(workdir), design, shape=x0.shape[1:],
+                     stats=targets.stats_of(x0), backbone=_backbone(lm, mesh), mesh=mesh)
+
+
+def _batch(s, config, x0):
+  ids, mask = s.backbone.encode([c[0] for c in CAPTIONS], config)
+  return {"ids": ids, "mask": mask, "x0": (x0 - s.stats["mean"]) / s.stats["std"]}
+
+
+@pytest.mark.parametrize("design", ["fm", "mse"])
+def test_sharded_step_equals_unsharded(lm, tmp_path, design):
+  config = _config()
+  x0 = _targets()
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)], devices)
+    s = _setup(config, tmp_path, design, lm, mesh, x0)
+    state = s.trainer.init(jax.random.key(1))
+    key = jax.device_put(jax.random.key(2), s.trainer.repl)
+    state, m = s.trainer.step(state, _batch(s, config, x0), key, s.backbone.params)
+    out.append((jax.device_get(state["params"]), float(m["loss"])))
+  assert len(jax.devices()) == 8
+  assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               out[0][0], out[1][0])
+
+
+def test_training_moves_queries_and_dit_never_the_backbone(lm, tmp_path):
+  # The DiT starts with zero-initialised output, adaLN and gates (and the LR warms up from 0):
+  # gradients reach the queries from the third update on.
+  config = _config(total_steps=5)
+  x0 = _targets()
+  mesh = parallel.mesh_from_config(config.mesh)
+  s = _setup(config, tmp_path, "fm", lm, mesh, x0)
+  before = jax.tree.map(np.array, s.backbone.params)
+  key_init, _ = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))  # as train
+  init = jax.device_get(s.trainer.init(key_init)["params"])
+  state = train.train(config, s, CAPTIONS, x0)
+  assert int(state["step"]) == 5
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(s.backbone.params))
+  after = jax.device_get(state["params"])
+  assert np.abs(after["queries"] - init["queries"]).max() > 0
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), after["net"], init["net"])
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_resume_equals_uninterrupted_run(lm, tmp_path):
+  config = _config(total_steps=3)
+  x0 = _targets()
+  mesh = parallel.mesh_from_config(config.mesh)
+  straight = train.train(config, _setup(config, tmp_path / "a", "fm", lm, mesh, x0),
+                         CAPTIONS, x0)
+  train.train(config, _setup(config, tmp_path / "b", "fm", lm, mesh, x0), CAPTIONS, x0,
+              stop_at_step=1)
+  resumed = train.train(config, _setup(config, tmp_path / "b", "fm", lm, mesh, x0),
+                        CAPTIONS, x0)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["params"]),
+               jax.device_get(resumed["params"]))
+
+
+def test_generate_shapes_and_mse_is_deterministic(lm, tmp_path):
+  config = _config()
+  x0 = _targets()
+  mesh = parallel.mesh_from_config(config.mesh)
+  out = {}
+  for design in ("fm", "mse"):
+    s = _setup(config, tmp_path, design, lm, mesh, x0)
+    params = s.trainer.init(jax.random.key(3))["params"]
+    out[design] = train.generate(config, s, params, ["a red circle.", "a blue star."],
+                                 jax.random.key(4), num_samples=3, steps=2)
+    assert out[design].shape == (2, 3, 2, 2, 4)
+  assert np.abs(out["mse"][:, 0] - out["mse"][:, 2]).max() == 0.0
+  assert np.abs(out["fm"][:, 0] - out["fm"][:, 1]).max() > 1e-3
+  with pytest.raises(ValueError, match="max_len=24"):
+    train.generate(config, s, params, ["a caption much longer than twenty-four ids"],
+                   jax.random.key(4), num_samples=1, steps=2)
+
+
+def test_bad_design_and_config_raise():
+  with pytest.raises(ValueError, match="design='gan'"):
+    train.check_config(_config(), "gan")
+  with pytest.raises(ValueError, match="num_queries"):
+    train.check_config(_config(num_queries=5), "mse")
+  with pytest.raises(ValueError, match="cfg_dropout"):
+    train.check_config(_config(cfg_dropout=1.0), "fm")
