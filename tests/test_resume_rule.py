@@ -112,7 +112,7 @@ def test_a_training_stage_is_refused_with_the_change_and_the_command(toy, tmp_pa
 
 def test_recompute_names_a_stage_and_everything_after_it():
   config = _config(recompute="vq")
-  assert train.recompute_allowed(config) == {"vq", "bpe", "lm"}
+  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "dit"}
   assert train.recompute_allowed(_config(recompute="all")) == set(train.STAGES)
   with pytest.raises(ValueError, match="config.recompute"):
     train.recompute_allowed(_config(recompute="nope"))
@@ -188,7 +188,7 @@ def test_manifests_are_strict_json_with_the_key(toy, tmp_path):
 
 
 
-def test_lm_seed_keys_only_the_lm_stage_and_its_default_changes_no_key():
+def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key():
   from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
   config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")  # noqa: E731
   part = train._config_part  # pylint: disable=protected-access
@@ -202,7 +202,8 @@ def test_lm_seed_keys_only_the_lm_stage_and_its_default_changes_no_key():
   other.lm.seed = 7
   for name in train.STAGES:
     assert part(before, name) == part(default, name) == part(same, name)
-    assert (part(other, name) != part(default, name)) == (name == "lm"), name
+    # lm.seed keys the lm stage and the dit stage, which reads the LM as its frozen backbone.
+    assert (part(other, name) != part(default, name)) == (name in ("lm", "dit")), name
   assert manifest.describe_changes({"config": part(default, "lm")},
                                    {"config": part(other, "lm")}) == [
                                        "config lm.seed: '<missing>' -> 7"]

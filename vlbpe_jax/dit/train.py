@@ -328,6 +328,7 @@ def generate(config, s: Setup, params, captions, key, *, num_samples: int, steps
 
 def train_design(config, workdir, design, *, stop_at_step=None):
   """One design end to end from the workdir's files: returns (setup, state)."""
+  check_config(config, design)  # before any file is read
   mesh = parallel.mesh_from_config(config.mesh)
   data = data_stage.load_scenes(config, workdir, "train")
   if design == "vq_latent":
