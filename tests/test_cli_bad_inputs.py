@@ -36,11 +36,8 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
     (LM, [TINY, f"--workdir={FILE}"], ["--workdir=", "a directory"]),
     (LM, [TINY, WORK], ["run the 'data' stage first"]),  # an empty workdir: no inputs
     (CLIP, [TINY, WORK], ["run the 'data' stage first"]),
-    (CLIP, [TINY, WORK, "--config.clip.total_steps=0"], ["clip.total_steps=0", "positive"]),
-    (DIT, [TINY, WORK, "--design=gan"], ["--design", "gan"]),
     (DIT, [TINY, WORK, "--config.dit.total_steps=0"], ["dit.total_steps=0", "positive"]),
     (SAMPLE, [WORK, PROMPTS, "--outdir={tmp}/o"], ["no checkpoint of design 'fm'"]),
-    (SAMPLE, [WORK, "--prompts={tmp}/none.txt", "--outdir={tmp}/o"], ["none.txt", "no such file"]),
     (SAMPLE, [WORK, "--prompts={tmp}/blank.txt", "--outdir={tmp}/o"], ["line(s) [2]", "empty"]),
     (SAMPLE, [WORK, "--prompts={tmp}/a_file", "--outdir={tmp}/o", "--num_samples=0"],
      ["num_samples=0", ">= 1"]),
