@@ -73,6 +73,17 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   assert "lm/embeddings_full.png" in page
   assert os.path.exists(tmp_path / "report" / "lm" / "embeddings_full.png")
   assert "dit/samples_fm.png" in page and "decoder(CLIP(real image))" in page
+  # The sampling CLI on this workdir: PNGs per prompt and sample, at the trained resolution.
+  from vlbpe_jax.dit import sample  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "samples"
+  paths = sample.sample(str(tmp_path), ["a small red circle at the center.", "a blue star."],
+                        str(out), num_samples=2, cfg=3.0, steps=2)
+  assert [os.path.basename(p) for p in paths] == ["0000_0.png", "0000_1.png", "0001_0.png",
+                                                  "0001_1.png"]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(paths[0]).size == (config.data.resolution,) * 2
+  with pytest.raises(ValueError, match="longer than the prompt context"):
+    sample.sample(str(tmp_path), ["a red circle " * 40], str(out))
   # A second run finds every stage's work done and gives the same metrics.
   train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "report" / "metrics.json") as f:
