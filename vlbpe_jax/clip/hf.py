@@ -147,7 +147,7 @@ def load_clip(hf_dir, dtype=jnp.float32, compute_dtype=None, **overrides):
   params = {}
   for name, path, kind in table:
     w = _to_ours(np.asarray(t.pop(name)), kind, _lookup(shapes, path))
-    _store(params, path, jnp.asarray(w, dtype))
+    lm_hf._store(params, path, jnp.asarray(w, dtype))  # pylint: disable=protected-access
   return model, params
 
 
@@ -183,9 +183,3 @@ def _lookup(tree, path):
   for k in path:
     tree = tree[k]
   return tree
-
-
-def _store(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
