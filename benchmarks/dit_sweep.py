@@ -60,7 +60,7 @@ def main(name, overrides, workdir=os.path.join(ROOT, "runs", "demo")):
                          num_samples=2)
     flat = gen.reshape((-1,) + gen.shape[2:])
     images = decoder_lib.decode(dec, dec_params, flat).reshape(gen.shape[:2] + (64, 64, 3))
-    sc, _ = stage._scores(images, ctx.objects, 2)  # pylint: disable=protected-access
+    sc, _ = stage._scores(images, ctx.objects)  # pylint: disable=protected-access
     out[design] = {"train_s": round(train_s, 1), "overall": round(sc["all"]["overall"], 3),
                    **{k: round(sc["all"][k], 3) for k in generation.CRITERIA}}
     Image.fromarray(report.image_grid(images[:8].reshape((-1, 64, 64, 3)), 2)).save(

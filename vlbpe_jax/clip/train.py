@@ -150,8 +150,15 @@ def restore(config, workdir: str):
   return model, state["params"], trainer
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(model, method):
+  """One jitted `(params, images) -> model.method(images)` per (model, method): the dit stage
+  calls these many times, and a fresh `jax.jit` of a new lambda would compile each time."""
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+
+
 def _apply(model, params, images, mesh, method, batch_size=64):
-  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+  fn = _jitted(model, method)
 
   def run(chunk):
     with jax.set_mesh(mesh):

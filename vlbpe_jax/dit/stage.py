@@ -47,7 +47,7 @@ def _groups(objects):
           "heldout": held, "seen": ~held}
 
 
-def _scores(images, objects, num_samples):
+def _scores(images, objects):
   """images [P, S, R, R, 3] -> per-group summaries and the per-image rows."""
   rows = [[generation.image_scores(im, o) for im in ims] for ims, o in zip(images, objects)]
   out = {}
@@ -103,7 +103,7 @@ def _design(ctx, design, dec, dec_params):
   else:
     images = decoder_lib.decode(dec, dec_params, flat)
   images = images.reshape(gen.shape[:2] + images.shape[1:])  # [P, S, R, R, 3]
-  scores, rows = _scores(images, ctx.objects, int(c.num_samples))
+  scores, rows = _scores(images, ctx.objects)
   feats = decoder_lib.standardise(dec, ctx.clip_grid(images.reshape((-1,) + images.shape[2:])))
   res = {"scores": scores,
          "diversity": generation.diversity(feats.reshape(gen.shape[:2] + (-1,))),
@@ -135,7 +135,7 @@ def run_stage(config, workdir: str) -> dict:
                                              ctx.train["images"], mesh=ctx.mesh)
   real = ctx.test["images"][:len(ctx.prompts)]
   recon = decoder_lib.decode(dec, dec_state["params"], ctx.clip_grid(real))
-  ceiling, _ = _scores(recon[:, None], ctx.objects, 1)
+  ceiling, _ = _scores(recon[:, None], ctx.objects)
   metrics = {"dit.geneval_upper_bound": ceiling["all"]["overall"],
              "dit.geneval_upper_bound_single": ceiling["single"]["overall"],
              "dit.num_prompts": len(ctx.prompts), "dit.num_samples": int(c.num_samples)}
