@@ -184,4 +184,33 @@ def get_config(arg=None):
           batch_size=8 if tiny else 32, total_steps=2 if tiny else 300, lr=2e-3,
           warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
   )
+  # V2L (vlbpe_jax/v2l/): images as tokens of the frozen stage-0 text LM's own vocabulary,
+  # read in context by that LM (few-shot shape classification).
+  c.v2l = dict(
+      variant="tiny" if tiny else "demo",  # v2l/model.py:VARIANTS
+      model=dict(),  # V2LConfig overrides (embed_dim always comes from the CLIP)
+      num_global=21,  # global tokens per image (public code: 21)
+      global_filter_k=5,  # an entry is kept when it is in the top-5 of ...
+      global_min_images=0 if tiny else 2,  # ... more than this many training images (code: 100)
+      global_dropout=0.25,  # training images whose global tokens are all masked out
+      quant_weight=1.0,
+      perceptual_weight=0.0,  # > 0 needs perceptual_weights (a safetensors VGG16+LPIPS file)
+      perceptual_weights="",
+      disc_weight=0.0,  # the public code's GAN (0.75 from step 10k) is not implemented: 0 only
+      batch_size=8 if tiny else 16,
+      total_steps=2 if tiny else 300,
+      lr=4.5e-4 if tiny else 2e-3,  # public code: 4.5e-4 at batch 8 per GPU for 100 epochs
+      warmup_steps=1 if tiny else 20,
+      final_lr_frac=0.1,
+      grad_clip=10.0,
+      log_every=1 if tiny else 20,
+      ckpt_every=1000,
+      progress=not tiny,
+      # Few-shot classification (queries: test single-object scenes; support: train ones).
+      fewshot_ways=(2, 5),
+      fewshot_shots=(1, 3, 5),
+      fewshot_episodes=4 if tiny else 50,  # episodes per (way, shot)
+      fewshot_global=5,  # global tokens per image in the prompts (the seed sweeps 5 and 21)
+      fewshot_batch=16,  # prompts per constrained-decoding call
+  )
   return c
