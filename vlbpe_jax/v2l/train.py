@@ -64,6 +64,9 @@ def check_config(config):
                "global_filter_k"):
     if int(c[name]) < 1:
       raise ValueError(f"v2l.{name}={c[name]!r}: expected a positive int")
+  if not 1 <= int(c.fewshot_global) <= int(c.num_global):
+    raise ValueError(f"v2l.fewshot_global={c.fewshot_global!r}: expected 1..v2l.num_global="
+                     f"{c.num_global}")
   if int(c.global_min_images) < 0:
     raise ValueError(f"v2l.global_min_images={c.global_min_images!r}: expected >= 0")
   if not float(c.lr) > 0:
