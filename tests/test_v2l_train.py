@@ -1,6 +1,7 @@
 """V2L training (v2l/train.py) and few-shot (v2l/fewshot.py, stage.py): frozen parts bit-identical,
 LM-id tokens, resume, sharded step = unsharded, accuracies recomputed from the stored rows."""
 
+import dataclasses
 import os
 
 import jax
@@ -51,15 +52,15 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def trained(inputs, tmp_path_factory):
-  """Two steps straight through, and one step + a resumed second one."""
+  """Two steps straight through, and one step + a resumed second one (one Setup, so one
+  compilation: only the run directory differs)."""
+  s0 = train.setup(_config(), "unused", inputs["local_emb"])
   out = {}
   for name, stop in (("straight", None), ("resumed", 1)):
-    w = str(tmp_path_factory.mktemp(name))
-    s = train.setup(_config(), w, inputs["local_emb"])
+    s = dataclasses.replace(s0, run_dir=str(tmp_path_factory.mktemp(name)))
     state = train.train(_config(), s, inputs["images"], inputs["global_emb"], stop_at_step=stop)
     if stop is not None:
       assert int(jax.device_get(state["step"])) == 1
-      s = train.setup(_config(), w, inputs["local_emb"])
       state = train.train(_config(), s, inputs["images"], inputs["global_emb"])
     out[name] = (s, state)
   return out
@@ -104,17 +105,21 @@ def test_resume_equals_uninterrupted(trained):
   jax.tree.map(np.testing.assert_array_equal, a["opt"], b["opt"])
 
 
-def test_sharded_step_equals_unsharded(inputs, tmp_path):
+def test_sharded_step_equals_unsharded(inputs, trained):
+  s8 = trained["straight"][0]  # the config's mesh: all 8 devices on "data"
+  assert parallel.batch_shards(s8.trainer.mesh) == 8
+  mesh1 = parallel.mesh_from_config([("data", -1), ("fsdp", 1), ("tensor", 1)],
+                                    jax.devices()[:1])
+  s1 = train.setup(_config(), "unused", inputs["local_emb"], mesh=mesh1)
   batch = {"images": inputs["images"].astype(np.float32) / 127.5 - 1.0,
            "global_emb": inputs["global_emb"]}
+  state = jax.device_get(s8.trainer.init(jax.random.key(0)))
   out = []
-  for devices in (jax.devices()[:1], jax.devices()[:8]):
-    mesh = parallel.mesh_from_config([("data", -1), ("fsdp", 1), ("tensor", 1)], devices)
-    s = train.setup(_config(), str(tmp_path), inputs["local_emb"], mesh=mesh)
-    state = s.trainer.init(jax.random.key(0))
+  for s in (s1, s8):
+    st = jax.device_put(state, s.trainer.state_shardings)
     key = jax.device_put(jax.random.key(1), s.trainer.repl)
-    state, m = s.trainer.step(state, batch, key, s.frozen)
-    out.append((jax.device_get(state["params"]), float(m["loss"])))
+    st, m = s.trainer.step(st, batch, key, s.frozen)
+    out.append((jax.device_get(st["params"]), float(m["loss"])))
   np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                out[0][0], out[1][0])
@@ -140,7 +145,7 @@ def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
   assert fewshot.image_tasks(train_y, test_y, way=5, shot=1, num=3, seed=0) == []
   lm_ids = inputs["lm_ids"]
   ids = lambda i, split: [[int(lm_ids[(i * 7 + j) % len(lm_ids)])] for j in range(3)]
-  rows = fewshot.run_tasks(inputs["lm"], tasks, ids, batch_size=2)
+  rows = fewshot.run_tasks(inputs["lm"], tasks, ids, batch_size=3)
   text = fewshot.text_rows(inputs["lm"], way=2, shot=1, num=2, seed=0)
   assert all(r["pred"] in r["classes"] for r in rows + text)
   m = stage.fewshot_metrics({"2way_2shot": {"way": 2, "shot": 2, "image": rows, "text": text}})
