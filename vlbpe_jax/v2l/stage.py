@@ -10,7 +10,9 @@ From the frozen stage-0 text LM (`lm/text`) and the CLIP (`clip`):
      reader sees how much of the accuracy the LM's in-context ability gives and how much the
      tokenizer earns.
 Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's prediction) and
-the report section. Restoration (`v2l.restore_psnr_gain_db.*`) is not run yet.
+the report section.
+  4. restoration (`restore.py`): inpaint, outpaint, deblur, shift, rotate on the first
+     `v2l.restore_images` test images; PSNR gain of the restored image over the corrupted one.
 """
 
 import html
@@ -22,6 +24,7 @@ from vlbpe_jax import fileio
 from vlbpe_jax.eval import report
 from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import prompts
+from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import train
 
 
@@ -93,6 +96,20 @@ def run_stage(config, workdir: str) -> dict:
              **fewshot_metrics(results)}
   if np.isfinite(res["train_seconds"]):
     metrics["v2l.train_seconds"] = res["train_seconds"]
+  rest = restore.run(ctx, state["params"], num=int(config.v2l.restore_images),
+                     seed=int(config.seed))
+  fileio.write_json(os.path.join(train.run_dir(workdir), "restore.json"),
+                    {t: {k: v for k, v in r.items() if k != "images"} for t, r in rest.items()})
+  metrics.update({f"v2l.restore_psnr_gain_db.{t}": r["gain_db"] for t, r in rest.items()})
+  rest_html = ""
+  for t, r in rest.items():
+    clean, bad, fixed = r["images"]
+    k = min(4, len(clean))
+    src = report.save_image(workdir, f"v2l/restore_{t}.png", report.image_grid(
+        np.concatenate([clean[:k], bad[:k], fixed[:k]]), ncols=k))
+    rest_html += (f"<h4>{t}: gain {r['gain_db']:+.2f} dB (restored "
+                  f"{np.mean(r['psnr_restored']):.2f} dB vs corrupted "
+                  f"{np.mean(r['psnr_corrupted']):.2f} dB)</h4>{report.img_tag(src, width=k * 96)}")
   # Reconstructions: real, without and with the global tokens.
   n = min(8, len(ctx.test["images"]))
   images = ctx.test["images"][:n]
@@ -125,7 +142,11 @@ def run_stage(config, workdir: str) -> dict:
                      rows)
       + f"<p>First test image's global tokens: <code>{html.escape(words)}</code></p>"
       f"<p>Example prompt:</p><pre class='small'>{html.escape(_example_prompt(ctx, results))}"
-      "</pre>")
+      "</pre>"
+      "<h3>Restoration</h3><p>The frozen LM predicts local tokens in context (V2L's protocol, "
+      "v2l/restore.py: 10 noisy copies of the clean image's map as examples, as the public "
+      "code; inpaint/outpaint n = 16 -> m = 2 with write-back, the others n = m = 2), decoded "
+      "without global tokens. Rows: clean, corrupted input, restored.</p>" + rest_html)
   metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
   report.add_section(workdir, key="v2l", title="V2L: images as the frozen LM's tokens",
                      order=70, html=body, metrics=metrics)

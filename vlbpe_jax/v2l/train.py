@@ -61,7 +61,7 @@ MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model"
 def check_config(config):
   c = config.v2l
   for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "num_global",
-               "global_filter_k"):
+               "global_filter_k", "restore_images"):
     if int(c[name]) < 1:
       raise ValueError(f"v2l.{name}={c[name]!r}: expected a positive int")
   if not 1 <= int(c.fewshot_global) <= int(c.num_global):
@@ -267,6 +267,15 @@ def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
           seconds_before=seconds, progress=bool(c.progress), stop_at_step=stop_at_step,
           items_per_step={"perf/images_per_s": int(c.batch_size)})
   return state
+
+
+def restore_state(s: Setup):
+  """The trained tokenizer's state from `s.run_dir/ckpt` (ValueError when absent)."""
+  path = os.path.join(s.run_dir, "ckpt")
+  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no V2L checkpoint in {path}: run python -m vlbpe_jax.v2l.train first")
+    return ckpt.restore(s.trainer.abstract_state)
 
 
 def encode_ids(s: Setup, params, images, batch_size: int = 32) -> np.ndarray:
