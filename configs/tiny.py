@@ -190,8 +190,12 @@ def get_config(arg=None):
       variant="tiny" if tiny else "demo",  # v2l/model.py:VARIANTS
       model=dict(),  # V2LConfig overrides (embed_dim always comes from the CLIP)
       num_global=5 if tiny else 21,  # global tokens per image (public code: 21)
-      global_filter_k=5,  # an entry is kept when it is in the top-5 of ...
-      global_min_images=0 if tiny else 2,  # ... more than this many training images (code: 100)
+      # An entry is kept when it is in the top-`global_filter_k` of more than
+      # `global_min_images` training images. The code: top-5 of > 100 of 1.28M images; scaled to
+      # 2000 images that is > 0. The demo filters with its top-21 so that >= 21 entries always
+      # pass (the union of each image's top-21); 48 tiny images leave 12 entries of their top-5.
+      global_filter_k=5 if tiny else 21,
+      global_min_images=0,
       global_dropout=0.25,  # training images whose global tokens are all masked out
       quant_weight=1.0,
       perceptual_weight=0.0,  # > 0 needs perceptual_weights (a safetensors VGG16+LPIPS file)

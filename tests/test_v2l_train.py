@@ -12,7 +12,9 @@ import pytest
 from vlbpe_jax import parallel
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.v2l import codebook
+from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import fewshot
+from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import stage
 from vlbpe_jax.v2l import train
 from test_main import ROOT, load_config
@@ -154,3 +156,21 @@ def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
       r["pred"] == r["answer"] for r in text) / 2
   assert m["v2l.chance.2way_2shot"] == 0.5
   assert np.isnan(fewshot.accuracy([]))
+
+
+def test_restoration_predictor_writes_local_tokens_only(inputs):
+  lm_ids = inputs["lm_ids"]
+  predict = restore.lm_predictor(inputs["lm"], lm_ids, m=2)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, len(lm_ids), (4, 4))
+  copies = corrupt.corrupted_copies(rng, tokens, np.arange(len(lm_ids)))
+  mask = corrupt.inpaint_mask(4, 4)  # rows/cols 1-2: raster positions 5, 6, 9, 10
+  out = corrupt.restore_masked(predict, tokens, mask, copies, n=4, m=2)
+  np.testing.assert_array_equal(out[~mask], tokens[~mask])
+  assert out.min() >= 0 and out.max() < len(lm_ids)
+  images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  bad = restore.corrupt_images("outpaint", images, corrupt.outpaint_mask(4, 4), 4)
+  assert np.all(bad[:, 8:] == restore.GREY)
+  np.testing.assert_array_equal(bad[:, :8], images[:, :8])
+  with pytest.raises(ValueError, match="task="):
+    restore.corrupt_images("denoise", images)

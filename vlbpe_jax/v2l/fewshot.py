@@ -1,5 +1,7 @@
 """N-way K-shot classification by the frozen LM reading V2L global tokens (and its text control).
 
+  python -m vlbpe_jax.v2l.fewshot --config=configs/tiny.py --workdir=$W
+
   tasks = image_tasks(train_labels, test_labels, way=2, shot=1, num=50, seed=0)
   rows = run_tasks(lm, tasks, lambda i, split: ids_of[split][i])   # one row per episode
   acc = accuracy(rows)                                             # recomputed from the rows
@@ -14,8 +16,14 @@ label); a hit is the exact class. Chance: 1 / way. The text-only control (`text_
 `data/icl.text_fewshot_tasks` through the same prompt and decoder.
 """
 
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
 import numpy as np
 
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
 from vlbpe_jax.data import icl
 from vlbpe_jax.v2l import constrained
 from vlbpe_jax.v2l import prompts
@@ -92,3 +100,21 @@ def accuracy(rows) -> float:
   if not rows:
     return float("nan")
   return float(np.mean([r["pred"] == r["answer"] for r in rows]))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  from vlbpe_jax.v2l import stage  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
+  ctx = train.load_context(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(fileio.dumps_json(stage.fewshot_metrics(stage.run_fewshot(ctx))))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pipeline directory (data, lm/text and clip stages).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.run(main)

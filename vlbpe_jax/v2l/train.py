@@ -24,7 +24,6 @@ LM), `config.clip.*`, `config.seed`, `config.mesh`.
 
 import dataclasses
 import functools
-import json
 import os
 
 from absl import app
@@ -385,7 +384,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
   _, _, out = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(json.dumps(out))
+  print(fileio.dumps_json(out))
 
 
 if __name__ == "__main__":
