@@ -108,8 +108,10 @@ def run_stage(config, workdir: str) -> dict:
     src = report.save_image(workdir, f"v2l/restore_{t}.png", report.image_grid(
         np.concatenate([clean[:k], bad[:k], fixed[:k]]), ncols=k))
     rest_html += (f"<h4>{t}: gain {r['gain_db']:+.2f} dB (restored "
-                  f"{np.mean(r['psnr_restored']):.2f} dB vs corrupted "
-                  f"{np.mean(r['psnr_corrupted']):.2f} dB)</h4>{report.img_tag(src, width=k * 96)}")
+                  f"{np.mean(r['psnr_restored']):.2f} dB vs the decoded corrupted map "
+                  f"{np.mean(r['psnr_corrupted']):.2f} dB; corrupted pixels "
+                  f"{np.mean(r['psnr_corrupted_pixels']):.2f} dB)</h4>"
+                  + report.img_tag(src, width=k * 96))
   # Reconstructions: real, without and with the global tokens.
   n = min(8, len(ctx.test["images"]))
   images = ctx.test["images"][:n]
@@ -118,8 +120,10 @@ def run_stage(config, workdir: str) -> dict:
   grid = np.concatenate([images, train.decode_ids(ctx.s, state["params"], idx, g, False),
                          train.decode_ids(ctx.s, state["params"], idx, g, True)])
   src = report.save_image(workdir, "v2l/recon.png", report.image_grid(grid, ncols=n))
-  rows = [(name.replace("_", ", "), f"{fewshot.accuracy(r['image']):.3f} (n={len(r['image'])})",
-           f"{fewshot.accuracy(r['text']):.3f} (n={len(r['text'])})", f"{1.0 / r['way']:.3f}")
+  def acc(rows_):  # no episode: fewer classes with enough single-object images than `way`
+    return (f"{fewshot.accuracy(rows_):.3f} (n={len(rows_)})" if rows_
+            else "no episodes (too few images per class)")
+  rows = [(name.replace("_", ", "), acc(r["image"]), acc(r["text"]), f"{1.0 / r['way']:.3f}")
           for name, r in results.items()]
   c = config.v2l
   words = ", ".join(ctx.books.entry_texts[j] for j in ctx.test_tokens[0][:int(c.fewshot_global)])
