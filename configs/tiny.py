@@ -184,4 +184,40 @@ def get_config(arg=None):
           batch_size=8 if tiny else 32, total_steps=2 if tiny else 300, lr=2e-3,
           warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
   )
+  # V2L (vlbpe_jax/v2l/): images as tokens of the frozen stage-0 text LM's own vocabulary,
+  # read in context by that LM (few-shot shape classification).
+  c.v2l = dict(
+      variant="tiny" if tiny else "demo",  # v2l/model.py:VARIANTS
+      model=dict(),  # V2LConfig overrides (embed_dim always comes from the CLIP)
+      num_global=5 if tiny else 21,  # global tokens per image (public code: 21)
+      # An entry is kept when it is in the top-`global_filter_k` of more than
+      # `global_min_images` training images. The code: top-5 of > 100 of 1.28M images; scaled to
+      # 2000 images that is > 0. The demo filters with its top-21 so that >= 21 entries always
+      # pass (the union of each image's top-21); 48 tiny images leave 12 entries of their top-5.
+      global_filter_k=5 if tiny else 21,
+      global_min_images=0,
+      global_dropout=0.25,  # training images whose global tokens are all masked out
+      quant_weight=1.0,
+      perceptual_weight=0.0,  # > 0 needs perceptual_weights (a safetensors VGG16+LPIPS file)
+      perceptual_weights="",
+      disc_weight=0.0,  # the public code's GAN (0.75 from step 10k) is not implemented: 0 only
+      batch_size=8 if tiny else 16,
+      # The demo's stage <= ~2 CPU minutes: a "demo" step at batch 16 took 0.66 s with another
+      # job on the 2 cores (+ ~45 s of compilation), so 120 steps.
+      total_steps=2 if tiny else 120,
+      lr=4.5e-4 if tiny else 2e-3,  # public code: 4.5e-4 at batch 8 per GPU for 100 epochs
+      warmup_steps=1 if tiny else 10,
+      final_lr_frac=0.1,
+      grad_clip=10.0,
+      log_every=1 if tiny else 20,
+      ckpt_every=1000,
+      progress=not tiny,
+      # Few-shot classification (queries: test single-object scenes; support: train ones).
+      fewshot_ways=(2, 5),
+      fewshot_shots=(1, 3, 5),
+      fewshot_episodes=4 if tiny else 50,  # episodes per (way, shot)
+      fewshot_global=5,  # global tokens per image in the prompts (the seed sweeps 5 and 21)
+      fewshot_batch=64,  # prompts per constrained-decoding call (each width compiles once)
+      restore_images=1 if tiny else 8,  # test images of each restoration task (v2l/restore.py)
+  )
   return c

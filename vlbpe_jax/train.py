@@ -1,5 +1,5 @@
-"""The pipeline: data -> VQ -> visual BPE -> unified LM -> CLIP + DiT, each stage reading its
-inputs' files.
+"""The pipeline: data -> VQ -> visual BPE -> unified LM -> CLIP + DiT -> V2L, each stage reading
+its inputs' files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
 stage.py`) and adds its section to the one report (`workdir/report/index.html`,
@@ -30,6 +30,7 @@ from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.dit import stage as dit_stage
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
+from vlbpe_jax.v2l import stage as v2l_stage
 from vlbpe_jax.vq import stage as vq_stage
 
 
@@ -60,6 +61,8 @@ STAGES = {
                   outputs=("clip/ckpt",), owns=("clip",), trains=True),
     "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
                  outputs=("dit/*/result.json",), owns=("dit",), trains=True),
+    "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"), reads=("data", "lm", "clip"),
+                 outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True),
 }
 
 

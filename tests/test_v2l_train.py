@@ -1,0 +1,176 @@
+"""V2L training (v2l/train.py) and few-shot (v2l/fewshot.py, stage.py): frozen parts bit-identical,
+LM-id tokens, resume, sharded step = unsharded, accuracies recomputed from the stored rows."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlbpe_jax import parallel
+from vlbpe_jax.lm import model as lm_model
+from vlbpe_jax.v2l import codebook
+from vlbpe_jax.v2l import corrupt
+from vlbpe_jax.v2l import fewshot
+from vlbpe_jax.v2l import restore
+from vlbpe_jax.v2l import stage
+from vlbpe_jax.v2l import train
+from test_main import ROOT, load_config
+import v2l_helpers
+
+KG = 3  # global tokens per training image
+N = 8  # training images
+
+
+def _config(**v2l):
+  c = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  c.data.resolution = 16  # the "tiny" V2L variant: 16 px -> 4x4 tokens
+  c.v2l.batch_size = 8
+  for k, v in v2l.items():
+    c.v2l[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  tok = v2l_helpers.tokenizer()
+  clip, clip_params = v2l_helpers.clip(16)
+  lm_ids, texts = codebook.subword_texts(tok)
+  local_emb = codebook.embed_texts(clip, clip_params, texts, v2l_helpers.encode,
+                                   ("a photo of a {}.",), batch_size=len(texts))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (N, 16, 16, 3), dtype=np.uint8)
+  global_emb = local_emb[rng.integers(0, len(texts), (N, KG))]  # stand-in global rows
+  cfg = lm_model.lm_config("mu", text_vocab=tok.vocab_size, width=32, num_heads=2,
+                           num_kv_heads=2, mlp_dim=64, depth=1, dtype="float32")
+  lm = lm_model.LM(cfg)
+  lm_params = lm.init(v2l_helpers.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+  return dict(tok=tok, clip_params=clip_params, lm_ids=lm_ids, texts=texts,
+              local_emb=local_emb, images=images, global_emb=global_emb,
+              lm=train.TextLM(lm, jax.tree.map(np.asarray, lm_params), tok))
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory):
+  """Two steps straight through, and one step + a resumed second one (one Setup, so one
+  compilation: only the run directory differs)."""
+  s0 = train.setup(_config(), "unused", inputs["local_emb"])
+  out = {}
+  for name, stop in (("straight", None), ("resumed", 1)):
+    s = dataclasses.replace(s0, run_dir=str(tmp_path_factory.mktemp(name)))
+    state = train.train(_config(), s, inputs["images"], inputs["global_emb"], stop_at_step=stop)
+    if stop is not None:
+      assert int(jax.device_get(state["step"])) == 1
+      state = train.train(_config(), s, inputs["images"], inputs["global_emb"])
+    out[name] = (s, state)
+  return out
+
+
+def test_projector_only_trainable_and_frozen_parts_bit_identical(inputs, trained):
+  s, state = trained["straight"]
+  params = jax.device_get(state["params"])
+  assert set(params) == {"encoder", "quant_conv", "projector", "post_quant_conv", "decoder"}
+  v = len(inputs["lm_ids"])
+  assert not any(x.shape[:1] == (v,) for x in jax.tree.leaves(params))  # no [V, ...] table
+  assert int(jax.device_get(state["step"])) == 2
+  # The local table went through the steps as `frozen` and is unchanged, as are CLIP and LM.
+  np.testing.assert_array_equal(np.asarray(jax.device_get(s.frozen["local_emb"])),
+                                inputs["local_emb"])
+  fresh_clip = v2l_helpers.clip(16)[1]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, inputs["clip_params"]),
+               jax.tree.map(np.asarray, fresh_clip))
+  init = jax.device_get(s.trainer.init(jax.random.split(jax.random.fold_in(
+      jax.random.key(0), 14))[0])["params"])
+  assert not np.array_equal(init["projector"]["kernel"], params["projector"]["kernel"])
+
+
+def test_local_tokens_are_lm_ids_and_decode(inputs, trained):
+  s, state = trained["straight"]
+  idx = train.encode_ids(s, state["params"], inputs["images"])
+  assert idx.shape == (N, 4, 4) and idx.min() >= 0 and idx.max() < len(inputs["lm_ids"])
+  tok = inputs["tok"]
+  for i in np.unique(idx):
+    lm_id = int(inputs["lm_ids"][i])
+    assert tok.piece_type(lm_id) == "normal" and tok.decode([lm_id]) == inputs["texts"][i]
+  table = codebook.lm_to_local_table(inputs["lm_ids"], tok.vocab_size)
+  np.testing.assert_array_equal(table[inputs["lm_ids"][idx]], idx)
+  rec = train.decode_ids(s, state["params"], idx, inputs["global_emb"], True)
+  assert rec.shape == inputs["images"].shape and rec.dtype == np.uint8
+
+
+def test_resume_equals_uninterrupted(trained):
+  a = jax.device_get(trained["straight"][1])
+  b = jax.device_get(trained["resumed"][1])
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  jax.tree.map(np.testing.assert_array_equal, a["opt"], b["opt"])
+
+
+def test_sharded_step_equals_unsharded(inputs, trained):
+  s8 = trained["straight"][0]  # the config's mesh: all 8 devices on "data"
+  assert parallel.batch_shards(s8.trainer.mesh) == 8
+  mesh1 = parallel.mesh_from_config([("data", -1), ("fsdp", 1), ("tensor", 1)],
+                                    jax.devices()[:1])
+  s1 = train.setup(_config(), "unused", inputs["local_emb"], mesh=mesh1)
+  batch = {"images": inputs["images"].astype(np.float32) / 127.5 - 1.0,
+           "global_emb": inputs["global_emb"]}
+  state = jax.device_get(s8.trainer.init(jax.random.key(0)))
+  out = []
+  for s in (s1, s8):
+    st = jax.device_put(state, s.trainer.state_shardings)
+    key = jax.device_put(jax.random.key(1), s.trainer.repl)
+    st, m = s.trainer.step(st, batch, key, s.frozen)
+    out.append((jax.device_get(st["params"]), float(m["loss"])))
+  np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               out[0][0], out[1][0])
+
+
+def test_gan_and_perceptual_without_weights_raise(tmp_path, inputs):
+  with pytest.raises(ValueError, match="disc_weight"):
+    train.setup(_config(disc_weight=0.1), str(tmp_path), inputs["local_emb"])
+  with pytest.raises(ValueError, match="perceptual_weights"):
+    train.setup(_config(perceptual_weight=0.1), str(tmp_path), inputs["local_emb"])
+
+
+def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
+  labels = ["circle", "square", "star"]
+  train_y = np.asarray([labels[i % 3] for i in range(9)] + [None], object)
+  test_y = np.asarray([labels[i % 3] for i in range(4)], object)
+  tasks = fewshot.image_tasks(train_y, test_y, way=2, shot=2, num=3, seed=0)
+  assert len(tasks) == 3
+  for t in tasks:
+    assert t["answer"] in t["classes"] and test_y[t["query"]] == t["answer"]
+    assert sorted(y for _, y in t["support"]) == sorted(t["classes"] * 2)
+    assert all(train_y[i] == y for i, y in t["support"])
+  assert fewshot.image_tasks(train_y, test_y, way=5, shot=1, num=3, seed=0) == []
+  lm_ids = inputs["lm_ids"]
+  ids = lambda i, split: [[int(lm_ids[(i * 7 + j) % len(lm_ids)])] for j in range(3)]
+  rows = fewshot.run_tasks(inputs["lm"], tasks, ids, batch_size=3)
+  text = fewshot.text_rows(inputs["lm"], way=2, shot=1, num=2, seed=0)
+  assert all(r["pred"] in r["classes"] for r in rows + text)
+  m = stage.fewshot_metrics({"2way_2shot": {"way": 2, "shot": 2, "image": rows, "text": text}})
+  assert m["v2l.fewshot_acc.2way_2shot"] == sum(r["pred"] == r["answer"] for r in rows) / 3
+  assert m["v2l.fewshot_text_only.2way_2shot"] == sum(
+      r["pred"] == r["answer"] for r in text) / 2
+  assert m["v2l.chance.2way_2shot"] == 0.5
+  assert np.isnan(fewshot.accuracy([]))
+
+
+def test_restoration_predictor_writes_local_tokens_only(inputs):
+  lm_ids = inputs["lm_ids"]
+  predict = restore.lm_predictor(inputs["lm"], lm_ids, m=2)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, len(lm_ids), (4, 4))
+  copies = corrupt.corrupted_copies(rng, tokens, np.arange(len(lm_ids)))
+  mask = corrupt.inpaint_mask(4, 4)  # rows/cols 1-2: raster positions 5, 6, 9, 10
+  out = corrupt.restore_masked(predict, tokens, mask, copies, n=4, m=2)
+  np.testing.assert_array_equal(out[~mask], tokens[~mask])
+  assert out.min() >= 0 and out.max() < len(lm_ids)
+  images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  bad = restore.corrupt_images("outpaint", images, corrupt.outpaint_mask(4, 4), 4)
+  assert np.all(bad[:, 8:] == restore.GREY)
+  np.testing.assert_array_equal(bad[:, :8], images[:, :8])
+  with pytest.raises(ValueError, match="task="):
+    restore.corrupt_images("denoise", images)

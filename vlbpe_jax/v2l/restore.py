@@ -1,0 +1,135 @@
+"""Restoration by the frozen LM reading V2L local tokens: inpaint, outpaint, deblur, shift, rotate.
+
+  python -m vlbpe_jax.v2l.restore --config=configs/tiny.py --workdir=$W
+
+Protocol (`corrupt.py`, settled as the public code): the examples are 10 noisy copies (50%...23%
+of the positions replaced by random local tokens) of the CLEAN image's local map, so the
+examples carry most clean tokens at each window, as in the code.
+- inpaint / outpaint: the image with the centre / bottom half (in tokens: `corrupt.inpaint_mask`
+  / `outpaint_mask`, scaled to pixels) painted grey is tokenised; in raster order the LM
+  predicts m = 2 tokens from the n = 16 before them, written back;
+- deblur / shift / rotation: the corrupted image (`degrade.py`) is tokenised; each window of
+  m = 2 is mapped by the LM from the corrupted tokens there (n = m = 2), the examples pairing
+  the copies of the corrupted map with the copies of the clean one (same replaced positions).
+The LM emits LM ids; an id that is not a local token (a newline, eos) is replaced by the most
+frequent output token of the examples at that offset. The restored map is decoded WITHOUT the
+global tokens (they come from the clean image's CLIP embedding). Gain = PSNR(restored, clean)
+- PSNR(decoded corrupted map, clean), in dB, averaged over the first `v2l.restore_images` test
+images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
+add, not the tokenizer's reconstruction error (the corrupted pixels' PSNR is stored too).
+"""
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
+from vlbpe_jax.lm import generate as lm_generate
+from vlbpe_jax.v2l import codebook
+from vlbpe_jax.v2l import corrupt
+from vlbpe_jax.v2l import degrade
+from vlbpe_jax.v2l import prompts
+from vlbpe_jax.v2l import train
+
+TASKS = ("inpaint", "outpaint", "deblur", "shift", "rotate")
+GREY = 128
+
+
+def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
+  """`predict(context, examples)` of corrupt.py: local indices in and out, the LM reads and
+  writes the matching LM ids (greedy, m tokens)."""
+  lm_ids = np.asarray(lm_ids)
+  to_local = codebook.lm_to_local_table(lm_ids, max(lm.model.config.vocab_size, lm_ids.max() + 1))
+
+  def predict(context, examples):
+    ex = [(lm_ids[np.asarray(x)], lm_ids[np.asarray(y)]) for x, y in examples]
+    ids = prompts.restoration_prompt(lm.tok, ex, lm_ids[np.asarray(context)])
+    out, _ = lm_generate.generate(lm.model, lm.params, np.asarray([ids], np.int32),
+                                  np.ones((1, len(ids)), bool), jax.random.key(0),
+                                  max_new_tokens=m, pad_id=lm.tok.pad_id)
+    pred = to_local[np.clip(np.asarray(jax.device_get(out))[0], 0, len(to_local) - 1)]
+    for j in np.flatnonzero(pred < 0):  # not a local token: the examples' majority
+      vals, counts = np.unique([y[j] for _, y in examples if len(y) > j], return_counts=True)
+      pred[j] = vals[np.argmax(counts)]
+    return pred
+  return predict
+
+
+def corrupt_images(task: str, images, mask=None, factor: int = 1):
+  """uint8 [N, R, R, 3] -> the task's corrupted input (grey where `mask` [h, w] says, for the
+  painting tasks; `factor` pixels per token)."""
+  if task in ("inpaint", "outpaint"):
+    pix = np.kron(mask, np.ones((factor, factor), bool))  # [R, R]
+    out = np.array(images)
+    out[:, pix] = GREY
+    return out
+  if task == "deblur":
+    return degrade.gaussian_blur(images, sigma=1.5)
+  if task == "shift":
+    return degrade.shift(images, images.shape[1] // 8, images.shape[2] // 8)
+  if task == "rotate":
+    return degrade.rotate(images, 10.0)
+  raise ValueError(f"task={task!r}: expected one of {TASKS}")
+
+
+def run(ctx: train.Context, params, *, num: int, seed: int) -> dict:
+  """Every task on the first `num` test images: {task: {"gain_db", "psnr_restored",
+  "psnr_corrupted", "images": (clean, corrupted, restored) uint8}}."""
+  if num < 1:
+    raise ValueError(f"num={num}: expected >= 1")
+  clean = ctx.test["images"][:num]
+  s = ctx.s
+  clean_maps = train.encode_ids(s, params, clean)  # [N, h, w]
+  h, w = clean_maps.shape[1:]
+  factor = clean.shape[1] // h
+  vocab = np.arange(len(ctx.books.lm_ids))
+  predict = lm_predictor(ctx.lm, ctx.books.lm_ids)
+  g = ctx.global_emb(ctx.test_tokens[:num])
+  out = {}
+  for t, task in enumerate(TASKS):
+    rng = np.random.default_rng([seed, t])
+    mask = (corrupt.inpaint_mask(h, w) if task == "inpaint" else corrupt.outpaint_mask(h, w)
+            if task == "outpaint" else None)
+    bad = corrupt_images(task, clean, mask, factor)
+    bad_maps = train.encode_ids(s, params, bad)
+    restored = []
+    for i in range(num):
+      if mask is not None:
+        copies = corrupt.corrupted_copies(rng, clean_maps[i], vocab)
+        restored.append(corrupt.restore_masked(predict, bad_maps[i], mask, copies, n=16, m=2))
+      else:
+        copies_out, copies_in = corrupt.corrupted_copies(rng, clean_maps[i], vocab,
+                                                         paired=bad_maps[i])
+        restored.append(corrupt.restore_same_positions(predict, bad_maps[i], copies_in,
+                                                       copies_out, m=2))
+    images = train.decode_ids(s, params, np.stack(restored), g, False)
+    bad_dec = train.decode_ids(s, params, bad_maps, g, False)
+    per = lambda x: [train.psnr_db(clean[i:i + 1], x[i:i + 1]) for i in range(num)]  # noqa: E731
+    p_rest, p_bad = per(images), per(bad_dec)
+    out[task] = {"gain_db": float(np.mean(np.subtract(p_rest, p_bad))),
+                 "psnr_restored": p_rest, "psnr_corrupted": p_bad,
+                 "psnr_corrupted_pixels": per(bad), "images": (clean, bad, images)}
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  ctx = train.load_context(config, workdir)
+  state = train.restore_state(ctx.s)
+  res = run(ctx, state["params"], num=int(config.v2l.restore_images), seed=int(config.seed))
+  print(fileio.dumps_json({t: {k: v for k, v in r.items() if k != "images"}
+                           for t, r in res.items()}))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pipeline directory with a trained V2L (workdir/v2l).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.run(main)

@@ -1,0 +1,395 @@
+"""Trains the V2L tokenizer on the shapes data: images as tokens of the frozen text LM's vocabulary.
+
+  python -m vlbpe_jax.v2l.train --config=configs/tiny.py --workdir=$W
+
+Needs in `$W`: the `data` stage (tfds shapes, tokenizer), the LM's stage 0 (`lm/text/ckpt`: the
+text-only model, the stand-in for a pretrained LLM) and the CLIP (`clip/ckpt`). Frozen: the LM,
+the CLIP and the local table. Steps:
+  1. local codebook: every text subword of the LM (`codebook.subword_texts`) embedded by the
+     CLIP text tower over prompt templates -> `local_emb` [V, E], an argument of the step
+     (`sharded_trainer`'s `frozen`), never a parameter; the trainable projector maps it;
+  2. global codebook: the subwords plus the bigrams/trigrams of the frozen LM's greedy
+     completion of "a photo of {subword}" (`codebook.ngram_candidates`), CLIP-embedded, kept
+     when in the top-`global_filter_k` of more than `global_min_images` training images; an
+     image's global tokens are its top-`num_global` entries by cosine to its CLIP embedding;
+  3. the V2LTokenizer (encoder, projector, decoder cross-attending to the global entries' CLIP
+     text embeddings) trained with L1 + quantisation loss (+ LPIPS when `v2l.perceptual_weights`
+     names a weights file). With probability `v2l.global_dropout` a training image's global
+     tokens are all masked out, so the decoder also works without them (PSNR "local").
+Adam (0.5, 0.9) as the public code, warm-up + cosine. The GAN of the public code is not
+implemented here: `v2l.disc_weight > 0` raises. Writes `$W/v2l/` (orbax `ckpt/`,
+`metrics.jsonl`, `codebook.npz`) and resumes. Reads `config.v2l.*`, `config.lm.*` (the text
+LM), `config.clip.*`, `config.seed`, `config.mesh`.
+"""
+
+import dataclasses
+import functools
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from vlbpe_jax import checkpoint
+from vlbpe_jax import cli
+from vlbpe_jax import fileio
+from vlbpe_jax import loop
+from vlbpe_jax import parallel
+from vlbpe_jax import sharded_trainer
+from vlbpe_jax import summary
+from vlbpe_jax.clip import train as clip_train
+from vlbpe_jax.data import pipeline
+from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.lm import generate as lm_generate
+from vlbpe_jax.lm import train as lm_train
+from vlbpe_jax.v2l import codebook
+from vlbpe_jax.v2l import losses
+from vlbpe_jax.v2l import model as model_lib
+from vlbpe_jax.vq import metrics as vq_metrics
+from vlbpe_jax.vq import perceptual
+
+# Config keys a checkpoint must agree on before it is restored (the CLIP's and the text LM's
+# too: they make the codebooks).
+MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model",
+              "lm.text_steps", "lm.vocab_multiple")
+
+
+def check_config(config):
+  c = config.v2l
+  for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "num_global",
+               "global_filter_k", "restore_images"):
+    if int(c[name]) < 1:
+      raise ValueError(f"v2l.{name}={c[name]!r}: expected a positive int")
+  if not 1 <= int(c.fewshot_global) <= int(c.num_global):
+    raise ValueError(f"v2l.fewshot_global={c.fewshot_global!r}: expected 1..v2l.num_global="
+                     f"{c.num_global}")
+  if int(c.global_min_images) < 0:
+    raise ValueError(f"v2l.global_min_images={c.global_min_images!r}: expected >= 0")
+  if not float(c.lr) > 0:
+    raise ValueError(f"v2l.lr={c.lr!r}: expected > 0")
+  if not 0.0 <= float(c.global_dropout) < 1.0:
+    raise ValueError(f"v2l.global_dropout={c.global_dropout!r}: expected in [0, 1)")
+  if float(c.disc_weight) > 0:
+    raise ValueError(f"v2l.disc_weight={c.disc_weight!r}: the V2L GAN is not implemented here; "
+                     "set it to 0 (L1 + quantisation (+ LPIPS) only)")
+  if float(c.perceptual_weight) > 0 and not c.perceptual_weights:
+    raise ValueError(f"v2l.perceptual_weight={c.perceptual_weight} needs a weights file in "
+                     "v2l.perceptual_weights (no random perceptual weights); set the weight to 0")
+
+
+def run_dir(workdir):
+  return os.path.join(workdir, "v2l")
+
+
+# --- The frozen models ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLM:
+  """The frozen text LM of stage 0: model, params (on the mesh), tokenizer."""
+  model: object
+  params: object
+  tok: object
+
+
+def load_text_lm(config, workdir: str, mesh) -> TextLM:
+  """Stage 0's text model (`lm/train.py:pretrain_text`), restored from `$W/lm/text/ckpt`."""
+  tok = data_stage.load_tokenizer(workdir)
+  model = lm_train.make_model(config, tok)
+  trainer = lm_train.Trainer(config, model, mesh)
+  plan = lm_train.plan_of(config, "text")
+  path = os.path.join(workdir, "lm", "text", "ckpt")
+  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no text LM checkpoint in {path}: run the 'lm' stage first")
+    state = ckpt.restore(trainer.abstract_state(plan[-1]))
+  if model.config.vocab_size < tok.vocab_size:
+    raise ValueError(f"LM vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}: "
+                     "the LM does not belong to this tokenizer")
+  return TextLM(model, state["params"], tok)
+
+
+def lm_complete(lm: TextLM, max_new_tokens: int = 2):
+  """`prompts (str) -> greedy continuation ids` of the frozen LM (bos + the prompt)."""
+  def complete(texts):
+    ids, mask = lm_generate.left_pad([[lm.tok.bos_id] + lm.tok.encode(t) for t in texts],
+                                     pad_id=lm.tok.pad_id)
+    out, lengths = jax.device_get(lm_generate.generate(
+        lm.model, lm.params, ids, mask, jax.random.key(0), max_new_tokens=max_new_tokens,
+        stop_tokens=(lm.tok.eos_id,), pad_id=lm.tok.pad_id))
+    return [list(out[i, :lengths[i]]) for i in range(len(texts))]
+  return complete
+
+
+@dataclasses.dataclass(frozen=True)
+class Codebooks:
+  """lm_ids [V] (local index -> LM id), local_emb [V, E], entry_ids [G, 3] (-1 padded LM ids of
+  the kept global entries), entry_texts, entry_emb [G, E]; all host numpy, all frozen."""
+  lm_ids: np.ndarray
+  local_emb: np.ndarray
+  entry_ids: np.ndarray
+  entry_texts: list
+  entry_emb: np.ndarray
+
+  def save(self, path):
+    fileio.save_npz(path, lm_ids=self.lm_ids, local_emb=self.local_emb,
+                    entry_ids=self.entry_ids, entry_emb=self.entry_emb,
+                    entry_texts=np.asarray(self.entry_texts))
+
+  @classmethod
+  def load(cls, path):
+    with np.load(path) as f:
+      return cls(f["lm_ids"], f["local_emb"], f["entry_ids"], [str(t) for t in f["entry_texts"]],
+                 f["entry_emb"])
+
+  def global_ids(self, tokens) -> list:
+    """An image's global tokens (entry indices [k]) -> their LM ids, one list per entry."""
+    return [[int(i) for i in self.entry_ids[g] if i >= 0] for g in np.asarray(tokens)]
+
+
+def build_codebooks(config, lm: TextLM, clip, clip_params, clip_encode, train_image_emb):
+  """The local and the filtered global codebook (module doc, steps 1-2)."""
+  c = config.v2l
+  lm_ids, texts = codebook.subword_texts(lm.tok)
+  local_emb = codebook.embed_texts(clip, clip_params, texts, clip_encode)
+  entries = codebook.ngram_candidates(lm_complete(lm), lm_ids, texts, lm.tok.decode)
+  entry_emb = codebook.embed_texts(clip, clip_params, [e.text for e in entries], clip_encode)
+  keep = codebook.filter_global(entry_emb, train_image_emb, top_k=int(c.global_filter_k),
+                                min_images=int(c.global_min_images))
+  if len(keep) < int(c.num_global):
+    raise ValueError(f"{len(keep)} global entries pass the filter (top-{c.global_filter_k} of "
+                     f"> {c.global_min_images} images): fewer than v2l.num_global="
+                     f"{c.num_global}; lower v2l.global_min_images")
+  kept = [entries[i] for i in keep]
+  return Codebooks(lm_ids, local_emb, codebook.entry_id_array(kept), [e.text for e in kept],
+                   entry_emb[keep])
+
+
+def image_global_tokens(books: Codebooks, image_emb, k: int) -> np.ndarray:
+  """CLIP image embeddings [N, E] -> int32 [N, k] global entry indices (most similar first)."""
+  return np.asarray(codebook.global_tokens(jnp.asarray(image_emb), jnp.asarray(books.entry_emb),
+                                           k))
+
+
+# --- The tokenizer's training --------------------------------------------------------------
+
+
+def make_model(config, embed_dim: int) -> model_lib.V2LTokenizer:
+  c = config.v2l
+  return model_lib.V2LTokenizer(model_lib.config_for(
+      c.variant, image_size=config.data.resolution, embed_dim=embed_dim, **dict(c.model)))
+
+
+def loss_cfg(config) -> losses.LossConfig:
+  c = config.v2l
+  return losses.LossConfig(recon="l1", quant_weight=float(c.quant_weight),
+                           perceptual_weight=float(c.perceptual_weight), disc_weight=0.0)
+
+
+def loss_fn(params, batch, key, frozen, *, model, cfg, global_dropout):
+  """frozen = {"local_emb": [V, E], "lpips": LPIPS params or None}; batch = {"images" [B, R, R,
+  3] in [-1, 1], "global_emb" [B, Kg, E]}."""
+  x, g = batch["images"], batch["global_emb"]
+  keep = jax.random.bernoulli(key, 1.0 - global_dropout, (x.shape[0], 1))  # [B, 1]
+  mask = jnp.broadcast_to(keep, g.shape[:2])  # [B, Kg]: all or none of an image's tokens
+  x_rec, aux = model.apply({"params": params}, x, frozen["local_emb"], g, mask)
+  loss, m = losses.generator_loss(x, x_rec, aux["quant_loss"], 0, cfg=cfg,
+                                  lpips_params=frozen["lpips"])
+  return loss, dict(m, usage=aux["usage"], perplexity=aux["perplexity"])
+
+
+@dataclasses.dataclass
+class Setup:
+  """The tokenizer, its trainer and its frozen inputs (on the mesh)."""
+  model: model_lib.V2LTokenizer
+  trainer: sharded_trainer.Trainer
+  frozen: dict
+  run_dir: str
+
+
+def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
+  check_config(config)
+  c = config.v2l
+  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  model = make_model(config, local_emb.shape[1])
+  r, e = config.data.resolution, local_emb.shape[1]
+  init = lambda key: model.init(  # noqa: E731
+      key, jnp.zeros((1, r, r, 3)), jnp.zeros((1, e)), jnp.zeros((1, 1, e)),
+      jnp.ones((1, 1), bool))["params"]
+  tx = sharded_trainer.adamw_cosine(
+      lr=float(c.lr), total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
+      final_lr=float(c.lr) * float(c.final_lr_frac), grad_clip=float(c.grad_clip), b1=0.5,
+      b2=0.9)
+  loss = functools.partial(loss_fn, model=model, cfg=loss_cfg(config),
+                           global_dropout=float(c.global_dropout))
+  trainer = sharded_trainer.Trainer(init, loss, tx, mesh)
+  lpips = (perceptual.load_lpips(c.perceptual_weights) if float(c.perceptual_weight) > 0
+           else None)
+  frozen = jax.device_put({"local_emb": np.asarray(local_emb, np.float32), "lpips": lpips},
+                          trainer.repl)
+  return Setup(model, trainer, frozen, run_dir(workdir))
+
+
+class _Examples:
+  """`(index, rng) -> {"images", "global_emb"}`."""
+
+  def __init__(self, images, global_emb):
+    self.images, self.global_emb = images, global_emb  # [N, R, R, 3] uint8, [N, Kg, E]
+
+  def __call__(self, index, rng):
+    del rng
+    i = int(index)
+    return {"images": clip_train.to_float(self.images[i]), "global_emb": self.global_emb[i]}
+
+
+def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
+  """Trains (or resumes) to `v2l.total_steps`; images uint8 [N, R, R, 3], global_emb [N, Kg,
+  E] (each image's global entries' CLIP text embeddings). Returns the state."""
+  c = config.v2l
+  per_process = int(c.batch_size) // jax.process_count()
+  it = iter(pipeline.dataset(np.arange(len(images)), _Examples(images, global_emb),
+                             batch_size=per_process, seed=config.seed))
+  key_init, key_train = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 14))
+  key_train = jax.device_put(key_train, s.trainer.repl)
+  with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
+                               config=config, must_match=MUST_MATCH) as ckpt:
+    state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,
+                                                 lambda: s.trainer.init(key_init), it)
+    with summary.MetricWriter(s.run_dir, resume_step=start) as writer:
+      state = loop.fit(
+          state, lambda st, b: s.trainer.step(st, b, key_train, s.frozen), it,
+          total_steps=int(c.total_steps), ckpt=ckpt, writer=writer,
+          log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name="v2l",
+          seconds_before=seconds, progress=bool(c.progress), stop_at_step=stop_at_step,
+          items_per_step={"perf/images_per_s": int(c.batch_size)})
+  return state
+
+
+def restore_state(s: Setup):
+  """The trained tokenizer's state from `s.run_dir/ckpt` (ValueError when absent)."""
+  path = os.path.join(s.run_dir, "ckpt")
+  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no V2L checkpoint in {path}: run python -m vlbpe_jax.v2l.train first")
+    return ckpt.restore(s.trainer.abstract_state)
+
+
+def encode_ids(s: Setup, params, images, batch_size: int = 32) -> np.ndarray:
+  """uint8 [N, R, R, 3] -> int32 [N, h, w] local codebook indices (not LM ids)."""
+  fn = jax.jit(lambda p, t, x: s.model.apply({"params": p}, x, t, method="encode")[1])
+  mesh = s.trainer.mesh
+
+  def run(chunk):
+    with s.trainer.ctx():
+      return jax.device_get(fn(params, s.frozen["local_emb"],
+                               parallel.shard_batch(clip_train.to_float(chunk), mesh)))
+  return parallel.map_batches(run, np.asarray(images), batch_size, parallel.batch_shards(mesh))
+
+
+def decode_ids(s: Setup, params, idx, global_emb, use_global: bool, batch_size: int = 32):
+  """idx int [N, h, w], global_emb [N, Kg, E] -> uint8 images [N, R, R, 3]; `use_global`
+  False masks every global token out."""
+  fn = jax.jit(lambda p, t, i, g: s.model.apply(
+      {"params": p}, i, t, g, jnp.full(g.shape[:2], use_global), method="decode_ids"))
+  mesh = s.trainer.mesh
+  idx, global_emb = np.asarray(idx, np.int32), np.asarray(global_emb, np.float32)
+
+  def run(rows):  # rows: indices into idx (padding rows repeat index 0)
+    with s.trainer.ctx():
+      x = fn(params, s.frozen["local_emb"],
+             *parallel.shard_batch((idx[rows], global_emb[rows]), mesh))
+      x = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)
+      return np.asarray(jax.device_get(x), np.uint8)
+  return parallel.map_batches(run, np.arange(len(idx)), batch_size,
+                              parallel.batch_shards(mesh))
+
+
+def psnr_db(images, recon) -> float:
+  """Mean PSNR (dB) of uint8 image pairs [N, R, R, 3]."""
+  return float(np.mean(vq_metrics.psnr(jnp.asarray(images) / 255.0, jnp.asarray(recon) / 255.0)))
+
+
+# --- End to end from the workdir ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+  """Everything the V2L stage and CLIs share: data, frozen models, codebooks, tokenizer."""
+  config: object
+  mesh: object
+  lm: TextLM
+  books: Codebooks
+  clip: object
+  clip_params: object
+  train: dict
+  test: dict
+  train_tokens: np.ndarray  # [N, num_global] global entry indices
+  test_tokens: np.ndarray
+  s: Setup
+
+  def global_emb(self, tokens):
+    return self.books.entry_emb[tokens]  # [N, Kg, E]
+
+
+def load_context(config, workdir: str) -> Context:
+  """Loads the data and the frozen models, builds (or reads) the codebooks."""
+  check_config(config)
+  mesh = parallel.mesh_from_config(config.mesh)
+  lm = load_text_lm(config, workdir, mesh)
+  clip, clip_params, _ = clip_train.restore(config, workdir)
+  train_data = data_stage.load_scenes(config, workdir, "train")
+  test_data = data_stage.load_scenes(config, workdir, "test")
+  train_emb = clip_train.image_embeddings(clip, clip_params, train_data["images"], mesh)
+  test_emb = clip_train.image_embeddings(clip, clip_params, test_data["images"], mesh)
+  path = os.path.join(run_dir(workdir), "codebook.npz")
+  if os.path.exists(path):  # the stage deletes the dir when an input changes
+    books = Codebooks.load(path)
+  else:
+    books = build_codebooks(config, lm, clip, clip_params, clip_train.encode_fn(lm.tok),
+                            train_emb)
+    books.save(path)
+  k = int(config.v2l.num_global)
+  s = setup(config, workdir, books.local_emb, mesh=mesh)
+  return Context(config, mesh, lm, books, clip, clip_params, train_data, test_data,
+                 image_global_tokens(books, train_emb, k), image_global_tokens(books, test_emb, k),
+                 s)
+
+
+def reconstruction_psnr(ctx: Context, params, num: int | None = None) -> dict:
+  """Test-split PSNR (dB) of decode(encode(x)) with and without the global tokens."""
+  images = ctx.test["images"][:num]
+  idx = encode_ids(ctx.s, params, images)
+  g = ctx.global_emb(ctx.test_tokens[:len(images)])
+  return {"local": psnr_db(images, decode_ids(ctx.s, params, idx, g, False)),
+          "local_global": psnr_db(images, decode_ids(ctx.s, params, idx, g, True))}
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at_step=None):
+  """Returns (context, state, result dict)."""
+  ctx = load_context(config, workdir)
+  state = train(config, ctx.s, ctx.train["images"], ctx.global_emb(ctx.train_tokens),
+                stop_at_step=stop_at_step)
+  out = {"recon_psnr_db": reconstruction_psnr(ctx, state["params"]),
+         "num_local": int(len(ctx.books.lm_ids)), "num_global_entries":
+         int(len(ctx.books.entry_ids)),
+         "train_seconds": loop.train_seconds(os.path.join(ctx.s.run_dir, "ckpt"))}
+  return ctx, state, out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jax.config.update("jax_threefry_partitionable", True)
+  _, _, out = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(fileio.dumps_json(out))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pipeline directory (V2L writes under workdir/v2l).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  cli.run(main)
