@@ -112,7 +112,7 @@ def test_a_training_stage_is_refused_with_the_change_and_the_command(toy, tmp_pa
 
 def test_recompute_names_a_stage_and_everything_after_it():
   config = _config(recompute="vq")
-  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "dit"}
+  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "dit", "v2l"}
   assert train.recompute_allowed(_config(recompute="all")) == set(train.STAGES)
   with pytest.raises(ValueError, match="config.recompute"):
     train.recompute_allowed(_config(recompute="nope"))
@@ -202,8 +202,9 @@ def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key
   other.lm.seed = 7
   for name in train.STAGES:
     assert part(before, name) == part(default, name) == part(same, name)
-    # lm.seed keys the lm stage and the dit stage, which reads the LM as its frozen backbone.
-    assert (part(other, name) != part(default, name)) == (name in ("lm", "dit")), name
+    # lm.seed keys the lm stage and its readers: dit (the LM as frozen backbone) and v2l
+    # (the stage-0 text LM as the frozen language model).
+    assert (part(other, name) != part(default, name)) == (name in ("lm", "dit", "v2l")), name
   assert manifest.describe_changes({"config": part(default, "lm")},
                                    {"config": part(other, "lm")}) == [
                                        "config lm.seed: '<missing>' -> 7"]
