@@ -17,7 +17,7 @@ def get_config(arg=None):
   tiny = arg.tiny
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
-  c.stages = "data,vq,bpe,lm,clip,dit"  # pipeline stages to run, in order (vlbpe_jax/train.py)
+  c.stages = "data,vq,bpe,lm,clip,dit,v2l"  # pipeline stages to run, in order (vlbpe_jax/train.py)
   # A rerun skips stages whose inputs are unchanged and recomputes the others; a training
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.tokenizer = dict(
       vocab_size=512,  # upper bound: shapes text needs ~100 words + 256 byte-fallback pieces
       model_type="unigram",  # sentencepiece model type ("unigram" or "bpe")
+      icl_texts=200,  # in-context episodes (data/icl.py) added to its training texts
   )
 
   c.vq = dict(
@@ -104,6 +105,9 @@ def get_config(arg=None):
       batch_size=8,  # global rows per step, the same for every run ("same budget")
       vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)
       text_steps=2 if tiny else 200,  # stage 0: text-only stand-in for the pretrained LLM
+      # Stage 0's tasks, drawn per example; "icl" = text-only in-context episodes (data/icl.py)
+      # so that the frozen LM V2L reads (v2l/) learns to use examples.
+      text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
       text_lr=3e-3,
       # 1 new rows, 2 + first layers, 3 all. Steps are what buys reading the image: 4x these
       # (400, 400, 800) took the full run from 44.8% to 54.9% VQA and colour from 0.18 to 0.50,

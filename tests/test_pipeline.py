@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from vlbpe_jax.data import icl
 from vlbpe_jax.data import pipeline as pl
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import tfds_builders as tb
@@ -186,6 +187,22 @@ def test_format_caption_attributes_and_image_span(tok):
   assert not mask[:9].any()
   with pytest.raises(ValueError, match="task='ocr'"):
     pl.format_example(ex, "ocr", tok)
+
+
+def test_format_icl_is_a_text_episode_drawn_from_the_rng(tok):
+  # The stage-0 "icl" task ignores the record (and any image): the episode of data/icl.py that
+  # the same generator draws, with its loss mask.
+  ex = shapes.make_example(1, "train", resolution=32)
+  ids, mask = pl.format_example(ex, "icl", tok, image_tokens=lambda e: [500],
+                                rng=np.random.default_rng(3))
+  want_ids, want_mask = icl.episode_ids(tok, icl.sample_episode(np.random.default_rng(3)))
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  assert tok.image_begin_id not in ids.tolist() and mask.any() and not mask.all()
+  other = pl.format_example(ex, "icl", tok, rng=np.random.default_rng(4))[0]
+  assert other.tolist() != ids.tolist()
+  with pytest.raises(ValueError, match="task='icl': expected an rng"):
+    pl.format_example(ex, "icl", tok)
 
 
 def test_grid_positions_layout():

@@ -38,7 +38,12 @@ import absl.flags
 import grain
 import numpy as np
 
-TASKS = ("caption", "attributes", "vqa", "dialogue")
+from vlbpe_jax.data import icl
+
+TASKS = ("caption", "attributes", "vqa", "dialogue", "icl")
+# "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
+# induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
+# unified model trains on it so that the frozen text LM of V2L learns to use examples.
 # Reader threads and buffer of each process (grain's defaults, 16 and 500, suit remote disks and
 # big hosts; these suit local array_record files on a few cores).
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
@@ -240,6 +245,10 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  if task == "icl":
+    if rng is None:
+      raise ValueError("task='icl': expected an rng (the episode is drawn from it)")
+    return icl.episode_ids(tokenizer, icl.sample_episode(rng))
   ids, mask = [tokenizer.bos_id], [False]
   if image_tokens is not None:
     visual = [int(i) for i in np.asarray(image_tokens(example)).reshape(-1)]

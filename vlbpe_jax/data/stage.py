@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from vlbpe_jax.data import icl
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.data import text_tokenizer
@@ -57,6 +58,9 @@ def _train_tokenizer(config, builder, workdir):
   texts = []
   for i in range(len(source)):
     texts += text_tokenizer.example_texts(tfds_builders.decode_record(source[i]))
+  # In-context episodes (lm.text_tasks "icl"): their words ("Input:", "Output:", the symbols)
+  # become pieces, so that the episodes and V2L's prompts encode as in training.
+  texts += icl.episodes(np.random.default_rng(config.seed), int(config.tokenizer.get("icl_texts", 0)))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   return text_tokenizer.TextTokenizer.train(
       texts, vocab_size=config.tokenizer.vocab_size, model_path=path,

@@ -54,7 +54,7 @@ RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
 # lm.seed is keyed as `manifest.config_dict` shows it: absent while it means `seed`.
 TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
-                   "lm.text_steps", "lm.vocab_multiple")
+                   "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
@@ -87,7 +87,7 @@ def plan_of(config, run: str) -> list[Phase]:
   """The phases of a run (`"text"` is stage 0: every task, text only, all weights)."""
   c = config.lm
   if run == "text":
-    return [Phase(3, int(c.text_steps), pipeline.TASKS, float(c.text_lr))]
+    return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))]
   phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
             zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
   mixed = sum((p.tasks for p in phases), ())  # every phase's tasks, in the curriculum's weights
@@ -101,6 +101,11 @@ def plan_of(config, run: str) -> list[Phase]:
   if run == "curriculum_no_staging":  # one optimizer: single_stage's, fed the curriculum
     return [Phase(3, p.steps, p.tasks, float(c.single_stage_lr), total) for p in phases]
   raise ValueError(f"run={run!r}: expected 'text' or one of {RUNS}")
+
+
+def text_tasks(config) -> tuple:
+  """Stage 0's task mix: `lm.text_tasks` (every task of pipeline.TASKS when absent)."""
+  return tuple(config.lm.get("text_tasks", pipeline.TASKS))
 
 
 def lm_seed(config) -> int:
@@ -123,10 +128,14 @@ def check_config(config):
   if any(int(s) < 1 for s in c.stage_steps):
     raise ValueError(f"lm.stage_steps={c.stage_steps!r}: expected positive ints")
   for tasks in c.stage_tasks:
-    bad = [t for t in tasks if t not in pipeline.TASKS]
+    bad = [t for t in tasks if t not in pipeline.TASKS or t == "icl"]
     if not tasks or bad:
       raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
-                       f"{pipeline.TASKS}")
+                       f"{tuple(t for t in pipeline.TASKS if t != 'icl')} (the text-only 'icl' "
+                       "is for lm.text_tasks)")
+  tasks = text_tasks(config)
+  if not tasks or any(t not in pipeline.TASKS for t in tasks):
+    raise ValueError(f"lm.text_tasks={tasks!r}: expected a non-empty tuple of {pipeline.TASKS}")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
   if int(c.get("seed", -1)) < -1:
     raise ValueError(f"lm.seed={c.seed!r}: expected -1 (use config.seed) or a seed >= 0")
