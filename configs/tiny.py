@@ -222,6 +222,12 @@ def get_config(arg=None):
       fewshot_episodes=4 if tiny else 50,  # episodes per (way, shot)
       fewshot_global=5,  # global tokens per image in the prompts (the seed sweeps 5 and 21)
       fewshot_batch=64,  # prompts per constrained-decoding call (each width compiles once)
+      # Beside the shape table: colour labels, all num_global tokens, + local tokens (stage.py).
+      variant_settings=((2, 1),) if tiny else ((2, 1), (5, 1)),  # (way, shot) of the variants
+      caption_shots=2,  # few-shot captioning: train images with their caption per prompt
+      vqa_shots=3,  # few-shot VQA: examples of the query's question template per prompt
+      describe_queries=4 if tiny else 50,  # test queries for captioning and for VQA
+      max_caption_tokens=16 if tiny else 48,
       restore_images=1 if tiny else 8,  # test images of each restoration task (v2l/restore.py)
   )
   return c

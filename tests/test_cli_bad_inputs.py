@@ -17,6 +17,7 @@ TINY = "--config=configs/tiny.py:tiny"
 MAIN, VQ, LM, SHAPES = ("vlbpe_jax.main", "vlbpe_jax.vq.train", "vlbpe_jax.lm.train",
                         "vlbpe_jax.data.shapes")
 CLIP, DIT, SAMPLE = "vlbpe_jax.clip.train", "vlbpe_jax.dit.train", "vlbpe_jax.dit.sample"
+V2L, FEWSHOT, RESTORE = "vlbpe_jax.v2l.train", "vlbpe_jax.v2l.fewshot", "vlbpe_jax.v2l.restore"
 PROMPTS = "--prompts={tmp}/prompts.txt"  # two captions (written below)
 FILE = "{tmp}/a_file"  # a workdir/outdir that is a file
 WORK = "--workdir={tmp}/w"
@@ -41,6 +42,10 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
     (SAMPLE, [WORK, "--prompts={tmp}/blank.txt", "--outdir={tmp}/o"], ["line(s) [2]", "empty"]),
     (SAMPLE, [WORK, "--prompts={tmp}/a_file", "--outdir={tmp}/o", "--num_samples=0"],
      ["num_samples=0", ">= 1"]),
+    (V2L, [TINY, WORK], ["run the 'data' stage first"]),
+    (FEWSHOT, [TINY, WORK, "--config.v2l.fewshot_global=9"], ["v2l.fewshot_global=9",
+                                                              "v2l.num_global=5"]),
+    (RESTORE, [TINY, WORK, "--config.v2l.restore_images=0"], ["v2l.restore_images=0"]),
     (SHAPES, ["--outdir={tmp}/s", "--nmu=2"], ["'nmu'", "num"]),
     (SHAPES, ["--num=2"], ["--outdir"]),
     (SHAPES, ["--outdir={tmp}/s", "--num=abc"], ["--num", "abc"]),

@@ -62,7 +62,11 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
               "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full",
               "clip.zero_shot_shape_acc", "dit.geneval.fm", "dit.geneval.mse",
               "dit.geneval.vq_latent", "dit.geneval_single.fm", "dit.diversity.fm",
-              "dit.fid_clip.fm", "dit.geneval_upper_bound"):
+              "dit.fid_clip.fm", "dit.geneval_upper_bound", "v2l.fewshot_acc.2way_1shot",
+              "v2l.fewshot_text_only.5way_3shot", "v2l.chance.5way_1shot",
+              "v2l.fewshot_acc_local.2way_1shot", "v2l.caption.recall", "v2l.vqa_acc",
+              "v2l.vqa_acc_wrong_image", "v2l.recon_psnr_db.local_global",
+              "v2l.restore_psnr_gain_db.inpaint"):
     assert key in metrics, key
   # The MSE design is deterministic given the prompt; flow matching samples differ.
   assert metrics["dit.diversity.mse"] == 0.0 < metrics["dit.diversity.fm"]
@@ -84,6 +88,12 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   assert Image.open(paths[0]).size == (config.data.resolution,) * 2
   with pytest.raises(ValueError, match="longer than the prompt context"):
     sample.sample(str(tmp_path), ["a red circle " * 40], str(out))
+  # V2L's codebooks name what they were built from: another frozen LM config is refused.
+  from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
+  other = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  other.lm.text_steps = 3
+  with pytest.raises(ValueError, match="built from another tokenizer, LM"):
+    v2l_train.load_context(other, str(tmp_path))
   # A second run finds every stage's work done and gives the same metrics.
   train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "report" / "metrics.json") as f:

@@ -13,6 +13,7 @@ from vlbpe_jax import parallel
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import corrupt
+from vlbpe_jax.v2l import describe
 from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import stage
@@ -150,12 +151,59 @@ def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
   rows = fewshot.run_tasks(inputs["lm"], tasks, ids, batch_size=3)
   text = fewshot.text_rows(inputs["lm"], way=2, shot=1, num=2, seed=0)
   assert all(r["pred"] in r["classes"] for r in rows + text)
-  m = stage.fewshot_metrics({"2way_2shot": {"way": 2, "shot": 2, "image": rows, "text": text}})
+  setting = {"way": 2, "shot": 2, "image": rows, "text": text}
+  objects = [[{"shape": "circle", "color": "red", "size": "small", "position": "left"}]] * 2
+  caps = {"image": [{"query": 0, "text": "a small red circle at the left."}],
+          "wrong_image": [{"query": 1, "text": "a blue star."}]}
+  vqa = {"image": [{"query": 0, "question": "q", "answer": "red", "pred": "red."},
+                   {"query": 1, "question": "q", "answer": "2", "pred": "3"}],
+         "wrong_image": [{"query": 0, "question": "q", "answer": "red", "pred": "blue"}]}
+  m = stage.fewshot_metrics({"classify": {"2way_2shot": setting},
+                             "variants": {"color": {"2way_1shot": dict(setting, text=[])}},
+                             "caption": caps, "vqa": vqa}, objects)
   assert m["v2l.fewshot_acc.2way_2shot"] == sum(r["pred"] == r["answer"] for r in rows) / 3
+  assert m["v2l.fewshot_acc_color.2way_1shot"] == m["v2l.fewshot_acc.2way_2shot"]
+  assert np.isnan(m["v2l.fewshot_text_only_color.2way_1shot"])
   assert m["v2l.fewshot_text_only.2way_2shot"] == sum(
       r["pred"] == r["answer"] for r in text) / 2
   assert m["v2l.chance.2way_2shot"] == 0.5
+  assert m["v2l.caption.precision"] == m["v2l.caption.recall"] == 1.0
+  assert m["v2l.caption_wrong_image.precision"] == 0.0
+  assert m["v2l.vqa_acc"] == 0.5 and m["v2l.vqa_acc_wrong_image"] == 0.0
   assert np.isnan(fewshot.accuracy([]))
+
+
+def test_describe_tasks_prompts_and_greedy_generation(inputs):
+  qa = [[{"q": "what color is the star at the left?", "a": "red"},
+         {"q": "how many objects are there?", "a": "1"}],
+        [{"q": "what color is the circle at the top?", "a": "blue"}],
+        [{"q": "how many objects are there?", "a": "2"}]]
+  assert describe.question_type(qa[0][0]["q"]) == describe.question_type(qa[1][0]["q"]) == (
+      "what color is the {shape} at the {position}?")
+  tasks = describe.vqa_tasks(qa, qa, shot=2, num=10, seed=0)
+  assert len(tasks) == 4  # all 4 test questions: each template has >= 2 train images
+  for t in tasks:
+    assert len({i for i, _, _ in t["support"]}) == 2
+    assert all(describe.question_type(q) == describe.question_type(t["question"])
+               for _, q, _ in t["support"])
+  assert describe.vqa_tasks(qa, qa, shot=3, num=10, seed=0) == []
+  caps = describe.caption_tasks(5, 3, shot=2, num=4, seed=0)
+  assert sorted(t["query"] for t in caps[:3]) == [0, 1, 2]
+  assert all(len(set(t["support"])) == 2 for t in caps)
+  with pytest.raises(ValueError, match="num_train"):
+    describe.caption_tasks(1, 3, shot=2, num=4, seed=0)
+  lm_ids = inputs["lm_ids"]
+  ids = lambda i, split: [[int(lm_ids[(i * 5 + j) % len(lm_ids)])] for j in range(2)]
+  rows = describe.run_vqa(inputs["lm"], tasks[:3], ids, num_test=3, batch_size=2)
+  ctl = describe.run_vqa(inputs["lm"], tasks[:3], ids, num_test=3, batch_size=2, control=True)
+  assert [r["answer"] for r in rows] == [t["answer"] for t in tasks[:3]]
+  assert len(ctl) == 3 and all(isinstance(r["pred"], str) for r in rows + ctl)
+  # Greedy generation is deterministic and batch-independent.
+  prompt = [inputs["tok"].bos_id] + [int(i) for i in lm_ids[:7]]
+  one = describe.greedy_texts(inputs["lm"], [prompt], max_new_tokens=3, batch_size=1)
+  two = describe.greedy_texts(inputs["lm"], [prompt[:4], prompt], max_new_tokens=3,
+                              batch_size=2)
+  assert one == two[1:]
 
 
 def test_restoration_predictor_writes_local_tokens_only(inputs):

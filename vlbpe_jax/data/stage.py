@@ -30,13 +30,15 @@ def build_dataset(config, workdir: str):
 
 def load_scenes(config, workdir: str, split: str, num: int | None = None) -> dict:
   """The first `num` (default all) examples of a split, in index order, as
-  `{"images": uint8 [N, R, R, 3], "objects": [N lists], "captions": [N lists of str]}`."""
+  `{"images": uint8 [N, R, R, 3], "objects": [N lists], "captions": [N lists of str],
+  "qa": [N lists of {"q", "a"}]}`."""
   source = tfds_builders.data_source(build_dataset(config, workdir), split)
   records = sorted((tfds_builders.decode_record(source[i]) for i in range(len(source))),
                    key=lambda r: r["index"])[:len(source) if num is None else int(num)]
   return {"images": np.stack([r["image"] for r in records]),
           "objects": [r["objects"] for r in records],
-          "captions": [list(r["captions"]) for r in records]}
+          "captions": [list(r["captions"]) for r in records],
+          "qa": [list(r["qa"]) for r in records]}
 
 
 def tokenizer_path(workdir: str) -> str:

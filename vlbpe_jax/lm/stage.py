@@ -135,14 +135,16 @@ def _wrong_image(ctx, model, params, visual):
 
 def _used_ids(ctx, run, visual):
   """Sorted ids in the run's training data: every train example formatted as each task of
-  stage 0 and of the run (with its image tokens), plus all its texts."""
+  stage 0 and of the run (with its image tokens; "icl": one episode drawn per example), plus
+  all its texts."""
   tasks = {t for p in train.plan_of(ctx.config, "text") + train.plan_of(ctx.config, run)
            for t in p.tasks}
   ids = set()
   for i in range(len(ctx.train)):
     ex = tfds_builders.decode_record(ctx.train[i])
     for task in sorted(tasks):
-      ids.update(pipeline.format_example(ex, task, ctx.tok, image_tokens=visual)[0])
+      ids.update(pipeline.format_example(ex, task, ctx.tok, image_tokens=visual,
+                                         rng=np.random.default_rng(i))[0])
     for text in text_tokenizer.example_texts(ex):
       ids.update(ctx.tok.encode(text))
   return np.array(sorted(int(i) for i in ids))

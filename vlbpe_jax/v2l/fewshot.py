@@ -89,9 +89,10 @@ def run_tasks(lm, tasks, image_ids=None, *, batch_size: int = 16) -> list[dict]:
   return rows
 
 
-def text_rows(lm, *, way: int, shot: int, num: int, seed: int, batch_size: int = 16):
+def text_rows(lm, *, way: int, shot: int, num: int, seed: int, batch_size: int = 16,
+              label_set: str = "shape"):
   """The text-only control: the same prompt and decoder on `icl.text_fewshot_tasks`."""
-  tasks = icl.text_fewshot_tasks(seed, num, way=way, shot=shot, label_set="shape")
+  tasks = icl.text_fewshot_tasks(seed, num, way=way, shot=shot, label_set=label_set)
   return run_tasks(lm, tasks, None, batch_size=batch_size)
 
 
@@ -109,12 +110,15 @@ def main(argv):
   from vlbpe_jax.v2l import stage  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
   ctx = train.load_context(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(fileio.dumps_json(stage.fewshot_metrics(stage.run_fewshot(ctx))))
+  params = train.restore_state(ctx.s)["params"]
+  results = stage.run_fewshot(ctx, params)
+  print(fileio.dumps_json(stage.fewshot_metrics(results, ctx.test["objects"])))
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Pipeline directory (data, lm/text and clip stages).")
+  flags.DEFINE_string("workdir", None, "Pipeline directory (data, lm/text, clip and a trained "
+                      "V2L: python -m vlbpe_jax.v2l.train).")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)

@@ -8,7 +8,9 @@ From the frozen stage-0 text LM (`lm/text`) and the CLIP (`clip`):
      image's first `v2l.fewshot_global` global tokens as its own subword ids; chance 1 / way;
   3. the text-only control: the same prompts and decoder on symbol strings (data/icl.py), so the
      reader sees how much of the accuracy the LM's in-context ability gives and how much the
-     tokenizer earns.
+     tokenizer earns; variants at `v2l.variant_settings`: colour labels, all `num_global`
+     tokens, and the local token map added; few-shot captioning and VQA (`describe.py`) against
+     a wrong-image control.
 Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's prediction) and
 the report section.
   4. restoration (`restore.py`): inpaint, outpaint, deblur, shift, rotate on the first
@@ -22,6 +24,7 @@ import numpy as np
 
 from vlbpe_jax import fileio
 from vlbpe_jax.eval import report
+from vlbpe_jax.v2l import describe
 from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import prompts
 from vlbpe_jax.v2l import restore
@@ -32,41 +35,94 @@ def setting(way: int, shot: int) -> str:
   return f"{way}way_{shot}shot"
 
 
-def run_fewshot(ctx: train.Context) -> dict:
-  """Every (way, shot): {"image": rows, "text": rows} (rows as `fewshot.run_tasks`)."""
+# Classification variants beside the main table (shape labels, `fewshot_global` tokens), each at
+# `v2l.variant_settings`: "color" (colour labels), "global_all" (all `num_global` tokens; the
+# seed: more tokens -> better), "local" (the global tokens, then the image's local token map).
+VARIANTS = ("color", "global_all", "local")
+
+
+def _ids_fn(ctx, params, num_global: int, local: bool):
+  """image_ids(index, split) -> the image's LM ids: its first `num_global` global entries
+  (each its subword ids), then with `local` its local token map (LM ids, row-major)."""
+  ids = {split: [ctx.books.global_ids(t[:num_global]) for t in tokens]
+         for split, tokens in (("train", ctx.train_tokens), ("test", ctx.test_tokens))}
+  if local:
+    for split, data in (("train", ctx.train), ("test", ctx.test)):
+      maps = ctx.books.lm_ids[train.encode_ids(ctx.s, params, data["images"])]
+      ids[split] = [g + [[int(i) for i in m.reshape(-1)]] for g, m in zip(ids[split], maps)]
+  return lambda i, split: ids[split][i]
+
+
+def _classify(ctx, image_ids, way, shot, attribute="shape"):
+  c, seed = ctx.config.v2l, int(ctx.config.seed)
+  num = int(c.fewshot_episodes)
+  train_y = fewshot.single_object_labels(ctx.train["objects"], attribute)
+  test_y = fewshot.single_object_labels(ctx.test["objects"], attribute)
+  tasks = fewshot.image_tasks(train_y, test_y, way=int(way), shot=int(shot), num=num, seed=seed)
+  label_set = "color" if attribute == "color" else "shape"
+  return {"way": int(way), "shot": int(shot),
+          "image": fewshot.run_tasks(ctx.lm, tasks, image_ids, batch_size=int(c.fewshot_batch)),
+          "text": fewshot.text_rows(ctx.lm, way=int(way), shot=int(shot), num=num, seed=seed,
+                                    batch_size=int(c.fewshot_batch), label_set=label_set)}
+
+
+def run_fewshot(ctx: train.Context, params) -> dict:
+  """{"classify": {setting: {"way", "shot", "image": rows, "text": rows}} (shape labels),
+  "variants": {variant: {setting: ...}}, "caption": {"image", "wrong_image"} rows,
+  "vqa": {"image", "wrong_image"} rows} — every row stored, every metric recomputed from them."""
   c = ctx.config.v2l
   k = int(c.fewshot_global)
-  ids = {"train": [ctx.books.global_ids(t[:k]) for t in ctx.train_tokens],
-         "test": [ctx.books.global_ids(t[:k]) for t in ctx.test_tokens]}
-  train_y = fewshot.single_object_labels(ctx.train["objects"])
-  test_y = fewshot.single_object_labels(ctx.test["objects"])
-  out = {}
-  for way in c.fewshot_ways:
-    for shot in c.fewshot_shots:
-      num, seed = int(c.fewshot_episodes), int(ctx.config.seed)
-      tasks = fewshot.image_tasks(train_y, test_y, way=int(way), shot=int(shot), num=num,
-                                  seed=seed)
-      out[setting(way, shot)] = {
-          "way": int(way), "shot": int(shot),
-          "image": fewshot.run_tasks(ctx.lm, tasks, lambda i, split: ids[split][i],
-                                     batch_size=int(c.fewshot_batch)),
-          "text": fewshot.text_rows(ctx.lm, way=int(way), shot=int(shot), num=num, seed=seed,
-                                    batch_size=int(c.fewshot_batch))}
+  base = _ids_fn(ctx, params, k, False)
+  out = {"classify": {setting(w, s): _classify(ctx, base, w, s)
+                      for w in c.fewshot_ways for s in c.fewshot_shots}, "variants": {}}
+  fns = {"color": base, "global_all": _ids_fn(ctx, params, int(c.num_global), False),
+         "local": _ids_fn(ctx, params, k, True)}
+  for variant in VARIANTS:
+    out["variants"][variant] = {
+        setting(way, shot): _classify(ctx, fns[variant], way, shot,
+                                      "color" if variant == "color" else "shape")
+        for way, shot in c.variant_settings}
+  n_test, seed, batch = len(ctx.test["images"]), int(ctx.config.seed), int(c.fewshot_batch)
+  tasks = describe.caption_tasks(len(ctx.train["images"]), n_test, shot=int(c.caption_shots),
+                                 num=int(c.describe_queries), seed=seed)
+  out["caption"] = {
+      ("wrong_image" if ctl else "image"): describe.run_captions(
+          ctx.lm, tasks, base, ctx.train["captions"], num_test=n_test, control=ctl,
+          max_new_tokens=int(c.max_caption_tokens), batch_size=batch)
+      for ctl in (False, True)}
+  tasks = describe.vqa_tasks(ctx.train["qa"], ctx.test["qa"], shot=int(c.vqa_shots),
+                             num=int(c.describe_queries), seed=seed)
+  out["vqa"] = {("wrong_image" if ctl else "image"): describe.run_vqa(
+      ctx.lm, tasks, base, num_test=n_test, control=ctl, batch_size=batch)
+                for ctl in (False, True)}
   return out
 
 
-def fewshot_metrics(results) -> dict:
-  """`v2l.fewshot_acc.*`, `v2l.chance.*`, `v2l.fewshot_text_only.*` from the stored rows."""
+def fewshot_metrics(results, test_objects) -> dict:
+  """`v2l.fewshot_acc.*`, `v2l.chance.*`, `v2l.fewshot_text_only.*`, the variants'
+  `v2l.fewshot_acc_{variant}.*`, `v2l.caption[_wrong_image].{precision,recall}` and
+  `v2l.vqa_acc[_wrong_image]`, from the stored rows."""
   m = {}
-  for name, r in results.items():
+  for name, r in results["classify"].items():
     m[f"v2l.fewshot_acc.{name}"] = fewshot.accuracy(r["image"])
     m[f"v2l.chance.{name}"] = 1.0 / r["way"]
     m[f"v2l.fewshot_text_only.{name}"] = fewshot.accuracy(r["text"])
+  for variant, settings in results["variants"].items():
+    for name, r in settings.items():
+      m[f"v2l.fewshot_acc_{variant}.{name}"] = fewshot.accuracy(r["image"])
+      if variant == "color":
+        m[f"v2l.fewshot_text_only_color.{name}"] = fewshot.accuracy(r["text"])
+  for kind, rows in results["caption"].items():
+    suffix = "" if kind == "image" else "_wrong_image"
+    for k, v in describe.caption_scores(rows, test_objects).items():
+      m[f"v2l.caption{suffix}.{k}"] = v
+  for kind, rows in results["vqa"].items():
+    m["v2l.vqa_acc" + ("" if kind == "image" else "_wrong_image")] = describe.vqa_accuracy(rows)
   return m
 
 
-def _example_prompt(ctx, results) -> str:
-  """The shortest setting's first prompt, decoded, for the report."""
+def _example_prompt(ctx):
+  """The first setting's first prompt, decoded, and its images (support..., query)."""
   c = ctx.config.v2l
   k = int(c.fewshot_global)
   train_y = fewshot.single_object_labels(ctx.train["objects"])
@@ -75,25 +131,60 @@ def _example_prompt(ctx, results) -> str:
   tasks = fewshot.image_tasks(train_y, test_y, way=way, shot=shot, num=1, seed=int(
       ctx.config.seed))
   if not tasks:
-    return ""
+    return "", None
   t = tasks[0]
   support = [(ctx.books.global_ids(ctx.train_tokens[i][:k]), y) for i, y in t["support"]]
   ids = prompts.classification_prompt(ctx.lm.tok, support,
                                       ctx.books.global_ids(ctx.test_tokens[t["query"]][:k]),
                                       t["classes"])
-  return ctx.lm.tok.decode(ids)
+  images = np.stack([ctx.train["images"][i] for i, _ in t["support"]]
+                    + [ctx.test["images"][t["query"]]])
+  return ctx.lm.tok.decode(ids), images
+
+
+def _acc(rows):  # no episode: fewer classes with enough single-object images than `way`
+  return (f"{fewshot.accuracy(rows):.3f} (n={len(rows)})" if rows
+          else "no episodes (too few images per class)")
+
+
+def _describe_html(workdir, ctx, results, metrics) -> str:
+  """Captioning and VQA: scores against the wrong-image control, a few captions with images."""
+  m = lambda k: f"{metrics.get(k, float('nan')):.3f}"  # noqa: E731
+  c = ctx.config.v2l
+  rows = results["caption"]["image"][:4]
+  html_ = (
+      f"<h3>Captioning and VQA from global tokens</h3><p>Captioning: {int(c.caption_shots)} "
+      "train images with their caption, then the query; the greedy continuation scored with "
+      "the scene checker's caption parser. VQA: "
+      f"{int(c.vqa_shots)} examples of the same question template, exact match. The control "
+      "gives the query another test image's tokens.</p>"
+      + report.table(("task", "with the image's tokens", "wrong-image control"), [
+          ("caption attribute precision", m("v2l.caption.precision"),
+           m("v2l.caption_wrong_image.precision")),
+          ("caption attribute recall", m("v2l.caption.recall"),
+           m("v2l.caption_wrong_image.recall")),
+          (f"VQA exact match (n={len(results['vqa']['image'])})", m("v2l.vqa_acc"),
+           m("v2l.vqa_acc_wrong_image"))]))
+  if rows:
+    src = report.save_image(workdir, "v2l/captions.png", report.image_grid(
+        np.stack([ctx.test["images"][r["query"]] for r in rows]), ncols=len(rows)))
+    html_ += (report.img_tag(src, width=len(rows) * 96) + "<ol>" + "".join(
+        f"<li>{html.escape(r['text'] or '(empty)')} <span class='small'>(true: "
+        f"{html.escape(ctx.test['captions'][r['query']][0])})</span></li>" for r in rows)
+              + "</ol>")
+  return html_
 
 
 def run_stage(config, workdir: str) -> dict:
   ctx, state, res = train.train_and_evaluate(config, workdir)
-  results = run_fewshot(ctx)
+  results = run_fewshot(ctx, state["params"])
   fileio.write_json(os.path.join(train.run_dir(workdir), "fewshot.json"), results)
   psnr = res["recon_psnr_db"]
   metrics = {"v2l.recon_psnr_db.local": psnr["local"],
              "v2l.recon_psnr_db.local_global": psnr["local_global"],
              "v2l.num_local_tokens": res["num_local"],
              "v2l.num_global_entries": res["num_global_entries"],
-             **fewshot_metrics(results)}
+             **fewshot_metrics(results, ctx.test["objects"])}
   if np.isfinite(res["train_seconds"]):
     metrics["v2l.train_seconds"] = res["train_seconds"]
   rest = restore.run(ctx, state["params"], num=int(config.v2l.restore_images),
@@ -120,12 +211,21 @@ def run_stage(config, workdir: str) -> dict:
   grid = np.concatenate([images, train.decode_ids(ctx.s, state["params"], idx, g, False),
                          train.decode_ids(ctx.s, state["params"], idx, g, True)])
   src = report.save_image(workdir, "v2l/recon.png", report.image_grid(grid, ncols=n))
-  def acc(rows_):  # no episode: fewer classes with enough single-object images than `way`
-    return (f"{fewshot.accuracy(rows_):.3f} (n={len(rows_)})" if rows_
-            else "no episodes (too few images per class)")
-  rows = [(name.replace("_", ", "), acc(r["image"]), acc(r["text"]), f"{1.0 / r['way']:.3f}")
-          for name, r in results.items()]
+  rows = [(name.replace("_", ", "), _acc(r["image"]), _acc(r["text"]), f"{1.0 / r['way']:.3f}")
+          for name, r in results["classify"].items()]
   c = config.v2l
+  what = {"color": "colour labels", "global_all": f"all {int(c.num_global)} global tokens",
+          "local": f"{int(c.fewshot_global)} global + the local token map"}
+  variant_rows = [(what[v], name.replace("_", ", "), _acc(r["image"]),
+                   _acc(r["text"]) if v == "color" else "(as above)", f"{1.0 / r['way']:.3f}")
+                  for v, settings in results["variants"].items() for name, r in settings.items()]
+  prompt_text, prompt_images = _example_prompt(ctx)
+  prompt_img = ""
+  if prompt_images is not None:
+    psrc = report.save_image(workdir, "v2l/prompt_images.png",
+                             report.image_grid(prompt_images, ncols=len(prompt_images)))
+    prompt_img = ("<p>Its images (support in order, the query last):</p>"
+                  + report.img_tag(psrc, width=len(prompt_images) * 96))
   words = ", ".join(ctx.books.entry_texts[j] for j in ctx.test_tokens[0][:int(c.fewshot_global)])
   body = (
       f"<p>V2L on the shapes data: the frozen stage-0 text LM's {res['num_local']} text "
@@ -144,10 +244,14 @@ def run_stage(config, workdir: str) -> dict:
       "episodes): what the LM can do in context at all.</p>"
       + report.table(("setting", "accuracy (global tokens)", "text-only control", "chance"),
                      rows)
+      + "<p>Variants (the seed: more global tokens help; labels by colour instead of shape; "
+      "local tokens added):</p>"
+      + report.table(("variant", "setting", "accuracy", "text-only control", "chance"),
+                     variant_rows)
       + f"<p>First test image's global tokens: <code>{html.escape(words)}</code></p>"
-      f"<p>Example prompt:</p><pre class='small'>{html.escape(_example_prompt(ctx, results))}"
-      "</pre>"
-      "<h3>Restoration</h3><p>The frozen LM predicts local tokens in context (V2L's protocol, "
+      f"<p>Example prompt:</p><pre class='small'>{html.escape(prompt_text)}</pre>{prompt_img}"
+      + _describe_html(workdir, ctx, results, metrics)
+      + "<h3>Restoration</h3><p>The frozen LM predicts local tokens in context (V2L's protocol, "
       "v2l/restore.py: 10 noisy copies of the clean image's map as examples, as the public "
       "code; inpaint/outpaint n = 16 -> m = 2 with write-back, the others n = m = 2), decoded "
       "without global tokens. Rows: clean, corrupted input, restored.</p>" + rest_html)

@@ -37,6 +37,7 @@ from vlbpe_jax import checkpoint
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
 from vlbpe_jax import loop
+from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax import sharded_trainer
 from vlbpe_jax import summary
@@ -54,7 +55,7 @@ from vlbpe_jax.vq import perceptual
 # Config keys a checkpoint must agree on before it is restored (the CLIP's and the text LM's
 # too: they make the codebooks).
 MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model",
-              "lm.text_steps", "lm.vocab_multiple")
+              "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
 
 
 def check_config(config):
@@ -133,21 +134,30 @@ class Codebooks:
   entry_ids: np.ndarray
   entry_texts: list
   entry_emb: np.ndarray
+  key: str = ""  # `codebook_key` of the inputs they were built from
 
   def save(self, path):
     fileio.save_npz(path, lm_ids=self.lm_ids, local_emb=self.local_emb,
                     entry_ids=self.entry_ids, entry_emb=self.entry_emb,
-                    entry_texts=np.asarray(self.entry_texts))
+                    entry_texts=np.asarray(self.entry_texts), key=np.asarray(self.key))
 
   @classmethod
   def load(cls, path):
     with np.load(path) as f:
       return cls(f["lm_ids"], f["local_emb"], f["entry_ids"], [str(t) for t in f["entry_texts"]],
-                 f["entry_emb"])
+                 f["entry_emb"], str(f["key"]) if "key" in f else "")
 
   def global_ids(self, tokens) -> list:
     """An image's global tokens (entry indices [k]) -> their LM ids, one list per entry."""
     return [[int(i) for i in self.entry_ids[g] if i >= 0] for g in np.asarray(tokens)]
+
+
+def codebook_key(config, workdir: str) -> str:
+  """What the codebooks are made of: the text tokenizer's bytes and the config fields of the
+  frozen LM, the CLIP, the data and V2L (`MUST_MATCH`)."""
+  cfg = manifest.stage_key(manifest.config_dict(config), MUST_MATCH, {})["config"]
+  return fileio.value_digest({"tokenizer": fileio.short_digest(
+      data_stage.tokenizer_path(workdir)), "config": cfg})[:16]
 
 
 def build_codebooks(config, lm: TextLM, clip, clip_params, clip_encode, train_image_emb):
@@ -345,11 +355,18 @@ def load_context(config, workdir: str) -> Context:
   train_emb = clip_train.image_embeddings(clip, clip_params, train_data["images"], mesh)
   test_emb = clip_train.image_embeddings(clip, clip_params, test_data["images"], mesh)
   path = os.path.join(run_dir(workdir), "codebook.npz")
-  if os.path.exists(path):  # the stage deletes the dir when an input changes
+  key = codebook_key(config, workdir)
+  if os.path.exists(path):  # the stage deletes the dir when an input changes; a CLI may not
     books = Codebooks.load(path)
+    if books.key != key:
+      raise ValueError(f"{path} was built from another tokenizer, LM, CLIP or V2L config (key "
+                       f"{books.key or '<none>'}, now {key}): its token ids would not be this "
+                       f"LM's. Delete {run_dir(workdir)} (or rerun the pipeline with "
+                       "--config.recompute=v2l) to rebuild it")
   else:
-    books = build_codebooks(config, lm, clip, clip_params, clip_train.encode_fn(lm.tok),
-                            train_emb)
+    books = dataclasses.replace(build_codebooks(config, lm, clip, clip_params,
+                                                clip_train.encode_fn(lm.tok), train_emb),
+                                key=key)
     books.save(path)
   k = int(config.v2l.num_global)
   s = setup(config, workdir, books.local_emb, mesh=mesh)
