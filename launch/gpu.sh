@@ -58,17 +58,8 @@ run() {  # runs a command; with --dry-run prints it instead
   if ((DRY_RUN)); then q "$@"; else echo "+ $(q "$@")" >&2; "$@"; fi
 }
 
-CMD=${1:-}
-shift || true
-case "$CMD" in
-  setup | train | slurm) ;;
-  -h | --help) usage; exit 0 ;;
-  "") die "missing subcommand" ;;
-  *) die "unknown subcommand '$CMD'" ;;
-esac
-
 CONFIG="" WORKDIR="" GPUS="" NODES=1 GPUS_PER_NODE=8 PER=node PARTITION="" ACCOUNT=""
-TIME="" JOB=vlbpe PORT="" PY=python3.11 LOGDIR=logs/gpu DRY_RUN=0
+TIME="" JOB=vlbpe PORT="" PY=python3.11 LOGDIR=logs/gpu DRY_RUN=0 CMD=""
 SBATCH_EXTRA=() PASS=()  # PASS: arguments for the program
 while (($#)); do
   case "$1" in
@@ -90,10 +81,16 @@ while (($#)); do
     --config.*) PASS+=("$1") ;;
     --) shift; PASS+=("$@"); break ;;
     -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (program arguments go after --)" ;;
+    -*) die "unknown argument '$1' (program arguments go after --)" ;;
+    *) [ -z "$CMD" ] || die "unknown argument '$1' (program arguments go after --)"; CMD=$1 ;;
   esac
   shift
 done
+case "$CMD" in
+  setup | train | slurm) ;;
+  "") die "missing subcommand" ;;
+  *) die "unknown subcommand '$CMD'" ;;
+esac
 
 if [ "$CMD" != setup ]; then
   [ -n "$CONFIG" ] || die "--config is required for $CMD"
@@ -168,6 +165,7 @@ sbatch_script() {  # the job: coordinator = first host; srun starts the processe
   else
     task_env+=" JAX_LOCAL_DEVICE_IDS=$ids"
   fi
+  echo "# shellcheck disable=SC2016  # each task expands its own \$SLURM_* in bash -c"
   q srun --kill-on-bad-exit=1 --output="$LOGDIR/$JOB-%j-%t.log" \
     bash -c "$task_env; exec \"\$@\"" bash "${PROGRAM[@]}"
 }

@@ -61,17 +61,8 @@ run() {  # runs a command; with --dry-run prints it instead
   if ((DRY_RUN)); then q "$@"; else echo "+ $(q "$@")" >&2; "$@"; fi
 }
 
-CMD=${1:-}
-shift || true
-case "$CMD" in
-  create | setup | train | logs | stop | delete | all) ;;
-  -h | --help) usage; exit 0 ;;
-  "") die "missing subcommand" ;;
-  *) die "unknown subcommand '$CMD'" ;;
-esac
-
 NAME=vlbpe ZONE="" PROJECT="" TYPE=v5p-8 VERSION="" WORKERS="" SPOT=0 QUEUED=0
-CONFIG="" WORKDIR="" DETACH=0 REMOTE_DIR=vlbpe_jax PY=python3.11 LOGDIR="" DRY_RUN=0
+CONFIG="" WORKDIR="" DETACH=0 REMOTE_DIR=vlbpe_jax PY=python3.11 LOGDIR="" DRY_RUN=0 CMD=""
 PASS=()  # arguments for the program
 while (($#)); do
   case "$1" in
@@ -93,10 +84,16 @@ while (($#)); do
     --config.*) PASS+=("$1") ;;
     --) shift; PASS+=("$@"); break ;;
     -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (program arguments go after --)" ;;
+    -*) die "unknown argument '$1' (program arguments go after --)" ;;
+    *) [ -z "$CMD" ] || die "unknown argument '$1' (program arguments go after --)"; CMD=$1 ;;
   esac
   shift
 done
+case "$CMD" in
+  create | setup | train | logs | stop | delete | all) ;;
+  "") die "missing subcommand" ;;
+  *) die "unknown subcommand '$CMD'" ;;
+esac
 
 # Hosts and runtime per accelerator type (cloud.google.com/tpu/docs/runtimes): v2-v5p count
 # TensorCores (8 per host); v5litepod (v5e) and v6e count chips (up to 8 on one host, else 4).
