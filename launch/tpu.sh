@@ -95,11 +95,11 @@ case "$CMD" in
   *) die "unknown subcommand '$CMD'" ;;
 esac
 
-# Hosts and runtime per accelerator type (cloud.google.com/tpu/docs/runtimes): v2-v5p count
-# TensorCores (8 per host); v5litepod (v5e) and v6e count chips (up to 8 on one host, else 4).
 [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--name='$NAME': expected lower-case letters, digits and '-', starting with a letter"
 [ -n "$ZONE" ] || die "--zone is required (e.g. --zone=us-east5-a)"
+# Hosts and runtime per accelerator type (cloud.google.com/tpu/docs/runtimes): v2-v5p count
+# TensorCores (8 per host); v5litepod (v5e) and v6e count chips (up to 8 on one host, else 4).
 [[ $TYPE =~ ^(v2|v3|v4|v5p|v5litepod|v6e)-([1-9][0-9]*)$ ]] ||
   die "--type='$TYPE': unknown accelerator type; expected e.g. v4-32, v5p-8, v5litepod-16, v6e-8"
 FAMILY=${BASH_REMATCH[1]} SIZE=${BASH_REMATCH[2]}
