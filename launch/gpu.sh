@@ -118,6 +118,7 @@ if [ "$CMD" = slurm ]; then
   fi
 fi
 [[ $LOGDIR == /* ]] || LOGDIR=$ROOT/$LOGDIR
+[[ $LOGDIR != *[[:space:]]* ]] || die "--logdir='$LOGDIR': no spaces (it goes on #SBATCH lines)"
 PROGRAM=(.venv/bin/python -m vlbpe_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${PASS[@]}")
 
 setup() {  # .venv beside the code, with the CUDA 12 plugin of the pinned jax
@@ -156,7 +157,9 @@ sbatch_script() {  # the job: coordinator = first host; srun starts the processe
   for opt in "${SBATCH_EXTRA[@]}"; do echo "#SBATCH $opt"; done
   echo "set -euo pipefail"
   echo "cd $(q "$ROOT")"
-  echo 'head_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+  echo 'hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")'
+  # Not `| head -n 1`: head exits early, scontrol may die of SIGPIPE, and pipefail ends the job.
+  printf '%s\n' "head_host=\${hosts%%\$'\\n'*}  # the first host"
   echo "export VLBPE_DISTRIBUTED=1"
   echo "export JAX_COORDINATOR_ADDRESS=\"\$head_host:$port\""
   local task_env='export VLBPE_PROCESS_ID=$SLURM_PROCID VLBPE_NUM_PROCESSES=$SLURM_NTASKS'

@@ -254,7 +254,7 @@ def test_gpu_slurm_two_nodes_of_eight(fake_path, tmp_path, per):
   for line in ["#SBATCH --nodes=2", f"#SBATCH --ntasks-per-node={tasks}",
                "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                "#SBATCH --time=24:00:00", "#SBATCH --exclusive", f"cd {ROOT}",
-               'head_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+               'hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
                "export VLBPE_DISTRIBUTED=1",
                'export JAX_COORDINATOR_ADDRESS="$head_host:$((SLURM_JOB_ID % 4096 + 61440))"']:
     assert line in lines
