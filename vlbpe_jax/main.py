@@ -3,6 +3,9 @@
   python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo
   python -m vlbpe_jax.main --config=configs/tiny.py:tiny --workdir=/tmp/w \
       --config.stages=data,vq
+
+With `VLBPE_DISTRIBUTED=1` (set by launch/tpu.sh and launch/gpu.sh's SLURM mode) every process
+first joins the run (`parallel.initialize_distributed`).
 """
 
 from absl import app
@@ -12,6 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from vlbpe_jax import cli
+from vlbpe_jax import parallel
 from vlbpe_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's artifacts.",
@@ -22,6 +26,7 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_con
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed()  # before any other jax use
   jax.config.update("jax_threefry_partitionable", True)
   logging.info("JAX devices: %s", jax.devices())
   index = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)

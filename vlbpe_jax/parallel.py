@@ -11,7 +11,9 @@ they can be sharded differently (weights over `fsdp`, activations over `data`+`f
 """
 
 from collections.abc import Sequence
+import os
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -49,6 +51,37 @@ LOGICAL_AXIS_RULES = (
     ("codebook", None),
     ("code_dim", None),
 )
+
+
+def _env_int(name: str):
+  value = os.environ.get(name, "")
+  if not value:
+    return None
+  if not value.isdigit():
+    raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+  return int(value)
+
+
+def initialize_distributed() -> bool:
+  """Joins a multi-process run when `VLBPE_DISTRIBUTED=1`; call it before any other jax use.
+
+  The launchers set it (launch/tpu.sh on every TPU worker, launch/gpu.sh under SLURM). Then
+  `jax.distributed.initialize` gets `num_processes` / `process_id` from `VLBPE_NUM_PROCESSES` /
+  `VLBPE_PROCESS_ID` and reads `JAX_COORDINATOR_ADDRESS` / `JAX_LOCAL_DEVICE_IDS` itself; what
+  is unset it detects (a Cloud TPU slice from its metadata server, SLURM, Open MPI). Unset or
+  `0`: one process, nothing to do. Returns whether it initialized.
+  """
+  flag = os.environ.get("VLBPE_DISTRIBUTED", "")
+  if flag in ("", "0"):
+    return False
+  if flag != "1":
+    raise ValueError(f"VLBPE_DISTRIBUTED={flag!r}: expected 1 (multi-process) or 0/unset")
+  jax.distributed.initialize(num_processes=_env_int("VLBPE_NUM_PROCESSES"),
+                             process_id=_env_int("VLBPE_PROCESS_ID"))
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
