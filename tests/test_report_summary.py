@@ -106,7 +106,7 @@ def test_page_leads_with_results_and_ends_with_collapsed_metrics(tmp_path):
   w = str(tmp_path)
   page = open(report_helpers.make_workdir(w)).read()
   order = [page.index(s) for s in ("id='summary'", "id='curves'", "id='vq'", "id='v2l'",
-                                   "<details>")]
+                                   "<details id='all_metrics'>")]
   assert order == sorted(order)
-  assert page.index("<code>vq.psnr_db</code>") > page.index("<details>")
+  assert page.index("<code>vq.psnr_db</code>") > page.index("<details id='all_metrics'>")
   assert "http://" not in page and "https://" not in page  # self-contained

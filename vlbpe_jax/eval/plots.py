@@ -5,8 +5,8 @@
                        axis=1)                                    # uint8 [H, W, 3]
   report.save_image(workdir, "lm/plot.png", img)
 
-A group is `(label, rgb, values)` (`PALETTE` has more colours); every panel has an axes box, the end values of both axes and a
-legend with the group labels.
+A group is `(label, rgb, values)` (`PALETTE` has more colours); every panel has an axes box, the
+end values of both axes and a legend with the group labels.
 """
 
 import numpy as np

@@ -142,8 +142,8 @@ def build_index(workdir: str) -> str:
           f"{summary.to_html(summary.claims(workdir, metrics))}"
           + (f"<h2 id='curves'>Training curves</h2>{curves_html}" if curves_html else "")
           + f"<h2 id='sections'>Stages</h2><ol>{toc}</ol>{body}"
-          f"<h2 id='metrics'>All metrics</h2><details><summary>{len(metrics)} metrics "
-          f"(<code>report/metrics.json</code>)</summary><table>{rows}</table></details>"
+          f"<h2 id='metrics'>All metrics</h2><details id='all_metrics'><summary>{len(metrics)} "
+          f"metrics (<code>report/metrics.json</code>)</summary><table>{rows}</table></details>"
           "</body></html>")
   path = os.path.join(rdir, "index.html")
   fileio.write_text(path, page)
