@@ -67,10 +67,13 @@ def test_missing_stages_and_counts(tmp_path):
   w = str(tmp_path)
   report_helpers.make_workdir(w, stages=("vq", "lm"))
   os.remove(os.path.join(w, "lm", "no_bpe", "result.json"))  # a value without its count
+  with open(os.path.join(w, "lm", "single_stage", "result.json"), "w") as f:
+    f.write('{"num_questions": 4')  # torn
   rows = summary.claims(w, report.read_metrics(w))
   got = {c.text: c.verdict for c in rows}
   assert got["Visual BPE beats raw VQ codes (VQA)"] == summary.INCONCLUSIVE
   assert rows[0].b.se is None and rows[0].diff == pytest.approx(0.2)
+  assert rows[1].b.se is None and rows[1].a.n == report_helpers.N_QUESTIONS
   assert all(c.verdict == summary.NOT_RUN for c in rows[2:])
   page = summary.to_html(rows)
   assert page.count("<tr>") == len(rows) + 1

@@ -19,6 +19,8 @@ import html as html_lib
 import math
 import os
 
+from absl import logging
+
 from vlbpe_jax import fileio
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "does not hold", "inconclusive", "not run"
@@ -77,10 +79,15 @@ def binomial_se(p, n) -> float | None:
 
 
 def _read(path, *keys):
-  """`obj[k0][k1]...` of the JSON file at `path`, or None (no file, no such key)."""
+  """`obj[k0][k1]...` of the JSON file at `path`, or None (no file, a torn one, no such key):
+  the page still builds, that row without its error bar."""
   if not os.path.exists(path):
     return None
-  v = fileio.read_json(path, what="stored result")
+  try:
+    v = fileio.read_json(path, what="stored result")
+  except fileio.CorruptArtifactError as e:
+    logging.warning("report summary: %s", e)
+    return None
   for k in keys:
     if not isinstance(v, dict) or k not in v:
       return None
