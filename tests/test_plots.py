@@ -20,3 +20,19 @@ def test_bad_inputs_raise():
     plots.scatter([("a", plots.BLUE, np.zeros((0, 2)))])
   with pytest.raises(ValueError, match="K \\+ 1 edges"):
     plots.histogram([0, 1, 2], [("a", plots.BLUE, [1.0])])
+
+
+def test_lines_draws_every_group_and_picks_a_log_axis():
+  groups = [(f"run{k}", plots.PALETTE[k], [[0, 10.0 ** -k], [5, 2.0], [9, 10.0 ** k]])
+            for k in range(3)]
+  img = plots.lines(groups, title="loss")
+  assert img.shape == (plots.SIZE[1], plots.SIZE[0], 3)
+  for _, rgb, _ in groups:
+    assert (img == rgb).all(-1).sum() > 20
+  flat = plots.lines([("a", plots.BLUE, [[0, 1.0], [1, 2.0]])], logy=None)
+  assert not np.array_equal(flat, plots.lines([("a", plots.BLUE, [[0, 1.0], [1, 2.0]])],
+                                              logy=True))
+  with pytest.raises(ValueError, match="at least one, all finite"):
+    plots.lines([("a", plots.BLUE, [[0, float("nan")]])])
+  with pytest.raises(ValueError, match="every y > 0"):
+    plots.lines([("a", plots.BLUE, [[0, 0.0], [1, 1.0]])], logy=True)

@@ -236,7 +236,8 @@ def _run_section(config, workdir):
     if m is not None and m["status"] == "done" and report.section_metrics(workdir, name):
       rows.append((name, m["seconds"], m.get("finished", "")))
       metrics[f"time_s.{name}"] = m["seconds"]
-  config_html = f"<pre class='small'>{html.escape(str(config))}</pre>"
+  config_html = (f"<details><summary>config</summary><pre class='small'>"
+                 f"{html.escape(str(config))}</pre></details>")
   return report.add_section(
       workdir, key="run", title="Run", order=0, metrics=metrics,
       html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)

@@ -1,24 +1,28 @@
-"""Small report plots drawn with PIL (no matplotlib): a scatter and a histogram panel.
+"""Small report plots drawn with PIL (no matplotlib): a scatter, a histogram and a line panel.
 
   img = np.concatenate([scatter([("text", BLUE, xy_t), ("visual", ORANGE, xy_v)]),
                         histogram(edges, [("text", BLUE, share_t), ("visual", ORANGE, share_v)])],
                        axis=1)                                    # uint8 [H, W, 3]
   report.save_image(workdir, "lm/plot.png", img)
 
-A group is `(label, rgb, values)`; every panel has an axes box, the end values of both axes and a
-legend with the group labels.
+A group is `(label, rgb, values)` (`PALETTE` has more colours); every panel has an axes box, the
+end values of both axes and a legend with the group labels.
 """
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
+PALETTE = (BLUE, ORANGE, (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127))  # matplotlib's tab10, first eight
 SIZE = (360, 300)  # W, H of a panel
 _LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 26, 34  # margins around the axes box
 
 
-def _panel(title, xlabel, xlim, ylim):
-  """A white panel with its axes box, end ticks and labels; returns (image, draw, to_px)."""
+def _panel(title, xlabel, xlim, ylim, ytext=None):
+  """A white panel with its axes box, end ticks and labels; returns (image, draw, to_px).
+
+  ytext: the labels of the y axis' ends (default: `ylim` itself)."""
   w, h = SIZE
   img = Image.new("RGB", SIZE, "white")
   draw = ImageDraw.Draw(img)
@@ -29,8 +33,9 @@ def _panel(title, xlabel, xlim, ylim):
   draw.text((x0, y1 + 4), f"{xlim[0]:.3g}", fill="black", font=font)
   draw.text((x1, y1 + 4), f"{xlim[1]:.3g}", fill="black", font=font, anchor="ra")
   draw.text(((x0 + x1) // 2, y1 + 18), xlabel, fill="black", font=font, anchor="ma")
-  draw.text((x0 - 4, y1), f"{ylim[0]:.3g}", fill="black", font=font, anchor="rs")
-  draw.text((x0 - 4, y0), f"{ylim[1]:.3g}", fill="black", font=font, anchor="ra")
+  ytext = ytext or tuple(f"{v:.3g}" for v in ylim)
+  draw.text((x0 - 4, y1), ytext[0], fill="black", font=font, anchor="rs")
+  draw.text((x0 - 4, y0), ytext[1], fill="black", font=font, anchor="ra")
 
   def to_px(x, y):
     fx = (np.asarray(x) - xlim[0]) / max(xlim[1] - xlim[0], 1e-12)
@@ -86,5 +91,33 @@ def histogram(edges, groups, title="", xlabel="x") -> np.ndarray:
       (u0, u1), (v0, v1) = to_px([a, a + (hi - lo) / n], [0.0, v])
       if v > 0:
         draw.rectangle([u0, v1, max(u1 - 1, u0), v0], fill=rgb)
+  _legend(draw, groups)
+  return np.asarray(img)
+
+
+def lines(groups, title="", xlabel="step", logy=None) -> np.ndarray:
+  """groups: `(label, rgb, points [N, 2])` (x, y), each drawn as a polyline -> uint8 [H, W, 3].
+
+  logy: a log10 y axis; None picks it when every y > 0 and they span over a factor of 20.
+  """
+  pts = [np.asarray(p, np.float64).reshape(-1, 2) for _, _, p in groups]
+  xy = np.concatenate(pts) if pts else np.zeros((0, 2))
+  if not len(xy) or not np.isfinite(xy).all():
+    raise ValueError(f"lines: {len(xy)} points, expected at least one, all finite")
+  if logy is None:
+    logy = bool(xy[:, 1].min() > 0 and xy[:, 1].max() > 20 * xy[:, 1].min())
+  if logy and xy[:, 1].min() <= 0:
+    raise ValueError("lines: logy=True needs every y > 0")
+  f = np.log10 if logy else (lambda v: v)
+  ylim = _lim(f(xy[:, 1]))
+  ytext = tuple(f"{10 ** v:.3g}" for v in ylim) if logy else None
+  img, draw, to_px = _panel(title + (" (log y)" if logy else ""), xlabel, _lim(xy[:, 0], 0.0),
+                            ylim, ytext)
+  for (_, rgb, _), p in zip(groups, pts):
+    u, v = to_px(p[:, 0], f(p[:, 1]))
+    if len(p) == 1:
+      draw.ellipse([u[0] - 2, v[0] - 2, u[0] + 2, v[0] + 2], fill=rgb)
+    else:
+      draw.line(list(zip(u.tolist(), v.tolist())), fill=rgb, width=2)
   _legend(draw, groups)
   return np.asarray(img)

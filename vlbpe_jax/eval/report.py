@@ -8,6 +8,10 @@ resumed run (or a stage re-run alone) keeps what the other stages wrote:
   workdir/report/sections/<key>.json  # {"title", "order", "html", "metrics"} of one stage
   workdir/report/<key>/...            # pictures saved by `save_image` (by convention under
                                       # the section's key, so `remove_section` drops them too)
+  workdir/report/curves/*.png         # training curves (`curves.py`), redrawn with the page
+
+The page leads with the seed's claims against this run's numbers (`summary.py`), then the
+training curves, the sections, and every metric in a collapsed table.
 
 metrics.json is rebuilt from the sections, so removing a section (a stage whose inputs
 changed) removes its numbers too: the page never shows a number its section did not produce.
@@ -25,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from vlbpe_jax import fileio
+from vlbpe_jax.eval import curves
+from vlbpe_jax.eval import summary
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -33,6 +39,13 @@ table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 img.pix { image-rendering: pixelated; }
 .small { font-size: 85%; color: #555; }
+#summary { width: 100%; } #summary td:first-child { width: 24%; }
+td.verdict { font-weight: bold; } td.holds { background: #d9f2d9; }
+td.does_not_hold { background: #f8d7d7; } td.inconclusive { background: #f2f2f2; }
+td.not_run { color: #777; font-style: italic; }
+.curves { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; } figcaption { font-size: 85%; color: #555; text-align: center; }
+details summary { cursor: pointer; }
 """
 
 
@@ -101,12 +114,15 @@ def section_metrics(workdir: str, key: str) -> dict | None:
 
 
 def build_index(workdir: str) -> str:
+  """Writes metrics.json and index.html: the claims summary (`summary.py`), the training curves
+  (`curves.py`), the sections, then every metric in a collapsed table."""
   rdir = report_dir(workdir)
   sdir = os.path.join(rdir, "sections")
   sections = []
   for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
     if name.endswith(".json"):
-      sections.append(fileio.read_json(os.path.join(sdir, name), what="report section"))
+      s = fileio.read_json(os.path.join(sdir, name), what="report section")
+      sections.append(dict(s, key=name[:-len(".json")]))
   sections.sort(key=lambda s: (s["order"], s["title"]))
   metrics = {}
   for s in sections:
@@ -115,11 +131,20 @@ def build_index(workdir: str) -> str:
   fileio.write_json(os.path.join(rdir, "metrics.json"), metrics, indent=1)
   rows = "".join(f"<tr><td><code>{html_lib.escape(k)}</code></td><td>{_fmt(v)}</td></tr>"
                  for k, v in metrics.items())
-  toc = "".join(f"<li>{html_lib.escape(s['title'])}</li>" for s in sections)
-  body = "".join(f"<h2>{html_lib.escape(s['title'])}</h2>\n{s['html']}\n" for s in sections)
+  curves_html = curves.render(workdir, {s["key"] for s in sections})
+  toc = "".join(f"<li><a href='#{s['key']}'>{html_lib.escape(s['title'])}</a></li>"
+                for s in sections)
+  body = "".join(f"<h2 id='{s['key']}'>{html_lib.escape(s['title'])}</h2>\n{s['html']}\n"
+                 for s in sections)
   page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vlbpe_jax report</title>"
           f"<style>{_STYLE}</style></head><body><h1>vlbpe_jax report</h1>"
-          f"<ol>{toc}</ol><h2>Metrics</h2><table>{rows}</table>{body}</body></html>")
+          f"<h2 id='results'>Results: the seed's claims in this run</h2>"
+          f"{summary.to_html(summary.claims(workdir, metrics))}"
+          + (f"<h2 id='curves'>Training curves</h2>{curves_html}" if curves_html else "")
+          + f"<h2 id='sections'>Stages</h2><ol>{toc}</ol>{body}"
+          f"<h2 id='metrics'>All metrics</h2><details id='all_metrics'><summary>{len(metrics)} "
+          f"metrics (<code>report/metrics.json</code>)</summary><table>{rows}</table></details>"
+          "</body></html>")
   path = os.path.join(rdir, "index.html")
   fileio.write_text(path, page)
   return path
