@@ -218,7 +218,7 @@ def get_config(arg=None):
       progress=not tiny,
       # Few-shot classification (queries: test single-object scenes; support: train ones).
       fewshot_ways=(2, 5),
-      fewshot_shots=(1, 3, 5),
+      fewshot_shots=(1,) if tiny else (1, 3, 5),
       fewshot_episodes=4 if tiny else 50,  # episodes per (way, shot)
       fewshot_global=5,  # global tokens per image in the prompts (the seed sweeps 5 and 21)
       fewshot_batch=64,  # prompts per constrained-decoding call (each width compiles once)

@@ -20,11 +20,14 @@ import numpy as np
 from vlbpe_jax.lm import model as lm_model
 
 
-def left_pad(prompts, pad_id=0):
-  """Host-side: list of int sequences -> (ids `[B, P]` int32, mask `[B, P]` bool)."""
+def left_pad(prompts, pad_id=0, multiple: int = 1):
+  """Host-side: list of int sequences -> (ids `[B, P]` int32, mask `[B, P]` bool); P is the
+  longest prompt rounded up to `multiple` (fewer distinct shapes: fewer compilations)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError(f"prompts={prompts!r}: expected a non-empty list of non-empty sequences")
-  width = max(len(p) for p in prompts)
+  if multiple < 1:
+    raise ValueError(f"multiple={multiple}: expected >= 1")
+  width = -(-max(len(p) for p in prompts) // multiple) * multiple
   ids = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), bool)
   for i, p in enumerate(prompts):

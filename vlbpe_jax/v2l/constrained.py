@@ -22,6 +22,8 @@ import numpy as np
 from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.lm import model as lm_model
 
+PAD_MULTIPLE = 64  # prompts are left-padded to a multiple of this (one compilation per width)
+
 
 class LabelTrie:
   """Prefix trie of `{label: ids}`. Nodes are id tuples; `children(node)` -> sorted ids."""
@@ -108,12 +110,12 @@ def classify(model, params, prompts, labels, *, end_id=None) -> list[str]:
   vocab = model.config.vocab_size
   if any(max(p) >= vocab for tr in tries for p in tr.paths.values()):
     raise ValueError(f"label or end ids reach the vocab size {vocab}")
-  ids, mask = lm_generate.left_pad(prompts)
+  ids, mask = lm_generate.left_pad(prompts, multiple=PAD_MULTIPLE)
   if ids.max() >= vocab or ids.min() < 0:
     raise ValueError(f"prompt ids in [{ids.min()}, {ids.max()}]: expected [0, {vocab})")
   b, p = ids.shape
   depth = max(tr.depth for tr in tries)
-  cache = lm_model.init_cache(model.config, b, p + depth)
+  cache = lm_model.init_cache(model.config, b, p + -(-depth // 8) * 8)
   pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)  # [B, P]
   first, cache = _forward(model, params, ids, pos, mask.astype(np.int32), cache)
   state = {"cache": cache, "pos": pos[:, -1] + 1}

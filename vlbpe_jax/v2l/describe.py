@@ -99,15 +99,13 @@ def greedy_texts(lm, prompt_ids, *, max_new_tokens: int, batch_size: int = 16) -
   if batch_size < 1 or max_new_tokens < 1:
     raise ValueError(f"batch_size={batch_size}, max_new_tokens={max_new_tokens}: expected >= 1")
   stops = stop_ids(lm.tok)
+  batch_size = min(batch_size, len(prompt_ids))
   out = []
   for start in range(0, len(prompt_ids), batch_size):
     chunk = list(prompt_ids[start:start + batch_size])
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)  # a fixed batch: one compilation
-    ids, mask = lm_generate.left_pad(chunk)
-    width = -(-ids.shape[1] // PAD_MULTIPLE) * PAD_MULTIPLE
-    ids = np.pad(ids, ((0, 0), (width - ids.shape[1], 0)))
-    mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
+    ids, mask = lm_generate.left_pad(chunk, multiple=PAD_MULTIPLE)
     toks, lengths = jax.device_get(lm_generate.generate(
         lm.model, lm.params, ids, mask, jax.random.key(0), max_new_tokens=max_new_tokens,
         stop_tokens=stops))

@@ -53,17 +53,19 @@ def _ids_fn(ctx, params, num_global: int, local: bool):
   return lambda i, split: ids[split][i]
 
 
-def _classify(ctx, image_ids, way, shot, attribute="shape"):
+def _classify(ctx, image_ids, way, shot, attribute="shape", text_control=True):
+  """{"way", "shot", "image": rows, "text": rows of the text-only control (or [])}."""
   c, seed = ctx.config.v2l, int(ctx.config.seed)
   num = int(c.fewshot_episodes)
   train_y = fewshot.single_object_labels(ctx.train["objects"], attribute)
   test_y = fewshot.single_object_labels(ctx.test["objects"], attribute)
   tasks = fewshot.image_tasks(train_y, test_y, way=int(way), shot=int(shot), num=num, seed=seed)
   label_set = "color" if attribute == "color" else "shape"
-  return {"way": int(way), "shot": int(shot),
-          "image": fewshot.run_tasks(ctx.lm, tasks, image_ids, batch_size=int(c.fewshot_batch)),
-          "text": fewshot.text_rows(ctx.lm, way=int(way), shot=int(shot), num=num, seed=seed,
-                                    batch_size=int(c.fewshot_batch), label_set=label_set)}
+  text = fewshot.text_rows(ctx.lm, way=int(way), shot=int(shot), num=num, seed=seed,
+                           batch_size=int(c.fewshot_batch), label_set=label_set) if (
+                               text_control) else []
+  return {"way": int(way), "shot": int(shot), "text": text,
+          "image": fewshot.run_tasks(ctx.lm, tasks, image_ids, batch_size=int(c.fewshot_batch))}
 
 
 def run_fewshot(ctx: train.Context, params) -> dict:
@@ -79,8 +81,9 @@ def run_fewshot(ctx: train.Context, params) -> dict:
          "local": _ids_fn(ctx, params, k, True)}
   for variant in VARIANTS:
     out["variants"][variant] = {
-        setting(way, shot): _classify(ctx, fns[variant], way, shot,
-                                      "color" if variant == "color" else "shape")
+        setting(way, shot): _classify(  # shape labels: the main table's text control
+            ctx, fns[variant], way, shot, "color" if variant == "color" else "shape",
+            text_control=variant == "color")
         for way, shot in c.variant_settings}
   n_test, seed, batch = len(ctx.test["images"]), int(ctx.config.seed), int(c.fewshot_batch)
   tasks = describe.caption_tasks(len(ctx.train["images"]), n_test, shot=int(c.caption_shots),
