@@ -1,0 +1,59 @@
+"""One process of a multi-process test run (tests/test_multiprocess.py starts two of them).
+
+  VLBPE_DISTRIBUTED=1 VLBPE_NUM_PROCESSES=2 VLBPE_PROCESS_ID=0 JAX_COORDINATOR_ADDRESS=... \\
+    python tests/multiprocess_worker.py WORKDIR lm:A:2 lm:B:0
+
+Each `job:name:stop` runs a job into `WORKDIR/name` (stop: stop_at_step, 0 = to the end). The
+same functions run in the test's own process for the one-process, 8-device reference.
+"""
+
+import os
+import sys
+
+import jax
+
+from vlbpe_jax import parallel
+
+
+def lm_config():
+  import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
+  # lm.data_shards=2: the same global batches in 1 process (both shards) and in 2 (one each).
+  return helpers.make_config(text_steps=4, batch_size=8, data_shards=2)
+
+
+def run_lm(workdir: str, name: str, stop_at_step: int | None = None):
+  """Stage 0 of the LM (text only, 4 steps) into `workdir/name`; `workdir/t.model` exists."""
+  import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
+  config = lm_config()
+  with open(os.path.join(workdir, "t.model"), "rb") as f:
+    tok = text_tokenizer.TextTokenizer(f.read())
+  mesh = parallel.mesh_from_config(config.mesh)
+  trainer = train.Trainer(config, train.make_model(config, tok), mesh)
+  make_iter = train.iterator_fn(config, tok, helpers.examples("train"), None)
+  train.run_plan(config, os.path.join(workdir, name), trainer, train.plan_of(config, "text"),
+                 make_iter, stop_at_step=stop_at_step or None, name=name,
+                 must_match=train.TEXT_MUST_MATCH)
+
+
+JOBS = {"lm": run_lm}
+
+
+def main(workdir, *jobs):
+  parallel.initialize_distributed()
+  jax.config.update("jax_threefry_partitionable", True)
+  if os.environ.get("VLBPE_TEST_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
+  import time
+  t0 = time.time()
+  print("TIME start", flush=True)
+  for job in jobs:
+    kind, name, stop = job.split(":")
+    JOBS[kind](workdir, name, int(stop))
+    print("TIME", job, time.time() - t0, flush=True)
+  print(f"worker {jax.process_index()} done", flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
