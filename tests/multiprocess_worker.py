@@ -7,6 +7,7 @@ Each `job:name:stop` runs a job into `WORKDIR/name` (stop: stop_at_step, 0 = to 
 same functions run in the test's own process for the one-process, 8-device reference.
 """
 
+import functools
 import os
 import sys
 
@@ -18,20 +19,31 @@ from vlbpe_jax import parallel
 def lm_config():
   import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
   # lm.data_shards=2: the same global batches in 1 process (both shards) and in 2 (one each).
-  return helpers.make_config(text_steps=4, batch_size=8, data_shards=2)
+  config = helpers.make_config(text_steps=4, batch_size=8, data_shards=2, seq_len=64)
+  config.lm.model.depth = 1
+  config.mesh = [("data", 1), ("fsdp", 8), ("tensor", 1)]  # weights split over both processes
+  return config
 
 
-def run_lm(workdir: str, name: str, stop_at_step: int | None = None):
-  """Stage 0 of the LM (text only, 4 steps) into `workdir/name`; `workdir/t.model` exists."""
+@functools.lru_cache()
+def _lm_setup(workdir: str):
+  """(config, trainer, make_iter), built once per process so that its jitted steps compile
+  once for all jobs."""
   import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
   config = lm_config()
   with open(os.path.join(workdir, "t.model"), "rb") as f:
     tok = text_tokenizer.TextTokenizer(f.read())
-  mesh = parallel.mesh_from_config(config.mesh)
-  trainer = train.Trainer(config, train.make_model(config, tok), mesh)
-  make_iter = train.iterator_fn(config, tok, helpers.examples("train"), None)
+  trainer = train.Trainer(config, train.make_model(config, tok),
+                          parallel.mesh_from_config(config.mesh))
+  return config, trainer, train.iterator_fn(config, tok, helpers.examples("train"), None)
+
+
+def run_lm(workdir: str, name: str, stop_at_step: int | None = None):
+  """Stage 0 of the LM (text only, 4 steps) into `workdir/name`; `workdir/t.model` exists."""
+  from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
+  config, trainer, make_iter = _lm_setup(workdir)
   train.run_plan(config, os.path.join(workdir, name), trainer, train.plan_of(config, "text"),
                  make_iter, stop_at_step=stop_at_step or None, name=name,
                  must_match=train.TEXT_MUST_MATCH)
@@ -45,13 +57,9 @@ def main(workdir, *jobs):
   jax.config.update("jax_threefry_partitionable", True)
   if os.environ.get("VLBPE_TEST_JAX_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
-  import time
-  t0 = time.time()
-  print("TIME start", flush=True)
   for job in jobs:
     kind, name, stop = job.split(":")
     JOBS[kind](workdir, name, int(stop))
-    print("TIME", job, time.time() - t0, flush=True)
   print(f"worker {jax.process_index()} done", flush=True)
 
 
