@@ -8,6 +8,7 @@ same functions run in the test's own process for the one-process, 8-device refer
 """
 
 import functools
+import importlib.util
 import os
 import sys
 
@@ -49,7 +50,43 @@ def run_lm(workdir: str, name: str, stop_at_step: int | None = None):
                  must_match=train.TEXT_MUST_MATCH)
 
 
-JOBS = {"lm": run_lm}
+def vq_config():
+  config = _load_config("vq_tiny", "tiny")  # 3 steps, evaluation and a checkpoint at step 3
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  config.vq.data_shards = 2
+  config.vq.disc_weight = 0.0  # the PatchGAN's compile would double the test's time
+  return config
+
+
+def run_vq(workdir: str, name: str, stop_at_step: int | None = None):
+  """The tiny VQ (to step 3, or resumed from its checkpoint) into `workdir/name/vq`; its
+  validation metrics go to `workdir/name/result.json`."""
+  from vlbpe_jax import fileio  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.vq import train  # pylint: disable=g-import-not-at-top
+  del stop_at_step  # the VQ runs to vq.total_steps
+  val = train.train_and_evaluate(vq_config(), os.path.join(workdir, name))
+  if parallel.is_primary():
+    fileio.write_json(os.path.join(workdir, name, "result.json"), val)
+
+
+def _load_config(name, arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_data(workdir: str, name: str, stop_at_step: int | None = None):
+  """The pipeline's `data` stage of configs/tiny.py:tiny into `workdir/name`."""
+  from vlbpe_jax import train  # pylint: disable=g-import-not-at-top
+  del stop_at_step
+  config = _load_config("tiny", "tiny")
+  config.stages = "data"
+  train.train_and_evaluate(config, os.path.join(workdir, name))
+
+
+JOBS = {"lm": run_lm, "vq": run_vq, "data": run_data}
 
 
 def main(workdir, *jobs):

@@ -16,6 +16,7 @@ import pytest
 
 import lm_train_helpers as helpers
 import multiprocess_worker as worker
+from vlbpe_jax import fileio
 from vlbpe_jax import summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,16 +63,17 @@ def run_workers(workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
   return outs
 
 
-def _metrics(run_dir):
-  rows = summary.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+def _metrics(run_dir, keys=("train/loss", "train/l2_params")):
+  rows = [r for r in summary.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+          if "train/loss" in r]
   steps = [r["step"] for r in rows]
   assert steps == sorted(set(steps)), f"{run_dir}: steps {steps} written more than once"
-  return {k: np.array([r[k] for r in rows]) for k in ("step", "train/loss", "train/l2_params")}
+  return {k: np.array([r[k] for r in rows]) for k in ("step",) + keys}
 
 
 def _assert_same_run(a, b):
   np.testing.assert_array_equal(a["step"], b["step"])
-  for k in ("train/loss", "train/l2_params"):
+  for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
 
 
@@ -93,3 +95,30 @@ def test_lm_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
   assert list(ref["step"]) == [1, 2, 3, 4]
   _assert_same_run(_metrics(os.path.join(wd, "two_then_one")), ref)
   _assert_same_run(_metrics(os.path.join(wd, "one_then_two")), ref)
+
+
+@pytest.mark.slow
+def test_vq_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  wd = str(tmp_path)
+  worker.run_vq(wd, "one")  # 1 process x 8 devices: 3 steps, evaluation at step 3
+  # 2 processes: the same 3 steps, then the 1-process checkpoint restored (nothing to train).
+  run_workers(wd, "vq:two:0", "vq:one:0")
+  assert os.listdir(os.path.join(wd, "two", "vq", "samples")) == ["step_000003.png"]
+  one_restored = fileio.read_json(os.path.join(wd, "one", "result.json"))
+  worker.run_vq(wd, "two")  # the 2-process checkpoint restored in 1 process
+  two_restored = fileio.read_json(os.path.join(wd, "two", "result.json"))
+  one, two = (_metrics(os.path.join(wd, n, "vq"), ("train/loss", "train/l2_grads"))
+              for n in ("one", "two"))
+  _assert_same_run(one, two)
+  for k in ("psnr_db", "ssim", "perplexity"):
+    np.testing.assert_allclose(one_restored[k], two_restored[k], rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.slow
+def test_pipeline_data_stage_written_by_process_zero(tmp_path):
+  """Two processes run the `data` stage on one workdir: process 0 builds the dataset and the
+  tokenizer, process 1 waits, then both see the stage done; a rerun skips it."""
+  wd = str(tmp_path)
+  run_workers(wd, "data:run:0", "data:run:0")
+  m = fileio.read_json(os.path.join(wd, "run", "manifests", "data.json"))
+  assert m["status"] == "done"

@@ -173,15 +173,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def replicate(x, mesh: Mesh):
-  """A host value (numpy array, scalar, or a jax array or PRNG key on one device) as a global
-  array replicated over `mesh`; every process passes the same value. (`jax.device_put` cannot
-  place onto another process's devices.)"""
+def _replicate_leaf(x, sharding):
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh),
+    return jax.random.wrap_key_data(_replicate_leaf(jax.random.key_data(x), sharding),
                                     impl=jax.random.key_impl(x))
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: y, out_shardings=sharding)(x)  # already global
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def replicate(tree, mesh: Mesh):
+  """Host values (numpy arrays, scalars, jax arrays or PRNG keys on one device) as global
+  arrays replicated over `mesh`; every process passes the same values. (`jax.device_put`
+  cannot place onto another process's devices.)"""
   with jax.transfer_guard_host_to_device("allow"):
-    return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x))
+    return jax.tree.map(lambda x: _replicate_leaf(x, replicated(mesh)), tree)
+
+
+def shard_global_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
+  """Like `shard_batch`, for a host batch (pytree of `[B, ...]`) that every process holds
+  whole (evaluation, encoding a split): each process places the rows of its own devices."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, batch_axes),
+                                        lambda index: x[index])
+
+  with jax.transfer_guard_host_to_device("allow"):
+    return jax.tree.map(put, batch)
+
+
+def fetch(tree):
+  """Global arrays -> host numpy, whole on every process (gathered across processes when
+  other processes hold some of the rows)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)
 
 
 def _key_names(path):

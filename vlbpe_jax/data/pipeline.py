@@ -39,6 +39,7 @@ import functools
 
 import absl.flags
 import grain
+import jax
 import numpy as np
 
 from vlbpe_jax.data import icl
@@ -79,11 +80,11 @@ def local_shards(num_shards: int = 0) -> list[tuple[int, int]]:
 
 
 def _concat_batches(batches):
-  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  return jax.tree.map(lambda *rows: np.concatenate(rows), *batches)
 
 
 def zip_shards(make_dataset, shards) -> grain.IterDataset:
-  """`make_dataset(shard)` of each shard (dicts of `[b, ...]` batches), zipped into one
+  """`make_dataset(shard)` of each shard (pytrees of `[b, ...]` batches), zipped into one
   dataset of `[len(shards) * b, ...]` batches, the shards' rows in order."""
   if len(shards) == 1:
     return make_dataset(shards[0])
