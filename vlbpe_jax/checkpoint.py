@@ -2,7 +2,8 @@
 
 One checkpoint step is a directory with up to four items:
   state     the state pytree (`{"step", "params", "opt", ...}`), sharded arrays via tensorstore
-  data_iter the grain iterator state (optional), so a resumed run sees the same batches
+  data_iter the grain iterator state (optional), so a resumed run sees the same batches: one
+            file per data shard (`data/iter_state.py`), restorable with another process count
   config    the run's config as JSON
   meta      JSON facts of the run up to this step (optional), e.g. {"train_seconds": 81.2},
             so records of a resumed run add up as one run's
@@ -66,9 +67,9 @@ class Checkpointer:
     # process can be read before restoring; the grain iterator handler is added on first use.
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    try:
-      import grain  # pylint: disable=g-import-not-at-top  (absent on some accelerator hosts)
-      handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+    try:  # grain is absent on some accelerator hosts
+      from vlbpe_jax.data import iter_state  # pylint: disable=g-import-not-at-top
+      handlers["data_iter"] = iter_state.DataIterHandler()
     except ImportError:
       pass
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -87,8 +88,8 @@ class Checkpointer:
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(dict(meta))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top  (only where data iterators exist)
-      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+      from vlbpe_jax.data import iter_state  # pylint: disable=g-import-not-at-top
+      items["data_iter"] = iter_state.DataIterSave(data_iter)
     return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, *, step=None, data_iter=None):
@@ -106,8 +107,8 @@ class Checkpointer:
     self._check_tree(step, abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      from vlbpe_jax.data import iter_state  # pylint: disable=g-import-not-at-top
+      items["data_iter"] = iter_state.DataIterRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 

@@ -76,12 +76,28 @@ def initialize_distributed() -> bool:
     return False
   if flag != "1":
     raise ValueError(f"VLBPE_DISTRIBUTED={flag!r}: expected 1 (multi-process) or 0/unset")
+  # CPU processes (tests, a CPU cluster) all-reduce over gloo; accelerators ignore the flag.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(num_processes=_env_int("VLBPE_NUM_PROCESSES"),
                              process_id=_env_int("VLBPE_PROCESS_ID"))
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's non-array files (JSON, npz, metrics, reports):
+  process 0; orbax writes the arrays of a checkpoint from every process itself."""
+  return jax.process_index() == 0
+
+
+def sync(name: str):
+  """Waits until every process got here (a no-op in a one-process run); `name` tags the
+  barrier, e.g. `"vq/codes written"`, so that a mismatch names both sides."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
@@ -147,11 +163,55 @@ def shard_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh, x.ndim, batch_axes), x)
 
-  return jax.tree.map(put, batch)
+  # An explicit transfer; with several processes jax makes it through `make_array_from_callback`,
+  # which the loop's transfer guard would refuse.
+  with jax.transfer_guard_host_to_device("allow"):
+    return jax.tree.map(put, batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def _replicate_leaf(x, sharding):
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_replicate_leaf(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: y, out_shardings=sharding)(x)  # already global
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def replicate(tree, mesh: Mesh):
+  """Host values (numpy arrays, scalars, jax arrays or PRNG keys on one device) as global
+  arrays replicated over `mesh`; every process passes the same values. (`jax.device_put`
+  cannot place onto another process's devices.)"""
+  with jax.transfer_guard_host_to_device("allow"):
+    return jax.tree.map(lambda x: _replicate_leaf(x, replicated(mesh)), tree)
+
+
+def shard_global_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
+  """Like `shard_batch`, for a host batch (pytree of `[B, ...]`) that every process holds
+  whole (evaluation, encoding a split): each process places the rows of its own devices."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, batch_axes),
+                                        lambda index: x[index])
+
+  with jax.transfer_guard_host_to_device("allow"):
+    return jax.tree.map(put, batch)
+
+
+def fetch(tree):
+  """Global arrays -> host numpy, whole on every process (gathered across processes when
+  other processes hold some of the rows)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)
 
 
 def _key_names(path):

@@ -10,7 +10,8 @@ TensorBoard reads, and `metrics.jsonl` holds `{"step": s, "name": value, ...}` p
 
 A resumed run reads as one run: the writer keeps the lines of steps <= `resume_step` (those
 the restored checkpoint had seen) and drops the rest, and there is one event file per logdir,
-rewritten from the kept lines, not a new file per restart.
+rewritten from the kept lines, not a new file per restart. In a multi-process run only process
+0 writes (the scalars are global); the others' writers do nothing.
 """
 
 import json
@@ -18,6 +19,7 @@ import os
 import struct
 import time
 
+import jax
 import numpy as np
 
 from vlbpe_jax import fileio
@@ -109,6 +111,9 @@ class MetricWriter:
   """Appends scalars to `logdir/events.out.tfevents.vlbpe` and `logdir/metrics.jsonl`."""
 
   def __init__(self, logdir: str, resume_step: int = 0):
+    self._events = self._jsonl = None
+    if jax.process_index() != 0:
+      return
     os.makedirs(logdir, exist_ok=True)
     jsonl = os.path.join(logdir, "metrics.jsonl")
     kept = [r for r in read_jsonl(jsonl) if int(r["step"]) <= resume_step]
@@ -126,18 +131,22 @@ class MetricWriter:
     self._jsonl = open(jsonl, "a")
 
   def write_scalars(self, step: int, scalars: dict):
+    if self._jsonl is None:
+      return
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self._events.write(tfrecord(event_bytes(int(step), time.time(), scalars)))
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self.flush()
 
   def flush(self):
-    self._events.flush()
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._events.flush()
+      self._jsonl.flush()
 
   def close(self):
-    self._events.close()
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._events.close()
+      self._jsonl.close()
 
   def __enter__(self):
     return self

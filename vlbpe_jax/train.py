@@ -11,6 +11,11 @@ files it read. A rerun skips a stage whose manifest matches, resumes one that wa
 and recomputes one whose inputs changed, with everything downstream. A stage that holds a
 training run (`Stage.trains`) is never deleted silently: it is refused with the changed fields,
 unless `config.recompute` names it or a stage before it (`all`: every stage).
+
+Several processes (`parallel.initialize_distributed`): every process decides a stage's status
+from the same files, then process 0 alone writes manifests and reports. A stage that runs on
+the mesh (`Stage.collective`: the trainers) runs on every process; the others (data, BPE: host
+work writing files) run on process 0 while the rest wait at a barrier and then read its files.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ from absl import logging
 
 from vlbpe_jax import fileio
 from vlbpe_jax import manifest
+from vlbpe_jax import parallel
 from vlbpe_jax.bpe import stage as bpe_stage
 from vlbpe_jax.clip import stage as clip_stage
 from vlbpe_jax.data import stage as data_stage
@@ -43,6 +49,7 @@ class Stage:
   outputs: tuple = ()  # globs (relative to workdir) of the files later stages read
   owns: tuple = ()  # what it writes (relative to workdir), deleted before a recompute
   trains: bool = False  # holds a training run: a recompute must be asked for
+  collective: bool = False  # runs on every process (jax on the global mesh), not process 0 alone
 
 
 _DATA = ("seed", "data.resolution", "data.num_train", "data.num_validation", "data.num_test")
@@ -52,17 +59,17 @@ STAGES = {
     "data": Stage(data_stage.run_stage, _DATA + ("data", "tokenizer"),
                   outputs=("data/tfds", "tokenizer/text.model"), owns=("data", "tokenizer")),
     "vq": Stage(vq_stage.run_stage, _DATA + ("vq",),
-                outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True),
+                outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True, collective=True),
     "bpe": Stage(bpe_stage.run_stage, ("seed", "data.resolution", "bpe"), reads=("vq",),
                  outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",)),
     "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "vq", "bpe"),
-                outputs=("lm/*/result.json",), owns=("lm",), trains=True),
+                outputs=("lm/*/result.json",), owns=("lm",), trains=True, collective=True),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
-                  outputs=("clip/ckpt",), owns=("clip",), trains=True),
+                  outputs=("clip/ckpt",), owns=("clip",), trains=True, collective=True),
     "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
-                 outputs=("dit/*/result.json",), owns=("dit",), trains=True),
+                 outputs=("dit/*/result.json",), owns=("dit",), trains=True, collective=True),
     "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"), reads=("data", "lm", "clip"),
-                 outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True),
+                 outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True, collective=True),
 }
 
 
@@ -180,6 +187,19 @@ def run_one(config, workdir, name, allowed) -> dict:
   if status == "done":
     logging.info("stage %s: up to date, skipped", name)
     return report.section_metrics(workdir, name)
+  parallel.sync(f"stage {name}: status read")  # by every process, before process 0 writes
+  if not parallel.is_primary():
+    metrics = STAGES[name].run(config, workdir) if STAGES[name].collective else None
+    parallel.sync(f"stage {name}: done")
+    return metrics if metrics is not None else report.section_metrics(workdir, name)
+  try:
+    return _run_primary(config, workdir, name, allowed, status, reasons, key)
+  finally:
+    parallel.sync(f"stage {name}: done")
+
+
+def _run_primary(config, workdir, name, allowed, status, reasons, key) -> dict:
+  """`run_one` on process 0: discards or resumes, runs the stage, writes its manifest."""
   m = manifest.load(workdir, name) or {}
   seconds = 0.0
   if status == "resume" and STAGES[name].trains:
@@ -221,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> str:
     if name in names:
       logging.info("=== stage %s ===", name)
       run_one(config, workdir, name, allowed)
-    elif _status(config, workdir, name)[0] != "done":
+    elif parallel.is_primary() and _status(config, workdir, name)[0] != "done":
       # Not run now and not made from this config: its numbers must not show beside it.
       if report.remove_section(workdir, name):
         logging.warning("stage %s is not up to date for this config: its report section "
@@ -230,6 +250,8 @@ def train_and_evaluate(config, workdir: str) -> str:
 
 
 def _run_section(config, workdir):
+  if not parallel.is_primary():  # process 0 writes the report
+    return os.path.join(workdir, "report", "index.html")
   rows, metrics = [], {}
   for name in STAGES:
     m = manifest.load(workdir, name)

@@ -15,7 +15,10 @@ exactly the batches an uninterrupted run would have produced, for the same `work
 
 Every host reads a contiguous, equal-sized slice of the source (`jax.process_index()` of
 `jax.process_count()`; the remainder is dropped so all hosts run the same number of steps), so
-`batch_size` is the per-host batch. Shuffling is reseeded every epoch (`num_epochs=None`:
+`batch_size` is the per-host batch. `local_shards(n)` + `zip_shards` split the data into a fixed
+number `n` of shards instead, each process reading (and concatenating the batches of) its
+`n / processes` of them: the global batches are then the same for any process count that
+divides `n` (a 2-process run equals a 1-process one, and either resumes the other). Shuffling is reseeded every epoch (`num_epochs=None`:
 forever). `worker_count > 0` runs everything up to batching in grain worker processes
 (different worker counts give different, still deterministic, orders); callables must then be
 picklable, and absl flags are marked parsed if nobody parsed them (grain reads its flags).
@@ -36,6 +39,7 @@ import functools
 
 import absl.flags
 import grain
+import jax
 import numpy as np
 
 from vlbpe_jax.data import icl
@@ -60,6 +64,64 @@ def shard_slice(num_examples: int, shard_index: int | None = None,
   if per_shard == 0:
     raise ValueError(f"num_examples={num_examples}: fewer than shard_count={shard_count}")
   return slice(shard_index * per_shard, (shard_index + 1) * per_shard)
+
+
+def local_shards(num_shards: int = 0) -> list[tuple[int, int]]:
+  """This process's `(index, count)` shards of data split `num_shards` ways (0: one shard per
+  process); each process reads `num_shards / jax.process_count()` consecutive ones."""
+  opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  index, count = opts.shard_index, opts.shard_count
+  num_shards = int(num_shards) or count
+  if num_shards < 1 or num_shards % count:
+    raise ValueError(f"data shards={num_shards}: expected 0 (one per process) or a positive "
+                     f"multiple of the {count} processes")
+  per = num_shards // count
+  return [(index * per + i, num_shards) for i in range(per)]
+
+
+def _concat_batches(batches):
+  return jax.tree.map(lambda *rows: np.concatenate(rows), *batches)
+
+
+def zip_shards(make_dataset, shards) -> grain.IterDataset:
+  """`make_dataset(shard)` of each shard (pytrees of `[b, ...]` batches), zipped into one
+  dataset of `[len(shards) * b, ...]` batches, the shards' rows in order."""
+  if len(shards) == 1:
+    return make_dataset(shards[0])
+  return grain.experimental.ZipIterDataset([make_dataset(s) for s in shards]).map(
+      _concat_batches)
+
+
+class ShardedIterator:
+  """A grain iterator over `zip_shards(..., shards)` whose state is kept per shard
+  (`{"shard_<i>-of-<n>": state}`), so that a checkpoint written by any number of processes
+  restores in any other (`iter_state.DataIterHandler` writes one file per shard)."""
+
+  def __init__(self, iterator, shards):
+    self.iterator, self.shards = iterator, [tuple(s) for s in shards]
+
+  @property
+  def shard_names(self) -> list[str]:
+    return [f"shard_{i}-of-{n}" for i, n in self.shards]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.iterator)
+
+  def get_state(self) -> dict:
+    state = self.iterator.get_state()
+    states = state["parents"] if len(self.shards) > 1 else [state]
+    return dict(zip(self.shard_names, states))
+
+  def set_state(self, state: dict):
+    missing = [k for k in self.shard_names if k not in state]
+    if missing:
+      raise ValueError(f"data iterator state holds shards {sorted(state)}; expected "
+                       f"{self.shard_names} (missing {missing})")
+    states = [state[k] for k in self.shard_names]
+    self.iterator.set_state({"parents": states} if len(states) > 1 else states[0])
 
 
 def _start(source, *, seed, shuffle, num_epochs, shard):

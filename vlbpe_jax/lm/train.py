@@ -328,8 +328,8 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   """
   c = config.lm
   ends = np.cumsum([p.steps for p in plan]).tolist()
-  key_init, key_train = jax.random.split(jax.random.key(lm_seed(config)))
-  key_train = jax.device_put(key_train, trainer.repl)
+  key_init, key_train = (parallel.replicate(k, trainer.mesh)
+                         for k in jax.random.split(jax.random.key(lm_seed(config))))
   with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"),
                                config=manifest.config_dict(config), must_match=must_match,
                                max_to_keep=2) as ckpt:
@@ -351,7 +351,7 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
       logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
       return state, make_iter(plan[k])
 
-    tokens_per_device = c.batch_size * c.seq_len * jax.process_count() / jax.device_count()
+    tokens_per_device = c.batch_size * c.seq_len / jax.device_count()
     with summary.MetricWriter(run_dir, resume_step=start) as writer:
       return loop.fit(
           state, lambda state, batch: trainer.step(plan[k], state, batch, key_train), it,
@@ -363,13 +363,26 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
           extra_scalars=lambda step: {"stage": plan[_phase_at(plan, step - 1)].stage})
 
 
+def process_batch_size(config) -> int:
+  """This process's rows of the global batch `lm.batch_size`."""
+  n = jax.process_count()
+  if int(config.lm.batch_size) % n:
+    raise ValueError(f"lm.batch_size={config.lm.batch_size} does not split over {n} processes")
+  return int(config.lm.batch_size) // n
+
+
 def iterator_fn(config, tok, source, visual):
-  """`phase -> iterator` of packed batches of the phase's tasks (`visual=None`: text only)."""
+  """`phase -> iterator` of packed batches of the phase's tasks (`visual=None`: text only):
+  this process's rows of the global batch, from its `lm.data_shards` shards (0: one shard per
+  process; a fixed count gives the same global batches for any process count dividing it)."""
+  shards = pipeline.local_shards(int(config.lm.get("data_shards", 0)))
+
   def make_iter(phase):
-    return iter(sequences.train_dataset(
+    return pipeline.ShardedIterator(iter(sequences.train_dataset(
         source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
-        batch_size=config.lm.batch_size, seed=lm_seed(config), worker_count=config.lm.worker_count,
-        grid=grid_positions(config)))
+        batch_size=process_batch_size(config), seed=lm_seed(config),
+        worker_count=config.lm.worker_count, grid=grid_positions(config), shards=shards)),
+        shards)
   return make_iter
 
 

@@ -243,12 +243,12 @@ class Trainer:
   def encode_fn(self, params, images):
     """Host uint8 [B, H, W, 3] (B divisible by the batch shards) -> host int32 codes."""
     with self._ctx():
-      return jax.device_get(self._encode(params, parallel.shard_batch(images, self.mesh)))
+      return parallel.fetch(self._encode(params, parallel.shard_global_batch(images, self.mesh)))
 
   def decode_fn(self, params, codes):
     """Host int32 codes [B, h, w] -> host uint8 images."""
     with self._ctx():
-      return jax.device_get(self._decode(params, parallel.shard_batch(codes, self.mesh)))
+      return parallel.fetch(self._decode(params, parallel.shard_global_batch(codes, self.mesh)))
 
   @property
   def batch_shards(self) -> int:
@@ -260,7 +260,7 @@ class Trainer:
     """uint8 images [N, H, W, 3] (host) -> (recon uint8, codes, psnr [N], ssim [N]) on host."""
     def run(chunk):
       with self._ctx():
-        return jax.device_get(self._eval(params, parallel.shard_batch(chunk, self.mesh)))
+        return parallel.fetch(self._eval(params, parallel.shard_global_batch(chunk, self.mesh)))
     return parallel.map_batches(run, images, batch_size or self.cfg.batch_size, self.batch_shards)
 
 
@@ -307,10 +307,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_images = input_pipeline.load_shapes(config, "train")
   val_images = input_pipeline.load_shapes(config, "validation")
   data_iter = input_pipeline.train_iterator(train_images, batch_size=cfg.batch_size,
-                                            seed=config.seed)
-  key_init, key_train = jax.random.split(jax.random.key(config.seed))
-  key_train, lpips_params = jax.device_put((key_train, lpips_params),
-                                           parallel.replicated(trainer.mesh))
+                                            seed=config.seed,
+                                            data_shards=int(cfg.get("data_shards", 0)))
+  key_init, key_train, lpips_params = parallel.replicate(
+      (*jax.random.split(jax.random.key(config.seed)), lpips_params), trainer.mesh)
   ckpt_dir = os.path.join(vq_dir, "ckpt")
   val = {}
   with checkpoint.Checkpointer(ckpt_dir, config=config, must_match=MUST_MATCH) as ckpt:
@@ -323,7 +323,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         val.update(metrics)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in val.items()})
         logging.info("vq step %d: %s", step, val)
-        _save_grid(vq_dir, step, val_images[:cfg.grid_images], rec[:cfg.grid_images])
+        if parallel.is_primary():
+          _save_grid(vq_dir, step, val_images[:cfg.grid_images], rec[:cfg.grid_images])
 
       state = loop.fit(
           state, lambda state, images: trainer.step(state, images, key_train, lpips_params),

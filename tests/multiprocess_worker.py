@@ -1,0 +1,104 @@
+"""One process of a multi-process test run (tests/test_multiprocess.py starts two of them).
+
+  VLBPE_DISTRIBUTED=1 VLBPE_NUM_PROCESSES=2 VLBPE_PROCESS_ID=0 JAX_COORDINATOR_ADDRESS=... \\
+    python tests/multiprocess_worker.py WORKDIR lm:A:2 lm:B:0
+
+Each `job:name:stop` runs a job into `WORKDIR/name` (stop: stop_at_step, 0 = to the end). The
+same functions run in the test's own process for the one-process, 8-device reference.
+"""
+
+import functools
+import importlib.util
+import os
+import sys
+
+import jax
+
+from vlbpe_jax import parallel
+
+
+def lm_config():
+  import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
+  # lm.data_shards=2: the same global batches in 1 process (both shards) and in 2 (one each).
+  config = helpers.make_config(text_steps=4, batch_size=8, data_shards=2, seq_len=64)
+  config.lm.model.depth = 1
+  config.mesh = [("data", 1), ("fsdp", 8), ("tensor", 1)]  # weights split over both processes
+  return config
+
+
+@functools.lru_cache()
+def _lm_setup(workdir: str):
+  """(config, trainer, make_iter), built once per process so that its jitted steps compile
+  once for all jobs."""
+  import lm_train_helpers as helpers  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
+  config = lm_config()
+  with open(os.path.join(workdir, "t.model"), "rb") as f:
+    tok = text_tokenizer.TextTokenizer(f.read())
+  trainer = train.Trainer(config, train.make_model(config, tok),
+                          parallel.mesh_from_config(config.mesh))
+  return config, trainer, train.iterator_fn(config, tok, helpers.examples("train"), None)
+
+
+def run_lm(workdir: str, name: str, stop_at_step: int | None = None):
+  """Stage 0 of the LM (text only, 4 steps) into `workdir/name`; `workdir/t.model` exists."""
+  from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
+  config, trainer, make_iter = _lm_setup(workdir)
+  train.run_plan(config, os.path.join(workdir, name), trainer, train.plan_of(config, "text"),
+                 make_iter, stop_at_step=stop_at_step or None, name=name,
+                 must_match=train.TEXT_MUST_MATCH)
+
+
+def vq_config():
+  config = _load_config("vq_tiny", "tiny")  # 3 steps, evaluation and a checkpoint at step 3
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  config.vq.data_shards = 2
+  config.vq.disc_weight = 0.0  # the PatchGAN's compile would double the test's time
+  return config
+
+
+def run_vq(workdir: str, name: str, stop_at_step: int | None = None):
+  """The tiny VQ (to step 3, or resumed from its checkpoint) into `workdir/name/vq`; its
+  validation metrics go to `workdir/name/result.json`."""
+  from vlbpe_jax import fileio  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.vq import train  # pylint: disable=g-import-not-at-top
+  del stop_at_step  # the VQ runs to vq.total_steps
+  val = train.train_and_evaluate(vq_config(), os.path.join(workdir, name))
+  if parallel.is_primary():
+    fileio.write_json(os.path.join(workdir, name, "result.json"), val)
+
+
+def _load_config(name, arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_data(workdir: str, name: str, stop_at_step: int | None = None):
+  """The pipeline's `data` stage of configs/tiny.py:tiny into `workdir/name`."""
+  from vlbpe_jax import train  # pylint: disable=g-import-not-at-top
+  del stop_at_step
+  config = _load_config("tiny", "tiny")
+  config.stages = "data"
+  train.train_and_evaluate(config, os.path.join(workdir, name))
+
+
+JOBS = {"lm": run_lm, "vq": run_vq, "data": run_data}
+
+
+def main(workdir, *jobs):
+  parallel.initialize_distributed()
+  jax.config.update("jax_threefry_partitionable", True)
+  if os.environ.get("VLBPE_TEST_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
+  for job in jobs:
+    kind, name, stop = job.split(":")
+    JOBS[kind](workdir, name, int(stop))
+  print(f"worker {jax.process_index()} done", flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
