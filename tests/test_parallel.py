@@ -119,8 +119,10 @@ def test_plan_mesh_fits_the_batch_axis_to_the_batch(batch, devices, want):
 
 
 @pytest.mark.parametrize("axes, batch, want", [
-    ([("data", -1), ("fsdp", 2), ("tensor", 1)], 4, {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
-    ([("data", 2), ("fsdp", -1), ("tensor", 1)], 12, {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
+    ([("data", -1), ("fsdp", 2), ("tensor", 1)], 4,
+     {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
+    ([("data", 2), ("fsdp", -1), ("tensor", 1)], 12,
+     {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
     ([("data", 2), ("fsdp", 1), ("tensor", -1)], 4, {"data": 2, "fsdp": 1, "tensor": 4}),
     ([("data", 4), ("fsdp", 2)], 8, {"data": 4, "fsdp": 2}),
     (AXES3, None, {"data": 8, "fsdp": 1, "tensor": 1}),  # no batch: every device
