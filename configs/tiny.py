@@ -22,7 +22,12 @@ def get_config(arg=None):
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
   c.recompute = ""
-  # Device mesh: -1 = all remaining devices. Rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES.
+  # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are
+  # global and fixed by this file: each stage fits the -1 axis ("data") to its batch, i.e. to
+  # the largest divisor of the batch that divides the device count, and the devices left over
+  # replicate its shards (an added "replica" axis), e.g. batch 4 on 8 devices: data=4,
+  # replica=2; on 6: data=2, replica=3 (parallel.py:plan_mesh, logged as "mesh ..."). Explicit
+  # sizes are kept: their product must be the device count and split every batch.
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
 
   c.data = dict(

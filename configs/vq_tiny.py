@@ -58,6 +58,12 @@ def get_config(arg=None):
   # `:tiny` (tests): 32 px, a PatchGAN from step 1 so that every loss path runs.
   c.data = dict(resolution=32 if arg.tiny else 64, num_train=64 if arg.tiny else 2000,
                 num_validation=16 if arg.tiny else 64, num_test=16 if arg.tiny else 64)
+  # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are
+  # global and fixed by this file: each stage fits the -1 axis ("data") to its batch, i.e. to
+  # the largest divisor of the batch that divides the device count, and the devices left over
+  # replicate its shards (an added "replica" axis), e.g. batch 4 on 8 devices: data=4,
+  # replica=2; on 6: data=2, replica=3 (parallel.py:plan_mesh, logged as "mesh ..."). Explicit
+  # sizes are kept: their product must be the device count and split every batch.
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.vq = vq_config(arg.tiny)
   return c

@@ -91,3 +91,76 @@ def test_shard_batch_rejects_indivisible_batch():
   mesh = parallel.make_mesh([("data", -1)])
   with pytest.raises(ValueError, match="does not split"):
     parallel.shard_batch({"x": np.zeros((6, 2))}, mesh)
+
+
+AXES3 = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+
+
+@pytest.mark.parametrize("batch, devices, want", [
+    (4, 1, {"data": 1}),
+    (4, 2, {"data": 2}),
+    (4, 4, {"data": 4}),
+    (4, 6, {"data": 2, "replica": 3}),
+    (4, 8, {"data": 4, "replica": 2}),
+    (6, 4, {"data": 2, "replica": 2}),
+    (6, 6, {"data": 6}),
+    (8, 6, {"data": 2, "replica": 3}),
+    (16, 8, {"data": 8}),
+    (3, 8, {"data": 1, "replica": 8}),
+    ((8, 32), 8, {"data": 8}),  # several batches (the dit stage): each must split
+    ((4, 8), 8, {"data": 4, "replica": 2}),
+])
+def test_plan_mesh_fits_the_batch_axis_to_the_batch(batch, devices, want):
+  axes, why = parallel.plan_mesh(AXES3, devices, batch)
+  assert dict(axes) == {"fsdp": 1, "tensor": 1, **want}
+  assert [n for n, _ in axes][:3] == ["data", "fsdp", "tensor"]  # replica (if any) last
+  assert f"over {devices} devices: {want['data']} batch shards" in why
+  assert ("replicas" in why) == ("replica" in want)
+
+
+@pytest.mark.parametrize("axes, batch, want", [
+    ([("data", -1), ("fsdp", 2), ("tensor", 1)], 4,
+     {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
+    ([("data", 2), ("fsdp", -1), ("tensor", 1)], 12,
+     {"data": 2, "fsdp": 2, "tensor": 1, "replica": 2}),
+    ([("data", 2), ("fsdp", 1), ("tensor", -1)], 4, {"data": 2, "fsdp": 1, "tensor": 4}),
+    ([("data", 4), ("fsdp", 2)], 8, {"data": 4, "fsdp": 2}),
+    (AXES3, None, {"data": 8, "fsdp": 1, "tensor": 1}),  # no batch: every device
+])
+def test_plan_mesh_keeps_explicit_sizes(axes, batch, want):
+  assert dict(parallel.plan_mesh(axes, 8, batch)[0]) == want
+
+
+@pytest.mark.parametrize("axes, devices, batch, match", [
+    ([("data", 8), ("fsdp", 1)], 8, 4, r"8 shards \(data=8 x fsdp=1\).*batch 4"),
+    ([("data", -1), ("fsdp", 3)], 6, 4, r"3 shards \(fsdp=3\).*batch 4"),
+    ([("data", 4), ("fsdp", 1)], 8, 4, "needs 4 devices; 8 are available"),
+    ([("data", -1), ("tensor", 3)], 8, 4, "8 devices are not divisible"),
+    ([("data", -1), ("replica", 2)], 8, 4, "'replica' is added"),
+    (AXES3, 8, 0, "batch_size=0"),
+])
+def test_plan_mesh_rejects_bad_requests(axes, devices, batch, match):
+  with pytest.raises(ValueError, match=match):
+    parallel.plan_mesh(axes, devices, batch)
+
+
+def test_mesh_from_config_fits_the_batch_and_logs_it(caplog):
+  with caplog.at_level("INFO"):
+    mesh = parallel.mesh_from_config(AXES3, jax.devices()[:6], batch_size=4)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1, "replica": 3}
+  assert "mesh data=2 fsdp=1 tensor=1 replica=3 (batch 4 over 6 devices: 2 batch shards, " \
+         "3 replicas of each)" in caplog.text
+  assert parallel.batch_shards(mesh) == 2
+  x = parallel.shard_batch({"x": np.arange(8.0).reshape(4, 2)}, mesh)["x"]
+  assert x.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert {s.data.shape for s in x.addressable_shards} == {(2, 2)}
+
+
+@pytest.mark.parametrize("n", [1, 6, 8])
+def test_sharded_step_on_a_fitted_mesh_equals_one_device(batch, n):
+  # The global batch (16 rows) is fixed; only where its rows run changes with the devices.
+  ref, ref_loss, _ = _run_step(parallel.make_mesh(AXES3, jax.devices()[:1]), batch)
+  mesh = parallel.make_mesh(AXES3, jax.devices()[:n], batch_size=len(batch["x"]))
+  got, got_loss, _ = _run_step(mesh, batch)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)

@@ -28,7 +28,7 @@ _spec.loader.exec_module(vq_tiny)
 def _run_steps(config, mesh, images, n=2):
   trainer = train.Trainer(config, mesh)
   state = trainer.init(jax.random.key(0))
-  key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
+  key = jax.device_put(jax.random.key(1), parallel.replicated(trainer.mesh))
   for i in range(n):
     state, m = trainer.step(state, images[i], key)
   return jax.tree.map(np.asarray, jax.device_get(state)), jax.device_get(m), trainer
@@ -57,6 +57,30 @@ def test_sharded_step_equals_unsharded():
   # Weights really are split over fsdp (conv output channels) and the batch over data x fsdp.
   kernel_sharding = t8.state_sharding["params"]["encoder"]["conv_in"]["kernel"]
   assert kernel_sharding.spec[-1] == "fsdp"
+
+
+@pytest.mark.slow
+def test_demo_batch_steps_alike_on_1_6_and_8_devices():
+  # The demo's VQ batch (4 rows) on 8 devices stopped with "does not split over 8 batch shards"
+  # (issue 15). The trainer now fits its mesh to the batch: 8 devices -> data=4 x replica=2,
+  # 6 -> data=2 x replica=3, 1 -> data=1; the global batch and so the steps stay the same.
+  config = vq_tiny.get_config()
+  with config.unlocked():
+    config.data.resolution = 32  # the demo's model and batch; smaller images compile faster
+  assert config.vq.batch_size == 4
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
+  runs = {n: _run_steps(config, None if n == 8 else parallel.mesh_from_config(
+      config.mesh, jax.devices()[:n], batch_size=4), images) for n in (1, 6, 8)}
+  assert {n: dict(t.mesh.shape) for n, (_, _, t) in runs.items()} == {
+      1: {"data": 1, "fsdp": 1, "tensor": 1},
+      6: {"data": 2, "fsdp": 1, "tensor": 1, "replica": 3},
+      8: {"data": 4, "fsdp": 1, "tensor": 1, "replica": 2}}
+  (s1, m1, _) = runs[1]
+  for n in (6, 8):
+    s, m, _ = runs[n]
+    for k in ("loss", "rec_loss", "l2_grads"):
+      np.testing.assert_allclose(m[k], m1[k], rtol=1e-4, err_msg=f"{k} on {n} devices")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s, s1)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,13 @@ Model code names axes logically (`embed`, `mlp`, `act_batch`, ...); one table ma
 the mesh axes `data`, `fsdp`, `tensor`. Weights and activations use distinct names so that
 they can be sharded differently (weights over `fsdp`, activations over `data`+`fsdp`).
 
-  mesh = make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+The mesh rule (`plan_mesh`, the only place it lives): a config fixes the global batch; with
+the batch axis sized -1 the mesh's batch axes get the largest divisor of that batch that
+divides the device count, and the devices left over replicate (a `replica` axis), e.g. batch 4
+on 8 devices: data=4, replica=2; on 6: data=2, replica=3. Every trainer builds its mesh with
+`mesh_from_config(config.mesh, batch_size=...)` and shards batches with `shard_batch`.
+
+  mesh = make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)], batch_size=8)
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     state_sharding = logical_shardings(abstract_state, mesh)
     state = jax.jit(init, out_shardings=state_sharding)(key)
@@ -20,6 +26,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch's rows split over these (the `act_batch` rule)
+REPLICA_AXIS = "replica"  # devices the batch cannot use; no rule names it (see `plan_mesh`)
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES = (
@@ -100,36 +108,88 @@ def sync(name: str):
     multihost_utils.sync_global_devices(name)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-  """Builds a mesh from `[(name, size), ...]`; one size may be -1 (= the remaining devices).
+def plan_mesh(axes: Sequence[tuple[str, int]], num_devices: int,
+              batch_size: int | Sequence[int] | None = None) -> tuple[list[tuple[str, int]], str]:
+  """The mesh rule: `(axes with every size fixed, why)` for `num_devices` devices.
 
-  Axes are `AxisType.Auto` so that Linen's logical partitioning works (see NOTES.md).
+  One size of `axes` may be -1 (= the remaining devices). When it is on a batch axis (`data`,
+  `fsdp`) and `batch_size` (the global rows per step; several: each must split) is given, the
+  batch axes take the largest share of the remaining devices that divides the batch, and the
+  devices left over form a trailing `replica` axis that no logical rule names: every array is
+  replicated over it (those devices compute the same shards). So a config's global batch never
+  depends on the device count, and neither do its results (beyond float reduction order).
+  Sizes given explicitly are kept; a batch they do not split is a ValueError.
   """
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  names = tuple(name for name, _ in axes)
+  names = [name for name, _ in axes]
   sizes = [int(size) for _, size in axes]
   if len(set(names)) != len(names):
-    raise ValueError(f"mesh axes {names} repeat a name")
+    raise ValueError(f"mesh axes {tuple(names)} repeat a name")
+  if REPLICA_AXIS in names:
+    raise ValueError(f"mesh axes {tuple(names)}: {REPLICA_AXIS!r} is added by the mesh rule")
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh sizes {sizes}: at most one may be -1")
   if any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"mesh sizes {sizes}: expected positive sizes or one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
+  batches = () if batch_size is None else tuple(
+      int(b) for b in np.atleast_1d(np.asarray(batch_size)))
+  if any(b < 1 for b in batches):
+    raise ValueError(f"batch_size={batch_size!r}: expected positive global batch sizes")
+  rows = int(np.gcd.reduce(batches)) if batches else None  # a size every batch is a multiple of
+  what = "batch " + "/".join(str(b) for b in batches)
+  if -1 not in sizes:
+    if known != num_devices:
+      raise ValueError(f"mesh {list(axes)} needs {known} devices; {num_devices} are available "
+                       "(give one axis size -1 to use every device)")
+  elif num_devices % known:
+    raise ValueError(f"mesh {list(axes)}: {num_devices} devices are not divisible by the fixed "
+                     f"axes' product {known}")
+  free = num_devices // known
+  fixed = [(n, s) for n, s in zip(names, sizes) if n in BATCH_AXES and s != -1]
+  fixed_batch = int(np.prod([s for _, s in fixed]))
+  if rows is not None and rows % fixed_batch:
+    raise ValueError(f"mesh {list(axes)} splits each batch over {fixed_batch} shards ("
+                     + " x ".join(f"{n}={s}" for n, s in fixed) + f"), which does not divide "
+                     f"the global {what}; give the batch axis size -1 to fit the mesh to it")
+  replicas = 1
   if -1 in sizes:
-    if devices.size % known:
-      raise ValueError(f"mesh {list(axes)}: {devices.size} devices are not divisible by "
-                       f"the fixed axes' product {known}")
-    sizes[sizes.index(-1)] = devices.size // known
-  if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"mesh {list(axes)} needs {int(np.prod(sizes))} devices; "
-                     f"{devices.size} are available")
+    i = sizes.index(-1)
+    if names[i] in BATCH_AXES and rows is not None:
+      sizes[i] = int(np.gcd(free, rows // fixed_batch))  # the largest divisor of both
+      replicas = free // sizes[i]
+    else:
+      sizes[i] = free
+  shards = int(np.prod([s for n, s in zip(names, sizes) if n in BATCH_AXES]))
+  if rows is None:
+    why = f"{num_devices} devices, no batch size given"
+  else:
+    why = f"{what} over {num_devices} devices: {shards} batch shards"
+    why += f", {replicas} replicas of each" if replicas > 1 else ""
+  out = list(zip(names, sizes))
+  if replicas > 1:
+    out.append((REPLICA_AXIS, replicas))
+  return out, why
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices=None, *,
+              batch_size: int | Sequence[int] | None = None) -> Mesh:
+  """Builds the mesh `plan_mesh(axes, len(devices), batch_size)` chooses and logs it.
+
+  `axes`: `[(name, size), ...]`, one size may be -1. Axes are `AxisType.Auto` so that Linen's
+  logical partitioning works (see NOTES.md).
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  axes, why = plan_mesh(axes, devices.size, batch_size)
+  logging.info("mesh %s (%s)", " ".join(f"{n}={s}" for n, s in axes), why)
+  names, sizes = tuple(n for n, _ in axes), [s for _, s in axes]
   return Mesh(devices.reshape(sizes), names,
               axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
-def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-  """`config.mesh` is a list of `(name, size)` pairs, e.g. `[("data", -1), ("fsdp", 1)]`."""
-  return make_mesh([tuple(a) for a in mesh_cfg], devices)
+def mesh_from_config(mesh_cfg, devices=None, *, batch_size=None) -> Mesh:
+  """`config.mesh` is a list of `(name, size)` pairs, e.g. `[("data", -1), ("fsdp", 1)]`;
+  `batch_size`: the global batch(es) that the mesh's trainers shard (see `plan_mesh`)."""
+  return make_mesh([tuple(a) for a in mesh_cfg], devices, batch_size=batch_size)
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
@@ -141,13 +201,13 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axes=("data", "fsdp")) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, batch_axes=BATCH_AXES) -> NamedSharding:
   """Sharding of a batch array `[B, ...]`: B over the batch mesh axes present in `mesh`."""
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
+def shard_batch(batch, mesh: Mesh, batch_axes=BATCH_AXES):
   """Turns a host-local numpy batch (a pytree of `[B_local, ...]`) into global jax Arrays.
 
   Every process passes its own rows; the global batch is their concatenation.
@@ -159,7 +219,8 @@ def shard_batch(batch, mesh: Mesh, batch_axes=("data", "fsdp")):
     global_rows = x.shape[0] * jax.process_count()
     if global_rows % n_batch:
       raise ValueError(f"batch of {global_rows} rows (shape {x.shape}) does not split over "
-                       f"{n_batch} batch shards of mesh {dict(mesh.shape)}")
+                       f"{n_batch} batch shards of mesh {dict(mesh.shape)}; build the mesh "
+                       "with mesh_from_config(..., batch_size=) to fit it to the batch")
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh, x.ndim, batch_axes), x)
 
@@ -254,6 +315,6 @@ def map_batches(fn, x: np.ndarray, batch_size: int, multiple: int):
   return jax.tree.map(lambda *o: np.concatenate(o), *outs)
 
 
-def batch_shards(mesh: Mesh, batch_axes=("data", "fsdp")) -> int:
+def batch_shards(mesh: Mesh, batch_axes=BATCH_AXES) -> int:
   """How many ways a batch is split (the product of the batch mesh axes)."""
   return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))

@@ -92,6 +92,11 @@ def loss_fn(params, batch, key, frozen, *, model):
   return loss_lib.clip_loss(img, txt, scale)
 
 
+def make_mesh(config):
+  """The clip stage's mesh: fitted to `clip.batch_size` (vlbpe_jax/parallel.py:plan_mesh)."""
+  return parallel.mesh_from_config(config.mesh, batch_size=config.clip.batch_size)
+
+
 def make_trainer(config, model, mesh) -> sharded_trainer.Trainer:
   c = config.clip
   r = config.data.resolution
@@ -114,8 +119,7 @@ def train(config, workdir: str, *, stop_at_step=None):
   c = config.clip
   tok = data_stage.load_tokenizer(workdir)
   model = make_model(config, tok)
-  mesh = parallel.mesh_from_config(config.mesh)
-  trainer = make_trainer(config, model, mesh)
+  trainer = make_trainer(config, model, make_mesh(config))
   data = data_stage.load_scenes(config, workdir, "train")
   ids = caption_ids(tok, data["captions"], model.config.context_len)
   per_process = int(c.batch_size) // jax.process_count()
@@ -137,11 +141,12 @@ def train(config, workdir: str, *, stop_at_step=None):
   return model, trainer, state
 
 
-def restore(config, workdir: str):
-  """The trained CLIP: `(model, params)` from `$W/clip/ckpt` (ValueError when absent)."""
+def restore(config, workdir: str, mesh=None):
+  """The trained CLIP: `(model, params, trainer)` from `$W/clip/ckpt` (ValueError when absent),
+  on `mesh` (a later stage's; default: the clip stage's own)."""
   tok = data_stage.load_tokenizer(workdir)
   model = make_model(config, tok)
-  trainer = make_trainer(config, model, parallel.mesh_from_config(config.mesh))
+  trainer = make_trainer(config, model, make_mesh(config) if mesh is None else mesh)
   path = os.path.join(run_dir(workdir), "ckpt")
   with checkpoint.Checkpointer(path, config=config, must_match=MUST_MATCH) as ckpt:
     if ckpt.latest_step() is None:

@@ -70,10 +70,17 @@ class Setup:
   run_dir: str
 
 
+def make_mesh(config):
+  """The dit stage's one mesh (decoder, designs, frozen LM and CLIP): fitted to both trained
+  batches, `dit.batch_size` and `dit.decoder.batch_size` (vlbpe_jax/parallel.py:plan_mesh)."""
+  return parallel.mesh_from_config(
+      config.mesh, batch_size=(config.dit.batch_size, config.dit.decoder.batch_size))
+
+
 def setup(config, workdir, stats, mesh=None) -> Setup:
   """Decoder and trainer for features standardised by `stats` ({"mean", "std", "shape"})."""
   c = config.dit.decoder
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  mesh = mesh or make_mesh(config)
   shape = tuple(stats["shape"])  # (g, g, D)
   net = make(config, shape[-1])
   init = lambda key: net.init(key, jnp.zeros((1,) + shape))["params"]  # noqa: E731

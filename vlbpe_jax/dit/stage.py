@@ -25,7 +25,6 @@ import numpy as np
 from vlbpe_jax import fileio
 from vlbpe_jax import loop
 from vlbpe_jax import manifest
-from vlbpe_jax import parallel
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.dit import decoder as decoder_lib
@@ -61,13 +60,13 @@ class _Context:
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
-    self.mesh = parallel.mesh_from_config(config.mesh)
+    self.mesh = decoder_lib.make_mesh(config)
     self.train = data_stage.load_scenes(config, workdir, "train")
     test = data_stage.load_scenes(config, workdir, "test")
     n = min(int(config.dit.num_eval), len(test["images"]))
     self.test, self.prompts = test, [c[0] for c in test["captions"][:n]]
     self.objects = test["objects"][:n]
-    self.clip, self.clip_params, _ = clip_train.restore(config, workdir)
+    self.clip, self.clip_params, _ = clip_train.restore(config, workdir, self.mesh)
     g = int(config.clip.grid)
     self.train_feats = clip_train.grid_features(self.clip, self.clip_params,
                                                 self.train["images"], self.mesh, g)

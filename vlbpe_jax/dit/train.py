@@ -41,6 +41,7 @@ from vlbpe_jax import summary
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.dit import decoder as decoder_lib
 from vlbpe_jax.dit import flow
 from vlbpe_jax.dit import model as dit_model
 from vlbpe_jax.dit import queries as queries_lib
@@ -220,7 +221,7 @@ def setup(config, workdir, design, *, shape, stats, backbone=None, mesh=None) ->
   """Models and trainer of `design` for targets of `shape` (H, W, C) standardised by `stats`
   (`targets.stats_of` of the raw training targets)."""
   check_config(config, design)
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  mesh = mesh or decoder_lib.make_mesh(config)
   backbone = backbone or load_backbone(config, workdir, mesh)
   cond_dim = backbone.model.config.width
   shape, patch = target_shape(config, design, shape[-1], tuple(shape))
@@ -329,14 +330,14 @@ def generate(config, s: Setup, params, captions, key, *, num_samples: int, steps
 def train_design(config, workdir, design, *, stop_at_step=None):
   """One design end to end from the workdir's files: returns (setup, state)."""
   check_config(config, design)  # before any file is read
-  mesh = parallel.mesh_from_config(config.mesh)
+  mesh = decoder_lib.make_mesh(config)
   data = data_stage.load_scenes(config, workdir, "train")
   if design == "vq_latent":
     from vlbpe_jax.vq import tokenizer as vq_tokenizer  # pylint: disable=g-import-not-at-top
     vq = vq_tokenizer.Tokenizer.from_workdir(workdir, mesh=mesh)
     x0 = vq_latents(vq, vq.encode(data["images"]))
   else:
-    model, params, _ = clip_train.restore(config, workdir)
+    model, params, _ = clip_train.restore(config, workdir, mesh)
     x0 = clip_train.grid_features(model, params, data["images"], mesh, int(config.clip.grid))
   s = setup(config, workdir, design, shape=x0.shape[1:], stats=targets.stats_of(x0), mesh=mesh)
   return s, train(config, s, data["captions"], x0, stop_at_step=stop_at_step)

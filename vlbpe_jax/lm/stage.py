@@ -109,7 +109,7 @@ class _Context:
     self.train = tfds_builders.data_source(builder, "train")
     test = tfds_builders.data_source(builder, "test")
     self.test = evaluate.first_examples(test, config.lm.num_eval)
-    self.mesh = parallel.mesh_from_config(config.mesh)
+    self.mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
     self._text = None
 
   def text_params(self):

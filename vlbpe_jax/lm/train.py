@@ -419,7 +419,7 @@ def train_and_evaluate(config, workdir: str, run: str = "full") -> dict:
   from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import evaluate  # pylint: disable=g-import-not-at-top
   check_config(config)
-  mesh = parallel.mesh_from_config(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
   tok = data_stage.load_tokenizer(workdir)
   builder = data_stage.build_dataset(config, workdir)
   train_src = tfds_builders.data_source(builder, "train")

@@ -223,7 +223,7 @@ class Setup:
 def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
   check_config(config)
   c = config.v2l
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  mesh = mesh or parallel.mesh_from_config(config.mesh, batch_size=config.v2l.batch_size)
   model = make_model(config, local_emb.shape[1])
   r, e = config.data.resolution, local_emb.shape[1]
   init = lambda key: model.init(  # noqa: E731
@@ -347,9 +347,9 @@ class Context:
 def load_context(config, workdir: str) -> Context:
   """Loads the data and the frozen models, builds (or reads) the codebooks."""
   check_config(config)
-  mesh = parallel.mesh_from_config(config.mesh)
+  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.v2l.batch_size)
   lm = load_text_lm(config, workdir, mesh)
-  clip, clip_params, _ = clip_train.restore(config, workdir)
+  clip, clip_params, _ = clip_train.restore(config, workdir, mesh)
   train_data = data_stage.load_scenes(config, workdir, "train")
   test_data = data_stage.load_scenes(config, workdir, "test")
   train_emb = clip_train.image_embeddings(clip, clip_params, train_data["images"], mesh)

@@ -204,7 +204,8 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config, self.cfg = config, config.vq
-    self.mesh = parallel.mesh_from_config(config.mesh) if mesh is None else mesh
+    self.mesh = (parallel.mesh_from_config(config.mesh, batch_size=self.cfg.batch_size)
+                 if mesh is None else mesh)
     self.rules = parallel.LOGICAL_AXIS_RULES
     res = config.data.resolution
     init = functools.partial(init_state, cfg=self.cfg, resolution=res)
@@ -253,8 +254,7 @@ class Trainer:
   @property
   def batch_shards(self) -> int:
     """How many ways a batch is split (the product of the data and fsdp mesh axes)."""
-    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")
-                        if a in self.mesh.axis_names]))
+    return parallel.batch_shards(self.mesh)
 
   def reconstruct(self, params, images, batch_size: int | None = None):
     """uint8 images [N, H, W, 3] (host) -> (recon uint8, codes, psnr [N], ssim [N]) on host."""
