@@ -1,0 +1,75 @@
+"""What limits V2L's few-shot results: the frozen text LM's own in-context ability.
+
+Trains stage 0 (the text-only LM, `lm/train.py:pretrain_text`) on a copy of a pipeline
+workdir's data and tokenizer with `--steps` steps and `--tasks` (comma-separated stage-0 tasks,
+e.g. `icl` alone or the demo's mix), then scores the text-only few-shot control of the V2L
+stage (`v2l/fewshot.text_rows`: symbol -> shape-label episodes, constrained decoding) on 2-way
+and 5-way 1-shot. Prints one JSON line per run.
+
+  .venv/bin/python benchmarks/icl_stage0.py --config=configs/tiny.py --workdir=runs/demo \
+      --out=/tmp/icl \\
+      --steps=200,1000 --tasks=caption,attributes,vqa,dialogue,icl,icl
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+flags.DEFINE_string("workdir", "runs/demo", "A pipeline workdir with the data stage done.")
+flags.DEFINE_string("out", "/tmp/icl_stage0", "Scratch directory (one subdir per run).")
+flags.DEFINE_list("steps", ["200", "1000"], "Stage-0 steps per run.")
+flags.DEFINE_list("tasks", ["caption", "attributes", "vqa", "dialogue", "icl", "icl"],
+                  "Stage-0 task mix.")
+flags.DEFINE_integer("episodes", 50, "Text-only episodes per setting.")
+
+
+def run(steps: int, tasks) -> dict:
+  from vlbpe_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import train as lm_train  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import fewshot  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  config.lm.text_steps = steps
+  config.lm.text_tasks = tuple(tasks)
+  config.lm.progress = False
+  w = os.path.join(flags.FLAGS.out, f"steps{steps}_{'-'.join(tasks)}")
+  os.makedirs(w, exist_ok=True)
+  for d in ("data", "tokenizer"):
+    if not os.path.exists(os.path.join(w, d)):
+      shutil.copytree(os.path.join(flags.FLAGS.workdir, d), os.path.join(w, d))
+  tok = data_stage.load_tokenizer(w)
+  source = tfds_builders.data_source(data_stage.build_dataset(config, w), "train")
+  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  t0 = time.perf_counter()
+  lm_train.pretrain_text(config, w, tok, source, mesh)
+  seconds = time.perf_counter() - t0
+  lm = v2l_train.load_text_lm(config, w, mesh)
+  out = {"steps": steps, "tasks": list(tasks), "train_seconds": round(seconds, 1)}
+  for way in (2, 5):
+    rows = fewshot.text_rows(lm, way=way, shot=1, num=flags.FLAGS.episodes,
+                             seed=int(config.seed), batch_size=64)
+    out[f"text_only.{way}way_1shot"] = fewshot.accuracy(rows)
+  return out
+
+
+def main(argv):
+  del argv
+  for steps in flags.FLAGS.steps:
+    print(json.dumps(run(int(steps), flags.FLAGS.tasks)), flush=True)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
+                                  lock_config=False)
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
