@@ -20,9 +20,9 @@ from vlbpe_jax import config_utils
 TARGETS = {
     "v5p-64": dict(mesh=[("data", -1), ("fsdp", 32), ("tensor", 1)], batch=256,
                    attention="splash"),
-    "v6e-64": dict(mesh=[("data", -1), ("fsdp", 64), ("tensor", 1)], batch=128,
-                   attention="splash"),  # 32 GiB chips: 2 rows each
-    "h100x8": dict(mesh=[("data", -1), ("fsdp", 8), ("tensor", 1)], batch=16,
+    "v6e-64": dict(mesh=[("data", -1), ("fsdp", 64), ("tensor", 1)], batch=256,
+                   attention="splash"),
+    "h100x8": dict(mesh=[("data", -1), ("fsdp", 8), ("tensor", 1)], batch=32,
                    attention="cudnn"),
     "cpu": dict(mesh=[("data", -1), ("fsdp", 4), ("tensor", 2)], batch=8,
                 attention="blockwise"),
