@@ -3,8 +3,9 @@ train_compile_test: the train state is abstract (`eval_shape` of init, never mat
 step is lowered on `ShapeDtypeStruct`s over a `jax.sharding.AbstractMesh` of the target's shape
 (32 or 64 chips with no such devices here), and the state must be sharded by the logical-axis
 rules: no array over 64 MiB left whole on every device. The per-device memory estimate
-(`aot.memory`) must fit the chip. One config (the smallest LM) is also compiled on the 8 CPU
-devices, where XLA's memory analysis checks the estimate.
+(`aot.memory`) must fit the chip. The `:tiny` variants lower on a real mesh of the 8 CPU
+devices, and one real config (the smallest LM) compiles there: XLA's memory analysis checks
+the estimate.
 
 H100 targets lower with attention_impl="xla": the cuDNN kernel cannot even be traced without
 cuDNN. TPU targets lower splash attention in Pallas interpret mode (no Mosaic kernel on CPU).
@@ -41,13 +42,26 @@ def test_real_config_lowers_sharded_and_fits(name, target):
   assert job.mesh.size == config.target.devices
   state = job.args[0]
   assert aot.unsharded_large(state) == []  # params and Adam moments over 64 MiB are split
+  row = aot.memory(job)
+  assert row["fits"], f"{name} on {target}: {row}"
+  if name == "v2l_llama2_7b.py" and target != "h100x8":
+    # Its step differs between targets only in the mesh sizes; lowering it (~5 s of tracing
+    # convolutions) once keeps this file within its CI budget.
+    return
   lowered = aot.lower(job)
   assert f"mhlo.num_partitions = {config.target.devices}" in lowered.as_text()[:2000]
   # The step hands the state back with the layout it got (donated, no resharding).
   out = [x.sharding.spec for x in out_state_shardings(lowered)]
   assert out == [x.sharding.spec for x in jax.tree.leaves(state)]
-  row = aot.memory(job)
-  assert row["fits"], f"{name} on {target}: {row}"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_tiny_variant_lowers_on_the_local_devices(name):
+  # The same layout at demo size on a real mesh of the 8 CPU devices.
+  config = aot.load(os.path.join(ROOT, "configs", name) + ":tiny")
+  job = aot.build(config, devices=jax.devices())
+  assert isinstance(job.mesh, jax.sharding.Mesh) and job.mesh.size == 8
+  assert "mhlo.num_partitions = 8" in aot.lower(job).as_text()[:2000]
 
 
 def test_real_configs_reject_an_unknown_target():
