@@ -48,3 +48,21 @@ def parse_arg(arg, **defaults):
     else:
       out[key] = _cast(key, value, defaults[key])
   return out
+
+
+# Hardware a real-size config targets (`config.target`): accelerator, chips (= jax devices),
+# HBM per chip in GiB, and the platform its step is lowered for (vlbpe_jax/aot.py). A v5p-N
+# slice has N TensorCores, 2 per chip; a v6e-N slice has N chips.
+TARGETS = {
+    "v5p-64": dict(chip="TPU v5p", devices=32, hbm_gib=95, platform="tpu"),
+    "v6e-64": dict(chip="TPU v6e", devices=64, hbm_gib=32, platform="tpu"),
+    "h100x8": dict(chip="H100 SXM", devices=8, hbm_gib=80, platform="cuda"),
+    "cpu": dict(chip="CPU", devices=8, hbm_gib=0, platform="cpu"),  # the :tiny variants
+}
+
+
+def target(name: str) -> dict:
+  """`TARGETS[name]` as a plain dict (a config's `target` field); unknown names raise."""
+  if name not in TARGETS:
+    raise ValueError(f"config arg target={name!r} unknown; expected one of {sorted(TARGETS)}")
+  return dict(TARGETS[name], name=name)

@@ -186,6 +186,14 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None, *,
               axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
+def use_mesh(mesh):
+  """`jax.set_mesh(mesh)`; for a `jax.sharding.AbstractMesh` (lowering for a target without its
+  devices, vlbpe_jax/aot.py) `jax.sharding.use_abstract_mesh(mesh)`."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.sharding.use_abstract_mesh(mesh)
+  return jax.set_mesh(mesh)
+
+
 def mesh_from_config(mesh_cfg, devices=None, *, batch_size=None) -> Mesh:
   """`config.mesh` is a list of `(name, size)` pairs, e.g. `[("data", -1), ("fsdp", 1)]`;
   `batch_size`: the global batch(es) that the mesh's trainers shard (see `plan_mesh`)."""

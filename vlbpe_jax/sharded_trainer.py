@@ -74,12 +74,14 @@ class Trainer:
         {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
          "opt": abstract_opt}, self.state_shardings)
     self._init = jax.jit(self._fresh, out_shardings=self.state_shardings)
-    self._step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx),
-                         out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,))
+    # The jitted step: `step_fn(state, batch, key, frozen)` on global arrays (or, to lower it
+    # ahead of time, `ShapeDtypeStruct`s with shardings: vlbpe_jax/aot.py).
+    self.step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx),
+                           out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,))
 
   @contextlib.contextmanager
   def ctx(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with parallel.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
 
   def _fresh(self, key):
@@ -93,4 +95,4 @@ class Trainer:
   def step(self, state, batch, key, frozen=None):
     """batch: host-local numpy pytree `[B_local, ...]`; key and frozen already on the mesh."""
     with self.ctx():
-      return self._step(state, parallel.shard_batch(batch, self.mesh), key, frozen)
+      return self.step_fn(state, parallel.shard_batch(batch, self.mesh), key, frozen)

@@ -34,6 +34,9 @@ VARIANTS = {
     "llama3_8b": dict(width=4096, depth=32, num_heads=32, num_kv_heads=8, mlp_dim=14_336,
                       rope_theta=500_000.0, rope_scaling=(8.0, 1.0, 4.0, 8192),
                       text_vocab=128_256),
+    # LLaMA-2-7B shapes (V2L's frozen LM; its 32000-entry vocabulary is V2L's local codebook).
+    "llama2_7b": dict(width=4096, depth=32, num_heads=32, num_kv_heads=32, mlp_dim=11_008,
+                      text_vocab=32_000),
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")

@@ -234,7 +234,9 @@ class Trainer:
   def __init__(self, config, model, mesh):
     self.config, self.model, self.mesh = config, model, mesh
     self.rules = parallel.LOGICAL_AXIS_RULES
-    ids = jnp.zeros((1, 4), jnp.int32)
+    # One row per batch shard and 128 tokens: the splash kernel runs under shard_map (the batch
+    # split over the mesh) on 128-token blocks. Shapes only: the params do not depend on them.
+    ids = jnp.zeros((parallel.batch_shards(mesh), 128), jnp.int32)
     self._init_params = lambda key: model.init(key, ids)["params"]
     with self.ctx():
       boxed = jax.eval_shape(self._init_params, jax.random.key(0))
@@ -245,7 +247,7 @@ class Trainer:
 
   @contextlib.contextmanager
   def ctx(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with parallel.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
 
   def tx(self, phase: Phase):
@@ -298,12 +300,17 @@ class Trainer:
     with self.ctx():
       return {**state, "opt": fn(state["opt"], state["params"])}
 
-  def step(self, phase: Phase, state, batch, key):
+  def step_fn(self, phase: Phase):
+    """The phase's jitted `train_step(state, batch, key)` on global arrays (vlbpe_jax/aot.py
+    lowers it on `ShapeDtypeStruct`s)."""
     sh = self.state_shardings(phase)
-    fn = self._jit(("step", phase.optimizer), lambda: jax.jit(
+    return self._jit(("step", phase.optimizer), lambda: jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx(phase)),
         in_shardings=(sh, parallel.batch_sharding(self.mesh, 2), self.repl),
         out_shardings=(sh, self.repl), donate_argnums=(0,)))
+
+  def step(self, phase: Phase, state, batch, key):
+    fn = self.step_fn(phase)
     with self.ctx():
       return fn(state, parallel.shard_batch(batch, self.mesh), key)
 

@@ -220,12 +220,11 @@ class Setup:
   run_dir: str
 
 
-def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
-  check_config(config)
+def make_trainer(config, embed_dim: int, mesh):
+  """The tokenizer and its `sharded_trainer.Trainer` for CLIP embeddings of `embed_dim`."""
   c = config.v2l
-  mesh = mesh or parallel.mesh_from_config(config.mesh, batch_size=config.v2l.batch_size)
-  model = make_model(config, local_emb.shape[1])
-  r, e = config.data.resolution, local_emb.shape[1]
+  model = make_model(config, embed_dim)
+  r, e = config.data.resolution, embed_dim
   init = lambda key: model.init(  # noqa: E731
       key, jnp.zeros((1, r, r, 3)), jnp.zeros((1, e)), jnp.zeros((1, 1, e)),
       jnp.ones((1, 1), bool))["params"]
@@ -235,7 +234,14 @@ def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
       b2=0.9)
   loss = functools.partial(loss_fn, model=model, cfg=loss_cfg(config),
                            global_dropout=float(c.global_dropout))
-  trainer = sharded_trainer.Trainer(init, loss, tx, mesh)
+  return model, sharded_trainer.Trainer(init, loss, tx, mesh)
+
+
+def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
+  check_config(config)
+  c = config.v2l
+  mesh = mesh or parallel.mesh_from_config(config.mesh, batch_size=config.v2l.batch_size)
+  model, trainer = make_trainer(config, local_emb.shape[1], mesh)
   lpips = (perceptual.load_lpips(c.perceptual_weights) if float(c.perceptual_weight) > 0
            else None)
   frozen = jax.device_put({"local_emb": np.asarray(local_emb, np.float32), "lpips": lpips},
