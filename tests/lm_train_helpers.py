@@ -23,7 +23,7 @@ def make_config(**lm):
   c.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
   c.data = dict(resolution=RES, num_train=NUM["train"], num_validation=NUM["validation"],
                 num_test=NUM["test"], report_examples=2)
-  c.tokenizer = dict(vocab_size=400, model_type="unigram")
+  c.tokenizer = dict(vocab_size=400, model_type="unigram", icl_texts=200)
   c.lm = dict(
       variant="mu",
       model=dict(width=32, depth=2, num_heads=2, num_kv_heads=2, mlp_dim=64, dtype="float32"),

@@ -53,13 +53,15 @@ def test_parse_stages_orders_and_validates():
 @pytest.mark.slow
 def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  # One LM run for CI time: the ablations run in tests/test_lm_train_stage.py.
+  config.lm.runs = ("full",)
   index = train.train_and_evaluate(config, str(tmp_path))
   assert os.path.exists(index)
   with open(tmp_path / "report" / "metrics.json") as f:
     metrics = json.load(f)
   for key in ("data.num_train", "tokenizer.vocab_size", "vq.psnr_db", "vq.codebook_usage",
-              "bpe.compression", "lm.vqa_acc.full", "lm.vqa_acc.no_bpe",
-              "lm.vqa_acc.single_stage", "lm.vqa_acc_heldout.full",
+              "bpe.compression", "lm.vqa_acc.full", "lm.vqa_acc.text_only",
+              "lm.vqa_acc_heldout.full",
               "clip.zero_shot_shape_acc", "dit.geneval.fm", "dit.geneval.mse",
               "dit.geneval.vq_latent", "dit.geneval_single.fm", "dit.diversity.fm",
               "dit.fid_clip.fm", "dit.geneval_upper_bound", "v2l.fewshot_acc.2way_1shot",

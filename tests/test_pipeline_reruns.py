@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 CASES = [
     ("vq.total_steps", 2, "vq.total_steps: 3 -> 2", "vq"),
     ("bpe.alpha", 0.0, "bpe.alpha: 1.0 -> 0.0", "lm"),
-    ("tokenizer.vocab_size", 300, "tokenizer.vocab_size: 512 -> 300", "lm"),
+    ("tokenizer.vocab_size", 400, "tokenizer.vocab_size: 512 -> 400", "lm"),
 ]
 
 

@@ -66,3 +66,38 @@ def target(name: str) -> dict:
   if name not in TARGETS:
     raise ValueError(f"config arg target={name!r} unknown; expected one of {sorted(TARGETS)}")
   return dict(TARGETS[name], name=name)
+
+
+def beingvl_lm_config(arg, *, variant: str, targets: dict):
+  """The Being-VL real-size config (configs/beingvl_8b.py, beingvl_1b.py): the unified LM at
+  `variant` size on `targets[arg.target]` (mesh, global batch, attention kernel); `arg` from
+  `parse_arg(arg, target=..., remat=..., scan=..., attention=..., tiny=...)`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  tiny = arg.tiny
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "lm"  # the stage this file sizes (its data comes from the tiny pipeline's stages)
+  c.target = target("cpu" if tiny else arg.target)  # chip, devices, HBM
+  t = targets[c.target.name]
+  c.mesh = t["mesh"]
+  c.lm = dict(
+      variant="mu" if tiny else variant,  # vlbpe_jax/lm/config.py:VARIANTS
+      # LMConfig overrides: bf16 compute over fp32 master weights, scanned layers (one compiled
+      # layer), rematerialisation (lm/model.py: none/full/dots/dots_no_batch).
+      model=dict(dtype="bfloat16", scan_layers=arg.scan, remat_policy=arg.remat,
+                 attention_impl=arg.attention or t["attention"]),
+      vocab=dict(text=256 if tiny else 128_256, special=8, vq=64 if tiny else 8192,
+                 bpe=64 if tiny else 8192),
+      seq_len=128 if tiny else 2048,
+      batch_size=t["batch"],
+      stage_steps=(2, 2, 2) if tiny else (10_000, 10_000, 20_000),
+      stage_lrs=(1e-3, 2e-5, 1e-5),  # Being-VL: new rows fast, then the whole model slowly
+      first_frac=0.25,
+      warmup_steps=1 if tiny else 500,
+      final_lr_frac=0.1,
+      grad_clip=1.0,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.95,
+  )
+  return c
