@@ -10,8 +10,14 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# The tests' arrays are tiny, so compiling dominates their time: LLVM at -O0 compiles faster
+# (tests/test_lm_train.py: 94 -> 67 CPU seconds, cold cache) and runs slower, which tiny shapes
+# do not feel. Subprocesses (tests/test_devices.py, test_multiprocess.py) inherit XLA_FLAGS.
+# Benchmarks never pass through here.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "VLBPE_TEST_JAX_CACHE" not in os.environ:  # the first process (pytest-xdist's controller)
   _cache = tempfile.mkdtemp(prefix="vlbpe_jax_test_cache_")

@@ -6,6 +6,7 @@ non-array files are written once, and checkpoints restore across the two layouts
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def _free_port() -> int:
 def run_workers(workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
   """Runs `multiprocess_worker.py workdir *jobs` in `num_processes` processes; kills them all
   on a failure or after `timeout` seconds. Returns their outputs."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))  # the others as in this process (conftest)
+  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1", VLBPE_NUM_PROCESSES=str(num_processes),
              JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
