@@ -11,7 +11,7 @@ test changes for the kernel (its kernel spec's `env`), and why:
 - TMPDIR: the notebooks' work directories (`tempfile.mkdtemp`) are removed with the test's.
 - XLA_FLAGS empty: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests).
 A cell error fails the test with the cell's traceback; each notebook must show pictures and
-print the numbers named in `CHECKS`.
+print the numbers named in `CHECKS` (and pass the tests in `NUMBERS`).
 """
 
 import json
