@@ -4,9 +4,11 @@ Each notebook is executed by nbclient in its own Jupyter kernel on this interpre
 temporary copy of the repository (the notebooks' first cell, `%pip install -q -e .`, builds the
 package from the working directory, and setuptools writes `vlbpe_jax.egg-info` there). What the
 test changes for the kernel (its kernel spec's `env`), and why:
-- PIP_PREFIX: the install goes to a temporary prefix, so the test environment's own
-  installation of vlbpe_jax (editable or not) is left as it is; PIP_NO_DEPS: the test
-  environment already holds the pinned dependencies (a Colab user's install resolves them).
+- PIP_PREFIX, PIP_IGNORE_INSTALLED: the install goes to a temporary prefix, and pip neither
+  looks at nor uninstalls the test environment's own vlbpe_jax (without PIP_IGNORE_INSTALLED,
+  pip uninstalls it from the environment before installing into the prefix; the test checks
+  that the environment's distribution is untouched); PIP_NO_DEPS: the test environment already
+  holds the pinned dependencies (a Colab user's install resolves them).
 - PYTHONPATH: the kernel imports the package from the copy that pip just built.
 - TMPDIR: the notebooks' work directories (`tempfile.mkdtemp`) are removed with the test's.
 - XLA_FLAGS empty: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests).
@@ -14,6 +16,7 @@ A cell error fails the test with the cell's traceback; each notebook must show p
 print the numbers named in `CHECKS` (and pass the tests in `NUMBERS`).
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -78,7 +81,8 @@ def execute(name, tmp_path, monkeypatch):
   tmp.mkdir()
   _copy_repo(str(repo))
   _kernel_spec(str(tmp_path / "jupyter"), {
-      "PIP_PREFIX": str(tmp_path / "prefix"), "PIP_NO_DEPS": "1", "PYTHONPATH": str(repo),
+      "PIP_PREFIX": str(tmp_path / "prefix"), "PIP_IGNORE_INSTALLED": "1", "PIP_NO_DEPS": "1",
+      "PYTHONPATH": str(repo),
       "TMPDIR": str(tmp), "XLA_FLAGS": ""})
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   nb = nbformat.read(str(repo / "colab" / name), as_version=4)
@@ -96,10 +100,19 @@ def execute(name, tmp_path, monkeypatch):
   return nb, "".join(text), pictures
 
 
+def _installed():
+  """The test environment's vlbpe_jax distributions: location, files, source (editable: where)."""
+  return sorted((str(d.locate_file("")), sorted(map(str, d.files or ())),
+                 d.read_text("direct_url.json") or "")
+                for d in importlib.metadata.distributions(name="vlbpe_jax"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_notebook_runs(name, tmp_path, monkeypatch):
+  before = _installed()
   _, text, pictures = execute(name, tmp_path, monkeypatch)
+  assert _installed() == before, "the notebook's pip install changed the test environment"
   min_pictures, patterns = CHECKS[name]
   assert pictures >= min_pictures, f"{name}: {pictures} pictures, expected >= {min_pictures}"
   for pattern in patterns:
