@@ -29,3 +29,23 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+# The longest tests (CI at 7ffe6f8: the tiny pipeline 391 s, claims 176 s, the LM stage 154 s;
+# the notebooks ~240 s together), started first so that no worker ends alone on one of them.
+LONGEST = ("test_main.py::test_tiny_pipeline", "test_notebooks.py::test_notebook_runs",
+           "test_claims.py::test_claims_on", "test_lm_train_stage.py")
+
+
+def pytest_collection_modifyitems(items):
+  """The longest tests first, then the other `slow` end-to-end tests (in file order), the quick
+  ones last: pytest-xdist hands tests out in this order, so the two workers start with the long
+  runs and finish together on short tests instead of one worker ending alone on a long one."""
+
+  def rank(item):
+    for i, prefix in enumerate(LONGEST):
+      if item.nodeid.startswith("tests/" + prefix):
+        return i
+    return len(LONGEST) + (item.get_closest_marker("slow") is None)
+
+  items.sort(key=rank)  # stable: file order within a rank

@@ -11,7 +11,8 @@ test changes for the kernel (its kernel spec's `env`), and why:
   holds the pinned dependencies (a Colab user's install resolves them).
 - PYTHONPATH: the kernel imports the package from the copy that pip just built.
 - TMPDIR: the notebooks' work directories (`tempfile.mkdtemp`) are removed with the test's.
-- XLA_FLAGS empty: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests).
+- XLA_FLAGS: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests), and
+  LLVM -O0 as in the rest of the suite (compiling dominates these tiny runs).
 A cell error fails the test with the cell's traceback; each notebook must show pictures and
 print the numbers named in `CHECKS` (and pass the tests in `NUMBERS`).
 """
@@ -23,6 +24,8 @@ import re
 import shutil
 import sys
 
+import nbclient  # pinned in the test extra (setup.cfg)
+import nbformat
 import numpy as np
 import pytest
 
@@ -74,8 +77,6 @@ def _kernel_spec(jupyter_dir, env):
 def execute(name, tmp_path, monkeypatch):
   """Runs colab/`name` in a copy of the repo; returns (executed notebook, printed text, number
   of pictures)."""
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   repo, tmp = tmp_path / "repo", tmp_path / "tmp"
   repo.mkdir()
   tmp.mkdir()
@@ -83,7 +84,7 @@ def execute(name, tmp_path, monkeypatch):
   _kernel_spec(str(tmp_path / "jupyter"), {
       "PIP_PREFIX": str(tmp_path / "prefix"), "PIP_IGNORE_INSTALLED": "1", "PIP_NO_DEPS": "1",
       "PYTHONPATH": str(repo),
-      "TMPDIR": str(tmp), "XLA_FLAGS": ""})
+      "TMPDIR": str(tmp), "XLA_FLAGS": "--xla_backend_optimization_level=0"})
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   nb = nbformat.read(str(repo / "colab" / name), as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="vlbpe_test",
@@ -124,7 +125,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
 
 
 def test_notebooks_are_listed_and_stripped():
-  nbformat = pytest.importorskip("nbformat")
   assert sorted(f for f in os.listdir(COLAB) if f.endswith(".ipynb")) == sorted(CHECKS)
   for name in CHECKS:
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
