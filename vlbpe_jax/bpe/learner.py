@@ -1,6 +1,6 @@
 """Incremental exact learner: pair counts are updated only around the tokens a merge touched.
 
-State: `GridState` (tokens on the grids), exact int64 counts per (a, b, offset) (slots of a
+State: `GridState` (tokens on the grids), exact int32 counts per (a, b, offset) (slots of a
 `SlotMap`; a pair's triples take consecutive slots, so its histogram is one slice) and per
 (a, b), and a cache of S per (a, b): a change to a pair's histogram clears its S,
 and the jitted kernel re-scores it only when the pair could win a merge. Per merge: pick the
@@ -39,23 +39,38 @@ class _Counts:
   """
 
   def __init__(self, keys, counts, vcap, h, w, sigma, min_count, s_prior_count=0.0):
+    """keys: sorted int64 triple keys `(a * vcap + b) * D + d`; counts: their counts (< 2**31).
+
+    Per triple 22 bytes (index key 8, slot 4, count 4, pair 4, d 2), per pair 21 (key 4 or 8,
+    first triple 4, length 4, count 4, S 4, pool flag 1): int32 wherever the range allows.
+    """
     self.vcap, self.h, self.w, self.d = vcap, h, w, h * (2 * w - 1)
     self.sigma, self.min_count, self.s_prior_count = sigma, min_count, s_prior_count
     ab = keys // self.d  # keys are sorted, so are their pairs
     first = _run_starts(ab)
-    acnt = np.add.reduceat(counts, first) if keys.size else np.zeros(0, np.int64)
+    acnt = (np.add.reduceat(counts, first, dtype=np.int64) if keys.size else
+            np.zeros(0, np.int64))
     live = acnt >= min_count
-    which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
-    keys, counts, which = keys[live[which]], counts[live[which]], which[live[which]]
+    if not live.all():  # count_base_pairs_host(min_count=...) has dropped them already
+      which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
+      keys, counts = keys[live[which]], counts[live[which]]
+      ab = keys // self.d
+      first = _run_starts(ab)
+      acnt = acnt[live]
+    del live
     self.triples = tables.SlotMap(self._index_key(keys))  # slot = rank: a pair's triples
     #                                                       are contiguous, in order of d
-    self.tcnt = counts.astype(np.int64)
-    self.npairs = int(live.sum())
-    self.pair_keys = ab[first[live]]
-    self.tpair = (np.cumsum(live) - 1)[which].astype(np.int64)  # triple slot -> pair slot
-    self.tstart = _run_starts(self.tpair)                       # pair slot -> first triple
-    self.tlen = np.diff(np.append(self.tstart, self.tpair.size))  # and its number of triples
-    self.acnt = acnt[live].astype(np.int64)
+    small = self.d < np.iinfo(np.int16).max
+    self.td = (keys % self.d).astype(np.int16 if small else np.int32)  # triple slot -> d
+    self.tcnt = counts.astype(np.int32)
+    self.npairs = first.size
+    self.key_dtype = np.int32 if vcap * vcap < np.iinfo(np.int32).max else np.int64
+    self.pair_keys = ab[first].astype(self.key_dtype)
+    del ab, keys, counts
+    self.tstart = first.astype(np.int32)                    # pair slot -> first triple
+    self.tlen = np.diff(np.append(first, self.tcnt.size)).astype(np.int32)  # its triples
+    self.tpair = np.repeat(np.arange(self.npairs, dtype=np.int32), self.tlen)  # triple -> pair
+    self.acnt = acnt.astype(np.int32)
     self.s = np.full(self.acnt.size, np.nan, np.float32)  # S cache; NaN = not scored yet
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
     self.pool = np.zeros(0, np.int64)
@@ -78,7 +93,7 @@ class _Counts:
     c = self.tcnt[slots]
     live = c > 0
     slots, which, c = slots[live], which[live], c[live]
-    d = self.triples.keys[slots] % self.d  # a pair's triples sit in slots in order of d
+    d = self.td[slots].astype(np.int64)  # a pair's triples sit in slots in order of d
     dy, dx = d // (2 * self.w - 1), d % (2 * self.w - 1) - (self.w - 1)
     return which, dy, dx, c
 
@@ -93,7 +108,7 @@ class _Counts:
 
   def dominant(self, slot: int):
     """(dy, dx) with the most occurrences of pair `slot` (ties: raster-first offset), count."""
-    _, dy, dx, c = self.histograms(np.array([slot], np.int64))
+    _, dy, dx, c = self.histograms(np.array([slot], np.int32))
     i = int(np.argmax(c))  # histograms are sorted by d, so the first max is raster-first
     return (int(dy[i]), int(dx[i])), int(c[i])
 
@@ -109,8 +124,10 @@ class _Counts:
       return out
     slots = self.triples.insert(self._index_key(keys[keep]))  # consecutive, in key order
     out[keep] = slots
+    self.td = tables.grow(self.td, self.triples.size)
+    self.td[slots] = keys[keep] % self.d
     first, runs = first[keep[first]], runs[keep[first]]
-    pslots = np.arange(self.npairs, self.npairs + first.size)
+    pslots = np.arange(self.npairs, self.npairs + first.size, dtype=np.int32)
     self.npairs += first.size
     self.pair_keys = tables.grow(self.pair_keys, self.npairs)
     self.pair_keys[pslots] = ab[first]
@@ -241,13 +258,17 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   n, h, w = grids.shape
   geo = vocab_lib.Geometry(base_vocab_size, offsets)
   vcap = base_vocab_size + num_merges
+  if n * h * w * len(geo.offsets) >= np.iinfo(np.int32).max:
+    raise ValueError(f"{n} grids of {h}x{w} with {len(geo.offsets)} offsets: pair counts could "
+                     "overflow int32; expected fewer than 2**31 pair occurrences")
   if mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
-    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
+    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, min_count)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
   stats = _Counts(keys, counts, vcap, h, w, sigma, min_count, s_prior_count)
-  state = grid_state.GridState(grids, geo)
-  vanish = np.zeros(n * h * w, bool)
+  del keys, counts
+  state = grid_state.GridState(grids, geo, capacity=vcap)
+  vanish = state.scratch  # all-False cell flags, shared with the grid state
   t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
   records = []
   for _ in tqdm.trange(num_merges, disable=not progress, desc="visual BPE merges"):

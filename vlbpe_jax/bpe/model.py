@@ -182,7 +182,7 @@ class VisualBPE:
   def tokenize(self, grids) -> grid_state.GridState:
     """Applies every merge, in learned order, to grids [N, H, W]; returns the grid state."""
     grids = check_grids(grids, self.base_vocab_size)
-    state = grid_state.GridState(grids, self.geometry)
+    state = grid_state.GridState(grids, self.geometry, capacity=self.vocab_size)
     for k, (a, b, delta) in enumerate(self.geometry.merges):
       if state.positions(a).size:
         p, q = state.find_merge(a, b, delta)
