@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 _PAD = np.iinfo(np.int32).max
+CHUNK_CELLS = 1 << 24  # host count: cells coded per chunk, and codes merged per range
 
 
 def _runs(ab, d, n):
@@ -80,17 +81,19 @@ def _chunk_runs(grids, offsets, vcap, dtype):
 
 
 def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int = 1,
-                          chunk_cells: int = 1 << 24):
+                          chunk_cells: int = 0):
   """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU).
 
   Each pair is coded `(a * vcap + b) * K + o` with o the rank of its offset in raster order
   (so code order is key order), in int32 when that fits (a sort twice as fast as int64).
   Memory stays near the size of the result: grids are coded and run-length counted in chunks
-  of about `chunk_cells` cells, then the chunks' runs are merged one range of codes at a time,
-  dropping the pairs (a, b) whose count over all offsets is below `min_count` (those cannot be
-  merged, see `learner`). Counts are int32 (ValueError if a count could overflow).
+  of about `chunk_cells` cells (0: `CHUNK_CELLS`), then the chunks' runs are merged one range
+  of codes at a time, dropping the pairs (a, b) whose count over all offsets is below
+  `min_count` (those cannot be merged, see `learner`). Counts are int32 (ValueError if a count
+  could overflow).
   """
   n, h, w = grids.shape
+  chunk_cells = chunk_cells or CHUNK_CELLS
   offsets = sorted(offsets)  # raster order of (dy, dx) = increasing d
   k = len(offsets)
   if n * h * w * k >= np.iinfo(np.int32).max:

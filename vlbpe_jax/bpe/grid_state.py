@@ -9,7 +9,7 @@ Memory per cell: 2 bytes of token (int16 while every token id < 2**15, else 4), 
 (int32 cell ids below 2**31 cells), 4 of base-code index, 1 of scratch flags.
 """
 
-_INDEX_CHUNK = 1 << 22  # cells per argsort while building the base-code index
+_INDEX_CHUNK = 1 << 20  # cells per argsort while building the base-code index (cache-sized)
 
 import numpy as np
 

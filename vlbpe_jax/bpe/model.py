@@ -3,6 +3,7 @@
 A vocabulary holds at most `vocab.MAX_VOCAB_SIZE` (2**24) tokens, base codes included.
 """
 
+import concurrent.futures
 import numbers
 
 import numpy as np
@@ -17,6 +18,7 @@ ENCODING_KEYS = ("tokens", "positions", "lengths", "cells", "grid_shape")
 MAX_VOCAB_SIZE = vocab_lib.MAX_VOCAB_SIZE
 _MERGE_INTS = ("count", "offset_count", "merged")  # optional learning statistics
 _MERGE_FLOATS = ("F", "S", "P")
+ENCODE_CHUNK = 2048  # grids per tokenize call in `encode` (its state stays cache-sized)
 
 
 def check_grids(grids, base_vocab_size=None, name: str = "grids",
@@ -190,13 +192,40 @@ class VisualBPE:
           state.commit_merge(b, p, q, self.base_vocab_size + k)
     return state
 
-  def encode(self, grids) -> dict:
+  def encode(self, grids, chunk: int = ENCODE_CHUNK, threads: int = 1) -> dict:
     """Tokens of grids [N, H, W] in raster order of their anchors.
 
     Returns numpy arrays: tokens int32 [N, L] (-1 = padding), positions int32 [N, L, 2] (row,
     col of each anchor), cells int32 [N, L] (footprint sizes), lengths int32 [N], grid_shape
     int32 [2]; L is the longest sequence in the batch.
+
+    Merges never cross grids, so grids are encoded `chunk` at a time (a chunk's state stays
+    in cache) by `threads` threads (numpy releases the GIL in its array loops); the result
+    does not depend on either.
     """
+    chunk = vocab_lib.check_int("chunk", chunk, 1)
+    threads = vocab_lib.check_int("threads", threads, 1)
+    grids = check_grids(grids, self.base_vocab_size)
+    if grids.shape[0] <= chunk:
+      return self._encode_chunk(grids)
+    parts = [grids[i:i + chunk] for i in range(0, grids.shape[0], chunk)]
+    if threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        outs = list(pool.map(self._encode_chunk, parts))
+    else:
+      outs = [self._encode_chunk(x) for x in parts]
+    width = max(o["tokens"].shape[1] for o in outs)
+
+    def cat(key, fill):
+      return np.concatenate([np.pad(o[key], [(0, 0), (0, width - o[key].shape[1])] +
+                                    [(0, 0)] * (o[key].ndim - 2), constant_values=fill)
+                             for o in outs])
+
+    return dict(tokens=cat("tokens", -1), positions=cat("positions", 0), cells=cat("cells", 0),
+                lengths=np.concatenate([o["lengths"] for o in outs]),
+                grid_shape=outs[0]["grid_shape"])
+
+  def _encode_chunk(self, grids) -> dict:
     state = self.tokenize(grids)
     hw = state.h * state.w
     anchors = np.flatnonzero(state.tok >= 0)
