@@ -478,3 +478,15 @@ def test_encode_in_chunks_and_threads_equals_one_batch():
       np.testing.assert_array_equal(got[k], want[k])
   with pytest.raises(ValueError, match="threads=0"):
     bpe.encode(g, threads=0)
+
+
+def test_int16_grids_learn_the_same_vocabulary(tmp_path):
+  g = patch_grids(seed=4)
+  want = VisualBPE.learn(g, base_vocab_size=32, num_merges=20, progress=False)
+  assert VisualBPE.learn(g.astype(np.int16), base_vocab_size=32, num_merges=20,
+                         progress=False).merges == want.merges
+  codes, out = str(tmp_path / "codes.npy"), str(tmp_path / "bpe.json")
+  np.save(codes, g)  # int32 file; the CLI learns from an int16 copy
+  learn_cli.main([f"--codes={codes}", "--merges=20", f"--out={out}", "--base_vocab_size=32",
+                  "--no_progress"])
+  assert VisualBPE.load(out).merges == want.merges

@@ -22,10 +22,11 @@ ENCODE_CHUNK = 2048  # grids per tokenize call in `encode` (its state stays cach
 
 
 def check_grids(grids, base_vocab_size=None, name: str = "grids",
-                min_grids: int = 0) -> np.ndarray:
+                min_grids: int = 0, keep_int16: bool = False) -> np.ndarray:
   """int32 [N, H, W] codes in [0, V) or ValueError naming `name` and the bad value.
 
   base_vocab_size=None only checks codes >= 0 and < MAX_VOCAB_SIZE (see `infer_vocab_size`).
+  keep_int16: int16 grids come back as they are (half the memory), not as an int32 copy.
   """
   if not isinstance(grids, np.ndarray) and hasattr(grids, "__array__"):
     grids = np.asarray(grids)
@@ -46,6 +47,8 @@ def check_grids(grids, base_vocab_size=None, name: str = "grids",
       what = (f"< base_vocab_size={base_vocab_size}" if base_vocab_size is not None else
               f"< {limit} (vocab.MAX_VOCAB_SIZE = 2**24)")
       raise ValueError(f"{name} holds code {hi}: expected codes {what}")
+  if keep_int16 and grids.dtype == np.int16:
+    return np.ascontiguousarray(grids)
   return np.ascontiguousarray(grids, np.int32)
 
 
@@ -157,13 +160,15 @@ class VisualBPE:
             s_prior_count: float = 0.0):
     """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
 
+    int16 grids are used as they are (no int32 copy); other integer dtypes are copied to int32.
+
     V + num_merges must stay <= MAX_VOCAB_SIZE (2**24); grids must hold at least one grid.
     s_prior_count: pseudo-count k shrinking S towards 0 for rare pairs, S_k = S * N / (N + k)
     (`scoring`); 0 = no correction.
     """
     s_prior_count = check_s_prior_count(s_prior_count)
     base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
-    grids = check_grids(grids, base_vocab_size, min_grids=1)
+    grids = check_grids(grids, base_vocab_size, min_grids=1, keep_int16=True)
     _, h, w = grids.shape
     if 2 * (base_vocab_size + num_merges) ** 2 * h * (2 * w - 1) >= 2**63:
       raise ValueError(f"grids of {h}x{w} with a vocabulary of {base_vocab_size + num_merges} "
