@@ -471,7 +471,7 @@ def test_encode_in_chunks_and_threads_equals_one_batch():
   g = patch_grids(seed=7, n=37)
   bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=30, progress=False)
   want = bpe.encode(g, chunk=1000)
-  for chunk, threads in ((5, 1), (8, 3), (36, 2)):
+  for chunk, threads in ((5, 1), (8, 3), (36, 2), (0, 4)):
     got = bpe.encode(g, chunk=chunk, threads=threads)
     assert got.keys() == want.keys()
     for k in want:

@@ -18,7 +18,6 @@ ENCODING_KEYS = ("tokens", "positions", "lengths", "cells", "grid_shape")
 MAX_VOCAB_SIZE = vocab_lib.MAX_VOCAB_SIZE
 _MERGE_INTS = ("count", "offset_count", "merged")  # optional learning statistics
 _MERGE_FLOATS = ("F", "S", "P")
-ENCODE_CHUNK = 2048  # grids per tokenize call in `encode` (its state stays cache-sized)
 
 
 def check_grids(grids, base_vocab_size=None, name: str = "grids",
@@ -197,20 +196,22 @@ class VisualBPE:
           state.commit_merge(b, p, q, self.base_vocab_size + k)
     return state
 
-  def encode(self, grids, chunk: int = ENCODE_CHUNK, threads: int = 1) -> dict:
+  def encode(self, grids, chunk: int = 0, threads: int = 1) -> dict:
     """Tokens of grids [N, H, W] in raster order of their anchors.
 
     Returns numpy arrays: tokens int32 [N, L] (-1 = padding), positions int32 [N, L, 2] (row,
     col of each anchor), cells int32 [N, L] (footprint sizes), lengths int32 [N], grid_shape
     int32 [2]; L is the longest sequence in the batch.
 
-    Merges never cross grids, so grids are encoded `chunk` at a time (a chunk's state stays
-    in cache) by `threads` threads (numpy releases the GIL in its array loops); the result
-    does not depend on either.
+    Merges never cross grids, so grids can be encoded `chunk` at a time (0: N / threads) by
+    `threads` threads (numpy releases the GIL in its array loops); the result depends on
+    neither. Smaller chunks cost more Python per merge: on one thread one chunk is fastest
+    (BENCHMARKS.md, "At Being-VL scale").
     """
-    chunk = vocab_lib.check_int("chunk", chunk, 1)
     threads = vocab_lib.check_int("threads", threads, 1)
+    chunk = vocab_lib.check_int("chunk", chunk, 0)
     grids = check_grids(grids, self.base_vocab_size)
+    chunk = chunk or max(1, -(-grids.shape[0] // threads))
     if grids.shape[0] <= chunk:
       return self._encode_chunk(grids)
     parts = [grids[i:i + chunk] for i in range(0, grids.shape[0], chunk)]
