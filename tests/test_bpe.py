@@ -15,6 +15,7 @@ from vlbpe_jax.bpe import counting
 from vlbpe_jax.bpe import decode as decode_cli
 from vlbpe_jax.bpe import encode as encode_cli
 from vlbpe_jax.bpe import grid_state
+from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import learn as learn_cli
 from vlbpe_jax.bpe import scoring
 from vlbpe_jax.bpe import tables
@@ -490,3 +491,18 @@ def test_int16_grids_learn_the_same_vocabulary(tmp_path):
   learn_cli.main([f"--codes={codes}", "--merges=20", f"--out={out}", "--base_vocab_size=32",
                   "--no_progress"])
   assert VisualBPE.load(out).merges == want.merges
+
+
+def test_storage_threshold_recounts_give_the_same_vocabulary(monkeypatch):
+  """A storage threshold far above the winning counts forces recounts from the grids (the
+  pool floor drops below it); merges, counts, F, S and P must not change."""
+  g = patch_grids(seed=3, n=40, noise=0.2)
+  for offsets in ("0,1;1,0", "0,1;1,0;1,1;1,-1"):
+    kw = dict(base_vocab_size=32, num_merges=150, progress=False, return_timing=True,
+              offsets=vocab_lib.parse_offsets(offsets))
+    want, timing = VisualBPE.learn(g, **kw)
+    assert timing["recounts"] == 0
+    with monkeypatch.context() as m:
+      m.setattr(learner, "KEEP_CELLS", 1)  # keep = number of cells (5760)
+      got, timing = VisualBPE.learn(g, **kw)
+    assert timing["recounts"] >= 2 and got.merges == want.merges
