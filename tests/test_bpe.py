@@ -14,10 +14,13 @@ from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.bpe import counting
 from vlbpe_jax.bpe import decode as decode_cli
 from vlbpe_jax.bpe import encode as encode_cli
+from vlbpe_jax.bpe import grid_state
+from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import learn as learn_cli
 from vlbpe_jax.bpe import scoring
 from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import visualize
+from vlbpe_jax.bpe import vocab as vocab_lib
 
 
 def patch_grids(seed=0, n=16, h=12, w=12, base=32, noise=0.1):
@@ -420,3 +423,86 @@ def test_s_prior_count_saved_loaded_and_validated(tmp_path):
   with pytest.raises(ValueError, match="s_prior_count=-2"):
     learn_cli.main([f"--codes={codes}", "--merges=4", f"--out={out}", "--no_progress",
                     "--s_prior_count=-2"])
+
+
+def test_memory_lean_paths_learn_the_vocabulary_of_commit_9eb430a(monkeypatch):
+  """Digests of the merge lists (F, S, P included) that the learner of commit 9eb430a (int64
+  tables, one-shot first count and argsort) learned on this corpus; tiny chunks force the
+  chunked first count (several chunks and code ranges) and the chunked base-code index."""
+  g = patch_grids(seed=3, n=40, noise=0.2)
+  want = {"0,1;1,0": "c115686c33c61066", "0,1;1,0;1,1;1,-1": "86e6d88585cff03b"}
+
+  def digest(bpe):
+    return hashlib.sha256(json.dumps(bpe.merges, sort_keys=True).encode()).hexdigest()[:16]
+
+  for chunks in ((0, 0), (300, 97)):
+    if chunks[0]:
+      monkeypatch.setattr(counting, "CHUNK_CELLS", chunks[0])
+      monkeypatch.setattr(grid_state, "_INDEX_CHUNK", chunks[1])
+    for offsets, d in want.items():
+      bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=80, progress=False,
+                            offsets=vocab_lib.parse_offsets(offsets))
+      assert len(bpe.merges) == 80 and digest(bpe) == d, (chunks, offsets)
+  # Token ids >= 2**15 (int32 tokens, int64 pair keys): the same merges up to the id shift.
+  wide = VisualBPE.learn(g + 50000, base_vocab_size=50032, num_merges=80, progress=False)
+  narrow = VisualBPE.learn(g, base_vocab_size=32, num_merges=80, progress=False)
+  for m, n in zip(wide.merges, narrow.merges):
+    assert m["a"] - 50000 == n["a"] and m["b"] - 50000 == n["b"]
+    assert (m["offset"], m["count"], m["F"], m["S"]) == (n["offset"], n["count"], n["F"], n["S"])
+
+
+def test_first_count_chunks_and_min_count_pruning():
+  g = patch_grids(seed=5, n=30, noise=0.3)
+  offsets = ((0, 1), (1, 0), (1, -1))
+  keys, counts = counting.count_base_pairs_host(g, offsets, 40)
+  for chunk_cells in (144, 500, 10**6):
+    k2, c2 = counting.count_base_pairs_host(g, offsets, 40, chunk_cells=chunk_cells)
+    np.testing.assert_array_equal(k2, keys)
+    np.testing.assert_array_equal(c2, counts)
+    k3, c3 = counting.count_base_pairs_host(g, offsets, 40, min_count=3,
+                                            chunk_cells=chunk_cells)
+    ab = keys // (12 * 23)
+    total = {int(p): int(counts[ab == p].sum()) for p in np.unique(ab)}
+    live = np.array([total[int(p)] >= 3 for p in ab])
+    np.testing.assert_array_equal(k3, keys[live])
+    np.testing.assert_array_equal(c3, counts[live])
+
+
+def test_encode_in_chunks_and_threads_equals_one_batch():
+  g = patch_grids(seed=7, n=37)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=30, progress=False)
+  want = bpe.encode(g, chunk=1000)
+  for chunk, threads in ((5, 1), (8, 3), (36, 2), (0, 4)):
+    got = bpe.encode(g, chunk=chunk, threads=threads)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  with pytest.raises(ValueError, match="threads=0"):
+    bpe.encode(g, threads=0)
+
+
+def test_int16_grids_learn_the_same_vocabulary(tmp_path):
+  g = patch_grids(seed=4)
+  want = VisualBPE.learn(g, base_vocab_size=32, num_merges=20, progress=False)
+  assert VisualBPE.learn(g.astype(np.int16), base_vocab_size=32, num_merges=20,
+                         progress=False).merges == want.merges
+  codes, out = str(tmp_path / "codes.npy"), str(tmp_path / "bpe.json")
+  np.save(codes, g)  # int32 file; the CLI learns from an int16 copy
+  learn_cli.main([f"--codes={codes}", "--merges=20", f"--out={out}", "--base_vocab_size=32",
+                  "--no_progress"])
+  assert VisualBPE.load(out).merges == want.merges
+
+
+def test_storage_threshold_recounts_give_the_same_vocabulary(monkeypatch):
+  """A storage threshold far above the winning counts forces recounts from the grids (the
+  pool floor drops below it); merges, counts, F, S and P must not change."""
+  g = patch_grids(seed=3, n=40, noise=0.2)
+  for offsets in ("0,1;1,0", "0,1;1,0;1,1;1,-1"):
+    kw = dict(base_vocab_size=32, num_merges=150, progress=False, return_timing=True,
+              offsets=vocab_lib.parse_offsets(offsets))
+    want, timing = VisualBPE.learn(g, **kw)
+    assert timing["recounts"] == 0
+    with monkeypatch.context() as m:
+      m.setattr(learner, "KEEP_CELLS", 1)  # keep = number of cells (5760)
+      got, timing = VisualBPE.learn(g, **kw)
+    assert timing["recounts"] >= 2 and got.merges == want.merges

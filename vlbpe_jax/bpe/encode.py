@@ -1,6 +1,6 @@
 """Encode int codes [N, H, W] (.npy) with a learned visual BPE into a tokens .npz.
 
-  python -m vlbpe_jax.bpe.encode --bpe=bpe.json --codes=codes.npy --out=tokens.npz
+  python -m vlbpe_jax.bpe.encode --bpe=bpe.json --codes=codes.npy --out=tokens.npz [--threads=8]
 
 The .npz holds tokens [N, L] (-1 padding), positions [N, L, 2], cells [N, L], lengths [N],
 grid_shape [2] (see `VisualBPE.encode`) and bpe_digest (the first 16 hex digits of the
@@ -24,12 +24,13 @@ def main(argv=None):
   ap.add_argument("--bpe", required=True)
   ap.add_argument("--codes", required=True)
   ap.add_argument("--out", required=True)
+  ap.add_argument("--threads", type=int, default=1, help="encode N / threads grids per thread")
   args = ap.parse_args(argv)
   bpe = model.VisualBPE.load(args.bpe)
   codes = model.check_grids(fileio.load_npy(args.codes, what="codes"), bpe.base_vocab_size,
                             f"codes {args.codes}")
   t = time.perf_counter()
-  enc = bpe.encode(codes)
+  enc = bpe.encode(codes, threads=args.threads)
   seconds = time.perf_counter() - t
   digest = fileio.short_digest(args.bpe)
   fileio.save_npz(args.out, bpe_digest=np.array(digest), **enc)

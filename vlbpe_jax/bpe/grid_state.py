@@ -4,31 +4,52 @@ Cells are numbered globally `g = n * H * W + y * W + x` (image n), so the raster
 anchors inside one image is the order of `g`. `tok[g]` is the token anchored at g (-1 if g is
 covered by another token); `own[g]` is the anchor of the token covering g. `find_merge` and
 `commit_merge` are the one merge rule that learning and encoding share (see `vlbpe_jax.bpe`).
+
+Memory per cell: 2 bytes of token (int16 while every token id < 2**15, else 4), 4 of owner
+(int32 cell ids below 2**31 cells), 4 of base-code index, 1 of scratch flags.
 """
+
+_INDEX_CHUNK = 1 << 20  # cells per argsort while building the base-code index (cache-sized)
 
 import numpy as np
 
 from vlbpe_jax.bpe import vocab as vocab_lib
 
 
+def _base_index(tok: np.ndarray, base: int, idx) -> tuple[np.ndarray, np.ndarray]:
+  """Cells grouped by base code, ascending within a code (a stable argsort of `tok`), built
+  a chunk at a time so that no int64 array of all cells is made; and each code's start."""
+  start = np.concatenate([[0], np.cumsum(np.bincount(tok, minlength=base))])
+  order = np.empty(tok.size, idx)
+  fill = start[:-1].copy()  # next free place of each code
+  for lo in range(0, tok.size, _INDEX_CHUNK):
+    part = tok[lo:lo + _INDEX_CHUNK]
+    # Base codes in [0, V), V <= 65536: a 16-bit stable argsort is a radix sort.
+    o = np.argsort(part.astype(np.uint16) if base <= 1 << 16 else part, kind="stable")
+    code = part[o]
+    c = np.bincount(part, minlength=base)
+    order[fill[code] + np.arange(o.size) - (np.cumsum(c) - c)[code]] = o + lo
+    fill += c
+  return order, start
+
+
 class GridState:
 
-  def __init__(self, grids: np.ndarray, geometry: vocab_lib.Geometry):
+  def __init__(self, grids: np.ndarray, geometry: vocab_lib.Geometry, capacity: int = 0):
+    """grids: int [N, H, W] base codes; capacity: every token id will stay below it (0: 2**31).
+    """
     self.n, self.h, self.w = grids.shape
     self.geo = geometry
-    self.tok = np.ascontiguousarray(grids, np.int32).reshape(-1).copy()
+    narrow = 0 < capacity <= np.iinfo(np.int16).max
+    self.tok = np.array(grids, np.int16 if narrow else np.int32).reshape(-1)
     # Cell ids in int32 when every id +- one grid fits (halves the memory traffic).
     small = (self.n + 2) * self.h * self.w < np.iinfo(np.int32).max
     self.idx = np.int32 if small else np.int64
     self.own = np.arange(self.tok.size, dtype=self.idx)
-    self._mark = np.zeros(self.tok.size, bool)  # scratch, always all-False between calls
+    self.scratch = np.zeros(self.tok.size, bool)  # cell flags, all-False between uses
     local = np.arange(self.h * self.w)
     self._yx = local // self.w, local % self.w  # row, col of each cell of one grid
-    # Base codes in [0, V), V <= 65536: a 16-bit stable argsort is a radix sort.
-    keys = self.tok.astype(np.uint16) if geometry.base <= 1 << 16 else self.tok
-    self._base_order = np.argsort(keys, kind="stable").astype(self.idx)
-    self._base_start = np.concatenate(
-        [[0], np.cumsum(np.bincount(self.tok, minlength=geometry.base))])
+    self._base_order, self._base_start = _base_index(self.tok, geometry.base, self.idx)
     self._pos = {}  # token -> candidate anchors (may be stale; checked on use)
 
   def positions(self, t: int) -> np.ndarray:
@@ -59,7 +80,7 @@ class GridState:
     ok[ok] = self.tok[q[ok]] == b
     p, q = cand[ok], q[ok]
     if a == b and p.size:
-      mark = self._mark
+      mark = self.scratch
       mark[p] = True
       rank = np.zeros(p.size, np.int64)  # number of chained predecessors
       cur, alive = p, np.ones(p.size, bool)

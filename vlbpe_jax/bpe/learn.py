@@ -13,6 +13,7 @@ import argparse
 import json
 
 import jax
+import numpy as np
 
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
@@ -42,6 +43,8 @@ def main(argv=None):
   if args.base_vocab_size:
     codes = model.check_grids(codes, args.base_vocab_size, name, min_grids=1)
   base = args.base_vocab_size or model.infer_vocab_size(codes, name)
+  if base + args.merges <= np.iinfo(np.int16).max:  # every code fits: hold half the bytes
+    codes = codes.astype(np.int16)
   mesh = None
   if args.devices:
     mesh = parallel.make_mesh([("data", -1)], jax.devices()[:args.devices])

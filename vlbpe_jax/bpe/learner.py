@@ -1,6 +1,6 @@
 """Incremental exact learner: pair counts are updated only around the tokens a merge touched.
 
-State: `GridState` (tokens on the grids), exact int64 counts per (a, b, offset) (slots of a
+State: `GridState` (tokens on the grids), exact int32 counts per (a, b, offset) (slots of a
 `SlotMap`; a pair's triples take consecutive slots, so its histogram is one slice) and per
 (a, b), and a cache of S per (a, b): a change to a pair's histogram clears its S,
 and the jitted kernel re-scores it only when the pair could win a merge. Per merge: pick the
@@ -11,6 +11,15 @@ pair that touches a vanishing token (old grid), commit, add every pair that touc
 
 _MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
 _LOWER = 4      # when the pool of pairs with N >= floor cannot decide: floor /= _LOWER
+KEEP_CELLS = 1 << 20  # store only pairs with N >= cells / KEEP_CELLS (>= min_count) at first
+
+
+class _Recount(Exception):
+  """The pool must look below the storage threshold: recount every pair from the grids."""
+
+  def __init__(self, floor: int):
+    super().__init__(floor)
+    self.floor = floor
 
 import time
 
@@ -33,29 +42,47 @@ class _Counts:
   """Exact pair statistics and the S cache, for the pairs that can still be merged.
 
   A pair's count only grows in the merge that creates its newer token (tokens are never made
-  again and footprints never move), so a pair with N < min_count after that merge can never be
-  chosen: it is not stored (most first-round pairs are single noise pairs), and later
-  decrements of such keys are ignored.
+  again and footprints never move), so a pair with N < min_count after that merge can never
+  reach min_count: it is not stored (most pairs are rare noise pairs), and later decrements of
+  such keys are ignored. `min_count` here is the storage threshold `keep` >= the learner's
+  min_count: while the pool floor stays >= keep, pairs below it cannot win either; when the
+  pool must look lower, `select` raises `_Recount` and the learner recounts from the grids.
   """
 
   def __init__(self, keys, counts, vcap, h, w, sigma, min_count, s_prior_count=0.0):
+    """keys: int64 triple keys `(a * vcap + b) * D + d`, a pair's triples adjacent and in order
+    of d, pairs in the order of their slots (first counts: sorted); counts: theirs (< 2**31).
+
+    Per triple 22 bytes (index key 8, slot 4, count 4, pair 4, d 2), per pair 21 (key 4 or 8,
+    first triple 4, length 4, count 4, S 4, pool flag 1): int32 wherever the range allows.
+    """
     self.vcap, self.h, self.w, self.d = vcap, h, w, h * (2 * w - 1)
     self.sigma, self.min_count, self.s_prior_count = sigma, min_count, s_prior_count
-    ab = keys // self.d  # keys are sorted, so are their pairs
+    ab = keys // self.d  # a pair's triples are adjacent
     first = _run_starts(ab)
-    acnt = np.add.reduceat(counts, first) if keys.size else np.zeros(0, np.int64)
+    acnt = (np.add.reduceat(counts, first, dtype=np.int64) if keys.size else
+            np.zeros(0, np.int64))
     live = acnt >= min_count
-    which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
-    keys, counts, which = keys[live[which]], counts[live[which]], which[live[which]]
+    if not live.all():  # count_base_pairs_host(min_count=...) has dropped them already
+      which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
+      keys, counts = keys[live[which]], counts[live[which]]
+      ab = keys // self.d
+      first = _run_starts(ab)
+      acnt = acnt[live]
+    del live
     self.triples = tables.SlotMap(self._index_key(keys))  # slot = rank: a pair's triples
     #                                                       are contiguous, in order of d
-    self.tcnt = counts.astype(np.int64)
-    self.npairs = int(live.sum())
-    self.pair_keys = ab[first[live]]
-    self.tpair = (np.cumsum(live) - 1)[which].astype(np.int64)  # triple slot -> pair slot
-    self.tstart = _run_starts(self.tpair)                       # pair slot -> first triple
-    self.tlen = np.diff(np.append(self.tstart, self.tpair.size))  # and its number of triples
-    self.acnt = acnt[live].astype(np.int64)
+    small = self.d < np.iinfo(np.int16).max
+    self.td = (keys % self.d).astype(np.int16 if small else np.int32)  # triple slot -> d
+    self.tcnt = counts.astype(np.int32)
+    self.npairs = first.size
+    self.key_dtype = np.int32 if vcap * vcap < np.iinfo(np.int32).max else np.int64
+    self.pair_keys = ab[first].astype(self.key_dtype)
+    del ab, keys, counts
+    self.tstart = first.astype(np.int32)                    # pair slot -> first triple
+    self.tlen = np.diff(np.append(first, self.tcnt.size)).astype(np.int32)  # its triples
+    self.tpair = np.repeat(np.arange(self.npairs, dtype=np.int32), self.tlen)  # triple -> pair
+    self.acnt = acnt.astype(np.int32)
     self.s = np.full(self.acnt.size, np.nan, np.float32)  # S cache; NaN = not scored yet
     self.floor = np.iinfo(np.int64).max             # every pair with count >= floor is in pool
     self.pool = np.zeros(0, np.int64)
@@ -70,6 +97,18 @@ class _Counts:
     newer, older = np.maximum(a, b), np.minimum(a, b)
     return ((newer * self.vcap + older) * 2 + (a > b)) * self.d + d
 
+  def adopt_scores(self, old: "_Counts"):
+    """Takes the cached S of the pairs that `old` has scored (their histograms are the same)."""
+    ok = ~np.isnan(old.s[:old.npairs])
+    keys, s = old.pair_keys[:old.npairs][ok], old.s[:old.npairs][ok]
+    mine = self.pair_keys[:self.npairs]
+    if not keys.size or not mine.size:
+      return
+    order = np.argsort(mine)
+    i = np.minimum(np.searchsorted(mine[order], keys), mine.size - 1)
+    hit = mine[order][i] == keys
+    self.s[order[i[hit]]] = s[hit]
+
   def histograms(self, pairs: np.ndarray):
     """Flat (index into `pairs`, dy, dx, count) of the offsets of pair slots `pairs`, sorted
     by (index, d)."""
@@ -78,7 +117,7 @@ class _Counts:
     c = self.tcnt[slots]
     live = c > 0
     slots, which, c = slots[live], which[live], c[live]
-    d = self.triples.keys[slots] % self.d  # a pair's triples sit in slots in order of d
+    d = self.td[slots].astype(np.int64)  # a pair's triples sit in slots in order of d
     dy, dx = d // (2 * self.w - 1), d % (2 * self.w - 1) - (self.w - 1)
     return which, dy, dx, c
 
@@ -93,7 +132,7 @@ class _Counts:
 
   def dominant(self, slot: int):
     """(dy, dx) with the most occurrences of pair `slot` (ties: raster-first offset), count."""
-    _, dy, dx, c = self.histograms(np.array([slot], np.int64))
+    _, dy, dx, c = self.histograms(np.array([slot], np.int32))
     i = int(np.argmax(c))  # histograms are sorted by d, so the first max is raster-first
     return (int(dy[i]), int(dx[i])), int(c[i])
 
@@ -109,8 +148,10 @@ class _Counts:
       return out
     slots = self.triples.insert(self._index_key(keys[keep]))  # consecutive, in key order
     out[keep] = slots
+    self.td = tables.grow(self.td, self.triples.size)
+    self.td[slots] = keys[keep] % self.d
     first, runs = first[keep[first]], runs[keep[first]]
-    pslots = np.arange(self.npairs, self.npairs + first.size)
+    pslots = np.arange(self.npairs, self.npairs + first.size, dtype=np.int32)
     self.npairs += first.size
     self.pair_keys = tables.grow(self.pair_keys, self.npairs)
     self.pair_keys[pslots] = ab[first]
@@ -224,7 +265,38 @@ class _Counts:
           return result
       if self.floor <= min_count:
         return None
-      self._set_pool(max(min_count, self.floor // _LOWER), cnt, True)
+      floor = max(min_count, self.floor // _LOWER)
+      if floor < self.min_count:  # unstored pairs (N < keep) might win: recount them
+        raise _Recount(floor)
+      self._set_pool(floor, cnt, True)
+
+
+def _recount(state: grid_state.GridState, vcap: int):
+  """Keys and counts of every pair of neighbouring tokens on the grids now, in the order in
+  which the learner stores pairs: base pairs first, then by newer token (the merge that made
+  it), then by key. So the pool and the S batches stay those of a learner that never pruned.
+  """
+  anchors = np.flatnonzero(state.tok >= 0).astype(state.idx)
+  toks = state.tok[anchors]
+  order = np.argsort(toks, kind="stable")
+  anchors, toks = anchors[order], toks[order]
+  del order
+  starts = np.append(_run_starts(toks), toks.size)
+  codes = []
+  for i, j in zip(starts[:-1], starts[1:]):
+    x, y = state.neighbours(anchors[i:j], int(toks[i]))
+    keep = x < y  # each pair is seen from both of its tokens
+    codes.append(state.pair_codes(x[keep], y[keep], vcap))
+  del anchors, toks
+  keys = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+  del codes
+  keys.sort()
+  first = _run_starts(keys)
+  keys, counts = keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
+  ab = keys // (state.h * (2 * state.w - 1))
+  newer = np.maximum(ab // vcap, ab % vcap)
+  order = np.argsort(np.where(newer >= state.geo.base, newer, -1), kind="stable")
+  return keys[order], counts[order]
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
@@ -241,17 +313,33 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   n, h, w = grids.shape
   geo = vocab_lib.Geometry(base_vocab_size, offsets)
   vcap = base_vocab_size + num_merges
+  if n * h * w * len(geo.offsets) >= np.iinfo(np.int32).max:
+    raise ValueError(f"{n} grids of {h}x{w} with {len(geo.offsets)} offsets: pair counts could "
+                     "overflow int32; expected fewer than 2**31 pair occurrences")
+  keep = max(min_count, n * h * w // KEEP_CELLS)  # storage threshold (see `_Counts`)
   if mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
-    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap)
+    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, keep)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
-  stats = _Counts(keys, counts, vcap, h, w, sigma, min_count, s_prior_count)
-  state = grid_state.GridState(grids, geo)
-  vanish = np.zeros(n * h * w, bool)
+  stats = _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
+  del keys, counts
+  state = grid_state.GridState(grids, geo, capacity=vcap)
+  vanish = state.scratch  # all-False cell flags, shared with the grid state
   t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
   records = []
+  recounts = 0
   for _ in tqdm.trange(num_merges, disable=not progress, desc="visual BPE merges"):
-    best = stats.select(alpha, min_count)
+    while True:
+      try:
+        best = stats.select(alpha, min_count)
+        break
+      except _Recount as e:  # rare: the winner may be a pair below the storage threshold
+        keep, recounts = e.floor, recounts + 1
+        keys, counts = _recount(state, vcap)
+        old, stats = stats, _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
+        stats.adopt_scores(old)
+        del keys, counts, old
+        stats._set_pool(keep, stats.acnt[:stats.npairs], True)  # pylint: disable=protected-access
     if best is None:
       break
     slot, f, s, pr = best
@@ -279,4 +367,4 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     records.append(record)
   total, cpu = time.perf_counter() - t0, time.process_time() - c0
   return geo, records, dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total,
-                            cpu_s=cpu, merge_cpu_s=cpu - c_setup)
+                            cpu_s=cpu, merge_cpu_s=cpu - c_setup, recounts=recounts)

@@ -3,6 +3,7 @@
 A vocabulary holds at most `vocab.MAX_VOCAB_SIZE` (2**24) tokens, base codes included.
 """
 
+import concurrent.futures
 import numbers
 
 import numpy as np
@@ -20,10 +21,11 @@ _MERGE_FLOATS = ("F", "S", "P")
 
 
 def check_grids(grids, base_vocab_size=None, name: str = "grids",
-                min_grids: int = 0) -> np.ndarray:
+                min_grids: int = 0, keep_int16: bool = False) -> np.ndarray:
   """int32 [N, H, W] codes in [0, V) or ValueError naming `name` and the bad value.
 
   base_vocab_size=None only checks codes >= 0 and < MAX_VOCAB_SIZE (see `infer_vocab_size`).
+  keep_int16: int16 grids come back as they are (half the memory), not as an int32 copy.
   """
   if not isinstance(grids, np.ndarray) and hasattr(grids, "__array__"):
     grids = np.asarray(grids)
@@ -44,6 +46,8 @@ def check_grids(grids, base_vocab_size=None, name: str = "grids",
       what = (f"< base_vocab_size={base_vocab_size}" if base_vocab_size is not None else
               f"< {limit} (vocab.MAX_VOCAB_SIZE = 2**24)")
       raise ValueError(f"{name} holds code {hi}: expected codes {what}")
+  if keep_int16 and grids.dtype == np.int16:
+    return np.ascontiguousarray(grids)
   return np.ascontiguousarray(grids, np.int32)
 
 
@@ -155,13 +159,15 @@ class VisualBPE:
             s_prior_count: float = 0.0):
     """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
 
+    int16 grids are used as they are (no int32 copy); other integer dtypes are copied to int32.
+
     V + num_merges must stay <= MAX_VOCAB_SIZE (2**24); grids must hold at least one grid.
     s_prior_count: pseudo-count k shrinking S towards 0 for rare pairs, S_k = S * N / (N + k)
     (`scoring`); 0 = no correction.
     """
     s_prior_count = check_s_prior_count(s_prior_count)
     base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
-    grids = check_grids(grids, base_vocab_size, min_grids=1)
+    grids = check_grids(grids, base_vocab_size, min_grids=1, keep_int16=True)
     _, h, w = grids.shape
     if 2 * (base_vocab_size + num_merges) ** 2 * h * (2 * w - 1) >= 2**63:
       raise ValueError(f"grids of {h}x{w} with a vocabulary of {base_vocab_size + num_merges} "
@@ -182,7 +188,7 @@ class VisualBPE:
   def tokenize(self, grids) -> grid_state.GridState:
     """Applies every merge, in learned order, to grids [N, H, W]; returns the grid state."""
     grids = check_grids(grids, self.base_vocab_size)
-    state = grid_state.GridState(grids, self.geometry)
+    state = grid_state.GridState(grids, self.geometry, capacity=self.vocab_size)
     for k, (a, b, delta) in enumerate(self.geometry.merges):
       if state.positions(a).size:
         p, q = state.find_merge(a, b, delta)
@@ -190,13 +196,42 @@ class VisualBPE:
           state.commit_merge(b, p, q, self.base_vocab_size + k)
     return state
 
-  def encode(self, grids) -> dict:
+  def encode(self, grids, chunk: int = 0, threads: int = 1) -> dict:
     """Tokens of grids [N, H, W] in raster order of their anchors.
 
     Returns numpy arrays: tokens int32 [N, L] (-1 = padding), positions int32 [N, L, 2] (row,
     col of each anchor), cells int32 [N, L] (footprint sizes), lengths int32 [N], grid_shape
     int32 [2]; L is the longest sequence in the batch.
+
+    Merges never cross grids, so grids can be encoded `chunk` at a time (0: N / threads) by
+    `threads` threads (numpy releases the GIL in its array loops); the result depends on
+    neither. Smaller chunks cost more Python per merge: on one thread one chunk is fastest
+    (BENCHMARKS.md, "At Being-VL scale").
     """
+    threads = vocab_lib.check_int("threads", threads, 1)
+    chunk = vocab_lib.check_int("chunk", chunk, 0)
+    grids = check_grids(grids, self.base_vocab_size)
+    chunk = chunk or max(1, -(-grids.shape[0] // threads))
+    if grids.shape[0] <= chunk:
+      return self._encode_chunk(grids)
+    parts = [grids[i:i + chunk] for i in range(0, grids.shape[0], chunk)]
+    if threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        outs = list(pool.map(self._encode_chunk, parts))
+    else:
+      outs = [self._encode_chunk(x) for x in parts]
+    width = max(o["tokens"].shape[1] for o in outs)
+
+    def cat(key, fill):
+      return np.concatenate([np.pad(o[key], [(0, 0), (0, width - o[key].shape[1])] +
+                                    [(0, 0)] * (o[key].ndim - 2), constant_values=fill)
+                             for o in outs])
+
+    return dict(tokens=cat("tokens", -1), positions=cat("positions", 0), cells=cat("cells", 0),
+                lengths=np.concatenate([o["lengths"] for o in outs]),
+                grid_shape=outs[0]["grid_shape"])
+
+  def _encode_chunk(self, grids) -> dict:
     state = self.tokenize(grids)
     hw = state.h * state.w
     anchors = np.flatnonzero(state.tok >= 0)
