@@ -171,4 +171,6 @@ def test_sharded_forward_matches_unsharded(tiny):
     assert tuple(shardings["layers_0"]["attn"]["self_q"].spec) == ("fsdp", "tensor", None)
     sharded = jax.device_put(p, shardings)
     out = jax.jit(model.apply)({"params": sharded}, x, t, cond, mask)
-  np.testing.assert_allclose(out, m.apply({"params": p}, x, t, cond, mask), atol=1e-5)
+  # Sharded matmuls sum in another order: float32 rounding, relative (CI: 1.6e-6 at 7.79).
+  np.testing.assert_allclose(out, m.apply({"params": p}, x, t, cond, mask), rtol=1e-5,
+                             atol=1e-5)

@@ -58,12 +58,12 @@ the mesh's batch axes: each device counts its grids, an all_gather combines the 
 on the host otherwise; integer counts, so all agree bit for bit), then per merge only the pairs
 touching the changed tokens are subtracted and added (`learner`). A pair's count only falls
 after the merge that makes its newer token, so pairs below min_count are never stored. S is
-scored by a jitted JAX kernel on the host CPU device, lazily, only for pairs that could still
+scored by a numpy kernel (bit-identical on any machine), lazily, only for pairs that could still
 win (`learner._Counts.select`). Encoding replays the merges with the same `grid_state` rule,
 vectorised over the whole batch per merge.
 
 Modules: `vocab` (footprints), `grid_state` (the merge rule), `counting` (first counts, sharded
-over the mesh), `scoring` (the jitted S kernel), `tables` (exact sparse counters), `learner`,
+over the mesh), `scoring` (the S kernel), `tables` (exact sparse counters), `learner`,
 `model` (VisualBPE), `visualize`, `stage` (demo), CLIs `learn`, `encode`, `decode`.
 """
 

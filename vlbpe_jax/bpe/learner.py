@@ -3,7 +3,7 @@
 State: `GridState` (tokens on the grids), exact int32 counts per (a, b, offset) (slots of a
 `SlotMap`; a pair's triples take consecutive slots, so its histogram is one slice) and per
 (a, b), and a cache of S per (a, b): a change to a pair's histogram clears its S,
-and the jitted kernel re-scores it only when the pair could win a merge. Per merge: pick the
+and the kernel re-scores it only when the pair could win a merge. Per merge: pick the
 best pair (`_Counts.select`), find its occurrences from the position list of a, subtract every
 pair that touches a vanishing token (old grid), commit, add every pair that touches a new token
 (new grid). The result equals recounting from scratch (tests/test_bpe_reference.py).
@@ -122,7 +122,7 @@ class _Counts:
     return which, dy, dx, c
 
   def consistency(self, slots: np.ndarray) -> np.ndarray:
-    """S of the pairs at `slots`, scoring (with the jitted kernel) those not cached."""
+    """S of the pairs at `slots`, scoring (with the kernel) those not cached."""
     stale = slots[np.isnan(self.s[slots])]
     if stale.size:
       which, dy, dx, c = self.histograms(stale)

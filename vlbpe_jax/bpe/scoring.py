@@ -7,7 +7,7 @@ a), N = sum n_delta, u_bar = sum n_delta * delta / N and
 
 which equals the seed's (1/N_ab) sum_i exp(-||u_i - u_bar||^2 / 2 sigma^2) over occurrences i,
 grouped by their (discrete) offsets. The host computes the sufficient statistics exactly:
-||delta - u_bar||^2 = q / N^2 with the integer q = ||N delta - sum n delta'||^2; the jitted
+||delta - u_bar||^2 = q / N^2 with the integer q = ||N delta - sum n delta'||^2; the numpy
 kernel scores a padded batch `[K, D]` of (n, q / N^2) rows.
 
 Small-sample correction: a pair seen twice at one offset has S = 1, like one seen 10,000 times.
@@ -23,15 +23,17 @@ float32). The factor N / (N + k) is computed in float32 inside the kernel from t
 Bit-exactness: the kernel's inputs are exact functions of the integer histogram, each row is put
 in a canonical order (by n, then distance), and every sum over D is an adjacent-pair tree of
 single float32 additions (`x[0::2] + x[1::2]`), so zero padding never changes a result, whatever
-D or K is. Two histograms of the same shape (equal up to a shift, mirror or transpose of the
-offsets) therefore get bit-identical S and tie exactly (S_k too: N / (N + k) depends only
-on N, an exact integer sum). The kernel runs on the host's first CPU
-device, so a histogram gives the same bits on a CPU, GPU or TPU machine and on any mesh.
+D is. Two histograms of the same shape (equal up to a shift, mirror or transpose of the offsets)
+therefore get bit-identical S and tie exactly (S_k too: N / (N + k) depends only on N, an exact
+integer sum). The kernel is numpy, not a jitted XLA computation: XLA CPU's exp and its fusing of
+multiply-adds change with the compiler flags (`--xla_backend_optimization_level`, as the tests
+set) and with the host's FMA support, which changed S in the last bit and reordered merges. Here
+the Gaussian is computed in float64 and rounded once to float32 and every other step is a single
+IEEE float32 operation, so a histogram gets the same S on any machine, mesh or XLA setting (up to
+a float64 exp result straddling a float32 rounding boundary, ~2**-29 per value).
 """
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -42,22 +44,24 @@ def _tree_sum(x):
   return x[..., 0]
 
 
-@jax.jit
 def pair_consistency(counts, dist2, sigma, prior_count):
-  """S_k per pair. counts: [K, D] int32 (0 = padding); dist2: [K, D] float32, ||delta -
-  u_bar||^2; sigma, prior_count (k): float32 scalars.
+  """S_k per pair. counts: [K, D] int (0 = padding); dist2: [K, D] float64, ||delta -
+  u_bar||^2; sigma, prior_count (k): floats.
 
   D is a power of two. Returns S_k: [K] float32 (0 for all-padding rows).
   """
+  counts, dist2 = np.asarray(counts), np.asarray(dist2, np.float64)
   chex.assert_rank(counts, 2)
   chex.assert_equal_shape([counts, dist2])
-  n = counts.astype(jnp.float32)                        # [K, D]
-  tot = _tree_sum(n)                                     # [K]
-  kern = jnp.exp(-dist2 / (2.0 * sigma * sigma))         # [K, D]
-  s = _tree_sum(n * kern) / jnp.maximum(tot, 1.0)        # [K]
-  n_int = jnp.sum(counts, axis=-1).astype(jnp.float32)  # [K] exact integer N, any order
-  shrink = n_int / jnp.maximum(n_int + prior_count, 1.0)  # [K] N / (N + k); 1 when k = 0
-  return jnp.where(tot > 0, s * shrink, 0.0)
+  if counts.shape[-1] & (counts.shape[-1] - 1):
+    raise ValueError(f"pair_consistency: D={counts.shape[-1]} columns, expected a power of two")
+  n = counts.astype(np.float32)                                             # [K, D]
+  kern = np.exp(-dist2 / (2.0 * float(sigma) ** 2)).astype(np.float32)      # [K, D]
+  tot = _tree_sum(n)                                                         # [K]
+  s = _tree_sum(n * kern) / np.maximum(tot, np.float32(1.0))                 # [K]
+  n_int = counts.sum(axis=-1).astype(np.float32)        # [K] exact integer N, any order
+  shrink = n_int / np.maximum(n_int + np.float32(prior_count), np.float32(1.0))  # N / (N + k)
+  return np.where(tot > 0, s * shrink, np.float32(0.0)).astype(np.float32)
 
 
 def _bucket(n: int, lo: int, step: int) -> int:
@@ -74,7 +78,7 @@ def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float,
 
   group: int64 [E] pair index in [0, num_groups), non-decreasing; d_y, d_x, counts: int [E];
   prior_count: the pseudo-count k >= 0 (0: plain S). Returns float32 [G]. Rows and columns are
-  padded to a few bucket sizes; runs on the first CPU device.
+  padded to a power of two (the tree sums), in blocks of 2**15 pairs.
   """
   if num_groups == 0:
     return np.zeros(0, np.float32)
@@ -91,16 +95,13 @@ def score_histograms(group, d_y, d_x, counts, num_groups: int, sigma: float,
   group, counts, dist2 = group[order], counts[order], dist2[order]
   col = np.arange(group.size) - starts[group]
   width = _bucket(int(col.max()) + 1 if col.size else 1, 4, 4)
-  rows = _bucket(num_groups, 64, 8)
   out = []
-  for r0 in range(0, rows, 1 << 15):  # bounded kernel sizes (a bucket size) for huge calls
-    nr = min(rows - r0, 1 << 15)
+  for r0 in range(0, num_groups, 1 << 15):  # bounded [rows, width] blocks for huge calls
+    nr = min(num_groups - r0, 1 << 15)
     sel = (group >= r0) & (group < r0 + nr)
     n_mat = np.zeros((nr, width), np.int32)
-    d_mat = np.zeros((nr, width), np.float32)
+    d_mat = np.zeros((nr, width), np.float64)
     n_mat[group[sel] - r0, col[sel]] = counts[sel]
     d_mat[group[sel] - r0, col[sel]] = dist2[sel]
-    with jax.default_device(jax.devices("cpu")[0]):
-      s = pair_consistency(n_mat, d_mat, np.float32(sigma), np.float32(prior_count))
-    out.append(np.asarray(s))
-  return np.concatenate(out)[:num_groups]
+    out.append(pair_consistency(n_mat, d_mat, sigma, prior_count))
+  return np.concatenate(out)
