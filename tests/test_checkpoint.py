@@ -61,6 +61,10 @@ def test_refuses_mismatched_tree_and_config(tmp_path):
                                must_match=("model.width",)) as ckpt:
     with pytest.raises(ValueError, match="model.width: checkpoint has 8, config has 16"):
       ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  # The data layout is not matched: the data iterator's per-shard files check it.
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8, "data_shards": 4}},
+                               must_match=("model",)) as ckpt:
+    ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(ValueError, match="no such checkpoint"):
       ckpt.restore(wrong, step=99)
