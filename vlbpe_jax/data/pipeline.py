@@ -12,19 +12,21 @@
 
 Checkpoints: save the iterator with the train state through orbax, using grain's handler args
 `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (grain 0.2.18,
-handler `grain.checkpoint.CheckpointHandler`; one JSON file per process). Resuming yields
-exactly the batches an uninterrupted run would have produced, for the same `worker_count`.
+handler `grain.checkpoint.CheckpointHandler`; one JSON file per process, or per data shard for a
+`ShardedIterator`: data/iter_state.py). Resuming yields exactly the batches an uninterrupted run
+would have produced, for the same `worker_count`.
 
 By default every host reads a contiguous, equal-sized slice of the source
 (`jax.process_index()` of `jax.process_count()`; the remainder is dropped so all hosts run the
 same number of steps), so `batch_size` is the per-host batch. The trainers split the data into a
 fixed number `n` of shards instead (`sharded_iterator`, built on `local_shards(n)` and
-`zip_shards`; their `<stage>.data_shards`, 0 = one per process), each process reading (and
+`zip_shards`; their `<section>.data_shards`, 0 = one per process), each process reading (and
 concatenating the batches of) its `n / processes` of them: the global batches are then the same
 for any process count that divides `n` (a 2-process run equals a 1-process one, and either
-resumes the other). Shuffling is reseeded every epoch (`num_epochs=None`: forever). `worker_count > 0` runs everything up to batching in grain worker processes
-(different worker counts give different, still deterministic, orders); callables must then be
-picklable, and absl flags are marked parsed if nobody parsed them (grain reads its flags).
+resumes the other). Shuffling is reseeded every epoch (`num_epochs=None`: forever).
+`worker_count > 0` runs everything up to batching in grain worker processes (different worker
+counts give different, still deterministic, orders); callables must then be picklable, and absl
+flags are marked parsed if nobody parsed them (grain reads its flags).
 
 Text formats (`format_example`): `[bos] [<img> image tokens </img>] body`, where body is
   caption     caption [eos]                     loss on caption and eos
