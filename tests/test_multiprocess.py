@@ -129,7 +129,7 @@ def test_clip_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
     shutil.copytree(os.path.join(wd, "src", part), os.path.join(wd, name, part))
   worker.run_clip(wd, "ref")  # 1 process x 8 devices, steps 1-3
   worker.run_clip(wd, "one_then_two", stop_at_step=2)
-  run_workers(wd, "clip:two_then_one:2", "clip:one_then_two:0")
+  run_workers(wd, "clip:two_then_one:2", "clip:one_then_two:0", timeout=300)
   it_dir = os.path.join(wd, "two_then_one", "clip", "ckpt", "2", "data_iter")
   assert sorted(f for f in os.listdir(it_dir) if f.endswith(".json")) == [
       "shard_0-of-2.json", "shard_1-of-2.json"]
@@ -147,7 +147,7 @@ def test_dit_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
   worker.run_dit(wd, "ref")  # 1 process x 8 devices, steps 1-3
   worker.run_dit(wd, "one_then_two", stop_at_step=2)
   # 2 processes: a run to step 2, and the 1-process run of steps 1-2 resumed to step 3.
-  run_workers(wd, "dit:two_then_one:2", "dit:one_then_two:0")
+  run_workers(wd, "dit:two_then_one:2", "dit:one_then_two:0", timeout=300)
   for name in ("two_then_one", "one_then_two"):  # written once: process 0's files only
     files = os.listdir(os.path.join(wd, name))
     assert "target_stats.json" in files and not [f for f in files if "tmp" in f]
