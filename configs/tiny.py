@@ -71,6 +71,7 @@ def get_config(arg=None):
       b2=0.99,
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
+      data_shards=0,  # n data shards (0: one per process): same batches on P processes, P | n
       total_steps=3 if tiny else 6400,
       log_every=1 if tiny else 20,
       eval_every=3 if tiny else 3200,
@@ -108,6 +109,11 @@ def get_config(arg=None):
       positions="1d",  # RoPE positions: "1d", or "2d" (image tokens at their code-grid (row, col))
       seq_len=384,  # packed row: a raw-VQ example (2 + 256 image tokens + text) fits
       batch_size=8,  # global rows per step, the same for every run ("same budget")
+      # The training data is split into this many shards, each process reading its share
+      # (0 = one shard per process): a fixed count gives the same global batches, and
+      # checkpoints that restore, for any process count dividing it. Same in vq, clip, dit,
+      # dit.decoder and v2l.
+      data_shards=0,
       vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)
       text_steps=2 if tiny else 200,  # stage 0: text-only stand-in for the pretrained LLM
       # Stage 0's tasks, drawn per example; "icl" = text-only in-context episodes (data/icl.py)
@@ -149,6 +155,7 @@ def get_config(arg=None):
       model=dict(patch_size=8),  # CLIPConfig overrides; 64 px / 8 = an 8x8 patch grid
       grid=8,  # target tokens per side after average pooling (BLIP3-o: 8x8 = 64 tokens)
       batch_size=16 if tiny else 64,
+      data_shards=0,  # as lm.data_shards: 0 = one per process
       total_steps=2 if tiny else 200,  # zero-shot colour is 100% from ~200 steps; shape stays
       lr=1e-3,
       warmup_steps=1 if tiny else 20,
@@ -169,6 +176,7 @@ def get_config(arg=None):
       prompt_template="Please generate image based on the following caption: {caption}",
       prompt_len=112,  # prompt tokens, left-padded (the template alone is 46); longer: refused
       batch_size=8 if tiny else 32,
+      data_shards=0,  # as lm.data_shards: 0 = one per process (the decoder's: its own)
       # Per design. The stage's budget (CLIP + decoder + 3 designs + sampling <= 4 CPU minutes)
       # allows ~300; 4x the steps took fm's checker score from 0.08 to 0.09 (BENCHMARKS.md).
       total_steps=2 if tiny else 300,
@@ -190,8 +198,8 @@ def get_config(arg=None):
       progress=not tiny,
       decoder=dict(  # CLIP features -> pixels (vq/autoencoder.Decoder), L2
           ch=16 if tiny else 32, ch_mult=(1, 2), num_res_blocks=1, groups=8,
-          batch_size=8 if tiny else 32, total_steps=2 if tiny else 300, lr=2e-3,
-          warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
+          batch_size=8 if tiny else 32, data_shards=0, total_steps=2 if tiny else 300,
+          lr=2e-3, warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
   )
   # V2L (vlbpe_jax/v2l/): images as tokens of the frozen stage-0 text LM's own vocabulary,
   # read in context by that LM (few-shot shape classification).
@@ -211,6 +219,7 @@ def get_config(arg=None):
       perceptual_weights="",
       disc_weight=0.0,  # the public code's GAN (0.75 from step 10k) is not implemented: 0 only
       batch_size=8 if tiny else 16,
+      data_shards=0,  # as lm.data_shards: 0 = one per process
       # The demo's stage <= ~2 CPU minutes: a "demo" step at batch 16 took 0.66 s with another
       # job on the 2 cores (+ ~45 s of compilation), so 120 steps.
       total_steps=2 if tiny else 120,

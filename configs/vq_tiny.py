@@ -41,6 +41,7 @@ def vq_config(tiny: bool = False) -> ml_collections.ConfigDict:
       b2=0.99,
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
+      data_shards=0,  # n data shards (0: one per process): same batches on P processes, P | n
       total_steps=3 if tiny else 6400,
       log_every=1 if tiny else 20,
       eval_every=3 if tiny else 3200,

@@ -1,5 +1,7 @@
 """Checkpointer: restore onto other meshes, iterator state, keep-last-k, refusals."""
 
+import functools
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlbpe_jax import checkpoint, parallel
+from vlbpe_jax.data import pipeline
 
 
 def _state(mesh):
@@ -58,6 +61,10 @@ def test_refuses_mismatched_tree_and_config(tmp_path):
                                must_match=("model.width",)) as ckpt:
     with pytest.raises(ValueError, match="model.width: checkpoint has 8, config has 16"):
       ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  # The data layout is not matched: the data iterator's per-shard files check it.
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8, "data_shards": 4}},
+                               must_match=("model",)) as ckpt:
+    ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(ValueError, match="no such checkpoint"):
       ckpt.restore(wrong, step=99)
@@ -90,6 +97,29 @@ def test_iterator_state_resumes_exact_batches(tmp_path):
     ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
                  data_iter=fresh)
   assert [next(fresh).tolist() for _ in range(4)] == expected
+
+
+def test_sharded_iterator_restores_per_shard_and_from_a_per_process_file(tmp_path):
+  make = functools.partial(pipeline.dataset, list(range(12)), seed=0)
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
+  for name, it in (("sharded", pipeline.sharded_iterator(make, batch_size=4, data_shards=2)),
+                   # grain's own file (process_0-of-1.json): the trainers' iterators before
+                   # their data was sharded; one shard of one process reads the same rows.
+                   ("legacy", iter(pipeline.dataset(list(range(12)), batch_size=4, seed=0)))):
+    for _ in range(2):
+      next(it)
+    with checkpoint.Checkpointer(tmp_path / name) as ckpt:
+      ckpt.save(2, {"step": jnp.int32(2)}, data_iter=it)
+    expected = [next(it).tolist() for _ in range(3)]  # crosses an epoch boundary
+    fresh = pipeline.sharded_iterator(make, batch_size=4,
+                                      data_shards=2 if name == "sharded" else 0)
+    with checkpoint.Checkpointer(tmp_path / name) as ckpt:
+      ckpt.restore(abstract, data_iter=fresh)
+    assert [next(fresh).tolist() for _ in range(3)] == expected, name
+  with checkpoint.Checkpointer(tmp_path / "sharded") as ckpt:
+    with pytest.raises(ValueError, match=r"lacks \['shard_0-of-4'"):
+      ckpt.restore(abstract, data_iter=pipeline.sharded_iterator(make, batch_size=4,
+                                                                 data_shards=4))
 
 
 def test_empty_directory_raises(tmp_path):

@@ -107,6 +107,15 @@ def test_training_moves_queries_never_the_backbone_and_resumes_exactly(lm, tmp_p
   jax.tree.map(np.testing.assert_array_equal, after, jax.device_get(resumed["params"]))
 
 
+def test_a_batch_that_does_not_split_over_the_data_shards_raises(lm, tmp_path):
+  config = _config(data_shards=3)
+  x0 = _targets()
+  s = _setup(config, tmp_path, "fm", lm, parallel.mesh_from_config(config.mesh), x0)
+  with pytest.raises(ValueError, match=r"dit.batch_size=8 does not split over 3 data shards "
+                     r"\(dit.data_shards=3\)"):
+    train.train(config, s, CAPTIONS, x0)
+
+
 def test_generate_shapes_and_mse_is_deterministic(lm, tmp_path):
   config = _config()
   x0 = _targets()

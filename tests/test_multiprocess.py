@@ -5,8 +5,10 @@ in this process (8 fake devices, conftest.py). Losses and parameter norms per st
 non-array files are written once, and checkpoints restore across the two layouts.
 """
 
+import itertools
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import lm_train_helpers as helpers
 import multiprocess_worker as worker
 from vlbpe_jax import fileio
 from vlbpe_jax import summary
+from vlbpe_jax.data import stage as data_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
@@ -115,6 +118,47 @@ def test_vq_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
   _assert_same_run(one, two)
   for k in ("psnr_db", "ssim", "perplexity"):
     np.testing.assert_allclose(one_restored[k], two_restored[k], rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.slow
+def test_clip_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  wd = str(tmp_path)
+  names = ("ref", "two_then_one", "one_then_two")
+  data_stage.run_stage(worker.clip_config(), os.path.join(wd, "src"))  # the same files for all
+  for name, part in itertools.product(names, ("data", "tokenizer")):
+    shutil.copytree(os.path.join(wd, "src", part), os.path.join(wd, name, part))
+  worker.run_clip(wd, "ref")  # 1 process x 8 devices, steps 1-3
+  worker.run_clip(wd, "one_then_two", stop_at_step=2)
+  run_workers(wd, "clip:two_then_one:2", "clip:one_then_two:0", timeout=300)
+  it_dir = os.path.join(wd, "two_then_one", "clip", "ckpt", "2", "data_iter")
+  assert sorted(f for f in os.listdir(it_dir) if f.endswith(".json")) == [
+      "shard_0-of-2.json", "shard_1-of-2.json"]
+  worker.run_clip(wd, "two_then_one")  # the 2-process checkpoint resumed in 1 process
+  ref = _metrics(os.path.join(wd, "ref", "clip"))
+  assert list(ref["step"]) == [1, 2, 3]
+  for name in names[1:]:
+    assert not [f for f in os.listdir(os.path.join(wd, name, "clip")) if "tmp" in f]
+    _assert_same_run(_metrics(os.path.join(wd, name, "clip")), ref)
+
+
+@pytest.mark.slow
+def test_dit_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  wd = str(tmp_path)
+  worker.run_dit(wd, "ref")  # 1 process x 8 devices, steps 1-3
+  worker.run_dit(wd, "one_then_two", stop_at_step=2)
+  # 2 processes: a run to step 2, and the 1-process run of steps 1-2 resumed to step 3.
+  run_workers(wd, "dit:two_then_one:2", "dit:one_then_two:0", timeout=300)
+  for name in ("two_then_one", "one_then_two"):  # written once: process 0's files only
+    files = os.listdir(os.path.join(wd, name))
+    assert "target_stats.json" in files and not [f for f in files if "tmp" in f]
+  it_dir = os.path.join(wd, "two_then_one", "ckpt", "2", "data_iter")
+  assert sorted(f for f in os.listdir(it_dir) if f.endswith(".json")) == [
+      "shard_0-of-2.json", "shard_1-of-2.json"]
+  worker.run_dit(wd, "two_then_one")  # the 2-process checkpoint resumed in 1 process
+  ref = _metrics(os.path.join(wd, "ref"))
+  assert list(ref["step"]) == [1, 2, 3]
+  _assert_same_run(_metrics(os.path.join(wd, "two_then_one")), ref)
+  _assert_same_run(_metrics(os.path.join(wd, "one_then_two")), ref)
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Tests for vlbpe_jax/data/pipeline.py: sharding, shuffling, packing, resume, text formats."""
 
+import functools
+
 import grain
 from etils import epath
 import numpy as np
@@ -66,6 +68,29 @@ def test_dataset_shards_shuffles_and_reshuffles_each_epoch():
   other_seed = np.concatenate(list(pl.dataset(src, lambda x, rng: np.int32(x), batch_size=2,
                                               seed=1, num_epochs=2, shard=(0, 2))))
   assert not np.array_equal(other_seed, per_host[0])
+
+
+def _ints(x, rng):
+  del rng
+  return np.int32(x)
+
+
+def test_sharded_iterator_concatenates_fixed_shards_and_checks_the_batch():
+  make = functools.partial(pl.dataset, list(range(16)), _ints, seed=0)
+  it = pl.sharded_iterator(make, batch_size=8, data_shards=2)
+  assert it.shard_names == ["shard_0-of-2", "shard_1-of-2"]
+  halves = [iter(make(shard=(i, 2), batch_size=4)) for i in range(2)]
+  for _ in range(3):  # crosses an epoch of each 8-row shard
+    np.testing.assert_array_equal(next(it), np.concatenate([next(h) for h in halves]))
+  # data_shards=0 in one process: one shard, the batches of the unsharded dataset.
+  plain = iter(pl.dataset(list(range(16)), _ints, batch_size=8, seed=0))
+  one = pl.sharded_iterator(make, batch_size=8)
+  assert one.shard_names == ["shard_0-of-1"]
+  for _ in range(3):
+    np.testing.assert_array_equal(next(one), next(plain))
+  with pytest.raises(ValueError, match=r"clip.batch_size=6 does not split over 4 data shards "
+                     r"\(clip.data_shards=4\)"):
+    pl.sharded_iterator(make, batch_size=6, data_shards=4, section="clip")
 
 
 def test_dataset_drops_remainder_and_no_shuffle_keeps_order():

@@ -208,3 +208,25 @@ def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key
   assert manifest.describe_changes({"config": part(default, "lm")},
                                    {"config": part(other, "lm")}) == [
                                        "config lm.seed: '<missing>' -> 7"]
+
+
+def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_key():
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")  # noqa: E731
+  part = train._config_part  # pylint: disable=protected-access
+  default, before = config(), config()  # before: as configs were before data_shards existed
+  sections = lambda c: (c.lm, c.vq, c.clip, c.dit, c.dit.decoder, c.v2l)  # noqa: E731
+  assert [s.data_shards for s in sections(default)] == [0] * 6
+  with before.unlocked():
+    for section in sections(before):
+      del section["data_shards"]
+  dit, clip = config(), config()
+  dit.dit.data_shards = 2
+  clip.clip.data_shards = 2
+  for name in train.STAGES:
+    assert part(before, name) == part(default, name), name
+    assert (part(dit, name) != part(default, name)) == (name == "dit"), name
+    assert (part(clip, name) != part(default, name)) == (name in ("clip", "dit", "v2l")), name
+  assert manifest.describe_changes({"config": part(default, "dit")},
+                                   {"config": part(dit, "dit")}) == [
+                                       "config dit.data_shards: '<missing>' -> 2"]

@@ -15,8 +15,9 @@ One checkpoint step is a directory with up to four items:
 
 `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, so a checkpoint
 saved on one mesh restores onto any other (or one device). A checkpoint whose tree, shapes or
-dtypes differ from `abstract_state`, or whose config differs at a `must_match` key, is refused
-with a ValueError listing every bad path.
+dtypes differ from `abstract_state`, or whose config differs at a `must_match` key (any
+`data_shards` aside: the data iterator's per-shard files check the layout), is refused with a
+ValueError listing every bad path.
 """
 
 import json
@@ -34,6 +35,18 @@ def _config_dict(config):
   if isinstance(config, ml_collections.ConfigDict):
     config = config.to_dict()
   return json.loads(json.dumps(config, default=str))
+
+
+# Config leaves no checkpoint is refused for: the data layout, which the data iterator's
+# per-shard files check instead (data/iter_state.py), so that a run resumes under another
+# `data_shards` (e.g. 0 -> the process count it stood for) whenever those files allow it.
+LAYOUT_KEYS = ("data_shards",)
+
+
+def _without_layout(d):
+  if not isinstance(d, dict):
+    return d
+  return {k: _without_layout(v) for k, v in d.items() if k not in LAYOUT_KEYS}
 
 
 def _lookup(d, dotted):
@@ -128,10 +141,9 @@ class Checkpointer:
   def _check_config(self, step):
     if not self._must_match:
       return
-    saved = self.saved_config(step)
-    bad = [f"{k}: checkpoint has {_lookup(saved, k)!r}, config has "
-           f"{_lookup(self._config, k)!r}"
-           for k in self._must_match if _lookup(saved, k) != _lookup(self._config, k)]
+    saved, config = _without_layout(self.saved_config(step)), _without_layout(self._config)
+    bad = [f"{k}: checkpoint has {_lookup(saved, k)!r}, config has {_lookup(config, k)!r}"
+           for k in self._must_match if _lookup(saved, k) != _lookup(config, k)]
     if bad:
       raise ValueError(f"checkpoint {self.directory} step {step} was written with another "
                        "config:\n  " + "\n  ".join(bad))

@@ -29,15 +29,25 @@ COSMETIC = ("progress", "report_examples", "num_token_maps", "grid_images", "log
 
 def config_dict(config) -> dict:
   """The config as every key sees it (manifests, LM checkpoints, stored LM results): JSON
-  types, and `lm.seed` left out while it means `seed` (-1, its default, or the same value), so
-  that keys stored before `lm.seed` existed still match, and a changed LM seed changes only
-  the keys that read `lm`."""
+  types, `lm.seed` left out while it means `seed` (-1, its default, or the same value) and
+  every section's `data_shards` while 0 (its default, one data shard per process), so that
+  keys stored before those fields existed still match, and a changed LM seed changes only the
+  keys that read `lm`."""
   d = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
                             default=str))
   lm = d.get("lm")
   if isinstance(lm, dict) and lm.get("seed", -1) in (-1, d.get("seed")):
     lm.pop("seed", None)
+  _drop_default_shards(d)
   return d
+
+
+def _drop_default_shards(d):
+  if isinstance(d, dict):
+    if d.get("data_shards", None) == 0:
+      del d["data_shards"]
+    for v in d.values():
+      _drop_default_shards(v)
 
 
 def path(workdir: str, stage: str) -> str:

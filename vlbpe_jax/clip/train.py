@@ -122,11 +122,12 @@ def train(config, workdir: str, *, stop_at_step=None):
   trainer = make_trainer(config, model, make_mesh(config))
   data = data_stage.load_scenes(config, workdir, "train")
   ids = caption_ids(tok, data["captions"], model.config.context_len)
-  per_process = int(c.batch_size) // jax.process_count()
-  it = iter(pipeline.dataset(np.arange(len(ids)), _Pairs(data["images"], ids),
-                             batch_size=per_process, seed=config.seed))
-  key_init, key_train = jax.random.split(jax.random.key(config.seed))
-  key_train = jax.device_put(key_train, trainer.repl)
+  it = pipeline.sharded_iterator(
+      functools.partial(pipeline.dataset, np.arange(len(ids)), _Pairs(data["images"], ids),
+                        seed=config.seed),
+      batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="clip")
+  key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.key(config.seed))),
+                                           trainer.mesh)
   with checkpoint.Checkpointer(os.path.join(run_dir(workdir), "ckpt"), max_to_keep=2,
                                config=config, must_match=MUST_MATCH) as ckpt:
     state, start, seconds = loop.restore_or_init(ckpt, trainer.abstract_state,

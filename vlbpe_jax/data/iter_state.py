@@ -1,10 +1,12 @@
 """Orbax handler of the data-iterator item: one JSON file per data shard or per process.
 
-`pipeline.ShardedIterator` (the LM's batches) is saved as `shard_<i>-of-<n>.json`, one file per
-data shard, each written by the process that reads that shard, so that a checkpoint restores
-with any process count dividing `n`: each process reads its own shards' files. Any other grain
-iterator goes through grain's own handler (`process_<p>-of-<P>.json`, restorable only with the
-same process count).
+`pipeline.ShardedIterator` (the trainers' batches, `pipeline.sharded_iterator`) is saved as
+`shard_<i>-of-<n>.json`, one file per data shard, each written by the process that reads that
+shard, so that a checkpoint restores with any process count dividing `n`: each process reads its
+own shards' files. Any other grain iterator goes through grain's own handler
+(`process_<p>-of-<P>.json`, restorable only with the same process count). A process that reads
+one shard `i` of `n` also restores from `process_<i>-of-<n>.json`: the file a trainer wrote
+before its data was sharded, when process i of n read the rows that shard i of n reads now.
 
   handlers["data_iter"] = iter_state.DataIterHandler()
   ocp.args.Composite(data_iter=iter_state.DataIterSave(it))      # or DataIterRestore(it)
@@ -34,14 +36,19 @@ class DataIterHandler(grain.checkpoint.CheckpointHandler):
     item = item or args.item
     if not isinstance(item, pipeline.ShardedIterator):
       return super().restore(directory, item=item)
-    missing = [n for n in item.shard_names if not (directory / f"{n}.json").exists()]
+    files = {n: directory / f"{n}.json" for n in item.shard_names}
+    if len(item.shards) == 1:  # or the same rows' file by process index (module docstring)
+      (name, path), = files.items()
+      legacy = directory / "process_{}-of-{}.json".format(*item.shards[0])
+      if not path.exists() and legacy.exists():
+        files[name] = legacy
+    missing = [n for n, p in files.items() if not p.exists()]
     if missing:
       have = sorted(p.name for p in directory.iterdir())
       raise ValueError(f"data iterator checkpoint {directory} lacks {missing} (it holds {have}):"
                        " it was written with another number of data shards; restore it with "
                        "the data shards it was written with")
-    item.set_state({n: json.loads((directory / f"{n}.json").read_text())
-                    for n in item.shard_names})
+    item.set_state({n: json.loads(p.read_text()) for n, p in files.items()})
     return item
 
 

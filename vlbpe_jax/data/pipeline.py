@@ -7,21 +7,26 @@
   batch = next(it)              # inputs, targets, segment_ids, positions: [B, T] int32,
                                 # loss_mask: [B, T] bool
   images = dataset(src, ImageMap(64), batch_size=32, seed=cfg.seed)   # uint8 [B, 64, 64, 3]
+  it = sharded_iterator(functools.partial(dataset, src, ImageMap(64), seed=cfg.seed),
+                        batch_size=32, data_shards=4)   # this process's rows of global batches
 
 Checkpoints: save the iterator with the train state through orbax, using grain's handler args
 `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (grain 0.2.18,
-handler `grain.checkpoint.CheckpointHandler`; one JSON file per process). Resuming yields
-exactly the batches an uninterrupted run would have produced, for the same `worker_count`.
+handler `grain.checkpoint.CheckpointHandler`; one JSON file per process, or per data shard for a
+`ShardedIterator`: data/iter_state.py). Resuming yields exactly the batches an uninterrupted run
+would have produced, for the same `worker_count`.
 
-Every host reads a contiguous, equal-sized slice of the source (`jax.process_index()` of
-`jax.process_count()`; the remainder is dropped so all hosts run the same number of steps), so
-`batch_size` is the per-host batch. `local_shards(n)` + `zip_shards` split the data into a fixed
-number `n` of shards instead, each process reading (and concatenating the batches of) its
-`n / processes` of them: the global batches are then the same for any process count that
-divides `n` (a 2-process run equals a 1-process one, and either resumes the other). Shuffling is reseeded every epoch (`num_epochs=None`:
-forever). `worker_count > 0` runs everything up to batching in grain worker processes
-(different worker counts give different, still deterministic, orders); callables must then be
-picklable, and absl flags are marked parsed if nobody parsed them (grain reads its flags).
+By default every host reads a contiguous, equal-sized slice of the source
+(`jax.process_index()` of `jax.process_count()`; the remainder is dropped so all hosts run the
+same number of steps), so `batch_size` is the per-host batch. The trainers split the data into a
+fixed number `n` of shards instead (`sharded_iterator`, built on `local_shards(n)` and
+`zip_shards`; their `<section>.data_shards`, 0 = one per process), each process reading (and
+concatenating the batches of) its `n / processes` of them: the global batches are then the same
+for any process count that divides `n` (a 2-process run equals a 1-process one, and either
+resumes the other). Shuffling is reseeded every epoch (`num_epochs=None`: forever).
+`worker_count > 0` runs everything up to batching in grain worker processes (different worker
+counts give different, still deterministic, orders); callables must then be picklable, and absl
+flags are marked parsed if nobody parsed them (grain reads its flags).
 
 Text formats (`format_example`): `[bos] [<img> image tokens </img>] body`, where body is
   caption     caption [eos]                     loss on caption and eos
@@ -122,6 +127,29 @@ class ShardedIterator:
                        f"{self.shard_names} (missing {missing})")
     states = [state[k] for k in self.shard_names]
     self.iterator.set_state({"parents": states} if len(states) > 1 else states[0])
+
+
+def sharded_iterator(make_dataset, *, batch_size: int, data_shards: int = 0,
+                     section: str = "") -> ShardedIterator:
+  """This process's rows of global batches of `batch_size`, from data split `data_shards` ways.
+
+  `make_dataset(shard=(index, count), batch_size=rows)` gives one shard's batches of
+  `rows = batch_size / shards` (e.g. `functools.partial(dataset, source, map_fn, seed=seed)`);
+  this process's shards (`local_shards`: 0 = one shard per process) are zipped (`zip_shards`)
+  into a `ShardedIterator`. A fixed `data_shards` gives the same global batches, and
+  checkpoints that restore, for any process count dividing it. `section` (e.g. "clip") names
+  the config fields in errors.
+  """
+  shards = local_shards(data_shards)
+  num_shards = shards[0][1]
+  if batch_size % num_shards:
+    pre = f"{section}." if section else ""
+    why = f"{pre}data_shards={data_shards}" + ("" if data_shards else ": one per process")
+    raise ValueError(f"{pre}batch_size={batch_size} does not split over {num_shards} data "
+                     f"shards ({why})")
+  rows = batch_size // num_shards
+  return ShardedIterator(iter(zip_shards(
+      lambda shard: make_dataset(shard=shard, batch_size=rows), shards)), shards)
 
 
 def _start(source, *, seed, shuffle, num_epochs, shard):

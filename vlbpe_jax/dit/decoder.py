@@ -112,12 +112,15 @@ def train_decoder(config, workdir, feats, images, *, mesh=None, stop_at_step=Non
   """Trains (or resumes) the decoder on raw features [N, g, g, D] and uint8 images."""
   c = config.dit.decoder
   s = setup(config, workdir, targets.stats_of(feats), mesh)
-  per_process = int(c.batch_size) // jax.process_count()
-  it = iter(pipeline.dataset(np.arange(len(feats)), _Pairs(standardise(s, feats), images),
-                             batch_size=per_process, seed=config.seed))
-  key_init, key_train = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 99))
-  key_train = jax.device_put(key_train, s.trainer.repl)
-  fileio.write_json(os.path.join(s.run_dir, "feature_stats.json"), s.stats)
+  it = pipeline.sharded_iterator(
+      functools.partial(pipeline.dataset, np.arange(len(feats)),
+                        _Pairs(standardise(s, feats), images), seed=config.seed),
+      batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)),
+      section="dit.decoder")
+  key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.fold_in(
+      jax.random.key(config.seed), 99))), s.trainer.mesh)
+  if parallel.is_primary():
+    fileio.write_json(os.path.join(s.run_dir, "feature_stats.json"), s.stats)
   with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
                                config=config, must_match=MUST_MATCH) as ckpt:
     state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,

@@ -253,13 +253,14 @@ def train(config, s: Setup, captions, train_x0, *, stop_at_step=None):
   c = config.dit
   ids, mask = encode_captions(s.backbone, captions, config)
   x0 = targets.standardise(train_x0, s.stats)
-  per_process = int(c.batch_size) // jax.process_count()
-  it = iter(pipeline.dataset(np.arange(len(x0)), _Examples(ids, mask, x0),
-                             batch_size=per_process, seed=config.seed))
-  key_init, key_train = jax.random.split(jax.random.fold_in(jax.random.key(config.seed),
-                                                            DESIGNS.index(s.design)))
-  key_train = jax.device_put(key_train, s.trainer.repl)
-  fileio.write_json(os.path.join(s.run_dir, "target_stats.json"), s.stats)
+  it = pipeline.sharded_iterator(
+      functools.partial(pipeline.dataset, np.arange(len(x0)), _Examples(ids, mask, x0),
+                        seed=config.seed),
+      batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="dit")
+  key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.fold_in(
+      jax.random.key(config.seed), DESIGNS.index(s.design)))), s.trainer.mesh)
+  if parallel.is_primary():
+    fileio.write_json(os.path.join(s.run_dir, "target_stats.json"), s.stats)
   with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
                                config=config, must_match=MUST_MATCH) as ckpt:
     state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,

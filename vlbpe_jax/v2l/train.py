@@ -265,11 +265,12 @@ def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
   """Trains (or resumes) to `v2l.total_steps`; images uint8 [N, R, R, 3], global_emb [N, Kg,
   E] (each image's global entries' CLIP text embeddings). Returns the state."""
   c = config.v2l
-  per_process = int(c.batch_size) // jax.process_count()
-  it = iter(pipeline.dataset(np.arange(len(images)), _Examples(images, global_emb),
-                             batch_size=per_process, seed=config.seed))
-  key_init, key_train = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 14))
-  key_train = jax.device_put(key_train, s.trainer.repl)
+  it = pipeline.sharded_iterator(
+      functools.partial(pipeline.dataset, np.arange(len(images)), _Examples(images, global_emb),
+                        seed=config.seed),
+      batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="v2l")
+  key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.fold_in(
+      jax.random.key(config.seed), 14))), s.trainer.mesh)
   with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
                                config=config, must_match=MUST_MATCH) as ckpt:
     state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,

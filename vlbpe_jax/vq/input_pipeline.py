@@ -26,22 +26,19 @@ def load_shapes(config, split: str, num: int | None = None) -> np.ndarray:
 def train_iterator(images: np.ndarray, *, batch_size: int, seed: int, data_shards: int = 0):
   """Endless shuffled batches of this process's rows: uint8 [batch_size / processes, ...].
 
-  The images are split `data_shards` ways (0: one shard per process; `pipeline.local_shards`)
-  by stride, each shard shuffled and batched alone; a process concatenates its shards' batches,
-  so a fixed `data_shards` gives the same global batches for any process count dividing it.
+  The images are split `data_shards` ways (0: one shard per process) by stride, each shard
+  shuffled and batched alone; a process concatenates its shards' batches
+  (`pipeline.sharded_iterator`), so a fixed `data_shards` gives the same global batches for any
+  process count dividing it.
   """
-  shards = pipeline.local_shards(data_shards)
-  num_shards = shards[0][1]
-  if batch_size % num_shards:
-    raise ValueError(f"vq.batch_size={batch_size} does not split over {num_shards} data shards "
-                     f"(vq.data_shards, or one per process)")
   if len(images) < batch_size:
     raise ValueError(f"{len(images)} training images < vq.batch_size={batch_size}")
 
-  def shard_dataset(shard):
+  def shard_dataset(*, shard, batch_size):
     index, count = shard
     ds = grain.MapDataset.source(images)[index::count]
-    ds = ds.shuffle(seed=seed).repeat().batch(batch_size // count, drop_remainder=True)
+    ds = ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(pipeline.READ_OPTIONS)
 
-  return pipeline.ShardedIterator(iter(pipeline.zip_shards(shard_dataset, shards)), shards)
+  return pipeline.sharded_iterator(shard_dataset, batch_size=batch_size,
+                                   data_shards=data_shards, section="vq")
