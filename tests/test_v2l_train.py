@@ -1,5 +1,6 @@
 """V2L training (v2l/train.py) and few-shot (v2l/fewshot.py, stage.py): frozen parts bit-identical,
-LM-id tokens, resume, sharded step = unsharded, accuracies recomputed from the stored rows."""
+LM-id tokens, resume (with and without the GAN), the GAN's delayed start, sharded step =
+unsharded, accuracies recomputed from the stored rows."""
 
 import dataclasses
 import os
@@ -53,20 +54,36 @@ def inputs():
               lm=train.TextLM(lm, jax.tree.map(np.asarray, lm_params), tok))
 
 
-@pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory):
-  """Two steps straight through, and one step + a resumed second one (one Setup, so one
+def _straight_and_resumed(config, inputs, tmp_path_factory, stop):
+  """`v2l.total_steps` straight through, and `stop` steps + a resumed rest (one Setup, so one
   compilation: only the run directory differs)."""
-  s0 = train.setup(_config(), "unused", inputs["local_emb"])
+  s0 = train.setup(config, "unused", inputs["local_emb"])
   out = {}
-  for name, stop in (("straight", None), ("resumed", 1)):
+  for name, stop_at in (("straight", None), ("resumed", stop)):
     s = dataclasses.replace(s0, run_dir=str(tmp_path_factory.mktemp(name)))
-    state = train.train(_config(), s, inputs["images"], inputs["global_emb"], stop_at_step=stop)
-    if stop is not None:
-      assert int(jax.device_get(state["step"])) == 1
-      state = train.train(_config(), s, inputs["images"], inputs["global_emb"])
+    state = train.train(config, s, inputs["images"], inputs["global_emb"], stop_at_step=stop_at)
+    if stop_at is not None:
+      assert int(jax.device_get(state["step"])) == stop_at
+      state = train.train(config, s, inputs["images"], inputs["global_emb"])
     out[name] = (s, state)
   return out
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory):
+  """Two steps straight through, and one step + a resumed second one."""
+  return _straight_and_resumed(_config(), inputs, tmp_path_factory, 1)
+
+
+# The GAN from step 2 (of 4, 0-based): the resumed run stops after the first GAN step, so the
+# restored discriminator and its Adam state have been trained.
+GAN = dict(disc_weight=0.5, disc_start=2, total_steps=4)
+
+
+@pytest.fixture(scope="module")
+def trained_gan(inputs, tmp_path_factory):
+  """Four GAN steps straight through, and three + a resumed fourth one."""
+  return _straight_and_resumed(_config(**GAN), inputs, tmp_path_factory, 3)
 
 
 def test_projector_only_trainable_and_frozen_parts_bit_identical(inputs, trained):
@@ -101,11 +118,45 @@ def test_local_tokens_are_lm_ids_and_decode(inputs, trained):
   assert rec.shape == inputs["images"].shape and rec.dtype == np.uint8
 
 
-def test_resume_equals_uninterrupted(trained):
-  a = jax.device_get(trained["straight"][1])
-  b = jax.device_get(trained["resumed"][1])
-  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
-  jax.tree.map(np.testing.assert_array_equal, a["opt"], b["opt"])
+@pytest.mark.parametrize("fixture", ["trained", "trained_gan"])
+def test_resume_equals_uninterrupted(fixture, request):
+  runs = request.getfixturevalue(fixture)
+  a = jax.device_get(runs["straight"][1])
+  b = jax.device_get(runs["resumed"][1])
+  keys = {"step", "params", "opt"} | ({"disc_params", "disc_opt"} if fixture == "trained_gan"
+                                      else set())
+  assert set(a) == set(b) == keys
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_gan_starts_at_disc_start(inputs, trained_gan):
+  """Steps 0-1: no GAN term, the discriminator unchanged; step 2: both train (v2l.disc_start)."""
+  s = trained_gan["straight"][0]
+  state = s.trainer.init(jax.random.split(jax.random.fold_in(jax.random.key(0), 14))[0])
+  batch = {"images": inputs["images"].astype(np.float32) / 127.5 - 1.0,
+           "global_emb": inputs["global_emb"]}
+  key = jax.device_put(jax.random.key(1), s.trainer.repl)
+  disc0 = jax.device_get(state["disc_params"])
+  assert set(disc0) >= {"conv_0", "conv_out"}  # vq/discriminator.py's PatchGAN
+  for step in range(3):
+    state, m = s.trainer.step(state, batch, key, s.frozen)
+    m, disc = jax.device_get((m, state["disc_params"]))
+    assert np.isfinite(m["adaptive_weight"]) and m["adaptive_weight"] > 0
+    moved = {k: not np.array_equal(disc0[k]["kernel"], disc[k]["kernel"]) for k in disc0
+             if "kernel" in disc0[k]}
+    if step < GAN["disc_start"]:
+      assert m["gan_loss"] == 0 and m["d_loss"] == 0
+      jax.tree.map(np.testing.assert_array_equal, disc0, disc)
+      np.testing.assert_allclose(m["loss"], m["nll"] + m["quant_loss"], rtol=1e-6)
+    else:
+      # Every kernel trains (conv_out's bias may not: the hinge gradient at a bias is
+      # #fake - #real logits inside (-1, 1), zero when all are).
+      assert m["gan_loss"] != 0 and m["d_loss"] > 0 and all(moved.values()), moved
+      np.testing.assert_allclose(m["gan_loss"],
+                                 GAN["disc_weight"] * m["adaptive_weight"] * m["g_loss"],
+                                 rtol=1e-5)
+      np.testing.assert_allclose(m["loss"], m["nll"] + m["quant_loss"] + m["gan_loss"],
+                                 rtol=1e-6)
 
 
 def test_sharded_step_equals_unsharded(inputs, trained):
@@ -128,9 +179,12 @@ def test_sharded_step_equals_unsharded(inputs, trained):
                out[0][0], out[1][0])
 
 
-def test_gan_and_perceptual_without_weights_raise(tmp_path, inputs):
-  with pytest.raises(ValueError, match="disc_weight"):
-    train.setup(_config(disc_weight=0.1), str(tmp_path), inputs["local_emb"])
+def test_bad_gan_and_perceptual_without_weights_raise(tmp_path, inputs):
+  with pytest.raises(ValueError, match="disc_variant='huge'"):
+    train.setup(_config(disc_weight=0.1, disc_variant="huge"), str(tmp_path),
+                inputs["local_emb"])
+  with pytest.raises(ValueError, match="disc_start=-1"):
+    train.setup(_config(disc_weight=0.1, disc_start=-1), str(tmp_path), inputs["local_emb"])
   with pytest.raises(ValueError, match="perceptual_weights"):
     train.setup(_config(perceptual_weight=0.1), str(tmp_path), inputs["local_emb"])
 

@@ -1,4 +1,5 @@
-"""One model's sharded train state and jitted step: one loss, one optimizer (CLIP, DiT, decoder).
+"""One model's sharded train state and jitted step: one loss, one optimizer (CLIP, DiT, decoder,
+V2L), optionally with a GAN discriminator trained beside it (V2L).
 
   trainer = Trainer(init_params, loss_fn, tx, mesh)      # init_params(key) -> boxed params
   state = trainer.init(key)                              # {"step", "params", "opt"}, sharded
@@ -10,10 +11,20 @@ argument of the step, not part of the state, so nothing can update it. The state
 sharded (`eval_shape` -> logical names -> `NamedSharding`s -> `jit(out_shardings=...)`); the
 step donates it, folds the step into the key and logs `l2_grads/l2_params/l2_updates`. The loop
 around it (checkpoints, resume, logging, NaN stop) is `vlbpe_jax/loop.py`.
+
+With `disc=Discriminator(init_params, loss_fn, tx)` the state also holds `disc_params` and
+`disc_opt` (sharded by their logical names, checkpointed like the rest) and the step is
+`gan_train_step`, the two-optimizer pattern of vq/train.py: the model's loss becomes
+`loss_fn(params, batch, key, frozen, disc_params, step) -> (loss, (metrics, fake))` (the
+discriminator's params enter it as constants), then the discriminator takes one step on
+`disc.loss_fn(disc_params, batch, stop_gradient(fake), step) -> (loss, metrics)` from the
+same (pre-update) discriminator params. Without `disc` nothing changes.
 """
 
 import contextlib
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -55,29 +66,68 @@ def train_step(state, batch, key, frozen, *, loss_fn, tx):
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class Discriminator:
+  """A GAN discriminator trained beside the model with its own optimizer.
+
+  init_params(key) -> boxed params; loss_fn(disc_params, batch, fake, step) -> (loss, metrics)
+  with `fake` the model loss's generated images (gradient stopped); tx its optimizer.
+  """
+  init_params: Callable[..., Any]
+  loss_fn: Callable[..., Any]
+  tx: Any  # optax.GradientTransformation
+
+
+def gan_train_step(state, batch, key, frozen, *, loss_fn, tx, disc: Discriminator):
+  """One generator and one discriminator update of `state = {"step", "params", "opt",
+  "disc_params", "disc_opt"}`; returns `(state, metrics)` (the discriminator's prefixed d_)."""
+  step = state["step"]
+  key = jax.random.fold_in(key, step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (metrics, fake)), grads = grad_fn(state["params"], batch, key, frozen,
+                                        state["disc_params"], step)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics.update(l2_grads=l2(grads), l2_params=l2(params), l2_updates=l2(updates))
+  d_grad_fn = jax.value_and_grad(disc.loss_fn, has_aux=True)
+  (_, d_metrics), d_grads = d_grad_fn(state["disc_params"], batch, jax.lax.stop_gradient(fake),
+                                      step)
+  d_updates, d_opt = disc.tx.update(d_grads, state["disc_opt"], state["disc_params"])
+  d_params = optax.apply_updates(state["disc_params"], d_updates)
+  metrics.update(d_metrics, d_l2_grads=l2(d_grads), d_l2_params=l2(d_params))
+  return {"step": step + 1, "params": params, "opt": opt, "disc_params": d_params,
+          "disc_opt": d_opt}, metrics
+
+
 class Trainer:
   """Sharded state layout, init and jitted step of one model on one mesh."""
 
-  def __init__(self, init_params, loss_fn, tx, mesh, rules=parallel.LOGICAL_AXIS_RULES):
-    self.mesh, self.rules, self.tx = mesh, rules, tx
+  def __init__(self, init_params, loss_fn, tx, mesh, rules=parallel.LOGICAL_AXIS_RULES, *,
+               disc: Discriminator | None = None):
+    self.mesh, self.rules, self.tx, self.disc = mesh, rules, tx, disc
     self._init_params = init_params
-    with self.ctx():
-      boxed = jax.eval_shape(init_params, jax.random.key(0))
-      param_sh = parallel.logical_shardings(boxed, mesh, rules)
-    self.abstract_params = nn.unbox(boxed)
-    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
     self.repl = parallel.replicated(mesh)
-    self.state_shardings = {
-        "step": self.repl, "params": param_sh,
-        "opt": parallel.opt_shardings(abstract_opt, self.abstract_params, param_sh, mesh)}
-    self.abstract_state = checkpoint.abstract_like(
-        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
-         "opt": abstract_opt}, self.state_shardings)
+    abstract, self.state_shardings = {"step": jax.ShapeDtypeStruct((), jnp.int32)}, {
+        "step": self.repl}
+    for prefix, init, opt_tx in (("", init_params, tx),) + (
+        (("disc_", disc.init_params, disc.tx),) if disc is not None else ()):
+      with self.ctx():
+        boxed = jax.eval_shape(init, jax.random.key(0))
+        param_sh = parallel.logical_shardings(boxed, mesh, rules)
+      abstract[prefix + "params"] = nn.unbox(boxed)
+      abstract[prefix + "opt"] = jax.eval_shape(opt_tx.init, abstract[prefix + "params"])
+      self.state_shardings[prefix + "params"] = param_sh
+      self.state_shardings[prefix + "opt"] = parallel.opt_shardings(
+          abstract[prefix + "opt"], abstract[prefix + "params"], param_sh, mesh)
+    self.abstract_params = abstract["params"]
+    self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
     self._init = jax.jit(self._fresh, out_shardings=self.state_shardings)
     # The jitted step: `step_fn(state, batch, key, frozen)` on global arrays (or, to lower it
     # ahead of time, `ShapeDtypeStruct`s with shardings: vlbpe_jax/aot.py).
-    self.step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx),
-                           out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,))
+    step = (functools.partial(train_step, loss_fn=loss_fn, tx=tx) if disc is None else
+            functools.partial(gan_train_step, loss_fn=loss_fn, tx=tx, disc=disc))
+    self.step_fn = jax.jit(step, out_shardings=(self.state_shardings, self.repl),
+                           donate_argnums=(0,))
 
   @contextlib.contextmanager
   def ctx(self):
@@ -86,7 +136,11 @@ class Trainer:
 
   def _fresh(self, key):
     params = nn.unbox(self._init_params(key))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": self.tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": self.tx.init(params)}
+    if self.disc is not None:  # its own key: the model's init is the same with or without it
+      d_params = nn.unbox(self.disc.init_params(jax.random.fold_in(key, 1)))
+      state.update(disc_params=d_params, disc_opt=self.disc.tx.init(d_params))
+    return state
 
   def init(self, key):
     with self.ctx():

@@ -47,7 +47,8 @@ def generator_loss(x, x_rec, quant_loss, step, *, cfg: LossConfig, lpips_params=
 
   With `disc_fn` (images -> PatchGAN logits, its params closed over) also give `features`
   (`decoder_features`), `conv_out_params` (params["decoder"]["conv_out"]) and the decoder's
-  `patch`, for the adaptive weight. Returns (loss, metrics).
+  `patch`, for the adaptive weight. Returns (loss, metrics); with `disc_fn` the metrics also hold
+  `g_loss`, `adaptive_weight` and `gan_loss` (the GAN term of `loss`, 0 before `disc_start`).
   """
   chex.assert_equal_shape([x, x_rec])
   rec = nll(x, x_rec, lpips_params, cfg)
@@ -66,7 +67,7 @@ def generator_loss(x, x_rec, quant_loss, step, *, cfg: LossConfig, lpips_params=
             disc_fn(x_of(w))), conv_out_params, g_loss, step, disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start)
     loss += gan
-    m.update(g_loss=g_loss, adaptive_weight=weight)
+    m.update(g_loss=g_loss, adaptive_weight=weight, gan_loss=gan)
   return loss, dict(m, loss=loss)
 
 

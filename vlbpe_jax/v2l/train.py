@@ -14,12 +14,18 @@ the CLIP and the local table. Steps:
      image's global tokens are its top-`num_global` entries by cosine to its CLIP embedding;
   3. the V2LTokenizer (encoder, projector, decoder cross-attending to the global entries' CLIP
      text embeddings) trained with L1 + quantisation loss (+ LPIPS when `v2l.perceptual_weights`
-     names a weights file). With probability `v2l.global_dropout` a training image's global
-     tokens are all masked out, so the decoder also works without them (PSNR "local").
-Adam (0.5, 0.9) as the public code, warm-up + cosine. The GAN of the public code is not
-implemented here: `v2l.disc_weight > 0` raises. Writes `$W/v2l/` (orbax `ckpt/`,
-`metrics.jsonl`, `codebook.npz`) and resumes. Reads `config.v2l.*`, `config.lm.*` (the text
-LM), `config.clip.*`, `config.seed`, `config.mesh`.
+     names a weights file) (+ with `v2l.disc_weight > 0` the public code's taming-style GAN:
+     `disc_weight` x the adaptive weight at the decoder's conv_out x the generator hinge loss,
+     from step `v2l.disc_start`, against vq/discriminator.py's PatchGAN (`v2l.disc_variant`)
+     trained with the hinge loss from the same step; v2l/losses.py). With probability
+     `v2l.global_dropout` a training image's global tokens are all masked out, so the decoder
+     also works without them (PSNR "local").
+Adam (0.5, 0.9) as the public code, warm-up + cosine, for the tokenizer (`v2l.lr`) and the
+discriminator (`v2l.disc_lr`, same schedule); the discriminator's params and Adam state are in
+the train state (`sharded_trainer.Discriminator`: `disc_params`, `disc_opt`), checkpointed and
+resumed with it. Writes `$W/v2l/` (orbax `ckpt/`, `metrics.jsonl`, `codebook.npz`) and resumes.
+Reads `config.v2l.*`, `config.lm.*` (the text LM), `config.clip.*`, `config.seed`,
+`config.mesh`.
 """
 
 import dataclasses
@@ -49,6 +55,7 @@ from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import losses
 from vlbpe_jax.v2l import model as model_lib
+from vlbpe_jax.vq import discriminator as disc_lib
 from vlbpe_jax.vq import metrics as vq_metrics
 from vlbpe_jax.vq import perceptual
 
@@ -73,9 +80,15 @@ def check_config(config):
     raise ValueError(f"v2l.lr={c.lr!r}: expected > 0")
   if not 0.0 <= float(c.global_dropout) < 1.0:
     raise ValueError(f"v2l.global_dropout={c.global_dropout!r}: expected in [0, 1)")
+  if not float(c.disc_weight) >= 0:
+    raise ValueError(f"v2l.disc_weight={c.disc_weight!r}: expected >= 0 (0: no GAN)")
   if float(c.disc_weight) > 0:
-    raise ValueError(f"v2l.disc_weight={c.disc_weight!r}: the V2L GAN is not implemented here; "
-                     "set it to 0 (L1 + quantisation (+ LPIPS) only)")
+    if c.disc_variant not in disc_lib.DISC_VARIANTS:
+      raise ValueError(f"v2l.disc_variant={c.disc_variant!r} unknown; expected one of "
+                       f"{sorted(disc_lib.DISC_VARIANTS)}")
+    if int(c.disc_start) < 0 or not float(c.disc_lr) > 0:
+      raise ValueError(f"v2l.disc_start={c.disc_start!r}, v2l.disc_lr={c.disc_lr!r}: expected "
+                       ">= 0 and > 0")
   if float(c.perceptual_weight) > 0 and not c.perceptual_weights:
     raise ValueError(f"v2l.perceptual_weight={c.perceptual_weight} needs a weights file in "
                      "v2l.perceptual_weights (no random perceptual weights); set the weight to 0")
@@ -195,20 +208,54 @@ def make_model(config, embed_dim: int) -> model_lib.V2LTokenizer:
 
 def loss_cfg(config) -> losses.LossConfig:
   c = config.v2l
+  gan = float(c.disc_weight) > 0
   return losses.LossConfig(recon="l1", quant_weight=float(c.quant_weight),
-                           perceptual_weight=float(c.perceptual_weight), disc_weight=0.0)
+                           perceptual_weight=float(c.perceptual_weight),
+                           disc_weight=float(c.disc_weight) if gan else 0.0,
+                           disc_start=int(c.disc_start) if gan else 0)
 
 
-def loss_fn(params, batch, key, frozen, *, model, cfg, global_dropout):
-  """frozen = {"local_emb": [V, E], "lpips": LPIPS params or None}; batch = {"images" [B, R, R,
-  3] in [-1, 1], "global_emb" [B, Kg, E]}."""
+def make_discriminator(config):
+  """vq/discriminator.py's PatchGAN (`v2l.disc_variant`), or None when `v2l.disc_weight == 0`."""
+  c = config.v2l
+  return disc_lib.make_discriminator(c.disc_variant) if float(c.disc_weight) > 0 else None
+
+
+def gan_loss_fn(params, batch, key, frozen, disc_params, step, *, model, cfg, global_dropout,
+                disc):
+  """The tokenizer's loss with the GAN term (`disc` None: without); returns (loss, (metrics,
+  reconstructions)). frozen = {"local_emb": [V, E], "lpips": LPIPS params or None}; batch =
+  {"images" [B, R, R, 3] in [-1, 1], "global_emb" [B, Kg, E]}."""
   x, g = batch["images"], batch["global_emb"]
   keep = jax.random.bernoulli(key, 1.0 - global_dropout, (x.shape[0], 1))  # [B, 1]
   mask = jnp.broadcast_to(keep, g.shape[:2])  # [B, Kg]: all or none of an image's tokens
-  x_rec, aux = model.apply({"params": params}, x, frozen["local_emb"], g, mask)
-  loss, m = losses.generator_loss(x, x_rec, aux["quant_loss"], 0, cfg=cfg,
-                                  lpips_params=frozen["lpips"])
-  return loss, dict(m, usage=aux["usage"], perplexity=aux["perplexity"])
+  (x_rec, aux), inter = model.apply({"params": params}, x, frozen["local_emb"], g, mask,
+                                    mutable=["intermediates"])
+  gan = {}
+  if disc is not None:
+    gan = dict(disc_fn=lambda y: disc.apply({"params": disc_params}, y),
+               features=losses.decoder_features(inter),
+               conv_out_params=params["decoder"]["conv_out"], patch=model.config.patch)
+  loss, m = losses.generator_loss(x, x_rec, aux["quant_loss"], step, cfg=cfg,
+                                  lpips_params=frozen["lpips"], **gan)
+  return loss, (dict(m, usage=aux["usage"], perplexity=aux["perplexity"]), x_rec)
+
+
+def loss_fn(params, batch, key, frozen, *, model, cfg, global_dropout):
+  """`gan_loss_fn` without a discriminator: (loss, metrics)."""
+  loss, (m, _) = gan_loss_fn(params, batch, key, frozen, None, 0, model=model, cfg=cfg,
+                             global_dropout=global_dropout, disc=None)
+  return loss, m
+
+
+def disc_loss_fn(disc_params, batch, fake, step, *, disc, cfg):
+  """The PatchGAN's hinge loss on the batch's images and the reconstructions `fake` (zero
+  before `cfg.disc_start`, v2l/losses.py)."""
+  real_logits = disc.apply({"params": disc_params}, batch["images"])
+  fake_logits = disc.apply({"params": disc_params}, fake)
+  d_loss = losses.discriminator_loss(real_logits, fake_logits, step, cfg=cfg)
+  return d_loss, {"d_loss": d_loss, "d_logits_real": jnp.mean(real_logits),
+                  "d_logits_fake": jnp.mean(fake_logits)}
 
 
 @dataclasses.dataclass
@@ -228,13 +275,20 @@ def make_trainer(config, embed_dim: int, mesh):
   init = lambda key: model.init(  # noqa: E731
       key, jnp.zeros((1, r, r, 3)), jnp.zeros((1, e)), jnp.zeros((1, 1, e)),
       jnp.ones((1, 1), bool))["params"]
-  tx = sharded_trainer.adamw_cosine(
-      lr=float(c.lr), total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
-      final_lr=float(c.lr) * float(c.final_lr_frac), grad_clip=float(c.grad_clip), b1=0.5,
-      b2=0.9)
-  loss = functools.partial(loss_fn, model=model, cfg=loss_cfg(config),
-                           global_dropout=float(c.global_dropout))
-  return model, sharded_trainer.Trainer(init, loss, tx, mesh)
+  adam = lambda lr: sharded_trainer.adamw_cosine(  # noqa: E731
+      lr=lr, total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
+      final_lr=lr * float(c.final_lr_frac), grad_clip=float(c.grad_clip), b1=0.5, b2=0.9)
+  cfg, disc = loss_cfg(config), make_discriminator(config)
+  kw = dict(model=model, cfg=cfg, global_dropout=float(c.global_dropout))
+  if disc is None:
+    return model, sharded_trainer.Trainer(init, functools.partial(loss_fn, **kw),
+                                          adam(float(c.lr)), mesh)
+  x = jnp.zeros((1, r, r, 3))
+  d = sharded_trainer.Discriminator(
+      lambda key: disc.init(key, x)["params"],
+      functools.partial(disc_loss_fn, disc=disc, cfg=cfg), adam(float(c.disc_lr)))
+  return model, sharded_trainer.Trainer(init, functools.partial(gan_loss_fn, disc=disc, **kw),
+                                        adam(float(c.lr)), mesh, disc=d)
 
 
 def setup(config, workdir, local_emb, *, mesh=None) -> Setup:
