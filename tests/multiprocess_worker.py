@@ -140,6 +140,40 @@ def run_dit(workdir: str, name: str, stop_at_step: int | None = None):
               DIT_CAPTIONS, x0, stop_at_step=stop_at_step or None)
 
 
+def bpe_codes():
+  """60 tiny-config code grids (16x16 over 64 codes): 4x4 patches of 6 kinds plus noise."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  patches = rng.integers(0, 64, (6, 4, 4))
+  g = patches[rng.integers(0, 6, (60, 4, 4))].transpose(0, 1, 3, 2, 4).reshape(60, 16, 16)
+  noisy = rng.random(g.shape) < 0.15
+  g[noisy] = rng.integers(0, 64, int(noisy.sum()))
+  return g.astype(np.int32)
+
+
+def bpe_config():
+  config = _load_config("tiny", "tiny")
+  config.bpe.num_merges = 60
+  config.bpe.alpha = 1.0
+  return config
+
+
+def run_bpe(workdir: str, name: str, stop_at_step: int | None = None):
+  """The pipeline's BPE stage on `workdir/name/vq/codes_*.npy` (all processes learn)."""
+  from vlbpe_jax.bpe import stage  # pylint: disable=g-import-not-at-top
+  del stop_at_step
+  stage.run_stage(bpe_config(), os.path.join(workdir, name))
+
+
+def run_bpe_cli(workdir: str, name: str, stop_at_step: int | None = None):
+  """`python -m vlbpe_jax.bpe.learn` on `workdir/codes.npy` into `workdir/name.json`."""
+  from vlbpe_jax.bpe import learn  # pylint: disable=g-import-not-at-top
+  del stop_at_step
+  learn.main([f"--codes={os.path.join(workdir, 'codes.npy')}", "--merges=60",
+              f"--out={os.path.join(workdir, name + '.json')}", "--no_progress",
+              "--min_count=3", "--offsets=0,1;1,0;1,1;1,-1"])
+
+
 def _load_config(name, arg):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
@@ -157,7 +191,8 @@ def run_data(workdir: str, name: str, stop_at_step: int | None = None):
   train.train_and_evaluate(config, os.path.join(workdir, name))
 
 
-JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "data": run_data}
+JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "data": run_data,
+        "bpe": run_bpe, "bpecli": run_bpe_cli}
 
 
 def main(workdir, *jobs):

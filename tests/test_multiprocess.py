@@ -169,3 +169,30 @@ def test_pipeline_data_stage_written_by_process_zero(tmp_path):
   run_workers(wd, "data:run:0", "data:run:0")
   m = fileio.read_json(os.path.join(wd, "run", "manifests", "data.json"))
   assert m["status"] == "done"
+
+
+@pytest.mark.slow
+def test_bpe_two_processes_learn_the_vocabulary_of_one(tmp_path):
+  """The BPE stage and the learn CLI in 2 processes, each counting its half of the grids with
+  the counts summed over processes: bpe.json is byte-identical to one process's; the stage's
+  rerun reuses it on process 0's word, and only process 0 writes."""
+  wd = str(tmp_path)
+  codes = worker.bpe_codes()
+  np.save(os.path.join(wd, "codes.npy"), codes)
+  for name in ("one", "two"):
+    os.makedirs(os.path.join(wd, name, "vq"))
+    np.save(os.path.join(wd, name, "vq", "codes_train.npy"), codes)
+  worker.run_bpe(wd, "one")
+  worker.run_bpe_cli(wd, "cli_one")
+  run_workers(wd, "bpe:two:0", "bpecli:cli_two:0")
+  read = lambda *p: open(os.path.join(wd, *p), "rb").read()
+  assert read("two", "bpe", "bpe.json") == read("one", "bpe", "bpe.json")
+  assert read("cli_two.json") == read("cli_one.json")
+  bpe = fileio.read_json(os.path.join(wd, "two", "bpe", "bpe.json"))
+  assert len(bpe["merges"]) == 60 and sum(m["merged"] for m in bpe["merges"]) > 60
+  stats = os.path.join(wd, "two", "bpe", "stats.json")
+  before = os.stat(stats).st_mtime_ns
+  assert not [f for f in os.listdir(os.path.join(wd, "two", "bpe")) if "tmp" in f]
+  run_workers(wd, "bpe:two:0")  # reused on process 0's word: nothing learned again
+  assert os.stat(stats).st_mtime_ns == before
+  assert read("two", "bpe", "bpe.json") == read("one", "bpe", "bpe.json")

@@ -84,6 +84,8 @@ def initialize_distributed() -> bool:
     return False
   if flag != "1":
     raise ValueError(f"VLBPE_DISTRIBUTED={flag!r}: expected 1 (multi-process) or 0/unset")
+  if jax.distributed.is_initialized():  # a CLI's main() called from a started process
+    return False
   # CPU processes (tests, a CPU cluster) all-reduce over gloo; accelerators ignore the flag.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(num_processes=_env_int("VLBPE_NUM_PROCESSES"),

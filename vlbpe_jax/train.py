@@ -14,8 +14,9 @@ unless `config.recompute` names it or a stage before it (`all`: every stage).
 
 Several processes (`parallel.initialize_distributed`): every process decides a stage's status
 from the same files, then process 0 alone writes manifests and reports. A stage that runs on
-the mesh (`Stage.collective`: the trainers) runs on every process; the others (data, BPE: host
-work writing files) run on process 0 while the rest wait at a barrier and then read its files.
+the mesh (`Stage.collective`: the trainers; BPE, whose learner sums its counts over processes)
+runs on every process; the data stage (host work writing files) runs on process 0 while the rest
+wait at a barrier and then read its files.
 """
 
 import dataclasses
@@ -59,9 +60,10 @@ STAGES = {
     "data": Stage(data_stage.run_stage, _DATA + ("data", "tokenizer"),
                   outputs=("data/tfds", "tokenizer/text.model"), owns=("data", "tokenizer")),
     "vq": Stage(vq_stage.run_stage, _DATA + ("vq",),
-                outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True, collective=True),
+                outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True,
+                collective=True),
     "bpe": Stage(bpe_stage.run_stage, ("seed", "data.resolution", "bpe"), reads=("vq",),
-                 outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",)),
+                 outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",), collective=True),
     "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "vq", "bpe"),
                 outputs=("lm/*/result.json",), owns=("lm",), trains=True, collective=True),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),

@@ -80,8 +80,16 @@ def _chunk_runs(grids, offsets, vcap, dtype):
   return codes[first], counts
 
 
+def _member(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+  """Whether each element of `x` is in the sorted array `sorted_set`."""
+  if not sorted_set.size:
+    return np.zeros(x.shape, bool)
+  i = np.minimum(np.searchsorted(sorted_set, x), sorted_set.size - 1)
+  return sorted_set[i] == x
+
+
 def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int = 1,
-                          chunk_cells: int = 0):
+                          chunk_cells: int = 0, only: np.ndarray | None = None):
   """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU).
 
   Each pair is coded `(a * vcap + b) * K + o` with o the rank of its offset in raster order
@@ -90,7 +98,8 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
   of about `chunk_cells` cells (0: `CHUNK_CELLS`), then the chunks' runs are merged one range
   of codes at a time, dropping the pairs (a, b) whose count over all offsets is below
   `min_count` (those cannot be merged, see `learner`). Counts are int32 (ValueError if a count
-  could overflow).
+  could overflow). `only`: sorted pair ids `a * vcap + b`; counts just these pairs (the second
+  pass of a count over several hosts, `learner.learn`).
   """
   n, h, w = grids.shape
   chunk_cells = chunk_cells or CHUNK_CELLS
@@ -101,7 +110,13 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
                      "expected fewer than 2**31 pair occurrences (count in parts)")
   dtype = np.int32 if vcap * vcap * k < np.iinfo(np.int32).max else np.int64
   step = max(1, chunk_cells // (h * w))
-  runs = [_chunk_runs(grids[i:i + step], offsets, vcap, dtype) for i in range(0, n, step)]
+  runs = []
+  for i in range(0, n, step):
+    c, m = _chunk_runs(grids[i:i + step], offsets, vcap, dtype)
+    if only is not None:
+      keep = _member(c // k, np.asarray(only, np.int64))
+      c, m = c[keep], m[keep]
+    runs.append((c, m))
   total = sum(r[0].size for r in runs)
   # Merge by ranges of (a, b) (bounds at multiples of K, so a pair never straddles two).
   hi_code = max((int(r[0][-1]) for r in runs if r[0].size), default=0) + 1

@@ -5,6 +5,11 @@
       [--devices=8]
 
 Prints tqdm progress, then one JSON line: merges, seconds (set-up, merges), merges per second.
+
+Several hosts: run the same command on every host with `VLBPE_DISTRIBUTED=1` (the launchers
+set it; `parallel.initialize_distributed`). Each host learns from its contiguous 1/P of the
+grids, the pair counts are summed over hosts every merge (`bpe.exchange`), and process 0 writes
+the vocabulary: the one a single host learns from all the grids, bit for bit.
 Bad input (a torn or empty .npy, negative codes, codes >= 2**24) ends in one `error:` line
 naming the file, exit code 2.
 """
@@ -18,6 +23,7 @@ import numpy as np
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
 from vlbpe_jax import parallel
+from vlbpe_jax.bpe import exchange as exchange_lib
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import vocab as vocab_lib
 
@@ -38,11 +44,23 @@ def main(argv=None):
                   help="shard first counts over this many devices (0: no mesh)")
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
+  parallel.initialize_distributed()
+  exchange = None
+  if jax.process_count() > 1:
+    if args.devices:
+      raise ValueError(f"--devices={args.devices} with {jax.process_count()} processes: "
+                       "expected --devices=0 (several hosts count on their CPUs)")
+    exchange = exchange_lib.Exchange.from_jax()
   codes = fileio.load_npy(args.codes, what="codes")
   name = f"codes {args.codes}"
   if args.base_vocab_size:
     codes = model.check_grids(codes, args.base_vocab_size, name, min_grids=1)
   base = args.base_vocab_size or model.infer_vocab_size(codes, name)
+  if exchange is not None:  # every host checked all codes and inferred the same base
+    codes = codes[exchange.shard(codes.shape[0])]
+    if not codes.shape[0]:
+      raise ValueError(f"{name}: {exchange.num_processes} hosts for fewer grids; expected at "
+                       "least one grid per host")
   if base + args.merges <= np.iinfo(np.int16).max:  # every code fits: hold half the bytes
     codes = codes.astype(np.int16)
   mesh = None
@@ -51,12 +69,15 @@ def main(argv=None):
   bpe, timing = model.VisualBPE.learn(
       codes, base_vocab_size=base, num_merges=args.merges, alpha=args.alpha, sigma=args.sigma,
       offsets=vocab_lib.parse_offsets(args.offsets), min_count=args.min_count, mesh=mesh,
-      progress=not args.no_progress, return_timing=True, s_prior_count=args.s_prior_count)
-  bpe.save(args.out)
+      progress=not args.no_progress, return_timing=True, s_prior_count=args.s_prior_count,
+      exchange=exchange)
+  if parallel.is_primary():
+    bpe.save(args.out)
   done = len(bpe.merges)
   result = dict(merges=done, out=args.out, setup_s=round(timing["setup_s"], 3),
                 merge_s=round(timing["merge_s"], 3), total_s=round(timing["total_s"], 3),
-                merges_per_s=round(done / max(timing["merge_s"], 1e-9), 2))
+                merges_per_s=round(done / max(timing["merge_s"], 1e-9), 2),
+                processes=jax.process_count())
   print(json.dumps(result))
   return result
 

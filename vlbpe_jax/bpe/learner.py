@@ -166,17 +166,11 @@ class _Counts:
   def update(self, removed: np.ndarray, added: np.ndarray):
     """Counts -1 per removed and +1 per added pair key; forgets the cached S of every (a, b)
     whose histogram changed."""
-    ks = np.sort(np.concatenate([removed * 2, added * 2 + 1]))  # key * 2 + sign bit
-    if not ks.size:
-      return
-    starts = _run_starts(ks)
-    runs = np.diff(np.append(starts, ks.size))
-    k2 = ks[starts]
-    uk, dv = k2 >> 1, np.where(k2 & 1, runs, -runs)
-    if uk.size > 1:  # a key both removed and added: adjacent runs, sum them
-      first = _run_starts(uk)
-      uk, dv = uk[first], np.add.reduceat(dv, first)
-    uk, dv = uk[dv != 0], dv[dv != 0]
+    self.apply(*net_changes(removed, added))
+
+  def apply(self, uk: np.ndarray, dv: np.ndarray):
+    """Adds `dv` (nonzero) to the counts of the sorted unique triple keys `uk` (`net_changes`,
+    summed over hosts when there are several)."""
     if not uk.size:
       return
     # Removed keys (dv < 0) hold a vanishing token: absent if their pair is not stored
@@ -271,10 +265,26 @@ class _Counts:
       self._set_pool(floor, cnt, True)
 
 
-def _recount(state: grid_state.GridState, vcap: int):
-  """Keys and counts of every pair of neighbouring tokens on the grids now, in the order in
-  which the learner stores pairs: base pairs first, then by newer token (the merge that made
-  it), then by key. So the pool and the S batches stay those of a learner that never pruned.
+def net_changes(removed: np.ndarray, added: np.ndarray):
+  """Sorted unique triple keys and their net count changes (-1 per removed, +1 per added
+  occurrence; keys whose changes cancel are dropped)."""
+  ks = np.sort(np.concatenate([removed * 2, added * 2 + 1]))  # key * 2 + sign bit
+  if not ks.size:
+    return ks, ks
+  starts = _run_starts(ks)
+  runs = np.diff(np.append(starts, ks.size))
+  k2 = ks[starts]
+  uk, dv = k2 >> 1, np.where(k2 & 1, runs, -runs)
+  if uk.size > 1:  # a key both removed and added: adjacent runs, sum them
+    first = _run_starts(uk)
+    uk, dv = uk[first], np.add.reduceat(dv, first)
+  return uk[dv != 0], dv[dv != 0]
+
+
+def _recount(state: grid_state.GridState, vcap: int, exchange=None):
+  """Keys and counts of every pair of neighbouring tokens on the grids now (of all hosts' grids
+  with an `exchange`), in the order in which the learner stores pairs: base pairs first, then
+  by newer token (the merge that made it), then by key. So the pool and the S batches stay those of a learner that never pruned.
   """
   anchors = np.flatnonzero(state.tok >= 0).astype(state.idx)
   toks = state.tok[anchors]
@@ -293,31 +303,60 @@ def _recount(state: grid_state.GridState, vcap: int):
   keys.sort()
   first = _run_starts(keys)
   keys, counts = keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
+  if exchange is not None:  # the counts of every host's grids
+    keys, counts, _ = exchange.sum_runs(keys, counts)
+    counts = counts.astype(np.int32)
   ab = keys // (state.h * (2 * state.w - 1))
   newer = np.maximum(ab // vcap, ab % vcap)
   order = np.argsort(np.where(newer >= state.geo.base, newer, -1), kind="stable")
   return keys[order], counts[order]
 
 
+def _first_counts(grids, offsets, vcap, keep, exchange):
+  """Keys and counts of the base pairs (a, b) seen >= `keep` times over every host's grids
+  (sorted by key), in two passes: a pair's global count is >= keep only if some host counts
+  >= keep / P of it, so the hosts first pool their candidates, then count exactly just those.
+  """
+  p = exchange.num_processes
+  if -(-keep // p) > 1:
+    k, _ = counting.count_base_pairs_host(grids, offsets, vcap, -(-keep // p))
+    cand = np.unique(k // (grids.shape[1] * (2 * grids.shape[2] - 1)))
+    del k
+    cand, _, _ = exchange.sum_runs(cand, np.ones(cand.size, np.int32))
+    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1, only=cand)
+  else:
+    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1)
+  keys, counts, _ = exchange.sum_runs(keys, counts)
+  return keys, counts.astype(np.int32)
+
+
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
           sigma: float, offsets, min_count: int, mesh=None, progress: bool = False,
-          s_prior_count: float = 0.0):
+          s_prior_count: float = 0.0, exchange=None):
   """Learns up to `num_merges` merges. Returns (Geometry, merge records, timing dict).
 
   s_prior_count: pseudo-count k of the small-sample correction of S (`scoring`; 0: none).
+  exchange: an `exchange.Exchange` over several hosts, `grids` being this host's shard: every
+  count is summed over the hosts (`exchange`), and every host returns the same merges, those of
+  one host learning from all the grids. `mesh` is then unused (counts on the host).
 
   timing: wall seconds (setup_s: first counts + tables, merge_s: the merge loop, total_s) and
-  CPU seconds of this process (cpu_s, merge_cpu_s; all threads).
+  CPU seconds of this process (cpu_s, merge_cpu_s; all threads); with an exchange, also
+  exchange_calls (collectives issued).
   """
   t0, c0 = time.perf_counter(), time.process_time()
   n, h, w = grids.shape
   geo = vocab_lib.Geometry(base_vocab_size, offsets)
   vcap = base_vocab_size + num_merges
+  if exchange is not None:
+    n = exchange.sum_ints([n])[0]
   if n * h * w * len(geo.offsets) >= np.iinfo(np.int32).max:
     raise ValueError(f"{n} grids of {h}x{w} with {len(geo.offsets)} offsets: pair counts could "
                      "overflow int32; expected fewer than 2**31 pair occurrences")
   keep = max(min_count, n * h * w // KEEP_CELLS)  # storage threshold (see `_Counts`)
-  if mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
+  if exchange is not None:
+    keys, counts = _first_counts(grids, geo.offsets, vcap, keep, exchange)
+  elif mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
     keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, keep)
   else:
     keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
@@ -335,7 +374,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
         break
       except _Recount as e:  # rare: the winner may be a pair below the storage threshold
         keep, recounts = e.floor, recounts + 1
-        keys, counts = _recount(state, vcap)
+        keys, counts = _recount(state, vcap, exchange)
         old, stats = stats, _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
         stats.adopt_scores(old)
         del keys, counts, old
@@ -363,8 +402,15 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     keep = ~np.take(vanish, y) | (x < y)
     vanish[p] = False
     added = state.pair_codes(x[keep], y[keep], vcap)
-    stats.update(removed, added)
+    uk, dv = net_changes(removed, added)
+    if exchange is not None:  # every host's changes, summed: the same on every host
+      uk, dv, (record["merged"],) = exchange.sum_runs(uk, dv, [p.size])
+      uk, dv = uk[dv != 0], dv[dv != 0]
+    stats.apply(uk, dv)
     records.append(record)
   total, cpu = time.perf_counter() - t0, time.process_time() - c0
-  return geo, records, dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total,
-                            cpu_s=cpu, merge_cpu_s=cpu - c_setup, recounts=recounts)
+  timing = dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total, cpu_s=cpu,
+                merge_cpu_s=cpu - c_setup, recounts=recounts)
+  if exchange is not None:
+    timing["exchange_calls"] = exchange.calls
+  return geo, records, timing

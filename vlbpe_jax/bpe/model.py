@@ -156,7 +156,7 @@ class VisualBPE:
   def learn(cls, grids, base_vocab_size: int, num_merges: int, alpha: float = 1.0,
             sigma: float = 0.5, offsets=vocab_lib.DEFAULT_OFFSETS, min_count: int = 2,
             mesh=None, progress: bool = True, return_timing: bool = False,
-            s_prior_count: float = 0.0):
+            s_prior_count: float = 0.0, exchange=None):
     """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
 
     int16 grids are used as they are (no int32 copy); other integer dtypes are copied to int32.
@@ -164,6 +164,8 @@ class VisualBPE:
     V + num_merges must stay <= MAX_VOCAB_SIZE (2**24); grids must hold at least one grid.
     s_prior_count: pseudo-count k shrinking S towards 0 for rare pairs, S_k = S * N / (N + k)
     (`scoring`); 0 = no correction.
+    exchange: several hosts (`bpe.exchange.Exchange`), each calling this with its own shard of
+    the grids and the same settings; all get the vocabulary of one host learning from all.
     """
     s_prior_count = check_s_prior_count(s_prior_count)
     base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
@@ -181,7 +183,7 @@ class VisualBPE:
     _, records, timing = learner.learn(grids, int(base_vocab_size), int(num_merges),
                                        float(alpha), float(sigma), offsets, int(min_count),
                                        mesh=mesh, progress=progress,
-                                       s_prior_count=s_prior_count)
+                                       s_prior_count=s_prior_count, exchange=exchange)
     bpe = cls(base_vocab_size, records, offsets, alpha, sigma, min_count, s_prior_count)
     return (bpe, timing) if return_timing else bpe
 

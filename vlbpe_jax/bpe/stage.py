@@ -8,16 +8,19 @@ with `vlbpe_jax.data.shapes.make_example(i, "test", ...)`, so codes_test[i] must
 Config (`config.bpe`): num_merges, alpha, sigma, offsets, min_count, s_prior_count (0 if
 absent), base_vocab_size (0: use `config.vq.codebook_size`), num_token_maps. Work already
 done is reused when bpe.json was learned with the same settings and each tokens file names the
-same bpe.json digest.
+same bpe.json digest. Several processes: all learn together, each from its shard of the train
+codes (`bpe.exchange`: the same vocabulary as one process), and process 0 writes every file.
 """
 
 import html
 import os
 
+import jax
 import numpy as np
 
 from vlbpe_jax import fileio
 from vlbpe_jax import parallel
+from vlbpe_jax.bpe import exchange as exchange_lib
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import visualize
 from vlbpe_jax.data import shapes
@@ -35,22 +38,44 @@ def _settings(config) -> dict:
               s_prior_count=float(c.get("s_prior_count", 0.0)))
 
 
+def _load_matching(path, settings):
+  """The vocabulary at `path` if it was learned with `settings` (all merges, or stopped early
+  with no pair left), else None."""
+  if not os.path.exists(path):
+    return None
+  bpe = model.VisualBPE.load(path)
+  have = dict(base_vocab_size=bpe.base_vocab_size, alpha=bpe.alpha, sigma=bpe.sigma,
+              offsets=[list(o) for o in bpe.offsets], min_count=bpe.min_count,
+              s_prior_count=bpe.s_prior_count)
+  want = {k: v for k, v in settings.items() if k != "num_merges"}
+  if have == want and (len(bpe.merges) == settings["num_merges"] or
+                       os.path.exists(path + ".stopped_early")):
+    return bpe
+  return None
+
+
 def _learn_or_load(config, codes, path, settings):
-  if os.path.exists(path):
-    bpe = model.VisualBPE.load(path)
-    have = dict(base_vocab_size=bpe.base_vocab_size, alpha=bpe.alpha, sigma=bpe.sigma,
-                offsets=[list(o) for o in bpe.offsets], min_count=bpe.min_count,
-                s_prior_count=bpe.s_prior_count)
-    want = {k: v for k, v in settings.items() if k != "num_merges"}
-    if have == want and (len(bpe.merges) == settings["num_merges"] or
-                         os.path.exists(path + ".stopped_early")):
+  """(bpe, timing or None). Several processes: every one learns from its shard of `codes`
+  with the counts summed over processes (`exchange`), on process 0's decision to reuse."""
+  bpe = _load_matching(path, settings) if parallel.is_primary() else None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    reuse = int(multihost_utils.broadcast_one_to_all(np.int32(bpe is not None)))
+    if reuse:
       return bpe, None
-  mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
-  bpe, timing = model.VisualBPE.learn(codes, mesh=mesh, progress=False, return_timing=True,
-                                      **settings)
-  bpe.save(path)
-  if len(bpe.merges) < settings["num_merges"]:
-    fileio.write_text(path + ".stopped_early", "")
+    ex = exchange_lib.Exchange.from_jax()
+    bpe, timing = model.VisualBPE.learn(codes[ex.shard(codes.shape[0])], exchange=ex,
+                                        progress=False, return_timing=True, **settings)
+  elif bpe is not None:
+    return bpe, None
+  else:
+    mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
+    bpe, timing = model.VisualBPE.learn(codes, mesh=mesh, progress=False, return_timing=True,
+                                        **settings)
+  if parallel.is_primary():
+    bpe.save(path)
+    if len(bpe.merges) < settings["num_merges"]:
+      fileio.write_text(path + ".stopped_early", "")
   return bpe, timing
 
 
@@ -84,6 +109,8 @@ def run_stage(config, workdir: str) -> dict:
     raise ValueError(f"workdir={workdir!r}: expected {vq_dir}/codes_train.npy from the VQ stage")
   path = os.path.join(bpe_dir, "bpe.json")
   bpe, timing = _learn_or_load(config, codes["train"], path, settings)
+  if not parallel.is_primary():  # the others helped learn; process 0 writes the rest
+    return None
   stats_path = os.path.join(bpe_dir, "stats.json")
   if timing is not None:
     fileio.write_json(stats_path, dict(timing, merges=len(bpe.merges)))
