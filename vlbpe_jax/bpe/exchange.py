@@ -15,6 +15,7 @@ sizes and then pads to the next power of two (at most ~30 shapes to compile).
 """
 
 import threading
+import time
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Exchange:
     self.num_processes, self.process_index = num_processes, process_index
     self._allgather = allgather or _process_allgather
     self.calls = 0  # collectives issued (two per `sum_runs`)
+    self.seconds = 0.0  # wall seconds in `sum_runs` (waiting for the others included)
 
   @classmethod
   def from_jax(cls) -> "Exchange":
@@ -80,6 +82,7 @@ class Exchange:
     if self.num_processes == 1:
       k, v = sum_sorted_runs(keys, values)
       return k, v, [int(e) for e in extra]
+    t0 = time.perf_counter()
     heads = self._allgather(head.astype(np.int32)).astype(np.int64)  # [P, 1 + len(extra)]
     sizes = heads[:, 0]
     bucket = 1 << int(max(1, sizes.max()) - 1).bit_length()
@@ -92,6 +95,7 @@ class Exchange:
                         for p, s in enumerate(sizes)])
     v = np.concatenate([bufs[p, :s, 2] for p, s in enumerate(sizes)])
     k, v = sum_sorted_runs(k, v)
+    self.seconds += time.perf_counter() - t0
     return k, v, [int(x) for x in heads[:, 1:].sum(0)]
 
 

@@ -78,6 +78,8 @@ def main(argv=None):
                 merge_s=round(timing["merge_s"], 3), total_s=round(timing["total_s"], 3),
                 merges_per_s=round(done / max(timing["merge_s"], 1e-9), 2),
                 processes=jax.process_count())
+  if exchange is not None:
+    result["exchange_s"] = round(timing["exchange_s"], 3)
   print(json.dumps(result))
   return result
 

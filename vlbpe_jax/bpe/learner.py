@@ -342,7 +342,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
 
   timing: wall seconds (setup_s: first counts + tables, merge_s: the merge loop, total_s) and
   CPU seconds of this process (cpu_s, merge_cpu_s; all threads); with an exchange, also
-  exchange_calls (collectives issued).
+  exchange_calls (collectives issued) and exchange_s (wall seconds in them, waits included).
   """
   t0, c0 = time.perf_counter(), time.process_time()
   n, h, w = grids.shape
@@ -412,5 +412,5 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   timing = dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total, cpu_s=cpu,
                 merge_cpu_s=cpu - c_setup, recounts=recounts)
   if exchange is not None:
-    timing["exchange_calls"] = exchange.calls
+    timing.update(exchange_calls=exchange.calls, exchange_s=exchange.seconds)
   return geo, records, timing
