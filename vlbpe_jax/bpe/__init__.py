@@ -62,8 +62,15 @@ scored by a numpy kernel (bit-identical on any machine), lazily, only for pairs 
 win (`learner._Counts.select`). Encoding replays the merges with the same `grid_state` rule,
 vectorised over the whole batch per merge.
 
+Several hosts (`exchange=`, the `learn` CLI and the pipeline stage under `jax.distributed`):
+each host keeps only its shard of the grids and does the grid work for it; the pair counts are
+sums of exact integers over hosts (first counts in two passes, then each merge's count changes,
+gathered and summed per key), so every host holds the same counts, picks the same merge and
+ends with the vocabulary of one host learning from all the grids, bit for bit.
+
 Modules: `vocab` (footprints), `grid_state` (the merge rule), `counting` (first counts, sharded
-over the mesh), `scoring` (the S kernel), `tables` (exact sparse counters), `learner`,
+over the mesh), `scoring` (the S kernel), `tables` (exact sparse counters), `exchange` (sums
+over hosts), `learner`,
 `model` (VisualBPE), `visualize`, `stage` (demo), CLIs `learn`, `encode`, `decode`.
 """
 
