@@ -140,6 +140,70 @@ def run_dit(workdir: str, name: str, stop_at_step: int | None = None):
               DIT_CAPTIONS, x0, stop_at_step=stop_at_step or None)
 
 
+def decoder_config():
+  config = _load_config("tiny", "tiny")
+  config.data.resolution, config.clip.grid = 16, 4  # 4x4 feature grids -> 16x16 pixels
+  c = config.dit.decoder
+  c.ch_mult = (1,)  # one level (f = 4, its patch): compiles in ~60% of the time of two
+  c.batch_size, c.total_steps = 8, 3
+  c.data_shards = 2  # as dit.data_shards above
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  return config
+
+
+@functools.lru_cache()
+def _decoder_data():
+  """16 (features [4, 4, 8], uint8 image [16, 16, 3]) pairs."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  return (rng.normal(1.0, 2.0, (16, 4, 4, 8)).astype(np.float32),
+          rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+
+
+def run_decoder(workdir: str, name: str, stop_at_step: int | None = None):
+  """The BLIP3-o pixel decoder (3 steps) into `workdir/name/dit/decoder`."""
+  from vlbpe_jax.dit import decoder  # pylint: disable=g-import-not-at-top
+  feats, images = _decoder_data()
+  decoder.train_decoder(decoder_config(), os.path.join(workdir, name), feats, images,
+                        stop_at_step=stop_at_step or None)
+
+
+def v2l_config():
+  config = _load_config("tiny", "tiny")
+  config.data.resolution = 16  # the "tiny" V2L variant: 16 px -> 4x4 tokens
+  c = config.v2l
+  c.model = dict(ch_mult=(1,), patch=4)  # one level: compiles in ~70% of the time of two
+  c.batch_size, c.total_steps = 8, 3
+  c.data_shards = 2  # as dit.data_shards above
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  return config
+
+
+@functools.lru_cache()
+def _v2l_setup(workdir: str):
+  """(config, setup, images, global_emb), built once per process so that its jitted step
+  compiles once for all jobs: a random local table of 40 unit rows of width 16 (the CLIP's),
+  16 random 16x16 images with 3 global embeddings each."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
+  config = v2l_config()
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+  local_emb = unit(rng.normal(size=(40, 16)))
+  images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  global_emb = unit(rng.normal(size=(16, 3, 16)))
+  s = train.setup(config, workdir, local_emb, mesh=parallel.mesh_from_config(config.mesh))
+  return config, s, images, global_emb
+
+
+def run_v2l(workdir: str, name: str, stop_at_step: int | None = None):
+  """The V2L tokenizer (3 steps) into `workdir/name`."""
+  from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
+  config, s, images, global_emb = _v2l_setup(workdir)
+  train.train(config, dataclasses.replace(s, run_dir=os.path.join(workdir, name)), images,
+              global_emb, stop_at_step=stop_at_step or None)
+
+
 def bpe_codes():
   """60 tiny-config code grids (16x16 over 64 codes): 4x4 patches of 6 kinds plus noise."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -191,8 +255,8 @@ def run_data(workdir: str, name: str, stop_at_step: int | None = None):
   train.train_and_evaluate(config, os.path.join(workdir, name))
 
 
-JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "data": run_data,
-        "bpe": run_bpe, "bpecli": run_bpe_cli}
+JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "decoder": run_decoder,
+        "v2l": run_v2l, "data": run_data, "bpe": run_bpe, "bpecli": run_bpe_cli}
 
 
 def main(workdir, *jobs):
