@@ -85,28 +85,11 @@ def run_clip(workdir: str, name: str, stop_at_step: int | None = None):
   train.train(clip_config(), os.path.join(workdir, name), stop_at_step=stop_at_step or None)
 
 
-# The tiny DiT's data (tests/test_dit_train.py): 8 examples of 2 captions, 2x2x4 targets.
-DIT_CAPTIONS = [["a red circle.", "one red circle."], ["a blue star.", "one blue star."],
-                ["a green square.", "one green square."], ["a cyan heart.", "one cyan heart."]] * 2
-
-
-class _CharTokenizer:
-  """Stands in for the text tokenizer of the DiT's frozen LM: one id per character."""
-  bos_id = 1
-
-  def encode(self, text):
-    return [3 + ord(ch) % 30 for ch in text]
-
-
 def dit_config():
-  config = _load_config("tiny", "tiny")
-  c = config.dit
-  c.prompt_template, c.prompt_len, c.num_queries = "{caption}", 24, 4
-  c.model = dict(depth=1)
-  c.batch_size, c.total_steps = 8, 3
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   # dit.data_shards=2: the same global batches in 1 process (both shards) and in 2 (one each).
-  c.data_shards = 2
-  config.clip.grid = 2  # 2x2 targets
+  config = dit_helpers.configure(_load_config("tiny", "tiny"), model=dict(depth=1),
+                                 total_steps=3, data_shards=2)
   config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]  # fsdp within, data across processes
   return config
 
@@ -114,30 +97,26 @@ def dit_config():
 @functools.lru_cache()
 def _dit_setup(workdir: str):
   """(config, setup of the fm design, targets), built once per process so that its jitted step
-  compiles once for all jobs; the frozen backbone is a 1-layer LM at its init."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  compiles once for all jobs; the frozen backbone is a 1-layer LM at its init
+  (tests/dit_helpers.py, as tests/test_dit_train.py)."""
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import targets  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import train  # pylint: disable=g-import-not-at-top
-  from vlbpe_jax.lm import model as lm_model  # pylint: disable=g-import-not-at-top
   config = dit_config()
   mesh = parallel.mesh_from_config(config.mesh)
-  lm = lm_model.LM(lm_model.lm_config("mu", text_vocab=40, width=32, num_heads=2,
-                                      num_kv_heads=2, mlp_dim=64, depth=1, dtype="float32"))
-  params = lm.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  backbone = train.Backbone(lm, parallel.replicate(params, mesh), _CharTokenizer(), False)
-  x0 = np.random.default_rng(0).normal(2.0, 3.0, (8, 2, 2, 4)).astype(np.float32)
+  x0 = dit_helpers.targets()
   s = train.setup(config, workdir, "fm", shape=x0.shape[1:], stats=targets.stats_of(x0),
-                  backbone=backbone, mesh=mesh)
+                  backbone=dit_helpers.backbone(dit_helpers.lm(), mesh), mesh=mesh)
   return config, s, x0
 
 
 def run_dit(workdir: str, name: str, stop_at_step: int | None = None):
   """The tiny DiT's fm design (3 steps) into `workdir/name`."""
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import train  # pylint: disable=g-import-not-at-top
   config, s, x0 = _dit_setup(workdir)
   train.train(config, dataclasses.replace(s, run_dir=os.path.join(workdir, name)),
-              DIT_CAPTIONS, x0, stop_at_step=stop_at_step or None)
+              dit_helpers.CAPTIONS, x0, stop_at_step=stop_at_step or None)
 
 
 def decoder_config():
