@@ -85,28 +85,11 @@ def run_clip(workdir: str, name: str, stop_at_step: int | None = None):
   train.train(clip_config(), os.path.join(workdir, name), stop_at_step=stop_at_step or None)
 
 
-# The tiny DiT's data (tests/test_dit_train.py): 8 examples of 2 captions, 2x2x4 targets.
-DIT_CAPTIONS = [["a red circle.", "one red circle."], ["a blue star.", "one blue star."],
-                ["a green square.", "one green square."], ["a cyan heart.", "one cyan heart."]] * 2
-
-
-class _CharTokenizer:
-  """Stands in for the text tokenizer of the DiT's frozen LM: one id per character."""
-  bos_id = 1
-
-  def encode(self, text):
-    return [3 + ord(ch) % 30 for ch in text]
-
-
 def dit_config():
-  config = _load_config("tiny", "tiny")
-  c = config.dit
-  c.prompt_template, c.prompt_len, c.num_queries = "{caption}", 24, 4
-  c.model = dict(depth=1)
-  c.batch_size, c.total_steps = 8, 3
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   # dit.data_shards=2: the same global batches in 1 process (both shards) and in 2 (one each).
-  c.data_shards = 2
-  config.clip.grid = 2  # 2x2 targets
+  config = dit_helpers.configure(_load_config("tiny", "tiny"), model=dict(depth=1),
+                                 total_steps=3, data_shards=2)
   config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]  # fsdp within, data across processes
   return config
 
@@ -114,30 +97,90 @@ def dit_config():
 @functools.lru_cache()
 def _dit_setup(workdir: str):
   """(config, setup of the fm design, targets), built once per process so that its jitted step
-  compiles once for all jobs; the frozen backbone is a 1-layer LM at its init."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  compiles once for all jobs; the frozen backbone is a 1-layer LM at its init
+  (tests/dit_helpers.py, as tests/test_dit_train.py)."""
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import targets  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import train  # pylint: disable=g-import-not-at-top
-  from vlbpe_jax.lm import model as lm_model  # pylint: disable=g-import-not-at-top
   config = dit_config()
   mesh = parallel.mesh_from_config(config.mesh)
-  lm = lm_model.LM(lm_model.lm_config("mu", text_vocab=40, width=32, num_heads=2,
-                                      num_kv_heads=2, mlp_dim=64, depth=1, dtype="float32"))
-  params = lm.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  backbone = train.Backbone(lm, parallel.replicate(params, mesh), _CharTokenizer(), False)
-  x0 = np.random.default_rng(0).normal(2.0, 3.0, (8, 2, 2, 4)).astype(np.float32)
+  x0 = dit_helpers.targets()
   s = train.setup(config, workdir, "fm", shape=x0.shape[1:], stats=targets.stats_of(x0),
-                  backbone=backbone, mesh=mesh)
+                  backbone=dit_helpers.backbone(dit_helpers.lm(), mesh), mesh=mesh)
   return config, s, x0
 
 
 def run_dit(workdir: str, name: str, stop_at_step: int | None = None):
   """The tiny DiT's fm design (3 steps) into `workdir/name`."""
+  import dit_helpers  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.dit import train  # pylint: disable=g-import-not-at-top
   config, s, x0 = _dit_setup(workdir)
   train.train(config, dataclasses.replace(s, run_dir=os.path.join(workdir, name)),
-              DIT_CAPTIONS, x0, stop_at_step=stop_at_step or None)
+              dit_helpers.CAPTIONS, x0, stop_at_step=stop_at_step or None)
+
+
+def decoder_config():
+  config = _load_config("tiny", "tiny")
+  config.data.resolution, config.clip.grid = 16, 4  # 4x4 feature grids -> 16x16 pixels
+  c = config.dit.decoder
+  c.ch_mult = (1,)  # one level (f = 4, its patch): compiles in ~60% of the time of two
+  c.batch_size, c.total_steps = 8, 3
+  c.data_shards = 2  # as dit.data_shards above
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  return config
+
+
+@functools.lru_cache()
+def _decoder_data():
+  """16 (features [4, 4, 8], uint8 image [16, 16, 3]) pairs."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  return (rng.normal(1.0, 2.0, (16, 4, 4, 8)).astype(np.float32),
+          rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+
+
+def run_decoder(workdir: str, name: str, stop_at_step: int | None = None):
+  """The BLIP3-o pixel decoder (3 steps) into `workdir/name/dit/decoder`."""
+  from vlbpe_jax.dit import decoder  # pylint: disable=g-import-not-at-top
+  feats, images = _decoder_data()
+  decoder.train_decoder(decoder_config(), os.path.join(workdir, name), feats, images,
+                        stop_at_step=stop_at_step or None)
+
+
+def v2l_config():
+  config = _load_config("tiny", "tiny")
+  config.data.resolution = 16  # the "tiny" V2L variant: 16 px -> 4x4 tokens
+  c = config.v2l
+  c.model = dict(ch_mult=(1,), patch=4)  # one level: compiles in ~70% of the time of two
+  c.batch_size, c.total_steps = 8, 3
+  c.data_shards = 2  # as dit.data_shards above
+  config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+  return config
+
+
+@functools.lru_cache()
+def _v2l_setup(workdir: str):
+  """(config, setup, images, global_emb), built once per process so that its jitted step
+  compiles once for all jobs: a random local table of 40 unit rows of width 16 (the CLIP's),
+  16 random 16x16 images with 3 global embeddings each."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
+  config = v2l_config()
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+  local_emb = unit(rng.normal(size=(40, 16)))
+  images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  global_emb = unit(rng.normal(size=(16, 3, 16)))
+  s = train.setup(config, workdir, local_emb, mesh=parallel.mesh_from_config(config.mesh))
+  return config, s, images, global_emb
+
+
+def run_v2l(workdir: str, name: str, stop_at_step: int | None = None):
+  """The V2L tokenizer (3 steps) into `workdir/name`."""
+  from vlbpe_jax.v2l import train  # pylint: disable=g-import-not-at-top
+  config, s, images, global_emb = _v2l_setup(workdir)
+  train.train(config, dataclasses.replace(s, run_dir=os.path.join(workdir, name)), images,
+              global_emb, stop_at_step=stop_at_step or None)
 
 
 def bpe_codes():
@@ -191,8 +234,8 @@ def run_data(workdir: str, name: str, stop_at_step: int | None = None):
   train.train_and_evaluate(config, os.path.join(workdir, name))
 
 
-JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "data": run_data,
-        "bpe": run_bpe, "bpecli": run_bpe_cli}
+JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "decoder": run_decoder,
+        "v2l": run_v2l, "data": run_data, "bpe": run_bpe, "bpecli": run_bpe_cli}
 
 
 def main(workdir, *jobs):

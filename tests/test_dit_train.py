@@ -3,62 +3,35 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vlbpe_jax import parallel
 from vlbpe_jax.dit import targets
 from vlbpe_jax.dit import train
-from vlbpe_jax.lm import model as lm_model
 from test_main import ROOT, load_config
+import dit_helpers
 
-CAPTIONS = [["a red circle.", "one red circle."], ["a blue star.", "one blue star."],
-            ["a green square.", "one green square."], ["a cyan heart.", "one cyan heart."]] * 2
-
-
-class _Tok:
-  """Stands in for the text tokenizer: one id per character."""
-  bos_id = 1
-
-  def encode(self, text):
-    return [3 + ord(ch) % 30 for ch in text]
+CAPTIONS = dit_helpers.CAPTIONS
 
 
 def _config(**dit):
-  c = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
-  c.dit.prompt_template = "{caption}"
-  c.dit.prompt_len = 24
-  c.dit.num_queries = 4
-  c.clip.grid = 2  # 2x2 target tokens: one per query for the mse design
-  c.dit.batch_size = 8
-  for k, v in dit.items():
-    c.dit[k] = v
-  return c
+  return dit_helpers.configure(load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny"),
+                               **dit)
 
 
 @pytest.fixture(scope="module")
 def lm():
-  cfg = lm_model.lm_config("mu", text_vocab=40, width=32, num_heads=2, num_kv_heads=2,
-                           mlp_dim=64, depth=1, dtype="float32")
-  model = lm_model.LM(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  return model, jax.tree.map(np.asarray, params)
+  return dit_helpers.lm()
 
 
-def _backbone(lm, mesh):
-  model, params = lm
-  params = jax.device_put(params, parallel.replicated(mesh))
-  return train.Backbone(model, params, _Tok(), False)
-
-
-def _targets(n=8, shape=(2, 2, 4)):
-  return np.random.default_rng(0).normal(2.0, 3.0, (n,) + shape).astype(np.float32)
+_targets = dit_helpers.targets
 
 
 def _setup(config, workdir, design, lm, mesh, x0):
   return train.setup(config, str(workdir), design, shape=x0.shape[1:],
-                     stats=targets.stats_of(x0), backbone=_backbone(lm, mesh), mesh=mesh)
+                     stats=targets.stats_of(x0), backbone=dit_helpers.backbone(lm, mesh),
+                     mesh=mesh)
 
 
 def _batch(s, config, x0):

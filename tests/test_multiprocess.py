@@ -141,24 +141,44 @@ def test_clip_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
     _assert_same_run(_metrics(os.path.join(wd, name, "clip")), ref)
 
 
-@pytest.mark.slow
-def test_dit_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
-  wd = str(tmp_path)
-  worker.run_dit(wd, "ref")  # 1 process x 8 devices, steps 1-3
-  worker.run_dit(wd, "one_then_two", stop_at_step=2)
+def _check_cross_layouts(wd, kind, run, sub="", written=(), timeout=300):
+  """A 3-step run of the worker job `kind` (`run(workdir, name, stop_at_step)`) into
+  wd/NAME/sub: the 1-process x 8-device reference; in 2 processes a fresh run to step 2 and
+  the 1-process run of steps 1-2 resumed to step 3; then the 2-process checkpoint resumed in
+  1 process. Losses and parameter norms per step equal the reference's, the data iterator is
+  saved per shard, and the files are written once (`written` among them, no temp files)."""
+  run_dir = lambda name: os.path.join(wd, name, sub)  # noqa: E731
+  run(wd, "ref")  # 1 process x 8 devices, steps 1-3
+  run(wd, "one_then_two", stop_at_step=2)
   # 2 processes: a run to step 2, and the 1-process run of steps 1-2 resumed to step 3.
-  run_workers(wd, "dit:two_then_one:2", "dit:one_then_two:0", timeout=300)
+  run_workers(wd, f"{kind}:two_then_one:2", f"{kind}:one_then_two:0", timeout=timeout)
   for name in ("two_then_one", "one_then_two"):  # written once: process 0's files only
-    files = os.listdir(os.path.join(wd, name))
-    assert "target_stats.json" in files and not [f for f in files if "tmp" in f]
-  it_dir = os.path.join(wd, "two_then_one", "ckpt", "2", "data_iter")
+    files = os.listdir(run_dir(name))
+    assert set(written) <= set(files) and not [f for f in files if "tmp" in f], files
+  it_dir = os.path.join(run_dir("two_then_one"), "ckpt", "2", "data_iter")
   assert sorted(f for f in os.listdir(it_dir) if f.endswith(".json")) == [
       "shard_0-of-2.json", "shard_1-of-2.json"]
-  worker.run_dit(wd, "two_then_one")  # the 2-process checkpoint resumed in 1 process
-  ref = _metrics(os.path.join(wd, "ref"))
+  run(wd, "two_then_one")  # the 2-process checkpoint resumed in 1 process
+  ref = _metrics(run_dir("ref"))
   assert list(ref["step"]) == [1, 2, 3]
-  _assert_same_run(_metrics(os.path.join(wd, "two_then_one")), ref)
-  _assert_same_run(_metrics(os.path.join(wd, "one_then_two")), ref)
+  _assert_same_run(_metrics(run_dir("two_then_one")), ref)
+  _assert_same_run(_metrics(run_dir("one_then_two")), ref)
+
+
+@pytest.mark.slow
+def test_dit_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  _check_cross_layouts(str(tmp_path), "dit", worker.run_dit, written=("target_stats.json",))
+
+
+@pytest.mark.slow
+def test_dit_decoder_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  _check_cross_layouts(str(tmp_path), "decoder", worker.run_decoder,
+                       os.path.join("dit", "decoder"), written=("feature_stats.json",))
+
+
+@pytest.mark.slow
+def test_v2l_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
+  _check_cross_layouts(str(tmp_path), "v2l", worker.run_v2l)
 
 
 @pytest.mark.slow
