@@ -33,8 +33,8 @@ ROWS = [
     ("VQA, full, held-out compositions", "lm.vqa_acc_heldout.full", "{:.1%}"),
     ("captions, full: attribute precision", "lm.caption_precision.full", "{:.2f}"),
     ("captions, full: attribute recall", "lm.caption_recall.full", "{:.2f}"),
-    ("CLIP zero-shot shape", "clip.zero_shot_shape", "{:.1%}"),
-    ("CLIP zero-shot colour", "clip.zero_shot_color", "{:.1%}"),
+    ("CLIP zero-shot shape", "clip.zero_shot_shape_acc", "{:.1%}"),
+    ("CLIP zero-shot colour", "clip.zero_shot_color_acc", "{:.1%}"),
     ("DiT GenEval: CLIP features + flow (BLIP3-o)", "dit.geneval.fm", "{:.3f}"),
     ("DiT GenEval: CLIP features + MSE", "dit.geneval.mse", "{:.3f}"),
     ("DiT GenEval: VQ latents + flow", "dit.geneval.vq_latent", "{:.3f}"),
@@ -79,6 +79,18 @@ def tables(workdir: str) -> str:
       if key == "dit.fid_clip.fm" and "dit.fid_clip.vq_latent" in metrics:
         value += " / " + fmt.format(metrics["dit.fid_clip.vq_latent"])
       out.append(f"| {label} (`{key}`) | {value} |")
+  runs = [r for r in ("full", "no_bpe", "single_stage") if f"lm.vqa_acc.{r}" in metrics]
+  types = sorted({k.rsplit(".", 1)[1] for k in metrics if k.startswith("lm.vqa_acc_by_type.")})
+  if runs and types:
+    out += ["", "| VQA by question type: right / wrong image | " + " | ".join(runs) +
+            " | text only |", "| --- " * (len(runs) + 2) + "|"]
+    for t in types:
+      cells = [f"{metrics.get(f'lm.vqa_acc_by_type.{r}.{t}', float('nan')):.2f} / "
+               f"{metrics.get(f'lm.vqa_acc_by_type_wrong_image.{r}.{t}', float('nan')):.2f}"
+               for r in runs]
+      blind = metrics.get(f"lm.vqa_acc_by_type.text_only.{t}")
+      out.append(f"| {t} | " + " | ".join(cells) +
+                 f" | {'–' if blind is None else f'{blind:.2f}'} |")
   times = {s: metrics.get(f"time_s.{s}") for s in STAGES}
   out += ["", "| stage | " + " | ".join(s for s in STAGES if times[s] is not None) + " | total |",
           "| --- " * (1 + sum(t is not None for t in times.values()) + 1) + "|",
@@ -87,7 +99,7 @@ def tables(workdir: str) -> str:
   return "\n".join(out)
 
 
-def screenshot(workdir: str, out: str, width: int = 1280, height: int = 1100):
+def screenshot(workdir: str, out: str, width: int = 1280, height: int = 1400):
   page = os.path.abspath(os.path.join(report.report_dir(workdir), "index.html"))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",

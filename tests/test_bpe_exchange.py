@@ -37,7 +37,7 @@ def test_hosts_learn_the_vocabulary_of_one_host(num_hosts):
     got = learn_on_hosts(g, num_hosts, **kw)
     for bpe, timing in got:
       assert bpe.merges == want.merges  # ids, pairs, offsets, counts, merged, F, S, P
-      assert timing["exchange_calls"] >= 2 * len(want.merges)
+      assert timing["exchange_calls"] >= len(want.merges)
     assert len(want.merges) == 120
 
 

@@ -10,14 +10,19 @@ from all the grids (tests/test_bpe_exchange.py in threads, tests/test_multiproce
 
 `allgather(x)` is the one collective: an int32 array of the same shape on every host ->
 stacked `[num_processes, ...]`. `process_allgather` (jax.experimental.multihost_utils) is the
-default; tests pass a thread-barrier one. Sizes vary per merge, so each call first gathers the
-sizes and then pads to the next power of two (at most ~30 shapes to compile).
+default; tests pass a thread-barrier one. Sizes vary per merge: each `sum_runs` sends a header
+(sizes) and up to a bucket of rows in one collective, and the rows past it, if any host has
+more, in a second; the bucket (a power of two, so few shapes compile) is twice the last
+largest size, rounded up.
+A collective costs ~2 ms on CPU (gloo), so one per merge is what matters (BENCHMARKS.md).
 """
 
 import threading
 import time
 
 import numpy as np
+
+_MIN_BUCKET = 256
 
 
 def _process_allgather(x: np.ndarray) -> np.ndarray:
@@ -44,7 +49,9 @@ class Exchange:
                        "0 <= process_index < num_processes")
     self.num_processes, self.process_index = num_processes, process_index
     self._allgather = allgather or _process_allgather
-    self.calls = 0  # collectives issued (two per `sum_runs`)
+    self.calls = 0  # collectives issued (one per `sum_runs`, two when its sizes outgrow the
+    #                 bucket)
+    self._bucket = _MIN_BUCKET  # rows sent in the first collective of `sum_runs`
     self.seconds = 0.0  # wall seconds in `sum_runs` (waiting for the others included)
 
   @classmethod
@@ -77,26 +84,40 @@ class Exchange:
     if values.size and (values.max() >= 2**31 or values.min() < -2**31):
       raise ValueError("values outside int32: expected per-host counts below 2**31")
     head = np.array([keys.size, *extra], np.int64)
-    if np.abs(head).max() >= 2**31:
-      raise ValueError(f"sizes/extra {head.tolist()}: expected each below 2**31")
+    if len(extra) > 2 or np.abs(head).max() >= 2**31:
+      raise ValueError(f"sizes/extra {head.tolist()}: expected at most 2 extras, each below "
+                       "2**31")
     if self.num_processes == 1:
       k, v = sum_sorted_runs(keys, values)
       return k, v, [int(e) for e in extra]
     t0 = time.perf_counter()
-    heads = self._allgather(head.astype(np.int32)).astype(np.int64)  # [P, 1 + len(extra)]
-    sizes = heads[:, 0]
-    bucket = 1 << int(max(1, sizes.max()) - 1).bit_length()
-    buf = np.zeros((bucket, 3), np.int32)
-    buf[:keys.size, :2] = keys.view(np.int32).reshape(-1, 2)  # int64 bits, no x64 needed
-    buf[:keys.size, 2] = values
-    bufs = self._allgather(buf)  # [P, bucket, 3]
-    self.calls += 2
-    k = np.concatenate([np.ascontiguousarray(bufs[p, :s, :2]).view(np.int64).ravel()
-                        for p, s in enumerate(sizes)])
-    v = np.concatenate([bufs[p, :s, 2] for p, s in enumerate(sizes)])
-    k, v = sum_sorted_runs(k, v)
+    rows = np.zeros((keys.size, 3), np.int32)
+    rows[:, :2] = keys.view(np.int32).reshape(-1, 2)  # int64 bits, no x64 needed
+    rows[:, 2] = values
+    # One collective: a header row (size, extras) and the first `bucket` rows; rows past the
+    # bucket (every host sees all sizes) go in a second one. The bucket follows the sizes.
+    b = self._bucket
+    buf = np.zeros((b + 1, 3), np.int32)
+    buf[0, :head.size] = head
+    buf[1:1 + min(keys.size, b)] = rows[:b]
+    got = self._allgather(buf)  # [P, b + 1, 3]
+    sizes = got[:, 0, 0].astype(np.int64)
+    parts = [got[p, 1:1 + min(n, b)] for p, n in enumerate(sizes)]
+    self.calls += 1
+    if sizes.max() > b:
+      more = 1 << int(sizes.max() - b - 1).bit_length()
+      buf = np.zeros((more, 3), np.int32)
+      buf[:max(keys.size - b, 0)] = rows[b:]
+      extra_rows = self._allgather(buf)
+      parts = [np.concatenate([part, extra_rows[p, :max(n - b, 0)]])
+               for p, (part, n) in enumerate(zip(parts, sizes))]
+      self.calls += 1
+    self._bucket = max(_MIN_BUCKET, 1 << int(2 * sizes.max() - 1).bit_length())  # 2x room
+    allrows = np.concatenate(parts)
+    k = np.ascontiguousarray(allrows[:, :2]).view(np.int64).ravel()
+    k, v = sum_sorted_runs(k, allrows[:, 2])
     self.seconds += time.perf_counter() - t0
-    return k, v, [int(x) for x in heads[:, 1:].sum(0)]
+    return k, v, [int(x) for x in got[:, 0, 1:1 + len(extra)].astype(np.int64).sum(0)]
 
 
 class ThreadGroup:
