@@ -6,7 +6,8 @@ Runs `python -m vlbpe_jax.bpe.learn` once per process count (P processes, one CP
 each counting its 1/P of the grids; P=1 is the plain one-host learner), under `/usr/bin/time`,
 and prints one JSON line per run: wall seconds, the learner's set-up / merge seconds (process
 0), per process CPU seconds and peak RSS, and whether the vocabulary is byte-identical to the
-first run's (null for the first). Each process should have a core of its own for the wall times to mean speed-up.
+first run's (null for the first). Each process should have a core of its own for the wall
+times to mean speed-up.
 """
 
 import argparse

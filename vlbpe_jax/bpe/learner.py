@@ -284,7 +284,8 @@ def net_changes(removed: np.ndarray, added: np.ndarray):
 def _recount(state: grid_state.GridState, vcap: int, exchange=None):
   """Keys and counts of every pair of neighbouring tokens on the grids now (of all hosts' grids
   with an `exchange`), in the order in which the learner stores pairs: base pairs first, then
-  by newer token (the merge that made it), then by key. So the pool and the S batches stay those of a learner that never pruned.
+  by newer token (the merge that made it), then by key. So the pool and the S batches stay
+  those of a learner that never pruned.
   """
   anchors = np.flatnonzero(state.tok >= 0).astype(state.idx)
   toks = state.tok[anchors]
