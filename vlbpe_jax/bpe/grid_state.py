@@ -2,11 +2,13 @@
 
 Cells are numbered globally `g = n * H * W + y * W + x` (image n), so the raster order of
 anchors inside one image is the order of `g`. `tok[g]` is the token anchored at g (-1 if g is
-covered by another token); `own[g]` is the anchor of the token covering g. `find_merge` and
+covered by another token); `owners(g)` is the anchor of the token covering g, stored as its
+index inside g's grid (`own`, int16 while H * W < 2**15). `find_merge` and
 `commit_merge` are the one merge rule that learning and encoding share (see `vlbpe_jax.bpe`).
 
-Memory per cell: 2 bytes of token (int16 while every token id < 2**15, else 4), 4 of owner
-(int32 cell ids below 2**31 cells), 4 of base-code index, 1 of scratch flags.
+Memory per cell: 2 bytes of token (int16 while every token id < 2**15, else 4), 2 of owner
+(its index in the grid; 4 for grids of 2**15 cells or more), 4 of base-code index (int32 cell
+ids below 2**31 cells), 1 of scratch flags.
 """
 
 _INDEX_CHUNK = 1 << 20  # cells per argsort while building the base-code index (cache-sized)
@@ -45,12 +47,18 @@ class GridState:
     # Cell ids in int32 when every id +- one grid fits (halves the memory traffic).
     small = (self.n + 2) * self.h * self.w < np.iinfo(np.int32).max
     self.idx = np.int32 if small else np.int64
-    self.own = np.arange(self.tok.size, dtype=self.idx)
+    self.hw = self.h * self.w
+    local = np.arange(self.hw)
+    self.own = np.tile(local.astype(np.int16 if self.hw <= np.iinfo(np.int16).max else np.int32),
+                       self.n)  # owner's index inside its grid
     self.scratch = np.zeros(self.tok.size, bool)  # cell flags, all-False between uses
-    local = np.arange(self.h * self.w)
     self._yx = local // self.w, local % self.w  # row, col of each cell of one grid
     self._base_order, self._base_start = _base_index(self.tok, geometry.base, self.idx)
     self._pos = {}  # token -> candidate anchors (may be stale; checked on use)
+
+  def owners(self, cells: np.ndarray) -> np.ndarray:
+    """The anchors (global cell ids) of the tokens covering `cells`."""
+    return cells - cells % self.hw + self.own[cells]
 
   def positions(self, t: int) -> np.ndarray:
     """Anchors that may hold token t (a superset; filter with `tok == t`)."""
@@ -100,7 +108,7 @@ class GridState:
     self.tok[q] = -1
     fb = self.geo.footprint(b)
     cells = q[:, None] + (fb[:, 0] * self.w + fb[:, 1])[None, :]  # [M, cells of b]
-    self.own[cells] = p[:, None]
+    self.own[cells] = (p % self.hw)[:, None]
     self._pos[t] = p
 
   def neighbours(self, anchors: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +120,10 @@ class GridState:
     local = anchors % (self.h * self.w)
     ok = np.take(inside, local, axis=1)                             # [K, M]
     step = (halo[:, 0] * self.w + halo[:, 1]).astype(self.idx)
-    # Out-of-range cells are masked below; "wrap" is a cheap way to keep their reads legal.
-    own = np.take(self.own, anchors[None, :] + step[:, None], mode="wrap")  # [K, M]
+    # Out-of-range cells are masked below; wrapping them keeps their reads legal.
+    cells = anchors[None, :] + step[:, None]                        # [K, M]
+    cells %= self.tok.size
+    own = self.owners(cells)
     own[~ok] = -1
     if own.shape[0] <= 12:  # drop repeats by pairwise row tests (faster than column sorts)
       keep = ok

@@ -29,7 +29,7 @@ def token_maps(bpe, grids: np.ndarray, scale: int = 8) -> np.ndarray:
     raise ValueError(f"scale={scale}: expected >= 2 (one pixel is the token border)")
   state = bpe.tokenize(grids)
   n, h, w = state.n, state.h, state.w
-  owner = state.own.reshape(n, h, w)
+  owner = state.owners(np.arange(n * h * w)).reshape(n, h, w)
   cell_tok = state.tok[owner]  # token covering each cell  [N, H, W]
   pic = token_colours(cell_tok, bpe.base_vocab_size)
   pic = np.repeat(np.repeat(pic, scale, axis=1), scale, axis=2)  # [N, H*s, W*s, 3]
