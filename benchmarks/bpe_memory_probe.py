@@ -5,7 +5,7 @@
 Learns with alpha=1, sigma=1, the 4-connected window and V = max code + 1, and after merges
 0, 100, 1000, 4000 and the last prints the peak RSS so far, the per-cell arrays of the grid
 state (tokens, owners, base-code index, scratch flags), the position lists and the pair tables
-(`_Counts`), with the numbers of stored triples and pairs. It wraps `_Counts.update` and
+(`_Counts`), with the numbers of stored triples and pairs. It wraps `_Counts.apply` and
 `GridState.__init__` to see them (a probe, not an API).
 """
 
@@ -25,14 +25,14 @@ def main():
   args = ap.parse_args()
   grids = np.load(args.codes)
   states, calls = [], [0]
-  gs_init, update = grid_state.GridState.__init__, learner._Counts.update  # pylint: disable=protected-access
+  gs_init, apply = grid_state.GridState.__init__, learner._Counts.apply  # pylint: disable=protected-access
 
   def init_and_keep(self, *a, **k):
     gs_init(self, *a, **k)
     states.append(self)
 
-  def update_and_report(self, removed, added):
-    update(self, removed, added)
+  def apply_and_report(self, uk, dv):
+    apply(self, uk, dv)
     k, calls[0] = calls[0], calls[0] + 1
     if k not in (0, 100, 1000, 4000, args.merges - 1):
       return
@@ -47,7 +47,7 @@ def main():
           f"{tabs / 1e6:.0f} MB ({self.triples.size} triples, {self.npairs} pairs)", flush=True)
 
   grid_state.GridState.__init__ = init_and_keep
-  learner._Counts.update = update_and_report  # pylint: disable=protected-access
+  learner._Counts.apply = apply_and_report  # pylint: disable=protected-access
   _, _, timing = learner.learn(grids, int(grids.max()) + 1, args.merges, 1.0, 1.0,
                                ((0, 1), (1, 0)), 2)
   print(timing)

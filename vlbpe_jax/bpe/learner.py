@@ -163,14 +163,10 @@ class _Counts:
     self.tpair[slots] = np.repeat(pslots, runs)
     return out
 
-  def update(self, removed: np.ndarray, added: np.ndarray):
-    """Counts -1 per removed and +1 per added pair key; forgets the cached S of every (a, b)
-    whose histogram changed."""
-    self.apply(*net_changes(removed, added))
-
   def apply(self, uk: np.ndarray, dv: np.ndarray):
     """Adds `dv` (nonzero) to the counts of the sorted unique triple keys `uk` (`net_changes`,
-    summed over hosts when there are several)."""
+    summed over hosts when there are several); forgets the cached S of every (a, b) whose
+    histogram changed."""
     if not uk.size:
       return
     # Removed keys (dv < 0) hold a vanishing token: absent if their pair is not stored
