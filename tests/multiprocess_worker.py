@@ -234,7 +234,27 @@ def run_data(workdir: str, name: str, stop_at_step: int | None = None):
   train.train_and_evaluate(config, os.path.join(workdir, name))
 
 
-JOBS = {"lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "decoder": run_decoder,
+def run_late(workdir: str, name: str, stop_at_step: int | None = None):
+  """A sum over all 8 devices whose first call process 1 reaches `stop_at_step` seconds after
+  process 0 (as after a slower compile): through `parallel.Together` when `name` is
+  "together", straight through `jax.jit` when it is "bare" (gloo's 30 s rendezvous fails)."""
+  import time  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  del workdir
+  mesh = parallel.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  fn = jax.jit(lambda x: x.sum(), out_shardings=parallel.replicated(mesh))
+  if name == "together":
+    fn = parallel.Together(fn, "sum")
+  rows = np.arange(4) + 4 * jax.process_index()  # global rows 0..7, one per device
+  x = parallel.shard_batch(rows, mesh)
+  if jax.process_index() == 1:
+    time.sleep(stop_at_step)
+  total = int(jax.device_get(fn(x)))
+  if total != 28:
+    raise AssertionError(f"sum over the 8 devices {total}, expected 28")
+
+
+JOBS = {"late": run_late, "lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "decoder": run_decoder,
         "v2l": run_v2l, "data": run_data, "bpe": run_bpe, "bpecli": run_bpe_cli}
 
 

@@ -102,12 +102,55 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+BARRIER_TIMEOUT_S = 1800  # how long a process waits at `barrier` for the slowest one
+_barriers = [0]  # barriers passed by this process: every process passes them in one order
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S):
+  """Waits until every process got here (a no-op in a one-process run), through jax's
+  coordination service: no device collective, so no 30-second rendezvous (see `Together`).
+  `name` tags the barrier: processes that reach different names time out naming theirs."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  _barriers[0] += 1
+  multihost.get_jax_distributed_client().wait_at_barrier(
+      f"vlbpe/{_barriers[0]}/{name}", int(timeout_s * 1000))
+
+
 def sync(name: str):
   """Waits until every process got here (a no-op in a one-process run); `name` tags the
   barrier, e.g. `"vq/codes written"`, so that a mismatch names both sides."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    barrier(name)  # first wait as long as it takes, then check the names in step
     multihost_utils.sync_global_devices(name)
+
+
+class Together:
+  """A jitted function whose first call, in a multi-process run, compiles and then waits for
+  every process before it runs; later calls (and `lower`, ...) go straight to `jitted`.
+
+  Why: on CPU hosts (gloo), the first collective over a group of devices makes each process
+  publish its address and wait at most 30 s (fixed in XLA) for the others'. Processes compile a
+  large step in different times (sharing cores, one host slower), and one that started running
+  more than 30 s before another fails with "Gloo context initialization failed:
+  DEADLINE_EXCEEDED". Call it with the arguments of every call (global arrays): every process
+  must make the first call, as for any function over global arrays.
+  """
+
+  def __init__(self, jitted, name: str):
+    self.jitted, self.name, self._first = jitted, name, True
+
+  def __call__(self, *args, **kwargs):
+    if self._first and jax.process_count() > 1:
+      self.jitted.lower(*args, **kwargs).compile()  # jax keeps it: the call below reuses it
+      barrier(f"compiled {self.name}")
+    self._first = False
+    return self.jitted(*args, **kwargs)
+
+  def __getattr__(self, attr):
+    return getattr(self.jitted, attr)
 
 
 def plan_mesh(axes: Sequence[tuple[str, int]], num_devices: int,

@@ -55,15 +55,22 @@ def l2(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def descend(loss_fn, tx, params, opt_state, *args):
+  """One optimizer step on `loss_fn(params, *args) -> (loss, aux)`: returns `(aux, params,
+  opt_state, {"l2_grads", "l2_params", "l2_updates"})`, the norms of the new params."""
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *args)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return aux, params, opt_state, {"l2_grads": l2(grads), "l2_params": l2(params),
+                                  "l2_updates": l2(updates)}
+
+
 def train_step(state, batch, key, frozen, *, loss_fn, tx):
   """One update of `state = {"step", "params", "opt"}`; returns `(state, metrics)`."""
   key = jax.random.fold_in(key, state["step"])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], batch, key, frozen)
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  metrics.update(l2_grads=l2(grads), l2_params=l2(params), l2_updates=l2(updates))
-  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+  metrics, params, opt, norms = descend(loss_fn, tx, state["params"], state["opt"], batch, key,
+                                        frozen)
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, {**metrics, **norms}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,18 +90,12 @@ def gan_train_step(state, batch, key, frozen, *, loss_fn, tx, disc: Discriminato
   "disc_params", "disc_opt"}`; returns `(state, metrics)` (the discriminator's prefixed d_)."""
   step = state["step"]
   key = jax.random.fold_in(key, step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (metrics, fake)), grads = grad_fn(state["params"], batch, key, frozen,
-                                        state["disc_params"], step)
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  metrics.update(l2_grads=l2(grads), l2_params=l2(params), l2_updates=l2(updates))
-  d_grad_fn = jax.value_and_grad(disc.loss_fn, has_aux=True)
-  (_, d_metrics), d_grads = d_grad_fn(state["disc_params"], batch, jax.lax.stop_gradient(fake),
-                                      step)
-  d_updates, d_opt = disc.tx.update(d_grads, state["disc_opt"], state["disc_params"])
-  d_params = optax.apply_updates(state["disc_params"], d_updates)
-  metrics.update(d_metrics, d_l2_grads=l2(d_grads), d_l2_params=l2(d_params))
+  (metrics, fake), params, opt, norms = descend(loss_fn, tx, state["params"], state["opt"],
+                                                batch, key, frozen, state["disc_params"], step)
+  d_metrics, d_params, d_opt, d_norms = descend(disc.loss_fn, disc.tx, state["disc_params"],
+                                                state["disc_opt"], batch,
+                                                jax.lax.stop_gradient(fake), step)
+  metrics = {**metrics, **norms, **d_metrics, **{f"d_{k}": v for k, v in d_norms.items()}}
   return {"step": step + 1, "params": params, "opt": opt, "disc_params": d_params,
           "disc_opt": d_opt}, metrics
 
@@ -121,13 +122,14 @@ class Trainer:
           abstract[prefix + "opt"], abstract[prefix + "params"], param_sh, mesh)
     self.abstract_params = abstract["params"]
     self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
-    self._init = jax.jit(self._fresh, out_shardings=self.state_shardings)
+    self._init = parallel.Together(jax.jit(self._fresh, out_shardings=self.state_shardings),
+                                   "init")
     # The jitted step: `step_fn(state, batch, key, frozen)` on global arrays (or, to lower it
     # ahead of time, `ShapeDtypeStruct`s with shardings: vlbpe_jax/aot.py).
     step = (functools.partial(train_step, loss_fn=loss_fn, tx=tx) if disc is None else
             functools.partial(gan_train_step, loss_fn=loss_fn, tx=tx, disc=disc))
-    self.step_fn = jax.jit(step, out_shardings=(self.state_shardings, self.repl),
-                           donate_argnums=(0,))
+    self.step_fn = parallel.Together(jax.jit(
+        step, out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,)), "step")
 
   @contextlib.contextmanager
   def ctx(self):

@@ -44,6 +44,7 @@ from vlbpe_jax import cli
 from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
+from vlbpe_jax import sharded_trainer
 from vlbpe_jax import summary
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.lm import model as lm_model
@@ -208,19 +209,12 @@ def loss_fn(params, batch, key, *, model):
   return loss, {"loss": loss, "token_acc": acc, "loss_tokens": jnp.sum(w)}
 
 
-def _l2(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def train_step(state, batch, key, *, model, tx):
   """One update of `state = {"step", "params", "opt"}`; returns `(state, metrics)`."""
   key = jax.random.fold_in(key, state["step"])
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model), has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], batch, key)
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  metrics.update(l2_grads=_l2(grads), l2_params=_l2(params), l2_updates=_l2(updates))
-  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+  metrics, params, opt, norms = sharded_trainer.descend(
+      functools.partial(loss_fn, model=model), tx, state["params"], state["opt"], batch, key)
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, {**metrics, **norms}
 
 
 class Trainer:
@@ -270,9 +264,9 @@ class Trainer:
     return checkpoint.abstract_like(abstract, self.state_shardings(phase))
 
   def _jit(self, key, make):
-    """A jitted function built once per key (optimizers are hashable)."""
+    """A jitted function built once per key (optimizers are hashable); `key[0]` names it."""
     if key not in self._fns:
-      self._fns[key] = make()
+      self._fns[key] = parallel.Together(make(), f"lm {key[0]}")
     return self._fns[key]
 
   def init(self, key, phase: Phase, base_params=None):

@@ -28,6 +28,7 @@ from vlbpe_jax import cli
 from vlbpe_jax import fileio
 from vlbpe_jax import loop
 from vlbpe_jax import parallel
+from vlbpe_jax import sharded_trainer
 from vlbpe_jax import summary
 from vlbpe_jax.eval import report
 from vlbpe_jax.vq import autoencoder
@@ -92,10 +93,6 @@ def init_state(key, cfg, resolution: int):
   return state
 
 
-def _l2(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def generator_loss(params, disc_params, lpips_params, x, step, *, cfg):
   """x: [B, H, W, 3] in [-1, 1]. Returns (loss, (metrics, x_rec, z_e, counts))."""
   model, disc = make_model(cfg), make_discriminator(cfg)
@@ -135,12 +132,9 @@ def train_step(state, images, key, lpips_params, *, cfg):
   step = state["step"]
   key = jax.random.fold_in(key, step)
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  (_, (m, x_rec, z_e, counts)), grads = grad_fn(
-      state["params"], state.get("disc_params"), lpips_params, x, step, cfg=cfg)
-  tx = make_optimizer(cfg, cfg.lr)
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  (m, x_rec, z_e, counts), params, opt, norms = sharded_trainer.descend(
+      functools.partial(generator_loss, cfg=cfg), make_optimizer(cfg, cfg.lr), state["params"],
+      state["opt"], state.get("disc_params"), lpips_params, x, step)
   # Running code usage; every `restart_every` steps dead codes restart from encoder outputs.
   usage = cfg.usage_decay * state["usage"] + (1 - cfg.usage_decay) * counts / jnp.sum(counts)
   book = params["quantize"]["embedding"]
@@ -154,20 +148,18 @@ def train_step(state, images, key, lpips_params, *, cfg):
   params = {**params, "quantize": {"embedding": jnp.where(restart, new_book, book)}}
   new_state = dict(state, step=step + 1, params=params, opt=opt,
                    usage=jnp.where(restart, new_usage, usage))
-  m.update(l2_grads=_l2(grads), l2_params=_l2(params), l2_updates=_l2(updates),
+  m.update(norms, l2_params=sharded_trainer.l2(params),  # after a restart
            restarted_codes=jnp.where(restart, n_dead, 0))
   disc = make_discriminator(cfg)
   if disc is not None:
     def d_loss_fn(dp):
       real = disc.apply({"params": dp}, x)
       fake = disc.apply({"params": dp}, jax.lax.stop_gradient(x_rec))
-      return (step >= cfg.disc_start).astype(jnp.float32) * losses.hinge_d_loss(real, fake)
-    d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state["disc_params"])
-    d_updates, d_opt = make_optimizer(cfg, cfg.disc_lr).update(
-        d_grads, state["disc_opt"], state["disc_params"])
-    new_state.update(disc_params=optax.apply_updates(state["disc_params"], d_updates),
-                     disc_opt=d_opt)
-    m["d_loss"] = d_loss
+      d_loss = (step >= cfg.disc_start).astype(jnp.float32) * losses.hinge_d_loss(real, fake)
+      return d_loss, d_loss
+    m["d_loss"], d_params, d_opt, _ = sharded_trainer.descend(
+        d_loss_fn, make_optimizer(cfg, cfg.disc_lr), state["disc_params"], state["disc_opt"])
+    new_state.update(disc_params=d_params, disc_opt=d_opt)
   return new_state, m
 
 
@@ -213,16 +205,19 @@ class Trainer:
       abstract = jax.eval_shape(init, jax.random.key(0))
       self.state_sharding = parallel.logical_shardings(abstract, self.mesh, self.rules)
     self.abstract_state = checkpoint.abstract_like(nn.unbox(abstract), self.state_sharding)
-    self._init = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=self.state_sharding)
+    self._init = parallel.Together(
+        jax.jit(lambda k: nn.unbox(init(k)), out_shardings=self.state_sharding), "vq init")
     repl = parallel.replicated(self.mesh)
     img_sh = parallel.batch_sharding(self.mesh, 4)
-    self._step = jax.jit(functools.partial(train_step, cfg=self.cfg),
-                         in_shardings=(self.state_sharding, img_sh, repl, repl),
-                         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+    self._step = parallel.Together(jax.jit(
+        functools.partial(train_step, cfg=self.cfg),
+        in_shardings=(self.state_sharding, img_sh, repl, repl),
+        out_shardings=(self.state_sharding, repl), donate_argnums=(0,)), "vq step")
     p_sh, code_sh = self.state_sharding["params"], parallel.batch_sharding(self.mesh, 3)
     vec_sh = parallel.batch_sharding(self.mesh, 1)
-    self._eval = jax.jit(functools.partial(eval_step, cfg=self.cfg), in_shardings=(p_sh, img_sh),
-                         out_shardings=(img_sh, code_sh, vec_sh, vec_sh))
+    self._eval = parallel.Together(jax.jit(
+        functools.partial(eval_step, cfg=self.cfg), in_shardings=(p_sh, img_sh),
+        out_shardings=(img_sh, code_sh, vec_sh, vec_sh)), "vq eval")
     self._encode = jax.jit(functools.partial(encode_images, cfg=self.cfg),
                            in_shardings=(p_sh, img_sh), out_shardings=code_sh)
     self._decode = jax.jit(functools.partial(decode_codes, cfg=self.cfg),
