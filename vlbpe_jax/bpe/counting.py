@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlbpe_jax.bpe import tables
+
 _PAD = np.iinfo(np.int32).max
 CHUNK_CELLS = 1 << 24  # host count: cells coded per chunk, and codes merged per range
 
@@ -80,14 +82,6 @@ def _chunk_runs(grids, offsets, vcap, dtype):
   return codes[first], counts
 
 
-def _member(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-  """Whether each element of `x` is in the sorted array `sorted_set`."""
-  if not sorted_set.size:
-    return np.zeros(x.shape, bool)
-  i = np.minimum(np.searchsorted(sorted_set, x), sorted_set.size - 1)
-  return sorted_set[i] == x
-
-
 def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int = 1,
                           chunk_cells: int = 0, only: np.ndarray | None = None):
   """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU).
@@ -110,11 +104,12 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
                      "expected fewer than 2**31 pair occurrences (count in parts)")
   dtype = np.int32 if vcap * vcap * k < np.iinfo(np.int32).max else np.int64
   step = max(1, chunk_cells // (h * w))
+  only = None if only is None else np.asarray(only, np.int64)
   runs = []
   for i in range(0, n, step):
     c, m = _chunk_runs(grids[i:i + step], offsets, vcap, dtype)
     if only is not None:
-      keep = _member(c // k, np.asarray(only, np.int64))
+      keep = tables.find_sorted(only, c // k)[1]
       c, m = c[keep], m[keep]
     runs.append((c, m))
   total = sum(r[0].size for r in runs)

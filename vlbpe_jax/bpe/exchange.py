@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from vlbpe_jax.bpe import tables
+
 _MIN_BUCKET = 256
 
 
@@ -36,7 +38,7 @@ def sum_sorted_runs(keys: np.ndarray, values: np.ndarray):
   keys, values = keys[order], values[order]
   if not keys.size:
     return keys.astype(np.int64), values.astype(np.int64)
-  first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+  first = tables.run_starts(keys)
   return keys[first], np.add.reduceat(values.astype(np.int64), first)
 
 

@@ -33,11 +33,6 @@ from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import vocab as vocab_lib
 
 
-def _run_starts(x: np.ndarray) -> np.ndarray:
-  """Indices where a run of equal values of sorted `x` starts."""
-  return np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]])) if x.size else x[:0]
-
-
 class _Counts:
   """Exact pair statistics and the S cache, for the pairs that can still be merged.
 
@@ -59,7 +54,7 @@ class _Counts:
     self.vcap, self.h, self.w, self.d = vcap, h, w, h * (2 * w - 1)
     self.sigma, self.min_count, self.s_prior_count = sigma, min_count, s_prior_count
     ab = keys // self.d  # a pair's triples are adjacent
-    first = _run_starts(ab)
+    first = tables.run_starts(ab)
     acnt = (np.add.reduceat(counts, first, dtype=np.int64) if keys.size else
             np.zeros(0, np.int64))
     live = acnt >= min_count
@@ -67,7 +62,7 @@ class _Counts:
       which = np.repeat(np.arange(first.size), np.diff(np.append(first, keys.size)))
       keys, counts = keys[live[which]], counts[live[which]]
       ab = keys // self.d
-      first = _run_starts(ab)
+      first = tables.run_starts(ab)
       acnt = acnt[live]
     del live
     self.triples = tables.SlotMap(self._index_key(keys))  # slot = rank: a pair's triples
@@ -105,8 +100,7 @@ class _Counts:
     if not keys.size or not mine.size:
       return
     order = np.argsort(mine)
-    i = np.minimum(np.searchsorted(mine[order], keys), mine.size - 1)
-    hit = mine[order][i] == keys
+    i, hit = tables.find_sorted(mine[order], keys)
     self.s[order[i[hit]]] = s[hit]
 
   def histograms(self, pairs: np.ndarray):
@@ -140,7 +134,7 @@ class _Counts:
     """Stores the new triples `keys` (sorted, absent) of pairs with N >= min_count, all of
     whose triples are in `keys`; returns the triple slots (-1: not stored)."""
     ab = keys // self.d
-    first = _run_starts(ab)
+    first = tables.run_starts(ab)
     runs = np.diff(np.append(first, ab.size))
     keep = np.repeat(np.add.reduceat(dv, first) >= self.min_count, runs)
     out = np.full(keys.size, -1, np.int64)
@@ -184,7 +178,7 @@ class _Counts:
     abk = uk // self.d  # sorted, like uk
     self.tcnt = tables.grow(self.tcnt, self.triples.size)
     self.tcnt[slots] += dv  # uk is unique
-    first = _run_starts(abk)
+    first = tables.run_starts(abk)
     slots = self.tpair[slots[first]]
     self.acnt = tables.grow(self.acnt, self.npairs)
     self.s = tables.grow(self.s, self.npairs)
@@ -267,12 +261,12 @@ def net_changes(removed: np.ndarray, added: np.ndarray):
   ks = np.sort(np.concatenate([removed * 2, added * 2 + 1]))  # key * 2 + sign bit
   if not ks.size:
     return ks, ks
-  starts = _run_starts(ks)
+  starts = tables.run_starts(ks)
   runs = np.diff(np.append(starts, ks.size))
   k2 = ks[starts]
   uk, dv = k2 >> 1, np.where(k2 & 1, runs, -runs)
   if uk.size > 1:  # a key both removed and added: adjacent runs, sum them
-    first = _run_starts(uk)
+    first = tables.run_starts(uk)
     uk, dv = uk[first], np.add.reduceat(dv, first)
   return uk[dv != 0], dv[dv != 0]
 
@@ -288,7 +282,7 @@ def _recount(state: grid_state.GridState, vcap: int, exchange=None):
   order = np.argsort(toks, kind="stable")
   anchors, toks = anchors[order], toks[order]
   del order
-  starts = np.append(_run_starts(toks), toks.size)
+  starts = np.append(tables.run_starts(toks), toks.size)
   codes = []
   for i, j in zip(starts[:-1], starts[1:]):
     x, y = state.neighbours(anchors[i:j], int(toks[i]))
@@ -298,7 +292,7 @@ def _recount(state: grid_state.GridState, vcap: int, exchange=None):
   keys = np.concatenate(codes) if codes else np.zeros(0, np.int64)
   del codes
   keys.sort()
-  first = _run_starts(keys)
+  first = tables.run_starts(keys)
   keys, counts = keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
   if exchange is not None:  # the counts of every host's grids
     keys, counts, _ = exchange.sum_runs(keys, counts)

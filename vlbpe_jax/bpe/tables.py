@@ -20,6 +20,19 @@ def ranges_to_indices(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.nd
   return np.arange(which.size) - first[which] + lo[which], which
 
 
+def run_starts(x: np.ndarray) -> np.ndarray:
+  """Indices where a run of equal values of sorted `x` starts."""
+  return np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]])) if x.size else x[:0]
+
+
+def find_sorted(sorted_keys: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`(i, hit)`: `sorted_keys[i] == x` where `hit`, for each element of `x`."""
+  if not sorted_keys.size:
+    return np.zeros(x.shape, np.int64), np.zeros(x.shape, bool)
+  i = np.minimum(np.searchsorted(sorted_keys, x), sorted_keys.size - 1)
+  return i, sorted_keys[i] == x
+
+
 class SlotMap:
   """int64 keys -> int32 slots 0, 1, 2, ... in insertion order (at most 2**31 - 1 keys)."""
 
