@@ -3,6 +3,9 @@
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,9 +21,12 @@ from vlbpe_jax.bpe import grid_state
 from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import learn as learn_cli
 from vlbpe_jax.bpe import scoring
+from vlbpe_jax.bpe import sharded_counting
 from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import visualize
 from vlbpe_jax.bpe import vocab as vocab_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def patch_grids(seed=0, n=16, h=12, w=12, base=32, noise=0.1):
@@ -66,6 +72,16 @@ def test_kernel_matches_formula():
   group = np.concatenate([np.full(len(h), k) for k, h in enumerate(moved)])
   dy, dx, n = (np.array([e[i] for h in moved for e in h]) for i in range(3))
   assert (scoring.score_histograms(group, dy, dx, n, 3, 0.7) == s[3]).all()
+
+
+def test_pair_consistency_refuses_bad_shapes():
+  ok = np.ones((3, 4))
+  scoring.pair_consistency(ok.astype(int), ok, 0.5, 0.0)
+  for counts, dist2, what in ((np.ones(4, int), np.ones(4), r"\(4,\)"),
+                              (np.ones((3, 4), int), np.ones((3, 2)), r"\(3, 2\)"),
+                              (np.ones((3, 3), int), np.ones((3, 3)), "power of two")):
+    with pytest.raises(ValueError, match=what):
+      scoring.pair_consistency(counts, dist2, 0.5, 0.0)
 
 
 def test_fixed_offset_pair_beats_scattered_pair():
@@ -209,19 +225,38 @@ def test_clis_in_process(tmp_path, capsys):
   np.testing.assert_array_equal(np.load(back), g)
 
 
+def test_the_bpe_clis_learn_encode_and_decode_without_importing_jax(tmp_path):
+  # bpe/ is numpy: a data-loading worker or a host learning merges needs no jax (~130 MB).
+  codes = str(tmp_path / "codes.npy")
+  np.save(codes, patch_grids(seed=3, n=8))
+  out, tokens, back = (str(tmp_path / f) for f in ("b.json", "t.npz", "back.npy"))
+  script = (
+      "import sys\n"
+      "from vlbpe_jax.bpe import decode, encode, learn\n"
+      f"learn.main(['--codes={codes}', '--merges=6', '--out={out}', '--no_progress'])\n"
+      f"encode.main(['--bpe={out}', '--codes={codes}', '--out={tokens}'])\n"
+      f"decode.main(['--bpe={out}', '--tokens={tokens}', '--out={back}'])\n"
+      "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'chex'))\n"
+      "assert not loaded, loaded\n")
+  env = {k: v for k, v in os.environ.items() if k != "VLBPE_DISTRIBUTED"}
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT)
+  np.testing.assert_array_equal(np.load(back), np.load(codes))
+
+
 def test_sharded_first_counts_equal_host_counts():
   g = patch_grids(seed=9, n=11, noise=0.3)
   offsets = ((0, 1), (1, 0), (1, -1))
   want = counting.count_base_pairs_host(g, offsets, 40)
   for mesh in (None, parallel.make_mesh([("data", -1)]),
                parallel.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])):
-    got = counting.count_base_pairs(g, offsets, 40, mesh)
+    got = sharded_counting.count_base_pairs(g, offsets, 40, mesh)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
   assert want[1].sum() == 11 * (11 * 12 + 12 * 11 + 11 * 11)
   # A capacity whose pair codes overflow int32 on the host (int64 path) gives the same counts.
   big = counting.count_base_pairs_host(g * 997, offsets, 40000)
-  np.testing.assert_array_equal(big[0], counting.count_base_pairs(g * 997, offsets, 40000)[0])
+  np.testing.assert_array_equal(big[0],
+                                sharded_counting.count_base_pairs(g * 997, offsets, 40000)[0])
   np.testing.assert_array_equal(big[1], want[1])
 
 

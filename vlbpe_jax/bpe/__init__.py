@@ -68,10 +68,11 @@ sums of exact integers over hosts (first counts in two passes, then each merge's
 gathered and summed per key), so every host holds the same counts, picks the same merge and
 ends with the vocabulary of one host learning from all the grids, bit for bit.
 
-Modules: `vocab` (footprints), `grid_state` (the merge rule), `counting` (first counts, sharded
-over the mesh), `scoring` (the S kernel), `tables` (exact sparse counters), `exchange` (sums
-over hosts), `learner`,
-`model` (VisualBPE), `visualize`, `stage` (demo), CLIs `learn`, `encode`, `decode`.
+Modules: `vocab` (footprints), `grid_state` (the merge rule), `counting` (first counts on the
+host), `sharded_counting` (the same, jitted and sharded over a mesh), `scoring` (the S kernel),
+`tables` (exact sparse counters), `exchange` (sums over hosts), `learner`, `model` (VisualBPE),
+`visualize`, `stage` (demo), CLIs `learn`, `encode`, `decode`. Learning, encoding and decoding
+need numpy only: jax is imported for a mesh (`sharded_counting`) or several hosts (`exchange`).
 """
 
 from vlbpe_jax.bpe.model import VisualBPE  # noqa: F401

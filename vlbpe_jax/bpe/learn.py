@@ -16,13 +16,12 @@ naming the file, exit code 2.
 
 import argparse
 import json
+import os
 
-import jax
 import numpy as np
 
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
-from vlbpe_jax import parallel
 from vlbpe_jax.bpe import exchange as exchange_lib
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import vocab as vocab_lib
@@ -44,11 +43,16 @@ def main(argv=None):
                   help="shard first counts over this many devices (0: no mesh)")
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
-  parallel.initialize_distributed()
-  exchange = None
-  if jax.process_count() > 1:
+  exchange, processes, primary = None, 1, True
+  # The learner is numpy: jax (~130 MB resident) is imported only for a mesh or several hosts.
+  if args.devices or os.environ.get("VLBPE_DISTRIBUTED", "") not in ("", "0"):
+    import jax  # pylint: disable=g-import-not-at-top
+    from vlbpe_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed()
+    processes, primary = jax.process_count(), parallel.is_primary()
+  if processes > 1:
     if args.devices:
-      raise ValueError(f"--devices={args.devices} with {jax.process_count()} processes: "
+      raise ValueError(f"--devices={args.devices} with {processes} processes: "
                        "expected --devices=0 (several hosts count on their CPUs)")
     exchange = exchange_lib.Exchange.from_jax()
   codes = fileio.load_npy(args.codes, what="codes")
@@ -71,13 +75,13 @@ def main(argv=None):
       offsets=vocab_lib.parse_offsets(args.offsets), min_count=args.min_count, mesh=mesh,
       progress=not args.no_progress, return_timing=True, s_prior_count=args.s_prior_count,
       exchange=exchange)
-  if parallel.is_primary():
+  if primary:
     bpe.save(args.out)
   done = len(bpe.merges)
   result = dict(merges=done, out=args.out, setup_s=round(timing["setup_s"], 3),
                 merge_s=round(timing["merge_s"], 3), total_s=round(timing["total_s"], 3),
                 merges_per_s=round(done / max(timing["merge_s"], 1e-9), 2),
-                processes=jax.process_count())
+                processes=processes)
   if exchange is not None:
     result["exchange_s"] = round(timing["exchange_s"], 3)
   print(json.dumps(result))

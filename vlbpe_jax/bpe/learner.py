@@ -350,7 +350,8 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
   elif mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
     keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, keep)
   else:
-    keys, counts = counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
+    from vlbpe_jax.bpe import sharded_counting  # pylint: disable=g-import-not-at-top
+    keys, counts = sharded_counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
   stats = _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
   del keys, counts
   state = grid_state.GridState(grids, geo, capacity=vcap)

@@ -33,7 +33,6 @@ IEEE float32 operation, so a histogram gets the same S on any machine, mesh or X
 a float64 exp result straddling a float32 rounding boundary, ~2**-29 per value).
 """
 
-import chex
 import numpy as np
 
 
@@ -51,8 +50,9 @@ def pair_consistency(counts, dist2, sigma, prior_count):
   D is a power of two. Returns S_k: [K] float32 (0 for all-padding rows).
   """
   counts, dist2 = np.asarray(counts), np.asarray(dist2, np.float64)
-  chex.assert_rank(counts, 2)
-  chex.assert_equal_shape([counts, dist2])
+  if counts.ndim != 2 or counts.shape != dist2.shape:
+    raise ValueError(f"pair_consistency: counts {counts.shape} and dist2 {dist2.shape}: "
+                     "expected two [K, D] arrays of one shape")
   if counts.shape[-1] & (counts.shape[-1] - 1):
     raise ValueError(f"pair_consistency: D={counts.shape[-1]} columns, expected a power of two")
   n = counts.astype(np.float32)                                             # [K, D]
