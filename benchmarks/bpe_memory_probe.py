@@ -38,6 +38,7 @@ def main():
       return
     st = states[-1]
     cells = sum(getattr(st, a).nbytes for a in ("tok", "own", "scratch", "_base_order"))
+    # Merged tokens' lists (base codes narrow their slice of `_base_order` in place).
     pos = sum(v.nbytes for v in st._pos.values())  # pylint: disable=protected-access
     tabs = sum(getattr(self, a).nbytes for a in ("tcnt", "tpair", "tstart", "tlen", "acnt",
                                                  "s", "pair_keys", "in_pool", "td"))

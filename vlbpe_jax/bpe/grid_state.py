@@ -54,7 +54,10 @@ class GridState:
     self.scratch = np.zeros(self.tok.size, bool)  # cell flags, all-False between uses
     self._yx = local // self.w, local % self.w  # row, col of each cell of one grid
     self._base_order, self._base_start = _base_index(self.tok, geometry.base, self.idx)
-    self._pos = {}  # token -> candidate anchors (may be stale; checked on use)
+    # Candidate anchors (may be stale; checked on use): of a base code, the first `_base_len`
+    # of its slice of the base index (filtered in place); of a merged token, `_pos[t]`.
+    self._base_len = np.diff(self._base_start)
+    self._pos = {}
 
   def owners(self, cells: np.ndarray) -> np.ndarray:
     """The anchors (global cell ids) of the tokens covering `cells`."""
@@ -62,11 +65,18 @@ class GridState:
 
   def positions(self, t: int) -> np.ndarray:
     """Anchors that may hold token t (a superset; filter with `tok == t`)."""
-    if t in self._pos:
-      return self._pos[t]
     if t < self.geo.base:
-      return self._base_order[self._base_start[t]:self._base_start[t + 1]]
-    return np.zeros(0, np.int64)
+      return self._base_order[self._base_start[t]:self._base_start[t] + self._base_len[t]]
+    return self._pos.get(t, np.zeros(0, np.int64))
+
+  def _keep_positions(self, t: int, anchors: np.ndarray):
+    """Narrows token t's candidates to `anchors` (a subset of `positions(t)`, in order)."""
+    if t < self.geo.base:  # into its own slice: no copy of a base code's anchors is kept
+      lo = self._base_start[t]
+      self._base_order[lo:lo + anchors.size] = anchors
+      self._base_len[t] = anchors.size
+    else:
+      self._pos[t] = anchors
 
   def shift(self, g: np.ndarray, dy, dx):
     """(g + (dy, dx), in-bounds mask); dy, dx scalars or arrays broadcasting with g."""
@@ -83,7 +93,7 @@ class GridState:
     """
     cand = self.positions(a)
     cand = cand[self.tok[cand] == a]
-    self._pos[a] = cand
+    self._keep_positions(a, cand)
     q, ok = self.shift(cand, delta[0], delta[1])
     ok[ok] = self.tok[q[ok]] == b
     p, q = cand[ok], q[ok]
@@ -109,7 +119,7 @@ class GridState:
     fb = self.geo.footprint(b)
     cells = q[:, None] + (fb[:, 0] * self.w + fb[:, 1])[None, :]  # [M, cells of b]
     self.own[cells] = (p % self.hw)[:, None]
-    self._pos[t] = p
+    self._keep_positions(t, p)
 
   def neighbours(self, anchors: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
     """All (anchor, neighbour anchor) pairs of tokens `t` at `anchors`, each neighbour once."""
