@@ -74,6 +74,16 @@ def test_kernel_matches_formula():
   assert (scoring.score_histograms(group, dy, dx, n, 3, 0.7) == s[3]).all()
 
 
+def test_large_merges_counted_in_slices_learn_the_same_vocabulary(monkeypatch):
+  g = patch_grids(seed=5, n=40)
+  kw = dict(base_vocab_size=32, num_merges=30, alpha=1.0, sigma=0.5, progress=False)
+  want = VisualBPE.learn(g, **kw)
+  monkeypatch.setattr(learner, "MERGE_SLICE", 7)  # the first merges take hundreds of anchors
+  got = VisualBPE.learn(g, **kw)
+  assert max(m["merged"] for m in want.merges) > 10 * 7
+  assert got.merges == want.merges
+
+
 def test_pair_consistency_refuses_bad_shapes():
   ok = np.ones((3, 4))
   scoring.pair_consistency(ok.astype(int), ok, 0.5, 0.0)

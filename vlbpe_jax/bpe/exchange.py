@@ -32,16 +32,6 @@ def _process_allgather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
-def sum_sorted_runs(keys: np.ndarray, values: np.ndarray):
-  """Unique sorted keys and the sums (int64) of their values; `keys` in any order."""
-  order = np.argsort(keys, kind="stable")
-  keys, values = keys[order], values[order]
-  if not keys.size:
-    return keys.astype(np.int64), values.astype(np.int64)
-  first = tables.run_starts(keys)
-  return keys[first], np.add.reduceat(values.astype(np.int64), first)
-
-
 class Exchange:
   """Sums of (key, value) runs and of a few integers over `num_processes` hosts."""
 
@@ -90,7 +80,7 @@ class Exchange:
       raise ValueError(f"sizes/extra {head.tolist()}: expected at most 2 extras, each below "
                        "2**31")
     if self.num_processes == 1:
-      k, v = sum_sorted_runs(keys, values)
+      k, v = tables.sum_by_key(keys, values)
       return k, v, [int(e) for e in extra]
     t0 = time.perf_counter()
     rows = np.zeros((keys.size, 3), np.int32)
@@ -117,7 +107,7 @@ class Exchange:
     self._bucket = max(_MIN_BUCKET, 1 << int(2 * sizes.max() - 1).bit_length())  # 2x room
     allrows = np.concatenate(parts)
     k = np.ascontiguousarray(allrows[:, :2]).view(np.int64).ravel()
-    k, v = sum_sorted_runs(k, allrows[:, 2])
+    k, v = tables.sum_by_key(k, allrows[:, 2])
     self.seconds += time.perf_counter() - t0
     return k, v, [int(x) for x in got[:, 0, 1:1 + len(extra)].astype(np.int64).sum(0)]
 

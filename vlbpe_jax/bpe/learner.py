@@ -12,6 +12,7 @@ pair that touches a vanishing token (old grid), commit, add every pair that touc
 _MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
 _LOWER = 4      # when the pool of pairs with N >= floor cannot decide: floor /= _LOWER
 KEEP_CELLS = 1 << 20  # store only pairs with N >= cells / KEEP_CELLS (>= min_count) at first
+MERGE_SLICE = 1 << 18  # anchors per slice of a large merge's count update (`_merge`)
 
 
 class _Recount(Exception):
@@ -271,6 +272,43 @@ def net_changes(removed: np.ndarray, added: np.ndarray):
   return uk[dv != 0], dv[dv != 0]
 
 
+def _merge(state: grid_state.GridState, vanish: np.ndarray, a: int, b: int, t: int,
+           p: np.ndarray, q: np.ndarray, vcap: int):
+  """Merges the (a, b) occurrences at anchors (p, q) into t; returns `net_changes` of the
+  pair counts. Large merges (the first ones) go `MERGE_SLICE` anchors at a time, so that
+  their per-neighbour temporaries stay small; the sums are the same integers.
+  `vanish` is all-False cell flags, all-False again on return."""
+
+  def pairs_at(xs, ys):
+    """Codes of the (anchor x, neighbour y) pairs, each pair once: one whose ends are both
+    marked in `vanish` is taken from its raster-first end."""
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    keep = ~np.take(vanish, y) | (x < y)
+    return state.pair_codes(x[keep], y[keep], vcap)
+
+  slices = [slice(i, i + MERGE_SLICE) for i in range(0, max(p.size, 1), MERGE_SLICE)]
+  vanish[p] = vanish[q] = True
+  removed = []
+  for sl in slices:
+    (xa, ya), (xb, yb) = state.neighbours(p[sl], a), state.neighbours(q[sl], b)
+    removed.append(pairs_at([xa, xb], [ya, yb]))
+  vanish[p] = vanish[q] = False
+  state.commit_merge(b, p, q, t)
+  vanish[p] = True
+  added = []
+  for sl in slices:
+    x, y = state.neighbours(p[sl], t)
+    added.append(pairs_at([x], [y]))
+  vanish[p] = False
+  if len(slices) == 1:
+    return net_changes(removed[0], added[0])
+  runs = [net_changes(r, np.zeros(0, np.int64)) for r in removed]
+  runs += [net_changes(np.zeros(0, np.int64), x) for x in added]
+  uk, dv = tables.sum_by_key(np.concatenate([k for k, _ in runs]),
+                             np.concatenate([v for _, v in runs]))
+  return uk[dv != 0], dv[dv != 0]
+
+
 def _recount(state: grid_state.GridState, vcap: int, exchange=None):
   """Keys and counts of every pair of neighbouring tokens on the grids now (of all hosts' grids
   with an `exchange`), in the order in which the learner stores pairs: base pairs first, then
@@ -377,24 +415,10 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     a, b = divmod(int(stats.pair_keys[slot]), vcap)
     delta, n_delta = stats.dominant(slot)
     p, q = state.find_merge(a, b, delta)
-    # Pairs that touch a vanishing token, each once (both ends vanishing: from the first end).
-    xa, ya = state.neighbours(p, a)
-    xb, yb = state.neighbours(q, b)
-    x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
-    vanish[p] = vanish[q] = True
-    keep = ~np.take(vanish, y) | (x < y)
-    vanish[p] = vanish[q] = False
-    removed = state.pair_codes(x[keep], y[keep], vcap)
     t = geo.add(a, b, delta)
     record = dict(id=t, a=a, b=b, offset=list(delta), count=int(stats.acnt[slot]),
                   offset_count=n_delta, merged=int(p.size), F=f, S=s, P=pr)
-    state.commit_merge(b, p, q, t)
-    x, y = state.neighbours(p, t)
-    vanish[p] = True
-    keep = ~np.take(vanish, y) | (x < y)
-    vanish[p] = False
-    added = state.pair_codes(x[keep], y[keep], vcap)
-    uk, dv = net_changes(removed, added)
+    uk, dv = _merge(state, vanish, a, b, t, p, q, vcap)
     if exchange is not None:  # every host's changes, summed: the same on every host
       uk, dv, (record["merged"],) = exchange.sum_runs(uk, dv, [p.size])
       uk, dv = uk[dv != 0], dv[dv != 0]

@@ -25,6 +25,16 @@ def run_starts(x: np.ndarray) -> np.ndarray:
   return np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]])) if x.size else x[:0]
 
 
+def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Unique sorted keys and the sums (int64) of their values; `keys` in any order."""
+  order = np.argsort(keys, kind="stable")
+  keys, values = keys[order], values[order]
+  if not keys.size:
+    return keys.astype(np.int64), values.astype(np.int64)
+  first = run_starts(keys)
+  return keys[first], np.add.reduceat(values.astype(np.int64), first)
+
+
 def find_sorted(sorted_keys: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """`(i, hit)`: `sorted_keys[i] == x` where `hit`, for each element of `x`."""
   if not sorted_keys.size:
