@@ -254,8 +254,9 @@ def run_late(workdir: str, name: str, stop_at_step: int | None = None):
     raise AssertionError(f"sum over the 8 devices {total}, expected 28")
 
 
-JOBS = {"late": run_late, "lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit, "decoder": run_decoder,
-        "v2l": run_v2l, "data": run_data, "bpe": run_bpe, "bpecli": run_bpe_cli}
+JOBS = {"late": run_late, "lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": run_dit,
+        "decoder": run_decoder, "v2l": run_v2l, "data": run_data, "bpe": run_bpe,
+        "bpecli": run_bpe_cli}
 
 
 def main(workdir, *jobs):
