@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module, *args):
+def _run(module, *args, **env_vars):
   env = {k: v for k, v in os.environ.items() if k != "VLBPE_TRACEBACK"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT, **env_vars)
   return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                         env=env, cwd=_ROOT, timeout=300)
 
@@ -76,6 +76,16 @@ def test_bpe_learn(tmp_path, kind):
   proc = _run("vlbpe_jax.bpe.learn", f"--codes={path}", "--merges=3", "--no_progress",
               f"--out={tmp_path / 'bpe.json'}")
   _assert_one_line_error(proc, path)
+  assert not (tmp_path / "bpe.json").exists()
+
+
+def test_bpe_learn_names_a_bad_distributed_flag(tmp_path):
+  # The numpy-only learner reads the flag itself (to import jax only for several hosts).
+  path = str(tmp_path / "codes.npy")
+  np.save(path, np.zeros((2, 3, 3), np.int32))
+  proc = _run("vlbpe_jax.bpe.learn", f"--codes={path}", "--merges=1", "--no_progress",
+              f"--out={tmp_path / 'bpe.json'}", VLBPE_DISTRIBUTED="2")
+  _assert_one_line_error(proc, "VLBPE_DISTRIBUTED='2'", "expected 1")
   assert not (tmp_path / "bpe.json").exists()
 
 

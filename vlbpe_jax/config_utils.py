@@ -10,6 +10,8 @@ ConfigDict of named options, the way big_vision's `bvcc.parse_arg` does:
 A bare word sets a boolean option to True; `key=value` is cast to the default's type.
 """
 
+import os
+
 import ml_collections
 
 
@@ -101,3 +103,14 @@ def beingvl_lm_config(arg, *, variant: str, targets: dict):
       b2=0.95,
   )
   return c
+
+
+def distributed_requested() -> bool:
+  """Whether `VLBPE_DISTRIBUTED` asks for a multi-process run ("1"; "" or "0": one process).
+
+  Read without jax, so that numpy-only CLIs (the visual BPE learner) import jax only when it
+  is set; `parallel.initialize_distributed` joins the run."""
+  flag = os.environ.get("VLBPE_DISTRIBUTED", "")
+  if flag not in ("", "0", "1"):
+    raise ValueError(f"VLBPE_DISTRIBUTED={flag!r}: expected 1 (multi-process) or 0/unset")
+  return flag == "1"

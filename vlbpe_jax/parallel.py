@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vlbpe_jax import config_utils
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch's rows split over these (the `act_batch` rule)
 REPLICA_AXIS = "replica"  # devices the batch cannot use; no rule names it (see `plan_mesh`)
@@ -79,11 +81,8 @@ def initialize_distributed() -> bool:
   is unset it detects (a Cloud TPU slice from its metadata server, SLURM, Open MPI). Unset or
   `0`: one process, nothing to do. Returns whether it initialized.
   """
-  flag = os.environ.get("VLBPE_DISTRIBUTED", "")
-  if flag in ("", "0"):
+  if not config_utils.distributed_requested():
     return False
-  if flag != "1":
-    raise ValueError(f"VLBPE_DISTRIBUTED={flag!r}: expected 1 (multi-process) or 0/unset")
   if jax.distributed.is_initialized():  # a CLI's main() called from a started process
     return False
   # CPU processes (tests, a CPU cluster) all-reduce over gloo; accelerators ignore the flag.

@@ -16,11 +16,11 @@ naming the file, exit code 2.
 
 import argparse
 import json
-import os
 
 import numpy as np
 
 from vlbpe_jax import cli
+from vlbpe_jax import config_utils
 from vlbpe_jax import fileio
 from vlbpe_jax.bpe import exchange as exchange_lib
 from vlbpe_jax.bpe import model
@@ -45,7 +45,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   exchange, processes, primary = None, 1, True
   # The learner is numpy: jax (~130 MB resident) is imported only for a mesh or several hosts.
-  if args.devices or os.environ.get("VLBPE_DISTRIBUTED", "") not in ("", "0"):
+  if args.devices or config_utils.distributed_requested():
     import jax  # pylint: disable=g-import-not-at-top
     from vlbpe_jax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed()
