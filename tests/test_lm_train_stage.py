@@ -101,6 +101,11 @@ def test_2d_positions_train_evaluate_and_refuse_a_1d_resume(tmp_path):
   rows, cols = batch["positions"][..., 0], batch["positions"][..., 1]
   assert (rows[~image] == cols[~image]).all()  # text on the diagonal
   assert (rows[image] != cols[image]).any()  # image tokens off it
+  config.lm.data_shards = 3
+  with pytest.raises(ValueError, match=r"lm.batch_size=8 does not split over 3 data shards "
+                     r"\(lm.data_shards=3\)"):
+    train.iterator_fn(config, tok, source, visual["train"])(phase)
+  config.lm.data_shards = 0
   res = train.train_and_evaluate(config, workdir, "full")
   assert 0.0 <= res["vqa_acc"] <= 1.0 and res["num_questions"] > 0
   with pytest.raises(ValueError, match="lm.positions"):

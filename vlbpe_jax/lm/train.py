@@ -364,26 +364,19 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
           extra_scalars=lambda step: {"stage": plan[_phase_at(plan, step - 1)].stage})
 
 
-def process_batch_size(config) -> int:
-  """This process's rows of the global batch `lm.batch_size`."""
-  n = jax.process_count()
-  if int(config.lm.batch_size) % n:
-    raise ValueError(f"lm.batch_size={config.lm.batch_size} does not split over {n} processes")
-  return int(config.lm.batch_size) // n
-
-
 def iterator_fn(config, tok, source, visual):
   """`phase -> iterator` of packed batches of the phase's tasks (`visual=None`: text only):
-  this process's rows of the global batch, from its `lm.data_shards` shards (0: one shard per
-  process; a fixed count gives the same global batches for any process count dividing it)."""
-  shards = pipeline.local_shards(int(config.lm.get("data_shards", 0)))
+  this process's rows of the global batch `lm.batch_size`, from its `lm.data_shards` shards
+  (`pipeline.sharded_iterator`; 0: one shard per process; a fixed count gives the same global
+  batches for any process count dividing it)."""
 
   def make_iter(phase):
-    return pipeline.ShardedIterator(iter(sequences.train_dataset(
-        source, tok, phase.tasks, visual, seq_len=config.lm.seq_len,
-        batch_size=process_batch_size(config), seed=lm_seed(config),
-        worker_count=config.lm.worker_count, grid=grid_positions(config), shards=shards)),
-        shards)
+    return pipeline.sharded_iterator(
+        functools.partial(sequences.train_dataset, source, tok, phase.tasks, visual,
+                          seq_len=config.lm.seq_len, seed=lm_seed(config),
+                          worker_count=config.lm.worker_count, grid=grid_positions(config)),
+        batch_size=int(config.lm.batch_size), data_shards=int(config.lm.get("data_shards", 0)),
+        section="lm")
   return make_iter
 
 
