@@ -56,6 +56,16 @@ def test_shapes_rebuild_reuses_files_and_configs_differ(shapes_builder, tmp_path
   assert default.info.features["image"].shape == (64, 64, 3)
 
 
+def test_building_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+  # TFDS makes an empty tmp*tfds folder per builder of an unprepared dataset and keeps it.
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setattr("tempfile.tempdir", str(tmp))
+  tb.build_shapes(tmp_path / "data", resolution=32, num_train=2, num_validation=1, num_test=1,
+                  seed=7)
+  assert os.listdir(tmp) == []
+
+
 def _write_images(root, names, size=(12, 9)):
   os.makedirs(root / "img", exist_ok=True)
   arrays = {}

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -292,7 +293,16 @@ class CaptionPairsBuilder(tfds.core.GeneratorBasedBuilder):
       yield line_no, dict(index=line_no, image=data, image_path=image, caption=caption)
 
 
-def _prepare(builder):
+def _prepare(builder_cls, data_dir, config):
+  """`builder_cls(...)`, prepared. TFDS makes an empty `tmp*tfds` folder in the temp dir for
+  each builder of a not yet prepared dataset (`DatasetInfo.initialize_from_bucket`, GCS being
+  off) and never removes it; it is made inside a temporary folder of ours and removed with it."""
+  with tempfile.TemporaryDirectory(prefix="vlbpe_tfds_") as scratch:
+    before, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      builder = builder_cls(data_dir=data_dir, config=config, file_format=_FORMAT)
+    finally:
+      tempfile.tempdir = before
   builder.download_and_prepare(file_format=_FORMAT)
   return builder
 
@@ -302,17 +312,17 @@ def build_shapes(data_dir, *, resolution=64, num_train=1000, num_validation=100,
   """Builds (once; later calls reuse the files) the shapes dataset under `data_dir`."""
   config = shapes_config(resolution=resolution, num_train=num_train,
                          num_validation=num_validation, num_test=num_test, seed=seed)
-  return _prepare(ShapesBuilder(data_dir=data_dir, config=config, file_format=_FORMAT))
+  return _prepare(ShapesBuilder, data_dir, config)
 
 
 def build_llava(data_dir, *, annotations, image_dir, name=None) -> LlavaBuilder:
   config = user_data_config(annotations, image_dir, name)
-  return _prepare(LlavaBuilder(data_dir=data_dir, config=config, file_format=_FORMAT))
+  return _prepare(LlavaBuilder, data_dir, config)
 
 
 def build_caption_pairs(data_dir, *, annotations, image_dir, name=None) -> CaptionPairsBuilder:
   config = user_data_config(annotations, image_dir, name)
-  return _prepare(CaptionPairsBuilder(data_dir=data_dir, config=config, file_format=_FORMAT))
+  return _prepare(CaptionPairsBuilder, data_dir, config)
 
 
 def data_source(builder, split: str):
