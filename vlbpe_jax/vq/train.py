@@ -148,7 +148,8 @@ def train_step(state, images, key, lpips_params, *, cfg):
   params = {**params, "quantize": {"embedding": jnp.where(restart, new_book, book)}}
   new_state = dict(state, step=step + 1, params=params, opt=opt,
                    usage=jnp.where(restart, new_usage, usage))
-  m.update(norms, l2_params=sharded_trainer.l2(params),  # after a restart
+  # l2_params after a restart (descend's, before it, goes unused: XLA drops its computation).
+  m.update(norms, l2_params=sharded_trainer.l2(params),
            restarted_codes=jnp.where(restart, n_dead, 0))
   disc = make_discriminator(cfg)
   if disc is not None:
