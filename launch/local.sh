@@ -23,7 +23,8 @@ case "$cmd" in
     ;;
   test)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
-      .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 tests "$@"
+      .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=15 \
+      tests "$@"
     ;;
   *)
     echo "usage: bash launch/local.sh {demo|test} [extra args]" >&2

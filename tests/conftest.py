@@ -39,8 +39,11 @@ LONGEST = ("test_main.py::test_tiny_pipeline", "test_notebooks.py::test_notebook
 
 def pytest_collection_modifyitems(items):
   """The longest tests first, then the other `slow` end-to-end tests (in file order), the quick
-  ones last: pytest-xdist hands tests out in this order, so the two workers start with the long
-  runs and finish together on short tests instead of one worker ending alone on a long one."""
+  ones last. `launch/local.sh test` runs pytest-xdist with `--dist worksteal`: each worker gets
+  half of this list and an idle one takes half of the other's queue, from its end, so the long
+  runs start early and the workers finish together on short tests. (With the default
+  `--dist load`, a worker keeps the tests once handed to it: at 0bb7e26 one worker held the
+  end-to-end runs and ran 470 s alone after the other had finished.)"""
 
   def rank(item):
     for i, prefix in enumerate(LONGEST):
