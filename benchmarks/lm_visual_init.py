@@ -1,0 +1,101 @@
+"""Does initialising the unified LM's visual rows from the VQ codebook make it read colour sooner?
+
+  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_normal --init=normal
+  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_codebook --init=codebook
+
+`--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
+`--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text`, and the lm
+stage trains only the `full` run of `--config` there (stages 1-3 and the evaluation).
+
+`--init=normal` is the pipeline's own init (rows ~ N(0, init_std)); `--init=codebook`: base code
+c's row is a fixed Gaussian projection of its (centred) VQ codebook vector, a BPE token's row the
+cell-weighted mean of its two parts' vectors, all scaled to a mean row norm of
+init_std * sqrt(width) (the text rows' scale). Prints VQA, the wrong-image control, held-out and
+per-type accuracies (BENCHMARKS.md, "Unified LM: what the model reads").
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+
+from absl import app
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+
+from vlbpe_jax.lm import stage as lm_stage
+from vlbpe_jax.lm import train as lm_train
+from vlbpe_jax.vq import tokenizer as vq_tokenizer
+
+SRC = flags.DEFINE_string("src", None, "finished demo workdir", required=True)
+OUT = flags.DEFINE_string("out", None, "work directory of this run", required=True)
+INIT = flags.DEFINE_enum("init", "normal", ["normal", "codebook"], "visual rows' init")
+CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "config file (its get_config(None))")
+
+
+def codebook_vectors(workdir: str) -> np.ndarray:
+  """`[V + merges, D]`: each base code's VQ codebook vector (centred), each BPE token the
+  cell-weighted mean of its parts'."""
+  book = np.asarray(vq_tokenizer.Tokenizer.from_workdir(workdir).params["quantize"]["embedding"],
+                    np.float64)
+  with open(os.path.join(workdir, "bpe", "bpe.json")) as f:
+    vocab = json.load(f)
+  if int(vocab["base_vocab_size"]) != len(book):
+    raise ValueError(f"bpe.json base_vocab_size={vocab['base_vocab_size']}: expected the VQ's "
+                     f"{len(book)} codes")
+  vecs, cells = list(book - book.mean(0)), [1] * len(book)
+  for m in vocab["merges"]:
+    a, b = int(m["a"]), int(m["b"])
+    cells.append(cells[a] + cells[b])
+    vecs.append((cells[a] * vecs[a] + cells[b] * vecs[b]) / cells[-1])
+  return np.stack(vecs)
+
+
+def _prepare(src: str, out: str):
+  if os.path.exists(out):
+    return
+  os.makedirs(os.path.join(out, "lm"))
+  for d in ("data", "tokenizer", "vq", "bpe"):
+    os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
+  shutil.copytree(os.path.join(src, "lm", "text"), os.path.join(out, "lm", "text"))
+
+
+def main(argv):
+  del argv
+  _prepare(SRC.value, OUT.value)
+  spec = importlib.util.spec_from_file_location("config", CONFIG.value)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(None)
+  config.lm.runs = ("full",)
+  if INIT.value == "codebook":
+    vecs = codebook_vectors(OUT.value)
+    train_run = lm_train.train_run
+
+    def with_codebook_rows(config, workdir, run, tok, source, visual, num_vq, num_bpe,
+                           text_params, mesh, **kw):
+      c = lm_train.make_model(config, tok, num_vq, num_bpe).config
+      proj = np.random.default_rng(0).normal(size=(vecs.shape[1], c.width)) / np.sqrt(
+          vecs.shape[1])
+      rows = vecs @ proj
+      rows *= c.init_std * np.sqrt(c.width) / np.linalg.norm(rows, axis=1).mean()
+      table = np.zeros((c.visual_vocab, c.width), np.float32)
+      table[:len(rows)] = rows  # rows past the vocabulary (padding) stay zero
+      params = {**text_params, "visual_embed": jnp.asarray(table)}
+      return train_run(config, workdir, run, tok, source, visual, num_vq, num_bpe, params,
+                       mesh, **kw)
+    lm_train.train_run = with_codebook_rows  # lm/stage.py calls train.train_run
+  t0 = time.perf_counter()
+  m = lm_stage.run_stage(config, OUT.value)
+  print(f"init={INIT.value}: lm stage {time.perf_counter() - t0:.0f} s")
+  for k in ("lm.vqa_acc.full", "lm.vqa_acc_wrong_image.full", "lm.vqa_acc_heldout.full",
+            "lm.caption_precision.full", "lm.caption_recall.full"):
+    print(f"  {k}: {m[k]:.3f}")
+  for kind in ("lm.vqa_acc_by_type.full.", "lm.vqa_acc_by_type_wrong_image.full."):
+    print(f"  {kind}", {k[len(kind):]: round(v, 2) for k, v in m.items() if k.startswith(kind)})
+
+
+if __name__ == "__main__":
+  app.run(main)
