@@ -11,7 +11,6 @@ Encode throughput: jitted `VQModel.encode` on uint8 batches, compiled first, tim
 """
 
 import json
-import os
 import shutil
 import time
 
