@@ -9,13 +9,12 @@ stage trains only the `full` run of `--config` there (stages 1-3 and the evaluat
 
 `--init=normal` is the pipeline's own init (rows ~ N(0, init_std)); `--init=codebook`: base code
 c's row is a fixed Gaussian projection of its (centred) VQ codebook vector, a BPE token's row the
-cell-weighted mean of its two parts' vectors, all scaled to a mean row norm of
+mean of its cells' vectors (`VisualBPE.geometry.codes`), all scaled to a mean row norm of
 init_std * sqrt(width) (the text rows' scale). Prints VQA, the wrong-image control, held-out and
 per-type accuracies (BENCHMARKS.md, "Unified LM: what the model reads").
 """
 
 import importlib.util
-import json
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
+from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.vq import tokenizer as vq_tokenizer
@@ -36,21 +36,16 @@ CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "config file (its get_
 
 
 def codebook_vectors(workdir: str) -> np.ndarray:
-  """`[V + merges, D]`: each base code's VQ codebook vector (centred), each BPE token the
-  cell-weighted mean of its parts'."""
+  """`[V + merges, D]`: each base code's VQ codebook vector (centred), each BPE token the mean
+  over its cells of their base codes' vectors."""
   book = np.asarray(vq_tokenizer.Tokenizer.from_workdir(workdir).params["quantize"]["embedding"],
                     np.float64)
-  with open(os.path.join(workdir, "bpe", "bpe.json")) as f:
-    vocab = json.load(f)
-  if int(vocab["base_vocab_size"]) != len(book):
-    raise ValueError(f"bpe.json base_vocab_size={vocab['base_vocab_size']}: expected the VQ's "
+  bpe = VisualBPE.load(os.path.join(workdir, "bpe", "bpe.json"))
+  if bpe.base_vocab_size != len(book):
+    raise ValueError(f"bpe.json base_vocab_size={bpe.base_vocab_size}: expected the VQ's "
                      f"{len(book)} codes")
-  vecs, cells = list(book - book.mean(0)), [1] * len(book)
-  for m in vocab["merges"]:
-    a, b = int(m["a"]), int(m["b"])
-    cells.append(cells[a] + cells[b])
-    vecs.append((cells[a] * vecs[a] + cells[b] * vecs[b]) / cells[-1])
-  return np.stack(vecs)
+  book -= book.mean(0)
+  return np.stack([book[bpe.geometry.codes(t)].mean(0) for t in range(bpe.vocab_size)])
 
 
 def _prepare(src: str, out: str):
