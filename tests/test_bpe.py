@@ -84,6 +84,31 @@ def test_large_merges_counted_in_slices_learn_the_same_vocabulary(monkeypatch):
   assert got.merges == want.merges
 
 
+def test_threads_learn_the_vocabulary_of_one_thread(monkeypatch):
+  """Shards of the grids on threads (THREAD_MIN_COUNT=1: every merge threaded, as at scale),
+  with the threaded first count in small chunks, sliced merges and forced recounts over the
+  shards: the merges (F, S, P included) of one thread."""
+  g = patch_grids(seed=5, n=41, noise=0.2)  # 41 grids: shards of unequal size
+  monkeypatch.setattr(learner, "THREAD_MIN_COUNT", 1)
+  for offsets, alpha in (("0,1;1,0", 1.0), ("0,1;1,0;1,1;1,-1", 0.0)):
+    kw = dict(base_vocab_size=32, num_merges=120, alpha=alpha, sigma=0.7, progress=False,
+              offsets=vocab_lib.parse_offsets(offsets))
+    want = VisualBPE.learn(g, **kw)
+    for threads in (2, 3, 64):  # 64 > 41 grids: one shard per grid
+      assert VisualBPE.learn(g, threads=threads, **kw).merges == want.merges, threads
+  kw = dict(base_vocab_size=32, num_merges=150, progress=False, return_timing=True)
+  want, _ = VisualBPE.learn(g, **kw)
+  with monkeypatch.context() as m:
+    m.setattr(learner, "KEEP_CELLS", 1)  # recounts from every shard's grids
+    m.setattr(learner, "MERGE_SLICE", 14)  # 7 anchors per slice on each of 2 threads
+    m.setattr(counting, "CHUNK_CELLS", 600)  # 300-cell chunks counted on 2 threads
+    got, timing = VisualBPE.learn(g, threads=2, **kw)
+  assert timing["recounts"] >= 2 and got.merges == want.merges
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match=f"threads={bad}"):
+      VisualBPE.learn(g, threads=bad, **kw)
+
+
 def test_pair_consistency_refuses_bad_shapes():
   ok = np.ones((3, 4))
   scoring.pair_consistency(ok.astype(int), ok, 0.5, 0.0)
@@ -542,6 +567,24 @@ def test_int16_grids_learn_the_same_vocabulary(tmp_path):
   learn_cli.main([f"--codes={codes}", "--merges=20", f"--out={out}", "--base_vocab_size=32",
                   "--no_progress"])
   assert VisualBPE.load(out).merges == want.merges
+
+
+def test_learn_cli_threads(tmp_path, monkeypatch):
+  """`--threads=3` (every merge threaded) writes the one-thread vocabulary and reports its
+  threads; the default is `learner.default_threads`; a negative count is named."""
+  g = patch_grids(seed=4)
+  codes, out = str(tmp_path / "codes.npy"), str(tmp_path / "bpe.json")
+  np.save(codes, g)
+  args = [f"--codes={codes}", "--merges=20", f"--out={out}", "--base_vocab_size=32",
+          "--no_progress"]
+  want = learn_cli.main(args)
+  assert want["threads"] == learner.default_threads(g.size) == 1  # 2304 cells
+  want = VisualBPE.load(out).merges
+  monkeypatch.setattr(learner, "THREAD_MIN_COUNT", 1)
+  assert learn_cli.main(args + ["--threads=3"])["threads"] == 3
+  assert VisualBPE.load(out).merges == want
+  with pytest.raises(ValueError, match="--threads=-1"):
+    learn_cli.main(args + ["--threads=-1"])
 
 
 def test_storage_threshold_recounts_give_the_same_vocabulary(monkeypatch):

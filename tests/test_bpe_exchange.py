@@ -39,6 +39,11 @@ def test_hosts_learn_the_vocabulary_of_one_host(num_hosts):
       assert bpe.merges == want.merges  # ids, pairs, offsets, counts, merged, F, S, P
       assert timing["exchange_calls"] >= len(want.merges)
     assert len(want.merges) == 120
+  # Threads on each host too (every merge threaded): shards of shards, the same vocabulary.
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(learner, "THREAD_MIN_COUNT", 1)
+    got = learn_on_hosts(g, num_hosts, threads=2, **kw)
+  assert all(bpe.merges == want.merges for bpe, _ in got)
 
 
 def test_hosts_two_pass_first_count_and_recounts(monkeypatch):

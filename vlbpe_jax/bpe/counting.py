@@ -40,7 +40,7 @@ def _chunk_runs(grids, offsets, vcap, dtype):
 
 
 def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int = 1,
-                          chunk_cells: int = 0, only: np.ndarray | None = None):
+                          chunk_cells: int = 0, only: np.ndarray | None = None, pool=None):
   """`count_base_pairs` with numpy on the host (faster than XLA's CPU sort on one CPU).
 
   Each pair is coded `(a * vcap + b) * K + o` with o the rank of its offset in raster order
@@ -50,7 +50,9 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
   of codes at a time, dropping the pairs (a, b) whose count over all offsets is below
   `min_count` (those cannot be merged, see `learner`). Counts are int32 (ValueError if a count
   could overflow). `only`: sorted pair ids `a * vcap + b`; counts just these pairs (the second
-  pass of a count over several hosts, `learner.learn`).
+  pass of a count over several hosts, `learner.learn`). `pool`: a thread pool
+  (`concurrent.futures`) that codes the chunks and merges the ranges in parallel (numpy
+  releases the GIL in its sorts); the result is the same.
   """
   n, h, w = grids.shape
   chunk_cells = chunk_cells or CHUNK_CELLS
@@ -62,28 +64,30 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
   dtype = np.int32 if vcap * vcap * k < np.iinfo(np.int32).max else np.int64
   step = max(1, chunk_cells // (h * w))
   only = None if only is None else np.asarray(only, np.int64)
-  runs = []
-  for i in range(0, n, step):
+
+  def chunk_runs(i):
     c, m = _chunk_runs(grids[i:i + step], offsets, vcap, dtype)
     if only is not None:
       keep = tables.find_sorted(only, c // k)[1]
       c, m = c[keep], m[keep]
-    runs.append((c, m))
+    return c, m
+
+  runs = tables.pool_map(pool, chunk_runs, range(0, n, step))
   total = sum(r[0].size for r in runs)
   # Merge by ranges of (a, b) (bounds at multiples of K, so a pair never straddles two).
   hi_code = max((int(r[0][-1]) for r in runs if r[0].size), default=0) + 1
   nparts = max(1, -(-total // max(chunk_cells, 1)))
   bounds = [((hi_code * i // nparts) // k) * k for i in range(nparts)] + [hi_code]
   d = np.array([dy * (2 * w - 1) + dx + w - 1 for dy, dx in offsets], np.int64)
-  keys, counts = [], []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
+
+  def merge_range(lo, hi):
     parts = [(c[np.searchsorted(c, lo):np.searchsorted(c, hi)],
               m[np.searchsorted(c, lo):np.searchsorted(c, hi)]) for c, m in runs]
     c = np.concatenate([x for x, _ in parts])
     m = np.concatenate([y for _, y in parts])
     del parts
     if not c.size:
-      continue
+      return None
     order = np.argsort(c, kind="stable")
     c, m = c[order], m[order]
     del order
@@ -95,8 +99,11 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
       live = np.add.reduceat(m, start, dtype=np.int64) >= min_count
       keep = np.repeat(live, np.diff(np.append(start, ab.size)))
       c, m = c[keep], m[keep]
-    keys.append((c // k).astype(np.int64) * (h * (2 * w - 1)) + d[c % k])
-    counts.append(m)
-  if not keys:
+    return (c // k).astype(np.int64) * (h * (2 * w - 1)) + d[c % k], m
+
+  merged = [r for r in tables.pool_map(pool, merge_range, bounds[:-1], bounds[1:])
+            if r is not None]
+  if not merged:
     return np.zeros(0, np.int64), np.zeros(0, np.int32)
-  return np.concatenate(keys), np.concatenate(counts)
+  return np.concatenate([x for x, _ in merged]), np.concatenate([y for _, y in merged])
+

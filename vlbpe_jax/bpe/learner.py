@@ -12,7 +12,13 @@ pair that touches a vanishing token (old grid), commit, add every pair that touc
 _MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
 _LOWER = 4      # when the pool of pairs with N >= floor cannot decide: floor /= _LOWER
 KEEP_CELLS = 1 << 20  # store only pairs with N >= cells / KEEP_CELLS (>= min_count) at first
-MERGE_SLICE = 1 << 18  # anchors per slice of a large merge's count update (`_merge`)
+MERGE_SLICE = 1 << 18  # anchors per slice of a large merge's count update (`_merge`), over
+#                       all threads (each of T shards slices MERGE_SLICE / T)
+THREAD_MIN_COUNT = 1 << 13  # merges of a pair seen fewer times run their shards one after
+#                             another on the calling thread: the thread hand-offs would cost
+#                             more than they save (BENCHMARKS.md, "At Being-VL scale")
+TRIM_EVERY = 64  # threaded merges between two `_release_free_memory` calls
+SHARD_CELLS = 1 << 22  # `default_threads`: at least this many cells per thread
 
 
 class _Recount(Exception):
@@ -22,6 +28,11 @@ class _Recount(Exception):
     super().__init__(floor)
     self.floor = floor
 
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import os
 import time
 
 import numpy as np
@@ -32,6 +43,30 @@ from vlbpe_jax.bpe import grid_state
 from vlbpe_jax.bpe import scoring
 from vlbpe_jax.bpe import tables
 from vlbpe_jax.bpe import vocab as vocab_lib
+
+
+def _release_free_memory():
+  """Returns the C heap's free pages to the OS (glibc's `malloc_trim`; elsewhere a no-op).
+
+  numpy arrays below glibc's mmap threshold (dynamic, up to 32 MB) come from malloc's heaps,
+  one per thread that allocates, and freed ones stay resident: after a threaded first count
+  the 10^5-grid run held 0.38 GB more than the one-thread run until trimmed (BENCHMARKS.md,
+  "At Being-VL scale"). Called between the learner's phases and every `TRIM_EVERY` threaded
+  merges: after every one, the pages returned were faulted in again by the next merge
+  (3x the system time, and the faults of two threads contend: no speed-up left).
+  """
+  try:
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
+def default_threads(num_cells: int) -> int:
+  """Threads for learning from grids of `num_cells` cells: one per CPU this process may use,
+  at most one per `SHARD_CELLS` cells (small corpora gain nothing from threads)."""
+  cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+          os.cpu_count() or 1)  # no sched_getaffinity on macOS
+  return max(1, min(cpus, num_cells // SHARD_CELLS))
 
 
 class _Counts:
@@ -273,9 +308,9 @@ def net_changes(removed: np.ndarray, added: np.ndarray):
 
 
 def _merge(state: grid_state.GridState, vanish: np.ndarray, a: int, b: int, t: int,
-           p: np.ndarray, q: np.ndarray, vcap: int):
+           p: np.ndarray, q: np.ndarray, vcap: int, slice_size: int = MERGE_SLICE):
   """Merges the (a, b) occurrences at anchors (p, q) into t; returns `net_changes` of the
-  pair counts. Large merges (the first ones) go `MERGE_SLICE` anchors at a time, so that
+  pair counts. Large merges (the first ones) go `slice_size` anchors at a time, so that
   their per-neighbour temporaries stay small; the sums are the same integers.
   `vanish` is all-False cell flags, all-False again on return."""
 
@@ -286,7 +321,7 @@ def _merge(state: grid_state.GridState, vanish: np.ndarray, a: int, b: int, t: i
     keep = ~np.take(vanish, y) | (x < y)
     return state.pair_codes(x[keep], y[keep], vcap)
 
-  slices = [slice(i, i + MERGE_SLICE) for i in range(0, max(p.size, 1), MERGE_SLICE)]
+  slices = [slice(i, i + slice_size) for i in range(0, max(p.size, 1), slice_size)]
   vanish[p] = vanish[q] = True
   removed = []
   for sl in slices:
@@ -309,12 +344,32 @@ def _merge(state: grid_state.GridState, vanish: np.ndarray, a: int, b: int, t: i
   return uk[dv != 0], dv[dv != 0]
 
 
-def _recount(state: grid_state.GridState, vcap: int, exchange=None):
-  """Keys and counts of every pair of neighbouring tokens on the grids now (of all hosts' grids
-  with an `exchange`), in the order in which the learner stores pairs: base pairs first, then
-  by newer token (the merge that made it), then by key. So the pool and the S batches stay
-  those of a learner that never pruned.
+def _recount(states, vcap: int, exchange=None, pool=None):
+  """Keys and counts of every pair of neighbouring tokens on the grids now (of every shard in
+  `states`, and of all hosts' grids with an `exchange`), in the order in which the learner
+  stores pairs: base pairs first, then by newer token (the merge that made it), then by key.
+  So the pool and the S batches stay those of a learner that never pruned.
   """
+  runs = tables.pool_map(pool, _shard_pairs, states, [vcap] * len(states))
+  if len(runs) == 1:
+    keys, counts = runs[0]
+  else:
+    keys, counts = tables.sum_by_key(np.concatenate([k for k, _ in runs]),
+                                     np.concatenate([c for _, c in runs]))
+    counts = counts.astype(np.int32)
+  del runs
+  if exchange is not None:  # the counts of every host's grids
+    keys, counts, _ = exchange.sum_runs(keys, counts)
+    counts = counts.astype(np.int32)
+  state = states[0]
+  ab = keys // (state.h * (2 * state.w - 1))
+  newer = np.maximum(ab // vcap, ab % vcap)
+  order = np.argsort(np.where(newer >= state.geo.base, newer, -1), kind="stable")
+  return keys[order], counts[order]
+
+
+def _shard_pairs(state: grid_state.GridState, vcap: int):
+  """Sorted unique keys of the neighbouring token pairs on one shard's grids, and counts."""
   anchors = np.flatnonzero(state.tok >= 0).astype(state.idx)
   toks = state.tok[anchors]
   order = np.argsort(toks, kind="stable")
@@ -331,43 +386,53 @@ def _recount(state: grid_state.GridState, vcap: int, exchange=None):
   del codes
   keys.sort()
   first = tables.run_starts(keys)
-  keys, counts = keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
-  if exchange is not None:  # the counts of every host's grids
-    keys, counts, _ = exchange.sum_runs(keys, counts)
-    counts = counts.astype(np.int32)
-  ab = keys // (state.h * (2 * state.w - 1))
-  newer = np.maximum(ab // vcap, ab % vcap)
-  order = np.argsort(np.where(newer >= state.geo.base, newer, -1), kind="stable")
-  return keys[order], counts[order]
+  return keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
 
 
-def _first_counts(grids, offsets, vcap, keep, exchange):
+
+def _shard_merge(state, a: int, b: int, delta, t: int, vcap: int, slice_size: int):
+  """One shard's part of a merge: (net key changes, their counts, occurrences merged)."""
+  p, q = state.find_merge(a, b, delta)
+  uk, dv = _merge(state, state.scratch, a, b, t, p, q, vcap, slice_size)
+  return uk, dv, p.size
+
+
+def _first_counts(grids, offsets, vcap, keep, exchange, pool=None, chunk_cells=0):
   """Keys and counts of the base pairs (a, b) seen >= `keep` times over every host's grids
   (sorted by key), in two passes: a pair's global count is >= keep only if some host counts
   >= keep / P of it, so the hosts first pool their candidates, then count exactly just those.
+  pool, chunk_cells: of `counting.count_base_pairs_host`.
   """
   p = exchange.num_processes
   if -(-keep // p) > 1:
-    k, _ = counting.count_base_pairs_host(grids, offsets, vcap, -(-keep // p))
+    k, _ = counting.count_base_pairs_host(grids, offsets, vcap, -(-keep // p), chunk_cells,
+                                          pool=pool)
     cand = np.unique(k // (grids.shape[1] * (2 * grids.shape[2] - 1)))
     del k
     cand, _, _ = exchange.sum_runs(cand, np.ones(cand.size, np.int32))
-    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1, only=cand)
+    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1, chunk_cells,
+                                                  only=cand, pool=pool)
   else:
-    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1)
+    keys, counts = counting.count_base_pairs_host(grids, offsets, vcap, 1, chunk_cells,
+                                                  pool=pool)
   keys, counts, _ = exchange.sum_runs(keys, counts)
   return keys, counts.astype(np.int32)
 
 
 def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float,
           sigma: float, offsets, min_count: int, mesh=None, progress: bool = False,
-          s_prior_count: float = 0.0, exchange=None):
+          s_prior_count: float = 0.0, exchange=None, threads: int = 1):
   """Learns up to `num_merges` merges. Returns (Geometry, merge records, timing dict).
 
   s_prior_count: pseudo-count k of the small-sample correction of S (`scoring`; 0: none).
   exchange: an `exchange.Exchange` over several hosts, `grids` being this host's shard: every
   count is summed over the hosts (`exchange`), and every host returns the same merges, those of
   one host learning from all the grids. `mesh` is then unused (counts on the host).
+  threads: the grids are split into this many shards (contiguous rows, at most one per grid),
+  each with its own grid state; per merge each shard's grid work (`find_merge`, the count
+  changes around the merged tokens) runs on its own thread (numpy releases the GIL in its
+  array loops), and the shards' exact integer changes are summed, as over hosts. The first
+  counts are threaded too. The merges do not depend on `threads`.
 
   timing: wall seconds (setup_s: first counts + tables, merge_s: the merge loop, total_s) and
   CPU seconds of this process (cpu_s, merge_cpu_s; all threads); with an exchange, also
@@ -383,50 +448,74 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     raise ValueError(f"{n} grids of {h}x{w} with {len(geo.offsets)} offsets: pair counts could "
                      "overflow int32; expected fewer than 2**31 pair occurrences")
   keep = max(min_count, n * h * w // KEEP_CELLS)  # storage threshold (see `_Counts`)
-  if exchange is not None:
-    keys, counts = _first_counts(grids, geo.offsets, vcap, keep, exchange)
-  elif mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
-    keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, keep)
-  else:
-    from vlbpe_jax.bpe import sharded_counting  # pylint: disable=g-import-not-at-top
-    keys, counts = sharded_counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
-  stats = _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
-  del keys, counts
-  state = grid_state.GridState(grids, geo, capacity=vcap)
-  vanish = state.scratch  # all-False cell flags, shared with the grid state
-  t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
-  records = []
-  recounts = 0
-  for _ in tqdm.trange(num_merges, disable=not progress, desc="visual BPE merges"):
-    while True:
-      try:
-        best = stats.select(alpha, min_count)
+  threads = min(vocab_lib.check_int("threads", threads, 1), grids.shape[0])
+  executor = (concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else
+              contextlib.nullcontext())  # pool None: the shards' work on this thread
+  with executor as pool:
+    chunk = counting.CHUNK_CELLS // threads  # T chunks' temporaries at once: 1 / T each
+    if exchange is not None:
+      keys, counts = _first_counts(grids, geo.offsets, vcap, keep, exchange, pool, chunk)
+    elif mesh is None:  # host numpy; a mesh shards the jitted count (same integers either way)
+      keys, counts = counting.count_base_pairs_host(grids, geo.offsets, vcap, keep, chunk,
+                                                    pool=pool)
+    else:
+      from vlbpe_jax.bpe import sharded_counting  # pylint: disable=g-import-not-at-top
+      keys, counts = sharded_counting.count_base_pairs(grids, geo.offsets, vcap, mesh)
+    stats = _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
+    del keys, counts
+    _release_free_memory()
+    bounds = [grids.shape[0] * i // threads for i in range(threads + 1)]
+    states = tables.pool_map(
+        pool, lambda lo, hi: grid_state.GridState(grids[lo:hi], geo, capacity=vcap),
+        bounds[:-1], bounds[1:])
+    _release_free_memory()
+    slice_size = max(1, MERGE_SLICE // threads)  # T shards' temporaries at once: 1 / T each
+    t_setup, c_setup = time.perf_counter() - t0, time.process_time() - c0
+    records = []
+    recounts = threaded_merges = 0
+    for _ in tqdm.trange(num_merges, disable=not progress, desc="visual BPE merges"):
+      while True:
+        try:
+          best = stats.select(alpha, min_count)
+          break
+        except _Recount as e:  # rare: the winner may be a pair below the storage threshold
+          keep, recounts = e.floor, recounts + 1
+          keys, counts = _recount(states, vcap, exchange, pool)
+          old, stats = stats, _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
+          stats.adopt_scores(old)
+          del keys, counts, old
+          stats._set_pool(  # pylint: disable=protected-access
+              keep, stats.acnt[:stats.npairs], True)
+      if best is None:
         break
-      except _Recount as e:  # rare: the winner may be a pair below the storage threshold
-        keep, recounts = e.floor, recounts + 1
-        keys, counts = _recount(state, vcap, exchange)
-        old, stats = stats, _Counts(keys, counts, vcap, h, w, sigma, keep, s_prior_count)
-        stats.adopt_scores(old)
-        del keys, counts, old
-        stats._set_pool(keep, stats.acnt[:stats.npairs], True)  # pylint: disable=protected-access
-    if best is None:
-      break
-    slot, f, s, pr = best
-    a, b = divmod(int(stats.pair_keys[slot]), vcap)
-    delta, n_delta = stats.dominant(slot)
-    p, q = state.find_merge(a, b, delta)
-    t = geo.add(a, b, delta)
-    record = dict(id=t, a=a, b=b, offset=list(delta), count=int(stats.acnt[slot]),
-                  offset_count=n_delta, merged=int(p.size), F=f, S=s, P=pr)
-    uk, dv = _merge(state, vanish, a, b, t, p, q, vcap)
-    if exchange is not None:  # every host's changes, summed: the same on every host
-      uk, dv, (record["merged"],) = exchange.sum_runs(uk, dv, [p.size])
-      uk, dv = uk[dv != 0], dv[dv != 0]
-    stats.apply(uk, dv)
-    records.append(record)
-  total, cpu = time.perf_counter() - t0, time.process_time() - c0
-  timing = dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total, cpu_s=cpu,
-                merge_cpu_s=cpu - c_setup, recounts=recounts)
-  if exchange is not None:
-    timing.update(exchange_calls=exchange.calls, exchange_s=exchange.seconds)
-  return geo, records, timing
+      slot, f, s, pr = best
+      a, b = divmod(int(stats.pair_keys[slot]), vcap)
+      delta, n_delta = stats.dominant(slot)
+      t = geo.add(a, b, delta)
+      threaded = pool is not None and stats.acnt[slot] >= THREAD_MIN_COUNT
+      parts = tables.pool_map(pool if threaded else None,
+                              lambda st: _shard_merge(st, a, b, delta, t, vcap, slice_size),
+                              states)
+      threaded_merges += threaded
+      if threaded and threaded_merges % TRIM_EVERY == 0:
+        _release_free_memory()  # the threads' heaps
+      if len(parts) == 1:
+        uk, dv, merged = parts[0]
+      else:  # each shard's keys are sorted: the stable sort merges the runs
+        uk, dv = tables.sum_by_key(np.concatenate([k for k, _, _ in parts]),
+                                   np.concatenate([v for _, v, _ in parts]))
+        uk, dv, merged = uk[dv != 0], dv[dv != 0], sum(m for _, _, m in parts)
+      del parts
+      record = dict(id=t, a=a, b=b, offset=list(delta), count=int(stats.acnt[slot]),
+                    offset_count=n_delta, merged=int(merged), F=f, S=s, P=pr)
+      if exchange is not None:  # every host's changes, summed: the same on every host
+        uk, dv, (record["merged"],) = exchange.sum_runs(uk, dv, [merged])
+        uk, dv = uk[dv != 0], dv[dv != 0]
+      stats.apply(uk, dv)
+      records.append(record)
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timing = dict(setup_s=t_setup, merge_s=total - t_setup, total_s=total, cpu_s=cpu,
+                  merge_cpu_s=cpu - c_setup, recounts=recounts)
+    if exchange is not None:
+      timing.update(exchange_calls=exchange.calls, exchange_s=exchange.seconds)
+    return geo, records, timing

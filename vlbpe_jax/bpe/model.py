@@ -156,7 +156,7 @@ class VisualBPE:
   def learn(cls, grids, base_vocab_size: int, num_merges: int, alpha: float = 1.0,
             sigma: float = 0.5, offsets=vocab_lib.DEFAULT_OFFSETS, min_count: int = 2,
             mesh=None, progress: bool = True, return_timing: bool = False,
-            s_prior_count: float = 0.0, exchange=None):
+            s_prior_count: float = 0.0, exchange=None, threads: int = 1):
     """Learns up to `num_merges` merges from int grids [N, H, W] of codes in [0, V).
 
     int16 grids are used as they are (no int32 copy); other integer dtypes are copied to int32.
@@ -166,6 +166,8 @@ class VisualBPE:
     (`scoring`); 0 = no correction.
     exchange: several hosts (`bpe.exchange.Exchange`), each calling this with its own shard of
     the grids and the same settings; all get the vocabulary of one host learning from all.
+    threads: the grids' work runs on this many threads, each on its own shard of the grids
+    (`learner.learn`); the vocabulary does not depend on it.
     """
     s_prior_count = check_s_prior_count(s_prior_count)
     base_vocab_size, num_merges = _check_sizes(base_vocab_size, num_merges)
@@ -180,10 +182,12 @@ class VisualBPE:
     if int(min_count) < 1:
       raise ValueError(f"min_count={min_count}: expected >= 1")
     offsets = vocab_lib.check_offsets(offsets)
+    threads = vocab_lib.check_int("threads", threads, 1)
     _, records, timing = learner.learn(grids, int(base_vocab_size), int(num_merges),
                                        float(alpha), float(sigma), offsets, int(min_count),
                                        mesh=mesh, progress=progress,
-                                       s_prior_count=s_prior_count, exchange=exchange)
+                                       s_prior_count=s_prior_count, exchange=exchange,
+                                       threads=threads)
     bpe = cls(base_vocab_size, records, offsets, alpha, sigma, min_count, s_prior_count)
     return (bpe, timing) if return_timing else bpe
 

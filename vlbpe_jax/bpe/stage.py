@@ -10,6 +10,7 @@ absent), base_vocab_size (0: use `config.vq.codebook_size`), num_token_maps. Wor
 done is reused when bpe.json was learned with the same settings and each tokens file names the
 same bpe.json digest. Several processes: all learn together, each from its shard of the train
 codes (`bpe.exchange`: the same vocabulary as one process), and process 0 writes every file.
+Threads: `learner.default_threads` (the vocabulary does not depend on them).
 """
 
 import html
@@ -21,6 +22,7 @@ import numpy as np
 from vlbpe_jax import fileio
 from vlbpe_jax import parallel
 from vlbpe_jax.bpe import exchange as exchange_lib
+from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import model
 from vlbpe_jax.bpe import visualize
 from vlbpe_jax.data import shapes
@@ -64,13 +66,16 @@ def _learn_or_load(config, codes, path, settings):
     if reuse:
       return bpe, None
     ex = exchange_lib.Exchange.from_jax()
-    bpe, timing = model.VisualBPE.learn(codes[ex.shard(codes.shape[0])], exchange=ex,
-                                        progress=False, return_timing=True, **settings)
+    shard = codes[ex.shard(codes.shape[0])]
+    bpe, timing = model.VisualBPE.learn(shard, exchange=ex, progress=False, return_timing=True,
+                                        threads=learner.default_threads(shard.size),
+                                        **settings)
   elif bpe is not None:
     return bpe, None
   else:
     mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
     bpe, timing = model.VisualBPE.learn(codes, mesh=mesh, progress=False, return_timing=True,
+                                        threads=learner.default_threads(codes.size),
                                         **settings)
   if parallel.is_primary():
     bpe.save(path)

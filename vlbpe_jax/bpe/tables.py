@@ -93,6 +93,12 @@ class SlotMap:
     return slots
 
 
+def pool_map(pool, fn, *args) -> list:
+  """`list(map(fn, *args))`, on the threads of `pool` (a `concurrent.futures` executor) when
+  it is not None."""
+  return list(pool.map(fn, *args) if pool is not None else map(fn, *args))
+
+
 def grow(arr: np.ndarray, size: int) -> np.ndarray:
   """`arr` with room for `size` entries (growing by `GROWTH`; new entries zero)."""
   if arr.size >= size:
