@@ -66,7 +66,9 @@ Several hosts (`exchange=`, the `learn` CLI and the pipeline stage under `jax.di
 each host keeps only its shard of the grids and does the grid work for it; the pair counts are
 sums of exact integers over hosts (first counts in two passes, then each merge's count changes,
 gathered and summed per key), so every host holds the same counts, picks the same merge and
-ends with the vocabulary of one host learning from all the grids, bit for bit.
+ends with the vocabulary of one host learning from all the grids, bit for bit. Threads
+(`threads=`) do the same inside one process: each thread works on its shard of the grids, and
+the shards' exact changes are summed before the tables are updated once.
 
 Modules: `vocab` (footprints), `grid_state` (the merge rule), `counting` (first counts on the
 host), `sharded_counting` (the same, jitted and sharded over a mesh), `scoring` (the S kernel),

@@ -7,6 +7,8 @@ and the kernel re-scores it only when the pair could win a merge. Per merge: pic
 best pair (`_Counts.select`), find its occurrences from the position list of a, subtract every
 pair that touches a vanishing token (old grid), commit, add every pair that touches a new token
 (new grid). The result equals recounting from scratch (tests/test_bpe_reference.py).
+With `threads`, the grids are shards, each with its own `GridState` worked on by its own
+thread, and their exact changes are summed before they are applied (as over hosts).
 """
 
 _MARGIN = 1e-6  # relative slack on float bounds (S <= 1 up to float32 rounding): prune less
@@ -387,7 +389,6 @@ def _shard_pairs(state: grid_state.GridState, vcap: int):
   keys.sort()
   first = tables.run_starts(keys)
   return keys[first], np.diff(np.append(first, keys.size)).astype(np.int32)
-
 
 
 def _shard_merge(state, a: int, b: int, delta, t: int, vcap: int, slice_size: int):
