@@ -449,7 +449,7 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
     raise ValueError(f"{n} grids of {h}x{w} with {len(geo.offsets)} offsets: pair counts could "
                      "overflow int32; expected fewer than 2**31 pair occurrences")
   keep = max(min_count, n * h * w // KEEP_CELLS)  # storage threshold (see `_Counts`)
-  threads = min(vocab_lib.check_int("threads", threads, 1), grids.shape[0])
+  threads = min(int(threads), grids.shape[0])  # >= 1: checked by `VisualBPE.learn`
   executor = (concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else
               contextlib.nullcontext())  # pool None: the shards' work on this thread
   with executor as pool:
