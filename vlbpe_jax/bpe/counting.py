@@ -106,4 +106,3 @@ def count_base_pairs_host(grids: np.ndarray, offsets, vcap: int, min_count: int 
   if not merged:
     return np.zeros(0, np.int64), np.zeros(0, np.int32)
   return np.concatenate([x for x, _ in merged]), np.concatenate([y for _, y in merged])
-

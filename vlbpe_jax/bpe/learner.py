@@ -352,14 +352,9 @@ def _recount(states, vcap: int, exchange=None, pool=None):
   stores pairs: base pairs first, then by newer token (the merge that made it), then by key.
   So the pool and the S batches stay those of a learner that never pruned.
   """
-  runs = tables.pool_map(pool, _shard_pairs, states, [vcap] * len(states))
-  if len(runs) == 1:
-    keys, counts = runs[0]
-  else:
-    keys, counts = tables.sum_by_key(np.concatenate([k for k, _ in runs]),
-                                     np.concatenate([c for _, c in runs]))
-    counts = counts.astype(np.int32)
-  del runs
+  keys, counts = _sum_shards(tables.pool_map(pool, _shard_pairs, states,
+                                             [vcap] * len(states)))
+  counts = counts.astype(np.int32)
   if exchange is not None:  # the counts of every host's grids
     keys, counts, _ = exchange.sum_runs(keys, counts)
     counts = counts.astype(np.int32)
@@ -368,6 +363,15 @@ def _recount(states, vcap: int, exchange=None, pool=None):
   newer = np.maximum(ab // vcap, ab % vcap)
   order = np.argsort(np.where(newer >= state.geo.base, newer, -1), kind="stable")
   return keys[order], counts[order]
+
+
+def _sum_shards(runs):
+  """Sorted unique keys and summed values of the shards' `(keys, values, ...)` runs."""
+  if len(runs) == 1:
+    return runs[0][0], runs[0][1]
+  # Each shard's keys are sorted: the stable sort in `sum_by_key` merges the runs.
+  return tables.sum_by_key(np.concatenate([r[0] for r in runs]),
+                           np.concatenate([r[1] for r in runs]))
 
 
 def _shard_pairs(state: grid_state.GridState, vcap: int):
@@ -500,12 +504,8 @@ def learn(grids: np.ndarray, base_vocab_size: int, num_merges: int, alpha: float
       threaded_merges += threaded
       if threaded and threaded_merges % TRIM_EVERY == 0:
         _release_free_memory()  # the threads' heaps
-      if len(parts) == 1:
-        uk, dv, merged = parts[0]
-      else:  # each shard's keys are sorted: the stable sort merges the runs
-        uk, dv = tables.sum_by_key(np.concatenate([k for k, _, _ in parts]),
-                                   np.concatenate([v for _, v, _ in parts]))
-        uk, dv, merged = uk[dv != 0], dv[dv != 0], sum(m for _, _, m in parts)
+      uk, dv = _sum_shards(parts)
+      uk, dv, merged = uk[dv != 0], dv[dv != 0], sum(m for _, _, m in parts)
       del parts
       record = dict(id=t, a=a, b=b, offset=list(delta), count=int(stats.acnt[slot]),
                     offset_count=n_delta, merged=int(merged), F=f, S=s, P=pr)
