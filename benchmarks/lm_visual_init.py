@@ -1,7 +1,13 @@
-"""Does initialising the unified LM's visual rows from the VQ codebook make it read colour sooner?
+"""Levers for the unified LM's reading of the image, one `full` run each on a finished demo.
+
+Does initialising the visual rows from the VQ codebook make it read colour sooner? Does a loss
+on the image tokens (each visual row then gets a gradient of its own at every occurrence), 2D
+positions or another split of the steps between the stages?
 
   python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_normal --init=normal
   python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_codebook --init=codebook
+  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/img_loss --image_loss=0.5
+  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/p2d --config.lm.positions=2d
 
 `--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
 `--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text`, and the lm
@@ -10,11 +16,13 @@ stage trains only the `full` run of `--config` there (stages 1-3 and the evaluat
 `--init=normal` is the pipeline's own init (rows ~ N(0, init_std)); `--init=codebook`: base code
 c's row is a fixed Gaussian projection of its (centred) VQ codebook vector, a BPE token's row the
 mean of its cells' vectors (`VisualBPE.geometry.codes`), all scaled to a mean row norm of
-init_std * sqrt(width) (the text rows' scale). Prints VQA, the wrong-image control, held-out and
+init_std * sqrt(width) (the text rows' scale). `--image_loss=w` adds w x the mean next-token
+cross-entropy on the image tokens (targets in the visual table) to the answer loss; the metrics'
+`loss` stays the answer loss. `--config.lm.*` overrides apply to the run. Prints VQA, the wrong-image control, held-out and
 per-type accuracies (BENCHMARKS.md, "Unified LM: what the model reads").
 """
 
-import importlib.util
+import functools
 import os
 import shutil
 import time
@@ -22,7 +30,9 @@ import time
 from absl import app
 from absl import flags
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
+import optax
 
 from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.lm import stage as lm_stage
@@ -32,7 +42,8 @@ from vlbpe_jax.vq import tokenizer as vq_tokenizer
 SRC = flags.DEFINE_string("src", None, "finished demo workdir", required=True)
 OUT = flags.DEFINE_string("out", None, "work directory of this run", required=True)
 INIT = flags.DEFINE_enum("init", "normal", ["normal", "codebook"], "visual rows' init")
-CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "config file (its get_config(None))")
+IMAGE_LOSS = flags.DEFINE_float("image_loss", 0.0, "weight of the image tokens' loss (0: none)")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 
 
 def codebook_vectors(workdir: str) -> np.ndarray:
@@ -48,6 +59,22 @@ def codebook_vectors(workdir: str) -> np.ndarray:
   return np.stack([book[bpe.geometry.codes(t)].mean(0) for t in range(bpe.vocab_size)])
 
 
+def loss_with_image_tokens(params, batch, key, *, model, weight):
+  """`lm_train.loss_fn` + weight x mean cross-entropy of the targets in the visual table."""
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"], rngs={"dropout": key})
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+  w = batch["loss_mask"].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  answers = jnp.sum(ce * w) / n
+  v = ((batch["targets"] >= model.config.text_vocab) & (batch["segment_ids"] > 0)).astype(
+      jnp.float32)
+  image = jnp.sum(ce * v) / jnp.maximum(jnp.sum(v), 1.0)
+  acc = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w) / n
+  return answers + weight * image, {"loss": answers, "image_loss": image, "token_acc": acc,
+                                    "loss_tokens": jnp.sum(w)}
+
+
 def _prepare(src: str, out: str):
   if os.path.exists(out):
     return
@@ -60,11 +87,10 @@ def _prepare(src: str, out: str):
 def main(argv):
   del argv
   _prepare(SRC.value, OUT.value)
-  spec = importlib.util.spec_from_file_location("config", CONFIG.value)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None)
+  config = CONFIG.value
   config.lm.runs = ("full",)
+  if IMAGE_LOSS.value:
+    lm_train.loss_fn = functools.partial(loss_with_image_tokens, weight=IMAGE_LOSS.value)
   if INIT.value == "codebook":
     vecs = codebook_vectors(OUT.value)
     train_run = lm_train.train_run
@@ -84,7 +110,7 @@ def main(argv):
     lm_train.train_run = with_codebook_rows  # lm/stage.py calls train.train_run
   t0 = time.perf_counter()
   m = lm_stage.run_stage(config, OUT.value)
-  print(f"init={INIT.value}: lm stage {time.perf_counter() - t0:.0f} s")
+  print(f"init={INIT.value} image_loss={IMAGE_LOSS.value}: lm stage {time.perf_counter() - t0:.0f} s")
   for k in ("lm.vqa_acc.full", "lm.vqa_acc_wrong_image.full", "lm.vqa_acc_heldout.full",
             "lm.caption_precision.full", "lm.caption_recall.full"):
     print(f"  {k}: {m[k]:.3f}")
