@@ -158,6 +158,10 @@ def get_config(arg=None):
       data_shards=0,  # as lm.data_shards: 0 = one per process
       total_steps=2 if tiny else 200,  # zero-shot colour is 100% from ~200 steps; shape stays
       lr=1e-3,
+      # Hard-negative captions (NegCLIP): each pair's caption with one object's shape and/or
+      # colour changed joins the image->text softmax; () = plain InfoNCE. ("shape",) for 200-800
+      # steps left zero-shot shape at chance (BENCHMARKS.md, "Why CLIP + FM fails here").
+      hard_negatives=(),
       warmup_steps=1 if tiny else 20,
       final_lr_frac=0.1,
       grad_clip=1.0,

@@ -65,6 +65,17 @@ def test_refuses_mismatched_tree_and_config(tmp_path):
   with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8, "data_shards": 4}},
                                must_match=("model",)) as ckpt:
     ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  # A field at its neutral default (manifest.NEUTRAL_DEFAULTS) matches a checkpoint written
+  # before it existed; any other value does not.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8, "hard_negatives": ()}},
+                               must_match=("model",)) as ckpt:
+    ckpt.restore(abstract)
+  with checkpoint.Checkpointer(tmp_path, config={"model": {"width": 8,
+                                                           "hard_negatives": ("shape",)}},
+                               must_match=("model",)) as ckpt:
+    with pytest.raises(ValueError, match="model: checkpoint has"):
+      ckpt.restore(abstract)
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(ValueError, match="no such checkpoint"):
       ckpt.restore(wrong, step=99)

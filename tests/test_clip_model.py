@@ -132,6 +132,64 @@ def test_clip_loss_matches_numpy_and_clips_scale():
   np.testing.assert_allclose(m["scale"], 100.0)
 
 
+def test_hard_negatives_join_the_image_to_text_softmax_only():
+  img = np.array([[1.0, 0.0, 0.5], [0.2, 2.0, 0.0], [0.0, 0.3, -1.0]], np.float32)
+  txt = np.array([[0.9, 0.1, 0.0], [0.0, 0.5, 0.5], [0.4, 0.0, -2.0]], np.float32)
+  neg = np.array([[1.0, 0.0, 0.4], [0.0, -1.0, 0.0], [0.3, 0.3, 0.3]], np.float32)
+  loss, m = clip_loss.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(np.log(10.0)),
+                                neg_emb=jnp.asarray(neg))
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  logits = 10.0 * unit(img) @ unit(txt).T
+  both = np.concatenate([logits, 10.0 * unit(img) @ unit(neg).T], axis=1)  # [3, 6]
+  i2t = np.mean(np.log(np.exp(both).sum(1)) - np.diag(logits))
+  t2i = np.mean(np.log(np.exp(logits.T).sum(1)) - np.diag(logits))
+  np.testing.assert_allclose(loss, (i2t + t2i) / 2, rtol=1e-5)
+  # Image 0's negative is closer than its caption; images 1 and 2 prefer their captions.
+  np.testing.assert_allclose(m["hard_neg_acc"], 2 / 3, rtol=1e-6)
+  assert float(loss) > float(clip_loss.clip_loss(jnp.asarray(img), jnp.asarray(txt),
+                                                 jnp.asarray(np.log(10.0)))[0])
+  with pytest.raises(AssertionError):
+    clip_loss.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(0.0),
+                        neg_emb=jnp.asarray(neg[:2]))
+
+
+def test_hard_negative_captions_differ_from_the_caption_in_one_word():
+  from vlbpe_jax.clip import train as clip_train  # pylint: disable=g-import-not-at-top
+  scenes = [shapes.make_scene(i, "train") for i in range(200)]
+  negs = clip_train.hard_negative_captions(scenes, ("shape",), seed=0)
+  heldout = {f"{c} {s}" for c, s in shapes.heldout_compositions()}
+  changed = set()
+  for objs, row in zip(scenes, negs):
+    caps = shapes.captions(objs)
+    assert len(row) == len(caps)
+    for cap, neg in zip(caps, row):
+      a, b = cap.split(), neg.split()
+      diff = [(x, y) for x, y in zip(a, b) if x != y]
+      assert len(a) == len(b) and len(diff) == 1, (cap, neg)
+      changed.add(diff[0][0].strip(".,"))
+      assert not any(h in neg for h in heldout), neg  # held-out pairs stay out of training
+  assert changed == set(shapes.SHAPES)
+  assert clip_train.hard_negative_captions(scenes, ("shape",), seed=0) == negs  # fixed
+  both = clip_train.hard_negative_captions(scenes, ("shape", "color"), seed=1)
+  words = {x.strip(".,") for objs, row in zip(scenes, both)
+           for cap, neg in zip(shapes.captions(objs), row)
+           for x, y in zip(cap.split(), neg.split()) if x != y}
+  assert words & set(shapes.COLORS) and words & set(shapes.SHAPES)
+
+
+def test_swap_attribute_checks_its_inputs():
+  rng = np.random.default_rng(0)
+  objs = shapes.make_scene(0, "train")
+  with pytest.raises(ValueError, match="attribute='size'"):
+    shapes.swap_attribute(objs, "size", "train", rng)
+  with pytest.raises(ValueError, match="split='dev'"):
+    shapes.swap_attribute(objs, "shape", "dev", rng)
+  with pytest.raises(ValueError, match="at least one object"):
+    shapes.swap_attribute([], "shape", "train", rng)
+  swapped = shapes.swap_attribute(objs, "color", "train", rng)
+  assert sum(o != p for o, p in zip(objs, swapped)) == 1 and objs == shapes.make_scene(0, "train")
+
+
 def test_loss_decreases_under_a_few_steps(tiny):
   model, boxed, _, _ = tiny
   params = nn.unbox(boxed)

@@ -230,3 +230,17 @@ def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_ke
   assert manifest.describe_changes({"config": part(default, "dit")},
                                    {"config": part(dit, "dit")}) == [
                                        "config dit.data_shards: '<missing>' -> 2"]
+
+
+def test_clip_hard_negatives_key_clip_and_readers_and_their_default_changes_no_key():
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")  # noqa: E731
+  part = train._config_part  # pylint: disable=protected-access
+  default, before, hard = config(), config(), config()
+  assert tuple(default.clip.hard_negatives) == ()
+  with before.unlocked():  # as configs were before clip.hard_negatives existed
+    del before.clip["hard_negatives"]
+  hard.clip.hard_negatives = ("shape",)
+  for name in train.STAGES:
+    assert part(before, name) == part(default, name), name
+    assert (part(hard, name) != part(default, name)) == (name in ("clip", "dit", "v2l")), name

@@ -28,6 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vlbpe_jax import manifest
+
 
 def _config_dict(config):
   if config is None:
@@ -141,7 +143,10 @@ class Checkpointer:
   def _check_config(self, step):
     if not self._must_match:
       return
-    saved, config = _without_layout(self.saved_config(step)), _without_layout(self._config)
+    # Leaves at a neutral default count as absent on both sides (checkpoints written before
+    # the field existed still match).
+    saved, config = (manifest.drop_neutral_defaults(_without_layout(c))
+                     for c in (self.saved_config(step), self._config))
     bad = [f"{k}: checkpoint has {_lookup(saved, k)!r}, config has {_lookup(config, k)!r}"
            for k in self._must_match if _lookup(saved, k) != _lookup(config, k)]
     if bad:

@@ -25,29 +25,33 @@ from vlbpe_jax import fileio
 
 # Config leaves that only change what is shown or logged, never a result: not part of keys.
 COSMETIC = ("progress", "report_examples", "num_token_maps", "grid_images", "log_every")
+# Config leaves (any section) whose default means "as before the field existed": left out of
+# keys while at it. data_shards 0: one data shard per process; clip.hard_negatives (): none.
+NEUTRAL_DEFAULTS = {"data_shards": 0, "hard_negatives": []}
 
 
 def config_dict(config) -> dict:
   """The config as every key sees it (manifests, LM checkpoints, stored LM results): JSON
   types, `lm.seed` left out while it means `seed` (-1, its default, or the same value) and
-  every section's `data_shards` while 0 (its default, one data shard per process), so that
-  keys stored before those fields existed still match, and a changed LM seed changes only the
-  keys that read `lm`."""
+  every `NEUTRAL_DEFAULTS` leaf while at its default, so that keys stored before those fields
+  existed still match, and a changed LM seed changes only the keys that read `lm`."""
   d = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
                             default=str))
   lm = d.get("lm")
   if isinstance(lm, dict) and lm.get("seed", -1) in (-1, d.get("seed")):
     lm.pop("seed", None)
-  _drop_default_shards(d)
-  return d
+  return drop_neutral_defaults(d)
 
 
-def _drop_default_shards(d):
+def drop_neutral_defaults(d):
+  """`d` (JSON types) without the `NEUTRAL_DEFAULTS` leaves that hold their default (in place)."""
   if isinstance(d, dict):
-    if d.get("data_shards", None) == 0:
-      del d["data_shards"]
+    for k, default in NEUTRAL_DEFAULTS.items():
+      if k in d and d[k] == default:
+        del d[k]
     for v in d.values():
-      _drop_default_shards(v)
+      drop_neutral_defaults(v)
+  return d
 
 
 def path(workdir: str, stage: str) -> str:

@@ -22,8 +22,11 @@ def run_stage(config, workdir: str) -> dict:
     m["clip.train_seconds"] = res["train_seconds"]
   chance = {"shape": 1 / len(shapes.SHAPES), "color": 1 / len(shapes.COLORS)}
   rows = [(k, f"{res[f'{k}_acc']:.1%}", f"{chance[k]:.1%}") for k in ("shape", "color")]
+  hard = tuple(config.clip.get("hard_negatives", ()))
+  negs = (f" and hard-negative captions (one object's {' or '.join(hard)} changed)"
+          if hard else "")
   html = (f"<p>CLIP ({config.clip.variant}), trained {int(config.clip.total_steps)} steps with "
-          "InfoNCE on (image, caption) pairs. Zero-shot classification of the "
+          f"InfoNCE on (image, caption) pairs{negs}. Zero-shot classification of the "
           f"{res['n']} single-object test scenes, by cosine between the image embedding and "
           "one text embedding per class:</p>"
           + report.table(("attribute", "zero-shot accuracy", "chance"), rows))

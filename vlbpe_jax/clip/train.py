@@ -1,4 +1,6 @@
-"""Trains the small CLIP on the shapes data: InfoNCE over (image, one of its captions) pairs.
+"""Trains the small CLIP on the shapes data: InfoNCE over (image, one of its captions) pairs,
+optionally with hard-negative captions (`clip.hard_negatives`: NegCLIP's swapped-attribute
+captions, here the same caption with one object's shape or colour changed).
 
   python -m vlbpe_jax.clip.train --config=configs/tiny.py --workdir=$W
 
@@ -32,11 +34,12 @@ from vlbpe_jax.clip import model as model_lib
 from vlbpe_jax.clip import text as text_lib
 from vlbpe_jax.clip import zero_shot
 from vlbpe_jax.data import pipeline
+from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
 
 # Config keys a checkpoint must agree on before it is restored.
 MUST_MATCH = ("seed", "data", "clip.variant", "clip.model", "clip.batch_size",
-              "clip.total_steps", "clip.lr")
+              "clip.total_steps", "clip.lr", "clip.hard_negatives")
 
 
 def check_config(config):
@@ -46,6 +49,10 @@ def check_config(config):
       raise ValueError(f"clip.{name}={c[name]!r}: expected a positive int")
   if not float(c.lr) > 0:
     raise ValueError(f"clip.lr={c.lr!r}: expected > 0")
+  hard = tuple(c.get("hard_negatives", ()))
+  if any(a not in ("shape", "color") for a in hard) or len(set(hard)) != len(hard):
+    raise ValueError(f"clip.hard_negatives={hard!r}: expected distinct attributes among "
+                     "('shape', 'color'), or () for none")
 
 
 def make_model(config, tok) -> model_lib.CLIP:
@@ -66,15 +73,20 @@ def to_float(images):
 
 
 class _Pairs:
-  """`(index, rng) -> {"images", "ids"}`: the image and one of its captions, drawn per epoch."""
+  """`(index, rng) -> {"images", "ids"[, "neg_ids"]}`: the image and one of its captions, drawn
+  per epoch, with that caption's hard negative when `neg_ids` is given."""
 
-  def __init__(self, images, ids):
+  def __init__(self, images, ids, neg_ids=None):
     self.images, self.ids = images, ids  # [N, R, R, 3] uint8, [N, K, T] int32
+    self.neg_ids = neg_ids  # None or [N, K, T] int32
 
   def __call__(self, index, rng):
     i = int(index)
-    return {"images": to_float(self.images[i]),
-            "ids": self.ids[i, int(rng.integers(self.ids.shape[1]))]}
+    k = int(rng.integers(self.ids.shape[1]))
+    out = {"images": to_float(self.images[i]), "ids": self.ids[i, k]}
+    if self.neg_ids is not None:
+      out["neg_ids"] = self.neg_ids[i, k]
+    return out
 
 
 def caption_ids(tok, captions, context_len):
@@ -86,10 +98,32 @@ def caption_ids(tok, captions, context_len):
   return flat.reshape(len(captions), k, context_len)
 
 
+def hard_negative_captions(objects, attributes, seed: int) -> list[list[str]]:
+  """For each scene (`objects`: N object lists of the train split) and each caption template,
+  the caption of the scene with one object's shape or colour (drawn from `attributes`) changed
+  (`shapes.swap_attribute`): `[N][K]` strings, aligned with `shapes.captions`, so that a pair's
+  negative differs from its caption in that one word. Fixed per (seed, scene, template)."""
+  out = []
+  for i, objs in enumerate(objects):
+    row = []
+    for k in range(len(shapes.captions(objs))):
+      rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, k])
+      attribute = attributes[int(rng.integers(len(attributes)))]
+      row.append(shapes.captions(shapes.swap_attribute(objs, attribute, "train", rng))[k])
+    out.append(row)
+  return out
+
+
 def loss_fn(params, batch, key, frozen, *, model):
   del key, frozen
-  img, txt, scale = model.apply({"params": params}, batch["images"], batch["ids"])
-  return loss_lib.clip_loss(img, txt, scale)
+  ids, neg = batch["ids"], batch.get("neg_ids")
+  if neg is not None:  # one text-tower pass over captions and negatives
+    ids = jnp.concatenate([ids, neg])
+  img, txt, scale = model.apply({"params": params}, batch["images"], ids)
+  if neg is None:
+    return loss_lib.clip_loss(img, txt, scale)
+  b = batch["ids"].shape[0]
+  return loss_lib.clip_loss(img, txt[:b], scale, neg_emb=txt[b:])
 
 
 def make_mesh(config):
@@ -122,9 +156,13 @@ def train(config, workdir: str, *, stop_at_step=None):
   trainer = make_trainer(config, model, make_mesh(config))
   data = data_stage.load_scenes(config, workdir, "train")
   ids = caption_ids(tok, data["captions"], model.config.context_len)
+  neg_ids = None
+  if tuple(c.get("hard_negatives", ())):
+    negs = hard_negative_captions(data["objects"], tuple(c.hard_negatives), config.seed)
+    neg_ids = caption_ids(tok, negs, model.config.context_len)
   it = pipeline.sharded_iterator(
-      functools.partial(pipeline.dataset, np.arange(len(ids)), _Pairs(data["images"], ids),
-                        seed=config.seed),
+      functools.partial(pipeline.dataset, np.arange(len(ids)),
+                        _Pairs(data["images"], ids, neg_ids), seed=config.seed),
       batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="clip")
   key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.key(config.seed))),
                                            trainer.mesh)

@@ -254,6 +254,26 @@ def attributes(objects):
   return out
 
 
+def swap_attribute(objects, attribute, split, rng):
+  """A copy of `objects` with one object's `attribute` ("shape" | "color") changed to another
+  value: the scene a hard-negative caption describes (it differs from the image in exactly
+  that word). Outside the test split the new (color, shape) pair is never a held-out one, so
+  negatives keep the held-out compositions out of training text as well."""
+  if attribute not in ("shape", "color"):
+    raise ValueError(f"attribute={attribute!r}: expected 'shape' or 'color'")
+  _check_split(split)
+  if not objects:
+    raise ValueError("objects: expected a scene with at least one object")
+  allowed = set(_ALL_PAIRS if split == "test" else _SEEN_PAIRS)
+  values = SHAPES if attribute == "shape" else tuple(COLORS)
+  choices = [(i, v) for i, o in enumerate(objects) for v in values if v != o[attribute]
+             and ((v, o["shape"]) if attribute == "color" else (o["color"], v)) in allowed]
+  i, v = choices[int(rng.integers(len(choices)))]
+  out = [dict(o) for o in objects]
+  out[i][attribute] = v
+  return out
+
+
 def _absent_pair(objects, split, rng):
   present = {(o["color"], o["shape"]) for o in objects}
   pairs = _ALL_PAIRS if split == "test" else _SEEN_PAIRS

@@ -1,0 +1,52 @@
+"""The CLIP trainer with hard-negative captions (clip.hard_negatives) on 8 fake devices."""
+
+import importlib.util
+import os
+
+import pytest
+
+from vlbpe_jax import summary
+from vlbpe_jax.clip import train
+from vlbpe_jax.data import stage as data_stage
+
+
+def _config(**clip):
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.clip.total_steps = 2
+  for k, v in clip.items():
+    config.clip[k] = v
+  return config
+
+
+def _first_row(run_dir):
+  return [r for r in summary.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+          if "train/loss" in r][0]
+
+
+def test_hard_negatives_add_columns_and_key_the_checkpoint(tmp_path):
+  src = str(tmp_path / "src")
+  data_stage.run_stage(_config(), src)
+  plain, hard = str(tmp_path / "plain"), str(tmp_path / "hard")
+  for w in (plain, hard):
+    os.makedirs(w)
+    for d in ("data", "tokenizer"):
+      os.symlink(os.path.join(src, d), os.path.join(w, d))
+  train.train(_config(), plain)
+  train.train(_config(hard_negatives=("shape",)), hard)
+  p, h = _first_row(os.path.join(plain, "clip")), _first_row(os.path.join(hard, "clip"))
+  assert "train/hard_neg_acc" not in p and 0.0 <= h["train/hard_neg_acc"] <= 1.0
+  # Same init and first batch: the negatives' columns can only raise image->text's logsumexp.
+  assert h["train/loss"] > p["train/loss"] + 1e-4, (h["train/loss"], p["train/loss"])
+  # A checkpoint trained without negatives is not resumed as one with them.
+  with pytest.raises(ValueError, match="hard_negatives"):
+    train.train(_config(hard_negatives=("shape",), total_steps=3), plain)
+
+
+def test_bad_hard_negatives_raise():
+  for bad in (("size",), ("shape", "shape")):
+    with pytest.raises(ValueError, match="clip.hard_negatives"):
+      train.check_config(_config(hard_negatives=bad))
