@@ -7,6 +7,12 @@
       state = loop.fit(state, step_fn, it, total_steps=N, ckpt=ckpt, writer=writer,
                        log_every=20, ckpt_every=1000, name="vq", seconds_before=seconds)
 
+`run` is that whole block for a run directory (`run_dir/ckpt`, metrics in `run_dir`):
+
+  state = loop.run(run_dir, abstract_state, init_fn, step_fn, it, config=config,
+                   must_match=MUST_MATCH, total_steps=N, log_every=20, ckpt_every=1000,
+                   name="clip")
+
 `fit` runs `step_fn(state, batch) -> (state, metrics)`, the caller's jitted step (which shards
 the host batch itself), from `state["step"]` to `total_steps` under
 `jax.transfer_guard("disallow")`. A step's metrics (a dict of scalars) are fetched while the
@@ -20,6 +26,7 @@ passed the check, so the latest checkpoint is a good one.
 """
 
 import math
+import os
 import time
 from typing import Any, Callable, Collection, Mapping
 
@@ -29,6 +36,7 @@ import numpy as np
 import tqdm
 
 from vlbpe_jax import checkpoint
+from vlbpe_jax import summary
 
 
 def restore_or_init(ckpt: checkpoint.Checkpointer, abstract_state, init_fn: Callable[[], Any],
@@ -51,6 +59,20 @@ def restore_or_init(ckpt: checkpoint.Checkpointer, abstract_state, init_fn: Call
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   start = int(jax.device_get(state["step"]))
   return state, start, before + time.time() - t0
+
+
+def run(run_dir: str, abstract_state, init_fn: Callable[[], Any], step_fn, data_iter, *,
+        config, must_match: tuple[str, ...], max_to_keep: int = 2, **fit_kwargs):
+  """A run in `run_dir`: resumes from `run_dir/ckpt` (a checkpoint written with another config
+  at a `must_match` key is refused) or starts from `init_fn()`, then `fit`s with a
+  `summary.MetricWriter` on `run_dir`. `fit_kwargs`: `fit`'s keywords other than `ckpt`,
+  `writer` and `seconds_before`. Returns the final state."""
+  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), max_to_keep=max_to_keep,
+                               config=config, must_match=must_match) as ckpt:
+    state, start, seconds = restore_or_init(ckpt, abstract_state, init_fn, data_iter)
+    with summary.MetricWriter(run_dir, resume_step=start) as writer:
+      return fit(state, step_fn, data_iter, ckpt=ckpt, writer=writer, seconds_before=seconds,
+                 **fit_kwargs)
 
 
 def train_seconds(ckpt_dir: str) -> float:

@@ -27,7 +27,6 @@ from vlbpe_jax import cli
 from vlbpe_jax import loop
 from vlbpe_jax import parallel
 from vlbpe_jax import sharded_trainer
-from vlbpe_jax import summary
 from vlbpe_jax.clip import features
 from vlbpe_jax.clip import loss as loss_lib
 from vlbpe_jax.clip import model as model_lib
@@ -166,17 +165,13 @@ def train(config, workdir: str, *, stop_at_step=None):
       batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="clip")
   key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.key(config.seed))),
                                            trainer.mesh)
-  with checkpoint.Checkpointer(os.path.join(run_dir(workdir), "ckpt"), max_to_keep=2,
-                               config=config, must_match=MUST_MATCH) as ckpt:
-    state, start, seconds = loop.restore_or_init(ckpt, trainer.abstract_state,
-                                                 lambda: trainer.init(key_init), it)
-    with summary.MetricWriter(run_dir(workdir), resume_step=start) as writer:
-      state = loop.fit(state, lambda s, b: trainer.step(s, b, key_train), it,
-                       total_steps=int(c.total_steps), ckpt=ckpt, writer=writer,
-                       log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name="clip",
-                       seconds_before=seconds, progress=bool(c.progress),
-                       items_per_step={"perf/pairs_per_s": int(c.batch_size)},
-                       stop_at_step=stop_at_step)
+  state = loop.run(run_dir(workdir), trainer.abstract_state, lambda: trainer.init(key_init),
+                   lambda s, b: trainer.step(s, b, key_train), it, config=config,
+                   must_match=MUST_MATCH, total_steps=int(c.total_steps),
+                   log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name="clip",
+                   progress=bool(c.progress),
+                   items_per_step={"perf/pairs_per_s": int(c.batch_size)},
+                   stop_at_step=stop_at_step)
   return model, trainer, state
 
 

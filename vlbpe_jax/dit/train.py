@@ -37,7 +37,6 @@ from vlbpe_jax import fileio
 from vlbpe_jax import loop
 from vlbpe_jax import parallel
 from vlbpe_jax import sharded_trainer
-from vlbpe_jax import summary
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import stage as data_stage
@@ -261,17 +260,12 @@ def train(config, s: Setup, captions, train_x0, *, stop_at_step=None):
       jax.random.key(config.seed), DESIGNS.index(s.design)))), s.trainer.mesh)
   if parallel.is_primary():
     fileio.write_json(os.path.join(s.run_dir, "target_stats.json"), s.stats)
-  with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
-                               config=config, must_match=MUST_MATCH) as ckpt:
-    state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,
-                                                 lambda: s.trainer.init(key_init), it)
-    with summary.MetricWriter(s.run_dir, resume_step=start) as writer:
-      state = loop.fit(
-          state, lambda st, b: s.trainer.step(st, b, key_train, s.backbone.params), it,
-          total_steps=int(c.total_steps), ckpt=ckpt, writer=writer,
-          log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name=f"dit/{s.design}",
-          seconds_before=seconds, progress=bool(c.progress), stop_at_step=stop_at_step,
-          items_per_step={"perf/examples_per_s": int(c.batch_size)})
+  state = loop.run(
+      s.run_dir, s.trainer.abstract_state, lambda: s.trainer.init(key_init),
+      lambda st, b: s.trainer.step(st, b, key_train, s.backbone.params), it, config=config,
+      must_match=MUST_MATCH, total_steps=int(c.total_steps), log_every=int(c.log_every),
+      ckpt_every=int(c.ckpt_every), name=f"dit/{s.design}", progress=bool(c.progress),
+      stop_at_step=stop_at_step, items_per_step={"perf/examples_per_s": int(c.batch_size)})
   return state
 
 

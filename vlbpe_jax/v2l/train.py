@@ -46,7 +46,6 @@ from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax import sharded_trainer
-from vlbpe_jax import summary
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import stage as data_stage
@@ -325,17 +324,12 @@ def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
       batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="v2l")
   key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.fold_in(
       jax.random.key(config.seed), 14))), s.trainer.mesh)
-  with checkpoint.Checkpointer(os.path.join(s.run_dir, "ckpt"), max_to_keep=2,
-                               config=config, must_match=MUST_MATCH) as ckpt:
-    state, start, seconds = loop.restore_or_init(ckpt, s.trainer.abstract_state,
-                                                 lambda: s.trainer.init(key_init), it)
-    with summary.MetricWriter(s.run_dir, resume_step=start) as writer:
-      state = loop.fit(
-          state, lambda st, b: s.trainer.step(st, b, key_train, s.frozen), it,
-          total_steps=int(c.total_steps), ckpt=ckpt, writer=writer,
-          log_every=int(c.log_every), ckpt_every=int(c.ckpt_every), name="v2l",
-          seconds_before=seconds, progress=bool(c.progress), stop_at_step=stop_at_step,
-          items_per_step={"perf/images_per_s": int(c.batch_size)})
+  state = loop.run(
+      s.run_dir, s.trainer.abstract_state, lambda: s.trainer.init(key_init),
+      lambda st, b: s.trainer.step(st, b, key_train, s.frozen), it, config=config,
+      must_match=MUST_MATCH, total_steps=int(c.total_steps), log_every=int(c.log_every),
+      ckpt_every=int(c.ckpt_every), name="v2l", progress=bool(c.progress),
+      stop_at_step=stop_at_step, items_per_step={"perf/images_per_s": int(c.batch_size)})
   return state
 
 
