@@ -1,9 +1,9 @@
 """The CLIP trainer with hard-negative captions (clip.hard_negatives) on 8 fake devices."""
 
-import importlib.util
 import os
 
 import pytest
+from test_main import ROOT, load_config
 
 from vlbpe_jax import summary
 from vlbpe_jax.clip import train
@@ -11,11 +11,7 @@ from vlbpe_jax.data import stage as data_stage
 
 
 def _config(**clip):
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
   config.clip.total_steps = 2
   for k, v in clip.items():
     config.clip[k] = v
