@@ -11,7 +11,10 @@ positions or another split of the steps between the stages?
 
 `--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
 `--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text`, and the lm
-stage trains only the `full` run of `--config` there (stages 1-3 and the evaluation).
+stage trains only the `--run` run (default `full`) of `--config` there (its stages and the
+evaluation). Fewer VQA questions per training example (no answer to copy from the text):
+
+  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/q2 --config.lm.vqa_questions=2
 
 `--init=normal` is the pipeline's own init (rows ~ N(0, init_std)); `--init=codebook`: base code
 c's row is a fixed Gaussian projection of its (centred) VQ codebook vector, a BPE token's row the
@@ -42,6 +45,7 @@ from vlbpe_jax.vq import tokenizer as vq_tokenizer
 SRC = flags.DEFINE_string("src", None, "finished demo workdir", required=True)
 OUT = flags.DEFINE_string("out", None, "work directory of this run", required=True)
 INIT = flags.DEFINE_enum("init", "normal", ["normal", "codebook"], "visual rows' init")
+RUN = flags.DEFINE_enum("run", "full", lm_train.RUNS, "which run of the lm stage to train")
 IMAGE_LOSS = flags.DEFINE_float("image_loss", 0.0, "weight of the image tokens' loss (0: none)")
 CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 
@@ -88,7 +92,7 @@ def main(argv):
   del argv
   _prepare(SRC.value, OUT.value)
   config = CONFIG.value
-  config.lm.runs = ("full",)
+  config.lm.runs = (RUN.value,)
   if IMAGE_LOSS.value:
     lm_train.loss_fn = functools.partial(loss_with_image_tokens, weight=IMAGE_LOSS.value)
   if INIT.value == "codebook":
@@ -111,10 +115,11 @@ def main(argv):
   t0 = time.perf_counter()
   m = lm_stage.run_stage(config, OUT.value)
   print(f"init={INIT.value} image_loss={IMAGE_LOSS.value}: lm stage {time.perf_counter() - t0:.0f} s")
-  for k in ("lm.vqa_acc.full", "lm.vqa_acc_wrong_image.full", "lm.vqa_acc_heldout.full",
-            "lm.caption_precision.full", "lm.caption_recall.full"):
+  r = RUN.value
+  for k in (f"lm.vqa_acc.{r}", f"lm.vqa_acc_wrong_image.{r}", f"lm.vqa_acc_heldout.{r}",
+            f"lm.caption_precision.{r}", f"lm.caption_recall.{r}"):
     print(f"  {k}: {m[k]:.3f}")
-  for kind in ("lm.vqa_acc_by_type.full.", "lm.vqa_acc_by_type_wrong_image.full."):
+  for kind in (f"lm.vqa_acc_by_type.{r}.", f"lm.vqa_acc_by_type_wrong_image.{r}."):
     print(f"  {kind}", {k[len(kind):]: round(v, 2) for k, v in m.items() if k.startswith(kind)})
 
 

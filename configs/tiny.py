@@ -128,6 +128,10 @@ def get_config(arg=None):
       single_stage_lr=2e-3,  # peak LR of the single-stage ablation
       stage_tasks=(("caption", "attributes"), ("vqa", "caption", "attributes"),
                    ("dialogue", "vqa")),  # curriculum per stage; repeat a task to weight it
+      # VQA questions per image in one training example (0: all ~7, in random order). With all
+      # of them, earlier answers name the colours and shapes a later question asks about, a
+      # text shortcut past the image (BENCHMARKS.md, "Unified LM: what the model reads").
+      vqa_questions=0,
       first_frac=0.25,  # stage 2 unfreezes the first ceil(25%) of the layers
       warmup_steps=10,  # per stage
       final_lr_frac=0.1,  # cosine decays to 10% of the peak

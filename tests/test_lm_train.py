@@ -134,6 +134,8 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("batch_size", 0, "lm.batch_size"),
     ("first_frac", 1.5, "first_frac"),
     ("positions", "3d", "lm.positions"),
+    ("vqa_questions", -1, "lm.vqa_questions"),
+    ("vqa_questions", 1.5, "lm.vqa_questions"),
 ])
 def test_check_config_refuses_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -228,3 +230,28 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   state = ckpt.restore(s["trainer"].abstract_state(good))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_host(state["params"])))
   ckpt.close()
+
+
+def test_vqa_questions_per_image_in_the_runs_not_in_stage_0(setup):
+  """`lm.vqa_questions=1`: every VQA example of stages 1-3 asks one question about its image;
+  stage 0 (text only) keeps all of an image's questions."""
+  s = setup
+  config = helpers.make_config(vqa_questions=1)
+  source = helpers.examples("train")
+  visual, _, _ = sequences.load_visual_tokens(s["workdir"], "bpe",
+                                              vq_start=train.text_rows(config, s["tok"]))
+  tok = s["tok"]
+
+  def questions_per_example(make_iter):
+    batch = next(make_iter(train.Phase(3, 1, ("vqa",), 1e-3)))
+    counts = []
+    for ids, seg in zip(batch["inputs"], batch["segment_ids"]):
+      counts += [int((ids[seg == k] == tok.user_id).sum()) for k in set(seg.tolist()) - {0}]
+    return counts
+
+  one = questions_per_example(train.iterator_fn(config, tok, source, visual["train"]))
+  assert one and set(one) == {1}
+  every = questions_per_example(train.iterator_fn(s["config"], tok, source, visual["train"]))
+  assert min(every) >= 4  # all of an image's questions (5-7; truncation may cut the last row's)
+  text = questions_per_example(train.iterator_fn(config, tok, source, None))
+  assert min(text) >= 4

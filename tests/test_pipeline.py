@@ -196,6 +196,38 @@ def test_format_vqa_and_dialogue_mask_only_answers(tok):
   assert mask[ids == tok.eos_id].all() and (ids == tok.eos_id).sum() == len(gpt)
 
 
+def test_format_vqa_keeps_the_asked_number_of_questions(tok):
+  """`questions=k`: k of the image's QA pairs, drawn by the rng; the others' answers (which name
+  colours and shapes a later question asks about) are not in the sequence."""
+  ex = shapes.make_example(4, "validation", resolution=32)
+  pairs = {(qa["q"], qa["a"]) for qa in ex["qa"]}
+  assert len(pairs) >= 5
+  kept = set()
+  for seed in range(20):
+    ids, mask = pl.format_example(ex, "vqa", tok, rng=np.random.default_rng(seed), questions=2)
+    assert (ids == tok.user_id).sum() == (ids == tok.assistant_id).sum() == 2
+    text = tok.decode(ids)
+    asked = [(q, a) for q, a in pairs if q in text]
+    assert len(asked) == 2 and _spans(tok, ids, mask) == [
+        a for _, a in sorted(asked, key=lambda p: text.index(p[0]))]
+    kept.update(asked)
+  assert kept == pairs  # every question gets drawn
+  ids, _ = pl.format_example(ex, "vqa", tok, rng=np.random.default_rng(0), questions=99)
+  assert (ids == tok.user_id).sum() == len(ex["qa"])
+  ids, _ = pl.format_example(ex, "vqa", tok, rng=np.random.default_rng(0), questions=0)
+  assert (ids == tok.user_id).sum() == len(ex["qa"])
+  with pytest.raises(ValueError, match="questions=2: expected an rng"):
+    pl.format_example(ex, "vqa", tok, questions=2)
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match=f"questions={bad!r}"):
+      pl.format_example(ex, "vqa", tok, rng=np.random.default_rng(0), questions=bad)
+    with pytest.raises(ValueError, match=f"questions={bad!r}"):
+      pl.TaskFormatter(tok, ("vqa",), questions=bad)
+  fmt = pl.TaskFormatter(tok, ("vqa",), questions=1)
+  ids, _ = fmt(ex, np.random.default_rng(0))
+  assert (ids == tok.user_id).sum() == 1
+
+
 def test_format_caption_attributes_and_image_span(tok):
   ex = shapes.make_example(1, "train", resolution=32)
   ids, mask = pl.format_example(ex, "caption", tok)

@@ -27,7 +27,7 @@ from vlbpe_jax import fileio
 COSMETIC = ("progress", "report_examples", "num_token_maps", "grid_images", "log_every")
 # Config leaves (any section) whose default means "as before the field existed": left out of
 # keys while at it. data_shards 0: one data shard per process; clip.hard_negatives (): none.
-NEUTRAL_DEFAULTS = {"data_shards": 0, "hard_negatives": []}
+NEUTRAL_DEFAULTS = {"data_shards": 0, "hard_negatives": [], "vqa_questions": 0}
 
 
 def config_dict(config) -> dict:

@@ -325,16 +325,24 @@ def _encode(tokenizer, text):
   return tokenizer.encode(text.replace("<image>", "").strip())
 
 
-def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None):
+def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None,
+                   questions: int = 0):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
 
   `rng` (np.random.Generator) picks one of `example["captions"]` for "caption" and shuffles the
   question order of "vqa" (so that every question type is trained right after the image, where
   evaluation asks it, and no answer is always preceded by the same others); without it the first
-  caption and the stored order are used.
+  caption and the stored order are used. `questions=k > 0` keeps k of the image's questions
+  (drawn by `rng`, which it needs) in "vqa": the others' answers are then not in the sequence,
+  where they name the colours and shapes a later question asks about (a text shortcut past the
+  image; BENCHMARKS.md, "Unified LM: what the model reads"). 0 keeps them all.
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  if isinstance(questions, bool) or int(questions) != questions or questions < 0:
+    raise ValueError(f"questions={questions!r}: expected an int >= 0 (0: every question)")
+  if questions and rng is None:
+    raise ValueError(f"questions={questions}: expected an rng to draw them with")
   if task == "icl":
     if rng is None:
       raise ValueError("task='icl': expected an rng (the episode is drawn from it)")
@@ -359,6 +367,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   elif task == "vqa":
     qas = example["qa"]
     order = rng.permutation(len(qas)) if rng is not None else range(len(qas))
+    if questions:
+      order = order[:questions]
     for qa in (qas[i] for i in order):
       add([tokenizer.user_id] + _encode(tokenizer, qa["q"]) + [tokenizer.assistant_id],
           False)
@@ -382,13 +392,14 @@ class TaskFormatter:
   """`(record, rng) -> (ids, loss_mask)` for `lm_dataset`: decodes a tfds record (or takes a
   shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`. With
   `image_positions` (and `image_tokens`) it returns `(ids, loss_mask, grid_positions(...))`
-  (use `lm_dataset(..., grid=True)`).
+  (use `lm_dataset(..., grid=True)`). `questions`: `format_example`'s (VQA questions kept per
+  image; 0: all).
 
   A class rather than a closure so that it pickles into grain workers.
   """
 
   def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None,
-               image_positions=None):
+               image_positions=None, questions: int = 0):
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
       raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
@@ -396,13 +407,16 @@ class TaskFormatter:
       raise ValueError("image_positions without image_tokens: expected both or neither")
     self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
     self.image_positions = image_positions
+    if isinstance(questions, bool) or int(questions) != questions or questions < 0:
+      raise ValueError(f"questions={questions!r}: expected an int >= 0 (0: every question)")
+    self.questions = int(questions)
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
     ids, mask = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
-                               rng=rng)
+                               rng=rng, questions=self.questions)
     if self.image_positions is None:
       return ids, mask
     return ids, mask, grid_positions(ids, self.tokenizer.image_begin_id,

@@ -57,7 +57,7 @@ RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no
 TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
                    "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
-                                 "lm.positions")
+                                 "lm.positions", "lm.vqa_questions")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
 # grid, text on the diagonal, which equals 1D RoPE; pipeline.grid_positions).
 POSITIONS = ("1d", "2d")
@@ -109,6 +109,13 @@ def text_tasks(config) -> tuple:
   return tuple(config.lm.get("text_tasks", pipeline.TASKS))
 
 
+def vqa_questions(config) -> int:
+  """`lm.vqa_questions`: VQA questions kept per image in a training example of stages 1-3 (0,
+  the default when absent: all of them; pipeline.format_example). Stage 0, the text-only
+  stand-in for a pretrained LLM, keeps every question."""
+  return int(config.lm.get("vqa_questions", 0))
+
+
 def lm_seed(config) -> int:
   """The LM stage's seed (init, data order, dropout): `lm.seed`, or `seed` when it is -1."""
   s = int(config.lm.get("seed", -1))
@@ -118,6 +125,10 @@ def lm_seed(config) -> int:
 def check_config(config):
   """Raises ValueError on bad `config.lm` values (before any compilation)."""
   c = config.lm
+  q = c.get("vqa_questions", 0)
+  if isinstance(q, bool) or not isinstance(q, int) or q < 0:
+    raise ValueError(f"lm.vqa_questions={q!r}: expected an int >= 0 (0: every question of an "
+                     "image in one example)")
   for name in ("seq_len", "batch_size", "log_every", "ckpt_every", "text_steps",
                "vocab_multiple"):
     if int(c[name]) < 1:
@@ -374,7 +385,8 @@ def iterator_fn(config, tok, source, visual):
     return pipeline.sharded_iterator(
         functools.partial(sequences.train_dataset, source, tok, phase.tasks, visual,
                           seq_len=config.lm.seq_len, seed=lm_seed(config),
-                          worker_count=config.lm.worker_count, grid=grid_positions(config)),
+                          worker_count=config.lm.worker_count, grid=grid_positions(config),
+                          questions=vqa_questions(config) if visual is not None else 0),
         batch_size=int(config.lm.batch_size), data_shards=int(config.lm.get("data_shards", 0)),
         section="lm")
   return make_iter
