@@ -1,0 +1,143 @@
+"""Can a small LM read an object's colour from the demo's image tokens at all, and how fast?
+
+A fresh `LM` (lm/model.py, no text pretraining, no stages) trained on one question only, "what
+color is the <shape>?", asked about an object whose shape is unique in its image, with the loss
+on the one answer token: the image tokens the pipeline gives the unified model, none of its
+other tasks and no other question's answer in the sequence. Accuracy on test images (exact
+colour, chance 1/8) every `--steps / 10` steps.
+
+  python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=one
+  python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=all
+
+`--tokens`: `bpe` (workdir/bpe/tokens_*.npz), `vq` (workdir/vq/codes_*.npy) or `oracle` (each
+4x4 cell's colour on 27 levels at 32 px, tests/lm_train_helpers.color_codes; no workdir
+needed). `--scenes=one`: one-object images only; `all`: every image with a unique-shape object.
+Scenes are `shapes.make_scene(i, split, seed=0)`, the demo's data (its `seed` is 0).
+BENCHMARKS.md, "Unified LM: what the model reads", has the figures.
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from vlbpe_jax.data import shapes
+from vlbpe_jax.lm.model import LM, lm_config
+
+WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
+TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle"], "image tokens")
+SCENES = flags.DEFINE_enum("scenes", "one", ["one", "all"], "which images")
+STEPS = flags.DEFINE_integer("steps", 300, "training steps")
+BATCH = flags.DEFINE_integer("batch", 16, "questions per step")
+LR = flags.DEFINE_float("lr", 3e-3, "peak learning rate (20 warm-up steps, cosine to 10%)")
+VARIANT = flags.DEFINE_string("variant", "mu", "lm/config.py VARIANTS entry")
+NUM_TRAIN = flags.DEFINE_integer("num_train", 5000, "at most this many training questions")
+
+COLORS, SHAPES = list(shapes.COLORS), list(shapes.SHAPES)
+# ids: 0 pad/bos, 1 <img>, 2 </img>, 3 "what color is the", 4 "?", 5.. shapes, then colours,
+# then the image tokens.
+SHAPE0 = 5
+COLOR0 = SHAPE0 + len(SHAPES)
+VIS0 = COLOR0 + len(COLORS)
+
+
+def oracle_codes(index, split):
+  """27 colour levels per 4x4 cell of the 32 px render: `[64]`."""
+  img = shapes.render(shapes.make_scene(index, split), 32,
+                      background=shapes.scene_background(index, split)).astype(np.float64)
+  cells = img.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3))
+  q = np.clip(np.round(cells / 127.5), 0, 2).astype(np.int64)
+  return (q[..., 0] * 9 + q[..., 1] * 3 + q[..., 2]).reshape(-1)
+
+
+def image_tokens(workdir, kind):
+  """`(split -> index -> tokens [L]` or None past the split, number of token ids)`."""
+  if kind == "oracle":
+    return lambda split, i: oracle_codes(i, split), 27
+  if workdir is None:
+    raise ValueError(f"--tokens={kind}: expected --workdir, a finished demo workdir")
+  if kind == "vq":
+    codes = {s: np.load(os.path.join(workdir, "vq", f"codes_{s}.npy")) for s in ("train", "test")}
+    n = int(max(c.max() for c in codes.values())) + 1
+    return lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None, n
+  enc = {s: np.load(os.path.join(workdir, "bpe", f"tokens_{s}.npz")) for s in ("train", "test")}
+  n = int(max(e["tokens"].max() for e in enc.values())) + 1
+
+  def get(split, i):
+    e = enc[split]
+    return e["tokens"][i, :e["lengths"][i]] if i < len(e["lengths"]) else None
+  return get, n
+
+
+def questions(split, tokens, num, one_object):
+  """`(ids [N, L], segment ids [N, L], answers [N])`, left-padded (segment 0 = padding)."""
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  rows, answers = [], []
+  i = 0
+  while len(rows) < num:
+    objects = shapes.make_scene(i, split)
+    image = tokens(split, i)
+    i += 1
+    if image is None:
+      break
+    unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
+    if (one_object and len(objects) != 1) or not unique:
+      continue
+    o = unique[int(rng.integers(len(unique)))]
+    rows.append([0, 1, *(np.asarray(image) + VIS0).tolist(), 2, 3,
+                 SHAPE0 + SHAPES.index(o["shape"]), 4])
+    answers.append(COLOR0 + COLORS.index(o["color"]))
+  width = max(map(len, rows))
+  ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int32)
+  seg = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
+  return ids, seg, np.array(answers, np.int32)
+
+
+def main(argv):
+  del argv
+  tokens, num_tokens = image_tokens(WORKDIR.value, TOKENS.value)
+  one = SCENES.value == "one"
+  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one)
+  tx, tseg, ty = questions("test", tokens, 500, one)
+  print(f"{len(y)} training / {len(ty)} test questions, {x.shape[1]} tokens per row")
+  kw = dict(dtype="float32")
+  if VARIANT.value == "mu":
+    kw.update(width=64, num_heads=4, num_kv_heads=2, mlp_dim=192)
+  model = LM(lm_config(VARIANT.value, text_vocab=VIS0 + num_tokens, **kw))
+  params = nn.unbox(model.init(jax.random.key(0), x[:2])["params"])
+  schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, 20, STEPS.value, LR.value * 0.1)
+  opt = optax.adamw(schedule, b2=0.95, weight_decay=0.0)
+  state = opt.init(params)
+
+  def last_logits(p, ids, segments):
+    return model.apply({"params": p}, ids, segment_ids=segments)[:, -1]
+
+  @jax.jit
+  def step(p, s, ids, segments, answers):
+    loss, g = jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        last_logits(p, ids, segments), answers).mean())(p)
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  @jax.jit
+  def accuracy(p):
+    colour = last_logits(p, tx, tseg)[:, COLOR0:COLOR0 + len(COLORS)].argmax(-1) + COLOR0
+    return (colour == ty).mean()
+
+  rng = np.random.default_rng(0)
+  t0 = time.perf_counter()
+  for n in range(1, STEPS.value + 1):
+    b = rng.integers(len(y), size=BATCH.value)
+    params, state, loss = step(params, state, x[b], seg[b], y[b])
+    if n % max(STEPS.value // 10, 1) == 0:
+      print(f"step {n}: loss {float(loss):.3f}, test colour accuracy "
+            f"{float(accuracy(params)):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
