@@ -17,6 +17,7 @@ BENCHMARKS.md, "Unified LM: what the model reads", has the figures.
 """
 
 import os
+import sys
 import time
 
 from absl import app
@@ -28,6 +29,10 @@ import optax
 
 from vlbpe_jax.data import shapes
 from vlbpe_jax.lm.model import LM, lm_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import lm_train_helpers  # noqa: E402  (tests/: the oracle codes of tests/test_lm_learns.py)
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
 TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle"], "image tokens")
@@ -47,12 +52,10 @@ VIS0 = COLOR0 + len(COLORS)
 
 
 def oracle_codes(index, split):
-  """27 colour levels per 4x4 cell of the 32 px render: `[64]`."""
+  """27 colour levels per 4x4 cell of the 32 px render (the tests' stand-in VQ): `[64]`."""
   img = shapes.render(shapes.make_scene(index, split), 32,
-                      background=shapes.scene_background(index, split)).astype(np.float64)
-  cells = img.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3))
-  q = np.clip(np.round(cells / 127.5), 0, 2).astype(np.int64)
-  return (q[..., 0] * 9 + q[..., 1] * 3 + q[..., 2]).reshape(-1)
+                      background=shapes.scene_background(index, split))
+  return lm_train_helpers.color_codes(img[None])[0].reshape(-1)
 
 
 def image_tokens(workdir, kind):

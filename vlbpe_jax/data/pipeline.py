@@ -325,6 +325,13 @@ def _encode(tokenizer, text):
   return tokenizer.encode(text.replace("<image>", "").strip())
 
 
+def _check_questions(questions) -> int:
+  """`questions` of `format_example` as an int; ValueError unless an int >= 0."""
+  if isinstance(questions, bool) or int(questions) != questions or questions < 0:
+    raise ValueError(f"questions={questions!r}: expected an int >= 0 (0: every question)")
+  return int(questions)
+
+
 def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None,
                    questions: int = 0):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
@@ -339,8 +346,7 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
-  if isinstance(questions, bool) or int(questions) != questions or questions < 0:
-    raise ValueError(f"questions={questions!r}: expected an int >= 0 (0: every question)")
+  _check_questions(questions)
   if questions and rng is None:
     raise ValueError(f"questions={questions}: expected an rng to draw them with")
   if task == "icl":
@@ -407,9 +413,7 @@ class TaskFormatter:
       raise ValueError("image_positions without image_tokens: expected both or neither")
     self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
     self.image_positions = image_positions
-    if isinstance(questions, bool) or int(questions) != questions or questions < 0:
-      raise ValueError(f"questions={questions!r}: expected an int >= 0 (0: every question)")
-    self.questions = int(questions)
+    self.questions = _check_questions(questions)
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
