@@ -1,13 +1,15 @@
-"""Can a small LM read an object's colour from the demo's image tokens at all, and how fast?
+"""Can a small LM read an object's colour (or shape) from the demo's image tokens, how fast?
 
 A fresh `LM` (lm/model.py, no text pretraining, no stages) trained on one question only, "what
 color is the <shape>?", asked about an object whose shape is unique in its image, with the loss
 on the one answer token: the image tokens the pipeline gives the unified model, none of its
 other tasks and no other question's answer in the sequence. Accuracy on test images (exact
-colour, chance 1/8) every `--steps / 10` steps.
+colour, chance 1/8) every `--steps / 10` steps. `--question=shape` asks "what shape is the
+<colour> one?" about an object whose colour is unique in its image instead (chance 1/6).
 
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=one
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=all
+  python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --question=shape
 
 `--tokens`: `bpe` (workdir/bpe/tokens_*.npz), `vq` (workdir/vq/codes_*.npy) or `oracle` (each
 4x4 cell's colour on 27 levels at 32 px, tests/lm_train_helpers.color_codes; no workdir
@@ -27,8 +29,10 @@ import jax
 import numpy as np
 import optax
 
+from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.data import shapes
 from vlbpe_jax.lm.model import LM, lm_config
+from vlbpe_jax.vq import tokenizer as vq_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -40,12 +44,16 @@ SCENES = flags.DEFINE_enum("scenes", "one", ["one", "all"], "which images")
 STEPS = flags.DEFINE_integer("steps", 300, "training steps")
 BATCH = flags.DEFINE_integer("batch", 16, "questions per step")
 LR = flags.DEFINE_float("lr", 3e-3, "peak learning rate (20 warm-up steps, cosine to 10%)")
+QUESTION = flags.DEFINE_enum("question", "color", ["color", "shape"], "what is asked")
 VARIANT = flags.DEFINE_string("variant", "mu", "lm/config.py VARIANTS entry")
 NUM_TRAIN = flags.DEFINE_integer("num_train", 5000, "at most this many training questions")
+NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 0, "training images (0: the workdir's train split; more: the next scenes of "
+    "the train split, rendered and encoded with the workdir's VQ (and BPE) here)")
 
 COLORS, SHAPES = list(shapes.COLORS), list(shapes.SHAPES)
-# ids: 0 pad/bos, 1 <img>, 2 </img>, 3 "what color is the", 4 "?", 5.. shapes, then colours,
-# then the image tokens.
+# ids: 0 pad/bos, 1 <img>, 2 </img>, 3 the question ("what color is the" / "what shape is the"),
+# 4 "?", 5.. shapes, then colours, then the image tokens.
 SHAPE0 = 5
 COLOR0 = SHAPE0 + len(SHAPES)
 VIS0 = COLOR0 + len(COLORS)
@@ -58,27 +66,52 @@ def oracle_codes(index, split):
   return lm_train_helpers.color_codes(img[None])[0].reshape(-1)
 
 
-def image_tokens(workdir, kind):
-  """`(split -> index -> tokens [L]` or None past the split, number of token ids)`."""
+def more_codes(workdir, first, last):
+  """VQ codes `[last - first, h, w]` of train scenes first..last-1 (rendered as the data stage
+  renders them: the VQ config's resolution, seed 0), encoded with the workdir's VQ."""
+  tok = vq_tokenizer.Tokenizer.from_workdir(workdir)
+  res = tok.resolution
+  images = np.stack([shapes.render(shapes.make_scene(i, "train"), res,
+                                   background=shapes.scene_background(i, "train"))
+                     for i in range(first, last)])
+  return tok.encode(images)
+
+
+def image_tokens(workdir, kind, num_images=0):
+  """`(split -> index -> tokens [L]` or None past the split, number of token ids)`.
+  `num_images` > the stored train split: the next train scenes, encoded here."""
   if kind == "oracle":
     return lambda split, i: oracle_codes(i, split), 27
   if workdir is None:
     raise ValueError(f"--tokens={kind}: expected --workdir, a finished demo workdir")
+  codes = {s: np.load(os.path.join(workdir, "vq", f"codes_{s}.npy")) for s in ("train", "test")}
+  stored = len(codes["train"])
+  extra = more_codes(workdir, stored, num_images) if num_images > stored else None
   if kind == "vq":
-    codes = {s: np.load(os.path.join(workdir, "vq", f"codes_{s}.npy")) for s in ("train", "test")}
+    if extra is not None:
+      codes["train"] = np.concatenate([codes["train"], extra])
     n = int(max(c.max() for c in codes.values())) + 1
     return lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None, n
   enc = {s: np.load(os.path.join(workdir, "bpe", f"tokens_{s}.npz")) for s in ("train", "test")}
-  n = int(max(e["tokens"].max() for e in enc.values())) + 1
+  enc = {s: {k: e[k] for k in ("tokens", "lengths")} for s, e in enc.items()}
+  if extra is not None:
+    more = VisualBPE.load(os.path.join(workdir, "bpe", "bpe.json")).encode(extra)
+    enc["train"] = {"tokens": [*enc["train"]["tokens"], *more["tokens"]],
+                    "lengths": np.concatenate([enc["train"]["lengths"], more["lengths"]])}
+  n = int(max(max(np.max(t) for t in e["tokens"]) for e in enc.values())) + 1
 
   def get(split, i):
     e = enc[split]
-    return e["tokens"][i, :e["lengths"][i]] if i < len(e["lengths"]) else None
+    return e["tokens"][i][:e["lengths"][i]] if i < len(e["lengths"]) else None
   return get, n
 
 
-def questions(split, tokens, num, one_object):
-  """`(ids [N, L], segment ids [N, L], answers [N])`, left-padded (segment 0 = padding)."""
+def questions(split, tokens, num, one_object, asked="color"):
+  """`(ids [N, L], segment ids [N, L], answers [N])`, left-padded (segment 0 = padding).
+  `asked`: the attribute asked for; the object is named by the other one, unique in its image."""
+  named = "shape" if asked == "color" else "color"
+  first = {"shape": SHAPE0, "color": COLOR0}
+  values = {"shape": SHAPES, "color": COLORS}
   rng = np.random.default_rng(0 if split == "train" else 1)
   rows, answers = [], []
   i = 0
@@ -88,13 +121,13 @@ def questions(split, tokens, num, one_object):
     i += 1
     if image is None:
       break
-    unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
+    unique = [o for o in objects if sum(p[named] == o[named] for p in objects) == 1]
     if (one_object and len(objects) != 1) or not unique:
       continue
     o = unique[int(rng.integers(len(unique)))]
     rows.append([0, 1, *(np.asarray(image) + VIS0).tolist(), 2, 3,
-                 SHAPE0 + SHAPES.index(o["shape"]), 4])
-    answers.append(COLOR0 + COLORS.index(o["color"]))
+                 first[named] + values[named].index(o[named]), 4])
+    answers.append(first[asked] + values[asked].index(o[asked]))
   width = max(map(len, rows))
   ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int32)
   seg = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
@@ -103,10 +136,11 @@ def questions(split, tokens, num, one_object):
 
 def main(argv):
   del argv
-  tokens, num_tokens = image_tokens(WORKDIR.value, TOKENS.value)
+  tokens, num_tokens = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
   one = SCENES.value == "one"
-  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one)
-  tx, tseg, ty = questions("test", tokens, 500, one)
+  asked = QUESTION.value
+  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one, asked)
+  tx, tseg, ty = questions("test", tokens, 500, one, asked)
   print(f"{len(y)} training / {len(ty)} test questions, {x.shape[1]} tokens per row")
   kw = dict(dtype="float32")
   if VARIANT.value == "mu":
@@ -129,8 +163,8 @@ def main(argv):
 
   @jax.jit
   def accuracy(p):
-    colour = last_logits(p, tx, tseg)[:, COLOR0:COLOR0 + len(COLORS)].argmax(-1) + COLOR0
-    return (colour == ty).mean()
+    lo, n = (COLOR0, len(COLORS)) if asked == "color" else (SHAPE0, len(SHAPES))
+    return (last_logits(p, tx, tseg)[:, lo:lo + n].argmax(-1) + lo == ty).mean()
 
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
@@ -138,7 +172,7 @@ def main(argv):
     b = rng.integers(len(y), size=BATCH.value)
     params, state, loss = step(params, state, x[b], seg[b], y[b])
     if n % max(STEPS.value // 10, 1) == 0:
-      print(f"step {n}: loss {float(loss):.3f}, test colour accuracy "
+      print(f"step {n}: loss {float(loss):.3f}, test {asked} accuracy "
             f"{float(accuracy(params)):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -228,6 +228,32 @@ def test_format_vqa_keeps_the_asked_number_of_questions(tok):
   assert (ids == tok.user_id).sum() == 1
 
 
+def test_format_look_asks_only_colour_shape_and_position(tok):
+  """"look": the image's colour, shape and position questions (every one of them, over rng
+  draws, in a shuffled order), none of the count / size / colour-count / existence ones; a
+  record without such questions is refused by name."""
+  ex = shapes.make_example(4, "validation", resolution=32)
+  look = [(qa["q"], qa["a"]) for qa in ex["qa"]
+          if shapes.question_type(qa["q"]) in ("color", "shape", "position")]
+  assert 2 <= len(look) < len(ex["qa"])
+  firsts = set()
+  for seed in range(12):
+    ids, mask = pl.format_example(ex, "look", tok, rng=np.random.default_rng(seed))
+    text = tok.decode(ids)
+    asked = sorted((p for p in look if p[0] in text), key=lambda p: text.index(p[0]))
+    assert asked and len(asked) == len(look) == (ids == tok.user_id).sum()
+    assert _spans(tok, ids, mask) == [a for _, a in asked]
+    assert not any(qa["q"] in text for qa in ex["qa"] if (qa["q"], qa["a"]) not in look)
+    firsts.add(asked[0])
+  assert len(firsts) > 1  # the order is shuffled
+  ids, _ = pl.format_example(ex, "look", tok, rng=np.random.default_rng(0), questions=1)
+  assert (ids == tok.user_id).sum() == 1
+  ids, _ = pl.TaskFormatter(tok, ("look",))(ex, np.random.default_rng(0))
+  assert (ids == tok.user_id).sum() == len(look)
+  blind = {**ex, "qa": [qa for qa in ex["qa"] if shapes.question_type(qa["q"]) == "count"]}
+  with pytest.raises(ValueError, match="task='look': example has none of the question types"):
+    pl.format_example(blind, "look", tok, rng=np.random.default_rng(0))
+
 def test_format_caption_attributes_and_image_span(tok):
   ex = shapes.make_example(1, "train", resolution=32)
   ids, mask = pl.format_example(ex, "caption", tok)

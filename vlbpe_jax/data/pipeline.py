@@ -48,8 +48,15 @@ import jax
 import numpy as np
 
 from vlbpe_jax.data import icl
+from vlbpe_jax.data import shapes
 
-TASKS = ("caption", "attributes", "vqa", "dialogue", "icl")
+TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look")
+# "look": VQA reduced to the question types of LOOK_TYPES, the ones whose answer is an object's
+# colour, shape or position read from the pixels (no count, size, colour count or existence,
+# which a model learns first from the number of image tokens and the answer priors and which,
+# mixed in, keep colour at chance for hundreds of steps: BENCHMARKS.md, "What holds colour
+# back"). It needs questions made by shapes.questions (their type is read from the template).
+LOOK_TYPES = ("color", "shape", "position")
 # "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
 # induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
 # unified model trains on it so that the frozen text LM of V2L learns to use examples.
@@ -342,7 +349,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   caption and the stored order are used. `questions=k > 0` keeps k of the image's questions
   (drawn by `rng`, which it needs) in "vqa": the others' answers are then not in the sequence,
   where they name the colours and shapes a later question asks about (a text shortcut past the
-  image; BENCHMARKS.md, "Unified LM: what the model reads"). 0 keeps them all.
+  image; BENCHMARKS.md, "Unified LM: what the model reads"). 0 keeps them all. "look" is "vqa"
+  on the questions of the types `LOOK_TYPES` only (the same order and `questions` rules).
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -370,8 +378,13 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     else:
       text = " ".join(example["attributes"])
     add(_encode(tokenizer, text) + [tokenizer.eos_id], True)
-  elif task == "vqa":
+  elif task in ("vqa", "look"):
     qas = example["qa"]
+    if task == "look":
+      qas = [qa for qa in qas if shapes.question_type(qa["q"]) in LOOK_TYPES]
+      if not qas:
+        raise ValueError(f"task='look': example has none of the question types {LOOK_TYPES} "
+                         f"(its questions: {[qa['q'] for qa in example['qa']]})")
     order = rng.permutation(len(qas)) if rng is not None else range(len(qas))
     if questions:
       order = order[:questions]
