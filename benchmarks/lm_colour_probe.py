@@ -70,8 +70,7 @@ def more_codes(workdir, first, last):
   """VQ codes `[last - first, h, w]` of train scenes first..last-1 (rendered as the data stage
   renders them: the VQ config's resolution, seed 0), encoded with the workdir's VQ."""
   tok = vq_tokenizer.Tokenizer.from_workdir(workdir)
-  res = tok.resolution
-  images = np.stack([shapes.render(shapes.make_scene(i, "train"), res,
+  images = np.stack([shapes.render(shapes.make_scene(i, "train"), tok.resolution,
                                    background=shapes.scene_background(i, "train"))
                      for i in range(first, last)])
   return tok.encode(images)

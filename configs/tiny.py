@@ -128,6 +128,9 @@ def get_config(arg=None):
       single_stage_lr=2e-3,  # peak LR of the single-stage ablation
       stage_tasks=(("caption", "attributes"), ("vqa", "caption", "attributes"),
                    ("dialogue", "vqa")),  # curriculum per stage; repeat a task to weight it
+      # (data/pipeline.py:TASKS; "look" = colour/shape/position questions only: a first phase
+      # of it raised colour, cost the count, VQA flat or lower; BENCHMARKS.md, "A phase of
+      # image-reading questions first").
       # VQA questions per image in one training example (0: all ~7, in random order). With all
       # of them, earlier answers name the colours and shapes a later question asks about, a
       # text shortcut past the image (BENCHMARKS.md, "Unified LM: what the model reads").

@@ -51,15 +51,15 @@ from vlbpe_jax.data import icl
 from vlbpe_jax.data import shapes
 
 TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look")
+# "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
+# induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
+# unified model trains on it so that the frozen text LM of V2L learns to use examples.
 # "look": VQA reduced to the question types of LOOK_TYPES, the ones whose answer is an object's
 # colour, shape or position read from the pixels (no count, size, colour count or existence,
 # which a model learns first from the number of image tokens and the answer priors and which,
 # mixed in, keep colour at chance for hundreds of steps: BENCHMARKS.md, "What holds colour
 # back"). It needs questions made by shapes.questions (their type is read from the template).
 LOOK_TYPES = ("color", "shape", "position")
-# "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
-# induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
-# unified model trains on it so that the frozen text LM of V2L learns to use examples.
 # Reader threads and buffer of each process (grain's defaults, 16 and 500, suit remote disks and
 # big hosts; these suit local array_record files on a few cores).
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
