@@ -105,8 +105,9 @@ def plan_of(config, run: str) -> list[Phase]:
 
 
 def text_tasks(config) -> tuple:
-  """Stage 0's task mix: `lm.text_tasks` (every task of pipeline.TASKS when absent)."""
-  return tuple(config.lm.get("text_tasks", pipeline.TASKS))
+  """Stage 0's task mix: `lm.text_tasks`; when absent, every task of pipeline.TASKS but "look"
+  (a subset of "vqa"'s questions, which would only weight them up)."""
+  return tuple(config.lm.get("text_tasks", tuple(t for t in pipeline.TASKS if t != "look")))
 
 
 def vqa_questions(config) -> int:
