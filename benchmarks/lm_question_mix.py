@@ -14,7 +14,8 @@ plus colour on one-object images (`color1`):
 
 OUT gets symlinks to the data/tokenizer/vq/bpe folders of SRC (default runs/demo; `src=`)
 and a copy of its stage-0 model `lm/text`; RUN is one of lm/train.py:RUNS; other `k=v` set
-`config.lm.k` (python literals; `model.k=v` sets `config.lm.model`). A rerun with the same
+`config.lm.k` (python literals; `model.k=v` sets `config.lm.model`, `data.k=v` `config.data.k`:
+give SRC's own data settings, e.g. `data.num_train=8000`, or its data is made again here). A rerun with the same
 OUT evaluates the finished checkpoint. BENCHMARKS.md, "Unified LM: what the model reads".
 """
 
@@ -57,6 +58,8 @@ def main(out, run, *args):
   for k, v in kv.items():
     if k.startswith("model."):
       config.lm.model = {**dict(config.lm.model), k[6:]: ast.literal_eval(v)}
+    elif k.startswith("data."):  # the SRC workdir's data settings, e.g. data.num_train=8000
+      setattr(config.data, k[5:], ast.literal_eval(v))
     else:
       setattr(config.lm, k, ast.literal_eval(v))
   if not os.path.exists(out):
