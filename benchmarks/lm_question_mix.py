@@ -15,8 +15,8 @@ plus colour on one-object images (`color1`):
 OUT gets symlinks to the data/tokenizer/vq/bpe folders of SRC (default runs/demo; `src=`)
 and a copy of its stage-0 model `lm/text`; RUN is one of lm/train.py:RUNS; other `k=v` set
 `config.lm.k` (python literals; `model.k=v` sets `config.lm.model`, `data.k=v` `config.data.k`:
-give SRC's own data settings, e.g. `data.num_train=8000`, or its data is made again here). A rerun with the same
-OUT evaluates the finished checkpoint. BENCHMARKS.md, "Unified LM: what the model reads".
+give SRC's own data settings, e.g. `data.num_train=8000`, or its data is made again here). A
+rerun with the same OUT evaluates the finished checkpoint. BENCHMARKS.md, "Unified LM: what the model reads".
 """
 
 import ast
