@@ -1,12 +1,13 @@
 """README's "Results of the last demo run" from a finished demo workdir, and its picture.
 
   python benchmarks/readme_results.py --workdir=runs/demo --commit=$(git rev-parse --short HEAD) \
-      [--screenshot=docs/report.png]
+      [--screenshot=docs/report.png] [--config=configs/tiny.py:long --longer_run_out=F]
 
 Prints Markdown: the report's claims table (values ± one SE, difference ± 2 SE, verdict, as
 `eval/summary.py` computes them), the main numbers of each system, and the stages' wall times,
 from `W/report/metrics.json` and the per-row files the summary reads. With `--screenshot`,
-headless Chromium renders the top of `W/report/index.html` to a PNG.
+headless Chromium renders the top of `W/report/index.html` to a PNG. With `--longer_run_out`,
+it also records the run for the demo report's "What a longer run gives" (`eval/longer_run.py`).
 """
 
 import argparse
@@ -15,37 +16,12 @@ import platform
 import subprocess
 import time
 
+from vlbpe_jax import fileio
+from vlbpe_jax.eval import longer_run
 from vlbpe_jax.eval import report
 from vlbpe_jax.eval import summary
 
-STAGES = ("data", "vq", "bpe", "lm", "clip", "dit", "v2l")
-# (label, metric, format); a row whose metric is absent is left out.
-ROWS = [
-    ("scene checker on ground-truth renders", "data.checker_exact_gt", "{:.2f}"),
-    ("VQ validation PSNR (dB)", "vq.psnr_db", "{:.1f}"),
-    ("VQ codebook usage", "vq.codebook_usage", "{:.0%}"),
-    ("visual BPE: test cells per token", "bpe.compression", "{:.2f}"),
-    ("VQA: full (BPE, 3 stages + curriculum)", "lm.vqa_acc.full", "{:.1%}"),
-    ("VQA: no BPE", "lm.vqa_acc.no_bpe", "{:.1%}"),
-    ("VQA: single stage", "lm.vqa_acc.single_stage", "{:.1%}"),
-    ("VQA: text only (blind)", "lm.vqa_acc.text_only", "{:.1%}"),
-    ("VQA, full, each question with another image", "lm.vqa_acc_wrong_image.full", "{:.1%}"),
-    ("VQA, full, held-out compositions", "lm.vqa_acc_heldout.full", "{:.1%}"),
-    ("captions, full: attribute precision", "lm.caption_precision.full", "{:.2f}"),
-    ("captions, full: attribute recall", "lm.caption_recall.full", "{:.2f}"),
-    ("CLIP zero-shot shape", "clip.zero_shot_shape_acc", "{:.1%}"),
-    ("CLIP zero-shot colour", "clip.zero_shot_color_acc", "{:.1%}"),
-    ("DiT GenEval: CLIP features + flow (BLIP3-o)", "dit.geneval.fm", "{:.3f}"),
-    ("DiT GenEval: CLIP features + MSE", "dit.geneval.mse", "{:.3f}"),
-    ("DiT GenEval: VQ latents + flow", "dit.geneval.vq_latent", "{:.3f}"),
-    ("DiT GenEval ceiling: decoder(CLIP(real image))", "dit.geneval_upper_bound", "{:.3f}"),
-    ("DiT FID in CLIP space: CLIP + flow / VQ latents + flow", "dit.fid_clip.fm", "{:.1f}"),
-    ("V2L reconstruction PSNR, local + global tokens (dB)", "v2l.recon_psnr_db.local_global",
-     "{:.1f}"),
-    ("V2L few-shot, 2-way 1-shot (chance 50%)", "v2l.fewshot_acc.2way_1shot", "{:.1%}"),
-    ("V2L few-shot, 5-way 1-shot (chance 20%)", "v2l.fewshot_acc.5way_1shot", "{:.1%}"),
-    ("V2L text-only control, 5-way 1-shot", "v2l.fewshot_text_only.5way_1shot", "{:.1%}"),
-]
+STAGES = longer_run.STAGES
 
 
 def _md_value(side: summary.Side, percent: bool) -> str:
@@ -73,12 +49,9 @@ def tables(workdir: str) -> str:
     out.append(f"| {c.text} | {_md_value(c.a, c.percent)} | {_md_value(c.b, c.percent)} | "
                f"{_md_diff(c)} | {c.verdict} |")
   out += ["", "| metric | value |", "| --- | --- |"]
-  for label, key, fmt in ROWS:
+  for label, key, fmt in longer_run.HEADLINE:
     if key in metrics:
-      value = fmt.format(metrics[key])
-      if key == "dit.fid_clip.fm" and "dit.fid_clip.vq_latent" in metrics:
-        value += " / " + fmt.format(metrics["dit.fid_clip.vq_latent"])
-      out.append(f"| {label} (`{key}`) | {value} |")
+      out.append(f"| {label} (`{key}`) | {fmt.format(metrics[key])} |")
   runs = [r for r in ("full", "no_bpe", "single_stage") if f"lm.vqa_acc.{r}" in metrics]
   types = sorted({k.rsplit(".", 1)[1] for k in metrics if k.startswith("lm.vqa_acc_by_type.")})
   if runs and types:
@@ -113,11 +86,21 @@ def main():
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--commit", default="")
   ap.add_argument("--screenshot", default="")
+  ap.add_argument("--config", default="configs/tiny.py",
+                  help="the config the workdir was trained with (recorded with --longer_run_out)")
+  ap.add_argument("--longer_run_out", default="",
+                  help="also write the run's headline numbers as the longer-run record the "
+                       "demo's report compares with (eval/longer_run.py), e.g. "
+                       "docs/longer_run.json; needs --commit")
   args = ap.parse_args()
   mtime = os.path.getmtime(os.path.join(report.report_dir(args.workdir), "metrics.json"))
-  print(f"<!-- {args.workdir}, commit {args.commit or '?'}, finished "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mtime))}, "
-        f"{platform.machine()} with {os.cpu_count()} CPUs -->")
+  finished = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mtime))
+  machine = f"{platform.machine()} with {os.cpu_count()} CPUs"
+  print(f"<!-- {args.workdir}, commit {args.commit or '?'}, finished {finished}, {machine} -->")
+  if args.longer_run_out:
+    rec = longer_run.record(report.read_metrics(args.workdir), config=args.config,
+                            commit=args.commit, finished=finished, machine=machine)
+    fileio.write_json(args.longer_run_out, rec, indent=1)
   print(tables(args.workdir))
   if args.screenshot:
     screenshot(args.workdir, args.screenshot)

@@ -31,12 +31,31 @@ def test_config_tiny_variant_loads(path):
       assert tiny[section].total_steps <= 3 < full[section].total_steps
 
 
-@pytest.mark.parametrize("arg", [None, "tiny"])
+@pytest.mark.parametrize("arg", ["long", "tiny"])
 def test_vq_config_matches_the_vq_only_config(arg):
-  # configs/vq_tiny.py (the VQ stage alone, its benchmark) must train the demo's VQ-GAN.
+  # configs/vq_tiny.py (the VQ stage alone, its benchmark) must train the long demo's VQ-GAN;
+  # the demo's own differs only in its schedule (fewer steps for its time budget).
   demo = load_config(os.path.join(ROOT, "configs", "tiny.py"), arg)
-  alone = load_config(os.path.join(ROOT, "configs", "vq_tiny.py"), arg)
+  alone = load_config(os.path.join(ROOT, "configs", "vq_tiny.py"), "tiny" if arg == "tiny" else None)
   assert demo.vq.to_dict() == alone.vq.to_dict()
+
+
+def test_demo_is_its_long_variant_with_fewer_steps():
+  demo, long = (load_config(os.path.join(ROOT, "configs", "tiny.py"), a) for a in (None, "long"))
+  demo, long = demo.to_dict(), long.to_dict()
+  diff = {f"{s}.{k}" for s in demo if isinstance(demo[s], dict)
+          for k in demo[s] if demo[s][k] != long[s][k]}
+  diff |= {f"dit.decoder.{k}" for k in demo["dit"]["decoder"]
+           if demo["dit"]["decoder"][k] != long["dit"]["decoder"][k]} - {"dit.decoder"}
+  assert diff - {"dit.decoder"} == {
+      "vq.total_steps", "vq.eval_every", "vq.ckpt_every", "vq.restart_until", "lm.text_steps",
+      "lm.stage_steps", "clip.total_steps", "dit.total_steps", "dit.decoder.total_steps",
+      "v2l.total_steps"}
+  assert {k for k in demo if not isinstance(demo[k], dict) and demo[k] != long[k]} == {
+      "longer_run"}
+  assert demo["vq"]["total_steps"] < long["vq"]["total_steps"]
+  with pytest.raises(ValueError, match="at most one of tiny and long"):
+    load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny,long")
 
 
 def test_unknown_config_arg_raises():

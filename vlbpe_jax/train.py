@@ -35,6 +35,7 @@ from vlbpe_jax.bpe import stage as bpe_stage
 from vlbpe_jax.clip import stage as clip_stage
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.dit import stage as dit_stage
+from vlbpe_jax.eval import longer_run
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.v2l import stage as v2l_stage
@@ -237,6 +238,8 @@ def train_and_evaluate(config, workdir: str) -> str:
   allowed = recompute_allowed(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir={workdir!r} is a file; expected a directory")
+  if config.get("longer_run"):
+    longer_run.read(config.longer_run)  # a bad record is refused now, not after the stages
   os.makedirs(workdir, exist_ok=True)
   _preflight(config, workdir, names, allowed)
   for name in STAGES:
@@ -262,6 +265,11 @@ def _run_section(config, workdir):
       metrics[f"time_s.{name}"] = m["seconds"]
   config_html = (f"<details><summary>config</summary><pre class='small'>"
                  f"{html.escape(str(config))}</pre></details>")
+  longer = ""
+  if config.get("longer_run"):
+    longer = longer_run.to_html({**report.read_metrics(workdir), **metrics},
+                                longer_run.read(config.longer_run))
   return report.add_section(
       workdir, key="run", title="Run", order=0, metrics=metrics,
-      html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)
+      html=(report.table(["stage", "seconds (all runs of it)", "finished"], rows) + longer
+            + config_html))

@@ -1,0 +1,121 @@
+"""What a longer run gives: this run's headline numbers beside those of a recorded longer run.
+
+The demo (`configs/tiny.py`) fits its 15-minute budget with fewer steps than its stages can use;
+`configs/tiny.py:long` trains them for longer. One finished run of the long config is recorded
+in a JSON file (`docs/longer_run.json`), written from its workdir by
+
+  python benchmarks/readme_results.py --workdir=W --commit=C --config=configs/tiny.py:long \
+      --longer_run_out=docs/longer_run.json
+
+and the report's "Run" section shows it beside the current run (`config.longer_run` names the
+file; "" = no comparison). The file says which config, commit, machine and date produced it, and
+the page says so too: its numbers are a record of that run, never of this one.
+
+  {"config": "configs/tiny.py:long", "commit": "0788cfc", "finished": "2026-12-04 15:20 UTC",
+   "machine": "x86_64, 2 CPUs", "metrics": {"lm.vqa_acc.full": 0.445, "time_s.vq": 477.0, ...}}
+"""
+
+import html as html_lib
+import math
+import os
+
+from vlbpe_jax import fileio
+
+STAGES = ("data", "vq", "bpe", "lm", "clip", "dit", "v2l")
+# The numbers a person reads first: (label, metric, format). README's results table and the
+# report's comparison with the longer run use these rows; a row whose metric is absent is left out.
+HEADLINE = (
+    ("scene checker on ground-truth renders", "data.checker_exact_gt", "{:.2f}"),
+    ("VQ validation PSNR (dB)", "vq.psnr_db", "{:.1f}"),
+    ("VQ codebook usage", "vq.codebook_usage", "{:.0%}"),
+    ("visual BPE: test cells per token", "bpe.compression", "{:.2f}"),
+    ("VQA: full (BPE, 3 stages + curriculum)", "lm.vqa_acc.full", "{:.1%}"),
+    ("VQA: no BPE", "lm.vqa_acc.no_bpe", "{:.1%}"),
+    ("VQA: single stage", "lm.vqa_acc.single_stage", "{:.1%}"),
+    ("VQA: text only (blind)", "lm.vqa_acc.text_only", "{:.1%}"),
+    ("VQA, full, each question with another image", "lm.vqa_acc_wrong_image.full", "{:.1%}"),
+    ("VQA, full, held-out compositions", "lm.vqa_acc_heldout.full", "{:.1%}"),
+    ("VQA, full: colour", "lm.vqa_acc_by_type.full.color", "{:.2f}"),
+    ("VQA, full: shape", "lm.vqa_acc_by_type.full.shape", "{:.2f}"),
+    ("VQA, full: position", "lm.vqa_acc_by_type.full.position", "{:.2f}"),
+    ("VQA, full: count", "lm.vqa_acc_by_type.full.count", "{:.2f}"),
+    ("captions, full: attribute precision", "lm.caption_precision.full", "{:.2f}"),
+    ("captions, full: attribute recall", "lm.caption_recall.full", "{:.2f}"),
+    ("CLIP zero-shot shape", "clip.zero_shot_shape_acc", "{:.1%}"),
+    ("CLIP zero-shot colour", "clip.zero_shot_color_acc", "{:.1%}"),
+    ("DiT GenEval: CLIP features + flow (BLIP3-o)", "dit.geneval.fm", "{:.3f}"),
+    ("DiT GenEval: CLIP features + MSE", "dit.geneval.mse", "{:.3f}"),
+    ("DiT GenEval: VQ latents + flow", "dit.geneval.vq_latent", "{:.3f}"),
+    ("DiT GenEval ceiling: decoder(CLIP(real image))", "dit.geneval_upper_bound", "{:.3f}"),
+    ("DiT FID in CLIP space: CLIP + flow", "dit.fid_clip.fm", "{:.1f}"),
+    ("DiT FID in CLIP space: VQ latents + flow", "dit.fid_clip.vq_latent", "{:.1f}"),
+    ("V2L reconstruction PSNR, local + global tokens (dB)", "v2l.recon_psnr_db.local_global",
+     "{:.1f}"),
+    ("V2L few-shot, 2-way 1-shot (chance 50%)", "v2l.fewshot_acc.2way_1shot", "{:.1%}"),
+    ("V2L few-shot, 5-way 1-shot (chance 20%)", "v2l.fewshot_acc.5way_1shot", "{:.1%}"),
+    ("V2L text-only control, 5-way 1-shot", "v2l.fewshot_text_only.5way_1shot", "{:.1%}"),
+)
+_FIELDS = ("config", "commit", "finished", "machine")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve(path: str) -> str:
+  """`path` itself when absolute, else relative to the repository root (where configs/ is)."""
+  return path if os.path.isabs(path) else os.path.join(_REPO, path)
+
+
+def record(metrics: dict, **fields) -> dict:
+  """The longer-run file of a finished run: its headline metrics and stage times, and `fields`
+  (config, commit, finished, machine: all non-empty strings)."""
+  missing = [f for f in _FIELDS if not str(fields.get(f, "")).strip()]
+  if missing or set(fields) - set(_FIELDS):
+    raise ValueError(f"longer-run fields {sorted(fields)} (missing or empty: {missing}): "
+                     f"expected exactly {list(_FIELDS)}, each a non-empty string")
+  keys = [k for _, k, _ in HEADLINE] + [f"time_s.{s}" for s in STAGES]
+  kept = {k: float(metrics[k]) for k in keys if k in metrics}
+  if not any(k.startswith("lm.") for k in kept):
+    raise ValueError(f"metrics hold no headline number of the lm stage ({len(metrics)} keys): "
+                     f"expected a finished demo run's report/metrics.json")
+  return {**{f: str(fields[f]) for f in _FIELDS}, "metrics": kept}
+
+
+def read(path: str) -> dict:
+  """The longer-run file at `path` (see `resolve`), checked; ValueError names what is wrong."""
+  full = resolve(path)
+  if not os.path.isfile(full):
+    raise ValueError(f"config.longer_run={path!r}: no such file ({full}); expected a file "
+                     f"written by benchmarks/readme_results.py --longer_run_out, or \"\"")
+  ref = fileio.read_json(full, what="longer-run record")
+  bad = [f for f in _FIELDS if not isinstance(ref.get(f), str) or not ref[f]]
+  metrics = ref.get("metrics")
+  if bad or not isinstance(metrics, dict):
+    raise ValueError(f"longer-run record {full}: fields {bad or ['metrics']} missing or empty; "
+                     f"expected {list(_FIELDS) + ['metrics']}")
+  for k, v in metrics.items():
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise ValueError(f"longer-run record {full}: metric {k}={v!r}; expected a finite number")
+  return ref
+
+
+def _cell(fmt: str, v) -> str:
+  return "&ndash;" if v is None else fmt.format(v)
+
+
+def to_html(metrics: dict, ref: dict) -> str:
+  """Table: each headline metric (and stage time) of this run beside the longer run's."""
+  other = ref["metrics"]
+  rows = [(label, key, fmt) for label, key, fmt in HEADLINE if key in metrics or key in other]
+  rows += [(f"wall seconds of stage {s}", f"time_s.{s}", "{:.0f}") for s in STAGES
+           if f"time_s.{s}" in metrics or f"time_s.{s}" in other]
+  body = "".join(
+      f"<tr><td>{html_lib.escape(label)} <code class='small'>{html_lib.escape(key)}</code></td>"
+      f"<td>{_cell(fmt, metrics.get(key))}</td><td>{_cell(fmt, other.get(key))}</td></tr>"
+      for label, key, fmt in rows)
+  prov = html_lib.escape(f"{ref['config']} at commit {ref['commit']}, finished "
+                         f"{ref['finished']} on {ref['machine']}")
+  return ("<h3 id='longer_run'>What a longer run gives</h3>"
+          "<p>This run fits the demo's time budget with fewer training steps than its stages "
+          f"can use. The right column is a recorded run of the longer config ({prov}): "
+          "numbers of that run, not of this one.</p>"
+          "<table id='longer_run_table'><tr><th>metric</th><th>this run</th>"
+          "<th>longer run</th></tr>" + body + "</table>")
