@@ -12,7 +12,8 @@ plus colour on one-object images (`color1`):
   python benchmarks/lm_question_mix.py /tmp/q_color single_stage fresh=1 only=color \
       'stage_tasks=(("vqa",),("vqa",),("vqa",))'
 
-OUT gets symlinks to the data/tokenizer/vq/bpe folders of SRC (default runs/demo; `src=`)
+OUT gets symlinks to the data/tokenizer/vq/bpe folders of SRC (default runs/long, a workdir of
+`configs/tiny.py:long`, the config this script runs; `src=`)
 and a copy of its stage-0 model `lm/text`; RUN is one of lm/train.py:RUNS; other `k=v` set
 `config.lm.k` (python literals; `model.k=v` sets `config.lm.model`, `data.k=v` `config.data.k`:
 give SRC's own data settings, e.g. `data.num_train=8000`, or its data is made again here). A
@@ -49,11 +50,11 @@ def main(out, run, *args):
   only = [t for t in kv.pop("only", "").split(",") if t]
   boost, _, times = kv.pop("boost", "").partition(":")
   boost, times = [t for t in boost.split(",") if t], int(times or 1)
-  src = kv.pop("src", "runs/demo")
+  src = kv.pop("src", "runs/long")
   spec = importlib.util.spec_from_file_location("cfg", "configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config("long")  # the budget its BENCHMARKS rows were measured at
   config.lm.progress = False
   for k, v in kv.items():
     if k.startswith("model."):

@@ -4,17 +4,17 @@ Does initialising the visual rows from the VQ codebook make it read colour soone
 on the image tokens (each visual row then gets a gradient of its own at every occurrence), 2D
 positions or another split of the steps between the stages?
 
-  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_normal --init=normal
-  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/init_codebook --init=codebook
-  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/img_loss --image_loss=0.5
-  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/p2d --config.lm.positions=2d
+  python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/init_normal --init=normal
+  python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/init_codebook --init=codebook
+  python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/img_loss --image_loss=0.5
+  python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/p2d --config.lm.positions=2d
 
 `--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
 `--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text`, and the lm
 stage trains only the `--run` run (default `full`) of `--config` there (its stages and the
 evaluation). Fewer VQA questions per training example (no answer to copy from the text):
 
-  python benchmarks/lm_visual_init.py --src=runs/demo --out=/tmp/q2 --config.lm.vqa_questions=2
+  python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/q2 --config.lm.vqa_questions=2
 
 `--init=normal` is the pipeline's own init (rows ~ N(0, init_std)); `--init=codebook`: base code
 c's row is a fixed Gaussian projection of its (centred) VQ codebook vector, a BPE token's row the
@@ -42,12 +42,13 @@ from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.vq import tokenizer as vq_tokenizer
 
-SRC = flags.DEFINE_string("src", None, "finished demo workdir", required=True)
+SRC = flags.DEFINE_string("src", None, "finished workdir of --config (lm stage done)", required=True)
 OUT = flags.DEFINE_string("out", None, "work directory of this run", required=True)
 INIT = flags.DEFINE_enum("init", "normal", ["normal", "codebook"], "visual rows' init")
 RUN = flags.DEFINE_enum("run", "full", lm_train.RUNS, "which run of the lm stage to train")
 IMAGE_LOSS = flags.DEFINE_float("image_loss", 0.0, "weight of the image tokens' loss (0: none)")
-CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny.py:long", "config file (the budget its BENCHMARKS rows were measured at)")
 
 
 def codebook_vectors(workdir: str) -> np.ndarray:

@@ -59,7 +59,8 @@ def get_config(arg=None):
       # autoencoder.VARIANTS: sizes, f=4. tiny_p4_patch's encoder codes each 4x4 patch alone,
       # so a flat background is one code per tone and BPE compresses 4.5 cells/token (taming's
       # global encoder: 55-64 codes per tone, 1.4 cells/token; BENCHMARKS.md, "Codes per flat
-      # region"); 6400 steps keep validation PSNR >= 30 dB with it (30.39).
+      # region"); :long's 6400 steps keep validation PSNR >= 30 dB with it (30.5), the demo's
+      # 1600 give 26.9 dB.
       variant="mu" if tiny else "tiny_p4_patch",
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
@@ -84,7 +85,7 @@ def get_config(arg=None):
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
       data_shards=0,  # n data shards (0: one per process): same batches on P processes, P | n
-      total_steps=steps(3, 1600, 6400),  # demo: PSNR DEMO_PSNR dB (:long 30.5)
+      total_steps=steps(3, 1600, 6400),
       log_every=1 if tiny else 20,
       eval_every=steps(3, 800, 3200),
       ckpt_every=steps(3, 800, 3200),
@@ -127,12 +128,12 @@ def get_config(arg=None):
       # dit.decoder and v2l.
       data_shards=0,
       vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)
-      text_steps=steps(2, 100, 200),  # stage 0: text-only stand-in for the pretrained LLM
+      text_steps=steps(2, 60, 200),  # stage 0: text-only stand-in for the pretrained LLM
       # Stage 0's tasks, drawn per example; "icl" = text-only in-context episodes (data/icl.py)
       # so that the frozen LM V2L reads (v2l/) learns to use examples.
       text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
       text_lr=3e-3,
-      # 1 new rows, 2 + first layers, 3 all. Steps are what buys reading the image: 4x these
+      # 1 new rows, 2 + first layers, 3 all. Steps are what buys reading the image: 4x :long's
       # (400, 400, 800) took the full run from 44.8% to 54.9% VQA and colour from 0.18 to 0.50,
       # a 3x learning rate changed nothing (BENCHMARKS.md, "Unified LM: what the model reads").
       stage_steps=steps((2, 2, 2), (50, 50, 100), (100, 100, 200)),
@@ -200,9 +201,9 @@ def get_config(arg=None):
       prompt_len=112,  # prompt tokens, left-padded (the template alone is 46); longer: refused
       batch_size=8 if tiny else 32,
       data_shards=0,  # as lm.data_shards: 0 = one per process (the decoder's: its own)
-      # Per design. The stage's budget (CLIP + decoder + 3 designs + sampling <= 4 CPU minutes)
-      # allows ~300; 4x the steps took fm's checker score from 0.08 to 0.09 (BENCHMARKS.md).
-      total_steps=steps(2, 100, 300),
+      # Per design. 4x :long's 300 steps took fm's checker score from 0.08 to 0.09
+      # (BENCHMARKS.md); the demo's 80 fit its budget.
+      total_steps=steps(2, 80, 300),
       lr=2e-3,  # BLIP3-o: 1e-4 cosine to 1e-5 at batch 512, for ~hundreds of thousands of steps
       warmup_steps=1 if tiny else 10,
       final_lr_frac=0.1,
@@ -221,7 +222,7 @@ def get_config(arg=None):
       progress=not tiny,
       decoder=dict(  # CLIP features -> pixels (vq/autoencoder.Decoder), L2
           ch=16 if tiny else 32, ch_mult=(1, 2), num_res_blocks=1, groups=8,
-          batch_size=8 if tiny else 32, data_shards=0, total_steps=steps(2, 150, 300),
+          batch_size=8 if tiny else 32, data_shards=0, total_steps=steps(2, 100, 300),
           lr=2e-3, warmup_steps=1 if tiny else 20, log_every=1 if tiny else 50),
   )
   # V2L (vlbpe_jax/v2l/): images as tokens of the frozen stage-0 text LM's own vocabulary,
@@ -252,9 +253,9 @@ def get_config(arg=None):
       disc_lr=4.5e-4 if tiny else 2e-3,  # as v2l.lr (the public code: one lr for both)
       batch_size=8 if tiny else 16,
       data_shards=0,  # as lm.data_shards: 0 = one per process
-      # The demo's stage <= ~2 CPU minutes: a "demo" step at batch 16 took 0.66 s with another
-      # job on the 2 cores (+ ~45 s of compilation), so 120 steps.
-      total_steps=steps(2, 60, 120),
+      # A "demo" step at batch 16 took 0.66 s with another job on the 2 cores (+ ~45 s of
+      # compilation): :long trains 120 steps, the demo 50.
+      total_steps=steps(2, 50, 120),
       lr=4.5e-4 if tiny else 2e-3,  # public code: 4.5e-4 at batch 8 per GPU for 100 epochs
       warmup_steps=1 if tiny else 10,
       final_lr_frac=0.1,
@@ -264,7 +265,7 @@ def get_config(arg=None):
       progress=not tiny,
       # Few-shot classification (queries: test single-object scenes; support: train ones).
       fewshot_ways=(2, 5),
-      fewshot_shots=(1,) if tiny else (1, 3, 5),
+      fewshot_shots=steps((1,), (1, 3), (1, 3, 5)),  # 5 shots: ~20 s of the demo's budget
       fewshot_episodes=4 if tiny else 50,  # episodes per (way, shot)
       fewshot_global=5,  # global tokens per image in the prompts (the seed sweeps 5 and 21)
       fewshot_batch=64,  # prompts per constrained-decoding call (each width compiles once)
