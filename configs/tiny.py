@@ -60,7 +60,7 @@ def get_config(arg=None):
       # so a flat background is one code per tone and BPE compresses 4.5 cells/token (taming's
       # global encoder: 55-64 codes per tone, 1.4 cells/token; BENCHMARKS.md, "Codes per flat
       # region"); :long's 6400 steps keep validation PSNR >= 30 dB with it (30.5), the demo's
-      # 1600 give 26.9 dB.
+      # 1200 give DEMO_PSNR dB (1600: 26.9).
       variant="mu" if tiny else "tiny_p4_patch",
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
@@ -77,7 +77,7 @@ def get_config(arg=None):
       restart_every=10,  # dead-code restart period (steps); 0 = never
       restart_threshold=0.1,  # restart codes used < 10% of a uniform share
       usage_decay=0.95,  # running usage per code (window ~20 steps)
-      restart_until=steps(3, 1200, 5000),  # no restarts after this step: codes settle
+      restart_until=steps(3, 900, 5000),  # no restarts after this step: codes settle
       lr=3e-3,
       warmup_steps=2 if tiny else 80,
       b1=0.9,
@@ -85,10 +85,10 @@ def get_config(arg=None):
       grad_clip=10.0,  # only against spikes
       batch_size=8 if tiny else 4,  # small batches, many steps: best per CPU second
       data_shards=0,  # n data shards (0: one per process): same batches on P processes, P | n
-      total_steps=steps(3, 1600, 6400),
+      total_steps=steps(3, 1200, 6400),
       log_every=1 if tiny else 20,
-      eval_every=steps(3, 800, 3200),
-      ckpt_every=steps(3, 800, 3200),
+      eval_every=steps(3, 600, 3200),
+      ckpt_every=steps(3, 600, 3200),
       grid_images=8,  # validation pairs in each PNG grid
       progress=not tiny,  # tqdm bar
   )
@@ -128,7 +128,7 @@ def get_config(arg=None):
       # dit.decoder and v2l.
       data_shards=0,
       vocab_multiple=8,  # text and visual tables padded to a multiple (vocab axis on the mesh)
-      text_steps=steps(2, 60, 200),  # stage 0: text-only stand-in for the pretrained LLM
+      text_steps=steps(2, 50, 200),  # stage 0: text-only stand-in for the pretrained LLM
       # Stage 0's tasks, drawn per example; "icl" = text-only in-context episodes (data/icl.py)
       # so that the frozen LM V2L reads (v2l/) learns to use examples.
       text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
@@ -136,7 +136,7 @@ def get_config(arg=None):
       # 1 new rows, 2 + first layers, 3 all. Steps are what buys reading the image: 4x :long's
       # (400, 400, 800) took the full run from 44.8% to 54.9% VQA and colour from 0.18 to 0.50,
       # a 3x learning rate changed nothing (BENCHMARKS.md, "Unified LM: what the model reads").
-      stage_steps=steps((2, 2, 2), (50, 50, 100), (100, 100, 200)),
+      stage_steps=steps((2, 2, 2), (40, 40, 80), (100, 100, 200)),
       stage_lrs=(3e-3, 2e-3, 1e-3),  # peak LR per stage (warm-up + cosine within each stage)
       single_stage_lr=2e-3,  # peak LR of the single-stage ablation
       stage_tasks=(("caption", "attributes"), ("vqa", "caption", "attributes"),
@@ -204,8 +204,8 @@ def get_config(arg=None):
       batch_size=8 if tiny else 32,
       data_shards=0,  # as lm.data_shards: 0 = one per process (the decoder's: its own)
       # Per design. 4x :long's 300 steps took fm's checker score from 0.08 to 0.09
-      # (BENCHMARKS.md); the demo's 80 fit its budget.
-      total_steps=steps(2, 80, 300),
+      # (BENCHMARKS.md); the demo's 60 fit its budget.
+      total_steps=steps(2, 60, 300),
       lr=2e-3,  # BLIP3-o: 1e-4 cosine to 1e-5 at batch 512, for ~hundreds of thousands of steps
       warmup_steps=1 if tiny else 10,
       final_lr_frac=0.1,
@@ -275,8 +275,8 @@ def get_config(arg=None):
       variant_settings=((2, 1),) if tiny else ((2, 1), (5, 1)),  # (way, shot) of the variants
       caption_shots=2,  # few-shot captioning: train images with their caption per prompt
       vqa_shots=3,  # few-shot VQA: examples of the query's question template per prompt
-      describe_queries=4 if tiny else 50,  # test queries for captioning and for VQA
+      describe_queries=steps(4, 30, 50),  # test queries for captioning and for VQA
       max_caption_tokens=16 if tiny else 48,
-      restore_images=1 if tiny else 8,  # test images of each restoration task (v2l/restore.py)
+      restore_images=steps(1, 4, 8),  # test images of each restoration task (v2l/restore.py)
   )
   return c
