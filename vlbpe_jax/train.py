@@ -265,11 +265,13 @@ def _run_section(config, workdir):
       metrics[f"time_s.{name}"] = m["seconds"]
   config_html = (f"<details><summary>config</summary><pre class='small'>"
                  f"{html.escape(str(config))}</pre></details>")
-  longer = ""
-  if config.get("longer_run"):
-    longer = longer_run.to_html({**report.read_metrics(workdir), **metrics},
-                                longer_run.read(config.longer_run))
-  return report.add_section(
+  index = report.add_section(
       workdir, key="run", title="Run", order=0, metrics=metrics,
-      html=(report.table(["stage", "seconds (all runs of it)", "finished"], rows) + longer
-            + config_html))
+      html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)
+  if not config.get("longer_run"):
+    report.remove_section(workdir, "longer_run")
+    return index
+  # Order < 0: shown right below the claims, which it qualifies (a short run's verdicts).
+  return report.add_section(
+      workdir, key="longer_run", title="What a longer run gives", order=-1,
+      html=longer_run.to_html(report.read_metrics(workdir), longer_run.read(config.longer_run)))

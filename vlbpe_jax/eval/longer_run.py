@@ -7,8 +7,8 @@ in a JSON file (`docs/longer_run.json`), written from its workdir by
   python benchmarks/readme_results.py --workdir=W --commit=C --config=configs/tiny.py:long \
       --longer_run_out=docs/longer_run.json
 
-and the report's "Run" section shows it beside the current run (`config.longer_run` names the
-file; "" = no comparison). The file says which config, commit, machine and date produced it, and
+and the report shows it beside the current run, right below the claims (section
+`longer_run`; `config.longer_run` names the file, "" = no comparison). The file says which config, commit, machine and date produced it, and
 the page says so too: its numbers are a record of that run, never of this one.
 
   {"config": "configs/tiny.py:long", "commit": "0788cfc", "finished": "2026-12-04 15:20 UTC",
@@ -113,9 +113,11 @@ def to_html(metrics: dict, ref: dict) -> str:
       for label, key, fmt in rows)
   prov = html_lib.escape(f"{ref['config']} at commit {ref['commit']}, finished "
                          f"{ref['finished']} on {ref['machine']}")
-  return ("<h3 id='longer_run'>What a longer run gives</h3>"
-          "<p>This run fits the demo's time budget with fewer training steps than its stages "
-          f"can use. The right column is a recorded run of the longer config ({prov}): "
-          "numbers of that run, not of this one.</p>"
+  return ("<p>This run fits the demo's time budget with fewer training steps than its stages "
+          "can use, so read the verdicts above beside this table: a run that is further from "
+          "converged than the one it is compared with (e.g. the no-BPE run, whose raw VQ codes "
+          "make image sequences ~4.7x longer) widens or reverses a difference. The right "
+          f"column is a recorded run of the longer config ({prov}): numbers of that run, not "
+          "of this one.</p>"
           "<table id='longer_run_table'><tr><th>metric</th><th>this run</th>"
           "<th>longer run</th></tr>" + body + "</table>")

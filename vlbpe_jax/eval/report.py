@@ -10,8 +10,9 @@ resumed run (or a stage re-run alone) keeps what the other stages wrote:
                                       # the section's key, so `remove_section` drops them too)
   workdir/report/curves/*.png         # training curves (`curves.py`), redrawn with the page
 
-The page leads with the seed's claims against this run's numbers (`summary.py`), then the
-training curves, the sections, and every metric in a collapsed table.
+The page leads with the seed's claims against this run's numbers (`summary.py`) and any section
+of negative `order` (what qualifies them, e.g. a longer run's numbers), then the training
+curves, the other sections, and every metric in a collapsed table.
 
 metrics.json is rebuilt from the sections, so removing a section (a stage whose inputs
 changed) removes its numbers too: the page never shows a number its section did not produce.
@@ -132,6 +133,10 @@ def build_index(workdir: str) -> str:
   rows = "".join(f"<tr><td><code>{html_lib.escape(k)}</code></td><td>{_fmt(v)}</td></tr>"
                  for k, v in metrics.items())
   curves_html = curves.render(workdir, {s["key"] for s in sections})
+  # Sections with order < 0 qualify the results: shown right below the claims table.
+  top = "".join(f"<h2 id='{s['key']}'>{html_lib.escape(s['title'])}</h2>\n{s['html']}\n"
+                for s in sections if s["order"] < 0)
+  sections = [s for s in sections if s["order"] >= 0]
   toc = "".join(f"<li><a href='#{s['key']}'>{html_lib.escape(s['title'])}</a></li>"
                 for s in sections)
   body = "".join(f"<h2 id='{s['key']}'>{html_lib.escape(s['title'])}</h2>\n{s['html']}\n"
@@ -139,7 +144,7 @@ def build_index(workdir: str) -> str:
   page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vlbpe_jax report</title>"
           f"<style>{_STYLE}</style></head><body><h1>vlbpe_jax report</h1>"
           f"<h2 id='results'>Results: the seed's claims in this run</h2>"
-          f"{summary.to_html(summary.claims(workdir, metrics))}"
+          f"{summary.to_html(summary.claims(workdir, metrics))}{top}"
           + (f"<h2 id='curves'>Training curves</h2>{curves_html}" if curves_html else "")
           + f"<h2 id='sections'>Stages</h2><ol>{toc}</ol>{body}"
           f"<h2 id='metrics'>All metrics</h2><details id='all_metrics'><summary>{len(metrics)} "
