@@ -1,8 +1,8 @@
 """The CPU demo: shapes data -> text tokenizer -> VQ-GAN -> visual BPE -> unified LM -> CLIP
 -> BLIP3-o DiT -> V2L.
 
-  python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo   # ~13 min, 2-core CPU
-  python -m vlbpe_jax.main --config=configs/tiny.py:long --workdir=runs/long   # ~35 min
+  python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo   # 13-16 min, 2-core CPU
+  python -m vlbpe_jax.main --config=configs/tiny.py:long --workdir=runs/long   # ~29 min
   python -m vlbpe_jax.main --config=configs/tiny.py:tiny --workdir=/tmp/w   # seconds, tests
   python -m vlbpe_jax.vq.train --config=configs/tiny.py --workdir=runs/demo  # one stage alone
 
