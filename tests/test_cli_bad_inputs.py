@@ -26,7 +26,7 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
     (MAIN, [TINY, WORK, "--config.vq.totl_steps=3"], ["--config.vq.totl_steps", "'total_steps'"]),
     (MAIN, ["--config=configs/nope.py:tiny", WORK], ["--config=configs/nope.py:tiny",
                                                      "No such file"]),
-    (MAIN, ["--config=configs/tiny.py:bogus", WORK], ["'bogus'", "expected one of ['tiny']"]),
+    (MAIN, ["--config=configs/tiny.py:bogus", WORK], ["'bogus'", "expected one of ['long', 'tiny']"]),
     (MAIN, [TINY, WORK, "--config.stages=nope"], ["stages='nope'"]),
     (MAIN, [TINY, f"--workdir={FILE}", "--config.stages=data"], ["--workdir=", "a directory"]),
     (VQ, [TINY, WORK, "--config.vq.totl_steps=3"], ["--config.vq.totl_steps", "'total_steps'"]),
