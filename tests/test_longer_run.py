@@ -1,4 +1,5 @@
-"""The report's "What a longer run gives": a recorded run of configs/tiny.py:long beside this run."""
+"""The report's "What a longer run gives": a recorded run of configs/tiny.py:long beside this
+run."""
 
 import os
 import re

@@ -36,7 +36,8 @@ def test_vq_config_matches_the_vq_only_config(arg):
   # configs/vq_tiny.py (the VQ stage alone, its benchmark) must train the long demo's VQ-GAN;
   # the demo's own differs only in its schedule (fewer steps for its time budget).
   demo = load_config(os.path.join(ROOT, "configs", "tiny.py"), arg)
-  alone = load_config(os.path.join(ROOT, "configs", "vq_tiny.py"), "tiny" if arg == "tiny" else None)
+  alone = load_config(os.path.join(ROOT, "configs", "vq_tiny.py"),
+                      "tiny" if arg == "tiny" else None)
   assert demo.vq.to_dict() == alone.vq.to_dict()
 
 

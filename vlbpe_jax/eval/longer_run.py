@@ -7,9 +7,10 @@ in a JSON file (`docs/longer_run.json`), written from its workdir by
   python benchmarks/readme_results.py --workdir=W --commit=C --config=configs/tiny.py:long \
       --longer_run_out=docs/longer_run.json
 
-and the report shows it beside the current run, right below the claims (section
-`longer_run`; `config.longer_run` names the file, "" = no comparison). The file says which config, commit, machine and date produced it, and
-the page says so too: its numbers are a record of that run, never of this one.
+and the report shows it beside the current run, right below the claims (section `longer_run`;
+`config.longer_run` names the file, "" = no comparison). The file says which config, commit,
+machine and date produced it, and the page says so too: its numbers are a record of that run,
+never of this one.
 
   {"config": "configs/tiny.py:long", "commit": "0788cfc", "finished": "2026-12-04 15:20 UTC",
    "machine": "x86_64, 2 CPUs", "metrics": {"lm.vqa_acc.full": 0.445, "time_s.vq": 477.0, ...}}
