@@ -6,6 +6,7 @@ on the one answer token: the image tokens the pipeline gives the unified model, 
 other tasks and no other question's answer in the sequence. Accuracy on test images (exact
 colour, chance 1/8) every `--steps / 10` steps. `--question=shape` asks "what shape is the
 <colour> one?" about an object whose colour is unique in its image instead (chance 1/6).
+`--order=question` puts the question before the image (the answer then follows `</img>`).
 
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=one
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=all
@@ -47,6 +48,10 @@ LR = flags.DEFINE_float("lr", 3e-3, "peak learning rate (20 warm-up steps, cosin
 QUESTION = flags.DEFINE_enum("question", "color", ["color", "shape"], "what is asked")
 VARIANT = flags.DEFINE_string("variant", "mu", "lm/config.py VARIANTS entry")
 NUM_TRAIN = flags.DEFINE_integer("num_train", 5000, "at most this many training questions")
+ORDER = flags.DEFINE_enum(
+    "order", "image", ["image", "question"], "what comes first in a row: the image (the "
+    "pipeline's format, the answer follows the question) or the question (the answer follows "
+    "the image, whose tokens can attend to the question)")
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 0, "training images (0: the workdir's train split; more: the next scenes of "
     "the train split, rendered and encoded with the workdir's VQ (and BPE) here)")
@@ -105,7 +110,7 @@ def image_tokens(workdir, kind, num_images=0):
   return get, n
 
 
-def questions(split, tokens, num, one_object, asked="color"):
+def questions(split, tokens, num, one_object, asked="color", order="image"):
   """`(ids [N, L], segment ids [N, L], answers [N])`, left-padded (segment 0 = padding).
   `asked`: the attribute asked for; the object is named by the other one, unique in its image."""
   named = "shape" if asked == "color" else "color"
@@ -124,8 +129,9 @@ def questions(split, tokens, num, one_object, asked="color"):
     if (one_object and len(objects) != 1) or not unique:
       continue
     o = unique[int(rng.integers(len(unique)))]
-    rows.append([0, 1, *(np.asarray(image) + VIS0).tolist(), 2, 3,
-                 first[named] + values[named].index(o[named]), 4])
+    img = [1, *(np.asarray(image) + VIS0).tolist(), 2]
+    question = [3, first[named] + values[named].index(o[named]), 4]
+    rows.append([0] + (img + question if order == "image" else question + img))
     answers.append(first[asked] + values[asked].index(o[asked]))
   width = max(map(len, rows))
   ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int32)
@@ -138,8 +144,8 @@ def main(argv):
   tokens, num_tokens = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
   one = SCENES.value == "one"
   asked = QUESTION.value
-  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one, asked)
-  tx, tseg, ty = questions("test", tokens, 500, one, asked)
+  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one, asked, ORDER.value)
+  tx, tseg, ty = questions("test", tokens, 500, one, asked, ORDER.value)
   print(f"{len(y)} training / {len(ty)} test questions, {x.shape[1]} tokens per row")
   kw = dict(dtype="float32")
   if VARIANT.value == "mu":
