@@ -9,6 +9,7 @@ import pytest
 from vlbpe_jax import parallel
 from vlbpe_jax.dit import targets
 from vlbpe_jax.dit import train
+from compile_count import lowerings
 from test_main import ROOT, load_config
 import dit_helpers
 
@@ -114,3 +115,22 @@ def test_bad_design_and_config_raise():
     train.check_config(_config(num_queries=5), "mse")
   with pytest.raises(ValueError, match="cfg_dropout"):
     train.check_config(_config(cfg_dropout=1.0), "fm")
+
+
+def test_pixel_decoder_decode_compiles_once(tmp_path):
+  """The stage decodes the ceiling and every design's samples: repeated calls of
+  `decoder.decode` reuse one compiled program (a fresh jax.jit per call compiled each time)."""
+  from vlbpe_jax.dit import decoder  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.data.resolution, config.clip.grid = 16, 4  # 4x4 feature grids -> 16x16 pixels
+  config.dit.decoder.ch_mult = (1,)
+  feats = np.random.default_rng(0).normal(size=(6, 4, 4, 8)).astype(np.float32)
+  s = decoder.setup(config, str(tmp_path), targets.stats_of(feats),
+                    mesh=parallel.mesh_from_config(config.mesh))
+  params = s.trainer.init(jax.random.key(0))["params"]
+  first = decoder.decode(s, params, feats, batch_size=4)
+  with lowerings() as lowered:
+    again = decoder.decode(s, params, feats, batch_size=4)
+  assert not lowered, f"{len(lowered)} programs lowered again"
+  assert first.shape == (6, 16, 16, 3) and first.dtype == np.uint8
+  np.testing.assert_array_equal(first, again)

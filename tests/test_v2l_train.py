@@ -19,6 +19,7 @@ from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import stage
 from vlbpe_jax.v2l import train
+from compile_count import lowerings
 from test_main import ROOT, load_config
 import v2l_helpers
 
@@ -116,6 +117,24 @@ def test_local_tokens_are_lm_ids_and_decode(inputs, trained):
   np.testing.assert_array_equal(table[inputs["lm_ids"][idx]], idx)
   rec = train.decode_ids(s, state["params"], idx, inputs["global_emb"], True)
   assert rec.shape == inputs["images"].shape and rec.dtype == np.uint8
+
+
+def test_encode_and_decode_compile_once(inputs, trained):
+  """Restoration encodes and decodes for every task: a repeated call must reuse the compiled
+  programs (a fresh jax.jit per call compiled the tokenizer each time)."""
+  s, state = trained["straight"]
+
+  def calls():
+    idx = train.encode_ids(s, state["params"], inputs["images"])
+    return [train.decode_ids(s, state["params"], idx, inputs["global_emb"], g)
+            for g in (True, False)]
+
+  first = calls()
+  with lowerings() as lowered:
+    again = calls()
+  assert not lowered, f"{len(lowered)} programs lowered again"
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("fixture", ["trained", "trained_gan"])

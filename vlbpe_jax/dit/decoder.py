@@ -129,14 +129,18 @@ def train_decoder(config, workdir, feats, images, *, mesh=None, stop_at_step=Non
   return s, state
 
 
+@functools.partial(jax.jit, static_argnames=("net",))
+def _apply(net, params, z):  # module-level: compiles once per net and shape, not per call
+  return net.apply({"params": params}, z)
+
+
 def decode(s: Setup, params, feats, batch_size: int = 64):
   """Raw features [N, g, g, D] -> uint8 images [N, R, R, 3]."""
   mesh = s.trainer.mesh
-  fn = jax.jit(lambda p, z: s.net.apply({"params": p}, z))
 
   def run(chunk):
     with s.trainer.ctx():
-      x = jax.device_get(fn(params, parallel.shard_batch(chunk, mesh)))
+      x = jax.device_get(_apply(s.net, params, parallel.shard_batch(chunk, mesh)))
     return np.round(np.clip((np.asarray(x) + 1) * 127.5, 0, 255)).astype(np.uint8)
   return parallel.map_batches(run, standardise(s, feats), batch_size,
                               parallel.batch_shards(mesh))

@@ -342,32 +342,44 @@ def restore_state(s: Setup):
     return ckpt.restore(s.trainer.abstract_state)
 
 
+# Module-level jits with the model static: one compilation per model and shape, however often
+# encode_ids / decode_ids are called (restoration calls them for every task; a fresh
+# `jax.jit(lambda ...)` per call compiled each time: 24 compilations, ~13 s of the demo's v2l).
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode_idx(model, params, local_emb, images):
+  return model.apply({"params": params}, images, local_emb, method="encode")[1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "use_global"))
+def _decode_uint8(model, params, local_emb, idx, global_emb, use_global):
+  x = model.apply({"params": params}, idx, local_emb, global_emb,
+                  jnp.full(global_emb.shape[:2], use_global), method="decode_ids")
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
 def encode_ids(s: Setup, params, images, batch_size: int = 32) -> np.ndarray:
   """uint8 [N, R, R, 3] -> int32 [N, h, w] local codebook indices (not LM ids)."""
-  fn = jax.jit(lambda p, t, x: s.model.apply({"params": p}, x, t, method="encode")[1])
   mesh = s.trainer.mesh
 
   def run(chunk):
     with s.trainer.ctx():
-      return jax.device_get(fn(params, s.frozen["local_emb"],
-                               parallel.shard_batch(clip_train.to_float(chunk), mesh)))
+      return jax.device_get(_encode_idx(s.model, params, s.frozen["local_emb"],
+                                        parallel.shard_batch(clip_train.to_float(chunk), mesh)))
   return parallel.map_batches(run, np.asarray(images), batch_size, parallel.batch_shards(mesh))
 
 
 def decode_ids(s: Setup, params, idx, global_emb, use_global: bool, batch_size: int = 32):
   """idx int [N, h, w], global_emb [N, Kg, E] -> uint8 images [N, R, R, 3]; `use_global`
   False masks every global token out."""
-  fn = jax.jit(lambda p, t, i, g: s.model.apply(
-      {"params": p}, i, t, g, jnp.full(g.shape[:2], use_global), method="decode_ids"))
   mesh = s.trainer.mesh
   idx, global_emb = np.asarray(idx, np.int32), np.asarray(global_emb, np.float32)
 
   def run(rows):  # rows: indices into idx (padding rows repeat index 0)
     with s.trainer.ctx():
-      x = fn(params, s.frozen["local_emb"],
-             *parallel.shard_batch((idx[rows], global_emb[rows]), mesh))
-      x = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)
-      return np.asarray(jax.device_get(x), np.uint8)
+      x = _decode_uint8(s.model, params, s.frozen["local_emb"],
+                        *parallel.shard_batch((idx[rows], global_emb[rows]), mesh),
+                        use_global=bool(use_global))
+      return np.asarray(jax.device_get(x))
   return parallel.map_batches(run, np.arange(len(idx)), batch_size,
                               parallel.batch_shards(mesh))
 
