@@ -138,3 +138,25 @@ def test_empty_directory_raises(tmp_path):
     assert ckpt.latest_step() is None
     with pytest.raises(ValueError, match="no checkpoint"):
       ckpt.restore({"x": jax.ShapeDtypeStruct((1,), jnp.float32)})
+
+
+def test_restore_latest_reads_the_last_step_and_names_what_is_missing(tmp_path):
+  mesh = parallel.make_mesh([("data", 4), ("fsdp", 2)])
+  abstract = checkpoint.abstract_like(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(mesh)),
+      _shardings(mesh))
+  with pytest.raises(ValueError, match=r"no CLIP checkpoint in .*empty: run the 'clip' stage"):
+    checkpoint.restore_latest(str(tmp_path / "empty"), abstract, what="CLIP",
+                              hint="run the 'clip' stage first")
+  with checkpoint.Checkpointer(tmp_path / "run", config={"model": {"width": 8}}) as ckpt:
+    ckpt.save(1, _state(mesh))
+    later = _state(mesh)
+    later["step"] = jnp.int32(9)
+    ckpt.save(2, later)
+  got = checkpoint.restore_latest(str(tmp_path / "run"), abstract, what="CLIP", hint="-",
+                                  config={"model": {"width": 8}}, must_match=("model.width",))
+  assert int(got["step"]) == 9
+  np.testing.assert_array_equal(got["params"]["w"], later["params"]["w"])
+  with pytest.raises(ValueError, match="model.width"):
+    checkpoint.restore_latest(str(tmp_path / "run"), abstract, what="CLIP", hint="-",
+                              config={"model": {"width": 16}}, must_match=("model.width",))

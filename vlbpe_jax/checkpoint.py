@@ -187,6 +187,17 @@ class Checkpointer:
     self.close()
 
 
+def restore_latest(directory: str, abstract_state, *, what: str, hint: str, config=None,
+                   must_match: tuple[str, ...] = ()):
+  """The latest checkpoint's state in `directory` (a finished stage's, read by a later one):
+  ValueError "no {what} checkpoint in {directory}: {hint}" when it holds none; `config` and
+  `must_match` as for `Checkpointer`."""
+  with Checkpointer(directory, async_save=False, config=config, must_match=must_match) as ckpt:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no {what} checkpoint in {directory}: {hint}")
+    return ckpt.restore(abstract_state)
+
+
 def abstract_like(tree, shardings):
   """`ShapeDtypeStruct`s of `tree` (arrays or abstract values) carrying `shardings`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -182,10 +182,9 @@ def restore(config, workdir: str, mesh=None):
   model = make_model(config, tok)
   trainer = make_trainer(config, model, make_mesh(config) if mesh is None else mesh)
   path = os.path.join(run_dir(workdir), "ckpt")
-  with checkpoint.Checkpointer(path, config=config, must_match=MUST_MATCH) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no CLIP checkpoint in {path}: run the 'clip' stage first")
-    state = ckpt.restore(trainer.abstract_state)
+  state = checkpoint.restore_latest(path, trainer.abstract_state, what="CLIP",
+                                    hint="run the 'clip' stage first", config=config,
+                                    must_match=MUST_MATCH)
   return model, state["params"], trainer
 
 

@@ -97,10 +97,9 @@ def restore(config, workdir, mesh=None):
   if not os.path.exists(path):
     raise ValueError(f"no {path}: run the 'dit' stage first (it trains the pixel decoder)")
   s = setup(config, workdir, fileio.read_json(path, what="decoder feature statistics"), mesh)
-  with checkpoint.Checkpointer(os.path.join(run_dir, "ckpt"), async_save=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no decoder checkpoint in {run_dir}/ckpt")
-    return s, ckpt.restore(s.trainer.abstract_state)["params"]
+  return s, checkpoint.restore_latest(
+      os.path.join(run_dir, "ckpt"), s.trainer.abstract_state, what="decoder",
+      hint="run the 'dit' stage first (it trains the pixel decoder)")["params"]
 
 
 def standardise(s: Setup, feats):

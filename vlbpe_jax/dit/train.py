@@ -104,10 +104,8 @@ def load_backbone(config, workdir: str, mesh) -> Backbone:
   trainer = lm_train.Trainer(config, model, mesh)
   plan = lm_train.plan_of(config, "full")
   path = os.path.join(workdir, "lm", "full", "ckpt")
-  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no LM checkpoint in {path}: run the 'lm' stage (run 'full') first")
-    state = ckpt.restore(trainer.abstract_state(plan[-1]))
+  state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="LM",
+                                    hint="run the 'lm' stage (run 'full') first")
   return Backbone(model, state["params"], tok, lm_train.grid_positions(config))
 
 
@@ -270,11 +268,8 @@ def train(config, s: Setup, captions, train_x0, *, stop_at_step=None):
 
 
 def restore(s: Setup):
-  path = os.path.join(s.run_dir, "ckpt")
-  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no DiT checkpoint in {path}: train design {s.design!r} first")
-    return ckpt.restore(s.trainer.abstract_state)
+  return checkpoint.restore_latest(os.path.join(s.run_dir, "ckpt"), s.trainer.abstract_state,
+                                   what="DiT", hint=f"train design {s.design!r} first")
 
 
 def make_generate(config, s: Setup, *, num_samples: int, steps: int, guidance: float):

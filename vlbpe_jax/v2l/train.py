@@ -115,10 +115,8 @@ def load_text_lm(config, workdir: str, mesh) -> TextLM:
   trainer = lm_train.Trainer(config, model, mesh)
   plan = lm_train.plan_of(config, "text")
   path = os.path.join(workdir, "lm", "text", "ckpt")
-  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no text LM checkpoint in {path}: run the 'lm' stage first")
-    state = ckpt.restore(trainer.abstract_state(plan[-1]))
+  state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="text LM",
+                                    hint="run the 'lm' stage first")
   if model.config.vocab_size < tok.vocab_size:
     raise ValueError(f"LM vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}: "
                      "the LM does not belong to this tokenizer")
@@ -335,11 +333,8 @@ def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
 
 def restore_state(s: Setup):
   """The trained tokenizer's state from `s.run_dir/ckpt` (ValueError when absent)."""
-  path = os.path.join(s.run_dir, "ckpt")
-  with checkpoint.Checkpointer(path, async_save=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no V2L checkpoint in {path}: run python -m vlbpe_jax.v2l.train first")
-    return ckpt.restore(s.trainer.abstract_state)
+  return checkpoint.restore_latest(os.path.join(s.run_dir, "ckpt"), s.trainer.abstract_state,
+                                   what="V2L", hint="run python -m vlbpe_jax.v2l.train first")
 
 
 # Module-level jits with the model static: one compilation per model and shape, however often
