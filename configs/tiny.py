@@ -1,7 +1,7 @@
 """The CPU demo: shapes data -> text tokenizer -> VQ-GAN -> visual BPE -> unified LM -> CLIP
 -> BLIP3-o DiT -> V2L.
 
-  python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo   # 13-16 min, 2-core CPU
+  python -m vlbpe_jax.main --config=configs/tiny.py --workdir=runs/demo   # 9-16 min, 2-core CPU
   python -m vlbpe_jax.main --config=configs/tiny.py:long --workdir=runs/long   # ~29 min
   python -m vlbpe_jax.main --config=configs/tiny.py:tiny --workdir=/tmp/w   # seconds, tests
   python -m vlbpe_jax.vq.train --config=configs/tiny.py --workdir=runs/demo  # one stage alone
@@ -60,7 +60,7 @@ def get_config(arg=None):
       # so a flat background is one code per tone and BPE compresses 4.5 cells/token (taming's
       # global encoder: 55-64 codes per tone, 1.4 cells/token; BENCHMARKS.md, "Codes per flat
       # region"); :long's 6400 steps keep validation PSNR >= 30 dB with it (30.5), the demo's
-      # 1200 give DEMO_PSNR dB (1600: 26.9).
+      # 1200 give 26.4 dB (1600: 26.9).
       variant="mu" if tiny else "tiny_p4_patch",
       codebook_size=64 if tiny else 512,
       code_dim=8 if tiny else 16,
