@@ -1,9 +1,8 @@
 """V2L decoder: the taming VQGAN decoder with one cross-attention to the global tokens.
 
-vq/autoencoder.Decoder is one compact body with no place for a second input, so this module
-composes the same vq/layers.py blocks in the same order and names (conv_in, mid_block_1,
+`V2LDecoder` is vq/autoencoder.Decoder (the same blocks and names: conv_in, mid_block_1,
 mid_attn_1, [mid_cross_attn], mid_block_2, up_i_block_j, up_i_attn_j, up_i_upsample, norm_out,
-conv_out) and inserts `CrossAttention` after the mid self-attention, as the public code's
+conv_out) with `CrossAttention` in its hook after the mid self-attention, as the public code's
 `mid.cross_attn_1` (queries: the h x w feature map; keys/values: the global entries' CLIP
 embeddings [B, Kg, E]; 8 heads of width C there).
 
@@ -62,43 +61,22 @@ class CrossAttention(nn.Module):
     return nn.with_logical_constraint(x + out.reshape(b, hh, ww, c), layers.ACT)
 
 
-class V2LDecoder(nn.Module):
-  """z: [B, h, w, z_channels], global_emb: [B, Kg, E], global_mask: [B, Kg] bool ->
+class V2LDecoder(autoencoder.Decoder):
+  """`decoder(z [B, h, w, z_channels], global_emb [B, Kg, E], global_mask [B, Kg] bool)` ->
   [B, h*f, w*f, 3] float32. Features entering conv_out are sown as `intermediates/features`
   (the GAN's adaptive weight differentiates with respect to conv_out alone, as vq/train.py)."""
-  ch: int
-  ch_mult: tuple[int, ...]
-  num_res_blocks: int
-  groups: int = 32
-  attn_levels: tuple[int, ...] = ()
-  patch: int = 1
   cross_heads: int = 8
   cross_head_dim: int | None = None
-  dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  out_channels: int = 3
 
-  @nn.compact
-  def __call__(self, z, global_emb, global_mask):
-    kw = dict(groups=self.groups, dtype=self.dtype)
-    h = layers.conv(self.ch * self.ch_mult[-1], 3, "conv_in", dtype=self.dtype)(
-        z.astype(self.dtype))
-    h = layers.ResBlock(h.shape[-1], name="mid_block_1", **kw)(h)
-    h = layers.AttnBlock(name="mid_attn_1", **kw)(h)
-    h = CrossAttention(self.cross_heads, self.cross_head_dim, param_dtype=self.param_dtype,
-                       name="mid_cross_attn", **kw)(h, global_emb, global_mask)
-    h = layers.ResBlock(h.shape[-1], name="mid_block_2", **kw)(h)
-    for i in reversed(range(len(self.ch_mult))):
-      for j in range(self.num_res_blocks + 1):
-        h = layers.ResBlock(self.ch * self.ch_mult[i], name=f"up_{i}_block_{j}", **kw)(h)
-        if i in self.attn_levels:
-          h = layers.AttnBlock(name=f"up_{i}_attn_{j}", **kw)(h)
-      if i != 0:
-        h = layers.Upsample(self.dtype, name=f"up_{i}_upsample")(h)
-    h = nn.silu(layers.group_norm(self.groups, "norm_out", self.dtype)(h))
-    self.sow("intermediates", "features", h)
-    out = conv_out(self.out_channels * self.patch ** 2, self.dtype)(h)
-    return autoencoder.depth_to_space(out, self.patch).astype(jnp.float32)
+  def _mid(self, h, *context):
+    if len(context) != 2:
+      raise ValueError(f"V2LDecoder takes (z, global_emb, global_mask), got {len(context) + 1} "
+                       "inputs")
+    global_emb, global_mask = context
+    return CrossAttention(self.cross_heads, self.cross_head_dim, groups=self.groups,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="mid_cross_attn")(h, global_emb, global_mask)
 
 
 def conv_out(features: int, dtype=jnp.float32):

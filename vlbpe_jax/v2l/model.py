@@ -96,7 +96,7 @@ class V2LTokenizer(nn.Module):
     self.quant_conv = layers.conv(c.code_dim, 1, dtype=dt)
     self.projector = quantizer.Projector(c.code_dim, dt, pdt)
     self.post_quant_conv = layers.conv(c.z_channels, 1, dtype=dt)
-    self.decoder = decoder_lib.V2LDecoder(cross_heads=c.cross_heads,
+    self.decoder = decoder_lib.V2LDecoder(z_channels=c.z_channels, cross_heads=c.cross_heads,
                                           cross_head_dim=c.cross_head_dim, param_dtype=pdt,
                                           **blocks)
 

@@ -128,6 +128,8 @@ class Decoder(nn.Module):
   The features entering `conv_out` are sown as `intermediates/features` so that the GAN's
   adaptive weight can differentiate the losses with respect to the last layer alone
   (`conv_out` has out_channels * patch**2 outputs, unfolded by `depth_to_space`).
+  `context`: further inputs, passed to `_mid` after the middle self-attention (the identity
+  here; v2l/decoder.py inserts a cross-attention to its global tokens there).
   """
   ch: int
   ch_mult: tuple[int, ...]
@@ -139,13 +141,21 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   out_channels: int = 3
 
+  def _mid(self, h, *context):
+    """The hook after `mid_attn_1`: [B, h, w, C] -> [B, h, w, C] (modules made here are the
+    decoder's, as in the compact body)."""
+    if context:
+      raise ValueError(f"{type(self).__name__} takes one input, got {len(context)} more")
+    return h
+
   @nn.compact
-  def __call__(self, z):
+  def __call__(self, z, *context):
     kw = dict(groups=self.groups, dtype=self.dtype)
     h = layers.conv(self.ch * self.ch_mult[-1], 3, "conv_in", dtype=self.dtype)(
         z.astype(self.dtype))
     h = layers.ResBlock(h.shape[-1], name="mid_block_1", **kw)(h)
     h = layers.AttnBlock(name="mid_attn_1", **kw)(h)
+    h = self._mid(h, *context)
     h = layers.ResBlock(h.shape[-1], name="mid_block_2", **kw)(h)
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
