@@ -189,3 +189,21 @@ def test_bad_inputs_raise(setup):
     s["model"].apply({"params": s["params"]}, s["x"][:, :14, :14], s["local_emb"],
                      method="encode")
   assert model_lib.config_for("paper").grid == 16 and model_lib.config_for("demo").grid == 8
+
+
+def test_decoders_share_one_body_and_check_their_inputs():
+  """V2LDecoder is the VQ decoder plus `mid_cross_attn`: the same other parameters, and each
+  refuses the other's inputs."""
+  from vlbpe_jax.v2l import decoder as v2l_decoder  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.vq import autoencoder  # pylint: disable=g-import-not-at-top
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, groups=4)
+  z = jnp.ones((1, 2, 2, 4))
+  g, m = jnp.ones((1, 3, 6)), jnp.ones((1, 3), bool)
+  vq_params = autoencoder.Decoder(**kw).init(jax.random.key(0), z)["params"]
+  v2l = v2l_decoder.V2LDecoder(cross_heads=2, **kw)
+  v2l_params = v2l.init(jax.random.key(0), z, g, m)["params"]
+  assert set(v2l_params) == set(vq_params) | {"mid_cross_attn"}
+  with pytest.raises(ValueError, match="takes one input"):
+    autoencoder.Decoder(**kw).apply({"params": vq_params}, z, g)
+  with pytest.raises(ValueError, match="global_emb, global_mask"):
+    v2l.apply({"params": v2l_params}, z, g)
