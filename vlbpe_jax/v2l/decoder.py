@@ -77,8 +77,3 @@ class V2LDecoder(autoencoder.Decoder):
     return CrossAttention(self.cross_heads, self.cross_head_dim, groups=self.groups,
                           dtype=self.dtype, param_dtype=self.param_dtype,
                           name="mid_cross_attn")(h, global_emb, global_mask)
-
-
-def conv_out(features: int, dtype=jnp.float32):
-  """The decoder's last conv (replicated output channels); losses re-apply it alone."""
-  return layers.conv(features, 3, "conv_out", out_axis=None, dtype=dtype)

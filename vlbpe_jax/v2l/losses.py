@@ -13,7 +13,6 @@ import dataclasses
 import chex
 import jax.numpy as jnp
 
-from vlbpe_jax.v2l import decoder as decoder_lib
 from vlbpe_jax.vq import autoencoder
 from vlbpe_jax.vq import losses as vq_losses
 from vlbpe_jax.vq import perceptual
@@ -58,7 +57,7 @@ def generator_loss(x, x_rec, quant_loss, step, *, cfg: LossConfig, lpips_params=
   if disc_fn is not None and cfg.disc_weight > 0:
     if features is None or conv_out_params is None:
       raise ValueError("generator_loss with disc_fn needs features and conv_out_params")
-    last = decoder_lib.conv_out(conv_out_params["kernel"].shape[-1], features.dtype)
+    last = autoencoder.decoder_conv_out(conv_out_params["kernel"].shape[-1], features.dtype)
     x_of = lambda w: autoencoder.depth_to_space(last.apply({"params": w}, features),
                                                 patch).astype(jnp.float32)
     g_loss = vq_losses.hinge_g_loss(disc_fn(x_rec))

@@ -166,6 +166,10 @@ class Decoder(nn.Module):
         h = layers.Upsample(self.dtype, name=f"up_{i}_upsample")(h)
     h = nn.silu(layers.group_norm(self.groups, "norm_out", self.dtype)(h))
     self.sow("intermediates", "features", h)
-    out = layers.conv(self.out_channels * self.patch ** 2, 3, "conv_out", out_axis=None,
-                      dtype=self.dtype)(h)
+    out = decoder_conv_out(self.out_channels * self.patch ** 2, self.dtype)(h)
     return depth_to_space(out, self.patch).astype(jnp.float32)
+
+
+def decoder_conv_out(features: int, dtype=jnp.float32):
+  """The decoder's last conv (replicated output channels); losses re-apply it alone."""
+  return layers.conv(features, 3, "conv_out", out_axis=None, dtype=dtype)
