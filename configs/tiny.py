@@ -252,13 +252,17 @@ def get_config(arg=None):
       disc_weight=0.0,
       disc_start=1 if tiny else 60,  # the demo's half-way (the code: 10k of ~100 epochs)
       disc_variant="tiny",  # vq/discriminator.py:DISC_VARIANTS
-      disc_lr=4.5e-4 if tiny else 2e-3,  # as v2l.lr (the public code: one lr for both)
+      disc_lr=4.5e-4 if tiny else 3e-4,  # as v2l.lr (the public code: one lr for both)
       batch_size=8 if tiny else 16,
       data_shards=0,  # as lm.data_shards: 0 = one per process
       # A "demo" step at batch 16 took 0.66 s with another job on the 2 cores (+ ~45 s of
       # compilation): :long trains 120 steps, the demo 50.
       total_steps=steps(2, 50, 120),
-      lr=4.5e-4 if tiny else 2e-3,  # public code: 4.5e-4 at batch 8 per GPU for 100 epochs
+      # Public code: 4.5e-4 at batch 8 per GPU for 100 epochs. At 2e-3 (the demo before
+      # 2026-12-05) and 1e-3 the local codebook collapses within ~10 steps to 2 of its 135
+      # tokens (test usage 1.5% / 5.9%, 11.7-12.5 dB); 2e-4..5e-4 keep 25-35% of them per
+      # batch (BENCHMARKS.md, "V2L tokenizer"); `v2l.codebook_usage` in the report.
+      lr=4.5e-4 if tiny else 3e-4,
       warmup_steps=1 if tiny else 10,
       final_lr_frac=0.1,
       grad_clip=10.0,

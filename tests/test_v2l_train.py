@@ -3,6 +3,7 @@ LM-id tokens, resume (with and without the GAN), the GAN's delayed start, sharde
 unsharded, accuracies recomputed from the stored rows."""
 
 import dataclasses
+import types
 import os
 
 import jax
@@ -295,3 +296,41 @@ def test_restoration_predictor_writes_local_tokens_only(inputs):
   np.testing.assert_array_equal(bad[:, :8], images[:, :8])
   with pytest.raises(ValueError, match="task="):
     restore.corrupt_images("denoise", images)
+
+
+def test_majority_control_restores_from_the_examples_alone(inputs):
+  """The control of restore.py: each window's most frequent example output. With 10 copies at
+  50%...23% replacement the clean token is that mode almost everywhere, so the control writes
+  back (nearly) the clean map, whatever the query holds; the LM is never called."""
+  rng = np.random.default_rng(1)
+  vocab = np.arange(len(inputs["lm_ids"]))
+  clean = rng.integers(0, len(vocab), (8, 8))
+  predict = restore.majority_predictor(m=2)
+  mask = corrupt.inpaint_mask(8, 8)
+  grey = np.where(mask, 0, clean)  # the query: masked positions hold one "grey" token
+  out = corrupt.restore_masked(predict, grey, mask, corrupt.corrupted_copies(rng, clean, vocab),
+                               n=8, m=2)
+  np.testing.assert_array_equal(out[~mask], clean[~mask])
+  assert np.mean(out[mask] == clean[mask]) >= 0.9
+  blurred = rng.integers(0, len(vocab), (8, 8))
+  copies_out, copies_in = corrupt.corrupted_copies(rng, clean, vocab, paired=blurred)
+  fixed = corrupt.restore_same_positions(predict, blurred, copies_in, copies_out, m=2)
+  assert np.mean(fixed == clean) >= 0.9 > np.mean(blurred == clean)
+  # Ties go to the smallest id; a bad predictor name or m is refused.
+  assert list(predict(None, [([0], [5, 2]), ([0], [3, 2])])) == [3, 2]
+  with pytest.raises(ValueError, match="predictor='oracle'"):
+    restore.run(None, None, num=1, seed=0, predictor="oracle")
+  with pytest.raises(ValueError, match="m=0"):
+    restore.majority_predictor(m=0)
+
+
+def test_code_stats_count_the_local_tokens_of_the_test_images(inputs, trained):
+  s, state = trained["straight"]
+  ctx = types.SimpleNamespace(s=s, test={"images": inputs["images"]},
+                              books=types.SimpleNamespace(lm_ids=inputs["lm_ids"]))
+  stats = train.code_stats(ctx, state["params"])
+  idx = train.encode_ids(s, state["params"], inputs["images"])
+  _, counts = np.unique(idx, return_counts=True)
+  p = counts / counts.sum()
+  assert stats["usage"] == pytest.approx(len(counts) / len(inputs["lm_ids"]))
+  assert stats["perplexity"] == pytest.approx(float(np.exp(-np.sum(p * np.log(p)))), rel=1e-5)

@@ -17,6 +17,12 @@ global tokens (they come from the clean image's CLIP embedding). Gain = PSNR(res
 - PSNR(decoded corrupted map, clean), in dB, averaged over the first `v2l.restore_images` test
 images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
 add, not the tokenizer's reconstruction error (the corrupted pixels' PSNR is stored too).
+
+Control (`predictor="majority"`): every window gets the most frequent output of its 10
+examples at each offset, i.e. what a perfect in-context copier would write, with no LM. Its
+gain is what the tokenizer lets restoration reach; the LM's gain against it is what the LM
+earns. (A tokenizer that reconstructs worse than the corruption, or whose codebook collapsed,
+leaves no gain to either.)
 """
 
 from absl import app
@@ -38,6 +44,27 @@ TASKS = ("inpaint", "outpaint", "deblur", "shift", "rotate")
 GREY = 128
 
 
+PREDICTORS = ("lm", "majority")
+
+
+def _majority(examples, j):
+  """The most frequent output token at offset j of the examples (smallest id on ties)."""
+  vals, counts = np.unique([y[j] for _, y in examples if len(y) > j], return_counts=True)
+  return vals[np.argmax(counts)]
+
+
+def majority_predictor(*, m: int = 2):
+  """`predict(context, examples)` of corrupt.py without an LM: each of the m outputs is the
+  examples' most frequent token at that offset (the control of the module docstring)."""
+  if m < 1:
+    raise ValueError(f"m={m}: expected >= 1")
+
+  def predict(context, examples):
+    del context
+    return np.asarray([_majority(examples, j) for j in range(m)], np.int64)
+  return predict
+
+
 def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
   """`predict(context, examples)` of corrupt.py: local indices in and out, the LM reads and
   writes the matching LM ids (greedy, m tokens)."""
@@ -52,8 +79,7 @@ def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
                                   max_new_tokens=m, pad_id=lm.tok.pad_id)
     pred = to_local[np.clip(np.asarray(jax.device_get(out))[0], 0, len(to_local) - 1)]
     for j in np.flatnonzero(pred < 0):  # not a local token: the examples' majority
-      vals, counts = np.unique([y[j] for _, y in examples if len(y) > j], return_counts=True)
-      pred[j] = vals[np.argmax(counts)]
+      pred[j] = _majority(examples, j)
     return pred
   return predict
 
@@ -75,18 +101,22 @@ def corrupt_images(task: str, images, mask=None, factor: int = 1):
   raise ValueError(f"task={task!r}: expected one of {TASKS}")
 
 
-def run(ctx: train.Context, params, *, num: int, seed: int) -> dict:
+def run(ctx: train.Context, params, *, num: int, seed: int, predictor: str = "lm") -> dict:
   """Every task on the first `num` test images: {task: {"gain_db", "psnr_restored",
-  "psnr_corrupted", "images": (clean, corrupted, restored) uint8}}."""
+  "psnr_corrupted", "images": (clean, corrupted, restored) uint8}}. `predictor`: "lm" (the
+  frozen LM) or "majority" (the control); both see the same corrupted copies."""
   if num < 1:
     raise ValueError(f"num={num}: expected >= 1")
+  if predictor not in PREDICTORS:
+    raise ValueError(f"predictor={predictor!r}: expected one of {PREDICTORS}")
   clean = ctx.test["images"][:num]
   s = ctx.s
   clean_maps = train.encode_ids(s, params, clean)  # [N, h, w]
   h, w = clean_maps.shape[1:]
   factor = clean.shape[1] // h
   vocab = np.arange(len(ctx.books.lm_ids))
-  predict = lm_predictor(ctx.lm, ctx.books.lm_ids)
+  predict = (lm_predictor(ctx.lm, ctx.books.lm_ids) if predictor == "lm"
+             else majority_predictor())
   g = ctx.global_emb(ctx.test_tokens[:num])
   out = {}
   for t, task in enumerate(TASKS):
@@ -122,7 +152,8 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   ctx = train.load_context(config, workdir)
   state = train.restore_state(ctx.s)
-  res = run(ctx, state["params"], num=int(config.v2l.restore_images), seed=int(config.seed))
+  res = run(ctx, state["params"], num=int(config.v2l.restore_images), seed=int(config.seed),
+            predictor=flags.FLAGS.predictor)
   print(fileio.dumps_json({t: {k: v for k, v in r.items() if k != "images"}
                            for t, r in res.items()}))
 
@@ -131,5 +162,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Pipeline directory with a trained V2L (workdir/v2l).")
+  flags.DEFINE_enum("predictor", "lm", PREDICTORS, "lm: the frozen LM; majority: the control "
+                    "(each window's most frequent example output, no LM).")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)

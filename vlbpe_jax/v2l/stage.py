@@ -2,7 +2,7 @@
 
 From the frozen stage-0 text LM (`lm/text`) and the CLIP (`clip`):
   1. the codebooks and the tokenizer (`train.py`), and the test split's reconstruction PSNR with
-     and without the global tokens in the decoder;
+     and without the global tokens in the decoder, and the share of local tokens in use;
   2. N-way K-shot shape classification (`fewshot.py`) for every `v2l.fewshot_ways` x
      `v2l.fewshot_shots`, `v2l.fewshot_episodes` episodes each: the frozen LM reads each
      image's first `v2l.fewshot_global` global tokens as its own subword ids; chance 1 / way;
@@ -14,7 +14,8 @@ From the frozen stage-0 text LM (`lm/text`) and the CLIP (`clip`):
 Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's prediction) and
 the report section.
   4. restoration (`restore.py`): inpaint, outpaint, deblur, shift, rotate on the first
-     `v2l.restore_images` test images; PSNR gain of the restored image over the corrupted one.
+     `v2l.restore_images` test images; PSNR gain of the restored image over the corrupted one,
+     by the frozen LM and by the majority-vote control (no LM: what the tokenizer allows).
 """
 
 import html
@@ -185,17 +186,29 @@ def run_stage(config, workdir: str) -> dict:
   psnr = res["recon_psnr_db"]
   metrics = {"v2l.recon_psnr_db.local": psnr["local"],
              "v2l.recon_psnr_db.local_global": psnr["local_global"],
+             "v2l.codebook_usage": res["codes"]["usage"],
+             "v2l.codebook_perplexity": res["codes"]["perplexity"],
              "v2l.num_local_tokens": res["num_local"],
              "v2l.num_global_entries": res["num_global_entries"],
              **fewshot_metrics(results, ctx.test["objects"])}
   if np.isfinite(res["train_seconds"]):
     metrics["v2l.train_seconds"] = res["train_seconds"]
-  rest = restore.run(ctx, state["params"], num=int(config.v2l.restore_images),
-                     seed=int(config.seed))
+  kw = dict(num=int(config.v2l.restore_images), seed=int(config.seed))
+  rest = restore.run(ctx, state["params"], predictor="lm", **kw)
+  ctl = restore.run(ctx, state["params"], predictor="majority", **kw)
+  strip = lambda res: {t: {k: v for k, v in r.items() if k != "images"}  # noqa: E731
+                       for t, r in res.items()}
   fileio.write_json(os.path.join(train.run_dir(workdir), "restore.json"),
-                    {t: {k: v for k, v in r.items() if k != "images"} for t, r in rest.items()})
+                    {**strip(rest), "majority_control": strip(ctl)})
   metrics.update({f"v2l.restore_psnr_gain_db.{t}": r["gain_db"] for t, r in rest.items()})
-  rest_html = ""
+  metrics.update({f"v2l.restore_psnr_gain_db_majority.{t}": r["gain_db"]
+                  for t, r in ctl.items()})
+  rest_html = report.table(
+      ("task", "gain, frozen LM (dB)", "gain, majority-vote control (dB)",
+       "decoded corrupted map (dB)", "corrupted pixels (dB)"),
+      [(t, f"{r['gain_db']:+.2f}", f"{ctl[t]['gain_db']:+.2f}",
+        f"{np.mean(r['psnr_corrupted']):.2f}", f"{np.mean(r['psnr_corrupted_pixels']):.2f}")
+       for t, r in rest.items()])
   for t, r in rest.items():
     clean, bad, fixed = r["images"]
     k = min(4, len(clean))
@@ -237,7 +250,9 @@ def run_stage(config, workdir: str) -> dict:
       f"{int(c.total_steps)} steps x {int(c.batch_size)} with L1 + quantisation loss (no GAN, "
       "no LPIPS). Test reconstruction PSNR: "
       f"{psnr['local']:.2f} dB from the local tokens alone, {psnr['local_global']:.2f} dB with "
-      f"the {int(c.num_global)} global tokens.</p>"
+      f"the {int(c.num_global)} global tokens. Local tokens in use on the test split: "
+      f"{res['codes']['usage']:.1%} of {res['num_local']} (perplexity "
+      f"{res['codes']['perplexity']:.1f}).</p>"
       f"<p>Rows: real test images, decoded without, and with the global tokens.</p>"
       f"{report.img_tag(src, width=n * 96)}"
       f"<p>Few-shot shape classification by the frozen LM: queries from the test split's "
@@ -257,7 +272,9 @@ def run_stage(config, workdir: str) -> dict:
       + "<h3>Restoration</h3><p>The frozen LM predicts local tokens in context (V2L's protocol, "
       "v2l/restore.py: 10 noisy copies of the clean image's map as examples, as the public "
       "code; inpaint/outpaint n = 16 -> m = 2 with write-back, the others n = m = 2), decoded "
-      "without global tokens. Rows: clean, corrupted input, restored.</p>" + rest_html)
+      "without global tokens. The control writes each window's most frequent example output "
+      "(a perfect in-context copier, no LM): its gain is what this tokenizer lets restoration "
+      "reach. Images: clean, corrupted input, restored by the LM.</p>" + rest_html)
   metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
   report.add_section(workdir, key="v2l", title="V2L: images as the frozen LM's tokens",
                      order=70, html=body, metrics=metrics)

@@ -446,12 +446,23 @@ def reconstruction_psnr(ctx: Context, params, num: int | None = None) -> dict:
           "local_global": psnr_db(images, decode_ids(ctx.s, params, idx, g, True))}
 
 
+def code_stats(ctx: Context, params, num: int | None = None) -> dict:
+  """The local codebook's use on the test split: {"usage": share of the V local tokens that
+  occur, "perplexity": exp(entropy) of their frequencies}. A collapsed codebook (a few tokens
+  for every image) shows here before it shows anywhere else."""
+  idx = encode_ids(ctx.s, params, ctx.test["images"][:num])
+  v = len(ctx.books.lm_ids)
+  return {"usage": float(vq_metrics.codebook_usage(idx, v)),
+          "perplexity": float(vq_metrics.code_perplexity(idx, v))}
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step=None):
   """Returns (context, state, result dict)."""
   ctx = load_context(config, workdir)
   state = train(config, ctx.s, ctx.train["images"], ctx.global_emb(ctx.train_tokens),
                 stop_at_step=stop_at_step)
   out = {"recon_psnr_db": reconstruction_psnr(ctx, state["params"]),
+         "codes": code_stats(ctx, state["params"]),
          "num_local": int(len(ctx.books.lm_ids)), "num_global_entries":
          int(len(ctx.books.entry_ids)),
          "train_seconds": loop.train_seconds(os.path.join(ctx.s.run_dir, "ckpt"))}
