@@ -4,13 +4,20 @@ Trains stage 0 (the text-only LM, `lm/train.py:pretrain_text`) on a copy of a pi
 workdir's data and tokenizer with `--steps` steps and `--tasks` (comma-separated stage-0 tasks,
 e.g. `icl` alone or the demo's mix), then scores the text-only few-shot control of the V2L
 stage (`v2l/fewshot.text_rows`: symbol -> shape-label episodes, constrained decoding) on 2-way
-and 5-way 1-shot. Prints one JSON line per run.
+and 5-way 1-shot, and the LM's teacher-forced accuracy on the target half of 64 held-out
+`induction` and `copy` episodes (chance ~1/36: is there an induction head?). `--kinds`
+restricts the `icl` task's episodes to some of `data/icl.KINDS` (for this script only: it
+rebinds `icl.sample_episode`, which the data pipeline calls). Prints one JSON line per run.
+
+  .venv/bin/python benchmarks/icl_stage0.py --config=configs/tiny.py --workdir=runs/demo \
+      --out=/tmp/icl --steps=300,800 --tasks=icl --kinds=induction
 
   .venv/bin/python benchmarks/icl_stage0.py --config=configs/tiny.py --workdir=runs/demo \
       --out=/tmp/icl \\
       --steps=200,1000 --tasks=caption,attributes,vqa,dialogue,icl,icl
 """
 
+import functools
 import json
 import os
 import shutil
@@ -29,6 +36,23 @@ flags.DEFINE_list("steps", ["200", "1000"], "Stage-0 steps per run.")
 flags.DEFINE_list("tasks", ["caption", "attributes", "vqa", "dialogue", "icl", "icl"],
                   "Stage-0 task mix.")
 flags.DEFINE_integer("episodes", 50, "Text-only episodes per setting.")
+flags.DEFINE_list("kinds", [], "Episode kinds of the `icl` task (data/icl.KINDS); empty: all.")
+
+
+def episode_accuracy(lm, kind: str, num: int = 64, seed: int = 123) -> float:
+  """Teacher-forced next-token accuracy on the target parts of `num` held-out episodes."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  seqs = [icl.episode_ids(lm.tok, icl.sample_episode(rng, kinds=(kind,))) for _ in range(num)]
+  ids = np.full((num, max(len(s) for s, _ in seqs)), lm.tok.pad_id, np.int32)
+  target = np.zeros(ids.shape, bool)
+  for i, (s, m) in enumerate(seqs):
+    ids[i, :len(s)], target[i, :len(s)] = s, m
+  pred = np.asarray(jnp.argmax(lm.model.apply({"params": lm.params}, jnp.asarray(ids)), -1))
+  scored = target[:, 1:] & (ids[:, 1:] != lm.tok.eos_id)  # the target parts, not the eos
+  return float(np.mean((pred[:, :-1] == ids[:, 1:])[scored]))
 
 
 def run(steps: int, tasks) -> dict:
@@ -38,11 +62,16 @@ def run(steps: int, tasks) -> dict:
   from vlbpe_jax.lm import train as lm_train  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import fewshot  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
+  kinds = tuple(flags.FLAGS.kinds)
+  if kinds:
+    icl.sample_episode = functools.partial(icl.sample_episode, kinds=kinds)
   config.lm.text_steps = steps
   config.lm.text_tasks = tuple(tasks)
   config.lm.progress = False
-  w = os.path.join(flags.FLAGS.out, f"steps{steps}_{'-'.join(tasks)}")
+  w = os.path.join(flags.FLAGS.out, f"steps{steps}_{'-'.join(tasks)}"
+                   + (f"_{'-'.join(kinds)}" if kinds else ""))
   os.makedirs(w, exist_ok=True)
   for d in ("data", "tokenizer"):
     if not os.path.exists(os.path.join(w, d)):
@@ -54,7 +83,10 @@ def run(steps: int, tasks) -> dict:
   lm_train.pretrain_text(config, w, tok, source, mesh)
   seconds = time.perf_counter() - t0
   lm = v2l_train.load_text_lm(config, w, mesh)
-  out = {"steps": steps, "tasks": list(tasks), "train_seconds": round(seconds, 1)}
+  out = {"steps": steps, "tasks": list(tasks), "kinds": list(kinds) or list(icl.KINDS),
+         "train_seconds": round(seconds, 1),
+         **{f"teacher_forced.{k}": round(episode_accuracy(lm, k), 3)
+            for k in ("induction", "copy")}}
   for way in (2, 5):
     rows = fewshot.text_rows(lm, way=way, shot=1, num=flags.FLAGS.episodes,
                              seed=int(config.seed), batch_size=64)
