@@ -247,17 +247,19 @@ def get_config(arg=None):
       # PatchGAN (hinge) and taming's adaptive weight from step `disc_start`, Adam (0.5, 0.9) at
       # `disc_lr`. Off by default: with it a demo step took 0.97 vs 0.67 s on the CPU (the
       # discriminator and the adaptive weight run every step, weighted 0 before disc_start; the
-      # compilation stays ~27 s), and 120 demo steps are far from the code's 10k-step start; the
-      # tiny runs (CI) would compile it in every pipeline test. tests/test_v2l_train.py trains it.
+      # compilation stays ~27 s; 8x8 maps then), and 200 demo steps are far from the code's
+      # 10k-step start; the tiny runs (CI) would compile it in every pipeline test.
+      # tests/test_v2l_train.py trains it.
       disc_weight=0.0,
-      disc_start=1 if tiny else 60,  # the demo's half-way (the code: 10k of ~100 epochs)
+      disc_start=1 if tiny else 100,  # the demo's half-way (the code: 10k of ~100 epochs)
       disc_variant="tiny",  # vq/discriminator.py:DISC_VARIANTS
       disc_lr=4.5e-4 if tiny else 3e-4,  # as v2l.lr (the public code: one lr for both)
       batch_size=8 if tiny else 16,
       data_shards=0,  # as lm.data_shards: 0 = one per process
-      # A "demo" step at batch 16 took 0.66 s with another job on the 2 cores (+ ~45 s of
-      # compilation): :long trains 120 steps, the demo 50.
-      total_steps=steps(2, 50, 120),
+      # A "demo" step (16x16 maps) at batch 16 takes ~0.4 s on the 2-core Zen 4 (+ ~10 s of
+      # compilation). 200 steps: 18.4 dB, and the majority-vote control gains 3.3 dB on
+      # inpainting (120 steps: 17.7 dB, 1.4 dB; BENCHMARKS.md, "V2L tokenizer"). :long: 400.
+      total_steps=steps(2, 200, 400),
       # Public code: 4.5e-4 at batch 8 per GPU for 100 epochs. At 2e-3 (the demo before
       # 2026-12-05) and 1e-3 the local codebook collapses within ~10 steps to 2 of its 135
       # tokens (test usage 1.5% / 5.9%, 11.7-12.5 dB); 2e-4..5e-4 keep 25-35% of them per

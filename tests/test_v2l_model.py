@@ -188,7 +188,7 @@ def test_bad_inputs_raise(setup):
   with pytest.raises(ValueError, match="divisible by the downsampling 4"):
     s["model"].apply({"params": s["params"]}, s["x"][:, :14, :14], s["local_emb"],
                      method="encode")
-  assert model_lib.config_for("paper").grid == 16 and model_lib.config_for("demo").grid == 8
+  assert model_lib.config_for("paper").grid == 16 and model_lib.config_for("demo").grid == 16
 
 
 def test_decoders_share_one_body_and_check_their_inputs():
