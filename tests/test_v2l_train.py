@@ -17,6 +17,7 @@ from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import describe
 from vlbpe_jax.v2l import fewshot
+from vlbpe_jax.v2l import prompts
 from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import stage
 from vlbpe_jax.v2l import train
@@ -290,6 +291,18 @@ def test_restoration_predictor_writes_local_tokens_only(inputs):
   out = corrupt.restore_masked(predict, tokens, mask, copies, n=4, m=2)
   np.testing.assert_array_equal(out[~mask], tokens[~mask])
   assert out.min() >= 0 and out.max() < len(lm_ids)
+  # Each written token is the LM's arg-max over the local tokens' ids, never a fallback.
+  lm = inputs["lm"]
+  examples = [(copies[i].reshape(-1)[:4], copies[i].reshape(-1)[4:6]) for i in range(3)]
+  ids = prompts.restoration_prompt(lm.tok, [(lm_ids[x], lm_ids[y]) for x, y in examples],
+                                   lm_ids[tokens.reshape(-1)[:4]])
+  logits = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids])))[0, -1]
+  first = lm_ids[np.argmax(logits[lm_ids])]
+  second = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids + [first]])))
+  expected = [np.argmax(logits[lm_ids]), np.argmax(second[0, -1][lm_ids])]
+  np.testing.assert_array_equal(predict(tokens.reshape(-1)[:4], examples), expected)
+  with pytest.raises(ValueError, match="lm_ids span"):
+    restore.lm_predictor(lm, np.append(lm_ids, lm.model.config.vocab_size), m=2)
   images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
   bad = restore.corrupt_images("outpaint", images, corrupt.outpaint_mask(4, 4), 4)
   assert np.all(bad[:, 8:] == restore.GREY)

@@ -11,8 +11,12 @@ examples carry most clean tokens at each window, as in the code.
 - deblur / shift / rotation: the corrupted image (`degrade.py`) is tokenised; each window of
   m = 2 is mapped by the LM from the corrupted tokens there (n = m = 2), the examples pairing
   the copies of the corrupted map with the copies of the clean one (same replaced positions).
-The LM emits LM ids; an id that is not a local token (a newline, eos) is replaced by the most
-frequent output token of the examples at that offset. The restored map is decoded WITHOUT the
+The LM writes local tokens only: each of its m next tokens is the arg-max of its logits over
+the local tokens' LM ids (greedy, as the free decoding of the code, but masked like the
+constrained decoding of few-shot classification), so every written token is the LM's own
+choice. (Until 2026-12-05 its free greedy output was taken and an id that is not a local token
+replaced by the examples' majority: the demo's LM then emitted a non-local id for ~half of the
+outputs, and its "gain" was the control's on those; BENCHMARKS.md.) The restored map is decoded WITHOUT the
 global tokens (they come from the clean image's CLIP embedding). Gain = PSNR(restored, clean)
 - PSNR(decoded corrupted map, clean), in dB, averaged over the first `v2l.restore_images` test
 images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
@@ -25,15 +29,17 @@ earns. (A tokenizer that reconstructs worse than the corruption, or whose codebo
 leaves no gain to either.)
 """
 
+import functools
+
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
-from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import degrade
@@ -65,22 +71,33 @@ def majority_predictor(*, m: int = 2):
   return predict
 
 
+@functools.partial(jax.jit, static_argnames=("model", "m"))
+def greedy_local(model, params, ids, allowed, m: int):
+  """ids [1, P] int32, allowed [V] bool (V = the LM's vocab) -> [m] int32: m greedy tokens,
+  each the arg-max of the next-token logits over the allowed ids (ties: the smallest id),
+  appended before the next. No cache: the prompts are short and one length compiles once."""
+  out = []
+  for _ in range(m):
+    logits = model.apply({"params": params}, ids)[0, -1]  # [V] float32
+    tok = jnp.argmax(jnp.where(allowed, logits, -jnp.inf)).astype(jnp.int32)
+    out.append(tok)
+    ids = jnp.concatenate([ids, tok[None, None]], axis=1)
+  return jnp.stack(out)
+
+
 def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
-  """`predict(context, examples)` of corrupt.py: local indices in and out, the LM reads and
-  writes the matching LM ids (greedy, m tokens)."""
+  """`predict(context, examples)` of corrupt.py: local indices in and out; the LM reads the
+  matching LM ids and writes m local tokens (`greedy_local` over the local tokens' ids)."""
   lm_ids = np.asarray(lm_ids)
-  to_local = codebook.lm_to_local_table(lm_ids, max(lm.model.config.vocab_size, lm_ids.max() + 1))
+  vocab = int(lm.model.config.vocab_size)
+  to_local = codebook.lm_to_local_table(lm_ids, vocab)  # raises on ids outside the LM
+  allowed = jnp.asarray(to_local >= 0)
 
   def predict(context, examples):
     ex = [(lm_ids[np.asarray(x)], lm_ids[np.asarray(y)]) for x, y in examples]
     ids = prompts.restoration_prompt(lm.tok, ex, lm_ids[np.asarray(context)])
-    out, _ = lm_generate.generate(lm.model, lm.params, np.asarray([ids], np.int32),
-                                  np.ones((1, len(ids)), bool), jax.random.key(0),
-                                  max_new_tokens=m, pad_id=lm.tok.pad_id)
-    pred = to_local[np.clip(np.asarray(jax.device_get(out))[0], 0, len(to_local) - 1)]
-    for j in np.flatnonzero(pred < 0):  # not a local token: the examples' majority
-      pred[j] = _majority(examples, j)
-    return pred
+    out = greedy_local(lm.model, lm.params, jnp.asarray([ids], jnp.int32), allowed, m)
+    return to_local[np.asarray(jax.device_get(out))]
   return predict
 
 
