@@ -3,8 +3,8 @@ LM-id tokens, resume (with and without the GAN), the GAN's delayed start, sharde
 unsharded, accuracies recomputed from the stored rows."""
 
 import dataclasses
-import types
 import os
+import types
 
 import jax
 import jax.numpy as jnp

@@ -16,10 +16,10 @@ the local tokens' LM ids (greedy, as the free decoding of the code, but masked l
 constrained decoding of few-shot classification), so every written token is the LM's own
 choice. (Until 2026-12-05 its free greedy output was taken and an id that is not a local token
 replaced by the examples' majority: the demo's LM then emitted a non-local id for ~half of the
-outputs, and its "gain" was the control's on those; BENCHMARKS.md.) The restored map is decoded WITHOUT the
-global tokens (they come from the clean image's CLIP embedding). Gain = PSNR(restored, clean)
-- PSNR(decoded corrupted map, clean), in dB, averaged over the first `v2l.restore_images` test
-images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
+outputs, and its "gain" was the control's on those; BENCHMARKS.md.) The restored map is
+decoded WITHOUT the global tokens (they come from the clean image's CLIP embedding).
+Gain = PSNR(restored, clean) - PSNR(decoded corrupted map, clean), in dB, averaged over the
+first `v2l.restore_images` test images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
 add, not the tokenizer's reconstruction error (the corrupted pixels' PSNR is stored too).
 
 Control (`predictor="majority"`): every window gets the most frequent output of its 10
