@@ -19,8 +19,9 @@ replaced by the examples' majority: the demo's LM then emitted a non-local id fo
 outputs, and its "gain" was the control's on those; BENCHMARKS.md.) The restored map is
 decoded WITHOUT the global tokens (they come from the clean image's CLIP embedding).
 Gain = PSNR(restored, clean) - PSNR(decoded corrupted map, clean), in dB, averaged over the
-first `v2l.restore_images` test images: both sides pass through the same tokenizer, so the gain is what the LM's predictions
-add, not the tokenizer's reconstruction error (the corrupted pixels' PSNR is stored too).
+first `v2l.restore_images` test images: both sides pass through the same tokenizer, so the
+gain is what the LM's predictions add, not the tokenizer's reconstruction error (the corrupted
+pixels' PSNR is stored too).
 
 Control (`predictor="majority"`): every window gets the most frequent output of its 10
 examples at each offset, i.e. what a perfect in-context copier would write, with no LM. Its
