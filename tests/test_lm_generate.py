@@ -73,6 +73,33 @@ def test_greedy_generation_matches_cache_free_loop_and_stops():
   assert (np.asarray(toks[0, first:]) == -1).all()
 
 
+def test_allowed_ids_mask_greedy_and_sampling():
+  # `allowed`: each generated id is the arg-max over the allowed ids only (a cache-free loop
+  # with the others' logits at -inf), and sampling never leaves the set.
+  model, params = make()
+  fwd = forward(model)
+  prompts = [[5, 41, 6, 7], [9, 45]]
+  ids, mask = gen.left_pad(prompts)
+  free = [naive_greedy(model, params, p, 4) for p in prompts]
+  allowed = np.zeros(VOCAB, bool)
+  allowed[[3, 8, 11, 20, 33]] = True
+  assert not all(allowed[free[0]])  # the mask changes what greedy writes
+  toks, _ = gen.generate(model, params, ids, mask, jax.random.key(1), max_new_tokens=4,
+                         allowed=allowed)
+  for row, prompt in zip(np.asarray(toks), prompts):
+    seq = list(prompt)
+    for _ in range(4):
+      logits = np.asarray(fwd(params, jnp.array([seq])))[0, -1]
+      seq.append(int(np.argmax(np.where(allowed, logits, -np.inf))))
+    assert row.tolist() == seq[len(prompt):]
+  sampled, _ = gen.generate(model, params, ids, mask, jax.random.key(2), max_new_tokens=8,
+                            temperature=1.0, allowed=allowed)
+  assert allowed[np.asarray(sampled)].all()
+  for bad in (np.zeros(VOCAB, bool), np.ones(VOCAB - 1, bool), np.ones(VOCAB, np.int32)):
+    with pytest.raises(ValueError, match="allowed"):
+      gen.generate(model, params, ids, mask, jax.random.key(1), max_new_tokens=2, allowed=bad)
+
+
 def test_greedy_generation_with_2d_positions_matches_cache_free_loop():
   model, params = make()
   fwd = forward(model)

@@ -57,9 +57,13 @@ def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "stop_tokens", "pad_id"))
 def _generate(model, params, ids, mask, positions, key, max_new_tokens, temperature, top_k,
-              top_p, stop_tokens, pad_id):
+              top_p, stop_tokens, pad_id, allowed):
   b, p = ids.shape
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def sample(logits, k):
+    if allowed is not None:
+      logits = jnp.where(allowed, logits, -jnp.inf)
+    return sample_logits(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)
   apply = lambda tok, pos, seg, cache: model.apply({"params": params}, tok, positions=pos,
                                                    segment_ids=seg, cache=cache)
   cache = lm_model.init_cache(model.config, b, p + max_new_tokens)
@@ -90,13 +94,15 @@ def _generate(model, params, ids, mask, positions, key, max_new_tokens, temperat
 
 
 def generate(model, params, ids, mask, key, *, max_new_tokens, temperature=0.0, top_k=0,
-             top_p=1.0, stop_tokens=(), pad_id=0, positions=None):
+             top_p=1.0, stop_tokens=(), pad_id=0, positions=None, allowed=None):
   """Generates up to `max_new_tokens` per row.
 
   ids: `[B, P]` int32 left-padded prompts; mask: `[B, P]` bool (True = real token).
   positions: the prompts' RoPE positions, `[B, P]` or `[B, P, 2]` (2D RoPE; left-padded like
   ids); default: each row's real tokens count 0, 1, ... New tokens continue from the last
   prompt position + 1 (on both axes in 2D).
+  allowed: `[V]` bool, the ids that may be generated (the others' logits are -inf before
+  sampling: greedy = the arg-max over the allowed ids, ties to the smallest); None = all.
   Returns `(tokens [B, N] int32, lengths [B] int32)`: a row ends after its first stop token
   (included in `lengths`) and is `pad_id` from there on.
   """
@@ -119,6 +125,12 @@ def generate(model, params, ids, mask, key, *, max_new_tokens, temperature=0.0, 
     if positions.shape not in (host_ids.shape, host_ids.shape + (2,)):
       raise ValueError(f"positions {positions.shape}: expected {host_ids.shape} or "
                        f"{host_ids.shape + (2,)}")
+  if allowed is not None:
+    allowed = np.asarray(allowed)
+    if allowed.shape != (vocab,) or allowed.dtype != np.bool_ or not allowed.any():
+      raise ValueError(f"allowed {allowed.shape} {allowed.dtype}: expected a [{vocab}] bool "
+                       "array with at least one True")
+    allowed = jnp.asarray(allowed)
   return _generate(model, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
                    positions, key, int(max_new_tokens), float(temperature), int(top_k),
-                   float(top_p), tuple(int(s) for s in stop_tokens), int(pad_id))
+                   float(top_p), tuple(int(s) for s in stop_tokens), int(pad_id), allowed)

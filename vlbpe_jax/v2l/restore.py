@@ -30,17 +30,16 @@ earns. (A tokenizer that reconstructs worse than the corruption, or whose codebo
 leaves no gain to either.)
 """
 
-import functools
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from vlbpe_jax import cli
 from vlbpe_jax import fileio
+from vlbpe_jax.lm import generate
 from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import degrade
@@ -72,33 +71,22 @@ def majority_predictor(*, m: int = 2):
   return predict
 
 
-@functools.partial(jax.jit, static_argnames=("model", "m"))
-def greedy_local(model, params, ids, allowed, m: int):
-  """ids [1, P] int32, allowed [V] bool (V = the LM's vocab) -> [m] int32: m greedy tokens,
-  each the arg-max of the next-token logits over the allowed ids (ties: the smallest id),
-  appended before the next. No cache: the prompts are short and one length compiles once."""
-  out = []
-  for _ in range(m):
-    logits = model.apply({"params": params}, ids)[0, -1]  # [V] float32
-    tok = jnp.argmax(jnp.where(allowed, logits, -jnp.inf)).astype(jnp.int32)
-    out.append(tok)
-    ids = jnp.concatenate([ids, tok[None, None]], axis=1)
-  return jnp.stack(out)
-
-
 def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
   """`predict(context, examples)` of corrupt.py: local indices in and out; the LM reads the
-  matching LM ids and writes m local tokens (`greedy_local` over the local tokens' ids)."""
+  matching LM ids and writes m local tokens: greedy decoding (`lm/generate.generate`) with
+  every id that is not a local token's masked out (`allowed`)."""
   lm_ids = np.asarray(lm_ids)
   vocab = int(lm.model.config.vocab_size)
   to_local = codebook.lm_to_local_table(lm_ids, vocab)  # raises on ids outside the LM
-  allowed = jnp.asarray(to_local >= 0)
+  allowed = to_local >= 0
 
   def predict(context, examples):
     ex = [(lm_ids[np.asarray(x)], lm_ids[np.asarray(y)]) for x, y in examples]
     ids = prompts.restoration_prompt(lm.tok, ex, lm_ids[np.asarray(context)])
-    out = greedy_local(lm.model, lm.params, jnp.asarray([ids], jnp.int32), allowed, m)
-    return to_local[np.asarray(jax.device_get(out))]
+    out, _ = generate.generate(lm.model, lm.params, np.asarray([ids], np.int32),
+                               np.ones((1, len(ids)), bool), jax.random.PRNGKey(0),
+                               max_new_tokens=m, allowed=allowed)
+    return to_local[np.asarray(jax.device_get(out))[0]]
   return predict
 
 
