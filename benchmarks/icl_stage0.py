@@ -5,7 +5,9 @@ workdir's data and tokenizer with `--steps` steps and `--tasks` (comma-separated
 e.g. `icl` alone or the demo's mix), then scores the text-only few-shot control of the V2L
 stage (`v2l/fewshot.text_rows`: symbol -> shape-label episodes, constrained decoding) on 2-way
 and 5-way 1-shot, and the LM's teacher-forced accuracy on the target half of 64 held-out
-`induction` and `copy` episodes (chance ~1/36: is there an induction head?). `--kinds`
+`induction` and `copy` episodes (chance ~1/36: is there an induction head?) and on the query's
+clean output of 64 `denoise` episodes (the restoration prompt on random local-vocabulary ids;
+chance ~1/135, a consensus copier ~1). `--kinds`
 restricts the `icl` task's episodes to some of `data/icl.KINDS` (for this script only: it
 rebinds `icl.sample_episode`, which the data pipeline calls). Prints one JSON line per run.
 
@@ -40,12 +42,20 @@ flags.DEFINE_list("kinds", [], "Episode kinds of the `icl` task (data/icl.KINDS)
 
 
 def episode_accuracy(lm, kind: str, num: int = 64, seed: int = 123) -> float:
-  """Teacher-forced next-token accuracy on the target parts of `num` held-out episodes."""
+  """Teacher-forced next-token accuracy on the target parts of `num` held-out episodes
+  (`denoise`: on the query's clean output only, the m ids before eos)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  seqs = [icl.episode_ids(lm.tok, icl.sample_episode(rng, kinds=(kind,))) for _ in range(num)]
+  if kind == "denoise":
+    seqs = []
+    for _ in range(num):
+      s, m = icl.denoise_ids(lm.tok, rng)
+      seqs.append((s, np.arange(len(s)) >= len(s) - 3))  # the m = 2 outputs and eos
+  else:
+    seqs = [icl.episode_ids(lm.tok, icl.sample_episode(rng, kinds=(kind,)))
+            for _ in range(num)]
   ids = np.full((num, max(len(s) for s, _ in seqs)), lm.tok.pad_id, np.int32)
   target = np.zeros(ids.shape, bool)
   for i, (s, m) in enumerate(seqs):
@@ -86,7 +96,7 @@ def run(steps: int, tasks) -> dict:
   out = {"steps": steps, "tasks": list(tasks), "kinds": list(kinds) or list(icl.KINDS),
          "train_seconds": round(seconds, 1),
          **{f"teacher_forced.{k}": round(episode_accuracy(lm, k), 3)
-            for k in ("induction", "copy")}}
+            for k in ("induction", "copy", "denoise")}}
   for way in (2, 5):
     rows = fewshot.text_rows(lm, way=way, shot=1, num=flags.FLAGS.episodes,
                              seed=int(config.seed), batch_size=64)

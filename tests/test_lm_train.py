@@ -66,7 +66,7 @@ def test_plans():
   assert len(single) == 1 and single[0].stage == 3 and single[0].steps == 6
   assert single[0].tasks == ("caption", "attributes", "vqa", "dialogue", "vqa")
   assert train.plan_of(config, "text")[0].tasks == ("caption", "attributes", "vqa", "dialogue",
-                                                    "icl")  # no lm.text_tasks: every task
+                                                    "icl", "denoise")  # no lm.text_tasks: all
   config.lm.text_tasks = ("vqa", "icl", "icl")
   assert train.plan_of(config, "text")[0].tasks == ("vqa", "icl", "icl")
   with pytest.raises(ValueError, match="run='two_stage'"):
@@ -129,6 +129,7 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("stage_steps", (2, 0, 2), "positive"),
     ("stage_tasks", (("caption",), ("ocr",), ("vqa",)), "ocr"),
     ("stage_tasks", (("caption",), ("icl",), ("vqa",)), "icl"),  # text-only: stage 0's
+    ("stage_tasks", (("caption",), ("vqa",), ("denoise",)), "denoise"),
     ("text_tasks", ("caption", "ocr"), "lm.text_tasks"),
     ("text_tasks", (), "lm.text_tasks"),
     ("batch_size", 0, "lm.batch_size"),

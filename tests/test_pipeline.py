@@ -288,6 +288,20 @@ def test_format_icl_is_a_text_episode_drawn_from_the_rng(tok):
     pl.format_example(ex, "icl", tok)
 
 
+def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
+  # "denoise": icl.denoise_ids (the restoration prompt on the tokenizer's local ids) that the
+  # same generator draws; no image, and it needs an rng.
+  ex = shapes.make_example(1, "train", resolution=32)
+  ids, mask = pl.format_example(ex, "denoise", tok, image_tokens=lambda e: [500],
+                                rng=np.random.default_rng(3))
+  want_ids, want_mask = icl.denoise_ids(tok, np.random.default_rng(3))
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  assert tok.image_begin_id not in ids.tolist() and mask.sum() == 21
+  with pytest.raises(ValueError, match="task='denoise': expected an rng"):
+    pl.format_example(ex, "denoise", tok)
+
+
 def test_grid_positions_layout():
   # bos <img> v v v v </img> a b: a 2x2 image after two tokens.
   ids = [1, 9, 50, 51, 52, 53, 8, 30, 31]

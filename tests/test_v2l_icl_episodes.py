@@ -76,3 +76,64 @@ def test_task_errors(kw, match):
 def test_kind_errors():
   with pytest.raises(ValueError, match="kinds"):
     icl.sample_episode(np.random.default_rng(0), kinds=("sort",))
+
+
+def _local(tok):
+  from vlbpe_jax.v2l import codebook  # pylint: disable=g-import-not-at-top
+  return codebook.subword_texts(tok)[0]
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_denoise_episode_is_the_restoration_prompt_with_the_clean_output(tok, n):
+  # The "denoise" stage-0 episode: V2L's restoration prompt (10 noisy examples at the
+  # protocol's rates, then the query) on local-vocabulary ids, the clean output as the target.
+  from vlbpe_jax.v2l import corrupt  # pylint: disable=g-import-not-at-top
+  vocab = _local(tok)
+  ep = icl.denoise_episode(np.random.default_rng(n), vocab, ns=(n,), max_query_noise=0.0)
+  ids, mask = icl.episode_ids(tok, ep)
+  *prompt_parts, y = ep.parts
+  blocks = [i for i, p in enumerate(prompt_parts) if p == prompts.EXAMPLE_IN]
+  examples = [(prompt_parts[i + 2], prompt_parts[i + 4]) for i in blocks[:-1]]
+  query = prompt_parts[blocks[-1] + 2]
+  assert len(examples) == corrupt.NUM_COPIES and len(query) == n and len(y) == 2
+  assert ids.tolist() == prompts.restoration_prompt(tok, examples, query) + y + [tok.eos_id]
+  assert {int(i) for p in ep.parts if not isinstance(p, str) for i in p} <= set(vocab.tolist())
+  # Replaced shares in line with the rates (0.50 ... 0.23 over 10 examples: ~3.6 of 10 * n).
+  x = np.asarray(query)  # max_query_noise=0: the query is the clean input
+  changed = sum(int(np.sum(np.asarray(xi) != x)) for xi, _ in examples)
+  assert 0.15 * 10 * n <= changed <= 0.5 * 10 * n
+  # The loss: the outputs of examples 2..10 and the query's clean output, plus eos.
+  outs = [p for p, t in zip(ep.parts, ep.targets) if t]
+  assert outs == [yi for _, yi in examples[1:]] + [y]
+  assert mask.sum() == 2 * 10 + 1 and mask[-1] and not mask[:-3].all()
+  if n == 2:  # same positions: an example's replaced ids are the same in input and output
+    for xi, yi in examples:
+      for j in np.flatnonzero(np.asarray(xi) != x):
+        assert yi[j] == xi[j]
+
+
+def test_denoise_consensus_is_the_target(tok):
+  # What the episode teaches: the examples' majority output is the clean target (almost
+  # always at these rates), while a single noisy example is often wrong.
+  rng, vocab = np.random.default_rng(7), _local(tok)
+  hits, single = 0, 0
+  for _ in range(200):
+    ep = icl.denoise_episode(rng, vocab)
+    outs = [p for i, p in enumerate(ep.parts) if i and ep.parts[i - 1] == prompts.EXAMPLE_OUT]
+    *ex, y = outs
+    vals = [max(set(col), key=col.count) for col in map(list, zip(*ex))]
+    hits += vals == list(y)
+    single += list(ex[0]) == list(y)
+  assert hits >= 190 and single <= 80
+
+
+def test_denoise_ids_shots_and_errors(tok):
+  ids, mask = icl.denoise_ids(tok, np.random.default_rng(0), shots=(3,), ns=(2,))
+  assert mask.sum() == 2 * 3 + 1  # examples 2..3 and the query, then eos
+  for kw, match in [(dict(shots=(0,)), "shots"), (dict(shots=(11,)), "shots"),
+                    (dict(m=0), "m=0"), (dict(ns=()), "ns"),
+                    (dict(max_query_noise=2.0), "noise")]:
+    with pytest.raises(ValueError, match=match):
+      icl.denoise_episode(np.random.default_rng(0), _local(tok), **kw)
+  with pytest.raises(ValueError, match="1 vocab ids"):
+    icl.denoise_episode(np.random.default_rng(0), [5])

@@ -13,6 +13,14 @@ Kinds (so that a small LM learns to use examples, as V2L's frozen LM must):
   colour names (data/shapes.py), drawn per episode.
 - "copy": the same layout, each output is its input (copy from context).
 - "induction": a random symbol sequence, then the sequence again (induction heads).
+And, as its own stage-0 task ("denoise", `denoise_ids`, not one of `KINDS`: it needs the
+tokenizer): in-context denoising in EXACTLY the layout of `v2l.prompts.restoration_parts` (the
+restoration prompt), on random ids of the LM's local vocabulary (`v2l.codebook.subword_texts`,
+the ids V2L's local tokens are): a clean pair (x, y), 10 examples that are x and y with each
+position replaced by a random id at the protocol's rates (`v2l.corrupt.rates`, 0.50...0.23),
+and a query x with a random share (0-50%) of its positions replaced; the target is the clean
+y. A pretrained LLM brings this (copy the consensus of noisy examples) from its pretraining;
+the demo's stand-in learns it from these text-only episodes, with no image involved.
 An `Episode` is text parts joined by spaces (`prompts.prompt_text`); `targets` marks the parts
 trained on (labels, copied outputs, the repeat). Encoding the parts one by one equals
 encoding the text (sentencepiece splits at spaces), so the ids match the visual prompts'.
@@ -25,10 +33,12 @@ symbols become pieces.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from vlbpe_jax.data import shapes
+from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import prompts
 
 LABEL_SETS = {"shape": tuple(shapes.SHAPES), "color": tuple(shapes.COLORS)}
@@ -110,6 +120,55 @@ def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS) -> Episode
   return Episode((seq, seq), (False, True))
 
 
+def denoise_episode(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,
+                    shots=(corrupt.NUM_COPIES,)) -> Episode:
+  """One in-context denoising episode over `vocab_ids` (module docstring): n drawn from `ns`
+  (the restoration protocol's n = 2 for deblur / shift / rotation, 16 for the painting tasks),
+  m output ids. With n == m the input and output windows are the same map positions, so an
+  example's replaced positions and ids are the same in x_i and y_i (`corrupt.py`'s `paired`);
+  otherwise they are drawn apart. The targets: the outputs of examples 2..10 and the query's
+  (the clean y; the best guess for a noisy example's output is the consensus as well)."""
+  vocab_ids = np.asarray(vocab_ids).reshape(-1)
+  if vocab_ids.size < 2 or m < 1 or not ns or min(ns) < 1 or not 0 <= max_query_noise <= 1:
+    raise ValueError(f"{vocab_ids.size} vocab ids, m={m}, ns={ns!r}, max_query_noise="
+                     f"{max_query_noise}: expected >= 2 ids, m >= 1, ns of ints >= 1, a noise "
+                     "in [0, 1]")
+  n = int(ns[int(rng.integers(len(ns)))])
+  x, y = rng.choice(vocab_ids, n), rng.choice(vocab_ids, m)
+
+  def noisy(seq, p, repl=None, ids=None):
+    repl = rng.random(len(seq)) < p if repl is None else repl
+    ids = rng.choice(vocab_ids, len(seq)) if ids is None else ids
+    return np.where(repl, ids, seq), repl, ids
+
+  k = int(shots[int(rng.integers(len(shots)))])
+  if not 1 <= k <= corrupt.NUM_COPIES:
+    raise ValueError(f"shots={shots!r}: expected counts in [1, {corrupt.NUM_COPIES}]")
+  rates = corrupt.rates()
+  examples = []
+  for r in [rates[i] for i in np.sort(rng.choice(len(rates), k, replace=False))]:
+    xi, repl, ids = noisy(x, r)
+    yi = noisy(y, r, repl, ids)[0] if n == m else noisy(y, r)[0]
+    examples.append(([int(i) for i in xi], [int(i) for i in yi]))
+  query = noisy(x, rng.uniform(0, max_query_noise))[0]
+  parts = prompts.restoration_parts(examples, [int(i) for i in query]) + [
+      [int(i) for i in y]]
+  outputs = [i for i in range(len(parts)) if i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT]
+  targets = tuple(i in outputs[1:] for i in range(len(parts)))
+  return Episode(tuple(parts), targets)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_ids(tok):
+  from vlbpe_jax.v2l import codebook  # pylint: disable=g-import-not-at-top (jax-heavy)
+  return codebook.subword_texts(tok)[0]
+
+
+def denoise_ids(tok, rng, **kw):
+  """`(ids, loss_mask)` of one `denoise_episode` over the tokenizer's local vocabulary."""
+  return episode_ids(tok, denoise_episode(rng, _local_ids(tok), **kw))
+
+
 def sample_episode(rng, kinds=KINDS, ways=(2, 3, 5), shots=(1, 2, 3, 5)) -> Episode:
   """One episode of a kind drawn uniformly from `kinds` (classification: way, shot and the
   label set drawn too)."""
@@ -135,10 +194,10 @@ def episodes(rng, num: int, **kw) -> list[str]:
 
 def episode_ids(tok, episode: Episode):
   """`(ids [L] int32, loss_mask [L] bool)`: bos, the parts, eos; the loss on target parts and
-  eos (the format of `pipeline.format_example`)."""
+  eos (the format of `pipeline.format_example`). A part is text (encoded) or a list of ids."""
   ids, mask = [tok.bos_id], [False]
   for part, target in zip(episode.parts, episode.targets):
-    piece = tok.encode(part)
+    piece = tok.encode(part) if isinstance(part, str) else [int(i) for i in part]
     ids += piece
     mask += [target] * len(piece)
   return np.asarray(ids + [tok.eos_id], np.int32), np.asarray(mask + [True], np.bool_)

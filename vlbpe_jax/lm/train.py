@@ -141,11 +141,11 @@ def check_config(config):
   if any(int(s) < 1 for s in c.stage_steps):
     raise ValueError(f"lm.stage_steps={c.stage_steps!r}: expected positive ints")
   for tasks in c.stage_tasks:
-    bad = [t for t in tasks if t not in pipeline.TASKS or t == "icl"]
+    bad = [t for t in tasks if t not in pipeline.TASKS or t in pipeline.TEXT_ONLY_TASKS]
     if not tasks or bad:
       raise ValueError(f"lm.stage_tasks entry {tasks!r}: expected a non-empty tuple of "
-                       f"{tuple(t for t in pipeline.TASKS if t != 'icl')} (the text-only 'icl' "
-                       "is for lm.text_tasks)")
+                       f"{tuple(t for t in pipeline.TASKS if t not in pipeline.TEXT_ONLY_TASKS)}"
+                       f" (the text-only {pipeline.TEXT_ONLY_TASKS} are for lm.text_tasks)")
   tasks = text_tasks(config)
   if not tasks or any(t not in pipeline.TASKS for t in tasks):
     raise ValueError(f"lm.text_tasks={tasks!r}: expected a non-empty tuple of {pipeline.TASKS}")
