@@ -6,8 +6,8 @@ e.g. `icl` alone or the demo's mix), then scores the text-only few-shot control 
 stage (`v2l/fewshot.text_rows`: symbol -> shape-label episodes, constrained decoding) on 2-way
 and 5-way 1-shot, and the LM's teacher-forced accuracy on the target half of 64 held-out
 `induction` and `copy` episodes (chance ~1/36: is there an induction head?) and on the query's
-clean output of 64 `denoise` episodes (the restoration prompt on random local-vocabulary ids;
-chance ~1/135, a consensus copier ~1). `--kinds`
+clean output of 64 `denoise` episodes at n = 2 and at n = 16 (the restoration prompt, 10
+examples, on random local-vocabulary ids; chance ~1/135, a consensus copier ~1). `--kinds`
 restricts the `icl` task's episodes to some of `data/icl.KINDS` (for this script only: it
 rebinds `icl.sample_episode`, which the data pipeline calls). Prints one JSON line per run.
 
@@ -48,10 +48,10 @@ def episode_accuracy(lm, kind: str, num: int = 64, seed: int = 123) -> float:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  if kind == "denoise":
+  if kind.startswith("denoise"):  # "denoise_n2" / "denoise_n16": the protocol's 10 examples
     seqs = []
     for _ in range(num):
-      s, m = icl.denoise_ids(lm.tok, rng)
+      s, m = icl.denoise_ids(lm.tok, rng, ns=(int(kind[len("denoise_n"):]),), shots=(10,))
       seqs.append((s, np.arange(len(s)) >= len(s) - 3))  # the m = 2 outputs and eos
   else:
     seqs = [icl.episode_ids(lm.tok, icl.sample_episode(rng, kinds=(kind,)))
@@ -96,7 +96,7 @@ def run(steps: int, tasks) -> dict:
   out = {"steps": steps, "tasks": list(tasks), "kinds": list(kinds) or list(icl.KINDS),
          "train_seconds": round(seconds, 1),
          **{f"teacher_forced.{k}": round(episode_accuracy(lm, k), 3)
-            for k in ("induction", "copy", "denoise")}}
+            for k in ("induction", "copy", "denoise_n2", "denoise_n16")}}
   for way in (2, 5):
     rows = fewshot.text_rows(lm, way=way, shot=1, num=flags.FLAGS.episodes,
                              seed=int(config.seed), batch_size=64)

@@ -69,6 +69,12 @@ def test_plans():
                                                     "icl", "denoise")  # no lm.text_tasks: all
   config.lm.text_tasks = ("vqa", "icl", "icl")
   assert train.plan_of(config, "text")[0].tasks == ("vqa", "icl", "icl")
+  # lm.text_phases: more stage-0 phases after the mixed one, each its own optimizer schedule.
+  config.lm.text_phases = ((5, ("induction",), 3e-3), (4, ("denoise",), 1e-3))
+  text = train.plan_of(config, "text")
+  assert [(p.stage, p.steps, p.tasks, p.lr) for p in text[1:]] == [
+      (3, 5, ("induction",), 3e-3), (3, 4, ("denoise",), 1e-3)]
+  assert len({p.optimizer for p in text}) == 3  # the schedule restarts per phase
   with pytest.raises(ValueError, match="run='two_stage'"):
     train.plan_of(config, "two_stage")
 
@@ -132,6 +138,10 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("stage_tasks", (("caption",), ("vqa",), ("denoise",)), "denoise"),
     ("text_tasks", ("caption", "ocr"), "lm.text_tasks"),
     ("text_tasks", (), "lm.text_tasks"),
+    ("text_phases", ((0, ("denoise",), 1e-3),), "text_phases"),
+    ("text_phases", ((5, ("ocr",), 1e-3),), "text_phases"),
+    ("text_phases", ((5, (), 1e-3),), "text_phases"),
+    ("text_phases", ((5, ("icl",)),), "text_phases"),
     ("batch_size", 0, "lm.batch_size"),
     ("first_frac", 1.5, "first_frac"),
     ("positions", "3d", "lm.positions"),

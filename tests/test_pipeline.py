@@ -297,9 +297,14 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
   want_ids, want_mask = icl.denoise_ids(tok, np.random.default_rng(3))
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_array_equal(mask, want_mask)
-  assert tok.image_begin_id not in ids.tolist() and mask.sum() == 21
+  assert tok.image_begin_id not in ids.tolist() and mask.sum() % 2 == 1 and mask.sum() <= 21
   with pytest.raises(ValueError, match="task='denoise': expected an rng"):
     pl.format_example(ex, "denoise", tok)
+  # "induction": icl's induction episodes alone.
+  ids, mask = pl.format_example(ex, "induction", tok, rng=np.random.default_rng(5))
+  want = icl.episode_ids(tok, icl.induction_episode(np.random.default_rng(5)))
+  np.testing.assert_array_equal(ids, want[0])
+  np.testing.assert_array_equal(mask, want[1])
 
 
 def test_grid_positions_layout():

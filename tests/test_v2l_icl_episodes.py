@@ -130,6 +130,14 @@ def test_denoise_consensus_is_the_target(tok):
 def test_denoise_ids_shots_and_errors(tok):
   ids, mask = icl.denoise_ids(tok, np.random.default_rng(0), shots=(3,), ns=(2,))
   assert mask.sum() == 2 * 3 + 1  # examples 2..3 and the query, then eos
+  # The training default (TRAIN_DENOISE): n = 2 and 1-10 examples, so the episodes fit a
+  # 384-token row and several pack into one.
+  rng = np.random.default_rng(1)
+  sizes = {int(icl.denoise_ids(tok, rng)[1].sum()) for _ in range(200)}
+  assert sizes == {2 * k + 1 for k in range(1, 11)}
+  ep = icl.denoise_episode(np.random.default_rng(2), _local(tok), **icl.TRAIN_DENOISE)
+  blocks = [i for i, p in enumerate(ep.parts) if p == prompts.EXAMPLE_IN]
+  assert all(len(ep.parts[i + 2]) == 2 for i in blocks)
   for kw, match in [(dict(shots=(0,)), "shots"), (dict(shots=(11,)), "shots"),
                     (dict(m=0), "m=0"), (dict(ns=()), "ns"),
                     (dict(max_query_noise=2.0), "noise")]:

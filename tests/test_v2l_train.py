@@ -281,6 +281,26 @@ def test_describe_tasks_prompts_and_greedy_generation(inputs):
   assert one == two[1:]
 
 
+def test_restoration_text_only_control(inputs):
+  # restore.text_only: the restoration prompt on random local tokens (no image), scored for
+  # the LM's greedy local-token outputs and for the majority vote, which recovers the clean
+  # outputs from 10 copies at the protocol's rates nearly always.
+  from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
+  lm, lm_ids = inputs["lm"], inputs["lm_ids"]
+  res = restore.text_only(lm, lm_ids, num=12, seed=3, ns=(2, 16))
+  assert set(res) == {"n2", "n16"}
+  assert res["n2"]["majority"] >= 0.9 and res["n16"]["majority"] >= 0.9
+  predict = restore.lm_predictor(lm, lm_ids, m=2)
+  for n in (2, 16):
+    rng = np.random.default_rng([3, n])
+    tasks = [icl.denoise_task(rng, np.arange(len(lm_ids)), ns=(n,)) for _ in range(12)]
+    assert all(len(t["query"]) == n and len(t["examples"]) == 10 for t in tasks)
+    hits = [list(predict(t["query"], t["examples"])) == t["answer"] for t in tasks]
+    assert res[f"n{n}"]["lm"] == np.mean(hits)
+  with pytest.raises(ValueError, match="num=0"):
+    restore.text_only(lm, lm_ids, num=0, seed=0)
+
+
 def test_restoration_predictor_writes_local_tokens_only(inputs):
   lm_ids = inputs["lm_ids"]
   predict = restore.lm_predictor(inputs["lm"], lm_ids, m=2)

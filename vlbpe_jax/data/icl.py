@@ -120,39 +120,48 @@ def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS) -> Episode
   return Episode((seq, seq), (False, True))
 
 
-def denoise_episode(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,
-                    shots=(corrupt.NUM_COPIES,)) -> Episode:
-  """One in-context denoising episode over `vocab_ids` (module docstring): n drawn from `ns`
-  (the restoration protocol's n = 2 for deblur / shift / rotation, 16 for the painting tasks),
-  m output ids. With n == m the input and output windows are the same map positions, so an
+def denoise_task(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,
+                 shots=(corrupt.NUM_COPIES,)) -> dict:
+  """One in-context denoising task over `vocab_ids` (module docstring): {"examples": [(x_i,
+  y_i)], "query": x_q, "answer": y} as int lists. n drawn from `ns` (the restoration protocol's
+  n = 2 for deblur / shift / rotation, 16 for the painting tasks), m output ids, the number of
+  examples from `shots` (their rates a sorted draw of `corrupt.rates()`; 10: all of them, as
+  the protocol). With n == m the input and output windows are the same map positions, so an
   example's replaced positions and ids are the same in x_i and y_i (`corrupt.py`'s `paired`);
-  otherwise they are drawn apart. The targets: the outputs of examples 2..10 and the query's
-  (the clean y; the best guess for a noisy example's output is the consensus as well)."""
+  otherwise they are drawn apart. The query: x with each position replaced with a probability
+  drawn in [0, max_query_noise]."""
   vocab_ids = np.asarray(vocab_ids).reshape(-1)
   if vocab_ids.size < 2 or m < 1 or not ns or min(ns) < 1 or not 0 <= max_query_noise <= 1:
     raise ValueError(f"{vocab_ids.size} vocab ids, m={m}, ns={ns!r}, max_query_noise="
                      f"{max_query_noise}: expected >= 2 ids, m >= 1, ns of ints >= 1, a noise "
                      "in [0, 1]")
+  if not shots or not all(1 <= int(k) <= corrupt.NUM_COPIES for k in shots):
+    raise ValueError(f"shots={shots!r}: expected counts in [1, {corrupt.NUM_COPIES}]")
   n = int(ns[int(rng.integers(len(ns)))])
   x, y = rng.choice(vocab_ids, n), rng.choice(vocab_ids, m)
 
   def noisy(seq, p, repl=None, ids=None):
     repl = rng.random(len(seq)) < p if repl is None else repl
     ids = rng.choice(vocab_ids, len(seq)) if ids is None else ids
-    return np.where(repl, ids, seq), repl, ids
+    return [int(i) for i in np.where(repl, ids, seq)], repl, ids
 
   k = int(shots[int(rng.integers(len(shots)))])
-  if not 1 <= k <= corrupt.NUM_COPIES:
-    raise ValueError(f"shots={shots!r}: expected counts in [1, {corrupt.NUM_COPIES}]")
   rates = corrupt.rates()
   examples = []
   for r in [rates[i] for i in np.sort(rng.choice(len(rates), k, replace=False))]:
     xi, repl, ids = noisy(x, r)
     yi = noisy(y, r, repl, ids)[0] if n == m else noisy(y, r)[0]
-    examples.append(([int(i) for i in xi], [int(i) for i in yi]))
+    examples.append((xi, yi))
   query = noisy(x, rng.uniform(0, max_query_noise))[0]
-  parts = prompts.restoration_parts(examples, [int(i) for i in query]) + [
-      [int(i) for i in y]]
+  return {"examples": examples, "query": query, "answer": [int(i) for i in y]}
+
+
+def denoise_episode(rng, vocab_ids, **task_kw) -> Episode:
+  """`denoise_task` as a training episode: the restoration prompt, then the clean output. The
+  targets: the outputs of examples 2.. and the query's (the best guess for a noisy example's
+  output is the consensus of the ones before it as well)."""
+  t = denoise_task(rng, vocab_ids, **task_kw)
+  parts = prompts.restoration_parts(t["examples"], t["query"]) + [t["answer"]]
   outputs = [i for i in range(len(parts)) if i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT]
   targets = tuple(i in outputs[1:] for i in range(len(parts)))
   return Episode(tuple(parts), targets)
@@ -164,9 +173,18 @@ def _local_ids(tok):
   return codebook.subword_texts(tok)[0]
 
 
+# The stage-0 "denoise" task's episodes: n = 2 (the n = m windows of deblur / shift / rotation)
+# and 1-10 examples. Measured on the demo (BENCHMARKS.md, "V2L"): the protocol's own episodes
+# (10 examples, n = 2 or 16: 270-420 tokens, one per packed row, longer than the demo's
+# 384-token rows at n = 16) were not learnt in 1200 steps, these were, and an LM trained on
+# them restores the n = 16 painting tasks on images too.
+TRAIN_DENOISE = dict(ns=(2,), shots=tuple(range(1, corrupt.NUM_COPIES + 1)))
+
+
 def denoise_ids(tok, rng, **kw):
-  """`(ids, loss_mask)` of one `denoise_episode` over the tokenizer's local vocabulary."""
-  return episode_ids(tok, denoise_episode(rng, _local_ids(tok), **kw))
+  """`(ids, loss_mask)` of one `denoise_episode` over the tokenizer's local vocabulary
+  (`TRAIN_DENOISE` unless `kw` says otherwise)."""
+  return episode_ids(tok, denoise_episode(rng, _local_ids(tok), **{**TRAIN_DENOISE, **kw}))
 
 
 def sample_episode(rng, kinds=KINDS, ways=(2, 3, 5), shots=(1, 2, 3, 5)) -> Episode:

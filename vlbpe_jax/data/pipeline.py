@@ -50,14 +50,15 @@ import numpy as np
 from vlbpe_jax.data import icl
 from vlbpe_jax.data import shapes
 
-TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise")
-TEXT_ONLY_TASKS = ("icl", "denoise")  # stage 0's: no image, the record is not read
+TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise", "induction")
+TEXT_ONLY_TASKS = ("icl", "denoise", "induction")  # stage 0's: no image, the record is unread
 # "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
 # induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
 # unified model trains on it so that the frozen text LM of V2L learns to use examples.
 # "denoise": a text-only in-context denoising episode in the layout of V2L's restoration prompt
 # (icl.denoise_ids: random ids of the LM's local vocabulary, 10 noisy examples, the clean
-# output as the target), drawn from `rng` like "icl".
+# output as the target), drawn from `rng` like "icl". "induction": only the induction episodes
+# of "icl" (a random symbol sequence, then the same again).
 # "look": VQA reduced to the question types of LOOK_TYPES, the ones whose answer is an object's
 # colour, shape or position read from the pixels (no count, size, colour count or existence,
 # which a model learns first from the number of image tokens and the answer priors and which,
@@ -365,9 +366,11 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if rng is None:
       raise ValueError("task='icl': expected an rng (the episode is drawn from it)")
     return icl.episode_ids(tokenizer, icl.sample_episode(rng))
-  if task == "denoise":
+  if task in ("denoise", "induction"):
     if rng is None:
-      raise ValueError("task='denoise': expected an rng (the episode is drawn from it)")
+      raise ValueError(f"task={task!r}: expected an rng (the episode is drawn from it)")
+    if task == "induction":
+      return icl.episode_ids(tokenizer, icl.induction_episode(rng))
     return icl.denoise_ids(tokenizer, rng)
   ids, mask = [tokenizer.bos_id], [False]
   if image_tokens is not None:

@@ -55,7 +55,7 @@ RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
 # lm.seed is keyed as `manifest.config_dict` shows it: absent while it means `seed`.
 TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
-                   "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
+                   "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple", "lm.text_phases")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions", "lm.vqa_questions")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
@@ -88,7 +88,8 @@ def plan_of(config, run: str) -> list[Phase]:
   """The phases of a run (`"text"` is stage 0: every task, text only, all weights)."""
   c = config.lm
   if run == "text":
-    return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))]
+    return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))] + [
+        Phase(3, int(n), tuple(t), float(lr)) for n, t, lr in text_phases(config)]
   phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
             zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
   mixed = sum((p.tasks for p in phases), ())  # every phase's tasks, in the curriculum's weights
@@ -106,8 +107,17 @@ def plan_of(config, run: str) -> list[Phase]:
 
 def text_tasks(config) -> tuple:
   """Stage 0's task mix: `lm.text_tasks`; when absent, every task of pipeline.TASKS but "look"
-  (a subset of "vqa"'s questions, which would only weight them up)."""
-  return tuple(config.lm.get("text_tasks", tuple(t for t in pipeline.TASKS if t != "look")))
+  and "induction" (subsets of "vqa" and "icl", which would only weight those up)."""
+  return tuple(config.lm.get("text_tasks", tuple(t for t in pipeline.TASKS
+                                                 if t not in ("look", "induction"))))
+
+
+def text_phases(config) -> tuple:
+  """`lm.text_phases`: stage-0 phases after the first, `((steps, tasks, peak_lr), ...)`, each
+  with its own warm-up + cosine (Adam's moments carried over, as between stages); () when
+  absent. The demo's: in-context episodes alone after the mixed text (`data/icl.py`), so that
+  V2L's frozen LM learns induction, then the restoration prompt (BENCHMARKS.md, "V2L")."""
+  return tuple(config.lm.get("text_phases", ()))
 
 
 def vqa_questions(config) -> int:
@@ -149,6 +159,15 @@ def check_config(config):
   tasks = text_tasks(config)
   if not tasks or any(t not in pipeline.TASKS for t in tasks):
     raise ValueError(f"lm.text_tasks={tasks!r}: expected a non-empty tuple of {pipeline.TASKS}")
+  for phase in text_phases(config):
+    ok = isinstance(phase, (tuple, list)) and len(phase) == 3
+    if ok:
+      n, t, lr = phase
+      ok = (isinstance(n, int) and n >= 1 and isinstance(t, (tuple, list)) and t
+            and all(x in pipeline.TASKS for x in t) and float(lr) > 0)
+    if not ok:
+      raise ValueError(f"lm.text_phases entry {phase!r}: expected (steps >= 1, a non-empty "
+                       f"tuple of {pipeline.TASKS}, peak lr > 0)")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
   if int(c.get("seed", -1)) < -1:
     raise ValueError(f"lm.seed={c.seed!r}: expected -1 (use config.seed) or a seed >= 0")

@@ -90,6 +90,26 @@ def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
   return predict
 
 
+def text_only(lm: train.TextLM, lm_ids, *, num: int, seed: int, ns=(2, 16), m: int = 2) -> dict:
+  """The text-only control of restoration: `num` in-context denoising tasks per n of `ns`
+  (`data/icl.denoise_task`: the restoration prompt, 10 examples at the protocol's rates, on
+  random local tokens, no image) -> {"n2": {"lm": acc, "majority": acc}, ...}, the share of
+  tasks whose m outputs are all the clean ones, written by the LM (`lm_predictor`) and by the
+  majority vote. What the LM can restore in context at all, beside what it does on images."""
+  from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
+  if num < 1:
+    raise ValueError(f"num={num}: expected >= 1")
+  preds = {"lm": lm_predictor(lm, lm_ids, m=m), "majority": majority_predictor(m=m)}
+  out = {}
+  for n in ns:
+    rng = np.random.default_rng([seed, n])
+    tasks = [icl.denoise_task(rng, np.arange(len(lm_ids)), m=m, ns=(n,)) for _ in range(num)]
+    out[f"n{n}"] = {name: float(np.mean([
+        list(predict(t["query"], t["examples"])) == t["answer"] for t in tasks]))
+                    for name, predict in preds.items()}
+  return out
+
+
 def corrupt_images(task: str, images, mask=None, factor: int = 1):
   """uint8 [N, R, R, 3] -> the task's corrupted input (grey where `mask` [h, w] says, for the
   painting tasks; `factor` pixels per token)."""

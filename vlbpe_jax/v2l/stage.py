@@ -15,7 +15,9 @@ Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's p
 the report section.
   4. restoration (`restore.py`): inpaint, outpaint, deblur, shift, rotate on the first
      `v2l.restore_images` test images; PSNR gain of the restored image over the corrupted one,
-     by the frozen LM and by the majority-vote control (no LM: what the tokenizer allows).
+     by the frozen LM and by the majority-vote control (no LM: what the tokenizer allows);
+     and its text-only control (`restore.text_only`: the restoration prompt on random local
+     tokens, `v2l.restore_text_only.{n2,n16}`): what the LM restores in context at all.
 """
 
 import html
@@ -30,6 +32,10 @@ from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import prompts
 from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import train
+
+
+# In-context denoising prompts per n of the text-only restoration control (restore.text_only).
+TEXT_ONLY_RESTORE = 64
 
 
 def setting(way: int, shot: int) -> str:
@@ -203,12 +209,23 @@ def run_stage(config, workdir: str) -> dict:
   metrics.update({f"v2l.restore_psnr_gain_db.{t}": r["gain_db"] for t, r in rest.items()})
   metrics.update({f"v2l.restore_psnr_gain_db_majority.{t}": r["gain_db"]
                   for t, r in ctl.items()})
+  text = restore.text_only(ctx.lm, ctx.books.lm_ids, num=TEXT_ONLY_RESTORE, seed=int(config.seed))
+  for n, r in text.items():
+    metrics[f"v2l.restore_text_only.{n}"] = r["lm"]
+    metrics[f"v2l.restore_text_only_majority.{n}"] = r["majority"]
   rest_html = report.table(
       ("task", "gain, frozen LM (dB)", "gain, majority-vote control (dB)",
        "decoded corrupted map (dB)", "corrupted pixels (dB)"),
       [(t, f"{r['gain_db']:+.2f}", f"{ctl[t]['gain_db']:+.2f}",
         f"{np.mean(r['psnr_corrupted']):.2f}", f"{np.mean(r['psnr_corrupted_pixels']):.2f}")
        for t, r in rest.items()])
+  rest_html += (
+      f"<p>Text-only control ({TEXT_ONLY_RESTORE} in-context denoising prompts per n, "
+      "data/icl.denoise_task: the same layout and rates on random local tokens, no image): "
+      "share of prompts whose outputs are all the clean tokens, "
+      + "; ".join(f"n = {n[1:]}: frozen LM {r['lm']:.0%}, majority vote {r['majority']:.0%}"
+                  for n, r in text.items())
+      + ". What the LM can restore in context at all.</p>")
   for t, r in rest.items():
     clean, bad, fixed = r["images"]
     k = min(4, len(clean))

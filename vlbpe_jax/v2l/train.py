@@ -61,7 +61,7 @@ from vlbpe_jax.vq import perceptual
 # Config keys a checkpoint must agree on before it is restored (the CLIP's and the text LM's
 # too: they make the codebooks).
 MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model",
-              "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
+              "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple", "lm.text_phases")
 
 
 def check_config(config):
