@@ -133,8 +133,9 @@ def get_config(arg=None):
       # so that the frozen LM V2L reads (v2l/) learns to use examples.
       text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
       text_lr=3e-3,
-      # Stage-0 phases after that mix, ((steps, tasks, peak lr), ...), each with its own
-      # schedule: induction episodes alone, then in-context denoising in the layout of V2L's
+      # V2L's frozen LM = stage 0 continued on these phases, ((steps, tasks, peak lr), ...),
+      # each with its own schedule (lm/text_icl; Being-VL's runs start from stage 0 itself):
+      # induction episodes alone, then in-context denoising in the layout of V2L's
       # restoration prompt (data/icl.py), so that V2L's frozen LM copies in context. Without
       # them it wrote wrong tokens into every restoration (inpainting -0.7 dB, deblur -7.8 dB,
       # majority-vote control +3.3 / 0.0); with 500 + 500 steps (~180 s) +2.6 / -0.1 (control

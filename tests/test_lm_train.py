@@ -69,12 +69,15 @@ def test_plans():
                                                     "icl", "denoise")  # no lm.text_tasks: all
   config.lm.text_tasks = ("vqa", "icl", "icl")
   assert train.plan_of(config, "text")[0].tasks == ("vqa", "icl", "icl")
-  # lm.text_phases: more stage-0 phases after the mixed one, each its own optimizer schedule.
+  # lm.text_phases: V2L's LM continues stage 0 on them, each its own optimizer schedule.
+  with pytest.raises(ValueError, match="text_phases is empty"):
+    train.plan_of(config, "text_icl")
   config.lm.text_phases = ((5, ("induction",), 3e-3), (4, ("denoise",), 1e-3))
-  text = train.plan_of(config, "text")
-  assert [(p.stage, p.steps, p.tasks, p.lr) for p in text[1:]] == [
+  icl = train.plan_of(config, "text_icl")
+  assert [(p.stage, p.steps, p.tasks, p.lr) for p in icl] == [
       (3, 5, ("induction",), 3e-3), (3, 4, ("denoise",), 1e-3)]
-  assert len({p.optimizer for p in text}) == 3  # the schedule restarts per phase
+  assert len({p.optimizer for p in icl}) == 2  # the schedule restarts per phase
+  assert len(train.plan_of(config, "text")) == 1  # stage 0 itself (Being-VL's start) unchanged
   with pytest.raises(ValueError, match="run='two_stage'"):
     train.plan_of(config, "two_stage")
 
@@ -151,6 +154,25 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
 def test_check_config_refuses_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):
     train.check_config(helpers.make_config(**{field: value}))
+
+
+def test_icl_continuation_starts_from_stage_0_and_leaves_it(setup):
+  # pretrain_icl: V2L's LM = stage 0's params trained on lm.text_phases into lm/text_icl;
+  # stage 0's own checkpoint (Being-VL's start) is untouched, a rerun restores the same params.
+  s = setup
+  config = helpers.make_config(text_phases=((2, ("induction",), 1e-3), (2, ("denoise",), 1e-3)))
+  mesh = parallel.mesh_from_config(config.mesh)
+  source = helpers.examples("train")
+  icl = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh,
+                                 s["text_params"]))
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), icl, s["text"]))
+  assert any(changed)
+  again = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh,
+                                   s["text_params"]))
+  jax.tree.map(np.testing.assert_array_equal, icl, again)
+  text = _host(train.pretrain_text(config, s["workdir"], s["tok"], source, mesh))
+  jax.tree.map(np.testing.assert_array_equal, text, s["text"])
+  assert os.path.isdir(os.path.join(s["workdir"], "lm", "text_icl", "ckpt"))
 
 
 def test_resume_equals_uninterrupted_run(runs):

@@ -53,7 +53,7 @@ DESIGNS = ("fm", "mse", "vq_latent")
 # Config keys a checkpoint must agree on before it is restored (the CLIP's and LM's too: they
 # make the targets and the conditions).
 MUST_MATCH = ("seed", "data", "dit", "clip", "lm.seed", "lm.variant", "lm.model",
-              "lm.stage_steps", "lm.text_steps", "lm.text_phases")
+              "lm.stage_steps", "lm.text_steps")
 
 
 def check_config(config, design: str):

@@ -389,9 +389,7 @@ def _section(config, workdir, results, ctx_examples):
       f"{results[run]['vqa_acc_heldout_se']:.1%}" for run in runs)
   budget = (f"<p>Same budget for every run: {c.batch_size} rows &times; {c.seq_len} tokens per "
             f"step (packed), stage steps {tuple(c.stage_steps)} (single stage: their sum), "
-            f"after {c.text_steps} text-only steps (stage 0, shared"
-            + "".join(f"; then {n} of {'/'.join(t)}" for n, t, _ in train.text_phases(config))
-            + "). Because BPE sequences are "
+            f"after {c.text_steps} text-only steps (stage 0, shared). Because BPE sequences are "
             f"shorter, BPE runs see more images per step. VQA on {n} questions of "
             f"{len(ctx_examples)} test images, {results[runs[0]]['num_heldout_questions']} "
             "of them about a held-out composition (they name a held-out color-shape pair or ask "
@@ -443,6 +441,8 @@ def run_stage(config, workdir: str) -> dict:
       _save(path, _complete(ctx, run, results[run]))
     # From the stored answers: a result saved before the held-out definition changed agrees.
     results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
+  if train.text_phases(config):  # V2L's frozen LM: stage 0 continued on lm.text_phases
+    train.pretrain_icl(config, workdir, ctx.tok, ctx.train, ctx.mesh, ctx.text_params())
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
     r = results[run]

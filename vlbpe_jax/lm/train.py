@@ -55,7 +55,9 @@ RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no
 # Config keys a checkpoint must agree on before it is restored: stage 0's, then the runs'.
 # lm.seed is keyed as `manifest.config_dict` shows it: absent while it means `seed`.
 TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
-                   "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple", "lm.text_phases")
+                   "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
+# V2L's frozen LM (`pretrain_icl`): stage 0, then `lm.text_phases`.
+ICL_MUST_MATCH = TEXT_MUST_MATCH + ("lm.text_lr", "lm.text_phases")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions", "lm.vqa_questions")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
@@ -88,8 +90,12 @@ def plan_of(config, run: str) -> list[Phase]:
   """The phases of a run (`"text"` is stage 0: every task, text only, all weights)."""
   c = config.lm
   if run == "text":
-    return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))] + [
-        Phase(3, int(n), tuple(t), float(lr)) for n, t, lr in text_phases(config)]
+    return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))]
+  if run == "text_icl":
+    phases = [Phase(3, int(n), tuple(t), float(lr)) for n, t, lr in text_phases(config)]
+    if not phases:
+      raise ValueError("run='text_icl': lm.text_phases is empty")
+    return phases
   phases = [Phase(s, int(n), tuple(t), float(lr)) for s, n, t, lr in
             zip(stages.STAGES, c.stage_steps, c.stage_tasks, c.stage_lrs)]
   mixed = sum((p.tasks for p in phases), ())  # every phase's tasks, in the curriculum's weights
@@ -113,10 +119,12 @@ def text_tasks(config) -> tuple:
 
 
 def text_phases(config) -> tuple:
-  """`lm.text_phases`: stage-0 phases after the first, `((steps, tasks, peak_lr), ...)`, each
-  with its own warm-up + cosine (Adam's moments carried over, as between stages); () when
-  absent. The demo's: in-context episodes alone after the mixed text (`data/icl.py`), so that
-  V2L's frozen LM learns induction, then the restoration prompt (BENCHMARKS.md, "V2L")."""
+  """`lm.text_phases`: `((steps, tasks, peak_lr), ...)`, phases that continue stage 0's text
+  model into V2L's frozen LM (`pretrain_icl`, `$W/lm/text_icl`), each with its own warm-up +
+  cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
+  itself). The demo's: in-context episodes alone (`data/icl.py`), induction, then the
+  restoration prompt (BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs start from stage 0,
+  not from this continuation (which cost them 6 points of VQA when they did)."""
   return tuple(config.lm.get("text_phases", ()))
 
 
@@ -419,6 +427,17 @@ def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
   make_iter = iterator_fn(config, tok, source, None)
   state = run_plan(config, os.path.join(workdir, "lm", "text"), trainer, plan, make_iter,
                    stop_at_step=stop_at_step, name="lm/text", must_match=TEXT_MUST_MATCH)
+  return state["params"]
+
+
+def pretrain_icl(config, workdir, tok, source, mesh, text_params, *, stop_at_step=None):
+  """V2L's frozen LM: stage 0's text model (`text_params`) trained on `lm.text_phases` into
+  `$W/lm/text_icl/` (resumable like every run). Returns its (sharded) params."""
+  plan = plan_of(config, "text_icl")
+  trainer = Trainer(config, make_model(config, tok), mesh)
+  state = run_plan(config, os.path.join(workdir, "lm", "text_icl"), trainer, plan,
+                   iterator_fn(config, tok, source, None), base_params=text_params,
+                   stop_at_step=stop_at_step, name="lm/text_icl", must_match=ICL_MUST_MATCH)
   return state["params"]
 
 

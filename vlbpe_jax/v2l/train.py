@@ -109,12 +109,14 @@ class TextLM:
 
 
 def load_text_lm(config, workdir: str, mesh) -> TextLM:
-  """Stage 0's text model (`lm/train.py:pretrain_text`), restored from `$W/lm/text/ckpt`."""
+  """V2L's frozen LM: stage 0's text model (`lm/train.py:pretrain_text`, `$W/lm/text/ckpt`),
+  or with `lm.text_phases` its continuation on them (`pretrain_icl`, `$W/lm/text_icl/ckpt`)."""
   tok = data_stage.load_tokenizer(workdir)
   model = lm_train.make_model(config, tok)
   trainer = lm_train.Trainer(config, model, mesh)
-  plan = lm_train.plan_of(config, "text")
-  path = os.path.join(workdir, "lm", "text", "ckpt")
+  run = "text_icl" if lm_train.text_phases(config) else "text"
+  plan = lm_train.plan_of(config, run)
+  path = os.path.join(workdir, "lm", run, "ckpt")
   state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="text LM",
                                     hint="run the 'lm' stage first")
   if model.config.vocab_size < tok.vocab_size:
