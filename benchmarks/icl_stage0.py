@@ -90,9 +90,9 @@ def run(steps: int, tasks) -> dict:
   source = tfds_builders.data_source(data_stage.build_dataset(config, w), "train")
   mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
   t0 = time.perf_counter()
-  text = lm_train.pretrain_text(config, w, tok, source, mesh)
+  lm_train.pretrain_text(config, w, tok, source, mesh)
   if lm_train.text_phases(config):  # --config.lm.text_phases: V2L's LM continues stage 0
-    lm_train.pretrain_icl(config, w, tok, source, mesh, text)
+    lm_train.pretrain_icl(config, w, tok, source, mesh)
   seconds = time.perf_counter() - t0
   lm = v2l_train.load_text_lm(config, w, mesh)
   out = {"steps": steps, "tasks": list(tasks), "kinds": list(kinds) or list(icl.KINDS),

@@ -156,23 +156,29 @@ def test_check_config_refuses_bad_values(field, value, match):
     train.check_config(helpers.make_config(**{field: value}))
 
 
-def test_icl_continuation_starts_from_stage_0_and_leaves_it(setup):
-  # pretrain_icl: V2L's LM = stage 0's params trained on lm.text_phases into lm/text_icl;
-  # stage 0's own checkpoint (Being-VL's start) is untouched, a rerun restores the same params.
+def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
+  # pretrain_icl: V2L's LM = stage 0 continued on lm.text_phases in lm/text_icl, equal to one
+  # uninterrupted run of stage 0's phase and the text phases (Adam state carried); stage 0's
+  # own checkpoint (Being-VL's start) is untouched, and a rerun restores the same params.
   s = setup
   config = helpers.make_config(text_phases=((2, ("induction",), 1e-3), (2, ("denoise",), 1e-3)))
   mesh = parallel.mesh_from_config(config.mesh)
   source = helpers.examples("train")
-  icl = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh,
-                                 s["text_params"]))
+  icl = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh))
+  trainer = train.Trainer(config, train.make_model(config, s["tok"]), mesh)
+  whole = train.run_plan(config, os.path.join(s["workdir"], "whole"), trainer,
+                         train.plan_of(config, "text") + train.plan_of(config, "text_icl"),
+                         train.iterator_fn(config, s["tok"], source, None))
+  assert int(whole["step"]) == 6
+  jax.tree.map(np.testing.assert_array_equal, icl, _host(whole["params"]))
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), icl, s["text"]))
   assert any(changed)
-  again = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh,
-                                   s["text_params"]))
+  again = _host(train.pretrain_icl(config, s["workdir"], s["tok"], source, mesh))
   jax.tree.map(np.testing.assert_array_equal, icl, again)
   text = _host(train.pretrain_text(config, s["workdir"], s["tok"], source, mesh))
   jax.tree.map(np.testing.assert_array_equal, text, s["text"])
-  assert os.path.isdir(os.path.join(s["workdir"], "lm", "text_icl", "ckpt"))
+  with pytest.raises(ValueError, match="no stage-0 text LM checkpoint"):
+    train.pretrain_icl(config, os.path.join(s["workdir"], "empty"), s["tok"], source, mesh)
 
 
 def test_resume_equals_uninterrupted_run(runs):

@@ -442,7 +442,8 @@ def run_stage(config, workdir: str) -> dict:
     # From the stored answers: a result saved before the held-out definition changed agrees.
     results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
   if train.text_phases(config):  # V2L's frozen LM: stage 0 continued on lm.text_phases
-    train.pretrain_icl(config, workdir, ctx.tok, ctx.train, ctx.mesh, ctx.text_params())
+    ctx.text_params()  # stage 0 finished first: the continuation starts from its checkpoint
+    train.pretrain_icl(config, workdir, ctx.tok, ctx.train, ctx.mesh)
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
     r = results[run]

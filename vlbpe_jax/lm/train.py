@@ -123,8 +123,9 @@ def text_phases(config) -> tuple:
   model into V2L's frozen LM (`pretrain_icl`, `$W/lm/text_icl`), each with its own warm-up +
   cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
   itself). The demo's: in-context episodes alone (`data/icl.py`), induction, then the
-  restoration prompt (BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs start from stage 0,
-  not from this continuation (which cost them 6 points of VQA when they did)."""
+  restoration prompt (BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs and the blind baseline
+  start from stage 0, not from this continuation (from it, on the demo, the blind baseline fell
+  from 23% to 0% VQA and the full run's caption recall from 0.27 to 0.11)."""
   return tuple(config.lm.get("text_phases", ()))
 
 
@@ -355,7 +356,7 @@ def _phase_at(plan, step):
 
 
 def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_params=None,
-             stop_at_step=None, name="lm", must_match=MUST_MATCH):
+             stop_at_step=None, name="lm", must_match=MUST_MATCH, init_state=None):
   """Trains `plan` with `loop.fit` (resuming from `run_dir/ckpt`); returns the final state.
 
   make_iter(phase) -> a fresh grain iterator of that phase's batches. The checkpoint at a
@@ -365,6 +366,8 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
   preemption would. A non-finite loss (or parameter norm after the update) raises
   FloatingPointError naming the step and its stage; the last checkpoint stays a good one.
   Metrics lines (`train/...`, `stage`, `perf/...`) go to `run_dir/metrics.jsonl`.
+  `init_state()`: the state to start from when `run_dir` holds no checkpoint (default: fresh,
+  with `base_params`); a state at step s > 0 starts in the phase that holds step s + 1.
   """
   c = config.lm
   ends = np.cumsum([p.steps for p in plan]).tolist()
@@ -378,7 +381,7 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
     it = make_iter(plan[k])
     state, start, seconds = loop.restore_or_init(
         ckpt, trainer.abstract_state(plan[k]),
-        lambda: trainer.init(key_init, plan[0], base_params), it)
+        init_state or (lambda: trainer.init(key_init, plan[0], base_params)), it)
 
     def before_step(step, state, it):
       """At a phase boundary: the next data mix; a new optimizer migrates."""
@@ -430,13 +433,33 @@ def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
   return state["params"]
 
 
-def pretrain_icl(config, workdir, tok, source, mesh, text_params, *, stop_at_step=None):
-  """V2L's frozen LM: stage 0's text model (`text_params`) trained on `lm.text_phases` into
-  `$W/lm/text_icl/` (resumable like every run). Returns its (sharded) params."""
-  plan = plan_of(config, "text_icl")
+def pretrain_icl(config, workdir, tok, source, mesh, *, stop_at_step=None):
+  """V2L's frozen LM: stage 0 continued on `lm.text_phases` in a run of its own,
+  `$W/lm/text_icl/` (resumable like every run); returns its (sharded) params.
+
+  The run's plan is stage 0's phase, then the text phases; it starts from stage 0's finished
+  state (`$W/lm/text/ckpt`: params and Adam state, at its last step), so it continues as one
+  stage-0 run through all the phases would (Adam's moments migrate at each phase boundary),
+  while `$W/lm/text`, which Being-VL's runs start from, stays as it is. (Stage 0's params with
+  a fresh optimizer instead gave an LM that restores nothing on the demo: BENCHMARKS.md,
+  "Teaching the frozen LM to restore".)
+  """
+  text_plan = plan_of(config, "text")
+  plan = text_plan + plan_of(config, "text_icl")
   trainer = Trainer(config, make_model(config, tok), mesh)
+
+  def stage0_state():
+    state = checkpoint.restore_latest(
+        os.path.join(workdir, "lm", "text", "ckpt"), trainer.abstract_state(text_plan[0]),
+        what="stage-0 text LM", hint="run pretrain_text first",
+        config=manifest.config_dict(config), must_match=TEXT_MUST_MATCH)
+    if int(jax.device_get(state["step"])) != text_plan[0].steps:
+      raise ValueError(f"stage 0's checkpoint is at step {int(state['step'])}: expected its "
+                       f"last, {text_plan[0].steps} (run pretrain_text to the end first)")
+    return state
+
   state = run_plan(config, os.path.join(workdir, "lm", "text_icl"), trainer, plan,
-                   iterator_fn(config, tok, source, None), base_params=text_params,
+                   iterator_fn(config, tok, source, None), init_state=stage0_state,
                    stop_at_step=stop_at_step, name="lm/text_icl", must_match=ICL_MUST_MATCH)
   return state["params"]
 

@@ -115,7 +115,7 @@ def load_text_lm(config, workdir: str, mesh) -> TextLM:
   model = lm_train.make_model(config, tok)
   trainer = lm_train.Trainer(config, model, mesh)
   run = "text_icl" if lm_train.text_phases(config) else "text"
-  plan = lm_train.plan_of(config, run)
+  plan = lm_train.plan_of(config, run)  # the last phase's state layout (all alike: stage 3)
   path = os.path.join(workdir, "lm", run, "ckpt")
   state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="text LM",
                                     hint="run the 'lm' stage first")
