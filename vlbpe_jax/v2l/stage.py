@@ -1,6 +1,7 @@
 """Pipeline stage `v2l`: the V2L tokenizer and few-shot classification by the frozen text LM.
 
-From the frozen stage-0 text LM (`lm/text`) and the CLIP (`clip`):
+From the frozen stage-0 text LM (`lm/text`, or with `lm.text_phases` its continuation on
+in-context episodes, `lm/text_icl`) and the CLIP (`clip`):
   1. the codebooks and the tokenizer (`train.py`), and the test split's reconstruction PSNR with
      and without the global tokens in the decoder, and the share of local tokens in use;
   2. N-way K-shot shape classification (`fewshot.py`) for every `v2l.fewshot_ways` x

@@ -3,7 +3,8 @@
   python -m vlbpe_jax.v2l.train --config=configs/tiny.py --workdir=$W
 
 Needs in `$W`: the `data` stage (tfds shapes, tokenizer), the LM's stage 0 (`lm/text/ckpt`: the
-text-only model, the stand-in for a pretrained LLM) and the CLIP (`clip/ckpt`). Frozen: the LM,
+text-only model, the stand-in for a pretrained LLM; with `lm.text_phases` its continuation on
+in-context episodes, `lm/text_icl/ckpt`) and the CLIP (`clip/ckpt`). Frozen: the LM,
 the CLIP and the local table. Steps:
   1. local codebook: every text subword of the LM (`codebook.subword_texts`) embedded by the
      CLIP text tower over prompt templates -> `local_emb` [V, E], an argument of the step
