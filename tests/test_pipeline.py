@@ -358,7 +358,10 @@ def test_llava_conversations_drop_image_marker(tok):
 def test_lm_pipeline_on_tfds_shapes(tok, tmp_path):
   builder = tb.build_shapes(tmp_path, resolution=32, num_train=12, num_validation=1,
                             num_test=1, seed=0)
-  fmt = pl.TaskFormatter(tok, tasks=pl.TASKS)
+  # Every task but the long text-only denoise / induction episodes (tested on their own above),
+  # which, truncated here, would fill rows without an eos.
+  fmt = pl.TaskFormatter(tok, tasks=tuple(t for t in pl.TASKS if t not in ("denoise",
+                                                                            "induction")))
   ds = pl.lm_dataset(tb.data_source(builder, "train"), fmt, seq_len=256, batch_size=2, seed=0,
                      truncate=True)
   it = iter(ds)
