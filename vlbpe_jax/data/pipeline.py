@@ -362,16 +362,13 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   _check_questions(questions)
   if questions and rng is None:
     raise ValueError(f"questions={questions}: expected an rng to draw them with")
-  if task == "icl":
-    if rng is None:
-      raise ValueError("task='icl': expected an rng (the episode is drawn from it)")
-    return icl.episode_ids(tokenizer, icl.sample_episode(rng))
-  if task in ("denoise", "induction"):
+  if task in TEXT_ONLY_TASKS:
     if rng is None:
       raise ValueError(f"task={task!r}: expected an rng (the episode is drawn from it)")
-    if task == "induction":
-      return icl.episode_ids(tokenizer, icl.induction_episode(rng))
-    return icl.denoise_ids(tokenizer, rng)
+    if task == "denoise":
+      return icl.denoise_ids(tokenizer, rng)
+    episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
+    return icl.episode_ids(tokenizer, episode)
   ids, mask = [tokenizer.bos_id], [False]
   if image_tokens is not None:
     visual = [int(i) for i in np.asarray(image_tokens(example)).reshape(-1)]
