@@ -226,7 +226,8 @@ def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
   rows = fewshot.run_tasks(inputs["lm"], tasks, ids, batch_size=3)
   text = fewshot.text_rows(inputs["lm"], way=2, shot=1, num=2, seed=0)
   assert all(r["pred"] in r["classes"] for r in rows + text)
-  setting = {"way": 2, "shot": 2, "image": rows, "text": text}
+  overlap = fewshot.overlap_rows(tasks, ids, seed=0)
+  setting = {"way": 2, "shot": 2, "image": rows, "text": text, "overlap": overlap}
   objects = [[{"shape": "circle", "color": "red", "size": "small", "position": "left"}]] * 2
   caps = {"image": [{"query": 0, "text": "a small red circle at the left."}],
           "wrong_image": [{"query": 1, "text": "a blue star."}]}
@@ -234,18 +235,48 @@ def test_fewshot_accuracy_is_computed_from_the_stored_rows(inputs):
                    {"query": 1, "question": "q", "answer": "2", "pred": "3"}],
          "wrong_image": [{"query": 0, "question": "q", "answer": "red", "pred": "blue"}]}
   m = stage.fewshot_metrics({"classify": {"2way_2shot": setting},
-                             "variants": {"color": {"2way_1shot": dict(setting, text=[])}},
+                             "variants": {"color": {"2way_1shot": dict(setting, text=[])},
+                                          "local": {"2way_1shot": dict(setting, overlap=[])}},
                              "caption": caps, "vqa": vqa}, objects)
   assert m["v2l.fewshot_acc.2way_2shot"] == sum(r["pred"] == r["answer"] for r in rows) / 3
   assert m["v2l.fewshot_acc_color.2way_1shot"] == m["v2l.fewshot_acc.2way_2shot"]
   assert np.isnan(m["v2l.fewshot_text_only_color.2way_1shot"])
   assert m["v2l.fewshot_text_only.2way_2shot"] == sum(
       r["pred"] == r["answer"] for r in text) / 2
+  assert m["v2l.fewshot_overlap.2way_2shot"] == sum(
+      r["pred"] == r["answer"] for r in overlap) / 3
+  assert np.isnan(m["v2l.fewshot_overlap_local.2way_1shot"])
   assert m["v2l.chance.2way_2shot"] == 0.5
   assert m["v2l.caption.precision"] == m["v2l.caption.recall"] == 1.0
   assert m["v2l.caption_wrong_image.precision"] == 0.0
   assert m["v2l.vqa_acc"] == 0.5 and m["v2l.vqa_acc_wrong_image"] == 0.0
   assert np.isnan(fewshot.accuracy([]))
+
+
+def test_overlap_control_picks_the_class_sharing_the_most_global_tokens():
+  # Images' global tokens (entries as id lists): the query shares 2 entries with image 1
+  # (a "star"), 1 with image 0 (a "circle"), none with image 2 (a "square").
+  tokens = {("train", 0): [[1], [2, 3], [9]], ("train", 1): [[4], [5, 6], [2, 3]],
+            ("train", 2): [[7], [8], [10]], ("train", 3): [[4], [2, 3], [11]],
+            ("test", 0): [[4], [2, 3], [12]]}
+  ids = lambda i, split: tokens[split, i]  # noqa: E731
+  task = lambda support, answer: {"support": support, "query": 0, "answer": answer,  # noqa
+                                  "classes": sorted({y for _, y in support})}
+  right = task([(0, "circle"), (1, "star")], "star")
+  wrong = task([(0, "circle"), (1, "star")], "circle")  # the tokens point to the other class
+  shots = task([(0, "circle"), (2, "circle"), (1, "star"), (2, "star")], "star")  # summed
+  rows = fewshot.overlap_rows([right, wrong, shots], ids, seed=0)
+  assert [r["pred"] for r in rows] == ["star", "star", "star"]
+  assert [r["tied"] for r in rows] == [1, 1, 1]
+  assert fewshot.accuracy(rows) == pytest.approx(2 / 3)
+  # A tie (images 1 and 3 share 2 entries each with the query) is broken at random, by seed.
+  tie = task([(1, "star"), (3, "square")], "star")
+  preds = {fewshot.overlap_rows([tie], ids, seed=s)[0]["pred"] for s in range(20)}
+  assert preds == {"star", "square"}
+  assert fewshot.overlap_rows([tie], ids, seed=3) == fewshot.overlap_rows([tie], ids, seed=3)
+  assert fewshot.overlap_rows([tie], ids, seed=0)[0]["tied"] == 2
+  with pytest.raises(ValueError, match="support label 'heart'"):
+    fewshot.overlap_rows([dict(right, support=[(0, "heart")])], ids, seed=0)
 
 
 def test_describe_tasks_prompts_and_greedy_generation(inputs):

@@ -64,6 +64,12 @@ HEADLINE = (
     ("V2L few-shot, 2-way 1-shot (chance 50%)", "v2l.fewshot_acc.2way_1shot", "{:.1%}"),
     ("V2L few-shot, 5-way 1-shot (chance 20%)", "v2l.fewshot_acc.5way_1shot", "{:.1%}"),
     ("V2L text-only control, 5-way 1-shot", "v2l.fewshot_text_only.5way_1shot", "{:.1%}"),
+    ("V2L token-overlap control (no LM), 5-way 1-shot", "v2l.fewshot_overlap.5way_1shot",
+     "{:.1%}"),
+    ("V2L few-shot by colour, 5-way 1-shot: frozen LM", "v2l.fewshot_acc_color.5way_1shot",
+     "{:.1%}"),
+    ("V2L few-shot by colour, 5-way 1-shot: token-overlap control",
+     "v2l.fewshot_overlap_color.5way_1shot", "{:.1%}"),
 )
 _FIELDS = ("config", "commit", "finished", "machine")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

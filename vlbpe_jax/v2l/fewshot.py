@@ -13,7 +13,10 @@ take part (a scene's label is its one shape). Prompt: `prompts.classification_pr
 image's global tokens as LM ids (each entry its 1-3 subword ids, never re-tokenised text), then
 greedy decoding constrained to the class names (`constrained.classify`, `end_id` after each
 label); a hit is the exact class. Chance: 1 / way. The text-only control (`text_rows`) runs
-`data/icl.text_fewshot_tasks` through the same prompt and decoder.
+`data/icl.text_fewshot_tasks` through the same prompt and decoder. The token-overlap control
+(`overlap_rows`, no LM) answers each episode with the class whose support images share the most
+global tokens with the query: what the tokens themselves tell apart, i.e. what a perfect
+in-context matcher could reach from them (as the majority vote is for restoration).
 """
 
 from absl import app
@@ -86,6 +89,30 @@ def run_tasks(lm, tasks, image_ids=None, *, batch_size: int = 16) -> list[dict]:
     preds = constrained.classify(lm.model, lm.params, ids, labels, end_id=end)
     rows += [{"classes": list(t["classes"]), "answer": t["answer"], "pred": p,
               "prompt_len": len(i)} for t, p, i in zip(chunk, preds, ids)]
+  return rows
+
+
+def overlap_rows(tasks, image_ids, *, seed: int) -> list[dict]:
+  """The token-overlap control: rows {"classes", "answer", "pred", "tied"} as `run_tasks`.
+
+  Each class scores the number of global tokens (items of `image_ids(i, split)`, each an entry's
+  id list) that its support images share with the query's, summed over its shots; the
+  prediction is the best-scoring class, ties broken uniformly at random (`seed` and the
+  episode's index); "tied" is the number of classes that shared the best score.
+  """
+  rows = []
+  for n, t in enumerate(tasks):
+    query = {tuple(e) for e in image_ids(t["query"], "test")}
+    score = dict.fromkeys(t["classes"], 0)
+    for i, y in t["support"]:
+      if y not in score:
+        raise ValueError(f"support label {y!r} is not one of the classes {t['classes']}")
+      score[y] += len(query & {tuple(e) for e in image_ids(i, "train")})
+    best = max(score.values())
+    tied = [c for c in t["classes"] if score[c] == best]
+    pred = tied[int(np.random.default_rng([seed, n]).integers(len(tied)))]
+    rows.append({"classes": list(t["classes"]), "answer": t["answer"], "pred": pred,
+                 "tied": len(tied)})
   return rows
 
 

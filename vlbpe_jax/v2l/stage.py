@@ -8,8 +8,9 @@ in-context episodes, `lm/text_icl`) and the CLIP (`clip`):
      `v2l.fewshot_shots`, `v2l.fewshot_episodes` episodes each: the frozen LM reads each
      image's first `v2l.fewshot_global` global tokens as its own subword ids; chance 1 / way;
   3. the text-only control: the same prompts and decoder on symbol strings (data/icl.py), so the
-     reader sees how much of the accuracy the LM's in-context ability gives and how much the
-     tokenizer earns; variants at `v2l.variant_settings`: colour labels, all `num_global`
+     reader sees how much of the accuracy the LM's in-context ability gives, and the token-overlap
+     control (no LM: the class whose support images share the most global tokens with the
+     query), what the tokens themselves tell apart; variants at `v2l.variant_settings`: colour labels, all `num_global`
      tokens, and the local token map added; few-shot captioning and VQA (`describe.py`) against
      a wrong-image control.
 Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's prediction) and
@@ -61,8 +62,10 @@ def _ids_fn(ctx, params, num_global: int, local: bool):
   return lambda i, split: ids[split][i]
 
 
-def _classify(ctx, image_ids, way, shot, attribute="shape", text_control=True):
-  """{"way", "shot", "image": rows, "text": rows of the text-only control (or [])}."""
+def _classify(ctx, image_ids, way, shot, attribute="shape", text_control=True,
+              overlap_control=True):
+  """{"way", "shot", "image": rows, "text": rows of the text-only control (or []), "overlap":
+  rows of the token-overlap control (or [])}."""
   c, seed = ctx.config.v2l, int(ctx.config.seed)
   num = int(c.fewshot_episodes)
   train_y = fewshot.single_object_labels(ctx.train["objects"], attribute)
@@ -73,7 +76,8 @@ def _classify(ctx, image_ids, way, shot, attribute="shape", text_control=True):
                            batch_size=int(c.fewshot_batch), label_set=label_set) if (
                                text_control) else []
   return {"way": int(way), "shot": int(shot), "text": text,
-          "image": fewshot.run_tasks(ctx.lm, tasks, image_ids, batch_size=int(c.fewshot_batch))}
+          "image": fewshot.run_tasks(ctx.lm, tasks, image_ids, batch_size=int(c.fewshot_batch)),
+          "overlap": fewshot.overlap_rows(tasks, image_ids, seed=seed) if overlap_control else []}
 
 
 def run_fewshot(ctx: train.Context, params) -> dict:
@@ -91,7 +95,7 @@ def run_fewshot(ctx: train.Context, params) -> dict:
     out["variants"][variant] = {
         setting(way, shot): _classify(  # shape labels: the main table's text control
             ctx, fns[variant], way, shot, "color" if variant == "color" else "shape",
-            text_control=variant == "color")
+            text_control=variant == "color", overlap_control=variant != "local")
         for way, shot in c.variant_settings}
   n_test, seed, batch = len(ctx.test["images"]), int(ctx.config.seed), int(c.fewshot_batch)
   tasks = describe.caption_tasks(len(ctx.train["images"]), n_test, shot=int(c.caption_shots),
@@ -110,17 +114,20 @@ def run_fewshot(ctx: train.Context, params) -> dict:
 
 
 def fewshot_metrics(results, test_objects) -> dict:
-  """`v2l.fewshot_acc.*`, `v2l.chance.*`, `v2l.fewshot_text_only.*`, the variants'
-  `v2l.fewshot_acc_{variant}.*`, `v2l.caption[_wrong_image].{precision,recall}` and
-  `v2l.vqa_acc[_wrong_image]`, from the stored rows."""
+  """`v2l.fewshot_acc.*`, `v2l.chance.*`, `v2l.fewshot_text_only.*`, `v2l.fewshot_overlap.*`,
+  the variants' `v2l.fewshot_acc_{variant}.*` and `v2l.fewshot_overlap_{variant}.*`,
+  `v2l.caption[_wrong_image].{precision,recall}` and `v2l.vqa_acc[_wrong_image]`, from the
+  stored rows (NaN where a control has no rows)."""
   m = {}
   for name, r in results["classify"].items():
     m[f"v2l.fewshot_acc.{name}"] = fewshot.accuracy(r["image"])
     m[f"v2l.chance.{name}"] = 1.0 / r["way"]
     m[f"v2l.fewshot_text_only.{name}"] = fewshot.accuracy(r["text"])
+    m[f"v2l.fewshot_overlap.{name}"] = fewshot.accuracy(r["overlap"])
   for variant, settings in results["variants"].items():
     for name, r in settings.items():
       m[f"v2l.fewshot_acc_{variant}.{name}"] = fewshot.accuracy(r["image"])
+      m[f"v2l.fewshot_overlap_{variant}.{name}"] = fewshot.accuracy(r["overlap"])
       if variant == "color":
         m[f"v2l.fewshot_text_only_color.{name}"] = fewshot.accuracy(r["text"])
   for kind, rows in results["caption"].items():
@@ -245,13 +252,14 @@ def run_stage(config, workdir: str) -> dict:
   grid = np.concatenate([images, train.decode_ids(ctx.s, state["params"], idx, g, False),
                          train.decode_ids(ctx.s, state["params"], idx, g, True)])
   src = report.save_image(workdir, "v2l/recon.png", report.image_grid(grid, ncols=n))
-  rows = [(name.replace("_", ", "), _acc(r["image"]), _acc(r["text"]), f"{1.0 / r['way']:.3f}")
-          for name, r in results["classify"].items()]
+  rows = [(name.replace("_", ", "), _acc(r["image"]), _acc(r["text"]), _acc(r["overlap"]),
+           f"{1.0 / r['way']:.3f}") for name, r in results["classify"].items()]
   c = config.v2l
   what = {"color": "colour labels", "global_all": f"all {int(c.num_global)} global tokens",
           "local": f"{int(c.fewshot_global)} global + the local token map"}
   variant_rows = [(what[v], name.replace("_", ", "), _acc(r["image"]),
-                   _acc(r["text"]) if v == "color" else "(as above)", f"{1.0 / r['way']:.3f}")
+                   _acc(r["text"]) if v == "color" else "(as above)",
+                   _acc(r["overlap"]) if r["overlap"] else "-", f"{1.0 / r['way']:.3f}")
                   for v, settings in results["variants"].items() for name, r in settings.items()]
   prompt_text, prompt_images = _example_prompt(ctx)
   prompt_img = ""
@@ -277,13 +285,15 @@ def run_stage(config, workdir: str) -> dict:
       f"single-object scenes, support from the train split's; {int(c.fewshot_global)} global "
       "tokens per image fed as LM ids; greedy decoding constrained to the class names. The "
       "text-only control runs the same prompt layout on symbol strings (stage 0's in-context "
-      "episodes): what the LM can do in context at all.</p>"
-      + report.table(("setting", "accuracy (global tokens)", "text-only control", "chance"),
-                     rows)
+      "episodes): what the LM can do in context at all. The token-overlap control (no LM) "
+      "answers with the class whose support images share the most global tokens with the "
+      "query: what plain matching of the tokens tells apart, no LM involved.</p>"
+      + report.table(("setting", "accuracy (global tokens)", "text-only control",
+                      "token-overlap control (no LM)", "chance"), rows)
       + "<p>Variants (the seed: more global tokens help; labels by colour instead of shape; "
       "local tokens added):</p>"
-      + report.table(("variant", "setting", "accuracy", "text-only control", "chance"),
-                     variant_rows)
+      + report.table(("variant", "setting", "accuracy", "text-only control",
+                      "token-overlap control", "chance"), variant_rows)
       + f"<p>First test image's global tokens: <code>{html.escape(words)}</code></p>"
       f"<p>Example prompt:</p><pre class='small'>{html.escape(prompt_text)}</pre>{prompt_img}"
       + _describe_html(workdir, ctx, results, metrics)
