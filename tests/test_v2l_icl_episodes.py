@@ -145,3 +145,28 @@ def test_denoise_ids_shots_and_errors(tok):
       icl.denoise_episode(np.random.default_rng(0), _local(tok), **kw)
   with pytest.raises(ValueError, match="1 vocab ids"):
     icl.denoise_episode(np.random.default_rng(0), [5])
+  for bad in [(), (-1,), (len(_local(tok)) + 1,)]:
+    with pytest.raises(ValueError, match="palettes="):
+      icl.denoise_task(np.random.default_rng(0), _local(tok), palettes=bad)
+
+
+def test_denoise_palettes_draw_the_clean_windows_from_a_few_ids(tok):
+  # palettes=(k,): the clean input and output use at most k ids (an image map's windows repeat
+  # its background's few tokens); the noise ids still come from the whole vocabulary.
+  vocab = _local(tok)
+  rng = np.random.default_rng(3)
+  noise_ids, sizes = set(), set()
+  for _ in range(100):
+    t = icl.denoise_task(rng, vocab, ns=(16,), palettes=(2,), max_query_noise=0.0)
+    clean = set(t["query"]) | set(t["answer"])  # max_query_noise=0: the query is the clean x
+    sizes.add(len(clean))
+    noise_ids |= {i for xi, yi in t["examples"] for i in xi + yi} - clean
+  assert sizes == {2} and len(noise_ids) > len(vocab) // 2  # 18 draws of 2 ids
+  # Without palettes (0, the default) the 18 clean ids are drawn from the whole vocabulary.
+  t = icl.denoise_task(np.random.default_rng(3), vocab, ns=(16,), max_query_noise=0.0)
+  assert len(set(t["query"]) | set(t["answer"])) > 8
+  # A mix draws a size per task.
+  ks = {len(set(t["query"]) | set(t["answer"])) for t in (
+      icl.denoise_task(rng, vocab, ns=(16,), palettes=(1, 4), max_query_noise=0.0)
+      for _ in range(100))}
+  assert 1 in ks and 4 in ks and ks <= {1, 2, 3, 4}

@@ -398,3 +398,6 @@ def test_code_stats_count_the_local_tokens_of_the_test_images(inputs, trained):
   p = counts / counts.sum()
   assert stats["usage"] == pytest.approx(len(counts) / len(inputs["lm_ids"]))
   assert stats["perplexity"] == pytest.approx(float(np.exp(-np.sum(p * np.log(p)))), rel=1e-5)
+  assert train.code_stats(ctx, state["params"], idx=idx) == stats  # encoded once, by the caller
+  with pytest.raises(ValueError, match=f"idx holds {len(idx) - 1} token maps"):
+    train.code_stats(ctx, state["params"], idx=idx[1:])

@@ -440,20 +440,33 @@ def load_context(config, workdir: str) -> Context:
                  s)
 
 
-def reconstruction_psnr(ctx: Context, params, num: int | None = None) -> dict:
-  """Test-split PSNR (dB) of decode(encode(x)) with and without the global tokens."""
+def _test_ids(ctx: Context, params, num, idx):
+  """The first `num` test images and their local indices (`idx`, when given: encode_ids of
+  exactly those images, computed once by the caller)."""
   images = ctx.test["images"][:num]
-  idx = encode_ids(ctx.s, params, images)
+  if idx is None:
+    return images, encode_ids(ctx.s, params, images)
+  idx = np.asarray(idx)
+  if idx.shape[0] != len(images):
+    raise ValueError(f"idx holds {idx.shape[0]} token maps for {len(images)} test images: "
+                     "expected encode_ids of exactly those images")
+  return images, idx
+
+
+def reconstruction_psnr(ctx: Context, params, num: int | None = None, idx=None) -> dict:
+  """Test-split PSNR (dB) of decode(encode(x)) with and without the global tokens (`idx`: the
+  images' local indices, if already encoded)."""
+  images, idx = _test_ids(ctx, params, num, idx)
   g = ctx.global_emb(ctx.test_tokens[:len(images)])
   return {"local": psnr_db(images, decode_ids(ctx.s, params, idx, g, False)),
           "local_global": psnr_db(images, decode_ids(ctx.s, params, idx, g, True))}
 
 
-def code_stats(ctx: Context, params, num: int | None = None) -> dict:
+def code_stats(ctx: Context, params, num: int | None = None, idx=None) -> dict:
   """The local codebook's use on the test split: {"usage": share of the V local tokens that
   occur, "perplexity": exp(entropy) of their frequencies}. A collapsed codebook (a few tokens
-  for every image) shows here before it shows anywhere else."""
-  idx = encode_ids(ctx.s, params, ctx.test["images"][:num])
+  for every image) shows here before it shows anywhere else. `idx` as `reconstruction_psnr`."""
+  _, idx = _test_ids(ctx, params, num, idx)
   v = len(ctx.books.lm_ids)
   return {"usage": float(vq_metrics.codebook_usage(idx, v)),
           "perplexity": float(vq_metrics.code_perplexity(idx, v))}
@@ -464,8 +477,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step=None):
   ctx = load_context(config, workdir)
   state = train(config, ctx.s, ctx.train["images"], ctx.global_emb(ctx.train_tokens),
                 stop_at_step=stop_at_step)
-  out = {"recon_psnr_db": reconstruction_psnr(ctx, state["params"]),
-         "codes": code_stats(ctx, state["params"]),
+  idx = encode_ids(ctx.s, state["params"], ctx.test["images"])  # the test split, once
+  out = {"recon_psnr_db": reconstruction_psnr(ctx, state["params"], idx=idx),
+         "codes": code_stats(ctx, state["params"], idx=idx),
          "num_local": int(len(ctx.books.lm_ids)), "num_global_entries":
          int(len(ctx.books.entry_ids)),
          "train_seconds": loop.train_seconds(os.path.join(ctx.s.run_dir, "ckpt"))}
