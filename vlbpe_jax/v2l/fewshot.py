@@ -15,8 +15,8 @@ greedy decoding constrained to the class names (`constrained.classify`, `end_id`
 label); a hit is the exact class. Chance: 1 / way. The text-only control (`text_rows`) runs
 `data/icl.text_fewshot_tasks` through the same prompt and decoder. The token-overlap control
 (`overlap_rows`, no LM) answers each episode with the class whose support images share the most
-global tokens with the query: what the tokens themselves tell apart, i.e. what a perfect
-in-context matcher could reach from them (as the majority vote is for restoration).
+global tokens with the query: what plain matching of the tokens tells apart, no LM involved
+(as the majority vote is for restoration; a learner that weighs the tokens could do better).
 """
 
 from absl import app

@@ -8,10 +8,11 @@ in-context episodes, `lm/text_icl`) and the CLIP (`clip`):
      `v2l.fewshot_shots`, `v2l.fewshot_episodes` episodes each: the frozen LM reads each
      image's first `v2l.fewshot_global` global tokens as its own subword ids; chance 1 / way;
   3. the text-only control: the same prompts and decoder on symbol strings (data/icl.py), so the
-     reader sees how much of the accuracy the LM's in-context ability gives, and the token-overlap
-     control (no LM: the class whose support images share the most global tokens with the
-     query), what the tokens themselves tell apart; variants at `v2l.variant_settings`: colour labels, all `num_global`
-     tokens, and the local token map added; few-shot captioning and VQA (`describe.py`) against
+     reader sees how much of the accuracy the LM's in-context ability gives, and the
+     token-overlap control (no LM: the class whose support images share the most global tokens
+     with the query), what the tokens themselves tell apart; variants at
+     `v2l.variant_settings`: colour labels, all `num_global` tokens, and the local token map
+     added; few-shot captioning and VQA (`describe.py`) against
      a wrong-image control.
 Writes `$W/v2l/` (checkpoints, codebook.npz, fewshot.json with every episode's prediction) and
 the report section.
