@@ -139,13 +139,14 @@ def get_config(arg=None):
       # restoration prompt (data/icl.py), so that V2L's frozen LM copies in context. Without
       # them it wrote wrong tokens into every restoration (inpainting -0.7 dB, deblur -7.8 dB,
       # majority-vote control +3.3 / 0.0); with 500 + 500 steps (~180 s) +2.8 / 0.0 (control
-      # +2.8 / 0.0); 300 denoise steps alone or after 300 induction steps gave nothing. The
-      # denoise episodes' clean windows come from all local ids or a few (icl.TRAIN_DENOISE):
-      # with all ids only, :long's LM restored nothing on images (BENCHMARKS.md, "V2L
-      # tokenizer: teaching the frozen LM to restore").
+      # +2.8 / 0.0); 300 denoise steps alone or after 300 induction steps gave nothing
+      # (BENCHMARKS.md, "V2L tokenizer: teaching the frozen LM to restore").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
                         ((500, ("induction",), 3e-3), (500, ("denoise",), 1e-3)),
                         ((800, ("induction",), 3e-3), (600, ("denoise",), 1e-3))),
+      # The denoise episodes' clean windows: per episode k local ids (0: all of them), k drawn
+      # from these (data/icl.denoise_task). All ids only: :long's LM restored nothing on images.
+      denoise_palettes=(0, 1, 2, 4),
       # 1 new rows, 2 + first layers, 3 all. Steps are what buys reading the image: 4x :long's
       # (400, 400, 800) took the full run from 44.8% to 54.9% VQA and colour from 0.18 to 0.50,
       # a 3x learning rate changed nothing (BENCHMARKS.md, "Unified LM: what the model reads").

@@ -149,6 +149,9 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("first_frac", 1.5, "first_frac"),
     ("positions", "3d", "lm.positions"),
     ("vqa_questions", -1, "lm.vqa_questions"),
+    ("denoise_palettes", (), "lm.denoise_palettes"),
+    ("denoise_palettes", (-1,), "lm.denoise_palettes"),
+    ("denoise_palettes", 2, "lm.denoise_palettes"),
     ("vqa_questions", 1.5, "lm.vqa_questions"),
 ])
 def test_check_config_refuses_bad_values(field, value, match):
@@ -179,6 +182,11 @@ def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
   jax.tree.map(np.testing.assert_array_equal, text, s["text"])
   with pytest.raises(ValueError, match="no stage-0 text LM checkpoint"):
     train.pretrain_icl(config, os.path.join(s["workdir"], "empty"), s["tok"], source, mesh)
+  # The denoise episodes' palettes are part of what made lm/text_icl: another value is refused.
+  other = helpers.make_config(text_phases=config.lm.text_phases, denoise_palettes=(1,))
+  assert train.denoise_palettes(other) == (1,) and train.denoise_palettes(config) is None
+  with pytest.raises(ValueError, match="denoise_palettes"):
+    train.pretrain_icl(other, s["workdir"], s["tok"], source, mesh)
 
 
 def test_resume_equals_uninterrupted_run(runs):

@@ -300,6 +300,13 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
   assert tok.image_begin_id not in ids.tolist() and mask.sum() % 2 == 1 and mask.sum() <= 21
   with pytest.raises(ValueError, match="task='denoise': expected an rng"):
     pl.format_example(ex, "denoise", tok)
+  # `palettes` (lm.denoise_palettes) reaches the episodes, through the formatter too.
+  fmt = pl.TaskFormatter(tok, ("denoise",), palettes=(1,))
+  for got in (pl.format_example(ex, "denoise", tok, rng=np.random.default_rng(3), palettes=(1,)),
+              fmt(ex, np.random.default_rng(3))):
+    want = icl.denoise_ids(tok, np.random.default_rng(3), palettes=(1,))
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[0].tolist() != ids.tolist()
   # "induction": icl's induction episodes alone.
   ids, mask = pl.format_example(ex, "induction", tok, rng=np.random.default_rng(5))
   want = icl.episode_ids(tok, icl.induction_episode(np.random.default_rng(5)))

@@ -345,7 +345,7 @@ def _check_questions(questions) -> int:
 
 
 def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None,
-                   questions: int = 0):
+                   questions: int = 0, palettes=None):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
 
   `rng` (np.random.Generator) picks one of `example["captions"]` for "caption" and shuffles the
@@ -356,6 +356,7 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   where they name the colours and shapes a later question asks about (a text shortcut past the
   image; BENCHMARKS.md, "Unified LM: what the model reads"). 0 keeps them all. "look" is "vqa"
   on the questions of the types `LOOK_TYPES` only (the same order and `questions` rules).
+  `palettes`: the "denoise" episodes' (`icl.denoise_task`; None: `icl.TRAIN_DENOISE`'s).
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -366,7 +367,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if rng is None:
       raise ValueError(f"task={task!r}: expected an rng (the episode is drawn from it)")
     if task == "denoise":
-      return icl.denoise_ids(tokenizer, rng)
+      return icl.denoise_ids(tokenizer, rng, **(
+          {} if palettes is None else {"palettes": tuple(int(k) for k in palettes)}))
     episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
     return icl.episode_ids(tokenizer, episode)
   ids, mask = [tokenizer.bos_id], [False]
@@ -420,13 +422,13 @@ class TaskFormatter:
   shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`. With
   `image_positions` (and `image_tokens`) it returns `(ids, loss_mask, grid_positions(...))`
   (use `lm_dataset(..., grid=True)`). `questions`: `format_example`'s (VQA questions kept per
-  image; 0: all).
+  image; 0: all); `palettes`: `format_example`'s (the "denoise" episodes').
 
   A class rather than a closure so that it pickles into grain workers.
   """
 
   def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None,
-               image_positions=None, questions: int = 0):
+               image_positions=None, questions: int = 0, palettes=None):
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
       raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
@@ -435,13 +437,14 @@ class TaskFormatter:
     self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
     self.image_positions = image_positions
     self.questions = _check_questions(questions)
+    self.palettes = None if palettes is None else tuple(int(k) for k in palettes)
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
     ids, mask = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
-                               rng=rng, questions=self.questions)
+                               rng=rng, questions=self.questions, palettes=self.palettes)
     if self.image_positions is None:
       return ids, mask
     return ids, mask, grid_positions(ids, self.tokenizer.image_begin_id,
