@@ -19,13 +19,16 @@ the mean +- standard error over seeds (std with ddof=1 over sqrt(n)), and a verd
 (`CLAIMS`, on VQA accuracy): "holds" when the difference of the means exceeds two combined
 standard errors (sqrt(se_a^2 + se_b^2)), "reversed" when it is below minus two, else "not
 resolved" (so always with one seed: no error bar). Writes `<workdir>/claims.json` and
-`claims.md` and prints the markdown.
+`claims.md` and prints the markdown. With `--record_out=docs/claims.json --commit=C` it also
+writes the record the demo's report shows below its claims (`vlbpe_jax/eval/seed_claims.py`):
+the result and the key of --config; a rerun over a finished workdir trains nothing.
 """
 
 import math
 import os
 import shutil
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -39,7 +42,9 @@ from vlbpe_jax import fileio
 from vlbpe_jax import manifest
 from vlbpe_jax import train as pipeline
 from vlbpe_jax.data import shapes
+from vlbpe_jax.eval import longer_run
 from vlbpe_jax.eval import report
+from vlbpe_jax.eval import seed_claims
 from vlbpe_jax.lm import train as lm_train
 
 # (a, b, claim "a > b"). The seed: staged unfreezing + curriculum clearly beats single-stage
@@ -236,9 +241,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
   f = flags.FLAGS
+  if f.record_out and not f.commit.strip():
+    raise ValueError(f"--record_out={f.record_out}: needs --commit (the commit the runs were "
+                     "made at), which the record and the report name")
   out = run(f.config, f.workdir, seeds=_ints("seeds", f.seeds),
             budgets=_ints("budgets", f.budgets), runs=f.runs,
             command=" ".join(["python benchmarks/claims.py"] + sys.argv[1:]))
+  if f.record_out:
+    finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
+        os.path.getmtime(os.path.join(f.workdir, "claims.json"))))
+    config_name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
+    rec = seed_claims.record(out, f.config, config=config_name, commit=f.commit,
+                             finished=finished, machine=longer_run.machine())
+    fileio.write_json(f.record_out, rec, indent=1)
   print(out["markdown"])
 
 
@@ -251,5 +266,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("seeds", ["0", "1", "2"], "LM seeds (lm.seed).")
   flags.DEFINE_list("budgets", ["1"], "Multipliers of lm.stage_steps.")
   flags.DEFINE_list("runs", list(lm_train.RUNS), "LM runs to train (lm.runs).")
+  flags.DEFINE_string("record_out", "", "Also write the result as the record the demo's report "
+                      "shows (eval/seed_claims.py), e.g. docs/claims.json; needs --commit.")
+  flags.DEFINE_string("commit", "", "The commit the runs were made at (for --record_out).")
   flags.mark_flags_as_required(["workdir"])
   cli.run(main)

@@ -12,7 +12,6 @@ it also records the run for the demo report's "What a longer run gives" (`eval/l
 
 import argparse
 import os
-import platform
 import subprocess
 import time
 
@@ -95,7 +94,7 @@ def main():
   args = ap.parse_args()
   mtime = os.path.getmtime(os.path.join(report.report_dir(args.workdir), "metrics.json"))
   finished = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(mtime))
-  machine = f"{platform.machine()} with {os.cpu_count()} CPUs"
+  machine = longer_run.machine()
   print(f"<!-- {args.workdir}, commit {args.commit or '?'}, finished {finished}, {machine} -->")
   if args.longer_run_out:
     rec = longer_run.record(report.read_metrics(args.workdir), config=args.config,

@@ -41,6 +41,9 @@ def get_config(arg=None):
   # A recorded run of `:long` (benchmarks/readme_results.py --longer_run_out), shown beside this
   # run's numbers in the report's "Run" section; "" = none. Relative to the repository.
   c.longer_run = "" if tiny or arg.long else "docs/longer_run.json"
+  # A recorded run of benchmarks/claims.py over LM seeds (its --record_out), shown below the
+  # claims with whether it was made with this config; "" = none. Relative to the repository.
+  c.claims_record = ""
 
   c.data = dict(
       resolution=64,  # shapes scenes are resolution x resolution RGB

@@ -4,11 +4,14 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from test_main import ROOT, load_config
+from vlbpe_jax.eval import seed_claims
 
 _spec = importlib.util.spec_from_file_location(
     "claims", os.path.join(ROOT, "benchmarks", "claims.py"))
@@ -116,3 +119,20 @@ def test_claims_on_the_tiny_config_match_the_per_seed_metrics(tmp_path):
   # A rerun finds every workdir done: the same numbers.
   again = claims.run(config, workdir, seeds=[0, 1], budgets=[1], runs=runs)
   assert again["summary"] == out["summary"]
+  # The command line with --record_out, over the finished workdir: trains nothing, writes the
+  # record the demo's report shows, keyed by the config it ran.
+  rec_path = str(tmp_path / "record.json")
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "claims.py"),
+         "--config=" + os.path.join(ROOT, "configs", "tiny.py") + ":tiny",
+         "--config.vq.disc_weight=0.0", f"--workdir={workdir}", "--seeds=0,1", "--budgets=1",
+         "--runs=" + ",".join(runs), f"--record_out={rec_path}"]
+  res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert res.returncode != 0 and "needs --commit" in res.stderr
+  res = subprocess.run(cmd + ["--commit=abc1234"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "Training" not in res.stderr and "lm: run" not in res.stderr  # nothing retrained
+  rec = seed_claims.read(rec_path)
+  assert rec["commit"] == "abc1234" and rec["config"] == "configs/tiny.py:tiny"
+  assert rec["claims"]["summary"] == json.loads(json.dumps(out["summary"]))
+  assert rec["key"] == seed_claims.key(config)

@@ -36,6 +36,7 @@ from vlbpe_jax.clip import stage as clip_stage
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.dit import stage as dit_stage
 from vlbpe_jax.eval import longer_run
+from vlbpe_jax.eval import seed_claims
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.v2l import stage as v2l_stage
@@ -240,6 +241,8 @@ def train_and_evaluate(config, workdir: str) -> str:
     raise ValueError(f"workdir={workdir!r} is a file; expected a directory")
   if config.get("longer_run"):
     longer_run.read(config.longer_run)  # a bad record is refused now, not after the stages
+  if config.get("claims_record"):
+    seed_claims.read(config.claims_record)
   os.makedirs(workdir, exist_ok=True)
   _preflight(config, workdir, names, allowed)
   for name in STAGES:
@@ -268,10 +271,16 @@ def _run_section(config, workdir):
   index = report.add_section(
       workdir, key="run", title="Run", order=0, metrics=metrics,
       html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)
+  # Order < 0: shown right below the claims, which they qualify (one seed; a short run).
+  if config.get("claims_record"):
+    index = report.add_section(
+        workdir, key="seed_claims", title="The seed's claims over LM seeds (a recorded run)",
+        order=-2, html=seed_claims.to_html(seed_claims.read(config.claims_record), config))
+  else:
+    report.remove_section(workdir, "seed_claims")  # rebuilds the page when it had one
   if not config.get("longer_run"):
     report.remove_section(workdir, "longer_run")
     return index
-  # Order < 0: shown right below the claims, which it qualifies (a short run's verdicts).
   return report.add_section(
       workdir, key="longer_run", title="What a longer run gives", order=-1,
       html=longer_run.to_html(report.read_metrics(workdir), longer_run.read(config.longer_run)))

@@ -19,6 +19,7 @@ never of this one.
 import html as html_lib
 import math
 import os
+import platform
 
 from vlbpe_jax import fileio
 
@@ -73,6 +74,21 @@ HEADLINE = (
 )
 _FIELDS = ("config", "commit", "finished", "machine")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine() -> str:
+  """This host in words for a record: 'x86_64 with 2 CPUs (AMD EPYC, family 25 model 17)'."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        k, _, v = line.partition(":")
+        info.setdefault(k.strip(), v.strip())
+  except OSError:
+    pass
+  cpu = ", ".join(x for x in (info.get("model name"), info.get("cpu family") and
+                              f"family {info['cpu family']} model {info.get('model', '?')}") if x)
+  return f"{platform.machine()} with {os.cpu_count()} CPUs" + (f" ({cpu})" if cpu else "")
 
 
 def resolve(path: str) -> str:

@@ -44,6 +44,7 @@ img.pix { image-rendering: pixelated; }
 td.verdict { font-weight: bold; } td.holds { background: #d9f2d9; }
 td.does_not_hold { background: #f8d7d7; } td.inconclusive { background: #f2f2f2; }
 td.not_run { color: #777; font-style: italic; }
+p.stale { background: #fff3cd; padding: 4px 8px; }
 .curves { display: flex; flex-wrap: wrap; gap: 8px; }
 figure { margin: 0; } figcaption { font-size: 85%; color: #555; text-align: center; }
 details summary { cursor: pointer; }
