@@ -248,8 +248,10 @@ def main(argv):
             budgets=_ints("budgets", f.budgets), runs=f.runs,
             command=" ".join(["python benchmarks/claims.py"] + sys.argv[1:]))
   if f.record_out:
-    finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
-        os.path.getmtime(os.path.join(f.workdir, "claims.json"))))
+    last = max(os.path.getmtime(os.path.join(seed_workdir(f.workdir, b, s), "report",
+                                              "metrics.json"))
+               for b in out["budgets"] for s in out["seeds"])  # when the last LM run ended
+    finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last))
     config_name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
     rec = seed_claims.record(out, f.config, config=config_name, commit=f.commit,
                              finished=finished, machine=longer_run.machine())

@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.longer_run = "" if tiny or arg.long else "docs/longer_run.json"
   # A recorded run of benchmarks/claims.py over LM seeds (its --record_out), shown below the
   # claims with whether it was made with this config; "" = none. Relative to the repository.
-  c.claims_record = ""
+  c.claims_record = "" if tiny or arg.long else "docs/claims.json"
 
   c.data = dict(
       resolution=64,  # shapes scenes are resolution x resolution RGB

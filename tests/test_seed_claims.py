@@ -10,6 +10,7 @@ import pytest
 import report_helpers
 from test_main import ROOT, load_config
 from vlbpe_jax import fileio
+from vlbpe_jax import manifest
 from vlbpe_jax import train
 from vlbpe_jax.eval import seed_claims
 
@@ -119,6 +120,14 @@ def test_record_needs_its_provenance_and_a_claims_result():
   assert "per_seed" not in rec["claims"] and "markdown" not in rec["claims"]
 
 
-def test_only_the_demo_shows_a_record():
-  for arg in ("long", "tiny"):
+def test_the_demo_shows_a_record_made_with_its_own_config():
+  demo = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  rec = seed_claims.read(demo.claims_record)
+  changes = manifest.describe_changes(rec["key"], seed_claims.key(demo))
+  assert not changes, (
+      f"{demo.claims_record} was recorded with another config than the demo's: {changes}. "
+      "Rerun benchmarks/claims.py with --record_out (README, 'The seeds' claims') or set "
+      "claims_record to \"\" in configs/tiny.py")
+  assert rec["config"] == "configs/tiny.py" and len(rec["claims"]["seeds"]) >= 3
+  for arg in ("long", "tiny"):  # those show none
     assert load_config(os.path.join(ROOT, "configs", "tiny.py"), arg).claims_record == ""
