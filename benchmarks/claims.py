@@ -269,7 +269,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("budgets", ["1"], "Multipliers of lm.stage_steps.")
   flags.DEFINE_list("runs", list(lm_train.RUNS), "LM runs to train (lm.runs).")
   flags.DEFINE_string("record_out", "", "Also write the result as the record the demo's report "
-                      "shows (eval/seed_claims.py), e.g. docs/claims.json; needs --commit.")
+                      "shows (eval/seed_claims.py), e.g. docs/claims.json; needs --commit. The "
+                      "record names this host as the machine: write it where the runs trained.")
   flags.DEFINE_string("commit", "", "The commit the runs were made at (for --record_out).")
   flags.mark_flags_as_required(["workdir"])
   cli.run(main)
