@@ -121,7 +121,8 @@ def to_html(rec: dict, config) -> str:
                f"<ul class='small'>{items}</ul>")
   else:
     out.append("<p class='small'>Recorded with this run's data, VQ, BPE and LM config (every "
-               "field but the LM seed and runs).</p>")
+               "field but those the claims vary or drop: the LM seed and runs, and V2L's "
+               "continuation of stage 0).</p>")
   for budget, by_run in c["summary"].items():
     steps = tuple(c["stage_steps"].get(budget, ()))
     rows = "".join(
