@@ -72,7 +72,8 @@ HEADLINE = (
     ("V2L few-shot by colour, 5-way 1-shot: token-overlap control",
      "v2l.fewshot_overlap_color.5way_1shot", "{:.1%}"),
 )
-_FIELDS = ("config", "commit", "finished", "machine")
+# Provenance of a record (this one and eval/seed_claims.py's): non-empty strings.
+FIELDS = ("config", "commit", "finished", "machine")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -91,6 +92,21 @@ def machine() -> str:
   return f"{platform.machine()} with {os.cpu_count()} CPUs" + (f" ({cpu})" if cpu else "")
 
 
+def provenance(fields: dict, what: str) -> dict:
+  """`fields` as a record stores them: exactly `FIELDS`, each a non-empty string; a ValueError
+  names the missing, empty or unknown ones (`what`: the record's kind, for the message)."""
+  missing = [f for f in FIELDS if not str(fields.get(f, "")).strip()]
+  if missing or set(fields) - set(FIELDS):
+    raise ValueError(f"{what} fields {sorted(fields)} (missing or empty: {missing}): "
+                     f"expected exactly {list(FIELDS)}, each a non-empty string")
+  return {f: str(fields[f]) for f in FIELDS}
+
+
+def missing_provenance(rec: dict) -> list:
+  """The `FIELDS` a stored record lacks or holds as anything but a non-empty string."""
+  return [f for f in FIELDS if not isinstance(rec.get(f), str) or not rec[f]]
+
+
 def resolve(path: str) -> str:
   """`path` itself when absolute, else relative to the repository root (where configs/ is)."""
   return path if os.path.isabs(path) else os.path.join(_REPO, path)
@@ -99,16 +115,13 @@ def resolve(path: str) -> str:
 def record(metrics: dict, **fields) -> dict:
   """The longer-run file of a finished run: its headline metrics and stage times, and `fields`
   (config, commit, finished, machine: all non-empty strings)."""
-  missing = [f for f in _FIELDS if not str(fields.get(f, "")).strip()]
-  if missing or set(fields) - set(_FIELDS):
-    raise ValueError(f"longer-run fields {sorted(fields)} (missing or empty: {missing}): "
-                     f"expected exactly {list(_FIELDS)}, each a non-empty string")
+  prov = provenance(fields, "longer-run")
   keys = [k for _, k, _ in HEADLINE] + [f"time_s.{s}" for s in STAGES]
   kept = {k: float(metrics[k]) for k in keys if k in metrics}
   if not any(k.startswith("lm.") for k in kept):
     raise ValueError(f"metrics hold no headline number of the lm stage ({len(metrics)} keys): "
                      f"expected a finished demo run's report/metrics.json")
-  return {**{f: str(fields[f]) for f in _FIELDS}, "metrics": kept}
+  return {**prov, "metrics": kept}
 
 
 def read(path: str) -> dict:
@@ -118,11 +131,11 @@ def read(path: str) -> dict:
     raise ValueError(f"config.longer_run={path!r}: no such file ({full}); expected a file "
                      f"written by benchmarks/readme_results.py --longer_run_out, or \"\"")
   ref = fileio.read_json(full, what="longer-run record")
-  bad = [f for f in _FIELDS if not isinstance(ref.get(f), str) or not ref[f]]
+  bad = missing_provenance(ref)
   metrics = ref.get("metrics")
   if bad or not isinstance(metrics, dict):
     raise ValueError(f"longer-run record {full}: fields {bad or ['metrics']} missing or empty; "
-                     f"expected {list(_FIELDS) + ['metrics']}")
+                     f"expected {list(FIELDS) + ['metrics']}")
   for k, v in metrics.items():
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       raise ValueError(f"longer-run record {full}: metric {k}={v!r}; expected a finite number")

@@ -27,7 +27,7 @@ from vlbpe_jax import fileio
 from vlbpe_jax import manifest
 from vlbpe_jax.eval import longer_run
 
-FIELDS = ("config", "commit", "finished", "machine")
+FIELDS = longer_run.FIELDS
 # The config sections a claims run reads (the LM's runs read data, VQ and BPE outputs).
 SECTIONS = ("seed", "data", "vq", "bpe", "lm")
 # Fields of those sections that claims.py sets per (budget, seed) or drops: not in the key.
@@ -56,16 +56,13 @@ def record(claims_out: dict, pipeline_config, /, **fields) -> dict:
   returns it; the per-seed values and the Markdown are left out), the key of the config it ran
   (`pipeline_config`) and `fields` (config: the config's name, commit, finished, machine:
   non-empty strings)."""
-  missing = [f for f in FIELDS if not str(fields.get(f, "")).strip()]
-  if missing or set(fields) - set(FIELDS):
-    raise ValueError(f"claims record fields {sorted(fields)} (missing or empty: {missing}): "
-                     f"expected exactly {list(FIELDS)}, each a non-empty string")
+  prov = longer_run.provenance(fields, "claims record")
   absent = [k for k in _CLAIMS_KEYS if k not in claims_out]
   if absent:
     raise ValueError(f"claims result lacks {absent}: expected what benchmarks/claims.py's run() "
                      f"returns ({list(_CLAIMS_KEYS)})")
   kept = {k: claims_out[k] for k in _CLAIMS_KEYS + ("command",) if k in claims_out}
-  return {**{f: str(fields[f]) for f in FIELDS}, "key": key(pipeline_config),
+  return {**prov, "key": key(pipeline_config),
           "claims": fileio.json_safe(kept)}
 
 
@@ -78,7 +75,7 @@ def read(path: str) -> dict:
   except FileNotFoundError:
     raise ValueError(f"config.claims_record={path!r}: no such file ({full}); expected a file "
                      f"written by benchmarks/claims.py --record_out, or \"\"") from None
-  bad = [f for f in FIELDS if not isinstance(rec.get(f), str) or not rec[f]]
+  bad = longer_run.missing_provenance(rec)
   claims = rec.get("claims")
   if bad or not isinstance(rec.get("key"), dict) or not isinstance(claims, dict):
     raise ValueError(f"claims record {full}: fields {bad or ['key', 'claims']} missing or "
