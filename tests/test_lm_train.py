@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 import lm_train_helpers as helpers
 from vlbpe_jax import checkpoint
 from vlbpe_jax import parallel
+from vlbpe_jax.data import icl as icl_lib
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
 
@@ -152,6 +153,9 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("denoise_palettes", (), "lm.denoise_palettes"),
     ("denoise_palettes", (-1,), "lm.denoise_palettes"),
     ("denoise_palettes", 2, "lm.denoise_palettes"),
+    ("denoise_ns", (0,), "lm.denoise_ns"),
+    ("denoise_shots", (1, 11), "lm.denoise_shots"),
+    ("denoise_shots", (), "lm.denoise_shots"),
     ("vqa_questions", 1.5, "lm.vqa_questions"),
 ])
 def test_check_config_refuses_bad_values(field, value, match):
@@ -182,11 +186,20 @@ def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
   jax.tree.map(np.testing.assert_array_equal, text, s["text"])
   with pytest.raises(ValueError, match="no stage-0 text LM checkpoint"):
     train.pretrain_icl(config, os.path.join(s["workdir"], "empty"), s["tok"], source, mesh)
-  # The denoise episodes' palettes are part of what made lm/text_icl: another value is refused.
-  other = helpers.make_config(text_phases=config.lm.text_phases, denoise_palettes=(1,))
-  assert train.denoise_palettes(other) == (1,) and train.denoise_palettes(config) is None
-  with pytest.raises(ValueError, match="denoise_palettes"):
-    train.pretrain_icl(other, s["workdir"], s["tok"], source, mesh)
+  # The denoise episodes' settings are part of what made lm/text_icl: another value is refused.
+  for field, value in (("denoise_palettes", (1,)), ("denoise_ns", (2, 16))):
+    other = helpers.make_config(text_phases=config.lm.text_phases, **{field: value})
+    assert train.denoise_settings(other) == {field[len("denoise_"):]: value}
+    with pytest.raises(ValueError, match=field):
+      train.pretrain_icl(other, s["workdir"], s["tok"], source, mesh)
+  assert train.denoise_settings(config) == {}
+  # Set to data/icl.TRAIN_DENOISE's own values (the demo's), ns and shots leave the checkpoint
+  # and every key as they were before the fields existed (manifest.NEUTRAL_DEFAULTS).
+  same = helpers.make_config(text_phases=config.lm.text_phases,
+                             denoise_ns=icl_lib.TRAIN_DENOISE["ns"],
+                             denoise_shots=icl_lib.TRAIN_DENOISE["shots"])
+  jax.tree.map(np.testing.assert_array_equal, icl,
+               _host(train.pretrain_icl(same, s["workdir"], s["tok"], source, mesh)))
 
 
 def test_resume_equals_uninterrupted_run(runs):

@@ -300,13 +300,24 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
   assert tok.image_begin_id not in ids.tolist() and mask.sum() % 2 == 1 and mask.sum() <= 21
   with pytest.raises(ValueError, match="task='denoise': expected an rng"):
     pl.format_example(ex, "denoise", tok)
-  # `palettes` (lm.denoise_palettes) reaches the episodes, through the formatter too.
-  fmt = pl.TaskFormatter(tok, ("denoise",), palettes=(1,))
-  for got in (pl.format_example(ex, "denoise", tok, rng=np.random.default_rng(3), palettes=(1,)),
-              fmt(ex, np.random.default_rng(3))):
-    want = icl.denoise_ids(tok, np.random.default_rng(3), palettes=(1,))
-    np.testing.assert_array_equal(got[0], want[0])
-    assert got[0].tolist() != ids.tolist()
+  # `denoise` (lm.denoise_{ns,shots,palettes}) reaches the episodes, through the formatter too.
+  for settings in ({"palettes": (1,)}, {"ns": (16,), "shots": (10,)}):
+    fmt = pl.TaskFormatter(tok, ("denoise",), denoise=settings)
+    for got in (pl.format_example(ex, "denoise", tok, rng=np.random.default_rng(3),
+                                  denoise=settings), fmt(ex, np.random.default_rng(3))):
+      want = icl.denoise_ids(tok, np.random.default_rng(3), **settings)
+      np.testing.assert_array_equal(got[0], want[0])
+      assert got[0].tolist() != ids.tolist()
+  # n = 16 windows and all 10 examples: every episode is longer than the default's longest.
+  long = [pl.format_example(ex, "denoise", tok, rng=np.random.default_rng(s),
+                            denoise={"ns": (16,), "shots": (10,)})[0] for s in range(4)]
+  short = [pl.format_example(ex, "denoise", tok, rng=np.random.default_rng(s))[0]
+           for s in range(20)]
+  assert min(map(len, long)) > max(map(len, short))
+  for bad, match in (({"m": (2,)}, "unknown"), ({"shots": (11,)}, "denoise.shots"),
+                     ({"ns": (0,)}, "denoise.ns"), ({"palettes": 2}, "denoise.palettes")):
+    with pytest.raises(ValueError, match=match):
+      pl.TaskFormatter(tok, ("denoise",), denoise=bad)
   # "induction": icl's induction episodes alone.
   ids, mask = pl.format_example(ex, "induction", tok, rng=np.random.default_rng(5))
   want = icl.episode_ids(tok, icl.induction_episode(np.random.default_rng(5)))

@@ -344,8 +344,34 @@ def _check_questions(questions) -> int:
   return int(questions)
 
 
+# Bounds (low, high or None, meaning) of the "denoise" episodes' settings (icl.denoise_task).
+_DENOISE_RANGES = {"ns": (1, None, "window lengths n"),
+                   "shots": (1, icl.corrupt.NUM_COPIES, "numbers of examples"),
+                   "palettes": (0, None, "palette sizes; 0: all local ids")}
+
+
+def check_denoise(denoise, prefix: str = "denoise.") -> dict:
+  """`denoise` settings of `format_example` as a dict of int tuples ({} for None). ValueError,
+  naming `prefix + key`, on a key that is not one of `icl.TRAIN_DENOISE`'s or a value that is
+  not a non-empty tuple of ints in its range."""
+  if denoise is None:
+    return {}
+  bad = sorted(set(dict(denoise)) - set(_DENOISE_RANGES))
+  if bad:
+    raise ValueError(f"denoise settings {bad} unknown: expected keys among "
+                     f"{sorted(_DENOISE_RANGES)}")
+  for key, value in dict(denoise).items():
+    low, high, what = _DENOISE_RANGES[key]
+    if isinstance(value, (str, int)) or not len(value) or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < low
+        or (high is not None and k > high) for k in value):
+      raise ValueError(f"{prefix}{key}={value!r}: expected a non-empty tuple of ints in "
+                       f"[{low}, {high or 'inf'}] ({what})")
+  return {k: tuple(int(v) for v in vs) for k, vs in dict(denoise).items()}
+
+
 def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None,
-                   questions: int = 0, palettes=None):
+                   questions: int = 0, denoise=None):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
 
   `rng` (np.random.Generator) picks one of `example["captions"]` for "caption" and shuffles the
@@ -356,7 +382,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   where they name the colours and shapes a later question asks about (a text shortcut past the
   image; BENCHMARKS.md, "Unified LM: what the model reads"). 0 keeps them all. "look" is "vqa"
   on the questions of the types `LOOK_TYPES` only (the same order and `questions` rules).
-  `palettes`: the "denoise" episodes' (`icl.denoise_task`; None: `icl.TRAIN_DENOISE`'s).
+  `denoise`: the "denoise" episodes' `icl.denoise_task` settings (a dict of `ns`, `shots`
+  and/or `palettes`) over `icl.TRAIN_DENOISE`'s; None: those.
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -367,8 +394,7 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if rng is None:
       raise ValueError(f"task={task!r}: expected an rng (the episode is drawn from it)")
     if task == "denoise":
-      return icl.denoise_ids(tokenizer, rng, **(
-          {} if palettes is None else {"palettes": tuple(int(k) for k in palettes)}))
+      return icl.denoise_ids(tokenizer, rng, **check_denoise(denoise))
     episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
     return icl.episode_ids(tokenizer, episode)
   ids, mask = [tokenizer.bos_id], [False]
@@ -422,13 +448,13 @@ class TaskFormatter:
   shapes dict as is) and formats it as a task drawn uniformly from `tasks` with `rng`. With
   `image_positions` (and `image_tokens`) it returns `(ids, loss_mask, grid_positions(...))`
   (use `lm_dataset(..., grid=True)`). `questions`: `format_example`'s (VQA questions kept per
-  image; 0: all); `palettes`: `format_example`'s (the "denoise" episodes').
+  image; 0: all); `denoise`: `format_example`'s (the "denoise" episodes' settings).
 
   A class rather than a closure so that it pickles into grain workers.
   """
 
   def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None,
-               image_positions=None, questions: int = 0, palettes=None):
+               image_positions=None, questions: int = 0, denoise=None):
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
       raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
@@ -437,14 +463,14 @@ class TaskFormatter:
     self.tokenizer, self.tasks, self.image_tokens = tokenizer, tuple(tasks), image_tokens
     self.image_positions = image_positions
     self.questions = _check_questions(questions)
-    self.palettes = None if palettes is None else tuple(int(k) for k in palettes)
+    self.denoise = check_denoise(denoise)
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
     ids, mask = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
-                               rng=rng, questions=self.questions, palettes=self.palettes)
+                               rng=rng, questions=self.questions, denoise=self.denoise)
     if self.image_positions is None:
       return ids, mask
     return ids, mask, grid_positions(ids, self.tokenizer.image_begin_id,

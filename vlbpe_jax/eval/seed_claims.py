@@ -31,7 +31,8 @@ FIELDS = longer_run.FIELDS
 # The config sections a claims run reads (the LM's runs read data, VQ and BPE outputs).
 SECTIONS = ("seed", "data", "vq", "bpe", "lm")
 # Fields of those sections that claims.py sets per (budget, seed) or drops: not in the key.
-VARIED = ("lm.runs", "lm.seed", "lm.text_phases", "lm.denoise_palettes", "lm.progress")
+VARIED = ("lm.runs", "lm.seed", "lm.text_phases", "lm.denoise_palettes", "lm.denoise_ns",
+          "lm.denoise_shots", "lm.progress")
 _CLAIMS_KEYS = ("seeds", "budgets", "runs", "stage_steps", "text_steps", "summary", "claims")
 _VERDICTS = {"holds": "holds", "reversed": "does not hold", "not resolved": "inconclusive"}
 _SHOWN = (("VQA", "vqa_acc"), ("held-out", "vqa_acc_heldout"),

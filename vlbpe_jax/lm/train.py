@@ -57,7 +57,10 @@ RUNS = ("full", "no_bpe", "single_stage", "staged_no_curriculum", "curriculum_no
 TEXT_MUST_MATCH = ("seed", "lm.seed", "lm.variant", "lm.model", "lm.seq_len", "lm.batch_size",
                    "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple")
 # V2L's frozen LM (`pretrain_icl`): stage 0, then `lm.text_phases`.
-ICL_MUST_MATCH = TEXT_MUST_MATCH + ("lm.text_lr", "lm.text_phases", "lm.denoise_palettes")
+ICL_MUST_MATCH = TEXT_MUST_MATCH + ("lm.text_lr", "lm.text_phases", "lm.denoise_palettes",
+                                    "lm.denoise_ns", "lm.denoise_shots")
+# The "denoise" episodes' settings in config (`lm.denoise_<key>`), keys of icl.denoise_task.
+DENOISE_FIELDS = ("ns", "shots", "palettes")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
                                  "lm.positions", "lm.vqa_questions")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
@@ -129,12 +132,13 @@ def text_phases(config) -> tuple:
   return tuple(config.lm.get("text_phases", ()))
 
 
-def denoise_palettes(config):
-  """`lm.denoise_palettes`: the "denoise" episodes' clean-window palettes
-  (`data/icl.denoise_task`: per episode one size k, the clean windows drawn from k local ids, 0
-  = all of them); None when absent (`icl.TRAIN_DENOISE`'s)."""
-  p = config.lm.get("denoise_palettes", None)
-  return None if p is None else tuple(p)
+def denoise_settings(config) -> dict:
+  """The "denoise" episodes' `data/icl.denoise_task` settings that `config.lm` sets, as a dict
+  over `icl.TRAIN_DENOISE` (absent fields: its values): `lm.denoise_ns` (window lengths n, one
+  drawn per episode), `lm.denoise_shots` (numbers of examples, 1-10) and `lm.denoise_palettes`
+  (per episode one size k, the clean windows drawn from k local ids, 0 = all of them)."""
+  return {k: tuple(config.lm[f"denoise_{k}"]) for k in DENOISE_FIELDS
+          if config.lm.get(f"denoise_{k}", None) is not None}
 
 
 def vqa_questions(config) -> int:
@@ -153,11 +157,8 @@ def lm_seed(config) -> int:
 def check_config(config):
   """Raises ValueError on bad `config.lm` values (before any compilation)."""
   c = config.lm
-  p = c.get("denoise_palettes", None)
-  if p is not None and (isinstance(p, (str, int)) or not len(p) or any(
-      isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in p)):
-    raise ValueError(f"lm.denoise_palettes={p!r}: expected a non-empty tuple of ints >= 0 "
-                     "(palette sizes; 0: all local ids)")
+  pipeline.check_denoise({k: c[f"denoise_{k}"] for k in DENOISE_FIELDS
+                          if c.get(f"denoise_{k}", None) is not None}, prefix="lm.denoise_")
   q = c.get("vqa_questions", 0)
   if isinstance(q, bool) or not isinstance(q, int) or q < 0:
     raise ValueError(f"lm.vqa_questions={q!r}: expected an int >= 0 (0: every question of an "
@@ -431,7 +432,7 @@ def iterator_fn(config, tok, source, visual):
                           seq_len=config.lm.seq_len, seed=lm_seed(config),
                           worker_count=config.lm.worker_count, grid=grid_positions(config),
                           questions=vqa_questions(config) if visual is not None else 0,
-                          palettes=denoise_palettes(config)),
+                          denoise=denoise_settings(config)),
         batch_size=int(config.lm.batch_size), data_shards=int(config.lm.get("data_shards", 0)),
         section="lm")
   return make_iter
