@@ -207,6 +207,12 @@ def get_config(arg=None):
       # colour changed joins the image->text softmax; () = plain InfoNCE. ("shape",) for 200-800
       # steps left zero-shot shape at chance (BENCHMARKS.md, "Why CLIP + FM fails here").
       hard_negatives=(),
+      # Hard-negative images: each scene with its twin (one object's shape and/or colour
+      # changed, rendered) as a second pair; () = none. ("shape",) with model.conv_stem=
+      # (16, 32, 64) and 2000 steps learns shape (78.7% by the best caption, zero-shot at
+      # chance) but its grid features defeat the pixel decoder (ceiling 0.60 -> 0.00; 0.40 with
+      # a 1000-step decoder); alone, neither helps (BENCHMARKS.md, "Why CLIP + FM fails here").
+      twin_images=(),
       warmup_steps=1 if tiny else 20,
       final_lr_frac=0.1,
       grad_clip=1.0,

@@ -265,3 +265,82 @@ def test_zero_shot_accuracy_matches_direct_classification(tiny):
     assert acc[attr] == np.mean(pred == [classes.index(s[0][attr]) for s in scenes])
   with pytest.raises(ValueError, match="single-object"):
     zero_shot.zero_shot_accuracy(model, params, images[:1], [scenes[0] * 2], encode)
+
+
+def test_best_caption_accuracy_reads_the_argmax_caption(tiny):
+  model, boxed, _, apply = tiny
+  params = nn.unbox(boxed)
+  scenes = [s for s in (shapes.make_scene(i, "test") for i in range(60)) if len(s) == 1][:8]
+  images = np.stack([shapes.render(s, 16) for s in scenes])
+  encode = lambda s: [ord(ch) % 120 + 3 for ch in s] + [2]  # noqa: E731
+  acc = zero_shot.best_caption_accuracy(model, params, images, scenes, encode, batch_size=512)
+  every = zero_shot.single_object_scenes()
+  assert len(every) == (len(shapes.SHAPES) * len(shapes.COLORS) * len(shapes.SIZES)
+                        * len(shapes.POSITIONS))
+  assert all(s[0] in every for s in scenes)
+  ids = clip_text.tokenize([shapes.captions([o])[0] for o in every], encode, 48)
+  sims = np.einsum("NE,SE->NS",
+                   *(np.asarray(clip_loss.normalize(e)) for e in (
+                       apply(params, images / 127.5 - 1.0, method="encode_image"),
+                       apply(params, ids, method="encode_text"))))
+  best = [every[j] for j in np.argmax(sims, axis=-1)]
+  for attr in zero_shot.ATTRIBUTES:
+    assert acc[attr] == np.mean([b[attr] == s[0][attr] for b, s in zip(best, scenes)])
+  with pytest.raises(ValueError, match="single-object"):
+    zero_shot.best_caption_accuracy(model, params, images[:1], [scenes[0] * 2], encode)
+
+
+def test_conv_stem_replaces_the_patchify_and_keeps_the_grid():
+  cfg = clip_model.config_for("tiny", image_size=16, patch_size=4, context_len=48,
+                              vocab_size=128, conv_stem=(8, 16))
+  model = clip_model.CLIP(cfg)
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  params = nn.unbox(model.init(jax.random.key(0), images, jnp.asarray(IDS))["params"])
+  vis = params["visual"]
+  assert vis["stem_0"]["kernel"].shape == (3, 3, 3, 8)
+  assert vis["stem_1"]["kernel"].shape == (3, 3, 8, 16)
+  assert vis["patch_embed"]["kernel"].shape == (1, 1, 16, cfg.width)  # a 1x1 conv after it
+  feats = model.apply({"params": params}, images, method="patch_features")
+  assert feats.shape == (2, 4, 4, cfg.width)
+  # Each patch token sees its own 4x4 pixels through the stem (plus their 3x3 neighbourhoods):
+  # a change in the top-left pixel moves the top-left patch's embedding, not a far one's.
+  stem_out = lambda x: model.apply(  # noqa: E731
+      {"params": params}, x, method=lambda m, x: m.visual.patch_embed(
+          jax.nn.gelu(m.visual.stem[1](jax.nn.gelu(m.visual.stem[0](x))))))
+  a, b = stem_out(images), stem_out(images.at[:, 0, 0].set(1.0 - images[:, 0, 0]))
+  moved = np.abs(np.asarray(a - b)).sum(axis=(0, 3))  # [4, 4]
+  assert moved[0, 0] > 0 and moved[2:, 2:].max() == 0
+  for bad in ((8,), (8, 16, 32), (0, 8)):
+    with pytest.raises(ValueError, match="conv_stem"):
+      clip_model.config_for("tiny", image_size=16, patch_size=4, conv_stem=bad)
+
+
+def test_conv_stem_is_not_an_hf_layout():
+  from vlbpe_jax.clip import hf  # pylint: disable=g-import-not-at-top
+  cfg = clip_model.config_for("tiny", image_size=16, patch_size=4, conv_stem=(8, 16))
+  with pytest.raises(ValueError, match="conv_stem"):
+    hf.key_table(cfg)
+
+
+def test_twin_scenes_change_one_attribute_on_the_same_background():
+  from vlbpe_jax.clip import train as clip_train  # pylint: disable=g-import-not-at-top
+  examples = [shapes.make_example(i, "train", resolution=32) for i in range(60)]
+  images = np.stack([e["image"] for e in examples])
+  objects = [e["objects"] for e in examples]
+  twin_images, twins = clip_train.twin_scenes(images, objects, ("shape",), seed=0)
+  heldout = set(shapes.heldout_compositions())
+  for e, img, objs in zip(examples, twin_images, twins):
+    diff = [(o, p) for o, p in zip(e["objects"], objs) if o != p]
+    assert len(objs) == len(e["objects"]) and len(diff) == 1
+    (o, p), = diff
+    assert o["shape"] != p["shape"] and {k: v for k, v in o.items() if k != "shape"} == {
+        k: v for k, v in p.items() if k != "shape"}
+    assert (p["color"], p["shape"]) not in heldout
+    np.testing.assert_array_equal(img, shapes.render(objs, 32, background=e["background"]))
+    assert not np.array_equal(img, e["image"])
+  again, _ = clip_train.twin_scenes(images, objects, ("shape",), seed=0)
+  np.testing.assert_array_equal(again, twin_images)  # fixed per (seed, scene)
+  bad = images.copy()
+  bad[3, 5, 5] = (1, 2, 3)
+  with pytest.raises(ValueError, match="train image 3"):
+    clip_train.twin_scenes(bad, objects, ("shape",), seed=0)

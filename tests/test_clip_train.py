@@ -18,19 +18,26 @@ def _config(**clip):
   return config
 
 
+def _workdirs(tmp_path, *names):
+  """Workdirs sharing one data stage's output (symlinked), for CLIP runs side by side."""
+  src = str(tmp_path / "src")
+  data_stage.run_stage(_config(), src)
+  out = []
+  for name in names:
+    out.append(str(tmp_path / name))
+    os.makedirs(out[-1])
+    for d in ("data", "tokenizer"):
+      os.symlink(os.path.join(src, d), os.path.join(out[-1], d))
+  return out
+
+
 def _first_row(run_dir):
   return [r for r in summary.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
           if "train/loss" in r][0]
 
 
 def test_hard_negatives_add_columns_and_key_the_checkpoint(tmp_path):
-  src = str(tmp_path / "src")
-  data_stage.run_stage(_config(), src)
-  plain, hard = str(tmp_path / "plain"), str(tmp_path / "hard")
-  for w in (plain, hard):
-    os.makedirs(w)
-    for d in ("data", "tokenizer"):
-      os.symlink(os.path.join(src, d), os.path.join(w, d))
+  plain, hard = _workdirs(tmp_path, "plain", "hard")
   train.train(_config(), plain)
   train.train(_config(hard_negatives=("shape",)), hard)
   p, h = _first_row(os.path.join(plain, "clip")), _first_row(os.path.join(hard, "clip"))
@@ -46,3 +53,24 @@ def test_bad_hard_negatives_raise():
   for bad in (("size",), ("shape", "shape")):
     with pytest.raises(ValueError, match="clip.hard_negatives"):
       train.check_config(_config(hard_negatives=bad))
+
+
+def test_twin_images_double_the_pairs_and_key_the_checkpoint(tmp_path):
+  plain, twin = _workdirs(tmp_path, "plain", "twin")
+  train.train(_config(), plain)
+  model, _, state = train.train(_config(twin_images=("shape",)), twin)
+  p, t = _first_row(os.path.join(plain, "clip")), _first_row(os.path.join(twin, "clip"))
+  # Same init: twice the pairs per step (each scene and its twin) raise InfoNCE's log(2B) floor.
+  assert t["train/loss"] > p["train/loss"] + 0.3, (t["train/loss"], p["train/loss"])
+  assert model.config.conv_stem == ()
+  assert int(state["step"]) == 2
+  with pytest.raises(ValueError, match="twin_images"):
+    train.train(_config(twin_images=("color",), total_steps=3), twin)
+
+
+def test_bad_twin_images_raise():
+  for bad in (("size",), ("color", "color")):
+    with pytest.raises(ValueError, match="clip.twin_images"):
+      train.check_config(_config(twin_images=bad))
+  with pytest.raises(ValueError, match="one of the two"):
+    train.check_config(_config(twin_images=("shape",), hard_negatives=("shape",)))

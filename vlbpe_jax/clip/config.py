@@ -11,6 +11,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class CLIPConfig:
   image_size: int = 64  # R; R / patch_size = 8 gives the 8x8 feature grid BLIP3-o targets
   patch_size: int = 8
+  # Convolutional stem (ViTc, Xiao et al. 2021, "Early convolutions help transformers see
+  # better"): the widths of 3x3 stride-2 convs (+ GELU) that replace the linear patchify, one per
+  # halving of patch_size (so len == log2(patch_size)), then a 1x1 conv to `width`. () = the
+  # OpenAI layout (one p x p conv), the only one hf.py loads and saves.
+  conv_stem: tuple[int, ...] = ()
   width: int = 64  # image tower D
   depth: int = 2
   heads: int = 4
@@ -69,4 +74,9 @@ def config_for(variant: str, **overrides) -> CLIPConfig:
   if cfg.image_size % cfg.patch_size:
     raise ValueError(f"image_size={cfg.image_size} is not a multiple of "
                      f"patch_size={cfg.patch_size}")
+  if cfg.conv_stem:
+    cfg = dataclasses.replace(cfg, conv_stem=tuple(int(w) for w in cfg.conv_stem))
+    if (2 ** len(cfg.conv_stem) != cfg.patch_size or min(cfg.conv_stem) < 1):
+      raise ValueError(f"conv_stem={cfg.conv_stem}: expected log2(patch_size={cfg.patch_size}) "
+                       "positive widths (one stride-2 conv per halving), or () for none")
   return cfg

@@ -56,6 +56,9 @@ def _norm_keys(ours, hf):
 
 def key_table(cfg):
   """[(HF name, our param path, kind)] of every tensor of a CLIPModel of `cfg`."""
+  if cfg.conv_stem:
+    raise ValueError(f"conv_stem={cfg.conv_stem}: HF CLIPModel has no convolutional stem; "
+                     "expected conv_stem=() (one patch_size conv) to load or save this layout")
   v, t = "vision_model.", "text_model."
   table = [
       (v + "embeddings.patch_embedding.weight", ("visual", "patch_embed", "kernel"), "conv"),

@@ -25,8 +25,14 @@ def run_stage(config, workdir: str) -> dict:
   hard = tuple(config.clip.get("hard_negatives", ()))
   negs = (f" and hard-negative captions (one object's {' or '.join(hard)} changed)"
           if hard else "")
-  html = (f"<p>CLIP ({config.clip.variant}), trained {int(config.clip.total_steps)} steps with "
-          f"InfoNCE on (image, caption) pairs{negs}. Zero-shot classification of the "
+  twins = tuple(config.clip.get("twin_images", ()))
+  if twins:
+    negs += (f", each scene beside its twin (the scene with one object's {' or '.join(twins)} "
+             "changed, rendered)")
+  stem = tuple(config.clip.model.get("conv_stem", ()))
+  tower = f", convolutional stem {list(stem)}" if stem else ""
+  html = (f"<p>CLIP ({config.clip.variant}{tower}), trained {int(config.clip.total_steps)} "
+          f"steps with InfoNCE on (image, caption) pairs{negs}. Zero-shot classification of the "
           f"{res['n']} single-object test scenes, by cosine between the image embedding and "
           "one text embedding per class:</p>"
           + report.table(("attribute", "zero-shot accuracy", "chance"), rows))

@@ -1,6 +1,7 @@
 """CLIP's two towers (OpenAI layout); model.CLIP wires them and checks inputs.
 
-VisionTower: conv patch embedding (no bias) -> [CLS; patches] + learned positions -> ln_pre ->
+VisionTower: conv patch embedding (no bias; or, with `conv_stem`, 3x3 stride-2 convs + GELU and a
+1x1 conv, no bias) -> [CLS; patches] + learned positions -> ln_pre ->
 blocks; `head` = ln_post on the CLS token, then `proj` (no bias). TextTower: token + learned
 position embeddings -> causal blocks -> ln_final -> the state at the last non-pad token -> `proj`.
 Init stds are OpenAI's.
@@ -31,11 +32,21 @@ class VisionTower(nn.Module):
   def setup(self):
     c, kw = self.config, _kw(self.config)
     d, p = c.width, c.patch_size
+    conv_axes = ("conv_h", "conv_w", "conv_in", "conv_out")
+    self.stem = [
+        nn.Conv(w, (3, 3), strides=(2, 2), padding="SAME", name=f"stem_{i}",
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                         conv_axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                **kw)
+        for i, w in enumerate(c.conv_stem)]
+    # After a stem: a 1x1 conv (the stem has downsampled by p), fan-in init so that its output
+    # is not drowned by the position embeddings (std d**-0.5) before ln_pre.
+    k = 1 if c.conv_stem else p
+    init = nn.initializers.lecun_normal() if c.conv_stem else nn.initializers.normal(0.02)
     self.patch_embed = nn.Conv(
-        d, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embed",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                 ("conv_h", "conv_w", "conv_in", "conv_out")),
-        **kw)
+        d, (k, k), strides=(k, k), padding="VALID", use_bias=False, name="patch_embed",
+        kernel_init=nn.with_logical_partitioning(init, conv_axes), **kw)
     self.class_embedding = _param(self, "class_embedding", d ** -0.5, (d,), ("embed",))
     self.position_embedding = _param(self, "position_embedding", d ** -0.5,
                                      (c.grid * c.grid + 1, d), (None, "embed"))
@@ -47,7 +58,10 @@ class VisionTower(nn.Module):
 
   def __call__(self, pixels):
     dt = jnp.dtype(self.config.dtype)
-    x = self.patch_embed(pixels.astype(dt))  # [B, h, w, D]
+    x = pixels.astype(dt)
+    for conv in self.stem:  # [B, R, R, 3] -> [B, h, w, conv_stem[-1]]
+      x = nn.gelu(conv(x))
+    x = self.patch_embed(x)  # [B, h, w, D]
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, h*w, D]
     cls = jnp.broadcast_to(self.class_embedding.astype(dt), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.position_embedding.astype(dt)  # [B, 1+h*w, D]

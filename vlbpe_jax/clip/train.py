@@ -1,6 +1,9 @@
 """Trains the small CLIP on the shapes data: InfoNCE over (image, one of its captions) pairs,
 optionally with hard-negative captions (`clip.hard_negatives`: NegCLIP's swapped-attribute
-captions, here the same caption with one object's shape or colour changed).
+captions, here the same caption with one object's shape or colour changed) and hard-negative
+images (`clip.twin_images`: each scene comes with its twin, the same scene with one object's
+shape or colour changed, rendered, as a second pair of the batch: the only way in-batch
+contrast can tell the two apart is the changed attribute, so the image tower must encode it).
 
   python -m vlbpe_jax.clip.train --config=configs/tiny.py --workdir=$W
 
@@ -38,7 +41,8 @@ from vlbpe_jax.data import stage as data_stage
 
 # Config keys a checkpoint must agree on before it is restored.
 MUST_MATCH = ("seed", "data", "clip.variant", "clip.model", "clip.batch_size",
-              "clip.total_steps", "clip.lr", "clip.hard_negatives")
+              "clip.total_steps", "clip.lr", "clip.hard_negatives", "clip.twin_images")
+ATTRIBUTES = ("shape", "color")
 
 
 def check_config(config):
@@ -48,10 +52,14 @@ def check_config(config):
       raise ValueError(f"clip.{name}={c[name]!r}: expected a positive int")
   if not float(c.lr) > 0:
     raise ValueError(f"clip.lr={c.lr!r}: expected > 0")
-  hard = tuple(c.get("hard_negatives", ()))
-  if any(a not in ("shape", "color") for a in hard) or len(set(hard)) != len(hard):
-    raise ValueError(f"clip.hard_negatives={hard!r}: expected distinct attributes among "
-                     "('shape', 'color'), or () for none")
+  for name in ("hard_negatives", "twin_images"):
+    attrs = tuple(c.get(name, ()))
+    if any(a not in ATTRIBUTES for a in attrs) or len(set(attrs)) != len(attrs):
+      raise ValueError(f"clip.{name}={attrs!r}: expected distinct attributes among "
+                       f"{ATTRIBUTES}, or () for none")
+  if tuple(c.get("hard_negatives", ())) and tuple(c.get("twin_images", ())):
+    raise ValueError(f"clip.twin_images={tuple(c.twin_images)!r} with clip.hard_negatives="
+                     f"{tuple(c.hard_negatives)!r}: expected one of the two, not both")
 
 
 def make_model(config, tok) -> model_lib.CLIP:
@@ -73,11 +81,14 @@ def to_float(images):
 
 class _Pairs:
   """`(index, rng) -> {"images", "ids"[, "neg_ids"]}`: the image and one of its captions, drawn
-  per epoch, with that caption's hard negative when `neg_ids` is given."""
+  per epoch, with that caption's hard negative when `neg_ids` is given. With `twins` (images
+  `[N, R, R, 3]` and ids `[N, K, T]` of each scene's twin), "images" is `[2, R, R, 3]` and "ids"
+  `[2, T]`: the pair, then its twin's pair with the same caption template."""
 
-  def __init__(self, images, ids, neg_ids=None):
+  def __init__(self, images, ids, neg_ids=None, twins=None):
     self.images, self.ids = images, ids  # [N, R, R, 3] uint8, [N, K, T] int32
     self.neg_ids = neg_ids  # None or [N, K, T] int32
+    self.twins = twins  # None or (images, ids)
 
   def __call__(self, index, rng):
     i = int(index)
@@ -85,6 +96,9 @@ class _Pairs:
     out = {"images": to_float(self.images[i]), "ids": self.ids[i, k]}
     if self.neg_ids is not None:
       out["neg_ids"] = self.neg_ids[i, k]
+    if self.twins is not None:
+      out["images"] = np.stack([out["images"], to_float(self.twins[0][i])])
+      out["ids"] = np.stack([out["ids"], self.twins[1][i, k]])
     return out
 
 
@@ -113,8 +127,36 @@ def hard_negative_captions(objects, attributes, seed: int) -> list[list[str]]:
   return out
 
 
+def twin_scenes(images, objects, attributes, seed: int):
+  """For each train scene (`images` uint8 `[N, R, R, 3]` as rendered from `objects`), its twin:
+  the scene with one object's shape or colour (drawn from `attributes`) changed
+  (`shapes.swap_attribute`, never into a held-out pair), drawn on the same background. Returns
+  `(images [N, R, R, 3] uint8, objects)`, fixed per (seed, scene). Raises when a stored image
+  is not the renderer's picture of its objects (then a twin would differ in more than one
+  attribute)."""
+  images = np.asarray(images)
+  r = images.shape[1]
+  tones = {tuple(v): k for k, v in shapes.BACKGROUNDS.items()}
+  out_images, out_objects = np.empty_like(images), []
+  for i, objs in enumerate(objects):
+    background = tones.get(tuple(int(v) for v in images[i, 0, 0]))
+    if background is None or not np.array_equal(
+        shapes.render(objs, r, background=background), images[i]):
+      raise ValueError(f"train image {i} is not shapes.render of its objects {objs}; "
+                       "expected the data stage's own renders to draw twin images")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 1])
+    attribute = attributes[int(rng.integers(len(attributes)))]
+    twin = shapes.swap_attribute(objs, attribute, "train", rng)
+    out_images[i] = shapes.render(twin, r, background=background)
+    out_objects.append(twin)
+  return out_images, out_objects
+
+
 def loss_fn(params, batch, key, frozen, *, model):
   del key, frozen
+  if batch["images"].ndim == 5:  # twins: [B, 2, ...] -> [2B, ...], each pair then its twin
+    batch = {**batch, "images": batch["images"].reshape((-1,) + batch["images"].shape[2:]),
+             "ids": batch["ids"].reshape((-1,) + batch["ids"].shape[2:])}
   ids, neg = batch["ids"], batch.get("neg_ids")
   if neg is not None:  # one text-tower pass over captions and negatives
     ids = jnp.concatenate([ids, neg])
@@ -159,9 +201,15 @@ def train(config, workdir: str, *, stop_at_step=None):
   if tuple(c.get("hard_negatives", ())):
     negs = hard_negative_captions(data["objects"], tuple(c.hard_negatives), config.seed)
     neg_ids = caption_ids(tok, negs, model.config.context_len)
+  twins = None
+  if tuple(c.get("twin_images", ())):
+    twin_images, twin_objects = twin_scenes(data["images"], data["objects"],
+                                            tuple(c.twin_images), config.seed)
+    twins = (twin_images, caption_ids(tok, [shapes.captions(o) for o in twin_objects],
+                                      model.config.context_len))
   it = pipeline.sharded_iterator(
       functools.partial(pipeline.dataset, np.arange(len(ids)),
-                        _Pairs(data["images"], ids, neg_ids), seed=config.seed),
+                        _Pairs(data["images"], ids, neg_ids, twins), seed=config.seed),
       batch_size=int(c.batch_size), data_shards=int(c.get("data_shards", 0)), section="clip")
   key_init, key_train = parallel.replicate(tuple(jax.random.split(jax.random.key(config.seed))),
                                            trainer.mesh)

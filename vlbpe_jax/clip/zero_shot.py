@@ -7,6 +7,12 @@ attribute ("a small red circle at the top-left.", ...), so they match the traini
 
   acc = zero_shot_accuracy(model, params, images, objects, lambda s: tok.encode(s, add_eos=True))
   acc["shape"], acc["color"]    # fractions of the single-object images classified right
+
+`best_caption_accuracy` reads the classes off the single best-matching caption instead (every
+shape, colour, size and position): a CLIP that holds shape only together with the rest of the
+scene -- it tells "a red star at the top" from "a red circle at the top", but no one direction
+of its embedding means "star" -- names shapes there and at chance under the mean of the
+prompts (the twin-image CLIP of BENCHMARKS.md, "Why CLIP + FM fails here").
 """
 
 import itertools
@@ -69,13 +75,8 @@ def _batched(fn, x, batch_size):
   return np.concatenate(outs)
 
 
-def zero_shot_accuracy(model, params, images, objects, encode, *, batch_size: int = 64,
-                       all_templates: bool = False) -> dict[str, float]:
-  """Shape and colour zero-shot accuracy of CLIP `model` (params unboxed) on single-object scenes.
-
-  images: uint8 `[N, R, R, 3]`; objects: N lists of one object dict each (shapes.make_scene);
-  encode: text -> ids ending with the EOS, without id 0 (text.py). Returns {"shape", "color"}.
-  """
+def _embedders(model, params, images, objects, batch_size):
+  """Checks single-object `images`/`objects`; -> (image embeddings [N, E], ids -> [M, E])."""
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(objects):
     raise ValueError(f"images {images.dtype} {images.shape} with {len(objects)} object lists: "
@@ -86,8 +87,17 @@ def zero_shot_accuracy(model, params, images, objects, encode, *, batch_size: in
   img_fn = jax.jit(lambda p, x: model.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
                                             method="encode_image"))
   txt_fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method="encode_text"))
-  embed_txt = lambda ids: txt_fn(params, ids)  # noqa: E731
-  img_emb = _batched(lambda x: img_fn(params, x), images, batch_size)  # [N, E]
+  return _batched(lambda x: img_fn(params, x), images, batch_size), lambda ids: txt_fn(params, ids)
+
+
+def zero_shot_accuracy(model, params, images, objects, encode, *, batch_size: int = 64,
+                       all_templates: bool = False) -> dict[str, float]:
+  """Shape and colour zero-shot accuracy of CLIP `model` (params unboxed) on single-object scenes.
+
+  images: uint8 `[N, R, R, 3]`; objects: N lists of one object dict each (shapes.make_scene);
+  encode: text -> ids ending with the EOS, without id 0 (text.py). Returns {"shape", "color"}.
+  """
+  img_emb, embed_txt = _embedders(model, params, images, objects, batch_size)
   result = {}
   for attribute, classes in ATTRIBUTES.items():
     prompts = class_prompts(attribute, all_templates=all_templates)
@@ -96,3 +106,25 @@ def zero_shot_accuracy(model, params, images, objects, encode, *, batch_size: in
     truth = np.asarray([classes.index(objs[0][attribute]) for objs in objects])
     result[attribute] = float(np.mean(np.asarray(classify(img_emb, class_emb)) == truth))
   return result
+
+
+def single_object_scenes() -> list[dict]:
+  """Every single-object scene description (shape x colour x size x position), in that order."""
+  return [{"shape": s, "color": c, "size": z, "position": p}
+          for s, c, z, p in itertools.product(shapes.SHAPES, shapes.COLORS, shapes.SIZES,
+                                              shapes.POSITIONS)]
+
+
+def best_caption_accuracy(model, params, images, objects, encode, *,
+                          batch_size: int = 64) -> dict[str, float]:
+  """Shape and colour accuracy of reading each single-object image's classes off its
+  best-matching caption (cosine) among every single-object scene's first caption template.
+  Same arguments and checks as `zero_shot_accuracy`; returns {"shape", "color"}."""
+  img_emb, embed_txt = _embedders(model, params, images, objects, batch_size)
+  scenes = single_object_scenes()
+  ids = clip_text.tokenize([shapes.captions([o])[0] for o in scenes], encode,
+                           model.config.context_len)
+  cap_emb = clip_loss_lib.normalize(_batched(embed_txt, ids, batch_size))  # [S, E]
+  best = np.asarray(classify(img_emb, cap_emb))  # the best caption's index, per image
+  return {a: float(np.mean([scenes[b][a] == objs[0][a] for b, objs in zip(best, objects)]))
+          for a in ATTRIBUTES}
