@@ -195,7 +195,9 @@ def get_config(arg=None):
   # BLIP3-o's generation target: a small CLIP on the shapes data (vlbpe_jax/clip/).
   c.clip = dict(
       variant="tiny" if tiny else "mu",  # clip/model.py:VARIANTS
-      model=dict(patch_size=8),  # CLIPConfig overrides; 64 px / 8 = an 8x8 patch grid
+      # CLIPConfig overrides; 64 px / 8 = an 8x8 patch grid. conv_stem: () = the OpenAI patchify;
+      # (16, 32, 64) = ViTc's stride-2 3x3 convs (clip/config.py; with twin_images below).
+      model=dict(patch_size=8, conv_stem=()),
       grid=8,  # target tokens per side after average pooling (BLIP3-o: 8x8 = 64 tokens)
       batch_size=16 if tiny else 64,
       data_shards=0,  # as lm.data_shards: 0 = one per process

@@ -1,10 +1,12 @@
-"""The CLIP trainer with hard-negative captions (clip.hard_negatives) on 8 fake devices."""
+"""The CLIP trainer's levers (clip.hard_negatives, clip.twin_images, clip.model.conv_stem) on 8
+fake devices."""
 
 import os
 
 import pytest
 from test_main import ROOT, load_config
 
+from vlbpe_jax import manifest
 from vlbpe_jax import summary
 from vlbpe_jax.clip import train
 from vlbpe_jax.data import stage as data_stage
@@ -74,3 +76,14 @@ def test_bad_twin_images_raise():
       train.check_config(_config(twin_images=bad))
   with pytest.raises(ValueError, match="one of the two"):
     train.check_config(_config(twin_images=("shape",), hard_negatives=("shape",)))
+
+
+def test_the_cli_can_set_the_levers_and_their_defaults_change_no_key():
+  config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  before = manifest.config_dict(config)["clip"]
+  config.lock()  # as config_flags hands it over: only existing fields can be overridden
+  config.clip.model.conv_stem = (16, 32, 64)
+  config.clip.twin_images = ("shape",)
+  after = manifest.config_dict(config)["clip"]
+  assert "conv_stem" not in before["model"] and "twin_images" not in before
+  assert after["model"]["conv_stem"] == [16, 32, 64] and after["twin_images"] == ["shape"]
