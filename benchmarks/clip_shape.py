@@ -39,6 +39,7 @@ import sys
 import jax
 import numpy as np
 
+from dit_sweep import _override  # the sweep scripts' one `key=value` override parser
 from test_main import ROOT, load_config
 from vlbpe_jax import loop
 from vlbpe_jax.clip import loss as clip_loss_lib
@@ -50,16 +51,6 @@ from vlbpe_jax.dit import decoder as decoder_lib
 from vlbpe_jax.eval import generation
 
 FRESH = 600
-
-
-def _override(config, item):
-  key, value = item.split("=", 1)
-  *path, leaf = key.split(".")
-  node = config
-  for p in path:
-    node = node[p]
-  old = node[leaf] if leaf in node else None
-  node[leaf] = value if isinstance(old, str) else eval(value)  # noqa: S307
 
 
 def single_object_scenes(seed: int, num: int, resolution: int):
@@ -83,15 +74,23 @@ def centroid_probe(emb_fit, labels_fit, emb_eval, labels_eval, num_classes: int)
   return float(np.mean(pred == labels_eval))
 
 
+def _unit_images(model, params, mesh, images):
+  return np.asarray(clip_loss_lib.normalize(train.image_embeddings(model, params, images, mesh)))
+
+
+def _unit_texts(model, params, ids):
+  """ids [N, K, T] -> unit text embeddings [N, K, E]."""
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_text"))
+  return np.stack([np.asarray(clip_loss_lib.normalize(fn(params, ids[:, k])))
+                   for k in range(ids.shape[1])], axis=1)
+
+
 def shape_given_rest(model, params, mesh, images, objects, tok, context_len: int) -> float:
   """6-way: each single-object image against its caption with every shape in turn."""
   caps = train.caption_ids(
       tok, [[shapes.captions([{**o[0], "shape": s}])[0] for s in shapes.SHAPES]
             for o in objects], context_len)  # [N, 6, T]
-  img = np.asarray(clip_loss_lib.normalize(train.image_embeddings(model, params, images, mesh)))
-  txt_fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method="encode_text"))
-  txt = np.stack([np.asarray(clip_loss_lib.normalize(txt_fn(params, caps[:, k])))
-                  for k in range(len(shapes.SHAPES))], axis=1)  # [N, 6, E]
+  img, txt = _unit_images(model, params, mesh, images), _unit_texts(model, params, caps)
   truth = np.asarray([shapes.SHAPES.index(o[0]["shape"]) for o in objects])
   return float(np.mean(np.argmax(np.einsum("NE,NKE->NK", img, txt), -1) == truth))
 
@@ -101,13 +100,10 @@ def twin_matching(model, params, mesh, images, objects, tok, context_len: int) -
   twin_images, twin_objects = train.twin_scenes(images, objects, ("shape",), seed=0)
   caps = train.caption_ids(tok, [[shapes.captions(o)[0], shapes.captions(t)[0]]
                                  for o, t in zip(objects, twin_objects)], context_len)
-  img = [np.asarray(clip_loss_lib.normalize(train.image_embeddings(model, params, x, mesh)))
-         for x in (images, twin_images)]
-  txt_fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method="encode_text"))
-  txt = [np.asarray(clip_loss_lib.normalize(txt_fn(params, caps[:, k]))) for k in (0, 1)]
-  sim = lambda a, b: np.sum(a * b, axis=-1)  # noqa: E731
-  right = np.concatenate([sim(img[0], txt[0]) > sim(img[0], txt[1]),
-                          sim(img[1], txt[1]) > sim(img[1], txt[0])])
+  img = np.stack([_unit_images(model, params, mesh, x) for x in (images, twin_images)], 1)
+  sims = np.einsum("NIE,NKE->NIK", img, _unit_texts(model, params, caps))  # [N, 2, 2]
+  # The scene's image to its own caption (k = 0), the twin's image to the twin's (k = 1).
+  right = np.concatenate([sims[:, 0, 0] > sims[:, 0, 1], sims[:, 1, 1] > sims[:, 1, 0]])
   return float(np.mean(right))
 
 
