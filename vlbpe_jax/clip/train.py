@@ -42,7 +42,7 @@ from vlbpe_jax.data import stage as data_stage
 # Config keys a checkpoint must agree on before it is restored.
 MUST_MATCH = ("seed", "data", "clip.variant", "clip.model", "clip.batch_size",
               "clip.total_steps", "clip.lr", "clip.hard_negatives", "clip.twin_images")
-ATTRIBUTES = ("shape", "color")
+ATTRIBUTES = tuple(zero_shot.ATTRIBUTES)  # ("shape", "color"): what negatives and twins swap
 
 
 def check_config(config):
