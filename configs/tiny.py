@@ -31,6 +31,11 @@ def get_config(arg=None):
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
   c.recompute = ""
+  # Stages run at once when neither reads the other's outputs (vlbpe_jax/train.py:run_stages):
+  # clip beside vq -> bpe -> lm, dit beside v2l. Every result is what a one-at-a-time run gives;
+  # a run's single stage uses well under the 2 cores of the machine the demo is sized for.
+  # 1: one stage at a time. A multi-process run always runs one at a time.
+  c.stage_workers = 2
   # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are
   # global and fixed by this file: each stage fits the -1 axis ("data") to its batch, i.e. to
   # the largest divisor of the batch that divides the device count, and the devices left over

@@ -17,8 +17,16 @@ from the same files, then process 0 alone writes manifests and reports. A stage 
 the mesh (`Stage.collective`: the trainers; BPE, whose learner sums its counts over processes)
 runs on every process; the data stage (host work writing files) runs on process 0 while the rest
 wait at a barrier and then read its files.
+
+Stages that do not read each other's outputs may run at the same time, on threads of this
+process (`config.stage_workers`, the demo's 2): a stage starts once every stage it reads that
+was selected has finished, so the demo runs `clip` beside `vq` -> `bpe` -> `lm`, and `dit`
+beside `v2l`. Each stage computes what it would alone (explicit PRNG keys, no shared mutable
+state; the report and TFDS preparation take a lock): only its seconds change. A
+multi-process run keeps one stage at a time (its collectives must meet in one order).
 """
 
+from concurrent import futures
 import dataclasses
 import html
 import os
@@ -27,6 +35,7 @@ import time
 from typing import Callable
 
 from absl import logging
+import jax
 
 from vlbpe_jax import fileio
 from vlbpe_jax import manifest
@@ -243,18 +252,77 @@ def train_and_evaluate(config, workdir: str) -> str:
     longer_run.read(config.longer_run)  # a bad record is refused now, not after the stages
   if config.get("claims_record"):
     seed_claims.read(config.claims_record)
+  workers = stage_workers(config)
   os.makedirs(workdir, exist_ok=True)
   _preflight(config, workdir, names, allowed)
+  run_stages(names, lambda name: run_one(config, workdir, name, allowed), workers)
   for name in STAGES:
-    if name in names:
-      logging.info("=== stage %s ===", name)
-      run_one(config, workdir, name, allowed)
-    elif parallel.is_primary() and _status(config, workdir, name)[0] != "done":
+    if name not in names and parallel.is_primary() and (
+        _status(config, workdir, name)[0] != "done"):
       # Not run now and not made from this config: its numbers must not show beside it.
       if report.remove_section(workdir, name):
         logging.warning("stage %s is not up to date for this config: its report section "
                         "was removed (run it with --config.stages)", name)
   return _run_section(config, workdir)
+
+
+def stage_workers(config) -> int:
+  """How many stages may run at once: `config.stage_workers` (default 1), 1 in a multi-process
+  run."""
+  n = config.get("stage_workers", 1)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (stages run at "
+                     "once)")
+  if n > 1 and jax.process_count() > 1:
+    logging.info("stage_workers=%d: %d processes run one stage at a time", n,
+                 jax.process_count())
+    return 1
+  return n
+
+
+def run_stages(names, run, workers: int):
+  """Calls `run(name)` for every stage of `names` (pipeline order), up to `workers` at once,
+  each once every stage it reads among `names` has returned.
+
+  When a stage raises, no stage starts after it; those running finish (their work is kept),
+  then its error is raised. Ctrl-C ends the process at once (rerun the command to resume).
+  """
+  if workers == 1:
+    for name in names:
+      logging.info("=== stage %s ===", name)
+      run(name)
+    return
+  pending, running, done, failed = list(names), {}, set(), []
+  with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool:
+    try:
+      while pending or running:
+        for name in list(pending):
+          if failed or len(running) >= workers:
+            break
+          if all(up in done for up in STAGES[name].reads if up in names):
+            pending.remove(name)
+            logging.info("=== stage %s ===%s", name, f" (beside {', '.join(running.values())})"
+                         if running else "")
+            running[pool.submit(run, name)] = name
+        if not running:  # only after a failure: what is left waits on it
+          break
+        finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+        for f in finished:
+          name = running.pop(f)
+          if f.exception() is None:
+            done.add(name)
+          else:
+            failed.append(f.exception())
+            logging.error("stage %s failed: %s%s", name, f.exception(),
+                          f"; waiting for {', '.join(running.values())} to finish"
+                          if running else "")
+    except KeyboardInterrupt:
+      logging.error("interrupted while %s ran; rerun the same command to resume",
+                    ", ".join(running.values()) or "no stage")
+      logging.flush()
+      os._exit(130)  # the pool's threads would otherwise run their stages to the end
+  if failed:
+    raise failed[0]
 
 
 def _run_section(config, workdir):
@@ -268,9 +336,14 @@ def _run_section(config, workdir):
       metrics[f"time_s.{name}"] = m["seconds"]
   config_html = (f"<details><summary>config</summary><pre class='small'>"
                  f"{html.escape(str(config))}</pre></details>")
+  workers = stage_workers(config)
+  overlap = (f"<p class='small'>Up to {workers} stages ran at once (those that do not read each "
+             "other's outputs): their seconds overlap, and a stage that ran beside another "
+             "took longer than it would alone.</p>" if workers > 1 else "")
   index = report.add_section(
       workdir, key="run", title="Run", order=0, metrics=metrics,
-      html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + config_html)
+      html=report.table(["stage", "seconds (all runs of it)", "finished"], rows) + overlap
+      + config_html)
   # Order < 0: shown right below the claims, which they qualify (one seed; a short run).
   if config.get("claims_record"):
     index = report.add_section(

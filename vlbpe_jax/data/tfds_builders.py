@@ -33,6 +33,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,9 @@ JSON_FIELDS = ("objects", "captions", "attributes", "qa", "dialogue", "conversat
 _TEXT_FIELDS = ("caption", "background", "id", "image_path")
 _ROLES = ("human", "gpt")
 _FORMAT = "array_record"
+# `_prepare` swaps the process-wide `tempfile.tempdir` and may write a dataset's files: one
+# thread at a time (the pipeline's stages may run on several, `config.stage_workers`).
+_PREPARE_LOCK = threading.Lock()
 
 
 def _json(value) -> str:
@@ -297,13 +301,14 @@ def _prepare(builder_cls, data_dir, config):
   """`builder_cls(...)`, prepared. TFDS makes an empty `tmp*tfds` folder in the temp dir for
   each builder of a not yet prepared dataset (`DatasetInfo.initialize_from_bucket`, GCS being
   off) and never removes it; it is made inside a temporary folder of ours and removed with it."""
-  with tempfile.TemporaryDirectory(prefix="vlbpe_tfds_") as scratch:
-    before, tempfile.tempdir = tempfile.tempdir, scratch
-    try:
-      builder = builder_cls(data_dir=data_dir, config=config, file_format=_FORMAT)
-    finally:
-      tempfile.tempdir = before
-  builder.download_and_prepare(file_format=_FORMAT)
+  with _PREPARE_LOCK:
+    with tempfile.TemporaryDirectory(prefix="vlbpe_tfds_") as scratch:
+      before, tempfile.tempdir = tempfile.tempdir, scratch
+      try:
+        builder = builder_cls(data_dir=data_dir, config=config, file_format=_FORMAT)
+      finally:
+        tempfile.tempdir = before
+    builder.download_and_prepare(file_format=_FORMAT)
   return builder
 
 

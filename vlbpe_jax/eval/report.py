@@ -25,6 +25,7 @@ import html as html_lib
 import math
 import os
 import shutil
+import threading
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,12 @@ p.stale { background: #fff3cd; padding: 4px 8px; }
 figure { margin: 0; } figcaption { font-size: 85%; color: #555; text-align: center; }
 details summary { cursor: pointer; }
 """
+
+
+# Stages may run on several threads (`config.stage_workers`): the page is read, rebuilt and
+# written by one of them at a time, so no thread overwrites it with a page lacking a section
+# another thread just added.
+_LOCK = threading.RLock()
 
 
 def report_dir(workdir: str) -> str:
@@ -88,9 +95,10 @@ def add_section(workdir: str, key: str, title: str, order: int, html: str,
   if not key.isidentifier():
     raise ValueError(f"section key {key!r}: expected an identifier like 'vq'")
   metrics = _check_metrics(metrics or {})
-  fileio.write_json(os.path.join(report_dir(workdir), "sections", f"{key}.json"),
-                    {"title": title, "order": int(order), "html": html, "metrics": metrics})
-  return build_index(workdir)
+  with _LOCK:
+    fileio.write_json(os.path.join(report_dir(workdir), "sections", f"{key}.json"),
+                      {"title": title, "order": int(order), "html": html, "metrics": metrics})
+    return build_index(workdir)
 
 
 def remove_section(workdir: str, key: str) -> bool:
@@ -98,12 +106,13 @@ def remove_section(workdir: str, key: str) -> bool:
   Returns whether there was such a section."""
   rdir = report_dir(workdir)
   path = os.path.join(rdir, "sections", f"{key}.json")
-  had = os.path.exists(path)
-  if had:
-    os.remove(path)
-  shutil.rmtree(os.path.join(rdir, key), ignore_errors=True)
-  if had:
-    build_index(workdir)
+  with _LOCK:
+    had = os.path.exists(path)
+    if had:
+      os.remove(path)
+    shutil.rmtree(os.path.join(rdir, key), ignore_errors=True)
+    if had:
+      build_index(workdir)
   return had
 
 
@@ -118,6 +127,11 @@ def section_metrics(workdir: str, key: str) -> dict | None:
 def build_index(workdir: str) -> str:
   """Writes metrics.json and index.html: the claims summary (`summary.py`), the training curves
   (`curves.py`), the sections, then every metric in a collapsed table."""
+  with _LOCK:
+    return _build_index(workdir)
+
+
+def _build_index(workdir: str) -> str:
   rdir = report_dir(workdir)
   sdir = os.path.join(rdir, "sections")
   sections = []
