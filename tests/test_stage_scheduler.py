@@ -1,13 +1,18 @@
 """`train.run_stages`: independent stages run at once, never before what they read (issue 16's
 budget: `config.stage_workers`)."""
 
+import os
 import threading
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
+from vlbpe_jax import parallel
 from vlbpe_jax import train
+from vlbpe_jax.eval import report
+from test_main import ROOT, load_config
 
 ALL = list(train.STAGES)
 
@@ -79,8 +84,27 @@ def test_a_failed_stage_lets_the_running_one_finish_and_starts_nothing_after_it(
 @pytest.mark.parametrize("bad", [0, -1, "2", True, 1.5])
 def test_stage_workers_must_be_a_positive_integer(bad):
   with pytest.raises(ValueError, match="stage_workers"):
-    train.stage_workers(ml_collections.ConfigDict({"stage_workers": bad}))
+    parallel.stage_workers(ml_collections.ConfigDict({"stage_workers": bad}))
 
 
 def test_stage_workers_defaults_to_one():
-  assert train.stage_workers(ml_collections.ConfigDict({})) == 1
+  assert parallel.stage_workers(ml_collections.ConfigDict({})) == 1
+
+
+@pytest.mark.slow
+def test_stages_on_threads_give_what_they_give_one_at_a_time(tmp_path):
+  # The tiny data and vq stages (vq renders its own scenes: it runs beside data), on threads
+  # and one at a time: the same metrics, codes and report.
+  out = {}
+  for workers in (2, 1):
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+    config.stages, config.stage_workers = "data,vq", workers
+    w = tmp_path / f"w{workers}"
+    train.train_and_evaluate(config, str(w))
+    out[workers] = ({k: v for k, v in report.read_metrics(str(w)).items()
+                     if not k.startswith("time_s.") and "seconds" not in k},
+                    {p.name: np.load(p) for p in sorted((w / "vq").glob("codes_*.npy"))})
+  assert out[2][0] == out[1][0] and "vq.psnr_db" in out[1][0]
+  assert out[2][1].keys() == out[1][1].keys() and out[1][1]
+  for name, codes in out[1][1].items():
+    np.testing.assert_array_equal(out[2][1][name], codes)

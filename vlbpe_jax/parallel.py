@@ -95,6 +95,22 @@ def initialize_distributed() -> bool:
   return True
 
 
+def stage_workers(config) -> int:
+  """How many pieces of work of the pipeline may run at once on threads of this process
+  (stages, `train.run_stages`; the lm stage's V2L continuation beside Being-VL's runs):
+  `config.stage_workers` (default 1), and 1 in a multi-process run, whose collectives must
+  meet in one order."""
+  n = config.get("stage_workers", 1)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (pieces of work "
+                     "run at once)")
+  if n > 1 and jax.process_count() > 1:
+    logging.info("stage_workers=%d: %d processes run one stage at a time", n,
+                 jax.process_count())
+    return 1
+  return n
+
+
 def is_primary() -> bool:
   """Whether this process writes the run's non-array files (JSON, npz, metrics, reports):
   process 0; orbax writes the arrays of a checkpoint from every process itself."""

@@ -35,7 +35,6 @@ import time
 from typing import Callable
 
 from absl import logging
-import jax
 
 from vlbpe_jax import fileio
 from vlbpe_jax import manifest
@@ -252,7 +251,7 @@ def train_and_evaluate(config, workdir: str) -> str:
     longer_run.read(config.longer_run)  # a bad record is refused now, not after the stages
   if config.get("claims_record"):
     seed_claims.read(config.claims_record)
-  workers = stage_workers(config)
+  workers = parallel.stage_workers(config)
   os.makedirs(workdir, exist_ok=True)
   _preflight(config, workdir, names, allowed)
   run_stages(names, lambda name: run_one(config, workdir, name, allowed), workers)
@@ -264,20 +263,6 @@ def train_and_evaluate(config, workdir: str) -> str:
         logging.warning("stage %s is not up to date for this config: its report section "
                         "was removed (run it with --config.stages)", name)
   return _run_section(config, workdir)
-
-
-def stage_workers(config) -> int:
-  """How many stages may run at once: `config.stage_workers` (default 1), 1 in a multi-process
-  run."""
-  n = config.get("stage_workers", 1)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (stages run at "
-                     "once)")
-  if n > 1 and jax.process_count() > 1:
-    logging.info("stage_workers=%d: %d processes run one stage at a time", n,
-                 jax.process_count())
-    return 1
-  return n
 
 
 def run_stages(names, run, workers: int):
@@ -336,7 +321,7 @@ def _run_section(config, workdir):
       metrics[f"time_s.{name}"] = m["seconds"]
   config_html = (f"<details><summary>config</summary><pre class='small'>"
                  f"{html.escape(str(config))}</pre></details>")
-  workers = stage_workers(config)
+  workers = parallel.stage_workers(config)
   overlap = (f"<p class='small'>Up to {workers} stages ran at once (those that do not read each "
              "other's outputs): their seconds overlap, and a stage that ran beside another "
              "took longer than it would alone.</p>" if workers > 1 else "")

@@ -19,6 +19,7 @@ resumes. Reads `config.lm.*`, `config.seed` (via `train.lm_seed`), `config.mesh`
 """
 
 import collections
+from concurrent import futures
 import html
 import json
 import math
@@ -427,22 +428,36 @@ def run_stage(config, workdir: str) -> dict:
   if bad or not config.lm.runs:
     raise ValueError(f"lm.runs={config.lm.runs!r}: expected a non-empty subset of {train.RUNS}")
   ctx = _Context(config, workdir)
-  results = {}
-  for run in list(config.lm.runs) + ["text"]:
-    path = _result_path(workdir, run)
-    results[run] = _load(path, config, run)
-    if results[run] is None:
-      logging.info("lm: run %s", run)
-      results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
-      results[run]["config"] = _fingerprint(config, run)
-      _save(path, results[run])
-    elif run != "text" and not {"wrong_image", "embeddings"} <= set(results[run]):
-      logging.info("lm: wrong-image control / embedding summary of run %s", run)
-      _save(path, _complete(ctx, run, results[run]))
-    # From the stored answers: a result saved before the held-out definition changed agrees.
-    results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
+  icl = None
   if train.text_phases(config):  # V2L's frozen LM: stage 0 continued on lm.text_phases
-    ctx.text_params()  # stage 0 finished first: the continuation starts from its checkpoint
+    ctx.text_params()  # stage 0 first: the continuation and the runs start from it
+    if parallel.stage_workers(config) > 1:  # beside the runs: it reads none of their work
+      pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm_text_icl")
+      icl = pool.submit(train.pretrain_icl, config, workdir, ctx.tok, ctx.train, ctx.mesh)
+      pool.shutdown(wait=False)
+  results = {}
+  try:
+    for run in list(config.lm.runs) + ["text"]:
+      path = _result_path(workdir, run)
+      results[run] = _load(path, config, run)
+      if results[run] is None:
+        logging.info("lm: run %s", run)
+        results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
+        results[run]["config"] = _fingerprint(config, run)
+        _save(path, results[run])
+      elif run != "text" and not {"wrong_image", "embeddings"} <= set(results[run]):
+        logging.info("lm: wrong-image control / embedding summary of run %s", run)
+        _save(path, _complete(ctx, run, results[run]))
+      # From the stored answers: a result saved before the held-out definition changed agrees.
+      results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
+  except Exception:
+    if icl is not None and not icl.done():  # its work is kept: a rerun resumes or skips it
+      logging.warning("lm: a run failed; waiting for lm/text_icl, which ran beside it")
+      futures.wait([icl])
+    raise
+  if icl is not None:
+    icl.result()  # raises what the continuation raised
+  elif train.text_phases(config):
     train.pretrain_icl(config, workdir, ctx.tok, ctx.train, ctx.mesh)
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
