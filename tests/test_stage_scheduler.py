@@ -2,6 +2,9 @@
 budget: `config.stage_workers`)."""
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -108,3 +111,24 @@ def test_stages_on_threads_give_what_they_give_one_at_a_time(tmp_path):
   assert out[2][1].keys() == out[1][1].keys() and out[1][1]
   for name, codes in out[1][1].items():
     np.testing.assert_array_equal(out[2][1][name], codes)
+
+
+def test_ctrl_c_ends_the_run_at_once_though_stages_run_on_threads(tmp_path):
+  # Without it the interpreter would wait for the stage threads to finish their work.
+  script = tmp_path / "run.py"
+  script.write_text(
+      "import sys, time\n"
+      "from vlbpe_jax import train\n"
+      "def run(name):\n"
+      "  print('started', name, flush=True)\n"
+      "  time.sleep(120)\n"
+      "train.run_stages(['vq', 'clip'], run, workers=2)\n")
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                          cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+  try:
+    assert {proc.stdout.readline().split()[1] for _ in range(2)} == {"vq", "clip"}
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+  finally:
+    proc.kill()
