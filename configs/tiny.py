@@ -34,7 +34,7 @@ def get_config(arg=None):
   # Stages run at once when neither reads the other's outputs (vlbpe_jax/train.py:run_stages):
   # clip beside vq -> bpe -> lm, dit beside v2l. Every result is what a one-at-a-time run gives;
   # a run's single stage uses well under the 2 cores of the machine the demo is sized for.
-  # 1: one stage at a time. A multi-process run always runs one at a time.
+  # 1: one stage at a time, as a multi-process run and several GPUs or TPUs always do.
   c.stage_workers = 2
   # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are
   # global and fixed by this file: each stage fits the -1 axis ("data") to its batch, i.e. to

@@ -36,8 +36,10 @@ def _toy_stage(name, upstream, calls):
   return run
 
 
-@pytest.fixture
-def toy(monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["one_at_a_time", "on_threads"])
+def toy(monkeypatch, request):
+  # Every rule holds with the stages run one at a time and on threads (`run_stages`).
+  monkeypatch.setattr(train.parallel, "stage_workers", lambda config: request.param)
   calls = []
   stages = {
       "a": train.Stage(_toy_stage("a", None, calls), ("a",), outputs=("a/out.txt",),

@@ -132,3 +132,11 @@ def test_ctrl_c_ends_the_run_at_once_though_stages_run_on_threads(tmp_path):
     assert proc.wait(timeout=20) == 130
   finally:
     proc.kill()
+
+
+@pytest.mark.parametrize("backend,devices,want", [("gpu", 8, 1), ("tpu", 4, 1), ("gpu", 1, 2),
+                                                  ("cpu", 8, 2)])
+def test_several_accelerators_run_one_stage_at_a_time(monkeypatch, backend, devices, want):
+  monkeypatch.setattr(parallel.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(parallel.jax, "device_count", lambda: devices)
+  assert parallel.stage_workers(ml_collections.ConfigDict({"stage_workers": 2})) == want

@@ -98,8 +98,8 @@ def initialize_distributed() -> bool:
 def stage_workers(config) -> int:
   """How many pieces of work of the pipeline may run at once on threads of this process
   (stages, `train.run_stages`; the lm stage's V2L continuation beside Being-VL's runs):
-  `config.stage_workers` (default 1), and 1 in a multi-process run, whose collectives must
-  meet in one order."""
+  `config.stage_workers` (default 1); 1 in a multi-process run and on several accelerators,
+  whose collectives must meet in one order."""
   n = config.get("stage_workers", 1)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (pieces of work "
@@ -107,6 +107,12 @@ def stage_workers(config) -> int:
   if n > 1 and jax.process_count() > 1:
     logging.info("stage_workers=%d: %d processes run one stage at a time", n,
                  jax.process_count())
+    return 1
+  if n > 1 and jax.device_count() > 1 and jax.default_backend() != "cpu":
+    # Two programs with collectives, dispatched from two threads, could reach the devices in
+    # different orders and wait on each other; the CPU's in-process collectives meet per run.
+    logging.info("stage_workers=%d: one stage at a time on %d %s devices", n,
+                 jax.device_count(), jax.default_backend())
     return 1
   return n
 

@@ -23,7 +23,8 @@ process (`config.stage_workers`, the demo's 2): a stage starts once every stage 
 was selected has finished, so the demo runs `clip` beside `vq` -> `bpe` -> `lm`, and `dit`
 beside `v2l`. Each stage computes what it would alone (explicit PRNG keys, no shared mutable
 state; the report and TFDS preparation take a lock): only its seconds change. A
-multi-process run keeps one stage at a time (its collectives must meet in one order).
+multi-process run, or one on several GPUs or TPUs, keeps one stage at a time (collectives
+of two programs must not meet the devices in different orders; `parallel.stage_workers`).
 """
 
 from concurrent import futures
