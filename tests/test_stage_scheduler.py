@@ -8,6 +8,9 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
@@ -140,3 +143,34 @@ def test_several_accelerators_run_one_stage_at_a_time(monkeypatch, backend, devi
   monkeypatch.setattr(parallel.jax, "default_backend", lambda: backend)
   monkeypatch.setattr(parallel.jax, "device_count", lambda: devices)
   assert parallel.stage_workers(ml_collections.ConfigDict({"stage_workers": 2})) == want
+
+
+def test_programs_with_collectives_on_two_threads_do_not_stall():
+  # What stages side by side rely on for the CPU devices: two programs with collectives over
+  # every device, dispatched from two threads over and over, never wait on each other.
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  x0 = jax.device_put(np.arange(jax.device_count() * 64, dtype=np.float32),
+                      NamedSharding(mesh, P("d")))
+
+  def make(k):
+    def f(x):
+      for _ in range(k):
+        x = jnp.roll(x + x.sum() * 1e-6, 1)  # an all-reduce and a collective permute
+      return x
+    return jax.jit(f)
+
+  counts = [0, 0]
+
+  def work(i, fn):
+    x, end = x0, time.monotonic() + 3
+    while time.monotonic() < end:
+      x = fn(x).block_until_ready()
+      counts[i] += 1
+
+  threads = [threading.Thread(target=work, args=(i, make(k)), daemon=True)
+             for i, k in enumerate((3, 5))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert not any(t.is_alive() for t in threads) and min(counts) > 10, counts
