@@ -116,25 +116,35 @@ def test_stages_on_threads_give_what_they_give_one_at_a_time(tmp_path):
     np.testing.assert_array_equal(out[2][1][name], codes)
 
 
-def test_ctrl_c_ends_the_run_at_once_though_stages_run_on_threads(tmp_path):
-  # Without it the interpreter would wait for the stage threads to finish their work.
+@pytest.mark.parametrize("to", ["process", "stage_thread"])
+def test_ctrl_c_ends_the_run_at_once_though_stages_run_on_threads(tmp_path, to):
+  # Without it the interpreter would wait for the stage threads to finish their work. The
+  # kernel may hand the signal to any thread ("stage_thread": to a stage's own, which the
+  # waiting main thread must still notice).
   script = tmp_path / "run.py"
   script.write_text(
-      "import sys, time\n"
+      "import signal, sys, threading, time\n"
+      "signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started ignored\n"
       "from vlbpe_jax import train\n"
       "def run(name):\n"
-      "  print('started', name, flush=True)\n"
+      "  sys.stdout.write(f'started {name}\\n')  # one write: the two threads' lines stay whole\n"
+      "  sys.stdout.flush()\n"
+      f"  if name == 'clip' and {to == 'stage_thread'}:\n"
+      "    time.sleep(0.5)\n"
+      "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
       "  time.sleep(120)\n"
       "train.run_stages(['vq', 'clip'], run, workers=2)\n")
-  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                          cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                     signal.SIG_DFL))
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
   try:
-    assert {proc.stdout.readline().split()[1] for _ in range(2)} == {"vq", "clip"}
-    proc.send_signal(signal.SIGINT)
+    started = {proc.stdout.readline().strip() for _ in range(2)}
+    assert started == {"started vq", "started clip"}, started
+    if to == "process":
+      proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 130
   finally:
     proc.kill()
+    proc.communicate()  # closes the pipes
 
 
 @pytest.mark.parametrize("backend,devices,want", [("gpu", 8, 1), ("tpu", 4, 1), ("gpu", 1, 2),

@@ -292,7 +292,9 @@ def run_stages(names, run, workers: int):
             running[pool.submit(run, name)] = name
         if not running:  # only after a failure: what is left waits on it
           break
-        finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+        # With a timeout: a Ctrl-C that the kernel hands to another thread is only seen by
+        # this one when it wakes.
+        finished, _ = futures.wait(running, timeout=0.5, return_when=futures.FIRST_COMPLETED)
         for f in finished:
           name = running.pop(f)
           if f.exception() is None:
