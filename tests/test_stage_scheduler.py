@@ -17,8 +17,8 @@ import pytest
 
 from vlbpe_jax import parallel
 from vlbpe_jax import train
-from vlbpe_jax.eval import report
 from test_main import ROOT, load_config
+from test_pipeline_reruns import _results as metrics_but_times
 
 ALL = list(train.STAGES)
 
@@ -107,8 +107,7 @@ def test_stages_on_threads_give_what_they_give_one_at_a_time(tmp_path):
     config.stages, config.stage_workers = "data,vq", workers
     w = tmp_path / f"w{workers}"
     train.train_and_evaluate(config, str(w))
-    out[workers] = ({k: v for k, v in report.read_metrics(str(w)).items()
-                     if not k.startswith("time_s.") and "seconds" not in k},
+    out[workers] = (metrics_but_times(str(w)),
                     {p.name: np.load(p) for p in sorted((w / "vq").glob("codes_*.npy"))})
   assert out[2][0] == out[1][0] and "vq.psnr_db" in out[1][0]
   assert out[2][1].keys() == out[1][1].keys() and out[1][1]
