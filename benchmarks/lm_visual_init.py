@@ -10,7 +10,8 @@ positions or another split of the steps between the stages?
   python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/p2d --config.lm.positions=2d
 
 `--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
-`--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text`, and the lm
+`--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text` (and of
+`lm/text_icl`, V2L's frozen LM, when there), and the lm
 stage trains only the `--run` run (default `full`) of `--config` there (its stages and the
 evaluation). Fewer VQA questions per training example (no answer to copy from the text):
 
@@ -67,7 +68,8 @@ def codebook_vectors(workdir: str) -> np.ndarray:
 def loss_with_image_tokens(params, batch, key, *, model, weight):
   """`lm_train.loss_fn` + weight x mean cross-entropy of the targets in the visual table."""
   logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], rngs={"dropout": key})
+                       segment_ids=batch["segment_ids"], branch_ids=batch.get("branch_ids"),
+                       rngs={"dropout": key})
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
   w = batch["loss_mask"].astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
@@ -87,6 +89,8 @@ def _prepare(src: str, out: str):
   for d in ("data", "tokenizer", "vq", "bpe"):
     os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
   shutil.copytree(os.path.join(src, "lm", "text"), os.path.join(out, "lm", "text"))
+  if os.path.isdir(os.path.join(src, "lm", "text_icl")):  # V2L's frozen LM: not retrained here
+    shutil.copytree(os.path.join(src, "lm", "text_icl"), os.path.join(out, "lm", "text_icl"))
 
 
 def main(argv):

@@ -176,6 +176,11 @@ def get_config(arg=None):
       # of them, earlier answers name the colours and shapes a later question asks about, a
       # text shortcut past the image (BENCHMARKS.md, "Unified LM: what the model reads").
       vqa_questions=0,
+      # An image's questions as branches after it (pipeline.format_example): each sees the
+      # image and itself only, where evaluation asks it, and the image is paid for once. No
+      # gain over the one line at 1x or 4x the steps (BENCHMARKS.md, "An image's questions as
+      # branches"); needs attention_impl "blockwise" or a masked one (not splash).
+      vqa_branches=False,
       first_frac=0.25,  # stage 2 unfreezes the first ceil(25%) of the layers
       warmup_steps=10,  # per stage
       final_lr_frac=0.1,  # cosine decays to 10% of the peak

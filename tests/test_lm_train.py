@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import lm_train_helpers as helpers
 from vlbpe_jax import checkpoint
+from vlbpe_jax import manifest
 from vlbpe_jax import parallel
 from vlbpe_jax.data import icl as icl_lib
 from vlbpe_jax.lm import sequences
@@ -157,6 +158,8 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("denoise_shots", (1, 11), "lm.denoise_shots"),
     ("denoise_shots", (), "lm.denoise_shots"),
     ("vqa_questions", 1.5, "lm.vqa_questions"),
+    ("vqa_branches", 1, "lm.vqa_branches"),
+    ("vqa_branches", "yes", "lm.vqa_branches"),
 ])
 def test_check_config_refuses_bad_values(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -315,3 +318,45 @@ def test_vqa_questions_per_image_in_the_runs_not_in_stage_0(setup):
   assert min(every) >= 4  # all of an image's questions (5-7; truncation may cut the last row's)
   text = questions_per_example(train.iterator_fn(config, tok, source, None))
   assert min(text) >= 4
+
+
+def test_vqa_branches_in_the_runs_not_in_stage_0(setup, runs):
+  """`lm.vqa_branches=True`: the runs' VQA rows carry branch ids (an image's questions as
+  branches 1..k after it, positions restarting where the image ends); stage 0's text rows have
+  none; a step on branched batches trains; splash is refused by name; the key is unchanged
+  while the field is False (manifest.NEUTRAL_DEFAULTS)."""
+  s = setup
+  config = helpers.make_config(vqa_branches=True)
+  source = helpers.examples("train")
+  visual, _, _ = sequences.load_visual_tokens(s["workdir"], "bpe",
+                                              vq_start=train.text_rows(config, s["tok"]))
+  batch = next(train.iterator_fn(config, s["tok"], source, visual["train"])(
+      train.Phase(3, 1, ("vqa",), 1e-3)))
+  assert int(batch["branch_ids"].max()) >= 4
+  for r in range(batch["inputs"].shape[0]):
+    seg, br, pos = batch["segment_ids"][r], batch["branch_ids"][r], batch["positions"][r]
+    for k in set(seg.tolist()) - {0}:
+      at = np.flatnonzero(seg == k)
+      prefix = int((br[at] == 0).sum())
+      for b in set(br[at].tolist()) - {0}:
+        part = at[br[at] == b]
+        np.testing.assert_array_equal(pos[part], prefix + np.arange(len(part)))
+  text = next(train.iterator_fn(config, s["tok"], source, None)(
+      train.Phase(0, 1, ("vqa",), 1e-3)))
+  assert "branch_ids" not in text
+  # The full run's plan on branched batches, through the sharded step on the 8 devices.
+  trainer = train.Trainer(config, s["trainer"].model, s["trainer"].mesh)
+  out = _host(train.run_plan(config, os.path.join(s["workdir"], "branches"), trainer,
+                             train.plan_of(config, "full"),
+                             train.iterator_fn(config, s["tok"], source, visual["train"]),
+                             base_params=s["text_params"]))
+  assert int(out["step"]) == 6
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(out["params"]))
+  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), out["params"],
+                                          _host(runs["a"])["params"])))
+  splash = helpers.make_config(vqa_branches=True)
+  splash.lm.model.attention_impl = "splash"
+  with pytest.raises(ValueError, match="vqa_branches=True with lm.model.attention_impl='splash'"):
+    train.check_config(splash)
+  off = helpers.make_config(vqa_branches=False)
+  assert manifest.config_dict(off)["lm"] == manifest.config_dict(s["config"])["lm"]

@@ -433,3 +433,69 @@ def test_image_batches_from_user_images(tmp_path):
   np.testing.assert_array_equal(batch, 200)
   with pytest.raises(ValueError, match="resolution=0"):
     pl.ImageMap(0)
+
+
+def test_format_vqa_branches_restart_after_the_image(tok):
+  """`branches=True`: the shared prefix (bos + image) is branch 0, the k-th question-answer
+  pair branch k; `branch_positions` gives every branch the positions its pair has when asked
+  alone after the image (the evaluation's layout), in 1D and 2D; other tasks are all branch 0."""
+  ex = shapes.make_example(4, "validation", resolution=32)
+  visual = lambda e: [500, 501, 502, 503]
+  rng = np.random.default_rng(1)
+  ids, mask, br = pl.format_example(ex, "vqa", tok, image_tokens=visual, rng=rng,
+                                    branches=True)
+  prefix = 1 + 4 + 2
+  assert (br[:prefix] == 0).all() and br.max() == len(ex["qa"])
+  assert br[prefix:].min() == 1 and (np.diff(br) >= 0).all()
+  same, _ = pl.format_example(ex, "vqa", tok, image_tokens=visual,
+                              rng=np.random.default_rng(1))
+  np.testing.assert_array_equal(ids, same)  # the same tokens, only laid out as branches
+  pos = pl.branch_positions(np.arange(len(ids)), br)
+  np.testing.assert_array_equal(pos[:prefix], np.arange(prefix))
+  for k in range(1, br.max() + 1):
+    part = np.flatnonzero(br == k)
+    assert ids[part[0]] == tok.user_id and ids[part[-1]] == tok.eos_id
+    np.testing.assert_array_equal(pos[part], prefix + np.arange(len(part)))
+    assert tok.decode(ids[part][mask[part]]) in {qa["a"] for qa in ex["qa"]}
+  grid = np.stack([np.arange(len(ids))] * 2, -1)
+  np.testing.assert_array_equal(pl.branch_positions(grid, br), np.stack([pos] * 2, -1))
+  for task in ("caption", "dialogue", "icl"):
+    out = pl.format_example(ex, task, tok, image_tokens=None if task == "icl" else visual,
+                            rng=np.random.default_rng(0), branches=True)
+    assert len(out) == 3 and not out[2].any()
+  with pytest.raises(ValueError, match="one branch id per position"):
+    pl.branch_positions(np.arange(5), np.zeros(4, np.int32))
+
+
+def test_packed_branch_batches_keep_branches_per_segment(tok):
+  """lm_dataset(branches=True) packs the formatter's dicts: every row carries branch ids and
+  positions that restart after each segment's image, and (2D) grid positions too."""
+  records = [shapes.make_example(i, "validation", resolution=32) for i in range(6)]
+  visual = lambda e: [500 + len(e["qa"]), 501, 502]
+  fmt = pl.TaskFormatter(tok, ("vqa", "caption"), image_tokens=visual, branches=True)
+  batch = next(iter(pl.lm_dataset(records, fmt, seq_len=160, batch_size=2, seed=0,
+                                   shuffle=False, branches=True)))
+  assert set(batch) >= {"branch_ids", "positions", "segment_ids"}
+  seen = 0
+  for r in range(2):
+    seg, br, pos, ids = (batch[k][r] for k in ("segment_ids", "branch_ids", "positions",
+                                                "inputs"))
+    for s in set(seg[seg > 0].tolist()):
+      at = np.flatnonzero(seg == s)
+      prefix = at[br[at] == 0]
+      np.testing.assert_array_equal(pos[prefix], np.arange(len(prefix)))
+      for k in set(br[at].tolist()) - {0}:
+        part = at[br[at] == k]
+        np.testing.assert_array_equal(pos[part], len(prefix) + np.arange(len(part)))
+        assert ids[part[0]] == tok.user_id
+        seen += 1
+  assert seen >= 5  # some vqa examples with several branches were packed
+  fmt2 = pl.TaskFormatter(tok, ("vqa",), image_tokens=visual, image_positions=lambda e: [
+      [0, 0], [0, 1], [1, 0]], branches=True)
+  batch = next(iter(pl.lm_dataset(records, fmt2, seq_len=160, batch_size=2, seed=0,
+                                   shuffle=False, grid=True, branches=True)))
+  assert batch["positions"].shape == (2, 160, 2) and batch["branch_ids"].max() >= 2
+  with pytest.raises(ValueError, match="branch_ids"):
+    pl._ShiftAndCheck(lambda r, g: {"ids": np.arange(5), "mask": np.ones(5, bool),
+                                    "positions": np.arange(5), "branch_ids": np.zeros(3)},
+                      8, False)(0, None)

@@ -29,9 +29,10 @@ COSMETIC = ("progress", "report_examples", "num_token_maps", "grid_images", "log
 # keys while at it. data_shards 0: one data shard per process; clip.hard_negatives and
 # clip.twin_images (): none; clip.model.conv_stem (): the patchify; lm.denoise_ns /
 # lm.denoise_shots: data/icl.TRAIN_DENOISE's (tested);
-# lm.text_phases (): stage 0 is the one mixed phase.
+# lm.text_phases (): stage 0 is the one mixed phase; lm.vqa_branches False: one line.
 NEUTRAL_DEFAULTS = {"data_shards": 0, "hard_negatives": [], "twin_images": [], "conv_stem": [],
-                    "vqa_questions": 0, "text_phases": [], "denoise_ns": [2],
+                    "vqa_questions": 0, "vqa_branches": False, "text_phases": [],
+                    "denoise_ns": [2],
                     "denoise_shots": list(range(1, 11))}
 
 

@@ -257,30 +257,50 @@ def grid_positions(ids, image_begin_id: int, visual_positions=None) -> np.ndarra
 
 
 class _ShiftAndCheck:
-  """(ids, mask[, positions [L, 2]]) -> inputs/targets/loss_mask[/grid_positions] of length
-  L-1; picklable for grain workers."""
+  """(ids, mask[, positions [L, 2]]) or {"ids", "mask", "positions" [L] or [L, 2],
+  "branch_ids" [L]} -> inputs/targets/loss_mask[/grid_positions][/text_positions, branch_ids]
+  of length L-1; picklable for grain workers."""
 
   def __init__(self, to_tokens, seq_len, truncate):
     self.to_tokens, self.seq_len, self.truncate = to_tokens, seq_len, truncate
 
   def __call__(self, record, rng):
     out = self.to_tokens(record, rng)
-    ids, mask = np.asarray(out[0], np.int32), np.asarray(out[1], np.bool_)
-    pos = np.asarray(out[2], np.int32) if len(out) == 3 else None
+    if not isinstance(out, dict):
+      return self._check(*out[:2], out[2] if len(out) == 3 else None)
+    branch = np.asarray(out["branch_ids"], np.int32)
+    if branch.shape != np.shape(out["ids"]):
+      raise ValueError(f"to_tokens returned branch_ids {branch.shape}: expected "
+                       f"{np.shape(out['ids'])}")
+    ex = self._check(out["ids"], out["mask"], out["positions"], one_d=True)
+    ex["branch_ids"] = branch[:len(ex["inputs"])]
+    return ex
+
+  def _check(self, ids, mask, pos, one_d=False):
+    """`one_d`: 1D `pos` `[L]` allowed too (-> text_positions)."""
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+    pos = None if pos is None else np.asarray(pos, np.int32)
+    one_d = pos if one_d and pos is not None and pos.ndim == 1 else None
+    pos = None if one_d is not None else pos
     if ids.ndim != 1 or ids.shape != mask.shape or len(ids) < 2:
       raise ValueError(f"to_tokens returned ids {ids.shape} and mask {mask.shape}: expected "
                        "equal 1-D shapes of length >= 2")
     if pos is not None and pos.shape != ids.shape + (2,):
       raise ValueError(f"to_tokens returned positions {pos.shape}: expected {ids.shape + (2,)}")
+    if one_d is not None and one_d.shape != ids.shape:
+      raise ValueError(f"to_tokens returned positions {one_d.shape}: expected {ids.shape}")
     if len(ids) > self.seq_len + 1:
       if not self.truncate:
         raise ValueError(f"example of {len(ids)} tokens > seq_len + 1 = {self.seq_len + 1}; "
                          "raise seq_len or pass truncate=True")
       ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
       pos = None if pos is None else pos[:self.seq_len + 1]
+      one_d = None if one_d is None else one_d[:self.seq_len + 1]
     ex = {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
     if pos is not None:
       ex["grid_positions"] = pos[:-1]
+    if one_d is not None:
+      ex["text_positions"] = one_d[:-1]
     return ex
 
 
@@ -288,23 +308,27 @@ def _pad(ex, seq_len):
   n = len(ex["inputs"])
   out = {k: np.pad(v, [(0, seq_len - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in ex.items()}
   out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-  out["positions"] = out.pop("grid_positions", None)
+  out["positions"] = out.pop("grid_positions", out.pop("text_positions", None))
   if out["positions"] is None:
     out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
   return out
 
 
 def _unpacked_names(ex):
-  return {"inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
-          "segment_ids": ex["inputs_segment_ids"],
-          "positions": ex.get("grid_positions", ex["inputs_positions"])}
+  out = {"inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
+         "segment_ids": ex["inputs_segment_ids"],
+         "positions": ex.get("grid_positions", ex.get("text_positions",
+                                                      ex["inputs_positions"]))}
+  if "branch_ids" in ex:
+    out["branch_ids"] = ex["branch_ids"]
+  return out
 
 
 def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
                pack: bool = True, num_packing_bins: int | None = None, truncate: bool = False,
                shuffle: bool = True, num_epochs: int | None = None, worker_count: int = 0,
                shard=None, read_options: grain.ReadOptions | None = None,
-               grid: bool = False) -> grain.IterDataset:
+               grid: bool = False, branches: bool = False) -> grain.IterDataset:
   """Next-token batches from `to_tokens(record, rng) -> (ids [L], loss_mask [L])`.
 
   Returns batches of `inputs = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]` (True
@@ -314,6 +338,8 @@ def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
   `batch_size`); otherwise each row holds one example padded with 0. Examples longer than
   `seq_len + 1` tokens raise unless `truncate`. `grid=True`: `to_tokens` also returns 2D
   positions `[L, 2]` (`grid_positions`), and `positions` is `[batch_size, seq_len, 2]`.
+  `branches=True`: `to_tokens` returns a dict (`TaskFormatter(branches=True)`), and batches
+  also hold `branch_ids` (`format_example`'s) with its `positions`.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len}: expected >= 1")
@@ -324,6 +350,10 @@ def lm_dataset(source, to_tokens, *, seq_len: int, batch_size: int, seed: int,
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     if grid:
       lengths["grid_positions"] = seq_len
+    if branches:
+      lengths["branch_ids"] = seq_len
+      if not grid:
+        lengths["text_positions"] = seq_len
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=num_packing_bins or batch_size,
         shuffle_bins=False)
@@ -371,7 +401,7 @@ def check_denoise(denoise, prefix: str = "denoise.") -> dict:
 
 
 def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None,
-                   questions: int = 0, denoise=None):
+                   questions: int = 0, denoise=None, branches: bool = False):
   """(ids [L] int32, loss_mask [L] bool) of one decoded example for one task family.
 
   `rng` (np.random.Generator) picks one of `example["captions"]` for "caption" and shuffles the
@@ -384,6 +414,11 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
   on the questions of the types `LOOK_TYPES` only (the same order and `questions` rules).
   `denoise`: the "denoise" episodes' `icl.denoise_task` settings (a dict of `ns`, `shots`
   and/or `palettes`) over `icl.TRAIN_DENOISE`'s; None: those.
+  `branches=True` also returns branch ids `[L]` int32: 0 for the shared prefix (bos and the
+  image), k for the k-th question-answer pair of "vqa"/"look", 0 everywhere in other tasks.
+  With `branch_positions` and `LM(..., branch_ids=...)` each question then sees the image
+  and itself only, in the position where evaluation asks it: all of an image's questions
+  train in one sequence that pays for the image once, without the text shortcut.
   """
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
@@ -394,10 +429,13 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if rng is None:
       raise ValueError(f"task={task!r}: expected an rng (the episode is drawn from it)")
     if task == "denoise":
-      return icl.denoise_ids(tokenizer, rng, **check_denoise(denoise))
-    episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
-    return icl.episode_ids(tokenizer, episode)
+      out = icl.denoise_ids(tokenizer, rng, **check_denoise(denoise))
+    else:
+      episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
+      out = icl.episode_ids(tokenizer, episode)
+    return (*out, np.zeros(len(out[0]), np.int32)) if branches else out
   ids, mask = [tokenizer.bos_id], [False]
+  branch = []  # (start, end) of each question-answer pair with branches
   if image_tokens is not None:
     visual = [int(i) for i in np.asarray(image_tokens(example)).reshape(-1)]
     ids += [tokenizer.image_begin_id] + visual + [tokenizer.image_end_id]
@@ -425,9 +463,11 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if questions:
       order = order[:questions]
     for qa in (qas[i] for i in order):
+      start = len(ids)
       add([tokenizer.user_id] + _encode(tokenizer, qa["q"]) + [tokenizer.assistant_id],
           False)
       add(_encode(tokenizer, qa["a"]) + [tokenizer.eos_id], True)
+      branch.append((start, len(ids)))
   else:
     turns = example.get("dialogue") or example.get("conversations")
     if not turns:
@@ -440,7 +480,34 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
         add(_encode(tokenizer, turn["value"]) + [tokenizer.eos_id], True)
       else:
         raise ValueError(f"turn from={turn['from']!r}: expected 'human' or 'gpt'")
-  return np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+  out = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
+  if not branches:
+    return out
+  branch_ids = np.zeros(len(ids), np.int32)
+  for k, (lo, hi) in enumerate(branch, 1):
+    branch_ids[lo:hi] = k
+  return (*out, branch_ids)
+
+
+def branch_positions(positions, branch_ids) -> np.ndarray:
+  """Positions (`[L]` or `[L, 2]`) of a sequence laid out in one line, moved so that every
+  branch k > 0 starts where the first one does (right after the shared prefix): each branch
+  then has the positions it would have alone after the prefix (`format_example`'s branches).
+  """
+  positions, branch_ids = np.array(positions, np.int32), np.asarray(branch_ids)
+  if branch_ids.shape != positions.shape[:1]:
+    raise ValueError(f"branch_ids {branch_ids.shape} and positions {positions.shape}: expected "
+                     "one branch id per position")
+  starts = {}
+  for i, k in enumerate(branch_ids.tolist()):
+    starts.setdefault(k, i)
+  if starts and any(k < 0 for k in starts):
+    raise ValueError(f"branch_ids hold {min(starts)}: expected ids >= 0 (0: the shared prefix)")
+  first = min((i for k, i in starts.items() if k > 0), default=None)
+  for k, i in starts.items():
+    if k > 0:
+      positions[branch_ids == k] -= positions[i] - positions[first]
+  return positions
 
 
 class TaskFormatter:
@@ -449,12 +516,16 @@ class TaskFormatter:
   `image_positions` (and `image_tokens`) it returns `(ids, loss_mask, grid_positions(...))`
   (use `lm_dataset(..., grid=True)`). `questions`: `format_example`'s (VQA questions kept per
   image; 0: all); `denoise`: `format_example`'s (the "denoise" episodes' settings).
+  `branches=True`: every example as a dict with `positions` (1D, or 2D with
+  `image_positions`) and `branch_ids` (`format_example`'s; use `lm_dataset(...,
+  branches=True)`).
 
   A class rather than a closure so that it pickles into grain workers.
   """
 
   def __init__(self, tokenizer, tasks=("caption",), *, image_tokens=None,
-               image_positions=None, questions: int = 0, denoise=None):
+               image_positions=None, questions: int = 0, denoise=None,
+               branches: bool = False):
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
       raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {TASKS}")
@@ -464,14 +535,21 @@ class TaskFormatter:
     self.image_positions = image_positions
     self.questions = _check_questions(questions)
     self.denoise = check_denoise(denoise)
+    self.branches = bool(branches)
 
   def __call__(self, record, rng):
     from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
-    ids, mask = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
-                               rng=rng, questions=self.questions, denoise=self.denoise)
+    out = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
+                         rng=rng, questions=self.questions, denoise=self.denoise,
+                         branches=self.branches)
+    ids, mask = out[:2]
     if self.image_positions is None:
-      return ids, mask
-    return ids, mask, grid_positions(ids, self.tokenizer.image_begin_id,
-                                     self.image_positions(example))
+      pos = np.arange(len(ids), dtype=np.int32) if self.branches else None
+    else:
+      pos = grid_positions(ids, self.tokenizer.image_begin_id, self.image_positions(example))
+    if not self.branches:
+      return (ids, mask) if pos is None else (ids, mask, pos)
+    return {"ids": ids, "mask": mask, "positions": branch_positions(pos, out[2]),
+            "branch_ids": out[2]}

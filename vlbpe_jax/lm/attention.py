@@ -20,7 +20,8 @@ class Attention(nn.Module):
 
   Without a cache the attention is causal over the T tokens, restricted by `mask`
   (`[B, 1, T, T]` bool, e.g. segments of a packed row) when given; the "blockwise" and
-  "splash" implementations take `segment_ids` (`[B, T]`) instead of a mask. With `cache = (k, v)`,
+  "splash" implementations take `segment_ids` (`[B, T]`) instead of a mask ("blockwise" also
+  `branch_ids`, model.py's shared-prefix branches; with a mask the caller folds them in). With `cache = (k, v)`,
   each `[B, S, Nkv, K]`, the new keys/values are written at slots `[index, index + T)` and the
   queries attend to all S slots allowed by `mask` (`[B, 1, T, S]`, built by the caller).
   Returns `(y, new_cache)`; `new_cache` is None without a cache.
@@ -49,7 +50,8 @@ class Attention(nn.Module):
     return y  # [B, T, N, K]
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask=None, cache=None, index=None, segment_ids=None):
+  def __call__(self, x, cos, sin, mask=None, cache=None, index=None, segment_ids=None,
+               branch_ids=None):
     x = x.astype(self.dtype)
     q = self._proj(x, "q", self.num_heads, "heads")  # [B, T, N, K]
     k = self._proj(x, "k", self.num_kv_heads, "kv_heads")  # [B, T, Nkv, K]
@@ -75,7 +77,13 @@ class Attention(nn.Module):
     kernels = {"blockwise": blockwise_attention.blockwise_attention,
                "splash": splash.splash_attention}
     if self.implementation in kernels and cache is None:
-      y = kernels[self.implementation](q, k, v, segment_ids)  # [B, T, N, K]
+      if branch_ids is None:
+        y = kernels[self.implementation](q, k, v, segment_ids)  # [B, T, N, K]
+      elif self.implementation == "blockwise":
+        y = blockwise_attention.blockwise_attention(q, k, v, segment_ids, branch_ids=branch_ids)
+      else:
+        raise ValueError("branch_ids with attention_impl='splash': expected 'blockwise' or an "
+                         "implementation that takes a mask (None, 'xla', 'cudnn')")
     else:
       impl = None if cache is not None or self.implementation in kernels else (
           self.implementation)

@@ -44,11 +44,16 @@ def heads_last(o, shape):
 
 
 def _scores(qh, kh, seg, lo, hi):
-  """Masked fp32 scores of queries `[lo, hi)` against keys `[0, hi)`: `[B, H, G, hi-lo, hi]`."""
+  """Masked fp32 scores of queries `[lo, hi)` against keys `[0, hi)`: `[B, H, G, hi-lo, hi]`.
+  `seg`: None, segment ids `[B, T]`, or (segment ids, branch ids) (see `blockwise_attention`)."""
   s = jnp.einsum("BHGTK,BHSK->BHGTS", qh[..., lo:hi, :], kh[:, :, :hi], **_F32)
   allowed = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [t, hi]
   if seg is not None:
-    allowed = allowed & (seg[:, lo:hi, None] == seg[:, None, :hi])[:, None, None]
+    seg, br = seg if isinstance(seg, tuple) else (seg, None)
+    same = seg[:, lo:hi, None] == seg[:, None, :hi]  # [B, t, hi]
+    if br is not None:
+      same &= (br[:, None, :hi] == 0) | (br[:, lo:hi, None] == br[:, None, :hi])
+    allowed = allowed & same[:, None, None]
   return jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
 
 
@@ -98,8 +103,9 @@ def _attention_bwd(block, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def check_inputs(q, k, v, segment_ids=None):
-  """Raises unless q `[B, T, N, K]`, k/v `[B, T, Nkv, K]` (N % Nkv == 0), segments `[B, T]`."""
+def check_inputs(q, k, v, segment_ids=None, branch_ids=None):
+  """Raises unless q `[B, T, N, K]`, k/v `[B, T, Nkv, K]` (N % Nkv == 0), segments and
+  branches `[B, T]` (branches only with segments)."""
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
   b, t, n, d = q.shape
@@ -108,15 +114,23 @@ def check_inputs(q, k, v, segment_ids=None):
                      "with N a multiple of Nkv (self-attention, no cache)")
   if segment_ids is not None:
     chex.assert_shape(segment_ids, (b, t))
+  if branch_ids is not None:
+    if segment_ids is None:
+      raise ValueError("branch_ids without segment_ids: expected both (branches live in a "
+                       "packed row's segments)")
+    chex.assert_shape(branch_ids, (b, t))
 
 
-def blockwise_attention(q, k, v, segment_ids=None, block=64):
+def blockwise_attention(q, k, v, segment_ids=None, block=64, branch_ids=None):
   """Causal (and, with `segment_ids [B, T]`, same-segment) attention.
 
   q: `[B, T, N, K]`; k, v: `[B, T, Nkv, K]` with `N % Nkv == 0`. Returns `[B, T, N, K]` in
-  q's dtype; scores, softmax and accumulation run in float32.
+  q's dtype; scores, softmax and accumulation run in float32. `branch_ids [B, T]` (with
+  segments): a query of branch k > 0 sees only keys of branch 0 (its segment's shared prefix)
+  and of branch k.
   """
-  check_inputs(q, k, v, segment_ids)
+  check_inputs(q, k, v, segment_ids, branch_ids)
   if block < 1:
     raise ValueError(f"block={block}: expected a positive number of queries per block")
-  return _attention(q, k, v, segment_ids, block)
+  seg = segment_ids if branch_ids is None else (segment_ids, branch_ids)
+  return _attention(q, k, v, seg, block)

@@ -34,14 +34,14 @@ class Block(nn.Module):
   config: LMConfig
 
   @nn.compact
-  def __call__(self, x, cache, cos, sin, mask, index, segment_ids):
+  def __call__(self, x, cache, cos, sin, mask, index, segment_ids, branch_ids=None):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = layers.RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
     h, cache = attention.Attention(
         c.num_heads, c.num_kv_heads, c.head_dim, qk_norm=c.qk_norm, qkv_bias=c.qkv_bias,
         norm_eps=c.norm_eps, init_std=c.init_std, implementation=c.attention_impl,
-        name="attn", **kw)(h, cos, sin, mask, cache, index, segment_ids)
+        name="attn", **kw)(h, cos, sin, mask, cache, index, segment_ids, branch_ids)
     x = nn.with_logical_constraint(x + h, ("act_batch", "act_len", "act_embed"))
     h = layers.RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.Mlp(c.mlp_dim, init_std=c.init_std, name="mlp", **kw)(h)
@@ -93,7 +93,7 @@ class LM(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0,) + (nn.broadcast,) * 6,
           length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [block(c) for _ in range(c.depth)]
@@ -129,7 +129,7 @@ class LM(nn.Module):
     return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids, positions=None, segment_ids=None, extra_embeds=None,
-               return_hidden=False, cache=None):
+               return_hidden=False, cache=None, branch_ids=None):
     """Forward pass.
 
     input_ids: `[B, T]` int32. positions: `[B, T']` (1D RoPE) or `[B, T', 2]` (2D RoPE),
@@ -137,6 +137,10 @@ class LM(nn.Module):
     segment_ids: `[B, T']` int; without a cache tokens attend only within their segment
     (packed rows); with a cache, 0 marks padding that no query may attend to.
     extra_embeds: `[B, E, D]` appended after the token embeddings.
+    branch_ids: `[B, T']` int, with segment_ids and no cache: a token of branch k > 0 attends
+    to branch 0 (the shared prefix, e.g. an image) and to branch k only, so one image carries
+    several questions that cannot read each other (positions are the caller's: each branch
+    usually restarts where the prefix ends).
     Returns logits `[B, T', V]` float32, or the final-norm hidden `[B, T', D]` when
     `return_hidden`; with a cache, `(that, new_cache)`.
     """
@@ -154,8 +158,15 @@ class LM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t)[None] + (0 if index is None else index), (b, t))
     cos, sin = layers.rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
     mask, valid = None, None
+    if branch_ids is not None:
+      if segment_ids is None or cache is not None:
+        raise ValueError("branch_ids: expected segment_ids and no cache (training rows)")
+      chex.assert_shape(branch_ids, (b, t))
     if cache is None and segment_ids is not None and c.attention_impl not in SEGMENT_KERNELS:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+      if branch_ids is not None:
+        mask &= ((branch_ids[:, None, :] == 0) |
+                 (branch_ids[:, :, None] == branch_ids[:, None, :]))[:, None]
     elif cache is not None:
       new = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
       valid = jax.lax.dynamic_update_slice(cache["valid"], new, (0, index))  # [B, S]
@@ -164,13 +175,13 @@ class LM(nn.Module):
       mask = valid[:, None, None, :] & causal[None, None]  # [B, 1, T, S]
     if c.scan_layers:
       kv = None if cache is None else (cache["k"], cache["v"])
-      x, kv = self.layers(x, kv, cos, sin, mask, index, segment_ids)
+      x, kv = self.layers(x, kv, cos, sin, mask, index, segment_ids, branch_ids)
       new_k, new_v = (None, None) if kv is None else kv
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
         x, kv = layer(x, None if cache is None else (cache["k"][i], cache["v"][i]),
-                      cos, sin, mask, index, segment_ids)
+                      cos, sin, mask, index, segment_ids, branch_ids)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])

@@ -123,19 +123,20 @@ def load_visual_tokens(workdir: str, kind: str, *, vq_start: int, splits=SPLITS)
 
 def train_dataset(source, tokenizer, tasks, visual, *, seq_len: int, batch_size: int, seed: int,
                   worker_count: int = 0, grid: bool = False, shard=None, questions: int = 0,
-                  denoise=None):
+                  denoise=None, branches: bool = False):
   """Packed grain batches (pipeline.lm_dataset) of `batch_size` rows of examples formatted as
   `tasks` (drawn uniformly per example; repeat a name to weight it); `visual=None`: text only.
   `grid`: 2D RoPE positions `[B, T, 2]` (pipeline.grid_positions) instead of 1D. `shard`:
   `(index, count)` of the data to read (None: all of it); `pipeline.sharded_iterator` zips a
   process's shards into its rows of the global batch. `questions`: VQA questions kept per
-  image (`pipeline.format_example`; 0: all); `denoise`: the "denoise" episodes' settings (ditto)."""
+  image (`pipeline.format_example`; 0: all); `denoise`: the "denoise" episodes' settings (ditto).
+  `branches`: an image's questions as branches after it (ditto; batches get `branch_ids`)."""
   fmt = pipeline.TaskFormatter(tokenizer, tuple(tasks), image_tokens=visual,
                                image_positions=visual.grid if grid and visual else None,
-                               questions=questions, denoise=denoise)
+                               questions=questions, denoise=denoise, branches=branches)
   return pipeline.lm_dataset(source, fmt, seq_len=seq_len, batch_size=batch_size, seed=seed,
                              truncate=True, worker_count=worker_count,
-                             grid=bool(grid and visual), shard=shard)
+                             grid=bool(grid and visual), shard=shard, branches=branches)
 
 
 def image_span(tokenizer, visual_ids) -> list[int]:

@@ -62,7 +62,7 @@ ICL_MUST_MATCH = TEXT_MUST_MATCH + ("lm.text_lr", "lm.text_phases", "lm.denoise_
 # The "denoise" episodes' settings in config (`lm.denoise_<key>`), keys of icl.denoise_task.
 DENOISE_FIELDS = ("ns", "shots", "palettes")
 MUST_MATCH = TEXT_MUST_MATCH + ("lm.stage_steps", "lm.stage_tasks", "lm.first_frac",
-                                 "lm.positions", "lm.vqa_questions")
+                                 "lm.positions", "lm.vqa_questions", "lm.vqa_branches")
 # lm.positions: "1d" RoPE everywhere, or "2d" (visual tokens at their (row, col) on the code
 # grid, text on the diagonal, which equals 1D RoPE; pipeline.grid_positions).
 POSITIONS = ("1d", "2d")
@@ -148,6 +148,12 @@ def vqa_questions(config) -> int:
   return int(config.lm.get("vqa_questions", 0))
 
 
+def vqa_branches(config) -> bool:
+  """`lm.vqa_branches`: an image's VQA questions as branches after it, each seeing the image
+  and itself only (pipeline.format_example; False, the default when absent: one line)."""
+  return bool(config.lm.get("vqa_branches", False))
+
+
 def lm_seed(config) -> int:
   """The LM stage's seed (init, data order, dropout): `lm.seed`, or `seed` when it is -1."""
   s = int(config.lm.get("seed", -1))
@@ -163,6 +169,13 @@ def check_config(config):
   if isinstance(q, bool) or not isinstance(q, int) or q < 0:
     raise ValueError(f"lm.vqa_questions={q!r}: expected an int >= 0 (0: every question of an "
                      "image in one example)")
+  b = c.get("vqa_branches", False)
+  if not isinstance(b, bool):
+    raise ValueError(f"lm.vqa_branches={b!r}: expected True or False")
+  if b and c.model.get("attention_impl", None) == "splash":
+    raise ValueError("lm.vqa_branches=True with lm.model.attention_impl='splash': expected "
+                     "'blockwise' or an implementation that takes a mask (the splash kernel "
+                     "has no branch mask)")
   for name in ("seq_len", "batch_size", "log_every", "ckpt_every", "text_steps",
                "vocab_multiple"):
     if int(c[name]) < 1:
@@ -247,11 +260,12 @@ def make_tx(config, phase: Phase, params):
 def loss_fn(params, batch, key, *, model):
   """Next-token cross-entropy on the loss-masked targets.
 
-  batch: inputs/targets/segment_ids/positions `[B, T]` int32, loss_mask `[B, T]` bool.
-  Returns `(loss, metrics)`.
+  batch: inputs/targets/segment_ids/positions `[B, T]` int32, loss_mask `[B, T]` bool, and
+  optionally branch_ids `[B, T]` (`lm.vqa_branches`). Returns `(loss, metrics)`.
   """
   logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], rngs={"dropout": key})  # [B, T, V]
+                       segment_ids=batch["segment_ids"], branch_ids=batch.get("branch_ids"),
+                       rngs={"dropout": key})  # [B, T, V]
   if logits.shape[:2] != batch["targets"].shape:
     raise ValueError(f"Incorrect shapes. Got {logits.shape} logits and "
                      f"{batch['targets'].shape} targets")
@@ -432,6 +446,7 @@ def iterator_fn(config, tok, source, visual):
                           seq_len=config.lm.seq_len, seed=lm_seed(config),
                           worker_count=config.lm.worker_count, grid=grid_positions(config),
                           questions=vqa_questions(config) if visual is not None else 0,
+                          branches=vqa_branches(config) and visual is not None,
                           denoise=denoise_settings(config)),
         batch_size=int(config.lm.batch_size), data_shards=int(config.lm.get("data_shards", 0)),
         section="lm")
