@@ -272,15 +272,15 @@ class _ShiftAndCheck:
     if branch.shape != np.shape(out["ids"]):
       raise ValueError(f"to_tokens returned branch_ids {branch.shape}: expected "
                        f"{np.shape(out['ids'])}")
-    ex = self._check(out["ids"], out["mask"], out["positions"], one_d=True)
+    ex = self._check(out["ids"], out["mask"], out["positions"], allow_1d=True)
     ex["branch_ids"] = branch[:len(ex["inputs"])]
     return ex
 
-  def _check(self, ids, mask, pos, one_d=False):
-    """`one_d`: 1D `pos` `[L]` allowed too (-> text_positions)."""
+  def _check(self, ids, mask, pos, allow_1d=False):
+    """`allow_1d`: 1D `pos` `[L]` allowed too (-> text_positions)."""
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
     pos = None if pos is None else np.asarray(pos, np.int32)
-    one_d = pos if one_d and pos is not None and pos.ndim == 1 else None
+    one_d = pos if allow_1d and pos is not None and pos.ndim == 1 else None
     pos = None if one_d is not None else pos
     if ids.ndim != 1 or ids.shape != mask.shape or len(ids) < 2:
       raise ValueError(f"to_tokens returned ids {ids.shape} and mask {mask.shape}: expected "

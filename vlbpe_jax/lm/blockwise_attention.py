@@ -43,6 +43,16 @@ def heads_last(o, shape):
   return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(shape)
 
 
+def same_context(seg_q, seg_k, br_q=None, br_k=None):
+  """`[B, Tq, Tk]` bool: which keys a query may see besides causality: those of its segment
+  (packed rows), and with branch ids (`[B, Tq]`, `[B, Tk]`) only those of branch 0 (the
+  segment's shared prefix) or of its own branch."""
+  same = seg_q[:, :, None] == seg_k[:, None, :]
+  if br_q is not None:
+    same &= (br_k[:, None, :] == 0) | (br_q[:, :, None] == br_k[:, None, :])
+  return same
+
+
 def _scores(qh, kh, seg, lo, hi):
   """Masked fp32 scores of queries `[lo, hi)` against keys `[0, hi)`: `[B, H, G, hi-lo, hi]`.
   `seg`: None, segment ids `[B, T]`, or (segment ids, branch ids) (see `blockwise_attention`)."""
@@ -50,9 +60,8 @@ def _scores(qh, kh, seg, lo, hi):
   allowed = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [t, hi]
   if seg is not None:
     seg, br = seg if isinstance(seg, tuple) else (seg, None)
-    same = seg[:, lo:hi, None] == seg[:, None, :hi]  # [B, t, hi]
-    if br is not None:
-      same &= (br[:, None, :hi] == 0) | (br[:, lo:hi, None] == br[:, None, :hi])
+    same = same_context(seg[:, lo:hi], seg[:, :hi], *(() if br is None else
+                                                        (br[:, lo:hi], br[:, :hi])))
     allowed = allowed & same[:, None, None]
   return jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
 

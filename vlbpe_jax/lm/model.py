@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlbpe_jax.lm import attention
+from vlbpe_jax.lm import blockwise_attention
 from vlbpe_jax.lm import layers
 from vlbpe_jax.lm.config import LMConfig, lm_config  # noqa: F401  (re-exported)
 
@@ -163,10 +164,9 @@ class LM(nn.Module):
         raise ValueError("branch_ids: expected segment_ids and no cache (training rows)")
       chex.assert_shape(branch_ids, (b, t))
     if cache is None and segment_ids is not None and c.attention_impl not in SEGMENT_KERNELS:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-      if branch_ids is not None:
-        mask &= ((branch_ids[:, None, :] == 0) |
-                 (branch_ids[:, :, None] == branch_ids[:, None, :]))[:, None]
+      mask = blockwise_attention.same_context(
+          segment_ids, segment_ids, *(() if branch_ids is None else (branch_ids, branch_ids))
+      )[:, None]  # [B, 1, T, T]
     elif cache is not None:
       new = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
       valid = jax.lax.dynamic_update_slice(cache["valid"], new, (0, index))  # [B, S]
