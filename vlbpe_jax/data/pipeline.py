@@ -498,15 +498,12 @@ def branch_positions(positions, branch_ids) -> np.ndarray:
   if branch_ids.shape != positions.shape[:1]:
     raise ValueError(f"branch_ids {branch_ids.shape} and positions {positions.shape}: expected "
                      "one branch id per position")
-  starts = {}
-  for i, k in enumerate(branch_ids.tolist()):
-    starts.setdefault(k, i)
-  if starts and any(k < 0 for k in starts):
-    raise ValueError(f"branch_ids hold {min(starts)}: expected ids >= 0 (0: the shared prefix)")
-  first = min((i for k, i in starts.items() if k > 0), default=None)
-  for k, i in starts.items():
-    if k > 0:
-      positions[branch_ids == k] -= positions[i] - positions[first]
+  ids, starts = np.unique(branch_ids, return_index=True)  # each branch's first token
+  if ids.size and ids[0] < 0:
+    raise ValueError(f"branch_ids hold {ids[0]}: expected ids >= 0 (0: the shared prefix)")
+  ids, starts = ids[ids > 0], starts[ids > 0]
+  for k, i in zip(ids, starts):
+    positions[branch_ids == k] -= positions[i] - positions[starts.min()]
   return positions
 
 

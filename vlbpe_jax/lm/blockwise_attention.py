@@ -55,13 +55,13 @@ def same_context(seg_q, seg_k, br_q=None, br_k=None):
 
 def _scores(qh, kh, seg, lo, hi):
   """Masked fp32 scores of queries `[lo, hi)` against keys `[0, hi)`: `[B, H, G, hi-lo, hi]`.
-  `seg`: None, segment ids `[B, T]`, or (segment ids, branch ids) (see `blockwise_attention`)."""
+  `seg`: None, or (segment ids `[B, T]`, branch ids `[B, T]` or None) (`blockwise_attention`)."""
   s = jnp.einsum("BHGTK,BHSK->BHGTS", qh[..., lo:hi, :], kh[:, :, :hi], **_F32)
   allowed = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [t, hi]
   if seg is not None:
-    seg, br = seg if isinstance(seg, tuple) else (seg, None)
-    same = same_context(seg[:, lo:hi], seg[:, :hi], *(() if br is None else
-                                                        (br[:, lo:hi], br[:, :hi])))
+    ids, br = seg
+    same = same_context(ids[:, lo:hi], ids[:, :hi], None if br is None else br[:, lo:hi],
+                        None if br is None else br[:, :hi])
     allowed = allowed & same[:, None, None]
   return jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
 
@@ -141,5 +141,5 @@ def blockwise_attention(q, k, v, segment_ids=None, block=64, branch_ids=None):
   check_inputs(q, k, v, segment_ids, branch_ids)
   if block < 1:
     raise ValueError(f"block={block}: expected a positive number of queries per block")
-  seg = segment_ids if branch_ids is None else (segment_ids, branch_ids)
+  seg = None if segment_ids is None else (segment_ids, branch_ids)
   return _attention(q, k, v, seg, block)

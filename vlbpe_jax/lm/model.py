@@ -164,9 +164,8 @@ class LM(nn.Module):
         raise ValueError("branch_ids: expected segment_ids and no cache (training rows)")
       chex.assert_shape(branch_ids, (b, t))
     if cache is None and segment_ids is not None and c.attention_impl not in SEGMENT_KERNELS:
-      mask = blockwise_attention.same_context(
-          segment_ids, segment_ids, *(() if branch_ids is None else (branch_ids, branch_ids))
-      )[:, None]  # [B, 1, T, T]
+      mask = blockwise_attention.same_context(segment_ids, segment_ids, branch_ids,
+                                              branch_ids)[:, None]  # [B, 1, T, T]
     elif cache is not None:
       new = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
       valid = jax.lax.dynamic_update_slice(cache["valid"], new, (0, index))  # [B, S]
