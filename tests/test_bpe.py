@@ -20,6 +20,7 @@ from vlbpe_jax.bpe import encode as encode_cli
 from vlbpe_jax.bpe import grid_state
 from vlbpe_jax.bpe import learner
 from vlbpe_jax.bpe import learn as learn_cli
+from vlbpe_jax.bpe import model as model_lib
 from vlbpe_jax.bpe import scoring
 from vlbpe_jax.bpe import sharded_counting
 from vlbpe_jax.bpe import tables
@@ -269,7 +270,8 @@ def test_the_bpe_clis_learn_encode_and_decode_without_importing_jax(tmp_path):
       "import sys\n"
       "from vlbpe_jax.bpe import decode, encode, learn\n"
       f"learn.main(['--codes={codes}', '--merges=6', '--out={out}', '--no_progress'])\n"
-      f"encode.main(['--bpe={out}', '--codes={codes}', '--out={tokens}'])\n"
+      f"encode.main(['--bpe={out}', '--codes={codes}', '--out={tokens}', '--processes=2',"
+      " '--chunk=3'])\n"
       f"decode.main(['--bpe={out}', '--tokens={tokens}', '--out={back}'])\n"
       "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'chex'))\n"
       "assert not loaded, loaded\n")
@@ -544,17 +546,84 @@ def test_first_count_chunks_and_min_count_pruning():
     np.testing.assert_array_equal(c3, counts[live])
 
 
-def test_encode_in_chunks_and_threads_equals_one_batch():
+# The fork of the encoding workers: jax warns at a fork once its backends run; the workers
+# run numpy only.
+@pytest.mark.filterwarnings("ignore:os.fork")
+def test_encode_in_chunks_threads_and_processes_equals_one_batch(monkeypatch):
   g = patch_grids(seed=7, n=37)
   bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=30, progress=False)
   want = bpe.encode(g, chunk=1000)
-  for chunk, threads in ((5, 1), (8, 3), (36, 2), (0, 4)):
-    got = bpe.encode(g, chunk=chunk, threads=threads)
+  for chunk, threads, processes in ((5, 1, 1), (8, 3, 1), (36, 2, 1), (0, 4, 1), (5, 1, 2),
+                                    (4, 1, 3), (0, 1, 2), (1, 1, 5)):
+    got = bpe.encode(g, chunk=chunk, threads=threads, processes=processes)
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+      assert got[k].dtype == want[k].dtype
   with pytest.raises(ValueError, match="threads=0"):
     bpe.encode(g, threads=0)
+  with pytest.raises(ValueError, match="processes=0"):
+    bpe.encode(g, processes=0)
+  with pytest.raises(ValueError, match="threads=2, processes=2"):
+    bpe.encode(g, threads=2, processes=2)
+  monkeypatch.setattr(model_lib.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+  with pytest.raises(ValueError, match="processes=2: worker processes are forked"):
+    bpe.encode(g, chunk=5, processes=2)
+
+
+def encoding_digests() -> dict:
+  """sha256 (16 hex digits) of `encode`'s arrays for two vocabularies (int16 and int32 token
+  ids) on grids of 144 and of 256 (a power of two) cells."""
+  out = {}
+  offsets = ((0, 1), (1, 0), (1, -1), (1, 1))
+  g = patch_grids(seed=11, n=40, noise=0.2)
+  big = patch_grids(seed=13, n=12, h=18, w=18)[:, :16, :16]
+  for name, scale, base in (("int16", 1, 32), ("int32", 997, 40000)):
+    bpe = VisualBPE.learn(g * scale, base_vocab_size=base, num_merges=60, alpha=1.0,
+                          offsets=offsets, progress=False)
+    assert any(m["a"] == m["b"] for m in bpe.merges)  # chains of one token merge too
+    for part, grids in (("12x12", patch_grids(seed=12, n=50, noise=0.2) * scale),
+                        ("16x16", big * scale)):
+      enc = bpe.encode(grids)
+      h = hashlib.sha256()
+      for k in ("tokens", "positions", "cells", "lengths", "grid_shape"):
+        h.update(np.ascontiguousarray(enc[k], np.int32).tobytes())
+      out[f"{name}/{part}"] = h.hexdigest()[:16]
+  return out
+
+
+def test_encoding_is_the_one_of_the_encoder_before_its_speed_up():
+  # Pinned from the encoder of 11b4151 (owners kept, bounds before the token test, one chunk,
+  # padded outputs concatenated): the faster one must give the same arrays to the bit.
+  assert encoding_digests() == {
+      "int16/12x12": "cde614ffdd6ae400", "int16/16x16": "caf5db52aaa0e0b9",
+      "int32/12x12": "e4be3afd0c4fc184", "int32/16x16": "bda138c98c3e8e50"}
+
+
+def test_grid_state_without_owners_tokenizes_alike_and_refuses_owner_queries():
+  g = patch_grids(seed=5, n=9, noise=0.2)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=40, progress=False)
+  full, lean = bpe.tokenize(g), bpe.tokenize(g, owners=False)
+  np.testing.assert_array_equal(lean.tok, full.tok)
+  assert lean.own is None and lean.idx == np.int64 and full.idx == np.int32
+  with pytest.raises(ValueError, match="owners: this GridState keeps no owners"):
+    lean.owners(np.arange(3))
+  with pytest.raises(ValueError, match="neighbours: this GridState keeps no owners"):
+    lean.neighbours(np.flatnonzero(lean.tok >= 0)[:3], 0)
+
+
+@pytest.mark.parametrize("base", [40, 70000])
+def test_base_index_is_a_stable_argsort_in_every_layout(monkeypatch, base):
+  tok = np.random.default_rng(base).integers(0, base, 5000).astype(
+      np.int16 if base < 2**15 else np.int32)
+  want = np.argsort(tok, kind="stable")
+  for chunk in (64, 1000, 1 << 20):
+    monkeypatch.setattr(grid_state, "_INDEX_CHUNK", chunk)
+    for idx in (np.int32, np.int64):
+      order, start = grid_state._base_index(tok, base, idx)
+      assert order.dtype == idx
+      np.testing.assert_array_equal(order, want)
+      np.testing.assert_array_equal(np.diff(start), np.bincount(tok, minlength=base))
 
 
 def test_int16_grids_learn_the_same_vocabulary(tmp_path):

@@ -9,9 +9,15 @@ index inside g's grid (`own`, int16 while H * W < 2**15). `find_merge` and
 Memory per cell: 2 bytes of token (int16 while every token id < 2**15, else 4), 2 of owner
 (its index in the grid; 4 for grids of 2**15 cells or more), 4 of base-code index (int32 cell
 ids below 2**31 cells), 1 of scratch flags.
+
+Encoding needs no owners (`find_merge` reads anchors only): `GridState(..., owners=False)`
+keeps none and holds cell ids as intp, as numpy indexes with them (an int32 index array is
+converted on every gather or scatter, which costs as much as the gather itself): 2 + 8 + 1
+bytes per cell, for the grids of one encoding chunk at a time.
 """
 
 _INDEX_CHUNK = 1 << 20  # cells per argsort while building the base-code index (cache-sized)
+_ONE_SORT = 1 << 24  # up to this many cells, an intp index is one argsort (encoding chunks)
 
 import numpy as np
 
@@ -19,44 +25,63 @@ from vlbpe_jax.bpe import vocab as vocab_lib
 
 
 def _mod(x: np.ndarray, n: int) -> np.ndarray:
-  """`x % n` for a positive int n: numpy's integer `%` does not use the fast divide by a
-  scalar that `//` does (2.2x slower on int32 cell ids, and cell ids are the hot path)."""
+  """`x % n` for x >= 0 and a positive int n: numpy's integer `%` does not use the fast
+  divide by a scalar that `//` does (2.2x slower on int32 cell ids, and cell ids are the hot
+  path); a power of two is one `&`."""
+  if n & (n - 1) == 0:
+    return x & (n - 1)
   return x - x // n * n
 
 
 def _base_index(tok: np.ndarray, base: int, idx) -> tuple[np.ndarray, np.ndarray]:
   """Cells grouped by base code, ascending within a code (a stable argsort of `tok`), built
-  a chunk at a time so that no int64 array of all cells is made; and each code's start."""
-  start = np.concatenate([[0], np.cumsum(np.bincount(tok, minlength=base))])
+  a chunk at a time so that no int64 array of all cells is made; and each code's start.
+  (`np.bincount` converts its input to intp: counted whole, the cells would be copied.)"""
+  chunks = range(0, tok.size, _INDEX_CHUNK)
+  count = sum((np.bincount(tok[lo:lo + _INDEX_CHUNK], minlength=base) for lo in chunks),
+              np.zeros(base, np.int64))
+  start = np.concatenate([[0], np.cumsum(count)])
+  # Base codes in [0, V), V <= 65536: a 16-bit stable argsort is a radix sort.
+  key = (lambda x: x.astype(np.uint16)) if base <= 1 << 16 else (lambda x: x)
+  if np.dtype(idx) == np.intp and tok.size <= _ONE_SORT:
+    return np.argsort(key(tok), kind="stable"), start  # argsort returns intp
   order = np.empty(tok.size, idx)
   fill = start[:-1].copy()  # next free place of each code
-  for lo in range(0, tok.size, _INDEX_CHUNK):
+  for lo in chunks:
     part = tok[lo:lo + _INDEX_CHUNK]
-    # Base codes in [0, V), V <= 65536: a 16-bit stable argsort is a radix sort.
-    o = np.argsort(part.astype(np.uint16) if base <= 1 << 16 else part, kind="stable")
-    code = part[o]
+    o = np.argsort(key(part), kind="stable")
     c = np.bincount(part, minlength=base)
-    order[fill[code] + np.arange(o.size) - (np.cumsum(c) - c)[code]] = o + lo
+    # The i-th sorted cell, of code k, goes to fill[k] + i - (sorted cells before code k).
+    order[np.arange(o.size) + np.repeat(fill - (np.cumsum(c) - c), c)] = o + lo
     fill += c
   return order, start
 
 
 class GridState:
 
-  def __init__(self, grids: np.ndarray, geometry: vocab_lib.Geometry, capacity: int = 0):
-    """grids: int [N, H, W] base codes; capacity: every token id will stay below it (0: 2**31).
+  def __init__(self, grids: np.ndarray, geometry: vocab_lib.Geometry, capacity: int = 0,
+               owners: bool = True):
+    """grids: int [N, H, W] base codes; capacity: every token id will stay below it (0: 2**31);
+    owners: keep each cell's owner (learning, `visualize`); without, cell ids are intp.
     """
     self.n, self.h, self.w = grids.shape
     self.geo = geometry
     narrow = 0 < capacity <= np.iinfo(np.int16).max
-    self.tok = np.array(grids, np.int16 if narrow else np.int32).reshape(-1)
+    # One grid of -1 after the cells: a step of at most one grid past either end of the
+    # array (negative indices read from the end) lands on it, never on a token.
+    self._padded = np.full(grids.size + grids.shape[1] * grids.shape[2], -1,
+                           np.int16 if narrow else np.int32)
+    self._padded[:grids.size] = grids.reshape(-1)
+    self.tok = self._padded[:grids.size]
     # Cell ids in int32 when every id +- one grid fits (halves the memory traffic).
     small = (self.n + 2) * self.h * self.w < np.iinfo(np.int32).max
-    self.idx = np.int32 if small else np.int64
+    self.idx = np.int32 if small and owners else np.int64
     self.hw = self.h * self.w
     local = np.arange(self.hw)
-    self.own = np.tile(local.astype(np.int16 if self.hw <= np.iinfo(np.int16).max else np.int32),
-                       self.n)  # owner's index inside its grid
+    self.own = None  # owner's index inside its grid
+    if owners:
+      self.own = np.tile(
+          local.astype(np.int16 if self.hw <= np.iinfo(np.int16).max else np.int32), self.n)
     self.scratch = np.zeros(self.tok.size, bool)  # cell flags, all-False between uses
     self._yx = local // self.w, local % self.w  # row, col of each cell of one grid
     self._base_order, self._base_start = _base_index(self.tok, geometry.base, self.idx)
@@ -64,10 +89,23 @@ class GridState:
     # of its slice of the base index (filtered in place); of a merged token, `_pos[t]`.
     self._base_len = np.diff(self._base_start)
     self._pos = {}
+    self._inside = {}  # (dy, dx) -> in-grid mask over a grid's cells (`inside`)
+
+  def _need_owners(self, what: str):
+    if self.own is None:
+      raise ValueError(f"{what}: this GridState keeps no owners (owners=False); expected one "
+                       "made with owners=True")
 
   def owners(self, cells: np.ndarray) -> np.ndarray:
     """The anchors (global cell ids) of the tokens covering `cells`."""
+    self._need_owners("owners")
     return cells // self.hw * self.hw + np.take(self.own, cells)
+
+  def num_positions(self, t: int) -> int:
+    """The size of `positions(t)`."""
+    if t < self.geo.base:
+      return int(self._base_len[t])
+    return self._pos[t].size if t in self._pos else 0
 
   def positions(self, t: int) -> np.ndarray:
     """Anchors that may hold token t (a superset; filter with `tok == t`)."""
@@ -84,13 +122,23 @@ class GridState:
     else:
       self._pos[t] = anchors
 
-  def shift(self, g: np.ndarray, dy, dx):
-    """(g + (dy, dx), in-bounds mask); dy, dx scalars or arrays broadcasting with g."""
-    row = g // self.w  # numpy divides by a scalar fast (libdivide), see `_mod`
-    y = _mod(row, self.h) + dy
-    x = g - row * self.w + dx
-    ok = (y >= 0) & (y < self.h) & (x >= 0) & (x < self.w)
-    return g + dy * self.w + dx, ok
+  def inside(self, g: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Mask of the cells g whose (dy, dx) neighbour lies in their own grid: a lookup of g's
+    index inside its grid in a table per offset (kept; H * W bytes each)."""
+    table = self._inside.get((dy, dx))
+    if table is None:
+      ly, lx = self._yx
+      table = (ly + dy >= 0) & (ly + dy < self.h) & (lx + dx >= 0) & (lx + dx < self.w)
+      self._inside[(dy, dx)] = table
+    return table[_mod(g, self.hw)]
+
+  def _live(self, t: int) -> np.ndarray:
+    """The anchors that hold token t now (its candidates narrowed to them)."""
+    cand = self.positions(t)
+    live = cand[self.tok[cand] == t]
+    if live.size < cand.size:
+      self._keep_positions(t, live)
+    return live
 
   def find_merge(self, a: int, b: int, delta) -> tuple[np.ndarray, np.ndarray]:
     """Anchors (p, q = p + delta) of the (a, b) occurrences that merge, in raster order.
@@ -98,20 +146,30 @@ class GridState:
     Every a at p with b at p + delta merges; when a == b, occurrences form chains
     p, p + delta, p + 2 delta, ... and greedy raster order takes every other one.
     """
-    cand = self.positions(a)
-    cand = cand[self.tok[cand] == a]
-    self._keep_positions(a, cand)
-    q, ok = self.shift(cand, delta[0], delta[1])
-    ok[ok] = self.tok[q[ok]] == b
-    p, q = cand[ok], q[ok]
+    dy, dx = int(delta[0]), int(delta[1])
+    step = dy * self.w + dx
+    # From the side with fewer candidate anchors (each filtered to its live ones): the a's
+    # with a b at +step, or the b's with an a at -step. A step past either end of the cells
+    # reads the padding; a step across a row or grid edge may land on a match, which the
+    # grid bounds of the few matches then reject.
+    if a == b or self.num_positions(a) <= self.num_positions(b):
+      live = self._live(a)
+      p = live[self._padded[live + step] == b]
+    else:
+      live = self._live(b)
+      p = live[self._padded[live - step] == a] - step
+    ok = self.inside(p, dy, dx)
+    if not ok.all():
+      p = p[ok]
+    q = p + step
     if a == b and p.size:
       mark = self.scratch
       mark[p] = True
       rank = np.zeros(p.size, np.int64)  # number of chained predecessors
       cur, alive = p, np.ones(p.size, bool)
       while alive.any():
-        cur, ok = self.shift(cur, -delta[0], -delta[1])
-        alive &= ok
+        alive &= self.inside(cur, -dy, -dx)
+        cur = cur - step
         alive[alive] = mark[cur[alive]]
         rank += alive
       mark[p] = False
@@ -123,13 +181,16 @@ class GridState:
     """Puts token t at anchors p and marks the cells of the b tokens at q as covered."""
     self.tok[p] = t
     self.tok[q] = -1
+    self._keep_positions(t, p)
+    if self.own is None:
+      return
     fb = self.geo.footprint(b)
     cells = q[:, None] + (fb[:, 0] * self.w + fb[:, 1])[None, :]  # [M, cells of b]
     self.own[cells] = _mod(p, self.hw)[:, None]
-    self._keep_positions(t, p)
 
   def neighbours(self, anchors: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
     """All (anchor, neighbour anchor) pairs of tokens `t` at `anchors`, each neighbour once."""
+    self._need_owners("neighbours")
     halo = self.geo.halo(t)                                         # [K, 2]
     ly, lx = self._yx
     inside = ((ly[None] + halo[:, :1] >= 0) & (ly[None] + halo[:, :1] < self.h) &

@@ -4,6 +4,7 @@ A vocabulary holds at most `vocab.MAX_VOCAB_SIZE` (2**24) tokens, base codes inc
 """
 
 import concurrent.futures
+import multiprocessing
 import numbers
 
 import numpy as np
@@ -18,6 +19,20 @@ ENCODING_KEYS = ("tokens", "positions", "lengths", "cells", "grid_shape")
 MAX_VOCAB_SIZE = vocab_lib.MAX_VOCAB_SIZE
 _MERGE_INTS = ("count", "offset_count", "merged")  # optional learning statistics
 _MERGE_FLOATS = ("F", "S", "P")
+# Cells per encoding chunk by default: 8192 grids of 32 x 32 (the fastest size per core on
+# 10^5 such grids, BENCHMARKS.md "At Being-VL scale"; one chunk's token array is 16 MB).
+ENCODE_CHUNK_CELLS = 1 << 23
+_WORKER = None  # (vocabulary, grids, chunk) of a forked encoding worker (`_set_worker`)
+
+
+def _set_worker(bpe, grids, chunk):
+  global _WORKER
+  _WORKER = bpe, grids, chunk
+
+
+def _merge_in_worker(i):
+  bpe, grids, chunk = _WORKER
+  return bpe._merge_chunk(grids[i * chunk:(i + 1) * chunk])
 
 
 def check_grids(grids, base_vocab_size=None, name: str = "grids",
@@ -191,69 +206,103 @@ class VisualBPE:
     bpe = cls(base_vocab_size, records, offsets, alpha, sigma, min_count, s_prior_count)
     return (bpe, timing) if return_timing else bpe
 
-  def tokenize(self, grids) -> grid_state.GridState:
-    """Applies every merge, in learned order, to grids [N, H, W]; returns the grid state."""
-    grids = check_grids(grids, self.base_vocab_size)
-    state = grid_state.GridState(grids, self.geometry, capacity=self.vocab_size)
+  def tokenize(self, grids, owners: bool = True) -> grid_state.GridState:
+    """Applies every merge, in learned order, to grids [N, H, W]; returns the grid state
+    (with each cell's owner unless `owners=False`, which `encode` uses: it needs anchors only).
+    """
+    grids = check_grids(grids, self.base_vocab_size, keep_int16=True)
+    state = grid_state.GridState(grids, self.geometry, capacity=self.vocab_size, owners=owners)
     for k, (a, b, delta) in enumerate(self.geometry.merges):
-      if state.positions(a).size:
+      if state.num_positions(a) and state.num_positions(b):
         p, q = state.find_merge(a, b, delta)
         if p.size:
           state.commit_merge(b, p, q, self.base_vocab_size + k)
     return state
 
-  def encode(self, grids, chunk: int = 0, threads: int = 1) -> dict:
+  def encode(self, grids, chunk: int = 0, threads: int = 1, processes: int = 1) -> dict:
     """Tokens of grids [N, H, W] in raster order of their anchors.
 
     Returns numpy arrays: tokens int32 [N, L] (-1 = padding), positions int32 [N, L, 2] (row,
     col of each anchor), cells int32 [N, L] (footprint sizes), lengths int32 [N], grid_shape
     int32 [2]; L is the longest sequence in the batch.
 
-    Merges never cross grids, so grids can be encoded `chunk` at a time (0: N / threads) by
-    `threads` threads (numpy releases the GIL in its array loops); the result depends on
-    neither. Smaller chunks cost more Python per merge: on one thread one chunk is fastest
-    (BENCHMARKS.md, "At Being-VL scale").
+    Merges never cross grids, so grids are encoded `chunk` at a time (0: as many grids as hold
+    `ENCODE_CHUNK_CELLS` cells, fewer if that would leave a worker idle), by `processes` worker
+    processes or by `threads` threads; the result depends on none of them. Processes scale
+    with cores; threads do not, because numpy keeps the GIL on arrays of fewer than ~500
+    elements and most merges touch fewer than that in a chunk (BENCHMARKS.md, "At Being-VL
+    scale"). The workers are forked (they inherit the vocabulary and the grids; only their
+    tokens come back), so `processes` needs the fork start method (Linux, macOS); they run
+    numpy only, never jax (which warns at a fork once its backends have started).
     """
     threads = vocab_lib.check_int("threads", threads, 1)
+    processes = vocab_lib.check_int("processes", processes, 1)
+    if threads > 1 and processes > 1:
+      raise ValueError(f"threads={threads}, processes={processes}: expected one of them > 1, "
+                       "not both")
     chunk = vocab_lib.check_int("chunk", chunk, 0)
-    grids = check_grids(grids, self.base_vocab_size)
-    chunk = chunk or max(1, -(-grids.shape[0] // threads))
-    if grids.shape[0] <= chunk:
-      return self._encode_chunk(grids)
-    parts = [grids[i:i + chunk] for i in range(0, grids.shape[0], chunk)]
-    if threads > 1:
+    grids = check_grids(grids, self.base_vocab_size, keep_int16=True)
+    n, h, w = grids.shape
+    workers = max(threads, processes)
+    chunk = chunk or max(1, min(-(-n // workers), ENCODE_CHUNK_CELLS // (h * w)))
+    parts = [grids[i:i + chunk] for i in range(0, n, chunk)] or [grids]
+    if processes > 1 and len(parts) > 1:
+      if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"processes={processes}: worker processes are forked, and this "
+                         "platform cannot fork; expected processes=1 (or threads=)")
+      with concurrent.futures.ProcessPoolExecutor(
+          min(processes, len(parts)), mp_context=multiprocessing.get_context("fork"),
+          initializer=_set_worker, initargs=(self, grids, chunk)) as pool:
+        outs = list(pool.map(_merge_in_worker, range(len(parts))))
+    elif threads > 1 and len(parts) > 1:
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        outs = list(pool.map(self._encode_chunk, parts))
+        outs = list(pool.map(self._merge_chunk, parts))
     else:
-      outs = [self._encode_chunk(x) for x in parts]
-    width = max(o["tokens"].shape[1] for o in outs)
+      outs = [self._merge_chunk(x) for x in parts]
+    return self._assemble(outs, h, w, threads=workers)
 
-    def cat(key, fill):
-      return np.concatenate([np.pad(o[key], [(0, 0), (0, width - o[key].shape[1])] +
-                                    [(0, 0)] * (o[key].ndim - 2), constant_values=fill)
-                             for o in outs])
+  def _merge_chunk(self, grids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chunk's tokens, compact: lengths [n], then each token and its anchor's index inside
+    its grid, in raster order of the anchors ([A] each)."""
+    state = self.tokenize(grids, owners=False)
+    tok = state.tok.reshape(state.n, state.hw)
+    anchor = tok >= 0
+    local = np.broadcast_to(
+        np.arange(state.hw, dtype=np.int16 if state.hw <= 1 << 15 else np.int32), tok.shape)
+    return anchor.sum(1, dtype=np.int32), tok[anchor], local[anchor]
 
-    return dict(tokens=cat("tokens", -1), positions=cat("positions", 0), cells=cat("cells", 0),
-                lengths=np.concatenate([o["lengths"] for o in outs]),
-                grid_shape=outs[0]["grid_shape"])
+  def _assemble(self, outs, h: int, w: int, threads: int = 1) -> dict:
+    """`encode`'s padded arrays from the chunks' `_merge_chunk` outputs, in order; each
+    chunk's rows are written by one of `threads` threads (their first touch of the new
+    arrays' pages is most of the time)."""
+    lengths = np.concatenate([o[0] for o in outs])
+    n, width = lengths.size, int(lengths.max()) if lengths.size else 0
+    tokens = np.empty((n, width), np.int32)
+    positions = np.empty((n, width, 2), np.int32)
+    cells = np.empty((n, width), np.int32)
+    first = np.cumsum([0] + [o[0].size for o in outs])
 
-  def _encode_chunk(self, grids) -> dict:
-    state = self.tokenize(grids)
-    hw = state.h * state.w
-    anchors = np.flatnonzero(state.tok >= 0)
-    img = anchors // hw
-    lengths = np.bincount(img, minlength=state.n).astype(np.int32)
-    col = np.arange(anchors.size) - (np.cumsum(lengths) - lengths)[img]
-    width = int(lengths.max()) if state.n else 0
-    tokens = np.full((state.n, width), -1, np.int32)
-    positions = np.zeros((state.n, width, 2), np.int32)
-    cells = np.zeros((state.n, width), np.int32)
-    tokens[img, col] = state.tok[anchors]
-    positions[img, col, 0] = (anchors % hw) // state.w
-    positions[img, col, 1] = anchors % state.w
-    cells[img, col] = self._sizes[tokens[img, col]]
+    def fill(i):
+      length, tok, local = outs[i]
+      rows = slice(first[i], first[i + 1])
+      tokens[rows], positions[rows], cells[rows] = -1, 0, 0
+      # Row-major order over the [n, L] slots of the valid ones is raster order over the
+      # anchors: boolean scatters put each grid's anchors in its first `length` slots.
+      slot = np.arange(width, dtype=np.int32)[None] < length[:, None]
+      row = local // w
+      tokens[rows][slot] = tok
+      positions[rows, :, 0][slot] = row  # (a view per component: a stacked copy is slower)
+      positions[rows, :, 1][slot] = local - row * w
+      cells[rows][slot] = self._sizes[tok]
+
+    if threads > 1 and len(outs) > 1:
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fill, range(len(outs))))
+    else:
+      for i in range(len(outs)):
+        fill(i)
     return dict(tokens=tokens, positions=positions, cells=cells, lengths=lengths,
-                grid_shape=np.array([state.h, state.w], np.int32))
+                grid_shape=np.array([h, w], np.int32))
 
   def decode(self, encoding: dict) -> np.ndarray:
     """Base-code grids int32 [N, H, W] from `encode`'s output."""
