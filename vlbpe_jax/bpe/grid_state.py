@@ -89,7 +89,7 @@ class GridState:
     # of its slice of the base index (filtered in place); of a merged token, `_pos[t]`.
     self._base_len = np.diff(self._base_start)
     self._pos = {}
-    self._inside = {}  # (dy, dx) -> in-grid mask over a grid's cells (`inside`)
+    self._inside = {}  # (dy, dx) -> in-grid mask over a grid's cells (`_in_grid`)
 
   def _need_owners(self, what: str):
     if self.own is None:
@@ -122,15 +122,18 @@ class GridState:
     else:
       self._pos[t] = anchors
 
-  def inside(self, g: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Mask of the cells g whose (dy, dx) neighbour lies in their own grid: a lookup of g's
-    index inside its grid in a table per offset (kept; H * W bytes each)."""
+  def _in_grid(self, dy: int, dx: int) -> np.ndarray:
+    """[H * W] mask: which cells of a grid have their (dy, dx) neighbour in the grid (kept)."""
     table = self._inside.get((dy, dx))
     if table is None:
       ly, lx = self._yx
       table = (ly + dy >= 0) & (ly + dy < self.h) & (lx + dx >= 0) & (lx + dx < self.w)
       self._inside[(dy, dx)] = table
-    return table[_mod(g, self.hw)]
+    return table
+
+  def inside(self, g: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Mask of the cells g whose (dy, dx) neighbour lies in their own grid."""
+    return self._in_grid(dy, dx)[_mod(g, self.hw)]
 
   def _live(self, t: int) -> np.ndarray:
     """The anchors that hold token t now (its candidates narrowed to them)."""
@@ -192,9 +195,7 @@ class GridState:
     """All (anchor, neighbour anchor) pairs of tokens `t` at `anchors`, each neighbour once."""
     self._need_owners("neighbours")
     halo = self.geo.halo(t)                                         # [K, 2]
-    ly, lx = self._yx
-    inside = ((ly[None] + halo[:, :1] >= 0) & (ly[None] + halo[:, :1] < self.h) &
-              (lx[None] + halo[:, 1:] >= 0) & (lx[None] + halo[:, 1:] < self.w))  # [K, HW]
+    inside = np.stack([self._in_grid(int(dy), int(dx)) for dy, dx in halo])  # [K, HW]
     grid0 = anchors // self.hw * self.hw  # first cell of each anchor's grid
     ok = np.take(inside, anchors - grid0, axis=1)                   # [K, M]
     step = (halo[:, 0] * self.w + halo[:, 1]).astype(self.idx)
