@@ -208,9 +208,12 @@ class VisualBPE:
 
   def tokenize(self, grids, owners: bool = True) -> grid_state.GridState:
     """Applies every merge, in learned order, to grids [N, H, W]; returns the grid state
-    (with each cell's owner unless `owners=False`, which `encode` uses: it needs anchors only).
+    (with each cell's owner unless `owners=False`: anchors only, all that `encode` reads).
     """
-    grids = check_grids(grids, self.base_vocab_size, keep_int16=True)
+    return self._merge_all(check_grids(grids, self.base_vocab_size, keep_int16=True), owners)
+
+  def _merge_all(self, grids: np.ndarray, owners: bool) -> grid_state.GridState:
+    """`tokenize` on grids already checked (`encode` checks them once, not per chunk)."""
     state = grid_state.GridState(grids, self.geometry, capacity=self.vocab_size, owners=owners)
     for k, (a, b, delta) in enumerate(self.geometry.merges):
       if state.num_positions(a) and state.num_positions(b):
@@ -264,7 +267,7 @@ class VisualBPE:
   def _merge_chunk(self, grids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One chunk's tokens, compact: lengths [n], then each token and its anchor's index inside
     its grid, in raster order of the anchors ([A] each)."""
-    state = self.tokenize(grids, owners=False)
+    state = self._merge_all(grids, owners=False)
     tok = state.tok.reshape(state.n, state.hw)
     anchor = tok >= 0
     local = np.broadcast_to(
