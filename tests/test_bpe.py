@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -569,6 +570,29 @@ def test_encode_in_chunks_threads_and_processes_equals_one_batch(monkeypatch):
   monkeypatch.setattr(model_lib.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
   with pytest.raises(ValueError, match="processes=2: worker processes are forked"):
     bpe.encode(g, chunk=5, processes=2)
+
+
+def test_encode_outputs_are_private_writable_arrays_that_outlive_the_call():
+  # The padded outputs live in their own anonymous mappings (`model._empty`: no huge-page
+  # hint); they must behave as np.empty's would: writable, C-contiguous, independent of each
+  # other, pickled by value, and private: a forked child's writes never reach the parent.
+  g = patch_grids(seed=7, n=9)
+  bpe = VisualBPE.learn(g, base_vocab_size=32, num_merges=20, progress=False)
+  enc, again = bpe.encode(g), bpe.encode(g)
+  for k in ("tokens", "positions", "cells"):
+    a = enc[k]
+    assert a.flags.writeable and a.flags.c_contiguous and a.dtype == np.int32, k
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(a)), a)
+  enc["tokens"][:] = -7
+  assert (again["tokens"] != -7).any()
+  pid = os.fork()
+  if pid == 0:  # the child writes, then leaves without pytest's clean-up
+    again["tokens"][:] = 123
+    os._exit(0)
+  os.waitpid(pid, 0)
+  assert not (again["tokens"] == 123).any()
+  np.testing.assert_array_equal(bpe.decode(again), g)
+  assert model_lib._empty((0, 5), np.int32).shape == (0, 5)
 
 
 def encoding_digests() -> dict:

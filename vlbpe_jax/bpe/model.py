@@ -4,6 +4,7 @@ A vocabulary holds at most `vocab.MAX_VOCAB_SIZE` (2**24) tokens, base codes inc
 """
 
 import concurrent.futures
+import mmap
 import multiprocessing
 import numbers
 
@@ -23,6 +24,24 @@ _MERGE_FLOATS = ("F", "S", "P")
 # 10^5 such grids, BENCHMARKS.md "At Being-VL scale"; one chunk's token array is 16 MB).
 ENCODE_CHUNK_CELLS = 1 << 23
 _WORKER = None  # (vocabulary, grids, chunk) of a forked encoding worker (`_set_worker`)
+
+
+def _empty(shape, dtype) -> np.ndarray:
+  """`np.empty` in pages of the system's default size: its own anonymous private mapping,
+  without the huge-page hint that numpy gives the kernel for large arrays.
+
+  For `encode`'s padded outputs (5.2 GB for 10^6 grids of 32x32): on a VM whose host takes
+  back the guest's free memory (free page reporting; the Firecracker VM of BENCHMARKS.md), a
+  huge page comes from memory given back, and its first touch cost ~20x a small page's there
+  (1 GB of int32 filled: 13.8 s with numpy's hint, 0.66 s without); writing the outputs of
+  10^6 grids took 11.6-11.8 s with the hint and 2.5-2.6 s without. Where the system maps all
+  anonymous memory in huge pages (transparent huge pages "always"), it still does.
+  """
+  count = int(np.prod(shape))
+  if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings
+    return np.empty(shape, dtype)
+  buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE)
+  return np.frombuffer(buf, dtype, count=count).reshape(shape)
 
 
 def _set_worker(bpe, grids, chunk):
@@ -280,9 +299,9 @@ class VisualBPE:
     arrays' pages is most of the time)."""
     lengths = np.concatenate([o[0] for o in outs])
     n, width = lengths.size, int(lengths.max()) if lengths.size else 0
-    tokens = np.empty((n, width), np.int32)
-    positions = np.empty((n, width, 2), np.int32)
-    cells = np.empty((n, width), np.int32)
+    tokens = _empty((n, width), np.int32)
+    positions = _empty((n, width, 2), np.int32)
+    cells = _empty((n, width), np.int32)
     first = np.cumsum([0] + [o[0].size for o in outs])
 
     def fill(i):
