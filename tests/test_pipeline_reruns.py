@@ -46,16 +46,20 @@ def _results(workdir):
           if not k.startswith("time_s.") and "seconds" not in k}
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("base"))
-  train.train_and_evaluate(_config(), w)
-  return w
+def test_reruns_after_a_change_equal_fresh_runs(tmp_path):
+  # One base workdir for every case, in one test: as a module fixture shared by parametrized
+  # cases it was built again on each pytest-xdist worker that ran a case (28-39 s each).
+  base = str(tmp_path / "base")
+  train.train_and_evaluate(_config(), base)
+  for field, value, change, stage in CASES:
+    try:
+      _rerun_equals_fresh(base, str(tmp_path / field), field, value, change, stage)
+    except Exception as e:
+      raise AssertionError(f"case {field}={value}: {e}") from e
 
 
-@pytest.mark.parametrize("field,value,change,stage", CASES, ids=[c[0] for c in CASES])
-def test_rerun_after_a_change_equals_a_fresh_run(base, tmp_path, field, value, change, stage):
-  w = str(tmp_path / "rerun")
+def _rerun_equals_fresh(base, case_dir, field, value, change, stage):
+  w = os.path.join(case_dir, "rerun")
   shutil.copytree(base, w)
   before = _results(w)
   with pytest.raises(ValueError) as e:
@@ -64,7 +68,7 @@ def test_rerun_after_a_change_equals_a_fresh_run(base, tmp_path, field, value, c
   assert _results(w) == before  # refused before anything was written
   train.train_and_evaluate(_config(**{field: value, "recompute": stage}), w)
   rerun = _results(w)
-  fresh_dir = str(tmp_path / "fresh")
+  fresh_dir = os.path.join(case_dir, "fresh")
   train.train_and_evaluate(_config(**{field: value}), fresh_dir)
   assert rerun == _results(fresh_dir)
   assert rerun != before  # the setting mattered: stale results would have shown
