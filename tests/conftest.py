@@ -6,6 +6,8 @@ folder, removed at exit) compiles each once. Set VLBPE_TEST_JAX_CACHE to keep on
 """
 
 import atexit
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +27,8 @@ if "VLBPE_TEST_JAX_CACHE" not in os.environ:  # the first process (pytest-xdist'
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
@@ -54,3 +58,34 @@ def pytest_collection_modifyitems(items):
     return len(LONGEST) + (item.get_closest_marker("slow") is None)
 
   items.sort(key=rank)  # stable: file order within a rank
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory):
+  """`built_once(name, build)` -> (a folder of this worker's own, build's result).
+
+  `build(folder)` runs once per test session, whichever pytest-xdist worker asks first (a
+  module-scoped fixture is built again on every worker that runs one of the module's tests,
+  and `--dist worksteal` splits modules): into a folder shared by the session's workers,
+  under a file lock, its result (a dict of numbers or strings) kept beside it as JSON. Each
+  worker gets a copy of that folder, so its tests may write into it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # pytest-xdist: <session root>/popen-gwN per worker
+
+  def get(name, build):
+    shared, done = root / f"built_once_{name}", root / f"built_once_{name}.json"
+    with open(root / f"built_once_{name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      if not done.exists():
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir()
+        result = build(str(shared))
+        done.write_text(json.dumps(
+            result, default=lambda v: v.item() if isinstance(v, np.generic) else v))
+    own = tmp_path_factory.mktemp(name)
+    shutil.copytree(shared, own, dirs_exist_ok=True)
+    return str(own), json.loads(done.read_text())
+
+  return get

@@ -572,6 +572,7 @@ def test_encode_in_chunks_threads_and_processes_equals_one_batch(monkeypatch):
     bpe.encode(g, chunk=5, processes=2)
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # the child writes numpy memory, then os._exit
 def test_encode_outputs_are_private_writable_arrays_that_outlive_the_call():
   # The padded outputs live in their own anonymous mappings (`model._empty`: no huge-page
   # hint); they must behave as np.empty's would: writable, C-contiguous, independent of each

@@ -84,13 +84,12 @@ def test_demo_batch_steps_alike_on_1_6_and_8_devices():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A 3-step tiny run with checkpoints at steps 2 and 3."""
-  workdir = str(tmp_path_factory.mktemp("vq_run"))
+def trained(built_once):
+  """A 3-step tiny run with checkpoints at steps 2 and 3 (one per session: conftest.py)."""
   config = vq_tiny.get_config("tiny")
   with config.unlocked():
     config.vq.ckpt_every = 2
-  val = train.train_and_evaluate(config, workdir)
+  workdir, val = built_once("vq_run", lambda w: train.train_and_evaluate(config, w))
   return config, workdir, val
 
 
