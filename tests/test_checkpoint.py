@@ -45,6 +45,40 @@ def test_restore_on_another_mesh(tmp_path, target):
                got, state)
 
 
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: _COMPILES.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
+  # Orbax cuts a replicated array into one slice per replica, each with a jitted op compiled
+  # per device and shape: 8 devices x 3 odd shapes here gave 24 compiles before the registry
+  # of checkpoint._StateHandler. Large slices stay replica-parallel.
+  mesh = parallel.make_mesh([("data", 8), ("fsdp", 1)])
+  rep = NamedSharding(mesh, P())
+  rng = np.random.default_rng(0)
+  # Shapes no other test uses (compiled programs are cached per process), each with an axis
+  # that splits over the 8 replicas (orbax cuts along such an axis).
+  state = {"a": rng.normal(size=(3, 5, 8)), "b": rng.normal(size=(16, 13)).astype(np.float32),
+           "c": rng.integers(0, 9, size=(24,)).astype(np.int32)}
+  state = jax.device_put(state, rep)
+  big = checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES * len(jax.devices()) // 4  # float32
+  state["big"] = jax.device_put(jnp.arange(big, dtype=jnp.float32).reshape(8, -1), rep)
+  jax.block_until_ready(state)
+  _COMPILES.clear()
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, {k: v for k, v in state.items() if k != "big"})
+    ckpt.wait()
+    assert not _COMPILES, f"{len(_COMPILES)} programs compiled while saving small arrays"
+    ckpt.save(2, state)  # the large array: one slice per replica, as orbax's default
+    ckpt.wait()
+    assert len(_COMPILES) >= 2, "the large replicated array was not written in slices"
+    got = ckpt.restore(checkpoint.abstract_like(state, jax.tree.map(lambda _: rep, state)))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               got, state)
+
+
 def test_refuses_mismatched_tree_and_config(tmp_path):
   mesh = parallel.make_mesh([("data", 4), ("fsdp", 2)])
   state = _state(mesh)
