@@ -35,52 +35,47 @@ def _run_steps(config, mesh, images, n=2):
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_unsharded():
-  config = vq_tiny.get_config("tiny")
-  images = np.random.default_rng(0).integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8)
-  mesh8 = parallel.make_mesh([("data", 4), ("fsdp", 2), ("tensor", 1)])
-  mesh1 = parallel.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], jax.devices()[:1])
-  s8, m8, t8 = _run_steps(config, mesh8, images)
-  s1, m1, _ = _run_steps(config, mesh1, images)
-  assert int(s8["step"]) == 2 and "disc_params" in s8
-  # The attention key bias has an exactly zero gradient (softmax ignores a per-query constant),
-  # so Adam turns float noise into updates of up to lr there; it is only checked for size.
-  flat8 = dict(jax.tree_util.tree_flatten_with_path(s8)[0])
-  for path, b in jax.tree_util.tree_flatten_with_path(s1)[0]:
-    a, name = flat8[path], jax.tree_util.keystr(path)
-    if "['k']['bias']" in name:
-      assert np.abs(a).max() <= 2 * config.vq.lr, name
-    else:
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
-  for k in ("loss", "rec_loss", "d_loss", "g_loss", "adaptive_weight", "l2_grads"):
-    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
-  # Weights really are split over fsdp (conv output channels) and the batch over data x fsdp.
-  kernel_sharding = t8.state_sharding["params"]["encoder"]["conv_in"]["kernel"]
-  assert kernel_sharding.spec[-1] == "fsdp"
-
-
-@pytest.mark.slow
-def test_demo_batch_steps_alike_on_1_6_and_8_devices():
+def test_demo_steps_alike_on_1_4_6_and_8_devices():
   # The demo's VQ batch (4 rows) on 8 devices stopped with "does not split over 8 batch shards"
   # (issue 15). The trainer now fits its mesh to the batch: 8 devices -> data=4 x replica=2,
   # 6 -> data=2 x replica=3, 1 -> data=1; the global batch and so the steps stay the same.
+  # On 4 devices the weights are split too (data=2 x fsdp=2). The PatchGAN is on from step 1
+  # (off in the demo) so that its losses and adaptive weight are compared as well.
   config = vq_tiny.get_config()
   with config.unlocked():
     config.data.resolution = 32  # the demo's model and batch; smaller images compile faster
-  assert config.vq.batch_size == 4
+    config.vq.disc_weight = 0.1
+  assert config.vq.batch_size == 4 and config.vq.disc_start == 1
   images = np.random.default_rng(0).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
-  runs = {n: _run_steps(config, None if n == 8 else parallel.mesh_from_config(
-      config.mesh, jax.devices()[:n], batch_size=4), images) for n in (1, 6, 8)}
+  meshes = {1: parallel.mesh_from_config(config.mesh, jax.devices()[:1], batch_size=4),
+            4: parallel.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 1)], jax.devices()[:4]),
+            6: parallel.mesh_from_config(config.mesh, jax.devices()[:6], batch_size=4),
+            8: None}  # the trainer's own choice
+  runs = {n: _run_steps(config, mesh, images) for n, mesh in meshes.items()}
   assert {n: dict(t.mesh.shape) for n, (_, _, t) in runs.items()} == {
       1: {"data": 1, "fsdp": 1, "tensor": 1},
+      4: {"data": 2, "fsdp": 2, "tensor": 1},
       6: {"data": 2, "fsdp": 1, "tensor": 1, "replica": 3},
       8: {"data": 4, "fsdp": 1, "tensor": 1, "replica": 2}}
-  (s1, m1, _) = runs[1]
-  for n in (6, 8):
+  # Weights really are split over fsdp (conv output channels) where the mesh has it.
+  kernel_sharding = runs[4][2].state_sharding["params"]["encoder"]["conv_in"]["kernel"]
+  assert kernel_sharding.spec[-1] == "fsdp"
+  s1, m1, _ = runs[1]
+  assert int(s1["step"]) == 2 and "disc_params" in s1
+  flat1 = dict(jax.tree_util.tree_flatten_with_path(s1)[0])
+  for n in (4, 6, 8):
     s, m, _ = runs[n]
-    for k in ("loss", "rec_loss", "l2_grads"):
+    for k in ("loss", "rec_loss", "d_loss", "g_loss", "adaptive_weight", "l2_grads"):
       np.testing.assert_allclose(m[k], m1[k], rtol=1e-4, err_msg=f"{k} on {n} devices")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s, s1)
+    for path, a in jax.tree_util.tree_flatten_with_path(s)[0]:
+      name = jax.tree_util.keystr(path)
+      if "['k']['bias']" in name:
+        # An attention key bias has an exactly zero gradient (softmax ignores a per-query
+        # constant), so Adam turns float noise into updates of up to lr: checked for size.
+        assert np.abs(a).max() <= 2 * config.vq.lr, name
+      else:
+        np.testing.assert_allclose(a, flat1[path], rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{name} on {n} devices")
 
 
 @pytest.fixture(scope="module")
