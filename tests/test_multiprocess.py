@@ -33,40 +33,64 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_workers(workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
-  """Runs `multiprocess_worker.py workdir *jobs` in `num_processes` processes; kills them all
-  on a failure or after `timeout` seconds. Returns their outputs."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))  # the others as in this process (conftest)
-  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1", VLBPE_NUM_PROCESSES=str(num_processes),
-             JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-  logs = [open(os.path.join(workdir, f"worker{i}.log"), "w+") for i in range(num_processes)]
-  procs = [subprocess.Popen([sys.executable, worker.__file__, workdir, *jobs],
-                            env=dict(env, VLBPE_PROCESS_ID=str(i)), stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT) for i, log in enumerate(logs)]
-  deadline = time.time() + timeout
-  try:
-    while any(p.poll() is None for p in procs):
-      if time.time() > deadline or any(p.returncode not in (None, 0) for p in procs):
-        break
-      time.sleep(0.2)
-  finally:
-    for p in procs:
+class Workers:
+  """`multiprocess_worker.py workdir *jobs` running in `num_processes` processes (started at
+  construction); `wait()` kills them all on a failure or after `timeout` seconds and returns
+  their outputs."""
+
+  def __init__(self, workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))  # the others as in this process (conftest)
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1",
+               VLBPE_NUM_PROCESSES=str(num_processes),
+               JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    os.makedirs(workdir, exist_ok=True)
+    self.timeout, self.deadline = timeout, time.time() + timeout
+    self.logs = [open(os.path.join(workdir, f"worker{i}.log"), "w+")
+                 for i in range(num_processes)]
+    self.procs = [subprocess.Popen([sys.executable, worker.__file__, workdir, *jobs],
+                                   env=dict(env, VLBPE_PROCESS_ID=str(i)), stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=ROOT)
+                  for i, log in enumerate(self.logs)]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):  # on the way out of a failed test: no process left behind
+    for p in self.procs:
       if p.poll() is None:
         p.kill()
-      p.wait(timeout=30)
-  outs = []
-  for log in logs:
-    log.seek(0)
-    outs.append(log.read())
-    log.close()
-  if any(p.returncode != 0 for p in procs):
-    tails = "\n".join(f"--- worker {i} (rc {p.returncode}):\n{o[-3000:]}"
-                      for i, (p, o) in enumerate(zip(procs, outs)))
-    raise AssertionError(f"workers failed or timed out after {timeout}s:\n{tails}")
-  return outs
+        p.wait(timeout=30)
+
+  def wait(self):
+    procs = self.procs
+    try:
+      while any(p.poll() is None for p in procs):
+        if time.time() > self.deadline or any(p.returncode not in (None, 0) for p in procs):
+          break
+        time.sleep(0.2)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+        p.wait(timeout=30)
+    outs = []
+    for log in self.logs:
+      log.seek(0)
+      outs.append(log.read())
+      log.close()
+    if any(p.returncode != 0 for p in procs):
+      tails = "\n".join(f"--- worker {i} (rc {p.returncode}):\n{o[-3000:]}"
+                        for i, (p, o) in enumerate(zip(procs, outs)))
+      raise AssertionError(f"workers failed or timed out after {self.timeout}s:\n{tails}")
+    return outs
+
+
+def run_workers(workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
+  """Runs `multiprocess_worker.py workdir *jobs` in `num_processes` processes (`Workers`)."""
+  return Workers(workdir, *jobs, num_processes=num_processes, timeout=timeout).wait()
 
 
 def _metrics(run_dir, keys=("train/loss", "train/l2_params")):
@@ -81,15 +105,6 @@ def _assert_same_run(a, b):
   np.testing.assert_array_equal(a["step"], b["step"])
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-
-
-@pytest.mark.slow
-def test_a_process_that_reaches_the_first_collective_35_s_late_still_joins(tmp_path):
-  # Gloo waits 30 s for the other processes' addresses at a device group's first collective:
-  # the "bare" job fails with "Gloo context initialization failed: DEADLINE_EXCEEDED" (as the
-  # LM test did in CI when one process compiled its step 30 s later); `parallel.Together`
-  # compiles, then waits at the coordination service's barrier, then runs.
-  run_workers(str(tmp_path), "late:together:35")
 
 
 @pytest.mark.slow
@@ -113,20 +128,29 @@ def test_lm_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
 
 
 @pytest.mark.slow
-def test_vq_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
-  wd = str(tmp_path)
-  worker.run_vq(wd, "one")  # 1 process x 8 devices: 3 steps, evaluation at step 3
-  # 2 processes: the same 3 steps, then the 1-process checkpoint restored (nothing to train).
-  run_workers(wd, "vq:two:0", "vq:one:0", timeout=600)
-  assert os.listdir(os.path.join(wd, "two", "vq", "samples")) == ["step_000003.png"]
-  one_restored = fileio.read_json(os.path.join(wd, "one", "result.json"))
-  worker.run_vq(wd, "two")  # the 2-process checkpoint restored in 1 process
-  two_restored = fileio.read_json(os.path.join(wd, "two", "result.json"))
-  one, two = (_metrics(os.path.join(wd, n, "vq"), ("train/loss", "train/l2_grads"))
-              for n in ("one", "two"))
-  _assert_same_run(one, two)
-  for k in ("psnr_db", "ssim", "perplexity"):
-    np.testing.assert_allclose(one_restored[k], two_restored[k], rtol=1e-4, err_msg=k)
+def test_vq_two_processes_equal_one_and_checkpoints_cross_layouts_beside_a_late_pair(tmp_path):
+  # Beside this test, in a pair of processes of its own: gloo waits 30 s for the other
+  # processes' addresses at a device group's first collective, so a "bare" job whose process 1
+  # arrives 35 s late fails with "Gloo context initialization failed: DEADLINE_EXCEEDED" (as
+  # the LM test did in CI when one process compiled its step 30 s later); `parallel.Together`
+  # compiles, then waits at the coordination service's barrier, then runs. (Its processes
+  # mostly wait, so it runs here rather than alone, where its 35 s would hold a test worker.)
+  with Workers(str(tmp_path / "late"), "late:together:35") as late:
+    wd = str(tmp_path / "vq")
+    os.makedirs(wd)
+    worker.run_vq(wd, "one")  # 1 process x 8 devices: 3 steps, evaluation at step 3
+    # 2 processes: the same 3 steps, then the 1-process checkpoint restored (nothing to train).
+    run_workers(wd, "vq:two:0", "vq:one:0", timeout=600)
+    assert os.listdir(os.path.join(wd, "two", "vq", "samples")) == ["step_000003.png"]
+    one_restored = fileio.read_json(os.path.join(wd, "one", "result.json"))
+    worker.run_vq(wd, "two")  # the 2-process checkpoint restored in 1 process
+    two_restored = fileio.read_json(os.path.join(wd, "two", "result.json"))
+    one, two = (_metrics(os.path.join(wd, n, "vq"), ("train/loss", "train/l2_grads"))
+                for n in ("one", "two"))
+    _assert_same_run(one, two)
+    for k in ("psnr_db", "ssim", "perplexity"):
+      np.testing.assert_allclose(one_restored[k], two_restored[k], rtol=1e-4, err_msg=k)
+    late.wait()  # a late process of the pair still joins (both exit 0)
 
 
 @pytest.mark.slow
