@@ -59,10 +59,13 @@ class Workers:
     return self
 
   def __exit__(self, *exc):  # on the way out of a failed test: no process left behind
+    self._kill_left()
+
+  def _kill_left(self):
     for p in self.procs:
       if p.poll() is None:
         p.kill()
-        p.wait(timeout=30)
+      p.wait(timeout=30)
 
   def wait(self):
     procs = self.procs
@@ -72,10 +75,7 @@ class Workers:
           break
         time.sleep(0.2)
     finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-        p.wait(timeout=30)
+      self._kill_left()
     outs = []
     for log in self.logs:
       log.seek(0)
