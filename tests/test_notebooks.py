@@ -12,8 +12,8 @@ test changes for the kernel (its kernel spec's `env`), and why:
 - PYTHONPATH: the kernel imports the package from the copy that pip just built.
 - TMPDIR: the notebooks' work directories (`tempfile.mkdtemp`) are removed with the test's.
 - XLA_FLAGS: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests), and
-  LLVM -O1 (compiling dominates these tiny runs, but the DiT notebook's training steps run 1.3x
-  faster than at the suite's -O0: the six notebooks 106 -> 97 s alone, 2-core host).
+  LLVM -O1 (compiling dominates these tiny runs, but the DiT notebook, which trains, takes 32 s
+  instead of 43 at the suite's -O0; the six notebooks 106 -> 97 s alone, 2-core host).
 A cell error fails the test with the cell's traceback; each notebook must show pictures and
 print the numbers named in `CHECKS` (and pass the tests in `NUMBERS`).
 """
