@@ -17,12 +17,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(**flags) -> str:
+  """This process's XLA_FLAGS (conftest.py's) with `--NAME=VALUE` for each of `flags`, a value
+  already there replaced: the flags of a subprocess that a test starts."""
+  out = os.environ.get("XLA_FLAGS", "")
+  for name, value in flags.items():
+    out = re.sub(rf"--{name}=\S*", "", out) + f" --{name}={value}"
+  return " ".join(out.split())
+
+
 def run_main(num_devices: int, workdir, *args: str) -> str:
   """`python -m vlbpe_jax.main` on `num_devices` fake CPU devices; returns its log."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}")
+             XLA_FLAGS=xla_flags(xla_force_host_platform_device_count=num_devices))
   proc = subprocess.run([sys.executable, "-m", "vlbpe_jax.main", f"--workdir={workdir}", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-5000:]

@@ -12,7 +12,6 @@ Its 300 train steps run in a process of their own compiled at LLVM -O1: the suit
 import collections
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.lm import evaluate
 from vlbpe_jax.lm import sequences
 from vlbpe_jax.lm import train
+from test_devices import xla_flags
 
 NUM = {"train": 600, "validation": 8, "test": 100}
 # Count needs the image (the blind model: ~18%). Colour and position are read too, but too
@@ -38,8 +38,7 @@ CHANCE = {"count": 1 / 4}  # 1-4 objects
 @pytest.mark.slow
 def test_a_short_run_reads_the_count_from_the_image(tmp_path):
   here = os.path.dirname(os.path.abspath(__file__))
-  flags = re.sub(r"--xla_backend_optimization_level=\d+", "", os.environ.get("XLA_FLAGS", ""))
-  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_backend_optimization_level=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(xla_backend_optimization_level=1),
              PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
   proc = subprocess.run(
       [sys.executable, "-c", f"import test_lm_learns; test_lm_learns.check({str(tmp_path)!r})"],

@@ -7,7 +7,6 @@ non-array files are written once, and checkpoints restore across the two layouts
 
 import itertools
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 import lm_train_helpers as helpers
 import multiprocess_worker as worker
+from test_devices import xla_flags
 from vlbpe_jax import fileio
 from vlbpe_jax import summary
 from vlbpe_jax.data import stage as data_stage
@@ -39,9 +39,7 @@ class Workers:
   their outputs."""
 
   def __init__(self, workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))  # the others as in this process (conftest)
-    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(xla_force_host_platform_device_count=4),
                JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1",
                VLBPE_NUM_PROCESSES=str(num_processes),
                JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
