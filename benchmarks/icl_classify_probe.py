@@ -1,0 +1,138 @@
+"""Can a fresh LM of the demo's shape learn V2L's few-shot classification prompt at all?
+
+V2L's few-shot results are at chance and its text-only control is too (BENCHMARKS.md, "Few-shot
+classification"). This probe takes everything else away: a fresh LM (`lm/model.py`, the
+variant and field overrides given) trained only on the text-only classification episodes of
+`data/icl.py` (the exact layout of the visual prompt, inputs = symbol strings; loss on every
+label), plain AdamW (warm-up + cosine, clipping), padded rows of one episode each. Every 100
+steps it scores the query's label, teacher-forced and unconstrained (the arg-max over the whole
+vocabulary at the label's first token), on 256 held-out 2-way 1-shot and 256 5-way 1-shot
+episodes. Chance is at most 1/2 and 1/5 (an LM that picks one of the listed classes at random).
+The easiest setting, `--input_len=1 --noise=0`, asks to copy the label of the one support
+example whose single symbol is the query's; with `--layout=compact` (no instruction, no
+"Input:"/"Output:" headers: "g blue ; k red ; g" -> "blue") that is the induction pattern of
+`icl.induction_episode` (the query's symbol, then what followed it before). In that layout the
+class list is not in the prompt, so an LM that copies one of the support labels at random
+scores 1/way. Needs a workdir whose data stage is done (the
+tokenizer). Prints one JSON line per 100 steps.
+
+  .venv/bin/python -m vlbpe_jax.main --config=configs/tiny.py --workdir=/tmp/w \
+      --config.stages=data
+  .venv/bin/python benchmarks/icl_classify_probe.py --workdir=/tmp/w --steps=600 \
+      --input_len=1 --noise=0
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+flags.DEFINE_string("workdir", "/tmp/w", "A pipeline workdir with the data stage done.")
+flags.DEFINE_string("variant", "Ti", "lm/config.py:VARIANTS")
+flags.DEFINE_list("model", [], "LMConfig field overrides, name=int (e.g. depth=3).")
+flags.DEFINE_integer("steps", 600, "Training steps.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("batch", 16, "Episodes per step.")
+flags.DEFINE_integer("len", 256, "Row length (episodes longer than this are redrawn).")
+flags.DEFINE_float("noise", 0.25, "Per-symbol replacement probability (icl.classification_task).")
+flags.DEFINE_integer("input_len", 4, "Symbols per input.")
+flags.DEFINE_list("ways", ["2", "3", "5"], "Training episodes' ways.")
+flags.DEFINE_list("shots", ["1", "2"], "Training episodes' shots.")
+flags.DEFINE_enum("layout", "v2l", ["v2l", "compact"],
+                  "v2l: the visual prompt's layout (icl.classification_episode); compact: no "
+                  "instruction and no headers, each example its input, its label and ' ;'.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import config as lm_config  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.lm import model as lm_model  # pylint: disable=g-import-not-at-top
+
+  tok = data_stage.load_tokenizer(FLAGS.workdir)
+  overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in FLAGS.model)}
+  model = lm_model.LM(lm_config.lm_config(FLAGS.variant, text_vocab=tok.vocab_size,
+                                          **overrides))
+  ways, shots, length = [int(w) for w in FLAGS.ways], [int(s) for s in FLAGS.shots], FLAGS.len
+
+  def batch(rng, n, way=None, shot=None):
+    """`n` padded episodes: ids, loss mask, index of the query label's first token."""
+    ids = np.full((n, length), tok.pad_id, np.int32)
+    mask = np.zeros((n, length), bool)
+    query = np.zeros(n, np.int32)
+    for i in range(n):
+      for _ in range(100):
+        kw = dict(way=way or int(rng.choice(ways)), shot=shot or int(rng.choice(shots)),
+                  label_set=("color", "shape")[int(rng.integers(2))], noise=FLAGS.noise,
+                  input_len=FLAGS.input_len)
+        if FLAGS.layout == "v2l":
+          s, m = icl.episode_ids(tok, icl.classification_episode(rng, **kw))
+        else:
+          t = icl.classification_task(rng, **kw)
+          s, m = [tok.bos_id], [False]
+          for x, label in t["support"] + [(t["query"], t["answer"])]:
+            x, y = tok.encode(x), tok.encode(label) + tok.encode(";")
+            s, m = s + x + y, m + [False] * len(x) + [True] * len(y)
+          s = np.asarray(s + [tok.eos_id], np.int32)
+          m = np.asarray(m + [True], bool)
+        if len(s) <= length:
+          break
+      else:
+        raise ValueError(f"--len={length}: the episodes drawn are all longer")
+      ids[i, :len(s)], mask[i, :len(s)] = s, m
+      j = np.flatnonzero(m[:-1])[-1]  # the query's label: the last target run before eos
+      while j > 0 and m[j - 1]:
+        j -= 1
+      query[i] = j
+    return ids, mask, query
+
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"]
+  schedule = optax.warmup_cosine_decay_schedule(0, FLAGS.lr, 20, FLAGS.steps, FLAGS.lr * 0.1)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95,
+                                                                weight_decay=0.0))
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, ids, mask):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, ids[:, :-1])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+      w = mask[:, 1:].astype(jnp.float32)
+      return (ce * w).sum() / w.sum()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  predict = jax.jit(lambda p, ids: jnp.argmax(model.apply({"params": p}, ids), -1))
+  held_out = {way: batch(np.random.default_rng(1000 + way), 256, way=way, shot=1)
+              for way in (2, 5)}
+  rng, t0, losses = np.random.default_rng(0), time.time(), []
+  for s in range(1, FLAGS.steps + 1):
+    ids, mask, _ = batch(rng, FLAGS.batch)
+    params, opt_state, loss = step(params, opt_state, jnp.asarray(ids), jnp.asarray(mask))
+    losses.append(float(loss))
+    if s % 100 == 0 or s == FLAGS.steps:
+      out = {"step": s, "label_loss": round(float(np.mean(losses[-50:])), 3)}
+      for way, (ids, _, q) in held_out.items():
+        pred = np.asarray(predict(params, jnp.asarray(ids)))
+        rows = np.arange(len(q))
+        out[f"{way}way_1shot"] = round(float(np.mean(pred[rows, q - 1] == ids[rows, q])), 3)
+      out.update(seconds=round(time.time() - t0, 1), variant=FLAGS.variant, model=FLAGS.model,
+                 noise=FLAGS.noise, input_len=FLAGS.input_len, ways=ways, shots=shots,
+                 layout=FLAGS.layout)
+      print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
