@@ -43,6 +43,9 @@ flags.DEFINE_float("noise", 0.25, "Per-symbol replacement probability (icl.class
 flags.DEFINE_integer("input_len", 4, "Symbols per input.")
 flags.DEFINE_list("ways", ["2", "3", "5"], "Training episodes' ways.")
 flags.DEFINE_list("shots", ["1", "2"], "Training episodes' shots.")
+flags.DEFINE_enum("loss_on", "all", ["all", "decided"],
+                  "all: every label (icl.classification_episode's targets); decided: only the "
+                  "labels an earlier example decides (its class seen before) and the query's.")
 flags.DEFINE_enum("layout", "v2l", ["v2l", "compact"],
                   "v2l: the visual prompt's layout (icl.classification_episode); compact: no "
                   "instruction and no headers, each example its input, its label and ' ;'.")
@@ -59,6 +62,7 @@ def main(argv):
   from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import config as lm_config  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import model as lm_model  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import prompts  # pylint: disable=g-import-not-at-top
 
   tok = data_stage.load_tokenizer(FLAGS.workdir)
   overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in FLAGS.model)}
@@ -76,16 +80,27 @@ def main(argv):
         kw = dict(way=way or int(rng.choice(ways)), shot=shot or int(rng.choice(shots)),
                   label_set=("color", "shape")[int(rng.integers(2))], noise=FLAGS.noise,
                   input_len=FLAGS.input_len)
-        if FLAGS.layout == "v2l":
+        if FLAGS.layout == "v2l" and FLAGS.loss_on == "all":
           s, m = icl.episode_ids(tok, icl.classification_episode(rng, **kw))
         else:
           t = icl.classification_task(rng, **kw)
-          s, m = [tok.bos_id], [False]
-          for x, label in t["support"] + [(t["query"], t["answer"])]:
-            x, y = tok.encode(x), tok.encode(label) + tok.encode(";")
-            s, m = s + x + y, m + [False] * len(x) + [True] * len(y)
-          s = np.asarray(s + [tok.eos_id], np.int32)
-          m = np.asarray(m + [True], bool)
+          examples = t["support"] + [(t["query"], t["answer"])]
+          seen = [lab in [l for _, l in examples[:i]] for i, (_, lab) in enumerate(examples)]
+          decided = [FLAGS.loss_on == "all" or d for d in seen[:-1]] + [True]
+          if FLAGS.layout == "v2l":
+            parts = prompts.classification_parts(t["support"], t["query"], t["classes"],
+                                                 answer=t["answer"])
+            labels = iter(decided)
+            targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT and next(labels)
+                            for i in range(len(parts)))
+            s, m = icl.episode_ids(tok, icl.Episode(tuple(parts), targets))
+          else:
+            s, m = [tok.bos_id], [False]
+            for (x, label), d in zip(examples, decided):
+              x, y = tok.encode(x), tok.encode(label) + tok.encode(";")
+              s, m = s + x + y, m + [False] * len(x) + [d] * len(y)
+            s = np.asarray(s + [tok.eos_id], np.int32)
+            m = np.asarray(m + [True], bool)
         if len(s) <= length:
           break
       else:
@@ -130,7 +145,7 @@ def main(argv):
         out[f"{way}way_1shot"] = round(float(np.mean(pred[rows, q - 1] == ids[rows, q])), 3)
       out.update(seconds=round(time.time() - t0, 1), variant=FLAGS.variant, model=FLAGS.model,
                  noise=FLAGS.noise, input_len=FLAGS.input_len, ways=ways, shots=shots,
-                 layout=FLAGS.layout)
+                 layout=FLAGS.layout, loss_on=FLAGS.loss_on)
       print(json.dumps(out), flush=True)
 
 
