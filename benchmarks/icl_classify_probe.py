@@ -4,17 +4,21 @@ V2L's few-shot results are at chance and its text-only control is too (BENCHMARK
 classification"). This probe takes everything else away: a fresh LM (`lm/model.py`, the
 variant and field overrides given) trained only on the text-only classification episodes of
 `data/icl.py` (the exact layout of the visual prompt, inputs = symbol strings; loss on every
-label), plain AdamW (warm-up + cosine, clipping), padded rows of one episode each. Every 100
-steps it scores the query's label, teacher-forced and unconstrained (the arg-max over the whole
-vocabulary at the label's first token), on 256 held-out 2-way 1-shot and 256 5-way 1-shot
-episodes. Chance is at most 1/2 and 1/5 (an LM that picks one of the listed classes at random).
+label, or with `--loss_on=decided` only on the labels an earlier example decides and the
+query's), plain AdamW (warm-up + cosine, clipping), padded rows of one episode each. Every 100
+steps it logs `label_loss` (the mean loss of the last 50 steps over the target tokens: labels,
+eos and, in the compact layout, each label's ";") and scores the query's label, teacher-forced
+and unconstrained (the arg-max over the whole vocabulary at the label's first token), on 256
+held-out 2-way 1-shot and 256 5-way 1-shot episodes. Chance is at most 1/2 and 1/5 (an LM that
+picks one of the listed classes at random).
+
 The easiest setting, `--input_len=1 --noise=0`, asks to copy the label of the one support
 example whose single symbol is the query's; with `--layout=compact` (no instruction, no
 "Input:"/"Output:" headers: "g blue ; k red ; g" -> "blue") that is the induction pattern of
 `icl.induction_episode` (the query's symbol, then what followed it before). In that layout the
 class list is not in the prompt, so an LM that copies one of the support labels at random
-scores 1/way. Needs a workdir whose data stage is done (the
-tokenizer). Prints one JSON line per 100 steps.
+scores 1/way. Needs a workdir whose data stage is done (the tokenizer). Prints one JSON line
+per 100 steps.
 
   .venv/bin/python -m vlbpe_jax.main --config=configs/tiny.py --workdir=/tmp/w \
       --config.stages=data
@@ -85,7 +89,8 @@ def main(argv):
         else:
           t = icl.classification_task(rng, **kw)
           examples = t["support"] + [(t["query"], t["answer"])]
-          seen = [lab in [l for _, l in examples[:i]] for i, (_, lab) in enumerate(examples)]
+          seen = [lab in [prev for _, prev in examples[:i]]
+                  for i, (_, lab) in enumerate(examples)]
           decided = [FLAGS.loss_on == "all" or d for d in seen[:-1]] + [True]
           if FLAGS.layout == "v2l":
             parts = prompts.classification_parts(t["support"], t["query"], t["classes"],
