@@ -54,6 +54,7 @@ flags.DEFINE_enum("layout", "v2l", ["v2l", "compact"],
                   "v2l: the visual prompt's layout (icl.classification_episode); compact: no "
                   "instruction and no headers, each example its input, its label and ' ;'.")
 FLAGS = flags.FLAGS
+WARMUP = 20  # steps
 
 
 def main(argv):
@@ -68,6 +69,8 @@ def main(argv):
   from vlbpe_jax.lm import model as lm_model  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import prompts  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.steps <= WARMUP:
+    raise ValueError(f"--steps={FLAGS.steps}: expected more than the {WARMUP} warm-up steps")
   tok = data_stage.load_tokenizer(FLAGS.workdir)
   overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in FLAGS.model)}
   model = lm_model.LM(lm_config.lm_config(FLAGS.variant, text_vocab=tok.vocab_size,
@@ -118,7 +121,7 @@ def main(argv):
     return ids, mask, query
 
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"]
-  schedule = optax.warmup_cosine_decay_schedule(0, FLAGS.lr, 20, FLAGS.steps, FLAGS.lr * 0.1)
+  schedule = optax.warmup_cosine_decay_schedule(0, FLAGS.lr, WARMUP, FLAGS.steps, FLAGS.lr * 0.1)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95,
                                                                 weight_decay=0.0))
   opt_state = opt.init(params)
