@@ -87,28 +87,24 @@ def main(argv):
         kw = dict(way=way or int(rng.choice(ways)), shot=shot or int(rng.choice(shots)),
                   label_set=("color", "shape")[int(rng.integers(2))], noise=FLAGS.noise,
                   input_len=FLAGS.input_len)
-        if FLAGS.layout == "v2l" and FLAGS.loss_on == "all":
-          s, m = icl.episode_ids(tok, icl.classification_episode(rng, **kw))
+        t = icl.classification_task(rng, **kw)  # icl.classification_episode's draws
+        examples = t["support"] + [(t["query"], t["answer"])]
+        seen = [lab in [prev for _, prev in examples[:i]] for i, (_, lab) in enumerate(examples)]
+        decided = [FLAGS.loss_on == "all" or d for d in seen[:-1]] + [True]
+        if FLAGS.layout == "v2l":
+          parts = prompts.classification_parts(t["support"], t["query"], t["classes"],
+                                               answer=t["answer"])
+          labels = iter(decided)
+          targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT and next(labels)
+                          for i in range(len(parts)))
+          s, m = icl.episode_ids(tok, icl.Episode(tuple(parts), targets))
         else:
-          t = icl.classification_task(rng, **kw)
-          examples = t["support"] + [(t["query"], t["answer"])]
-          seen = [lab in [prev for _, prev in examples[:i]]
-                  for i, (_, lab) in enumerate(examples)]
-          decided = [FLAGS.loss_on == "all" or d for d in seen[:-1]] + [True]
-          if FLAGS.layout == "v2l":
-            parts = prompts.classification_parts(t["support"], t["query"], t["classes"],
-                                                 answer=t["answer"])
-            labels = iter(decided)
-            targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT and next(labels)
-                            for i in range(len(parts)))
-            s, m = icl.episode_ids(tok, icl.Episode(tuple(parts), targets))
-          else:
-            s, m = [tok.bos_id], [False]
-            for (x, label), d in zip(examples, decided):
-              x, y = tok.encode(x), tok.encode(label) + tok.encode(";")
-              s, m = s + x + y, m + [False] * len(x) + [d] * len(y)
-            s = np.asarray(s + [tok.eos_id], np.int32)
-            m = np.asarray(m + [True], bool)
+          s, m = [tok.bos_id], [False]
+          for (x, label), d in zip(examples, decided):
+            x, y = tok.encode(x), tok.encode(label) + tok.encode(";")
+            s, m = s + x + y, m + [False] * len(x) + [d] * len(y)
+          s = np.asarray(s + [tok.eos_id], np.int32)
+          m = np.asarray(m + [True], bool)
         if len(s) <= length:
           break
       else:
