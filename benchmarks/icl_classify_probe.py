@@ -89,14 +89,14 @@ def main(argv):
                   input_len=FLAGS.input_len)
         t = icl.classification_task(rng, **kw)  # icl.classification_episode's draws
         examples = t["support"] + [(t["query"], t["answer"])]
-        seen = [lab in [prev for _, prev in examples[:i]] for i, (_, lab) in enumerate(examples)]
+        seen = [lab in [prev for _, prev in examples[:k]] for k, (_, lab) in enumerate(examples)]
         decided = [FLAGS.loss_on == "all" or d for d in seen[:-1]] + [True]
         if FLAGS.layout == "v2l":
           parts = prompts.classification_parts(t["support"], t["query"], t["classes"],
                                                answer=t["answer"])
           labels = iter(decided)
-          targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT and next(labels)
-                          for i in range(len(parts)))
+          targets = tuple(k > 0 and parts[k - 1] == prompts.EXAMPLE_OUT and next(labels)
+                          for k in range(len(parts)))
           s, m = icl.episode_ids(tok, icl.Episode(tuple(parts), targets))
         else:
           s, m = [tok.bos_id], [False]
