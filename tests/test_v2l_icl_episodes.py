@@ -65,6 +65,30 @@ def test_loss_masks_and_copy_induction(tok):
   assert ind.parts[0] == ind.parts[1] and ind.targets == (False, True)
 
 
+def test_span_induction_repeats_a_span_from_anywhere_after_filler():
+  # span=True: the target is a span (>= 2 symbols) of the sequence that is not always its
+  # start, and the first part ends with 0-3 filler symbols after the sequence.
+  rng, starts, fillers = np.random.default_rng(4), set(), set()
+  for _ in range(200):
+    ep = icl.induction_episode(rng, span=True)
+    first, rep = ep.parts[0].split(), ep.parts[1].split()
+    assert ep.targets == (False, True) and len(rep) >= 2
+    found = [i for i in range(len(first) - len(rep) + 1) if first[i:i + len(rep)] == rep]
+    assert found, (first, rep)
+    starts.add(found[0])
+    fillers.add(len(first) - 10 if len(first) > 10 else -1)
+  assert len(starts) > 5  # the span does not always start at the sequence's start
+  assert max(fillers) >= 1  # sequences of 10 symbols got filler after them
+  with pytest.raises(ValueError, match="min_len=1"):
+    icl.induction_episode(np.random.default_rng(0), min_len=1, max_len=1, span=True)
+  # span=False draws what it always drew (the demo's stage-0 episodes do not move).
+  a = icl.induction_episode(np.random.default_rng(7))
+  rng = np.random.default_rng(7)
+  seq = " ".join(icl.SYMBOLS[i] for i in rng.integers(len(icl.SYMBOLS),
+                                                       size=int(rng.integers(3, 11))))
+  assert a.parts == (seq, seq)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(label_set="animal"), "label_set"), (dict(way=1), "way=1"), (dict(way=9), "way=9"),
     (dict(noise=1.0), "noise=1.0"), (dict(symbols=("a",), input_len=1), "too few")])

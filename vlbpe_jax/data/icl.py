@@ -115,10 +115,26 @@ def copy_episode(rng, *, shots=3, max_len=4, symbols=SYMBOLS) -> Episode:
   return _episode(parts)
 
 
-def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS) -> Episode:
-  """A random symbol sequence, then the same again (the repeat is the target)."""
-  seq = " ".join(_word(rng, symbols, int(rng.integers(min_len, max_len + 1))))
-  return Episode((seq, seq), (False, True))
+def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS,
+                      span=False) -> Episode:
+  """A random symbol sequence, then the same again (the repeat is the target).
+
+  span=True: the repeat is a span of at least 2 symbols from anywhere in the sequence, after 0-3
+  random filler symbols. A whole repeat right after the sequence can be copied by position (the
+  token after the row's start, then the next...); a span at a random offset can only be
+  copied by finding the earlier occurrence of the current symbol and reading what followed it,
+  the match an in-context classifier needs."""
+  n = int(rng.integers(min_len, max_len + 1))
+  words = _word(rng, symbols, n)
+  if not span:
+    seq = " ".join(words)
+    return Episode((seq, seq), (False, True))
+  if n < 2:
+    raise ValueError(f"min_len={min_len}: span=True needs sequences of >= 2 symbols")
+  start = int(rng.integers(n - 1))
+  stop = int(rng.integers(start + 2, n + 1))
+  filler = _word(rng, symbols, int(rng.integers(4)))
+  return Episode((" ".join(words + filler), " ".join(words[start:stop])), (False, True))
 
 
 def denoise_task(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,
