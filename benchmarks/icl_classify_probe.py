@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_string("workdir", "/tmp/w", "A pipeline workdir with the data stage done.")
 flags.DEFINE_string("variant", "Ti", "lm/config.py:VARIANTS")
-flags.DEFINE_list("model", [], "LMConfig field overrides, name=int (e.g. depth=3).")
+flags.DEFINE_list("model", [], "LMConfig field overrides, name=value, an int where the value "
+                  "is one (e.g. depth=3, dtype=float32).")
 flags.DEFINE_integer("steps", 600, "Training steps.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 flags.DEFINE_integer("batch", 16, "Episodes per step.")
@@ -95,7 +96,8 @@ def main(argv):
   if FLAGS.steps <= WARMUP:
     raise ValueError(f"--steps={FLAGS.steps}: expected more than the {WARMUP} warm-up steps")
   tok = data_stage.load_tokenizer(FLAGS.workdir)
-  overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in FLAGS.model)}
+  overrides = {k: int(v) if v.lstrip("-").isdigit() else v
+               for k, v in (kv.split("=", 1) for kv in FLAGS.model)}
   model = lm_model.LM(lm_config.lm_config(FLAGS.variant, text_vocab=tok.vocab_size,
                                           **overrides))
   ways, shots, length = [int(w) for w in FLAGS.ways], [int(s) for s in FLAGS.shots], FLAGS.len
