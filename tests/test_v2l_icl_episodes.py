@@ -80,7 +80,7 @@ def test_span_induction_repeats_a_span_from_anywhere_after_filler():
   assert len(starts) > 5  # the span does not always start at the sequence's start
   assert max(fillers) >= 1  # sequences of 10 symbols got filler after them
   with pytest.raises(ValueError, match="min_len=1"):
-    icl.induction_episode(np.random.default_rng(0), min_len=1, max_len=1, span=True)
+    icl.induction_episode(np.random.default_rng(0), min_len=1, max_len=10, span=True)
   # span=False draws what it always drew (the demo's stage-0 episodes do not move).
   a = icl.induction_episode(np.random.default_rng(7))
   rng = np.random.default_rng(7)

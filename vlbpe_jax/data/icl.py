@@ -124,13 +124,13 @@ def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS,
   token after the row's start, then the next...); a span at a random offset can only be
   copied by finding the earlier occurrence of the current symbol and reading what followed it,
   the match an in-context classifier needs."""
+  if span and min_len < 2:
+    raise ValueError(f"min_len={min_len}: span=True needs sequences of >= 2 symbols")
   n = int(rng.integers(min_len, max_len + 1))
   words = _word(rng, symbols, n)
   if not span:
     seq = " ".join(words)
     return Episode((seq, seq), (False, True))
-  if n < 2:
-    raise ValueError(f"min_len={min_len}: span=True needs sequences of >= 2 symbols")
   start = int(rng.integers(n - 1))
   stop = int(rng.integers(start + 2, n + 1))
   filler = _word(rng, symbols, int(rng.integers(4)))
