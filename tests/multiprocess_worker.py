@@ -8,10 +8,13 @@ same functions run in the test's own process for the one-process, 8-device refer
 """
 
 import dataclasses
+import faulthandler
 import functools
 import importlib.util
 import os
+import signal
 import sys
+import time
 
 import jax
 
@@ -260,12 +263,15 @@ JOBS = {"late": run_late, "lm": run_lm, "vq": run_vq, "clip": run_clip, "dit": r
 
 
 def main(workdir, *jobs):
+  # On a timeout the test sends SIGUSR1 before it kills: every thread's stack goes to the log.
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   parallel.initialize_distributed()
   jax.config.update("jax_threefry_partitionable", True)
   if os.environ.get("VLBPE_TEST_JAX_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["VLBPE_TEST_JAX_CACHE"])
   for job in jobs:
     kind, name, stop = job.split(":")
+    print(f"{time.strftime('%H:%M:%S')} worker {jax.process_index()}: {job}", flush=True)
     JOBS[kind](workdir, name, int(stop))
   print(f"worker {jax.process_index()} done", flush=True)
 

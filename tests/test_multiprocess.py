@@ -8,6 +8,7 @@ non-array files are written once, and checkpoints restore across the two layouts
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ class Workers:
 
   def __init__(self, workdir, *jobs, num_processes=2, timeout=TIMEOUT_S):
     env = dict(os.environ, XLA_FLAGS=xla_flags(xla_force_host_platform_device_count=4),
-               JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1",
+               JAX_PLATFORMS="cpu", VLBPE_DISTRIBUTED="1", PYTHONUNBUFFERED="1",
                VLBPE_NUM_PROCESSES=str(num_processes),
                JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
@@ -60,9 +61,14 @@ class Workers:
     self._kill_left()
 
   def _kill_left(self):
+    left = [p for p in self.procs if p.poll() is None]
+    for p in left:  # the worker's faulthandler writes every thread's stack to its log
+      p.send_signal(signal.SIGUSR1)
+    if left:
+      time.sleep(3)
+    for p in left:
+      p.kill()
     for p in self.procs:
-      if p.poll() is None:
-        p.kill()
       p.wait(timeout=30)
 
   def wait(self):
@@ -80,7 +86,7 @@ class Workers:
       outs.append(log.read())
       log.close()
     if any(p.returncode != 0 for p in procs):
-      tails = "\n".join(f"--- worker {i} (rc {p.returncode}):\n{o[-3000:]}"
+      tails = "\n".join(f"--- worker {i} (rc {p.returncode}):\n{o[-8000:]}"
                         for i, (p, o) in enumerate(zip(procs, outs)))
       raise AssertionError(f"workers failed or timed out after {self.timeout}s:\n{tails}")
     return outs
