@@ -1,6 +1,10 @@
 """Tests for vlbpe_jax/data/pipeline.py: sharding, shuffling, packing, resume, text formats."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import grain
 from etils import epath
@@ -13,6 +17,8 @@ from vlbpe_jax.data import pipeline as pl
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import tfds_builders as tb
 from vlbpe_jax.data.text_tokenizer import TextTokenizer, example_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _LENGTHS = [3, 5, 2, 7, 4, 6, 2, 8, 2, 3, 5, 4, 6, 3]
 
@@ -499,3 +505,35 @@ def test_packed_branch_batches_keep_branches_per_segment(tok):
     pl._ShiftAndCheck(lambda r, g: {"ids": np.arange(5), "mask": np.ones(5, bool),
                                     "positions": np.arange(5), "branch_ids": np.zeros(3)},
                       8, False)(0, None)
+
+
+_IMPORTS_AT_CALL = """
+import json, sys
+import numpy as np
+from vlbpe_jax.data import pipeline, shapes
+from vlbpe_jax.data.text_tokenizer import TextTokenizer
+tok = TextTokenizer.load(sys.argv[1])
+example = shapes.make_example(0, "train", resolution=32)
+fmt = pipeline.TaskFormatter(tok, pipeline.TASKS)
+image_map = pipeline.ImageMap(16)
+before = set(sys.modules)
+for i in range(8):  # every task's formatting, as grain's reader threads call it
+  fmt(example, np.random.default_rng(i))
+image_map(example, None)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_map_functions_import_nothing(tok, tmp_path):
+  """The map functions grain calls from its reader threads (`TaskFormatter`, `ImageMap`)
+  import no module of ours or of tensorflow_datasets on their first call, in a fresh
+  interpreter. A first `import tensorflow_datasets` in one reader thread deadlocked another
+  (etils patches the import function process-wide while tfds imports) and hung the 2-process
+  LM test in CI: caught with the workers' stack dumps (tests/test_multiprocess.py)."""
+  tok.save(tmp_path / "t.model")
+  out = subprocess.run([sys.executable, "-c", _IMPORTS_AT_CALL, str(tmp_path / "t.model")],
+                       capture_output=True, text=True, check=True, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  imported = json.loads(out.stdout.strip().splitlines()[-1])
+  assert not [m for m in imported if m.split(".")[0] in ("vlbpe_jax", "tensorflow_datasets",
+                                                          "etils")], imported

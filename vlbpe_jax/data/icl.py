@@ -39,6 +39,7 @@ import functools
 import numpy as np
 
 from vlbpe_jax.data import shapes
+from vlbpe_jax.v2l import codebook
 from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import prompts
 
@@ -191,8 +192,7 @@ def denoise_episode(rng, vocab_ids, **task_kw) -> Episode:
 
 
 @functools.lru_cache(maxsize=8)
-def _local_ids(tok):
-  from vlbpe_jax.v2l import codebook  # pylint: disable=g-import-not-at-top (jax-heavy)
+def _local_ids(tok):  # (codebook imported at the top: this runs in grain's reader threads)
   return codebook.subword_texts(tok)[0]
 
 

@@ -46,9 +46,18 @@ import absl.flags
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from vlbpe_jax.data import icl
 from vlbpe_jax.data import shapes
+# Imported here, never in a map function: grain calls those from its reader threads, where a
+# first import deadlocked two of them. While tfds imports some of its modules, etils swaps
+# `builtins.__import__` for a lazy one process-wide; a second thread's import then got a lazy
+# module whose first use held functools.cached_property's lock (one per class in Python 3.11)
+# while waiting for the import lock the first thread held, and the first thread's next lazy
+# attribute waited for that same lock. It hung the 2-process LM test in CI; test:
+# tests/test_pipeline.py::test_map_functions_import_nothing.
+from vlbpe_jax.data import tfds_builders
 
 TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise", "induction")
 TEXT_ONLY_TASKS = ("icl", "denoise", "induction")  # stage 0's: no image, the record is unread
@@ -214,8 +223,6 @@ class ImageMap:
 
   def __call__(self, record, rng):
     del rng
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     image = tfds_builders.decode_record({"image": record["image"]})["image"]
     h, w = image.shape[:2]
     if (h, w) == (self.resolution,) * 2:
@@ -535,7 +542,6 @@ class TaskFormatter:
     self.branches = bool(branches)
 
   def __call__(self, record, rng):
-    from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     example = tfds_builders.decode_record(record)
     task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
     out = format_example(example, task, self.tokenizer, image_tokens=self.image_tokens,
