@@ -329,6 +329,18 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
   want = icl.episode_ids(tok, icl.induction_episode(np.random.default_rng(5)))
   np.testing.assert_array_equal(ids, want[0])
   np.testing.assert_array_equal(mask, want[1])
+  # "span_induction": a span of the sequence after filler, over the label words too.
+  words = set()
+  for seed in range(40):
+    ids, mask = pl.format_example(ex, "span_induction", tok, rng=np.random.default_rng(seed))
+    episode = icl.span_induction_episode(np.random.default_rng(seed))
+    want = icl.episode_ids(tok, episode)
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(mask, want[1])
+    seq, span = episode.parts
+    assert f" {span} " in f" {seq} "
+    words.update(seq.split())
+  assert words & set(icl.LABEL_SETS["color"]) and words & set(icl.LABEL_SETS["shape"])
 
 
 def test_grid_positions_layout():
@@ -384,8 +396,8 @@ def test_lm_pipeline_on_tfds_shapes(tok, tmp_path):
                             num_test=1, seed=0)
   # Every task but the long text-only denoise / induction episodes (tested on their own above),
   # which, truncated here, would fill rows without an eos.
-  fmt = pl.TaskFormatter(tok, tasks=tuple(t for t in pl.TASKS if t not in ("denoise",
-                                                                            "induction")))
+  fmt = pl.TaskFormatter(tok, tasks=tuple(t for t in pl.TASKS if t not in (
+      "denoise", "induction", "span_induction")))
   ds = pl.lm_dataset(tb.data_source(builder, "train"), fmt, seq_len=256, batch_size=2, seed=0,
                      truncate=True)
   it = iter(ds)

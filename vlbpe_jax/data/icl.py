@@ -48,6 +48,7 @@ LABEL_SETS = {"shape": tuple(shapes.SHAPES), "color": tuple(shapes.COLORS)}
 SYMBOLS = tuple("abcdefghijklmnopqrstuvwxyz") + (
     "small", "large", "top", "bottom", "left", "right", "center", "black", "gray", "white")
 KINDS = ("classify", "copy", "induction")
+SPAN_SYMBOLS = SYMBOLS + sum(LABEL_SETS.values(), ())  # span_induction_episode's words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,13 @@ def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS,
   stop = int(rng.integers(start + 2, n + 1))
   filler = _word(rng, symbols, int(rng.integers(4)))
   return Episode((" ".join(words + filler), " ".join(words[start:stop])), (False, True))
+
+
+def span_induction_episode(rng) -> Episode:
+  """`induction_episode(span=True)` over `SYMBOLS` and every label word (the pipeline's
+  "span_induction" task): the content match "g blue k red k" -> "red" of an in-context
+  classifier, which whole repeats never teach (BENCHMARKS.md, "Few-shot classification")."""
+  return induction_episode(rng, symbols=SPAN_SYMBOLS, span=True)
 
 
 def denoise_task(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,

@@ -59,15 +59,19 @@ from vlbpe_jax.data import shapes
 # tests/test_pipeline.py::test_map_functions_import_nothing.
 from vlbpe_jax.data import tfds_builders
 
-TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise", "induction")
-TEXT_ONLY_TASKS = ("icl", "denoise", "induction")  # stage 0's: no image, the record is unread
+TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise", "induction",
+         "span_induction")
+# Stage 0's: no image, the record is unread.
+TEXT_ONLY_TASKS = ("icl", "denoise", "induction", "span_induction")
 # "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
 # induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
 # unified model trains on it so that the frozen text LM of V2L learns to use examples.
 # "denoise": a text-only in-context denoising episode in the layout of V2L's restoration prompt
 # (icl.denoise_ids: random ids of the LM's local vocabulary, 10 noisy examples, the clean
 # output as the target), drawn from `rng` like "icl". "induction": only the induction episodes
-# of "icl" (a random symbol sequence, then the same again).
+# of "icl" (a random symbol sequence, then the same again). "span_induction": a span of such a
+# sequence repeated after filler (icl.span_induction_episode), which only a content match can
+# copy, over the label words too.
 # "look": VQA reduced to the question types of LOOK_TYPES, the ones whose answer is an object's
 # colour, shape or position read from the pixels (no count, size, colour count or existence,
 # which a model learns first from the number of image tokens and the answer priors and which,
@@ -438,7 +442,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     if task == "denoise":
       out = icl.denoise_ids(tokenizer, rng, **check_denoise(denoise))
     else:
-      episode = icl.sample_episode(rng) if task == "icl" else icl.induction_episode(rng)
+      episode = {"icl": icl.sample_episode, "induction": icl.induction_episode,
+                 "span_induction": icl.span_induction_episode}[task](rng)
       out = icl.episode_ids(tokenizer, episode)
     return (*out, np.zeros(len(out[0]), np.int32)) if branches else out
   ids, mask = [tokenizer.bos_id], [False]
