@@ -526,11 +526,11 @@ from vlbpe_jax.data import pipeline, shapes
 from vlbpe_jax.data.text_tokenizer import TextTokenizer
 tok = TextTokenizer.load(sys.argv[1])
 example = shapes.make_example(0, "train", resolution=32)
-fmt = pipeline.TaskFormatter(tok, pipeline.TASKS)
+fmts = [pipeline.TaskFormatter(tok, (task,)) for task in pipeline.TASKS]
 image_map = pipeline.ImageMap(16)
 before = set(sys.modules)
-for i in range(8):  # every task's formatting, as grain's reader threads call it
-  fmt(example, np.random.default_rng(i))
+for fmt in fmts:  # every task's formatting, as grain's reader threads call it
+  fmt(example, np.random.default_rng(0))
 image_map(example, None)
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
