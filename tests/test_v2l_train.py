@@ -401,3 +401,24 @@ def test_code_stats_count_the_local_tokens_of_the_test_images(inputs, trained):
   assert train.code_stats(ctx, state["params"], idx=idx) == stats  # encoded once, by the caller
   with pytest.raises(ValueError, match=f"idx holds {len(idx) - 1} token maps"):
     train.code_stats(ctx, state["params"], idx=idx[1:])
+
+
+def test_evaluation_settings_keep_a_trained_tokenizer(inputs, trained, tmp_path):
+  """A trained V2L restores, and its codebooks keep their key, under other values of the fields
+  only the evaluation reads (`train.EVAL_FIELDS`): `python -m vlbpe_jax.v2l.fewshot
+  --config.v2l.fewshot_episodes=200` scores it on more episodes. A training field refuses."""
+  s, state = trained["straight"]
+  scored = _config(fewshot_episodes=200, fewshot_shots=(1, 3), restore_images=3,
+                   describe_queries=7)
+  again = train.train(scored, s, inputs["images"], inputs["global_emb"])  # nothing to train
+  assert int(jax.device_get(again["step"])) == int(jax.device_get(state["step"]))
+  for a, b in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="v2l.lr: checkpoint has"):
+    train.train(_config(lr=1e-2), s, inputs["images"], inputs["global_emb"])
+  os.makedirs(tmp_path / "tokenizer")
+  (tmp_path / "tokenizer" / "text.model").write_bytes(b"model")
+  key = train.codebook_key(_config(), str(tmp_path))
+  assert train.codebook_key(scored, str(tmp_path)) == key
+  assert train.codebook_key(_config(num_global=4), str(tmp_path)) != key
+  assert not set(train.EVAL_FIELDS) - set(_config().v2l)  # each names a real field

@@ -1,6 +1,7 @@
 """N-way K-shot classification by the frozen LM reading V2L global tokens (and its text control).
 
-  python -m vlbpe_jax.v2l.fewshot --config=configs/tiny.py --workdir=$W
+  python -m vlbpe_jax.v2l.fewshot --config=configs/tiny.py --workdir=$W \
+      --config.v2l.fewshot_episodes=200   # any train.EVAL_FIELDS value: the same trained V2L
 
   tasks = image_tasks(train_labels, test_labels, way=2, shot=1, num=50, seed=0)
   rows = run_tasks(lm, tasks, lambda i, split: ids_of[split][i])   # one row per episode

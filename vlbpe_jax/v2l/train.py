@@ -60,9 +60,21 @@ from vlbpe_jax.vq import metrics as vq_metrics
 from vlbpe_jax.vq import perceptual
 
 # Config keys a checkpoint must agree on before it is restored (the CLIP's and the text LM's
-# too: they make the codebooks).
+# too: they make the codebooks); "v2l" stands for its fields less EVAL_FIELDS (`must_match`).
 MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model",
               "lm.text_steps", "lm.text_tasks", "lm.vocab_multiple", "lm.text_phases")
+# v2l fields that only the evaluation reads (few-shot, captioning, VQA, restoration): a trained
+# tokenizer and its codebooks hold for any value of them, so `python -m vlbpe_jax.v2l.fewshot
+# --config.v2l.fewshot_episodes=200` scores a trained V2L on more episodes.
+EVAL_FIELDS = ("fewshot_ways", "fewshot_shots", "fewshot_episodes", "fewshot_global",
+               "fewshot_batch", "variant_settings", "caption_shots", "vqa_shots",
+               "describe_queries", "max_caption_tokens", "restore_images")
+
+
+def must_match(config) -> tuple:
+  """`MUST_MATCH` with "v2l" spelled out: its fields but `EVAL_FIELDS` (a new field is in)."""
+  return tuple(k for k in MUST_MATCH if k != "v2l") + tuple(
+      f"v2l.{k}" for k in config.v2l if k not in EVAL_FIELDS)
 
 
 def check_config(config):
@@ -167,8 +179,8 @@ class Codebooks:
 
 def codebook_key(config, workdir: str) -> str:
   """What the codebooks are made of: the text tokenizer's bytes and the config fields of the
-  frozen LM, the CLIP, the data and V2L (`MUST_MATCH`)."""
-  cfg = manifest.stage_key(manifest.config_dict(config), MUST_MATCH, {})["config"]
+  frozen LM, the CLIP, the data and V2L (`must_match`: not the evaluation's)."""
+  cfg = manifest.stage_key(manifest.config_dict(config), must_match(config), {})["config"]
   return fileio.value_digest({"tokenizer": fileio.short_digest(
       data_stage.tokenizer_path(workdir)), "config": cfg})[:16]
 
@@ -328,7 +340,7 @@ def train(config, s: Setup, images, global_emb, *, stop_at_step=None):
   state = loop.run(
       s.run_dir, s.trainer.abstract_state, lambda: s.trainer.init(key_init),
       lambda st, b: s.trainer.step(st, b, key_train, s.frozen), it, config=config,
-      must_match=MUST_MATCH, total_steps=int(c.total_steps), log_every=int(c.log_every),
+      must_match=must_match(config), total_steps=int(c.total_steps), log_every=int(c.log_every),
       ckpt_every=int(c.ckpt_every), name="v2l", progress=bool(c.progress),
       stop_at_step=stop_at_step, items_per_step={"perf/images_per_s": int(c.batch_size)})
   return state
