@@ -158,6 +158,35 @@ def test_an_interrupted_training_stage_resumes_and_times_add_up(toy, tmp_path, m
   assert manifest.load(w, "b")["status"] == "done"
 
 
+def test_a_missing_report_section_reruns_the_stage_on_its_outputs(toy, tmp_path, monkeypatch):
+  """A done stage whose report section is gone runs again on its intact outputs instead of
+  rebuilding them. Its outputs' bytes may differ from build to build with the same content
+  (TFDS serialises tf.Example maps in hash order), which would make every stage after it read
+  other inputs: a training one refused, the rest recomputed."""
+  w = str(tmp_path)
+  builds = []
+
+  def run_a(config, workdir):  # a new nonce per build; an existing output is reused
+    toy.append("a")
+    path = os.path.join(workdir, "a", "out.txt")
+    if not os.path.exists(path):
+      builds.append(1)
+      fileio.write_text(path, f"a:{config.a.value}:build{len(builds)}")
+    value = _read(workdir, "a/out.txt")
+    report.add_section(workdir, key="a", title="a", order=1, html=value,
+                       metrics={"a.value": value})
+    return {"a.value": value}
+  monkeypatch.setitem(train.STAGES, "a", train.STAGES["a"].__class__(
+      **{**train.STAGES["a"].__dict__, "run": run_a}))
+  train.train_and_evaluate(_config(), w)
+  first = _metrics(w)
+  report.remove_section(w, "a")
+  toy.clear()
+  train.train_and_evaluate(_config(), w)
+  assert toy == ["a"] and len(builds) == 1  # a ran on its output; b and c were up to date
+  assert _metrics(w) == first and manifest.load(w, "a")["status"] == "done"
+
+
 def test_an_unselected_stale_stage_loses_its_report_section(toy, tmp_path):
   w = str(tmp_path)
   train.train_and_evaluate(_config(), w)

@@ -168,8 +168,8 @@ def _discard(workdir, name):
 
 def _status(config, workdir, name):
   """(status, reasons, key) of stage `name` under `config`: 'done' (skip), 'resume' (an
-  interrupted run, or a done one whose report section is missing), 'stale' (recompute) or
-  'blocked' (an upstream stage is not up to date)."""
+  interrupted run), 'report' (done, its outputs intact, its report section missing: run again
+  on its outputs), 'stale' (recompute) or 'blocked' (an upstream stage is not up to date)."""
   key = _key(config, workdir, name)
   if key is None:
     return "blocked", [], None
@@ -182,7 +182,7 @@ def _status(config, workdir, name):
   if changed:
     return "stale", [f"output {p} differs from what the stage wrote" for p in changed], key
   if report.section_metrics(workdir, name) is None:
-    return "resume", ["its report section is missing"], key
+    return "report", ["its report section is missing"], key
   return "done", [], key
 
 
@@ -215,9 +215,16 @@ def _run_primary(config, workdir, name, allowed, status, reasons, key) -> dict:
   """`run_one` on process 0: discards or resumes, runs the stage, writes its manifest."""
   m = manifest.load(workdir, name) or {}
   seconds = 0.0
-  if status == "resume" and STAGES[name].trains:
+  if status in ("resume", "report") and STAGES[name].trains:
     seconds = float(m.get("seconds", 0.0))
     logging.info("stage %s: resuming (%s)", name, "; ".join(reasons))
+  elif status == "report":
+    # Its outputs match the manifest's digests, so nothing is torn: the stage runs again on
+    # them (the data stage reuses its dataset and tokenizer) rather than rebuilding them,
+    # which would change their bytes (TFDS serialises tf.Example maps in hash order) and so
+    # the inputs of every stage after it.
+    seconds = float(m.get("seconds", 0.0))
+    logging.info("stage %s: rerun on its outputs (%s)", name, "; ".join(reasons))
   else:
     if status == "stale" and STAGES[name].trains and _has_work(workdir, name) and (
         name not in allowed):
