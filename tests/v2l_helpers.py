@@ -4,10 +4,8 @@ Parameters are initialised from `key(seed)`: an "rbg" key, whose initialisers co
 seconds on a CPU where threefry's take ~30 s for the V2L model (the values do not matter here).
 """
 
-import atexit
 import functools
 import random
-import shutil
 import tempfile
 
 import flax.linen as nn
@@ -25,9 +23,8 @@ def tokenizer() -> TextTokenizer:
   """A 300-piece unigram model (byte fallback, control pieces) on shape-like sentences."""
   r = random.Random(0)
   texts = [" ".join(r.choice(_WORDS) for _ in range(r.randint(3, 9))) + "." for _ in range(400)]
-  tmp = tempfile.mkdtemp(prefix="v2l_tok_")
-  atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # (the tokenizer holds its model)
-  return TextTokenizer.train(texts, vocab_size=300, model_path=tmp + "/t.model")
+  with tempfile.TemporaryDirectory(prefix="v2l_tok_") as tmp:  # the tokenizer holds its model
+    return TextTokenizer.train(texts, vocab_size=300, model_path=tmp + "/t.model")
 
 
 @functools.cache

@@ -215,16 +215,14 @@ def _run_primary(config, workdir, name, allowed, status, reasons, key) -> dict:
   """`run_one` on process 0: discards or resumes, runs the stage, writes its manifest."""
   m = manifest.load(workdir, name) or {}
   seconds = 0.0
-  if status in ("resume", "report") and STAGES[name].trains:
+  # 'report': its outputs match the manifest's digests, so nothing is torn: the stage runs
+  # again on them (the data stage reuses its dataset and tokenizer) rather than rebuilding
+  # them, which would change their bytes (TFDS serialises tf.Example maps in hash order) and so
+  # the inputs of every stage after it.
+  if status == "report" or (status == "resume" and STAGES[name].trains):
     seconds = float(m.get("seconds", 0.0))
-    logging.info("stage %s: resuming (%s)", name, "; ".join(reasons))
-  elif status == "report":
-    # Its outputs match the manifest's digests, so nothing is torn: the stage runs again on
-    # them (the data stage reuses its dataset and tokenizer) rather than rebuilding them,
-    # which would change their bytes (TFDS serialises tf.Example maps in hash order) and so
-    # the inputs of every stage after it.
-    seconds = float(m.get("seconds", 0.0))
-    logging.info("stage %s: rerun on its outputs (%s)", name, "; ".join(reasons))
+    logging.info("stage %s: %s (%s)", name,
+                 "resuming" if STAGES[name].trains else "rerun on its outputs", "; ".join(reasons))
   else:
     if status == "stale" and STAGES[name].trains and _has_work(workdir, name) and (
         name not in allowed):
