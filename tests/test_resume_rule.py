@@ -187,6 +187,75 @@ def test_a_missing_report_section_reruns_the_stage_on_its_outputs(toy, tmp_path,
   assert _metrics(w) == first and manifest.load(w, "a")["status"] == "done"
 
 
+def test_an_evaluation_only_change_evaluates_the_trained_run_again(toy, tmp_path, monkeypatch):
+  """b trains once (b/trained.txt, a nonce) and evaluates with b.shots every run. A change of
+  b.shots alone reruns b on its trained run (not refused, not retrained) and c after it; any
+  other change of b is refused as before; an interrupted run resumes across such a change."""
+  w = str(tmp_path)
+
+  def run_b(config, workdir):
+    toy.append("b")
+    trained = os.path.join(workdir, "b", "trained.txt")
+    if not os.path.exists(trained):
+      fileio.write_text(trained, f"b:{config.b.value}:{os.urandom(8).hex()}")
+    value = f"{_read(workdir, 'b/trained.txt')}:shots{config.b.shots}|{_read(workdir, 'a/out.txt')}"
+    fileio.write_text(os.path.join(workdir, "b", "out.txt"), value)
+    report.add_section(workdir, key="b", title="b", order=2, html=value,
+                       metrics={"b.value": value})
+    return {"b.value": value}
+  stage_b = train.STAGES["b"].__class__(
+      **{**train.STAGES["b"].__dict__, "run": run_b, "eval_fields": ("b.shots",)})
+  monkeypatch.setitem(train.STAGES, "b", stage_b)
+  config = lambda **kw: ml_collections.ConfigDict(  # noqa: E731
+      dict(a=dict(value=1), b=dict(dict(value=1, shots=1), **kw), c=dict(value=1),
+           stages="a,b,c", recompute=""))
+  train.train_and_evaluate(config(), w)
+  nonce = _read(w, "b/trained.txt")
+  toy.clear()
+  train.train_and_evaluate(config(shots=3), w)
+  assert toy == ["b", "c"] and _read(w, "b/trained.txt") == nonce  # kept, evaluated again
+  assert _read(w, "c/out.txt") == f"c:1|{nonce}:shots3|a:1"
+  assert manifest.load(w, "b")["key"]["config"]["b"]["shots"] == 3
+  toy.clear()
+  train.train_and_evaluate(config(shots=3), w)
+  assert toy == []  # up to date under the new key
+  with pytest.raises(ValueError, match="b.value: 1 -> 2"):
+    train.train_and_evaluate(config(shots=3, value=2), w)  # a training field: refused
+  # Interrupted, then an evaluation field changed: it resumes on the kept run.
+  manifest.save(w, "b", dict(manifest.load(w, "b"), status="running"))
+  toy.clear()
+  train.train_and_evaluate(config(shots=5), w)
+  assert toy == ["b", "c"] and _read(w, "b/trained.txt") == nonce
+  assert report.read_metrics(w)["b.value"] == f"{nonce}:shots5|a:1"
+  # A stage without eval_fields is refused for the same change.
+  monkeypatch.setitem(train.STAGES, "b", train.STAGES["b"].__class__(
+      **{**stage_b.__dict__, "eval_fields": ()}))
+  with pytest.raises(ValueError, match="b.shots: 5 -> 7"):
+    train.train_and_evaluate(config(shots=7), w)
+
+
+def test_v2l_keeps_its_trained_run_for_its_evaluation_fields_only():
+  """The real v2l stage: its eval_fields are the trainer's EVAL_FIELDS (each a field of the
+  demo config); a change of one of them leaves its training part alone, lr or an upstream
+  field do not."""
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
+  config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "")  # noqa: E731
+  assert train.STAGES["v2l"].eval_fields == tuple(f"v2l.{k}" for k in v2l_train.EVAL_FIELDS)
+  base = config()
+  assert all(k in base.v2l for k in v2l_train.EVAL_FIELDS)
+  training = lambda c: train._training_part(  # noqa: E731  pylint: disable=protected-access
+      "v2l", train._config_part(c, "v2l"))  # pylint: disable=protected-access
+  episodes, lr, clip = config(), config(), config()
+  episodes.v2l.fewshot_episodes = base.v2l.fewshot_episodes * 4
+  lr.v2l.lr = base.v2l.lr * 2
+  clip.clip.lr = base.clip.lr * 2
+  assert train._config_part(episodes, "v2l") != train._config_part(base, "v2l")  # pylint: disable=protected-access
+  assert training(episodes) == training(base)
+  assert training(lr) != training(base) and training(clip) != training(base)
+  assert [n for n, s in train.STAGES.items() if s.eval_fields] == ["v2l"]
+
+
 def test_an_unselected_stale_stage_loses_its_report_section(toy, tmp_path):
   w = str(tmp_path)
   train.train_and_evaluate(_config(), w)

@@ -10,7 +10,9 @@ fields that produced them (its own and those of the stages it reads) and the dig
 files it read. A rerun skips a stage whose manifest matches, resumes one that was interrupted,
 and recomputes one whose inputs changed, with everything downstream. A stage that holds a
 training run (`Stage.trains`) is never deleted silently: it is refused with the changed fields,
-unless `config.recompute` names it or a stage before it (`all`: every stage).
+unless `config.recompute` names it or a stage before it (`all`: every stage). A change of the
+fields only its evaluation reads (`Stage.eval_fields`, e.g. V2L's few-shot episodes) keeps
+the trained run and evaluates it again.
 
 Several processes (`parallel.initialize_distributed`): every process decides a stage's status
 from the same files, then process 0 alone writes manifests and reports. A stage that runs on
@@ -28,6 +30,7 @@ of two programs must not meet the devices in different orders; `parallel.stage_w
 """
 
 from concurrent import futures
+import copy
 import dataclasses
 import html
 import os
@@ -49,6 +52,7 @@ from vlbpe_jax.eval import seed_claims
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import stage as lm_stage
 from vlbpe_jax.v2l import stage as v2l_stage
+from vlbpe_jax.v2l import train as v2l_train
 from vlbpe_jax.vq import stage as vq_stage
 
 
@@ -62,6 +66,9 @@ class Stage:
   owns: tuple = ()  # what it writes (relative to workdir), deleted before a recompute
   trains: bool = False  # holds a training run: a recompute must be asked for
   collective: bool = False  # runs on every process (jax on the global mesh), not process 0 alone
+  # Config fields (dotted) that only its evaluation reads: when nothing else changed, the stage
+  # runs again on its trained run (status 'reeval') instead of being refused or retrained.
+  eval_fields: tuple = ()
 
 
 _DATA = ("seed", "data.resolution", "data.num_train", "data.num_validation", "data.num_test")
@@ -82,7 +89,8 @@ STAGES = {
     "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
                  outputs=("dit/*/result.json",), owns=("dit",), trains=True, collective=True),
     "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"), reads=("data", "lm", "clip"),
-                 outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True, collective=True),
+                 outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True, collective=True,
+                 eval_fields=tuple(f"v2l.{k}" for k in v2l_train.EVAL_FIELDS)),
 }
 
 
@@ -121,6 +129,28 @@ def _config_part(config, name):
   return manifest.stage_key(manifest.config_dict(config), config_keys(name), {})["config"]
 
 
+def _training_part(name, config_part: dict) -> dict:
+  """A stage key's config part less the stage's `eval_fields`: what its trained run is made of."""
+  out = copy.deepcopy(config_part)
+  for field in STAGES[name].eval_fields:
+    for k in out:
+      if field == k:
+        out[k] = "<evaluation>"
+      elif field.startswith(k + "."):
+        d, *path, leaf = [out[k]] + field[len(k) + 1:].split(".")
+        for part in path:
+          d = d.get(part) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+          d.pop(leaf, None)
+  return out
+
+
+def _evaluation_only(name, old: dict, new: dict) -> bool:
+  """Keys `old` -> `new` of stage `name` differ in its `eval_fields` alone."""
+  return (bool(STAGES[name].eval_fields) and old.get("inputs") == new["inputs"]
+          and _training_part(name, old.get("config", {})) == _training_part(name, new["config"]))
+
+
 def _key(config, workdir, name):
   """The current key of stage `name`; None when an upstream stage is not done."""
   inputs = {}
@@ -152,7 +182,8 @@ def _preflight(config, workdir, names, allowed):
       continue
     m = manifest.load(workdir, name)
     want = {"config": _config_part(config, name)}
-    if m is None or m["key"]["config"] != want["config"]:
+    if m is None or (_training_part(name, m["key"]["config"])
+                     != _training_part(name, want["config"])):
       changes = manifest.describe_changes(
           None if m is None else {"config": m["key"]["config"]}, want)
       raise ValueError(_refusal(name, workdir, changes))
@@ -169,18 +200,24 @@ def _discard(workdir, name):
 def _status(config, workdir, name):
   """(status, reasons, key) of stage `name` under `config`: 'done' (skip), 'resume' (an
   interrupted run), 'report' (done, its outputs intact, its report section missing: run again
-  on its outputs), 'stale' (recompute) or 'blocked' (an upstream stage is not up to date)."""
+  on its outputs), 'reeval' (done, its outputs intact, only its `eval_fields` changed: run
+  again on its trained run), 'stale' (recompute) or 'blocked' (an upstream stage is not up to
+  date)."""
   key = _key(config, workdir, name)
   if key is None:
     return "blocked", [], None
   m = manifest.load(workdir, name)
-  if m is None or m["key"] != key:
-    return "stale", manifest.describe_changes(None if m is None else m["key"], key), key
+  changes = [] if m is not None and m["key"] == key else manifest.describe_changes(
+      None if m is None else m["key"], key)
+  if changes and (m is None or not _evaluation_only(name, m["key"], key)):
+    return "stale", changes, key
   if m["status"] != "done":
-    return "resume", ["interrupted"], key
+    return "resume", ["interrupted"] + changes, key
   changed = manifest.changed_outputs(workdir, m, STAGES[name].outputs)
   if changed:
     return "stale", [f"output {p} differs from what the stage wrote" for p in changed], key
+  if changes:
+    return "reeval", ["only evaluation settings changed"] + changes, key
   if report.section_metrics(workdir, name) is None:
     return "report", ["its report section is missing"], key
   return "done", [], key
@@ -219,10 +256,12 @@ def _run_primary(config, workdir, name, allowed, status, reasons, key) -> dict:
   # again on them (the data stage reuses its dataset and tokenizer) rather than rebuilding
   # them, which would change their bytes (TFDS serialises tf.Example maps in hash order) and so
   # the inputs of every stage after it.
-  if status == "report" or (status == "resume" and STAGES[name].trains):
+  # 'reeval': the same, on its trained run, with new evaluation settings.
+  if status in ("report", "reeval") or (status == "resume" and STAGES[name].trains):
     seconds = float(m.get("seconds", 0.0))
-    logging.info("stage %s: %s (%s)", name,
-                 "resuming" if STAGES[name].trains else "rerun on its outputs", "; ".join(reasons))
+    what = ("evaluating its trained run again" if status == "reeval" else
+            "resuming" if STAGES[name].trains else "rerun on its outputs")
+    logging.info("stage %s: %s (%s)", name, what, "; ".join(reasons))
   else:
     if status == "stale" and STAGES[name].trains and _has_work(workdir, name) and (
         name not in allowed):
