@@ -341,6 +341,12 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
     assert f" {span} " in f" {seq} "
     words.update(seq.split())
   assert words & set(icl.LABEL_SETS["color"]) and words & set(icl.LABEL_SETS["shape"])
+  # "suffix_induction": the span runs to the sequence's end.
+  for seed in range(10):
+    ids, mask = pl.format_example(ex, "suffix_induction", tok, rng=np.random.default_rng(seed))
+    want = icl.episode_ids(tok, icl.suffix_induction_episode(np.random.default_rng(seed)))
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(mask, want[1])
 
 
 def test_grid_positions_layout():
@@ -397,7 +403,7 @@ def test_lm_pipeline_on_tfds_shapes(tok, tmp_path):
   # Every task but the long text-only denoise / induction episodes (tested on their own above),
   # which, truncated here, would fill rows without an eos.
   fmt = pl.TaskFormatter(tok, tasks=tuple(t for t in pl.TASKS if t not in (
-      "denoise", "induction", "span_induction")))
+      "denoise", "induction", "span_induction", "suffix_induction")))
   ds = pl.lm_dataset(tb.data_source(builder, "train"), fmt, seq_len=256, batch_size=2, seed=0,
                      truncate=True)
   it = iter(ds)

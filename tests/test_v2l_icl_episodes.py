@@ -89,6 +89,28 @@ def test_span_induction_repeats_a_span_from_anywhere_after_filler():
   assert a.parts == (seq, seq)
 
 
+def test_suffix_induction_repeats_the_sequence_from_a_random_symbol_to_its_end():
+  # to_end=True: the target is the sequence's last k >= 2 symbols (then 0-3 filler symbols in
+  # the first part), k not always the whole sequence; label words are among the symbols.
+  rng, lengths, words = np.random.default_rng(5), set(), set()
+  for _ in range(200):
+    ep = icl.suffix_induction_episode(rng)
+    first, rep = ep.parts[0].split(), ep.parts[1].split()
+    assert ep.targets == (False, True) and len(rep) >= 2
+    ends = [i + len(rep) for i in range(len(first) - len(rep) + 1)
+            if first[i:i + len(rep)] == rep]
+    assert any(len(first) - 3 <= e <= len(first) for e in ends), (first, rep)
+    lengths.add(len(rep))
+    words.update(first)
+  assert len(lengths) > 5 and words & set(icl.LABEL_SETS["color"])
+  # A span that ends anywhere is shorter on average: to_end copies more of each episode.
+  mean = lambda f: np.mean([len(f(np.random.default_rng(s)).parts[1].split())  # noqa: E731
+                            for s in range(300)])
+  assert mean(icl.suffix_induction_episode) > 1.3 * mean(icl.span_induction_episode)
+  with pytest.raises(ValueError, match="to_end=True"):
+    icl.induction_episode(np.random.default_rng(0), to_end=True)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(label_set="animal"), "label_set"), (dict(way=1), "way=1"), (dict(way=9), "way=9"),
     (dict(noise=1.0), "noise=1.0"), (dict(symbols=("a",), input_len=1), "too few")])

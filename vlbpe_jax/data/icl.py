@@ -118,32 +118,44 @@ def copy_episode(rng, *, shots=3, max_len=4, symbols=SYMBOLS) -> Episode:
 
 
 def induction_episode(rng, *, min_len=3, max_len=10, symbols=SYMBOLS,
-                      span=False) -> Episode:
+                      span=False, to_end=False) -> Episode:
   """A random symbol sequence, then the same again (the repeat is the target).
 
   span=True: the repeat is a span of at least 2 symbols from anywhere in the sequence, after 0-3
   random filler symbols. A whole repeat right after the sequence can be copied by position (the
   token after the row's start, then the next...); a span at a random offset can only be
   copied by finding the earlier occurrence of the current symbol and reading what followed it,
-  the match an in-context classifier needs."""
+  the match an in-context classifier needs. to_end=True (with span): the span runs from its
+  random start to the sequence's end, so that every symbol of it after the first is a match
+  to copy (on average twice as many as a span that ends anywhere), and so is the eos."""
   if span and min_len < 2:
     raise ValueError(f"min_len={min_len}: span=True needs sequences of >= 2 symbols")
+  if to_end and not span:
+    raise ValueError("to_end=True: expected span=True (a whole repeat already runs to the end)")
   n = int(rng.integers(min_len, max_len + 1))
   words = _word(rng, symbols, n)
   if not span:
     seq = " ".join(words)
     return Episode((seq, seq), (False, True))
   start = int(rng.integers(n - 1))
-  stop = int(rng.integers(start + 2, n + 1))
+  stop = n if to_end else int(rng.integers(start + 2, n + 1))
   filler = _word(rng, symbols, int(rng.integers(4)))
   return Episode((" ".join(words + filler), " ".join(words[start:stop])), (False, True))
 
 
 def span_induction_episode(rng) -> Episode:
-  """`induction_episode(span=True)` over `SYMBOLS` and every label word (the pipeline's
-  "span_induction" task): the content match "g blue k red k" -> "red" of an in-context
-  classifier, which whole repeats never teach (BENCHMARKS.md, "Few-shot classification")."""
+  """`induction_episode(span=True)` over `SPAN_SYMBOLS`, the symbols and every label word (the
+  pipeline's "span_induction" task): the content match "g blue k red k" -> "red" of an
+  in-context classifier, which whole repeats never teach (BENCHMARKS.md, "Few-shot
+  classification")."""
   return induction_episode(rng, symbols=SPAN_SYMBOLS, span=True)
+
+
+def suffix_induction_episode(rng) -> Episode:
+  """`induction_episode(span=True, to_end=True)` over `SPAN_SYMBOLS` (the pipeline's
+  "suffix_induction" task): the same match with more of each episode to copy by it, which
+  forms it in fewer steps (BENCHMARKS.md, "Few-shot classification")."""
+  return induction_episode(rng, symbols=SPAN_SYMBOLS, span=True, to_end=True)
 
 
 def denoise_task(rng, vocab_ids, *, m: int = 2, ns=(2, 16), max_query_noise=0.5,
