@@ -1,5 +1,8 @@
 """configs/tiny.py's demo with V2L's frozen LM continued on span-induction episodes.
 
+Environment: SPAN_STEPS (3000), KV_HEADS (2), TASK ("span_induction"; "suffix_induction": the
+span runs to the sequence's end), DENOISE_STEPS (500).
+
 BENCHMARKS.md, "Few-shot classification", span episodes in `lm/text_icl`: the demo's phases
 (500 whole-repeat induction steps at 3e-3, 500 denoise at 1e-3) replaced by SPAN_STEPS (3000)
 "span_induction" steps at 1e-3 and the same 500 denoise steps; the LM with KV_HEADS (2) kv
@@ -24,7 +27,9 @@ _spec.loader.exec_module(tiny)
 def get_config(arg=None):
   c = tiny.get_config(arg)
   span = int(os.environ.get("SPAN_STEPS", "3000"))
-  c.lm.text_phases = ((span, ("span_induction",), 1e-3), (500, ("denoise",), 1e-3))
+  task = os.environ.get("TASK", "span_induction")
+  c.lm.text_phases = ((span, (task,), 1e-3),
+                      (int(os.environ.get("DENOISE_STEPS", "500")), ("denoise",), 1e-3))
   c.lm.runs = ("full",)
   with c.unlocked():
     c.lm.model.num_kv_heads = int(os.environ.get("KV_HEADS", "2"))
