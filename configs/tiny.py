@@ -142,19 +142,20 @@ def get_config(arg=None):
       text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
       text_lr=3e-3,
       # V2L's frozen LM = stage 0 continued on these phases, ((steps, tasks, peak lr), ...),
-      # each with its own schedule (lm/text_icl; Being-VL's runs start from stage 0 itself):
-      # suffix-induction episodes (a span of a symbol sequence, to its end, repeated after
-      # filler: only a content match copies it), then in-context denoising in the layout of
-      # V2L's restoration prompt (data/icl.py). The first teaches the match few-shot prompts
-      # need: colour few-shot 2-way / 5-way 1-shot 71% / 36.5% against 20% at 5-way after the
-      # earlier whole repeats (500 steps at 3e-3), which teach a copy by position; at 2e-3 or
-      # in 700 steps it does not form (BENCHMARKS.md, "Few-shot classification"). The second
-      # makes the LM copy in context on the restoration prompt: without it the LM wrote wrong
-      # tokens into every restoration (inpainting -0.7 dB, deblur -7.8 dB); 300 denoise steps
-      # alone or after 300 induction steps gave nothing (BENCHMARKS.md, "V2L tokenizer:
-      # teaching the frozen LM to restore").
+      # each with its own schedule (lm/text_icl; Being-VL's runs start from stage 0 itself),
+      # then in-context denoising in the layout of V2L's restoration prompt (data/icl.py), so
+      # that the LM copies in context: without it the LM wrote wrong tokens into every
+      # restoration (inpainting -0.7 dB, deblur -7.8 dB); 300 denoise steps alone or after 300
+      # induction steps gave nothing (BENCHMARKS.md, "V2L tokenizer: teaching the frozen LM to
+      # restore"). Before it, :long trains suffix-induction episodes (a sequence's span, to its
+      # end, repeated after filler: only a content match copies it), which teach the match
+      # few-shot prompts need: colour few-shot 2-way / 5-way 1-shot 71% / 36.5% after 1000
+      # steps at 1e-3 (at 2e-3, or in 700 steps, it does not form). The demo keeps whole
+      # repeats (500 steps at 3e-3, a copy by position: colour few-shot at chance): its 1000
+      # suffix steps took its lm stage from 387 to 703 s, past the 15-minute budget
+      # (BENCHMARKS.md, "Few-shot classification").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
-                        ((1000, ("suffix_induction",), 1e-3), (500, ("denoise",), 1e-3)),
+                        ((500, ("induction",), 3e-3), (500, ("denoise",), 1e-3)),
                         ((1500, ("suffix_induction",), 1e-3), (600, ("denoise",), 1e-3))),
       # The denoise episodes' clean windows: per episode k local ids (0: all of them), k drawn
       # from these (data/icl.denoise_task). All ids only: :long's LM restored nothing on images.
