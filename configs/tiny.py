@@ -152,7 +152,7 @@ def get_config(arg=None):
       # few-shot prompts need: colour few-shot 2-way / 5-way 1-shot 71% / 36.5% after 1000
       # steps at 1e-3 (at 2e-3, or in 700 steps, it does not form). The demo keeps whole
       # repeats (500 steps at 3e-3, a copy by position: colour few-shot at chance): its 1000
-      # suffix steps took its lm stage from 387 to 703 s, past the 15-minute budget
+      # suffix steps took its lm stage from 470 to 703 s (Zen 3 host), past the 15-min budget
       # (BENCHMARKS.md, "Few-shot classification").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
                         ((500, ("induction",), 3e-3), (500, ("denoise",), 1e-3)),
