@@ -10,8 +10,8 @@ cosine, as the pipeline runs it; `train.pretrain_icl`, the same batches as the p
 (`span_acc`: the span's tokens after its first, eos excluded; the same episodes for every
 TASK). The loss curve is in `WORKDIR/lm/text_icl/metrics.jsonl` (printed every 100 steps).
 
-  python benchmarks/icl_phase_probe.py --source=W --workdir=/tmp/p/suffix \\
-      --task=suffix_induction --steps=1000 --lr=1e-3
+  python benchmarks/icl_phase_probe.py --config=configs/tiny.py --source=W \\
+      --workdir=/tmp/p/suffix --task=suffix_induction --steps=1000 --lr=1e-3
 
 W: a pipeline workdir of the demo config with the data stage done (its data and tokenizer are
 linked, not copied). KV_HEADS-style model changes: --kv_heads.
@@ -23,9 +23,11 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py: the demo's).")
 flags.DEFINE_string("source", None, "A demo workdir with the data stage done.")
 flags.DEFINE_string("workdir", None, "This probe's workdir (created).")
 flags.DEFINE_enum("task", "suffix_induction", ["span_induction", "suffix_induction", "induction"],
@@ -33,7 +35,7 @@ flags.DEFINE_enum("task", "suffix_induction", ["span_induction", "suffix_inducti
 flags.DEFINE_integer("steps", 1000, "The phase's steps (its cosine's length).")
 flags.DEFINE_float("lr", 1e-3, "The phase's peak LR.")
 flags.DEFINE_integer("kv_heads", 0, "lm.model.num_kv_heads (0: the demo's).")
-flags.mark_flags_as_required(["source", "workdir"])
+flags.mark_flags_as_required(["config", "source", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -46,13 +48,8 @@ def main(argv):
   from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(root, "configs", "tiny.py"))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  c = tiny.get_config("")
+  c = FLAGS.config
   c.lm.text_phases = ((FLAGS.steps, (FLAGS.task,), FLAGS.lr),)
   c.lm.progress = False
   if FLAGS.kv_heads:
