@@ -347,6 +347,12 @@ def test_format_denoise_is_a_text_episode_drawn_from_the_rng(tok):
     want = icl.episode_ids(tok, icl.suffix_induction_episode(np.random.default_rng(seed)))
     np.testing.assert_array_equal(ids, want[0])
     np.testing.assert_array_equal(mask, want[1])
+  # "match_classify": the classification prompt on shuffled symbol sets.
+  for seed in range(10):
+    ids, mask = pl.format_example(ex, "match_classify", tok, rng=np.random.default_rng(seed))
+    want = icl.episode_ids(tok, icl.match_classification_episode(np.random.default_rng(seed)))
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(mask, want[1])
 
 
 def test_grid_positions_layout():

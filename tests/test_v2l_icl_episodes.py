@@ -216,3 +216,53 @@ def test_denoise_palettes_draw_the_clean_windows_from_a_few_ids(tok):
       icl.denoise_task(rng, vocab, ns=(16,), palettes=(1, 4), max_query_noise=0.0)
       for _ in range(100))}
   assert 1 in ks and 4 in ks and ks <= {1, 2, 3, 4}
+
+
+def test_shuffled_classification_keeps_each_class_a_symbol_set():
+  rng = np.random.default_rng(5)
+  orders = 0
+  for _ in range(30):
+    t = icl.classification_task(rng, way=3, shot=3, input_len=5, noise=0.0, shuffle=True)
+    sets = {}
+    for x, label in t["support"] + [(t["query"], t["answer"])]:
+      sets.setdefault(label, []).append(x.split())
+    protos = [sorted(xs[0]) for xs in sets.values()]
+    assert len({tuple(p) for p in protos}) == 3  # distinct as sets
+    for xs in sets.values():
+      assert all(sorted(x) == sorted(xs[0]) for x in xs)  # noise 0: one set per class...
+      orders += len({tuple(x) for x in xs}) > 1  # ...in orders that vary
+  assert orders > 45
+  # The default (no shuffle) draws what it drew before the option: fixed order per prototype.
+  t = icl.classification_task(np.random.default_rng(5), way=2, shot=3, noise=0.0)
+  for label in t["classes"]:
+    assert len({x for x, y in t["support"] if y == label}) == 1
+
+
+def test_decided_only_trains_the_labels_the_examples_decide(tok):
+  for seed in range(20):
+    task = icl.classification_task(np.random.default_rng(seed), way=3, shot=2)
+    ep = icl.classification_episode(np.random.default_rng(seed), way=3, shot=2,
+                                     decided_only=True)
+    labels = [y for _, y in task["support"]] + [task["answer"]]
+    trained = [p for p, t in zip(ep.parts, ep.targets) if t]
+    want = [y for i, y in enumerate(labels) if y in labels[:i]]
+    assert trained == want and trained[-1] == task["answer"]  # the query's always
+    assert len(trained) == 4  # each class's second example and the query
+    everything = icl.classification_episode(np.random.default_rng(seed), way=3, shot=2)
+    assert everything.parts == ep.parts and sum(everything.targets) == 7
+  # 1-shot: the query's label alone.
+  ep = icl.classification_episode(np.random.default_rng(0), way=5, decided_only=True)
+  assert sum(ep.targets) == 1 and ep.targets[-1]
+
+
+def test_match_classification_episode_is_the_shuffled_decided_kind(tok):
+  ways, n_targets = set(), []
+  for seed in range(60):
+    ep = icl.match_classification_episode(np.random.default_rng(seed))
+    inputs = [ep.parts[i + 1] for i, p in enumerate(ep.parts) if p == "<"]
+    assert all(len(x.split()) == 5 for x in inputs)
+    ways.add(ep.parts[0].count(" or ") + 1)
+    n_targets.append(sum(ep.targets))
+    ids, mask = icl.episode_ids(tok, ep)
+    assert mask[-1] and mask[-2]  # the query's label (its last piece), then eos
+  assert ways == {2, 3, 5} and min(n_targets) == 1 and max(n_targets) > 3

@@ -66,8 +66,13 @@ def _word(rng, symbols, n):
 
 
 def classification_task(rng, *, way=2, shot=1, label_set="shape", input_len=4, noise=0.25,
-                        symbols=SYMBOLS) -> dict:
-  """One N-way K-shot task: {"support": [(str, label)], "query", "answer", "classes"}."""
+                        symbols=SYMBOLS, shuffle=False) -> dict:
+  """One N-way K-shot task: {"support": [(str, label)], "query", "answer", "classes"}.
+
+  shuffle=True: each instance's symbols in a random order (prototypes distinct as sets), as an
+  image's global tokens are the same few entries in an order that varies between images of one
+  class (BENCHMARKS.md, "Few-shot classification"): only a match of the symbols as a set
+  classifies, not one of a symbol and its neighbour."""
   if label_set not in LABEL_SETS:
     raise ValueError(f"label_set={label_set!r}: expected one of {sorted(LABEL_SETS)}")
   names = LABEL_SETS[label_set]
@@ -81,13 +86,15 @@ def classification_task(rng, *, way=2, shot=1, label_set="shape", input_len=4, n
   protos = []
   while len(protos) < way:
     p = _word(rng, symbols, input_len)
-    if p not in protos:
+    if (sorted(p) not in [sorted(q) for q in protos]) if shuffle else (p not in protos):
       protos.append(p)
 
   def instance(c):
     w = list(protos[c])
     for j in np.flatnonzero(rng.random(input_len) < noise):
       w[j] = symbols[rng.integers(len(symbols))]
+    if shuffle:
+      w = [w[j] for j in rng.permutation(input_len)]
     return " ".join(w)
 
   support = [(instance(c), classes[c]) for c in range(way) for _ in range(shot)]
@@ -96,15 +103,23 @@ def classification_task(rng, *, way=2, shot=1, label_set="shape", input_len=4, n
   return {"support": support, "query": instance(c), "answer": classes[c], "classes": classes}
 
 
-def _episode(parts):
-  targets = tuple(i > 0 and parts[i - 1] == prompts.EXAMPLE_OUT for i in range(len(parts)))
-  return Episode(tuple(parts), targets)
+def _episode(parts, decided_only=False):
+  """Targets: every part after an "Output:" (with `decided_only`, only the labels seen before in
+  the episode: those its earlier examples decide)."""
+  outputs = [i for i in range(1, len(parts)) if parts[i - 1] == prompts.EXAMPLE_OUT]
+  if decided_only:
+    outputs = [i for i in outputs if parts[i] in [parts[j] for j in outputs if j < i]]
+  return Episode(tuple(parts), tuple(i in outputs for i in range(len(parts))))
 
 
-def classification_episode(rng, **task_kw) -> Episode:
+def classification_episode(rng, *, decided_only=False, **task_kw) -> Episode:
+  """A `classification_task` with its answer; the loss on every label, or with `decided_only`
+  on those an earlier example of the class decides (the query's always: each class is in the
+  support). A 1-shot support label names a class not seen before, so training on it teaches
+  naming a new class, not reading the examples (BENCHMARKS.md, "Few-shot classification")."""
   t = classification_task(rng, **task_kw)
   return _episode(prompts.classification_parts(t["support"], t["query"], t["classes"],
-                                               answer=t["answer"]))
+                                               answer=t["answer"]), decided_only)
 
 
 def copy_episode(rng, *, shots=3, max_len=4, symbols=SYMBOLS) -> Episode:
@@ -233,6 +248,19 @@ def denoise_ids(tok, rng, **kw):
   """`(ids, loss_mask)` of one `denoise_episode` over the tokenizer's local vocabulary
   (`TRAIN_DENOISE` unless `kw` says otherwise)."""
   return episode_ids(tok, denoise_episode(rng, _local_ids(tok), **{**TRAIN_DENOISE, **kw}))
+
+
+def match_classification_episode(rng, *, noise=0.25, shuffle=True) -> Episode:
+  """The pipeline's "match_classify" task: V2L's classification prompt on symbol sets, the
+  layout of the few-shot prompt with an image's 5 global tokens as 5 symbols (shuffled, a share
+  `noise` replaced at random), 2-5 ways, 1-3 shots, shape or colour labels, the loss on the
+  decided labels only (`classification_episode(decided_only=True)`): the label of the support
+  example whose symbols the query shares, read through the content match that induction
+  episodes form."""
+  return classification_episode(
+      rng, way=int(rng.choice((2, 3, 5))), shot=int(rng.integers(1, 4)),
+      label_set=sorted(LABEL_SETS)[int(rng.integers(len(LABEL_SETS)))], input_len=5,
+      noise=noise, shuffle=shuffle, decided_only=True)
 
 
 def sample_episode(rng, kinds=KINDS, ways=(2, 3, 5), shots=(1, 2, 3, 5)) -> Episode:

@@ -60,9 +60,10 @@ from vlbpe_jax.data import shapes
 from vlbpe_jax.data import tfds_builders
 
 TASKS = ("caption", "attributes", "vqa", "dialogue", "icl", "look", "denoise", "induction",
-         "span_induction", "suffix_induction")
+         "span_induction", "suffix_induction", "match_classify")
 # Stage 0's: no image, the record is unread.
-TEXT_ONLY_TASKS = ("icl", "denoise", "induction", "span_induction", "suffix_induction")
+TEXT_ONLY_TASKS = ("icl", "denoise", "induction", "span_induction", "suffix_induction",
+                   "match_classify")
 # "icl": a text-only in-context episode (data/icl.py: symbol->label classification, copy,
 # induction), drawn from `rng`; the record is not read and no image is shown. Stage 0 of the
 # unified model trains on it so that the frozen text LM of V2L learns to use examples.
@@ -72,7 +73,9 @@ TEXT_ONLY_TASKS = ("icl", "denoise", "induction", "span_induction", "suffix_indu
 # of "icl" (a random symbol sequence, then the same again). "span_induction": a span of such a
 # sequence repeated after filler (icl.span_induction_episode), which only a content match can
 # copy, over the label words too; "suffix_induction": the same with the span running to the
-# sequence's end (icl.suffix_induction_episode).
+# sequence's end (icl.suffix_induction_episode). "match_classify": V2L's classification prompt
+# on shuffled symbol sets, the loss on the labels the examples decide
+# (icl.match_classification_episode).
 # "look": VQA reduced to the question types of LOOK_TYPES, the ones whose answer is an object's
 # colour, shape or position read from the pixels (no count, size, colour count or existence,
 # which a model learns first from the number of image tokens and the answer priors and which,
@@ -445,7 +448,8 @@ def format_example(example, task: str, tokenizer, *, image_tokens=None, rng=None
     else:
       episode = {"icl": icl.sample_episode, "induction": icl.induction_episode,
                  "span_induction": icl.span_induction_episode,
-                 "suffix_induction": icl.suffix_induction_episode}[task](rng)
+                 "suffix_induction": icl.suffix_induction_episode,
+                 "match_classify": icl.match_classification_episode}[task](rng)
       out = icl.episode_ids(tokenizer, episode)
     return (*out, np.zeros(len(out[0]), np.int32)) if branches else out
   ids, mask = [tokenizer.bos_id], [False]

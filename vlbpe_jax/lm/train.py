@@ -117,10 +117,10 @@ def plan_of(config, run: str) -> list[Phase]:
 def text_tasks(config) -> tuple:
   """Stage 0's task mix: `lm.text_tasks`; when absent, every task of pipeline.TASKS but "look"
   and "induction" (subsets of "vqa" and "icl", which would only weight those up) and
-  "span_induction" / "suffix_induction" (for `lm.text_phases`)."""
+  "span_induction" / "suffix_induction" / "match_classify" (for `lm.text_phases`)."""
   return tuple(config.lm.get("text_tasks", tuple(
-      t for t in pipeline.TASKS
-      if t not in ("look", "induction", "span_induction", "suffix_induction"))))
+      t for t in pipeline.TASKS if t not in (
+          "look", "induction", "span_induction", "suffix_induction", "match_classify"))))
 
 
 def text_phases(config) -> tuple:
