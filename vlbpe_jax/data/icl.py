@@ -256,7 +256,9 @@ def match_classification_episode(rng, *, noise=0.25, shuffle=True) -> Episode:
   `noise` replaced at random), 2-5 ways, 1-3 shots, shape or colour labels, the loss on the
   decided labels only (`classification_episode(decided_only=True)`): the label of the support
   example whose symbols the query shares, read through the content match that induction
-  episodes form."""
+  episodes form. Measured after `:long`'s suffix phase, it does not teach the 2-layer stand-in
+  that match and costs what that phase gave (BENCHMARKS.md, "Few-shot classification"); kept
+  for LMs that can use it."""
   return classification_episode(
       rng, way=int(rng.choice((2, 3, 5))), shot=int(rng.integers(1, 4)),
       label_set=sorted(LABEL_SETS)[int(rng.integers(len(LABEL_SETS)))], input_len=5,
