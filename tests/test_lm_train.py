@@ -79,6 +79,10 @@ def test_plans():
   assert [(p.stage, p.steps, p.tasks, p.lr) for p in icl] == [
       (3, 5, ("induction",), 3e-3), (3, 4, ("denoise",), 1e-3)]
   assert len({p.optimizer for p in icl}) == 2  # the schedule restarts per phase
+  assert [p.seq_len for p in icl] == [0, 0]  # lm.seq_len's rows
+  config.lm.text_phases = ((5, ("suffix_induction",), 1e-3, 192), (4, ("denoise",), 1e-3))
+  icl = train.plan_of(config, "text_icl")
+  assert [p.seq_len for p in icl] == [192, 0] and icl[0].optimizer == (3, 1e-3, 5)
   assert len(train.plan_of(config, "text")) == 1  # stage 0 itself (Being-VL's start) unchanged
   with pytest.raises(ValueError, match="run='two_stage'"):
     train.plan_of(config, "two_stage")
@@ -147,6 +151,9 @@ def test_lm_seed_defaults_to_the_seed_and_is_checked():
     ("text_phases", ((5, ("ocr",), 1e-3),), "text_phases"),
     ("text_phases", ((5, (), 1e-3),), "text_phases"),
     ("text_phases", ((5, ("icl",)),), "text_phases"),
+    ("text_phases", ((5, ("icl",), 1e-3, 1),), "text_phases"),  # a row of one token
+    ("text_phases", ((5, ("icl",), 1e-3, 96.0),), "text_phases"),
+    ("text_phases", ((5, ("icl",), 1e-3, 96, 0),), "text_phases"),
     ("batch_size", 0, "lm.batch_size"),
     ("first_frac", 1.5, "first_frac"),
     ("positions", "3d", "lm.positions"),
@@ -203,6 +210,27 @@ def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
                              denoise_shots=icl_lib.TRAIN_DENOISE["shots"])
   jax.tree.map(np.testing.assert_array_equal, icl,
                _host(train.pretrain_icl(same, s["workdir"], s["tok"], source, mesh)))
+
+
+def test_a_text_phase_trains_on_rows_of_its_own_length(setup, tmp_path):
+  # A phase's own row length (lm.text_phases' 4th entry) for its batches and its tokens/s.
+  s = setup
+  config = helpers.make_config(text_phases=((2, ("induction",), 1e-3, 24),))
+  assert config.lm.seq_len != 24
+  phase = train.plan_of(config, "text_icl")[0]
+  source = helpers.examples("train")
+  batch = next(train.iterator_fn(config, s["tok"], source, None)(phase))
+  assert batch["inputs"].shape == batch["targets"].shape == (config.lm.batch_size, 24)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(os.path.join(s["workdir"], "lm", "text"), tmp_path / "lm" / "text")
+  train.pretrain_icl(config, str(tmp_path), s["tok"], source,
+                     parallel.mesh_from_config(config.mesh))
+  with open(tmp_path / "lm" / "text_icl" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows
+  for r in rows:  # tokens/s x s/step = the phase's tokens per step and device
+    assert r["perf/tokens_per_s_per_device"] * r["perf/step_time_s"] == pytest.approx(
+        config.lm.batch_size * 24 / jax.device_count())
 
 
 def test_resume_equals_uninterrupted_run(runs):

@@ -123,7 +123,8 @@ class _StepLog:
     self.clock = (now, step)
     self.writer.write_scalars(step, {**extra, **{f"train/{k}": v for k, v in m.items()},
                                      "perf/step_time_s": dt,
-                                     **{k: n / dt for k, n in self.items_per_step.items()}})
+                                     **{k: (n(step) if callable(n) else n) / dt
+                                        for k, n in self.items_per_step.items()}})
     if "loss" in m:
       self.bar.set_postfix(loss=f"{float(m['loss']):.4g}", **extra)
 
@@ -136,7 +137,8 @@ def _check_positive(**values):
 
 def fit(state, step_fn, data_iter, *, total_steps: int, ckpt: checkpoint.Checkpointer, writer,
         log_every: int, ckpt_every: int, name: str, seconds_before: float = 0.0,
-        items_per_step: Mapping[str, float] | None = None, check_keys=("loss",),
+        items_per_step: Mapping[str, float | Callable[[int], float]] | None = None,
+        check_keys=("loss",),
         progress: bool = True, stop_at_step: int | None = None, ckpt_at: Collection[int] = (),
         before_step=None, after_step=None, after_every: int = 1, extra_scalars=None):
   """Trains `state` from `state["step"]` to `total_steps`; returns the final state.
@@ -147,7 +149,7 @@ def fit(state, step_fn, data_iter, *, total_steps: int, ckpt: checkpoint.Checkpo
   writer: has `write_scalars(step, {name: float})` (`summary.MetricWriter`).
   seconds_before: the run's seconds before this call (`restore_or_init`'s third output).
   items_per_step: `{metric name: items one step processes}`, each logged as items / step
-    time, e.g. `{"perf/images_per_s": batch_size}`.
+    time, e.g. `{"perf/images_per_s": batch_size}` (or `step -> items`, when it varies).
   check_keys: metrics that must be finite at every step.
   stop_at_step: stops after checkpointing that step, as a preemption would (tests).
   ckpt_at: more steps to checkpoint at (e.g. the LM's phase ends).

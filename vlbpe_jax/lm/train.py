@@ -82,6 +82,7 @@ class Phase:
   tasks: tuple
   lr: float
   schedule_steps: int = 0
+  seq_len: int = 0  # its rows' length in tokens (0: lm.seq_len)
 
   @property
   def optimizer(self) -> tuple:
@@ -95,7 +96,8 @@ def plan_of(config, run: str) -> list[Phase]:
   if run == "text":
     return [Phase(3, int(c.text_steps), text_tasks(config), float(c.text_lr))]
   if run == "text_icl":
-    phases = [Phase(3, int(n), tuple(t), float(lr)) for n, t, lr in text_phases(config)]
+    phases = [Phase(3, int(p[0]), tuple(p[1]), float(p[2]),
+                    seq_len=int(p[3]) if len(p) > 3 else 0) for p in text_phases(config)]
     if not phases:
       raise ValueError("run='text_icl': lm.text_phases is empty")
     return phases
@@ -124,7 +126,9 @@ def text_tasks(config) -> tuple:
 
 
 def text_phases(config) -> tuple:
-  """`lm.text_phases`: `((steps, tasks, peak_lr), ...)`, phases that continue stage 0's text
+  """`lm.text_phases`: `((steps, tasks, peak_lr[, row_len]), ...)` (row_len: the phase's rows in
+  tokens, default lm.seq_len; the episodes are 20-40 tokens, and shorter rows give more updates
+  for the same tokens: BENCHMARKS.md, "Shorter rows"), phases that continue stage 0's text
   model into V2L's frozen LM (`pretrain_icl`, `$W/lm/text_icl`), each with its own warm-up +
   cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
   itself). The demo's: in-context episodes alone (`data/icl.py`), induction, then the
@@ -198,14 +202,15 @@ def check_config(config):
   if not tasks or any(t not in pipeline.TASKS for t in tasks):
     raise ValueError(f"lm.text_tasks={tasks!r}: expected a non-empty tuple of {pipeline.TASKS}")
   for phase in text_phases(config):
-    ok = isinstance(phase, (tuple, list)) and len(phase) == 3
+    ok = isinstance(phase, (tuple, list)) and len(phase) in (3, 4)
     if ok:
-      n, t, lr = phase
+      n, t, lr, *row = phase
       ok = (isinstance(n, int) and n >= 1 and isinstance(t, (tuple, list)) and t
-            and all(x in pipeline.TASKS for x in t) and float(lr) > 0)
+            and all(x in pipeline.TASKS for x in t) and float(lr) > 0
+            and all(isinstance(r, int) and r >= 2 for r in row))
     if not ok:
       raise ValueError(f"lm.text_phases entry {phase!r}: expected (steps >= 1, a non-empty "
-                       f"tuple of {pipeline.TASKS}, peak lr > 0)")
+                       f"tuple of {pipeline.TASKS}, peak lr > 0[, row length >= 2 tokens])")
   stages.num_first_layers(1, c.first_frac)  # validates the fraction
   if int(c.get("seed", -1)) < -1:
     raise ValueError(f"lm.seed={c.seed!r}: expected -1 (use config.seed) or a seed >= 0")
@@ -424,7 +429,10 @@ def run_plan(config, run_dir: str, trainer: Trainer, plan, make_iter, *, base_pa
       logging.info("%s: step %d, stage %d on %s", name, step, plan[k].stage, plan[k].tasks)
       return state, make_iter(plan[k])
 
-    tokens_per_device = c.batch_size * c.seq_len / jax.device_count()
+    def tokens_per_device(step):  # the logged step's phase's rows
+      phase = plan[min(_phase_at(plan, step - 1), len(plan) - 1)]
+      return c.batch_size * (phase.seq_len or c.seq_len) / jax.device_count()
+
     with summary.MetricWriter(run_dir, resume_step=start) as writer:
       return loop.fit(
           state, lambda state, batch: trainer.step(plan[k], state, batch, key_train), it,
@@ -445,7 +453,7 @@ def iterator_fn(config, tok, source, visual):
   def make_iter(phase):
     return pipeline.sharded_iterator(
         functools.partial(sequences.train_dataset, source, tok, phase.tasks, visual,
-                          seq_len=config.lm.seq_len, seed=lm_seed(config),
+                          seq_len=phase.seq_len or config.lm.seq_len, seed=lm_seed(config),
                           worker_count=config.lm.worker_count, grid=grid_positions(config),
                           questions=vqa_questions(config) if visual is not None else 0,
                           branches=vqa_branches(config) and visual is not None,
