@@ -152,8 +152,10 @@ def get_config(arg=None):
       # few-shot prompts need: colour few-shot 2-way / 5-way 1-shot 71% / 36.5% after 1000
       # steps at 1e-3 (at 2e-3, or in 700 steps, it does not form). The demo keeps whole
       # repeats (500 steps at 3e-3, a copy by position: colour few-shot at chance): its 1000
-      # suffix steps took its lm stage from 470 to 703 s (Zen 3 host), past the 15-min budget
-      # (BENCHMARKS.md, "Few-shot classification").
+      # suffix steps took its lm stage from 470 to 703 s (Zen 3 host), past the 15-min budget;
+      # an entry's optional 4th element is the phase's row length: 1500 suffix steps on
+      # 192-token rows cost 556 s there and gave colour 62% / 20% (BENCHMARKS.md, "Few-shot
+      # classification", "The per-phase row length").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
                         ((500, ("induction",), 3e-3), (500, ("denoise",), 1e-3)),
                         ((1500, ("suffix_induction",), 1e-3), (600, ("denoise",), 1e-3))),
