@@ -36,8 +36,8 @@ flags.DEFINE_enum("task", "suffix_induction", ["span_induction", "suffix_inducti
 flags.DEFINE_integer("steps", 1000, "The phase's steps (its cosine's length).")
 flags.DEFINE_float("lr", 1e-3, "The phase's peak LR.")
 flags.DEFINE_integer("kv_heads", 0, "lm.model.num_kv_heads (0: the demo's).")
-flags.DEFINE_integer("phase_seq_len", 0, "The phase's row length (0: lm.seq_len, as the "
-                     "pipeline); stage 0 keeps lm.seq_len.")
+flags.DEFINE_integer("phase_seq_len", 0, "The phase's row length (the optional 4th element "
+                     "of an lm.text_phases entry; 0: lm.seq_len); stage 0 keeps lm.seq_len.")
 flags.mark_flags_as_required(["config", "source", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -53,7 +53,8 @@ def main(argv):
   from vlbpe_jax.lm import train  # pylint: disable=g-import-not-at-top
 
   c = FLAGS.config
-  c.lm.text_phases = ((FLAGS.steps, (FLAGS.task,), FLAGS.lr),)
+  c.lm.text_phases = ((FLAGS.steps, (FLAGS.task,), FLAGS.lr) +
+                      ((FLAGS.phase_seq_len,) if FLAGS.phase_seq_len else ()),)
   c.lm.progress = False
   if FLAGS.kv_heads:
     c.lm.model.num_kv_heads = FLAGS.kv_heads
@@ -69,25 +70,7 @@ def main(argv):
   source = tfds_builders.data_source(data_stage.build_dataset(c, w), "train")
   train.pretrain_text(c, w, tok, source, mesh)
   t0 = time.time()
-  if FLAGS.phase_seq_len:
-    # pretrain_icl with the phase on rows of another length: stage 0's state (trained on
-    # lm.seq_len) continued by run_plan with the phase's config (the params do not depend on
-    # the row length; RoPE positions).
-    from vlbpe_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    import copy  # pylint: disable=g-import-not-at-top
-    c2 = copy.deepcopy(c)
-    c2.lm.seq_len = FLAGS.phase_seq_len
-    text_plan = train.plan_of(c, "text")
-    trainer = train.Trainer(c2, train.make_model(c2, tok), mesh)
-    state0 = checkpoint.restore_latest(
-        os.path.join(w, "lm", "text", "ckpt"), trainer.abstract_state(text_plan[0]),
-        what="stage-0 text LM", hint="pretrain_text above")
-    params = jax.device_get(train.run_plan(
-        c2, os.path.join(w, "lm", "text_icl"), trainer, text_plan + train.plan_of(c2, "text_icl"),
-        train.iterator_fn(c2, tok, source, None), init_state=lambda: state0,
-        name="lm/text_icl", must_match=train.ICL_MUST_MATCH)["params"])
-  else:
-    params = jax.device_get(train.pretrain_icl(c, w, tok, source, mesh))
+  params = jax.device_get(train.pretrain_icl(c, w, tok, source, mesh))
   seconds = time.time() - t0  # the phase (with its compilations), when it ran here
   with open(os.path.join(w, "lm", "text_icl", "metrics.jsonl")) as f:
     for row in map(json.loads, f):
