@@ -22,6 +22,7 @@ WORKDIR gets links to SOURCE's data, tokenizer, clip and v2l (read only) and its
 `lm/text_icl`; SOURCE is not written.
 """
 
+import functools
 import json
 import os
 import sys
@@ -88,9 +89,9 @@ def main(argv):
   from vlbpe_jax.v2l import stage  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_threefry_partitionable", True)
-  import functools  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import icl  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_threefry_partitionable", True)
   # The episodes' settings for this process (format_example looks the function up per call).
   icl.match_classification_episode = functools.partial(
       icl.match_classification_episode, noise=FLAGS.match_noise, shuffle=FLAGS.match_shuffle)

@@ -232,7 +232,8 @@ def test_shuffled_classification_keeps_each_class_a_symbol_set():
       assert all(sorted(x) == sorted(xs[0]) for x in xs)  # noise 0: one set per class...
       orders += len({tuple(x) for x in xs}) > 1  # ...in orders that vary
   assert orders > 45
-  # The default (no shuffle) draws what it drew before the option: fixed order per prototype.
+  # Without shuffle (the default) each class's instances keep its prototype's order: with
+  # noise 0, one string per class.
   t = icl.classification_task(np.random.default_rng(5), way=2, shot=3, noise=0.0)
   for label in t["classes"]:
     assert len({x for x, y in t["support"] if y == label}) == 1
