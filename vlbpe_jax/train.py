@@ -30,11 +30,14 @@ of two programs must not meet the devices in different orders; `parallel.stage_w
 """
 
 from concurrent import futures
+import contextlib
 import copy
 import dataclasses
 import html
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -310,6 +313,26 @@ def train_and_evaluate(config, workdir: str) -> str:
   return _run_section(config, workdir)
 
 
+@contextlib.contextmanager
+def _on_ctrl_c(handler: Callable[[], None]):
+  """Calls `handler()` on SIGINT while inside, where Python's own handler is set (a caller's own
+  handler, or SIGINT ignored, is left as it is).
+
+  Python's handler raises KeyboardInterrupt in whatever the main thread runs at that moment; when
+  that is a gc callback (jax registers one) the exception is printed and dropped, and a run
+  waiting on its stage threads would go on as if no Ctrl-C came.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: handler())
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def run_stages(names, run, workers: int):
   """Calls `run(name)` for every stage of `names` (pipeline order), up to `workers` at once,
   each once every stage it reads among `names` has returned.
@@ -323,7 +346,15 @@ def run_stages(names, run, workers: int):
       run(name)
     return
   pending, running, done, failed = list(names), {}, set(), []
-  with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool:
+
+  def interrupted():
+    logging.error("interrupted while %s ran; rerun the same command to resume",
+                  ", ".join(running.values()) or "no stage")
+    logging.flush()
+    os._exit(130)  # the pool's threads would otherwise run their stages to the end
+
+  with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool, \
+      _on_ctrl_c(interrupted):
     try:
       while pending or running:
         for name in list(pending):
@@ -348,11 +379,8 @@ def run_stages(names, run, workers: int):
             logging.error("stage %s failed: %s%s", name, f.exception(),
                           f"; waiting for {', '.join(running.values())} to finish"
                           if running else "")
-    except KeyboardInterrupt:
-      logging.error("interrupted while %s ran; rerun the same command to resume",
-                    ", ".join(running.values()) or "no stage")
-      logging.flush()
-      os._exit(130)  # the pool's threads would otherwise run their stages to the end
+    except KeyboardInterrupt:  # a SIGINT handler of the caller's own that raises it
+      interrupted()
   if failed:
     raise failed[0]
 
