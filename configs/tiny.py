@@ -154,8 +154,9 @@ def get_config(arg=None):
       # repeats (500 steps at 3e-3, a copy by position: colour few-shot at chance): its 1000
       # suffix steps took its lm stage from 470 to 703 s (Zen 3 host), past the 15-min budget;
       # an entry's optional 4th element is the phase's row length: 1500 suffix steps on
-      # 192-token rows cost 556 s there and gave colour 62% / 20% (BENCHMARKS.md, "Few-shot
-      # classification", "The per-phase row length").
+      # 192-token rows cost 556 s there and gave colour 62% / 20%; :long with 2000 of them
+      # (lm 858 s against 1043) colour 38% / 14% (BENCHMARKS.md, "Few-shot classification",
+      # "The per-phase row length", ":long with 2000 suffix steps on 192-token rows").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
                         ((500, ("induction",), 3e-3), (500, ("denoise",), 1e-3)),
                         ((1500, ("suffix_induction",), 1e-3), (600, ("denoise",), 1e-3))),
