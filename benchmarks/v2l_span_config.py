@@ -4,8 +4,8 @@ Environment: SPAN_STEPS (3000), KV_HEADS (2), TASK ("span_induction"; "suffix_in
 span runs to the sequence's end), DENOISE_STEPS (500).
 
 BENCHMARKS.md, "Few-shot classification", span episodes in `lm/text_icl`: the demo's phases
-(500 whole-repeat induction steps at 3e-3, 500 denoise at 1e-3) replaced by SPAN_STEPS (3000)
-"span_induction" steps at 1e-3 and the same 500 denoise steps; the LM with KV_HEADS (2) kv
+of 2026-12-05 (500 whole-repeat induction steps at 3e-3, 500 denoise at 1e-3) replaced by SPAN_STEPS (3000)
+"span_induction" steps at 1e-3 and 500 denoise steps; the LM with KV_HEADS (2) kv
 heads (the probe's phase change was measured with 2); Being-VL's runs cut to "full" (V2L reads
 none of them). The stages V2L needs:
 

@@ -131,8 +131,8 @@ def text_phases(config) -> tuple:
   for the same tokens: BENCHMARKS.md, "Shorter rows"), phases that continue stage 0's text
   model into V2L's frozen LM (`pretrain_icl`, `$W/lm/text_icl`), each with its own warm-up +
   cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
-  itself). The demo's: in-context episodes alone (`data/icl.py`), induction, then the
-  restoration prompt (BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs and the blind baseline
+  itself). The demo's: in-context denoising episodes in the restoration prompt's layout
+  (`data/icl.py`; BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs and the blind baseline
   start from stage 0, not from this continuation (from it, on the demo, the blind baseline fell
   from 23% to 0% VQA and the full run's caption recall from 0.27 to 0.11)."""
   return tuple(config.lm.get("text_phases", ()))
