@@ -120,8 +120,8 @@ def test_ctrl_c_ends_the_run_at_once_though_stages_run_on_threads(tmp_path, to):
   # Without it the interpreter would wait for the stage threads to finish their work. The
   # kernel may hand the signal to any thread ("stage_thread": to a stage's own, which the
   # waiting main thread must still notice). "gc_callback": the signal is handled while the main
-  # thread runs a gc callback (jax registers one), where Python drops a KeyboardInterrupt; in CI
-  # a plain SIGINT landed there about one time in two.
+  # thread runs a gc callback (jax registers one), where Python drops a KeyboardInterrupt (a
+  # plain SIGINT landed there in 2-3 of 5 runs on the development host, and failed a CI run).
   script = tmp_path / "run.py"
   script.write_text(
       "import gc, signal, sys, threading, time\n"
