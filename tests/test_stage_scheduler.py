@@ -97,6 +97,48 @@ def test_stage_workers_defaults_to_one():
   assert parallel.stage_workers(ml_collections.ConfigDict({})) == 1
 
 
+@pytest.mark.parametrize("workers,flags,expected", [
+    (1, "", ""),  # one piece of work at a time: Eigen's threads as they are
+    (2, "", parallel.SIDE_BY_SIDE_XLA_FLAG),
+    (2, "--xla_force_host_platform_device_count=8",
+     "--xla_force_host_platform_device_count=8 " + parallel.SIDE_BY_SIDE_XLA_FLAG),
+    (3, "--xla_cpu_multi_thread_eigen=true", "--xla_cpu_multi_thread_eigen=true"),  # the user's
+])
+def test_side_by_side_work_runs_eigen_ops_on_one_thread(workers, flags, expected):
+  config = ml_collections.ConfigDict({"stage_workers": workers})
+  assert parallel.side_by_side_xla_flags(config, flags) == expected
+  with pytest.raises(ValueError, match="stage_workers"):
+    parallel.side_by_side_xla_flags(ml_collections.ConfigDict({"stage_workers": 0}), flags)
+
+
+def test_the_pipeline_cli_sets_the_flag_before_jax_starts(tmp_path, monkeypatch):
+  """`vlbpe_jax.main` puts the flag in XLA_FLAGS before its first jax use (the backend reads
+  it once, at start): the demo config (stage_workers 2) gets it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vlbpe_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  def fake_initialize():
+    seen["flags"] = os.environ["XLA_FLAGS"]
+    return False
+
+  def fake_run(config, workdir):
+    seen["workers"] = config.stage_workers
+    return os.path.join(workdir, "index.html")
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.setattr(main_lib.parallel, "initialize_distributed", fake_initialize)
+  monkeypatch.setattr(main_lib.train, "train_and_evaluate", fake_run)
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS([sys.argv[0], f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}"])
+  try:
+    main_lib.main([sys.argv[0]])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert seen == {"workers": 2, "flags": "--xla_force_host_platform_device_count=8 "
+                                         + parallel.SIDE_BY_SIDE_XLA_FLAG}
+
+
 @pytest.mark.slow
 def test_stages_on_threads_give_what_they_give_one_at_a_time(tmp_path):
   # The tiny data and vq stages (vq renders its own scenes: it runs beside data), on threads

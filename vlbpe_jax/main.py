@@ -8,6 +8,8 @@ With `VLBPE_DISTRIBUTED=1` (set by launch/tpu.sh and launch/gpu.sh's SLURM mode)
 first joins the run (`parallel.initialize_distributed`).
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,6 +28,8 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_con
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  os.environ["XLA_FLAGS"] = parallel.side_by_side_xla_flags(flags.FLAGS.config,
+                                                           os.environ.get("XLA_FLAGS", ""))
   parallel.initialize_distributed()  # before any other jax use
   jax.config.update("jax_threefry_partitionable", True)
   logging.info("JAX devices: %s", jax.devices())

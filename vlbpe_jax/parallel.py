@@ -95,15 +95,40 @@ def initialize_distributed() -> bool:
   return True
 
 
+def _workers_asked(config) -> int:
+  n = config.get("stage_workers", 1)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (pieces of work "
+                     "run at once)")
+  return n
+
+
+# XLA:CPU splits each matmul and convolution over every core (Eigen's thread pool). Two pieces
+# of work side by side (`stage_workers` > 1) then split each op of both over the same cores,
+# and their threads wait on one another. With these ops on one thread each (the fusions XLA
+# emits still use the pool), two demo LM steps side by side ran 5% faster on the 2-core Zen 3
+# host (interleaved runs; one alone: the same) and the demo from a fresh clone took 962 s
+# against 1033 s there, its 217 metrics equal to the last digit (BENCHMARKS.md, "One thread per
+# Eigen op"). Only the CPU backend reads it.
+SIDE_BY_SIDE_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+def side_by_side_xla_flags(config, flags: str) -> str:
+  """XLA_FLAGS for a pipeline process: `flags` with `SIDE_BY_SIDE_XLA_FLAG` added when the
+  config runs work side by side (`config.stage_workers` > 1) and `flags` does not set that
+  flag itself. Set it before the first jax computation (the backend reads it at start)."""
+  name = SIDE_BY_SIDE_XLA_FLAG.split("=")[0]
+  if _workers_asked(config) == 1 or any(f.split("=")[0] == name for f in flags.split()):
+    return flags
+  return f"{flags} {SIDE_BY_SIDE_XLA_FLAG}".strip()
+
+
 def stage_workers(config) -> int:
   """How many pieces of work of the pipeline may run at once on threads of this process
   (stages, `train.run_stages`; the lm stage's V2L continuation beside Being-VL's runs):
   `config.stage_workers` (default 1); 1 in a multi-process run and on several accelerators,
   whose collectives must meet in one order."""
-  n = config.get("stage_workers", 1)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"config.stage_workers={n!r}: expected an integer >= 1 (pieces of work "
-                     "run at once)")
+  n = _workers_asked(config)
   if n > 1 and jax.process_count() > 1:
     logging.info("stage_workers=%d: %d processes run one stage at a time", n,
                  jax.process_count())
