@@ -147,11 +147,13 @@ def get_config(arg=None):
       # so that the LM copies in context: without it the LM wrote wrong tokens into every
       # restoration (inpainting -0.7 dB, deblur -7.8 dB); 300 denoise steps alone or after 300
       # induction steps gave nothing (BENCHMARKS.md, "V2L tokenizer: teaching the frozen LM to
-      # restore"). The demo trains 1000 denoise steps: its earlier 500 whole-repeat induction
-      # steps at 3e-3 + 500 denoise steps formed the copy on an Intel and a Zen 4 host but not
-      # on a Zen 3 one (inpainting -0.16 dB), where these 1000 give +2.79 (majority-vote control
-      # +2.86) at the same step count; colour few-shot stays at chance either way
-      # (BENCHMARKS.md, "The demo on the Zen 3 host"). :long first trains suffix-induction
+      # restore"). The demo trains 1000 denoise steps on 192-token rows: its earlier 500
+      # whole-repeat induction steps at 3e-3 + 500 denoise steps formed the copy on an Intel and
+      # a Zen 4 host but not on a Zen 3 one (inpainting -0.16 dB), where 1000 denoise steps on
+      # the 384-token rows give +2.79 (majority-vote control +2.86) and on 192-token rows +2.61
+      # (+2.65) in 162 s instead of ~400 s of the lm stage's time; colour few-shot stays at
+      # chance either way (BENCHMARKS.md, "The demo on the Zen 3 host", "Denoise phase on
+      # 192-token rows"). :long first trains suffix-induction
       # episodes (a sequence's span, to its end, repeated after filler: only a content match
       # copies it), which teach the match few-shot prompts need: colour few-shot 2-way / 5-way
       # 1-shot 71% / 36.5% after 1000 steps at 1e-3 (at 2e-3, or in 700 steps, it does not
@@ -162,7 +164,7 @@ def get_config(arg=None):
       # classification", "The per-phase row length", ":long with 2000 suffix steps on 192-token
       # rows").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
-                        ((1000, ("denoise",), 1e-3),),
+                        ((1000, ("denoise",), 1e-3, 192),),
                         ((1500, ("suffix_induction",), 1e-3), (600, ("denoise",), 1e-3))),
       # The denoise episodes' clean windows: per episode k local ids (0: all of them), k drawn
       # from these (data/icl.denoise_task). All ids only: :long's LM restored nothing on images.
