@@ -104,9 +104,12 @@ def test_stage_workers_defaults_to_one():
      "--xla_force_host_platform_device_count=8 " + parallel.SIDE_BY_SIDE_XLA_FLAG),
     (3, "--xla_cpu_multi_thread_eigen=true", "--xla_cpu_multi_thread_eigen=true"),  # the user's
 ])
-def test_side_by_side_work_runs_eigen_ops_on_one_thread(workers, flags, expected):
+def test_side_by_side_work_runs_eigen_ops_on_one_thread(workers, flags, expected, monkeypatch):
   config = ml_collections.ConfigDict({"stage_workers": workers})
+  monkeypatch.delenv("VLBPE_DISTRIBUTED", raising=False)
   assert parallel.side_by_side_xla_flags(config, flags) == expected
+  monkeypatch.setenv("VLBPE_DISTRIBUTED", "1")  # several processes: one stage at a time
+  assert parallel.side_by_side_xla_flags(config, flags) == flags
   with pytest.raises(ValueError, match="stage_workers"):
     parallel.side_by_side_xla_flags(ml_collections.ConfigDict({"stage_workers": 0}), flags)
 
@@ -127,6 +130,7 @@ def test_the_pipeline_cli_sets_the_flag_before_jax_starts(tmp_path, monkeypatch)
     return os.path.join(workdir, "index.html")
 
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.delenv("VLBPE_DISTRIBUTED", raising=False)
   monkeypatch.setattr(main_lib.parallel, "initialize_distributed", fake_initialize)
   monkeypatch.setattr(main_lib.train, "train_and_evaluate", fake_run)
   flags.FLAGS.unparse_flags()

@@ -115,10 +115,12 @@ SIDE_BY_SIDE_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 def side_by_side_xla_flags(config, flags: str) -> str:
   """XLA_FLAGS for a pipeline process: `flags` with `SIDE_BY_SIDE_XLA_FLAG` added when the
-  config runs work side by side (`config.stage_workers` > 1) and `flags` does not set that
-  flag itself. Set it before the first jax computation (the backend reads it at start)."""
+  config runs work side by side (`config.stage_workers` > 1; not in a multi-process run, which
+  runs one stage at a time) and `flags` does not set that flag itself. Set it before the first
+  jax computation (the backend reads it at start)."""
   name = SIDE_BY_SIDE_XLA_FLAG.split("=")[0]
-  if _workers_asked(config) == 1 or any(f.split("=")[0] == name for f in flags.split()):
+  if (_workers_asked(config) == 1 or config_utils.distributed_requested()
+      or any(f.split("=")[0] == name for f in flags.split())):
     return flags
   return f"{flags} {SIDE_BY_SIDE_XLA_FLAG}".strip()
 
