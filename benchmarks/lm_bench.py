@@ -80,6 +80,21 @@ def step_flops(cfg, batch, seq):
   return dense + attention, L * per_layer + cfg.vocab_size * d
 
 
+def train_step(model, tx):
+  """The benchmarked step: `(state, ids) -> (state, loss)`, next-token cross-entropy on
+  `ids[:, :-1]` -> `ids[:, 1:]`, then `tx` (not jitted)."""
+
+  def step(state, ids):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, ids[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+
+  return step
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--variant", default="mu")
@@ -133,15 +148,7 @@ def main():
   state = {"params": params, "opt": jax.eval_shape(tx.init, params) if args.compile_only
            else tx.init(params)}
 
-  def step(state, ids):
-    def loss_fn(params):
-      logits = model.apply({"params": params}, ids[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
-
-  step = jax.jit(step, donate_argnums=0)
+  step = jax.jit(train_step(model, tx), donate_argnums=0)
   t = time.perf_counter()
   compiled = step.lower(state, ids).compile()
   compile_s = time.perf_counter() - t

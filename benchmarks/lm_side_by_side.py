@@ -2,8 +2,8 @@
 
 The pipeline runs two pieces of work at once on threads (`config.stage_workers`, the lm stage's
 `lm/text_icl` beside Being-VL's runs). This times that case in isolation: the demo's step
-(`Ti`, batch 8, 384 tokens, bf16, blockwise attention; a full stage-3 step as `lm_bench.py`
-builds it), N steps on one thread, then N steps on each of two threads at once, with the
+(`Ti`, batch 8, 384 tokens, bf16, blockwise attention; `lm_bench.train_step`, a full stage-3
+step), N steps on one thread, then N steps on each of two threads at once, with the
 process's CPU seconds. Run it with and without a flag in XLA_FLAGS, alternating, to compare:
 
   for i in 1 2 3; do for f in "" --xla_cpu_multi_thread_eigen=false; do
@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+import lm_bench  # beside this file: the same step
 from vlbpe_jax.lm import model as lm_model
 from vlbpe_jax.lm import stages
 
@@ -41,16 +41,7 @@ def make_step(args):
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), ids[:, :-1]))["params"])()
   tx = stages.make_optimizer(3, params, 1e-4, clip=1.0, weight_decay=0.1)
   state = {"params": params, "opt": tx.init(params)}
-
-  def step(state, ids):
-    def loss_fn(params):
-      logits = model.apply({"params": params}, ids[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
-
-  return jax.jit(step).lower(state, ids).compile(), state, ids
+  return jax.jit(lm_bench.train_step(model, tx)).lower(state, ids).compile(), state, ids
 
 
 def lanes(compiled, state, ids, num_lanes, steps):
