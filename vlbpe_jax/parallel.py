@@ -107,9 +107,9 @@ def _workers_asked(config) -> int:
 # of work side by side (`stage_workers` > 1) then split each op of both over the same cores,
 # and their threads wait on one another. With these ops on one thread each (the fusions XLA
 # emits still use the pool), two demo LM steps side by side ran 5% faster on the 2-core Zen 3
-# host (interleaved runs; one alone: the same) and the demo from a fresh clone took 962 s
-# against 1033 s there, its 217 metrics equal to the last digit (BENCHMARKS.md, "One thread per
-# Eigen op"). Only the CPU backend reads it.
+# host (interleaved runs; one alone: the same); a fresh-clone demo with it took 962 s against
+# 1033 s there (host drift included), its 217 metrics equal to the last digit (BENCHMARKS.md,
+# "One thread per Eigen op"). Only the CPU backend reads it.
 SIDE_BY_SIDE_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 
