@@ -36,12 +36,6 @@ def get_config(arg=None):
   # a run's single stage uses well under the 2 cores of the machine the demo is sized for.
   # 1: one stage at a time, as a multi-process run and several GPUs or TPUs always do.
   c.stage_workers = 2
-  # LLVM's optimisation level of XLA's generated code, put in XLA_FLAGS by every CLI before jax
-  # starts (vlbpe_jax/cli.py; an XLA_FLAGS that names a level wins; None: XLA's default, 2).
-  # The demo's programs are small and many, so compiling is a large share of its time: at -O1
-  # a step runs as fast as at -O2 and compiles ~10% faster (BENCHMARKS.md, "The test suite's
-  # LLVM optimisation level" and "The demo at LLVM -O1"). Results equal -O2's to float order.
-  c.xla_backend_optimization_level = 1
   # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are
   # global and fixed by this file: each stage fits the -1 axis ("data") to its batch, i.e. to
   # the largest divisor of the batch that divides the device count, and the devices left over

@@ -28,8 +28,6 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
                                                      "No such file"]),
     (MAIN, ["--config=configs/tiny.py:bogus", WORK], ["'bogus'", "expected one of ['long', 'tiny']"]),
     (MAIN, [TINY, WORK, "--config.stages=nope"], ["stages='nope'"]),
-    (MAIN, [TINY, WORK, "--config.xla_backend_optimization_level=7"],
-     ["xla_backend_optimization_level=7", "integer 0-3"]),
     (MAIN, [TINY, f"--workdir={FILE}", "--config.stages=data"], ["--workdir=", "a directory"]),
     (VQ, [TINY, WORK, "--config.vq.totl_steps=3"], ["--config.vq.totl_steps", "'total_steps'"]),
     (VQ, [TINY, WORK, "--config.vq.total_steps=0"], ["vq.total_steps=0", "positive"]),

@@ -13,10 +13,6 @@ Every absl CLI also keeps a persistent XLA compilation cache (`--jax_cache_dir`,
 `<workdir>/jax_cache`): a killed run that resumes, or a stage re-run after a config change,
 loads the programs it compiled before instead of compiling them again (jax keys each by its
 HLO, compile options, backend and jax version, so a changed program is compiled anew).
-
-A config may name XLA's LLVM optimisation level for its programs
-(`config.xla_backend_optimization_level`, the CPU demo's 1; see `xla_flags_for_config`): every
-absl CLI puts it in XLA_FLAGS before jax starts, unless XLA_FLAGS sets a level itself.
 """
 
 import os
@@ -76,29 +72,6 @@ def compilation_cache_dir(flag: str, workdir: str | None, current: str | None) -
   return os.path.join(workdir, CACHE_SUBDIR) if workdir else None
 
 
-OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
-
-
-def xla_flags_for_config(config, xla_flags: str) -> str:
-  """`xla_flags` with `--xla_backend_optimization_level=N` added when the config sets
-  `xla_backend_optimization_level` (0-3; None or absent: XLA's default, 2) and `xla_flags` does
-  not name a level itself (the user's wins). Must reach XLA_FLAGS before the backend starts."""
-  level = config.get("xla_backend_optimization_level") if config is not None else None
-  if level is None:
-    return xla_flags
-  if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 3:
-    raise ValueError(f"config.xla_backend_optimization_level={level!r}: expected None or an "
-                     "integer 0-3 (LLVM's optimisation level of XLA's generated code)")
-  if any(f.split("=")[0] == OPT_LEVEL_FLAG for f in xla_flags.split()):
-    return xla_flags
-  return f"{xla_flags} {OPT_LEVEL_FLAG}={level}".strip()
-
-
-def _use_config_xla_flags():
-  config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
-  os.environ["XLA_FLAGS"] = xla_flags_for_config(config, os.environ.get("XLA_FLAGS", ""))
-
-
 def _use_compilation_cache():
   import jax  # pylint: disable=g-import-not-at-top  (argparse CLIs and `--help` need no jax)
   current = jax.config.values.get("jax_compilation_cache_dir")
@@ -137,10 +110,6 @@ def _parse_flags(argv):
 def run(main):
   """`app.run(main)` with one-line errors for bad flags, configs and inputs."""
   def guarded(argv):
-    try:
-      _use_config_xla_flags()  # before jax's backend starts: it reads XLA_FLAGS once
-    except ValueError as e:
-      _fail(f"{e}")
     _use_compilation_cache()
     try:
       return main(argv)
