@@ -52,16 +52,19 @@ def test_random_replace_counts_allowed_ids_and_pairing():
 
 
 def _copy_predictor(clean, calls, n, m):
-  """Predicts from a map whose tokens are unique: the m tokens after the context's last."""
+  """Predicts from a map whose tokens are unique: the m tokens after each context's last."""
   flat = clean.reshape(-1)
 
-  def predict(context, examples):
-    assert context.shape == (n,) and len(examples) == 10
-    s = int(np.flatnonzero(flat == context[-1])[0]) + 1
-    calls.append(s)
-    for x, y in examples:
-      assert x.shape == (n,) and 1 <= y.size <= m
-    return flat[s:s + m] if s + m <= flat.size else np.r_[flat[s:], [0] * (s + m - flat.size)]
+  def predict(contexts, inputs, outputs):
+    assert contexts.shape[1] == n and inputs.shape[1:] == (10, n)
+    assert outputs.shape[:2] == (len(contexts), 10) and 1 <= outputs.shape[2] <= m
+    out = []
+    for context in contexts:
+      s = int(np.flatnonzero(flat == context[-1])[0]) + 1
+      calls.append(s)
+      out.append(flat[s:s + m] if s + m <= flat.size
+                 else np.r_[flat[s:], [0] * (s + m - flat.size)])
+    return np.stack(out)
   return predict
 
 
@@ -86,9 +89,11 @@ def test_restore_masked_writes_only_masked_positions_and_passes_the_windows():
   copies = np.stack([tokens * 100 + i for i in range(10)])
   seen = []
 
-  def predict(context, examples):
-    seen.append((context.tolist(), [(x.tolist(), y.tolist()) for x, y in examples]))
-    return np.array([-7, -8])
+  def predict(contexts, inputs, outputs):
+    assert len(contexts) == 1  # one map: one row per call
+    seen.append((contexts[0].tolist(), [(x.tolist(), y.tolist())
+                                        for x, y in zip(inputs[0], outputs[0])]))
+    return np.array([[-7, -8]])
 
   out = corrupt.restore_masked(predict, tokens, mask, copies, n=4, m=2)
   assert (out[mask] == [-7, -8, -7, -7]).all() and (out[~mask] == tokens[~mask]).all()
@@ -100,10 +105,47 @@ def test_restore_masked_writes_only_masked_positions_and_passes_the_windows():
   assert seen[2][1][0][1] == [flat[29] * 100]  # the window is cut at the map's end
 
 
+def _mixing_predictor(calls, m):
+  """A deterministic function of each row alone (its context and examples), to compare maps
+  restored together with maps restored one at a time."""
+  def predict(contexts, inputs, outputs):
+    calls.append(len(contexts))
+    mix = contexts.sum(1) * 7 + inputs.sum((1, 2)) * 3 + outputs.sum((1, 2))
+    return np.stack([mix % 97 + j for j in range(m)], axis=1)
+  return predict
+
+
+def test_maps_restored_together_equal_each_restored_alone():
+  rng = np.random.default_rng(5)
+  maps = rng.integers(0, 50, (3, 6, 6))
+  mask = corrupt.inpaint_mask(6, 6)
+  copies = np.stack([corrupt.corrupted_copies(rng, t, np.arange(50)) for t in maps])
+  calls = []
+  together = corrupt.restore_masked(_mixing_predictor(calls, 2), maps, mask, copies, n=4, m=2)
+  assert calls == [3] * 6  # one call per window for the 3 maps (3 masked rows of 3: 2 each)
+  alone = [corrupt.restore_masked(_mixing_predictor([], 2), t, mask, c, n=4, m=2)
+           for t, c in zip(maps, copies)]
+  np.testing.assert_array_equal(together, np.stack(alone))
+  assert (together[:, mask] != maps[:, mask]).any()  # the predictor did write
+  # Same positions, a map of 15 tokens (7 full windows and a cut one): two calls for all maps.
+  bad = rng.integers(0, 50, (3, 3, 5))
+  pairs = [corrupt.corrupted_copies(rng, t, np.arange(50), paired=b)
+           for t, b in zip(rng.integers(0, 50, (3, 3, 5)), bad)]
+  c_out, c_in = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  calls = []
+  together = corrupt.restore_same_positions(_mixing_predictor(calls, 2), bad, c_in, c_out, m=2)
+  assert calls == [3 * 7, 3]
+  alone = [corrupt.restore_same_positions(_mixing_predictor([], 2), b, i, o, m=2)
+           for b, i, o in zip(bad, c_in, c_out)]
+  np.testing.assert_array_equal(together, np.stack(alone))
+  with pytest.raises(ValueError, match=r"\[N, h, w\] and \[N, K, h, w\]"):
+    corrupt.restore_masked(_mixing_predictor([], 2), maps, mask, copies[:2], n=4)
+
+
 def test_restore_masked_errors():
   tokens, copies = np.zeros((4, 4), int), np.zeros((10, 4, 4), int)
   mask = corrupt.inpaint_mask(4, 4)
-  ok = lambda c, e: np.zeros(2)
+  ok = lambda c, x, y: np.zeros((len(c), 2))
   with pytest.raises(ValueError, match="fewer than n=16"):
     corrupt.restore_masked(ok, tokens, mask, copies)
   with pytest.raises(ValueError, match="mask"):
@@ -111,7 +153,7 @@ def test_restore_masked_errors():
   with pytest.raises(ValueError, match="copies"):
     corrupt.restore_masked(ok, tokens, mask, copies[:, :2], n=2)
   with pytest.raises(ValueError, match="predict returned"):
-    corrupt.restore_masked(lambda c, e: np.zeros(3), tokens, mask, copies, n=2)
+    corrupt.restore_masked(lambda c, x, y: np.zeros((len(c), 3)), tokens, mask, copies, n=2)
 
 
 def test_restore_same_positions_windows_and_examples():
@@ -120,14 +162,15 @@ def test_restore_same_positions_windows_and_examples():
   copies_out = np.stack([corrupted + 1000 * i for i in range(10)])
   seen = []
 
-  def predict(context, examples):
-    seen.append(context.tolist())
-    assert all(np.array_equal(x - 100 * i, y - 1000 * i) for i, (x, y) in enumerate(examples))
-    assert all(x.shape == context.shape for x, _ in examples)
-    return np.array([context[0] + 50, context[0] + 60])
+  def predict(contexts, inputs, outputs):
+    seen.append(contexts.tolist())
+    for context, xs, ys in zip(contexts, inputs, outputs):
+      assert all(np.array_equal(x - 100 * i, y - 1000 * i) for i, (x, y) in enumerate(zip(xs, ys)))
+      assert xs.shape == (10,) + context.shape
+    return np.stack([contexts[:, 0] + 50, contexts[:, 0] + 60], axis=1)
 
   out = corrupt.restore_same_positions(predict, corrupted, copies_in, copies_out, m=2)
-  assert seen == [[s, s + 1] for s in range(0, 20, 2)]
+  assert seen == [[[s, s + 1] for s in range(0, 20, 2)]]  # every window in one call
   np.testing.assert_array_equal(out.reshape(-1)[0::2], np.arange(0, 20, 2) + 50)
   np.testing.assert_array_equal(out.reshape(-1)[1::2], np.arange(0, 20, 2) + 60)
   with pytest.raises(ValueError, match="copies_out"):

@@ -326,7 +326,9 @@ def test_restoration_text_only_control(inputs):
     rng = np.random.default_rng([3, n])
     tasks = [icl.denoise_task(rng, np.arange(len(lm_ids)), ns=(n,)) for _ in range(12)]
     assert all(len(t["query"]) == n and len(t["examples"]) == 10 for t in tasks)
-    hits = [list(predict(t["query"], t["examples"])) == t["answer"] for t in tasks]
+    hits = [predict(np.asarray([t["query"]]), np.asarray([[x for x, _ in t["examples"]]]),
+                    np.asarray([[y for _, y in t["examples"]]]))[0].tolist() == t["answer"]
+            for t in tasks]  # one task per call
     assert res[f"n{n}"]["lm"] == np.mean(hits)
   with pytest.raises(ValueError, match="num=0"):
     restore.text_only(lm, lm_ids, num=0, seed=0)
@@ -344,14 +346,24 @@ def test_restoration_predictor_writes_local_tokens_only(inputs):
   assert out.min() >= 0 and out.max() < len(lm_ids)
   # Each written token is the LM's arg-max over the local tokens' ids, never a fallback.
   lm = inputs["lm"]
-  examples = [(copies[i].reshape(-1)[:4], copies[i].reshape(-1)[4:6]) for i in range(3)]
-  ids = prompts.restoration_prompt(lm.tok, [(lm_ids[x], lm_ids[y]) for x, y in examples],
-                                   lm_ids[tokens.reshape(-1)[:4]])
-  logits = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids])))[0, -1]
-  first = lm_ids[np.argmax(logits[lm_ids])]
-  second = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids + [first]])))
-  expected = [np.argmax(logits[lm_ids]), np.argmax(second[0, -1][lm_ids])]
-  np.testing.assert_array_equal(predict(tokens.reshape(-1)[:4], examples), expected)
+  flat = copies.reshape(10, -1)
+  expected, rows = [], []
+  for s in (0, 3, 8):  # three windows, each its own examples
+    xs, ys, context = flat[:3, s:s + 4], flat[:3, s + 4:s + 6], tokens.reshape(-1)[s:s + 4]
+    ids = prompts.restoration_prompt(lm.tok, [(lm_ids[x], lm_ids[y]) for x, y in zip(xs, ys)],
+                                     lm_ids[context])
+    logits = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids])))[0, -1]
+    first = lm_ids[np.argmax(logits[lm_ids])]
+    second = np.asarray(lm.model.apply({"params": lm.params}, jnp.asarray([ids + [first]])))
+    expected.append([np.argmax(logits[lm_ids]), np.argmax(second[0, -1][lm_ids])])
+    rows.append((context, xs, ys))
+  batch = [np.stack(a) for a in zip(*rows)]
+  np.testing.assert_array_equal(predict(*batch), expected)
+  # Rows in calls of batch_size (here 2: a full call and a partial one): the same tokens.
+  np.testing.assert_array_equal(restore.lm_predictor(lm, lm_ids, m=2, batch_size=2)(*batch),
+                                expected)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    restore.lm_predictor(lm, lm_ids, m=2, batch_size=0)
   with pytest.raises(ValueError, match="lm_ids span"):
     restore.lm_predictor(lm, np.append(lm_ids, lm.model.config.vocab_size), m=2)
   images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
@@ -381,7 +393,9 @@ def test_majority_control_restores_from_the_examples_alone(inputs):
   fixed = corrupt.restore_same_positions(predict, blurred, copies_in, copies_out, m=2)
   assert np.mean(fixed == clean) >= 0.9 > np.mean(blurred == clean)
   # Ties go to the smallest id; a bad predictor name or m is refused.
-  assert list(predict(None, [([0], [5, 2]), ([0], [3, 2])])) == [3, 2]
+  outputs = np.asarray([[[5, 2], [3, 2]], [[4, 4], [4, 1]]])  # 2 rows, 2 examples each
+  np.testing.assert_array_equal(predict(None, None, outputs), [[3, 2], [4, 1]])
+  np.testing.assert_array_equal(predict(None, None, outputs[:, :, :1]), [[3, 0], [4, 0]])
   with pytest.raises(ValueError, match="predictor='oracle'"):
     restore.run(None, None, num=1, seed=0, predictor="oracle")
   with pytest.raises(ValueError, match="m=0"):

@@ -19,7 +19,11 @@ Settled as in the public code (eval_denoising_generation.py), not the paper text
   ids). We follow the code here because its n + m -> m variant of the paper is not specified
   (the paper states n = 16 only for the painting tasks) and a same-position pair is the direct
   analogue of "restore this token".
-`predict(context [n] int32, examples: list of (input [n], output [m])) -> [m]` is the LM call.
+`predict(contexts [B, n], inputs [B, K, n], outputs [B, K, m']) -> [B, m]` is the LM call,
+batched: row b asks for the m tokens after contexts[b] given its K examples (inputs[b, i] ->
+outputs[b, i]; m' = m but at a window cut by the map's end). Windows that do not depend on one
+another share a call: every window of the same-position tasks, and each window of the
+painting tasks over all images restored together.
 """
 
 import numpy as np
@@ -93,46 +97,56 @@ def _even(h, w):
 
 
 def _check_maps(tokens, copies, name="copies"):
+  """[h, w] and [K, h, w] (one map), or [N, h, w] and [N, K, h, w] (N maps restored together)
+  -> (one map?, tokens [N, h*w], copies [N, K, h*w])."""
   tokens, copies = np.asarray(tokens), np.asarray(copies)
-  if tokens.ndim != 2 or copies.ndim != 3 or copies.shape[1:] != tokens.shape:
-    raise ValueError(f"tokens {tokens.shape}, {name} {copies.shape}: expected [h, w] and "
-                     f"[K, h, w]")
-  return tokens.reshape(-1), copies.reshape(copies.shape[0], -1)
+  one = tokens.ndim == 2
+  if one:
+    tokens, copies = tokens[None], copies[None]
+  if (tokens.ndim != 3 or copies.ndim != 4 or copies.shape[0] != tokens.shape[0]
+      or copies.shape[2:] != tokens.shape[1:]):
+    raise ValueError(f"tokens {np.shape(tokens[0] if one else tokens)}, {name} "
+                     f"{np.shape(copies[0] if one else copies)}: expected [h, w] and [K, h, w], "
+                     "or [N, h, w] and [N, K, h, w]")
+  n = tokens.shape[0]
+  return one, tokens.reshape(n, -1), copies.reshape(n, copies.shape[1], -1)
 
 
-def _predicted(predict, context, examples, m):
-  out = np.asarray(predict(context, examples)).reshape(-1)
-  if out.shape != (m,):
-    raise ValueError(f"predict returned {out.shape} tokens: expected ({m},)")
+def _predicted(predict, contexts, inputs, outputs, m):
+  out = np.asarray(predict(contexts, inputs, outputs))
+  if out.shape != (len(contexts), m):
+    raise ValueError(f"predict returned {out.shape} tokens: expected ({len(contexts)}, {m})")
   return out
 
 
 def restore_masked(predict, tokens, mask, copies, *, n=16, m=2):
   """Inpainting / outpainting with write-back (see the module docstring).
 
-  tokens: `[h, w]` the query's map; mask: `[h, w]` bool, True = to predict; copies:
-  `[K, h, w]` example maps. Returns the `[h, w]` map with exactly the masked positions
-  rewritten, in raster order. Every masked position needs n tokens before it.
+  tokens: `[h, w]` the query's map, or `[N, h, w]` N maps restored together (one `predict`
+  call per window for all N; each map's result is what it gets alone); mask: `[h, w]` bool,
+  True = to predict; copies: `[K, h, w]` example maps (`[N, K, h, w]`). Returns the map(s)
+  with exactly the masked positions rewritten, in raster order. Every masked position needs n
+  tokens before it.
   """
-  flat, ex = _check_maps(tokens, copies)
+  one, out, ex = _check_maps(tokens, copies)
   mask = np.asarray(mask, bool)
-  if mask.shape != np.shape(tokens):
-    raise ValueError(f"mask {mask.shape}: expected {np.shape(tokens)}")
+  if mask.shape != np.shape(tokens)[-2:]:
+    raise ValueError(f"mask {mask.shape}: expected {np.shape(tokens)[-2:]}")
   if n < 1 or m < 1:
     raise ValueError(f"n={n}, m={m}: expected >= 1")
   keep = mask.reshape(-1)
   if keep.any() and np.argmax(keep) < n:
     raise ValueError(f"first masked raster position {np.argmax(keep)} has fewer than n={n} "
                      "tokens before it")
-  out, s = flat.copy(), 0
-  while s < out.size:
+  out, s, size = out.copy(), 0, out.shape[1]
+  while s < size:
     if not keep[s]:
       s += 1
       continue
-    e = min(s + m, out.size)
-    examples = [(ex[i, s - n:s], ex[i, s:e]) for i in range(ex.shape[0])]
-    pred = _predicted(predict, out[s - n:s].copy(), examples, m)[:e - s]
-    out[s:e] = np.where(keep[s:e], pred, out[s:e])
+    e = min(s + m, size)
+    pred = _predicted(predict, out[:, s - n:s].copy(), ex[:, :, s - n:s], ex[:, :, s:e],
+                      m)[:, :e - s]
+    out[:, s:e] = np.where(keep[s:e], pred, out[:, s:e])
     s = e
   return out.reshape(np.shape(tokens))
 
@@ -140,15 +154,24 @@ def restore_masked(predict, tokens, mask, copies, *, n=16, m=2):
 def restore_same_positions(predict, corrupted, copies_in, copies_out, *, m=2):
   """Deblur / shift / rotation, n = m (see the module docstring): each window [s, s+m) of the
   corrupted map `[h, w]` is replaced by `predict(corrupted[s:s+m], examples)` with examples
-  (copies_in[i, s:s+m] -> copies_out[i, s:s+m]). Returns the `[h, w]` restored map."""
-  flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
-  _, ex_out = _check_maps(corrupted, copies_out, "copies_out")
+  (copies_in[i, s:s+m] -> copies_out[i, s:s+m]). Every window is independent of the others:
+  one `predict` call takes all full windows (of all maps: `corrupted` `[N, h, w]` with copies
+  `[N, K, h, w]`), one more the cut last window. Returns the restored map(s)."""
+  one, flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
+  _, _, ex_out = _check_maps(corrupted, copies_out, "copies_out")
   if ex_in.shape != ex_out.shape or m < 1:
-    raise ValueError(f"copies_in {ex_in.shape}, copies_out {ex_out.shape}, m={m}: expected "
-                     "equal shapes and m >= 1")
+    raise ValueError(f"copies_in {np.shape(copies_in)}, copies_out {np.shape(copies_out)}, "
+                     f"m={m}: expected equal shapes and m >= 1")
+  num, k, size = ex_in.shape
   out = flat.copy()
-  for s in range(0, out.size, m):
-    e = min(s + m, out.size)
-    examples = [(ex_in[i, s:e], ex_out[i, s:e]) for i in range(ex_in.shape[0])]
-    out[s:e] = _predicted(predict, flat[s:e].copy(), examples, m)[:e - s]
+  full = size // m * m
+  if full:  # windows [s, s+m) of every map -> rows (map, window)
+    rows = lambda x: x[..., :full].reshape(num, -1, size // m, m)  # noqa: E731
+    ctx = flat[:, :full].reshape(-1, m)
+    xin = rows(ex_in).transpose(0, 2, 1, 3).reshape(-1, k, m)
+    xout = rows(ex_out).transpose(0, 2, 1, 3).reshape(-1, k, m)
+    out[:, :full] = _predicted(predict, ctx.copy(), xin, xout, m).reshape(num, full)
+  if full < size:
+    out[:, full:] = _predicted(predict, flat[:, full:].copy(), ex_in[:, :, full:],
+                               ex_out[:, :, full:], m)[:, :size - full]
   return out.reshape(np.shape(corrupted))

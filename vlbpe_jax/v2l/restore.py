@@ -53,40 +53,57 @@ GREY = 128
 PREDICTORS = ("lm", "majority")
 
 
-def _majority(examples, j):
-  """The most frequent output token at offset j of the examples (smallest id on ties)."""
-  vals, counts = np.unique([y[j] for _, y in examples if len(y) > j], return_counts=True)
-  return vals[np.argmax(counts)]
+def _majority(outputs, m: int) -> np.ndarray:
+  """outputs `[B, K, m']` -> `[B, m]`: each offset's most frequent token over the K examples
+  (smallest id on ties); offsets past m' (a window cut by the map's end) get 0."""
+  out = np.zeros((outputs.shape[0], m), np.int64)
+  for b, j in np.ndindex(outputs.shape[0], min(m, outputs.shape[2])):
+    vals, counts = np.unique(outputs[b, :, j], return_counts=True)
+    out[b, j] = vals[np.argmax(counts)]
+  return out
 
 
 def majority_predictor(*, m: int = 2):
-  """`predict(context, examples)` of corrupt.py without an LM: each of the m outputs is the
-  examples' most frequent token at that offset (the control of the module docstring)."""
+  """`predict(contexts, inputs, outputs)` of corrupt.py without an LM: each of the m outputs
+  is the examples' most frequent token at that offset (the control of the module docstring)."""
   if m < 1:
     raise ValueError(f"m={m}: expected >= 1")
 
-  def predict(context, examples):
-    del context
-    return np.asarray([_majority(examples, j) for j in range(m)], np.int64)
+  def predict(contexts, inputs, outputs):
+    del contexts, inputs
+    return _majority(np.asarray(outputs), m)
   return predict
 
 
-def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2):
-  """`predict(context, examples)` of corrupt.py: local indices in and out; the LM reads the
-  matching LM ids and writes m local tokens: greedy decoding (`lm/generate.generate`) with
-  every id that is not a local token's masked out (`allowed`)."""
+# Prompts per generate call of the LM predictor: all windows of the deblur / shift / rotation
+# maps are independent (16 x 16 maps, 8 images: 1024 prompts of ~70 ids), so they go in calls
+# of this many rows; the painting tasks' write-back takes one call per window for all images.
+PREDICT_BATCH = 256
+
+
+def lm_predictor(lm: train.TextLM, lm_ids, *, m: int = 2, batch_size: int = PREDICT_BATCH):
+  """`predict(contexts, inputs, outputs)` of corrupt.py: local indices in and out; the LM
+  reads the matching LM ids and writes m local tokens per row: greedy decoding
+  (`lm/generate.generate`) with every id that is not a local token's masked out (`allowed`),
+  `batch_size` rows per call (each row's tokens are what it gets alone, up to float order)."""
   lm_ids = np.asarray(lm_ids)
   vocab = int(lm.model.config.vocab_size)
   to_local = codebook.lm_to_local_table(lm_ids, vocab)  # raises on ids outside the LM
   allowed = to_local >= 0
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: expected >= 1")
 
-  def predict(context, examples):
-    ex = [(lm_ids[np.asarray(x)], lm_ids[np.asarray(y)]) for x, y in examples]
-    ids = prompts.restoration_prompt(lm.tok, ex, lm_ids[np.asarray(context)])
-    out, _ = generate.generate(lm.model, lm.params, np.asarray([ids], np.int32),
-                               np.ones((1, len(ids)), bool), jax.random.PRNGKey(0),
-                               max_new_tokens=m, allowed=allowed)
-    return to_local[np.asarray(jax.device_get(out))[0]]
+  def predict(contexts, inputs, outputs):
+    rows = [prompts.restoration_prompt(lm.tok, [(lm_ids[x], lm_ids[y]) for x, y in zip(xs, ys)],
+                                       lm_ids[np.asarray(c)])
+            for c, xs, ys in zip(contexts, inputs, outputs)]
+    out = []
+    for start in range(0, len(rows), batch_size):
+      ids, mask = generate.left_pad(rows[start:start + batch_size])
+      toks, _ = generate.generate(lm.model, lm.params, ids, mask, jax.random.PRNGKey(0),
+                                  max_new_tokens=m, allowed=allowed)
+      out.append(np.asarray(jax.device_get(toks)))
+    return to_local[np.concatenate(out)]
   return predict
 
 
@@ -104,8 +121,11 @@ def text_only(lm: train.TextLM, lm_ids, *, num: int, seed: int, ns=(2, 16), m: i
   for n in ns:
     rng = np.random.default_rng([seed, n])
     tasks = [icl.denoise_task(rng, np.arange(len(lm_ids)), m=m, ns=(n,)) for _ in range(num)]
-    out[f"n{n}"] = {name: float(np.mean([
-        list(predict(t["query"], t["examples"])) == t["answer"] for t in tasks]))
+    batch = (np.asarray([t["query"] for t in tasks]),
+             np.asarray([[x for x, _ in t["examples"]] for t in tasks]),
+             np.asarray([[y for _, y in t["examples"]] for t in tasks]))
+    answers = np.asarray([t["answer"] for t in tasks])
+    out[f"n{n}"] = {name: float(np.mean(np.all(predict(*batch) == answers, axis=1)))
                     for name, predict in preds.items()}
   return out
 
@@ -151,17 +171,17 @@ def run(ctx: train.Context, params, *, num: int, seed: int, predictor: str = "lm
             if task == "outpaint" else None)
     bad = corrupt_images(task, clean, mask, factor)
     bad_maps = train.encode_ids(s, params, bad)
-    restored = []
-    for i in range(num):
-      if mask is not None:
-        copies = corrupt.corrupted_copies(rng, clean_maps[i], vocab)
-        restored.append(corrupt.restore_masked(predict, bad_maps[i], mask, copies, n=16, m=2))
-      else:
-        copies_out, copies_in = corrupt.corrupted_copies(rng, clean_maps[i], vocab,
-                                                         paired=bad_maps[i])
-        restored.append(corrupt.restore_same_positions(predict, bad_maps[i], copies_in,
-                                                       copies_out, m=2))
-    images = train.decode_ids(s, params, np.stack(restored), g, False)
+    # Every image's copies (drawn in image order), then all images restored together.
+    if mask is not None:
+      copies = np.stack([corrupt.corrupted_copies(rng, c, vocab) for c in clean_maps])
+      restored = corrupt.restore_masked(predict, bad_maps, mask, copies, n=16, m=2)
+    else:
+      pairs = [corrupt.corrupted_copies(rng, c, vocab, paired=b)
+               for c, b in zip(clean_maps, bad_maps)]
+      restored = corrupt.restore_same_positions(predict, bad_maps,
+                                                np.stack([p[1] for p in pairs]),
+                                                np.stack([p[0] for p in pairs]), m=2)
+    images = train.decode_ids(s, params, restored, g, False)
     bad_dec = train.decode_ids(s, params, bad_maps, g, False)
     per = lambda x: [train.psnr_db(clean[i:i + 1], x[i:i + 1]) for i in range(num)]  # noqa: E731
     p_rest, p_bad = per(images), per(bad_dec)
