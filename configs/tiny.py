@@ -339,5 +339,7 @@ def get_config(arg=None):
       describe_queries=steps(4, 30, 50),  # test queries for captioning and for VQA
       max_caption_tokens=16 if tiny else 48,
       restore_images=steps(1, 4, 8),  # test images of each restoration task (v2l/restore.py)
+      # In-context denoising prompts per n of restoration's text-only control (restore.text_only)
+      restore_text_only=8 if tiny else 64,
   )
   return c

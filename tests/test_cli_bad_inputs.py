@@ -46,6 +46,7 @@ CASES = [  # (module, args, fragments of the error line); each jax CLI starts in
     (FEWSHOT, [TINY, WORK, "--config.v2l.fewshot_global=9"], ["v2l.fewshot_global=9",
                                                               "v2l.num_global=5"]),
     (RESTORE, [TINY, WORK, "--config.v2l.restore_images=0"], ["v2l.restore_images=0"]),
+    (V2L, [TINY, WORK, "--config.v2l.restore_text_only=0"], ["v2l.restore_text_only=0"]),
     (SHAPES, ["--outdir={tmp}/s", "--nmu=2"], ["'nmu'", "num"]),
     (SHAPES, ["--num=2"], ["--outdir"]),
     (SHAPES, ["--outdir={tmp}/s", "--num=abc"], ["--num", "abc"]),

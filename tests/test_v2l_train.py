@@ -423,7 +423,7 @@ def test_evaluation_settings_keep_a_trained_tokenizer(inputs, trained, tmp_path)
   --config.v2l.fewshot_episodes=200` scores it on more episodes. A training field refuses."""
   s, state = trained["straight"]
   scored = _config(fewshot_episodes=200, fewshot_shots=(1, 3), restore_images=3,
-                   describe_queries=7)
+                   describe_queries=7, restore_text_only=5)
   again = train.train(scored, s, inputs["images"], inputs["global_emb"])  # nothing to train
   assert int(jax.device_get(again["step"])) == int(jax.device_get(state["step"]))
   for a, b in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(state["params"])):

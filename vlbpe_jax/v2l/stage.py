@@ -37,8 +37,6 @@ from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import train
 
 
-# In-context denoising prompts per n of the text-only restoration control (restore.text_only).
-TEXT_ONLY_RESTORE = 64
 
 
 def setting(way: int, shot: int) -> str:
@@ -218,7 +216,8 @@ def run_stage(config, workdir: str) -> dict:
   metrics.update({f"v2l.restore_psnr_gain_db.{t}": r["gain_db"] for t, r in rest.items()})
   metrics.update({f"v2l.restore_psnr_gain_db_majority.{t}": r["gain_db"]
                   for t, r in ctl.items()})
-  text = restore.text_only(ctx.lm, ctx.books.lm_ids, num=TEXT_ONLY_RESTORE, seed=int(config.seed))
+  num_text = int(config.v2l.restore_text_only)
+  text = restore.text_only(ctx.lm, ctx.books.lm_ids, num=num_text, seed=int(config.seed))
   for n, r in text.items():
     metrics[f"v2l.restore_text_only.{n}"] = r["lm"]
     metrics[f"v2l.restore_text_only_majority.{n}"] = r["majority"]
@@ -229,7 +228,7 @@ def run_stage(config, workdir: str) -> dict:
         f"{np.mean(r['psnr_corrupted']):.2f}", f"{np.mean(r['psnr_corrupted_pixels']):.2f}")
        for t, r in rest.items()])
   rest_html += (
-      f"<p>Text-only control ({TEXT_ONLY_RESTORE} in-context denoising prompts per n, "
+      f"<p>Text-only control ({num_text} in-context denoising prompts per n, "
       "data/icl.denoise_task: the same layout and rates on random local tokens, no image): "
       "share of prompts whose outputs are all the clean tokens, "
       + "; ".join(f"n = {n[1:]}: frozen LM {r['lm']:.0%}, majority vote {r['majority']:.0%}"

@@ -68,7 +68,7 @@ MUST_MATCH = ("seed", "data", "v2l", "clip", "lm.seed", "lm.variant", "lm.model"
 # --config.v2l.fewshot_episodes=200` scores a trained V2L on more episodes.
 EVAL_FIELDS = ("fewshot_ways", "fewshot_shots", "fewshot_episodes", "fewshot_global",
                "fewshot_batch", "variant_settings", "caption_shots", "vqa_shots",
-               "describe_queries", "max_caption_tokens", "restore_images")
+               "describe_queries", "max_caption_tokens", "restore_images", "restore_text_only")
 
 
 def must_match(config) -> tuple:
@@ -80,7 +80,7 @@ def must_match(config) -> tuple:
 def check_config(config):
   c = config.v2l
   for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "num_global",
-               "global_filter_k", "restore_images"):
+               "global_filter_k", "restore_images", "restore_text_only"):
     if int(c[name]) < 1:
       raise ValueError(f"v2l.{name}={c[name]!r}: expected a positive int")
   if not 1 <= int(c.fewshot_global) <= int(c.num_global):
