@@ -21,14 +21,18 @@ the report section.
      by the frozen LM and by the majority-vote control (no LM: what the tokenizer allows);
      and its text-only control (`restore.text_only`: the restoration prompt on random local
      tokens, `v2l.restore_text_only.{n2,n16}`): what the LM restores in context at all.
+Steps 2-3 and step 4 read only the trained run, so with `stage_workers` > 1 restoration runs on
+a thread beside them (each computes what it would alone: the same numbers).
 """
 
+from concurrent import futures
 import html
 import os
 
 import numpy as np
 
 from vlbpe_jax import fileio
+from vlbpe_jax import parallel
 from vlbpe_jax.eval import report
 from vlbpe_jax.v2l import describe
 from vlbpe_jax.v2l import fewshot
@@ -192,9 +196,31 @@ def _describe_html(workdir, ctx, results, metrics) -> str:
   return html_
 
 
+def _restoration(ctx, params, config):
+  """(frozen LM's restorations, the majority-vote control's, the text-only control)."""
+  kw = dict(num=int(config.v2l.restore_images), seed=int(config.seed))
+  return (restore.run(ctx, params, predictor="lm", **kw),
+          restore.run(ctx, params, predictor="majority", **kw),
+          restore.text_only(ctx.lm, ctx.books.lm_ids, num=int(config.v2l.restore_text_only),
+                            seed=int(config.seed)))
+
+
 def run_stage(config, workdir: str) -> dict:
   ctx, state, res = train.train_and_evaluate(config, workdir)
-  results = run_fewshot(ctx, state["params"])
+  pool = None
+  if parallel.stage_workers(config) > 1:  # restoration beside the few-shot tasks: the demo's
+    # evaluation runs last and alone, and each of its parts keeps about one core busy
+    pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="v2l_restore")
+    restoration = pool.submit(_restoration, ctx, state["params"], config)
+    pool.shutdown(wait=False)
+  try:
+    results = run_fewshot(ctx, state["params"])
+  except Exception:
+    if pool is not None:
+      futures.wait([restoration])  # no thread left running into the next stage or the exit
+    raise
+  rest, ctl, text = (restoration.result() if pool is not None
+                     else _restoration(ctx, state["params"], config))
   fileio.write_json(os.path.join(train.run_dir(workdir), "fewshot.json"), results)
   psnr = res["recon_psnr_db"]
   metrics = {"v2l.recon_psnr_db.local": psnr["local"],
@@ -206,9 +232,6 @@ def run_stage(config, workdir: str) -> dict:
              **fewshot_metrics(results, ctx.test["objects"])}
   if np.isfinite(res["train_seconds"]):
     metrics["v2l.train_seconds"] = res["train_seconds"]
-  kw = dict(num=int(config.v2l.restore_images), seed=int(config.seed))
-  rest = restore.run(ctx, state["params"], predictor="lm", **kw)
-  ctl = restore.run(ctx, state["params"], predictor="majority", **kw)
   strip = lambda res: {t: {k: v for k, v in r.items() if k != "images"}  # noqa: E731
                        for t, r in res.items()}
   fileio.write_json(os.path.join(train.run_dir(workdir), "restore.json"),
@@ -217,7 +240,6 @@ def run_stage(config, workdir: str) -> dict:
   metrics.update({f"v2l.restore_psnr_gain_db_majority.{t}": r["gain_db"]
                   for t, r in ctl.items()})
   num_text = int(config.v2l.restore_text_only)
-  text = restore.text_only(ctx.lm, ctx.books.lm_ids, num=num_text, seed=int(config.seed))
   for n, r in text.items():
     metrics[f"v2l.restore_text_only.{n}"] = r["lm"]
     metrics[f"v2l.restore_text_only_majority.{n}"] = r["majority"]
