@@ -128,7 +128,7 @@ def restore_masked(predict, tokens, mask, copies, *, n=16, m=2):
   with exactly the masked positions rewritten, in raster order. Every masked position needs n
   tokens before it.
   """
-  one, out, ex = _check_maps(tokens, copies)
+  _, out, ex = _check_maps(tokens, copies)
   mask = np.asarray(mask, bool)
   if mask.shape != np.shape(tokens)[-2:]:
     raise ValueError(f"mask {mask.shape}: expected {np.shape(tokens)[-2:]}")
@@ -157,7 +157,7 @@ def restore_same_positions(predict, corrupted, copies_in, copies_out, *, m=2):
   (copies_in[i, s:s+m] -> copies_out[i, s:s+m]). Every window is independent of the others:
   one `predict` call takes all full windows (of all maps: `corrupted` `[N, h, w]` with copies
   `[N, K, h, w]`), one more the cut last window. Returns the restored map(s)."""
-  one, flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
+  _, flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
   _, _, ex_out = _check_maps(corrupted, copies_out, "copies_out")
   if ex_in.shape != ex_out.shape or m < 1:
     raise ValueError(f"copies_in {np.shape(copies_in)}, copies_out {np.shape(copies_out)}, "

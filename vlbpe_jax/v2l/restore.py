@@ -76,8 +76,9 @@ def majority_predictor(*, m: int = 2):
 
 
 # Prompts per generate call of the LM predictor: all windows of the deblur / shift / rotation
-# maps are independent (16 x 16 maps, 8 images: 1024 prompts of ~70 ids), so they go in calls
-# of this many rows; the painting tasks' write-back takes one call per window for all images.
+# maps are independent (the demo's 16 x 16 maps, 8 images: 1024 prompts of 265 ids, the public
+# code's instruction included), so they go in calls of this many rows; the painting tasks'
+# write-back takes one call per window for all images (8 rows of 419 ids).
 PREDICT_BATCH = 256
 
 

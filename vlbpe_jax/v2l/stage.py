@@ -41,8 +41,6 @@ from vlbpe_jax.v2l import restore
 from vlbpe_jax.v2l import train
 
 
-
-
 def setting(way: int, shot: int) -> str:
   return f"{way}way_{shot}shot"
 
