@@ -8,10 +8,10 @@
 The data, vq and bpe stages run once in --workdir (skipped when done there). Each (budget b,
 seed s) then gets `<workdir>/claims/budget<b>/seed<s>/`: its data/, tokenizer/, vq/ and bpe/ are
 symlinks to the base workdir's and its manifests of those stages copies, so the pipeline's
-resume rule (vlbpe_jax/train.py) finds them up to date, and only the lm stage runs there, with
-lm.seed=s (LM init, data order, dropout), lm.stage_steps times b (stage 0 keeps lm.text_steps)
-and lm.runs=--runs (lm.text_phases, V2L's continuation of stage 0, is dropped: no Being-VL run
-reads it). A rerun skips finished workdirs and resumes interrupted ones.
+resume rule (vlbpe_jax/train.py) finds them up to date, and only the text (stage 0) and lm
+stages run there, with lm.seed=s (LM init, data order, dropout), lm.stage_steps times b (stage
+0 keeps lm.text_steps) and lm.runs=--runs. A rerun skips finished workdirs and resumes
+interrupted ones.
 
 From each workdir's lm report metrics (`lm.vqa_acc.<run>`, `lm.vqa_acc_heldout.<run>`,
 `lm.vqa_acc_wrong_image.<run>`, `lm.vqa_acc_by_type.<run>.<type>`) it gives per run and budget
@@ -135,12 +135,10 @@ def lm_config(config, *, seed: int, budget: int, runs):
   if "seed" not in c.lm:
     raise ValueError("config.lm has no `seed` field (configs/tiny.py has it): cannot vary "
                      "the LM seed alone")
-  c.stages = "lm"
+  c.stages = "text,lm"  # stage 0 (the text stage) trains with the LM seed too
   c.lm.seed = int(seed)
   c.lm.runs = tuple(runs)
   c.lm.stage_steps = tuple(int(budget) * int(n) for n in config.lm.stage_steps)
-  if "text_phases" in c.lm:  # V2L's frozen LM (lm/text_icl): no run of the claims reads it
-    c.lm.text_phases = ()
   return c
 
 

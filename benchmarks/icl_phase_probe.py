@@ -3,12 +3,12 @@
 BENCHMARKS.md, "Few-shot classification": span episodes teach the demo's LM the match an
 in-context classifier needs, after a phase change (the loss drops, the span's tokens after its
 first become right) that came at ~1000-2000 steps, past the demo's budget. This trains only
-what that needs: stage 0 (`lm/text`, the demo config's, trained once into WORKDIR/lm/text)
+what that needs: stage 0 (the `text` stage, the demo config's, trained once into WORKDIR/text)
 continued by `lm.text_phases` = one phase of TASK for STEPS steps at LR (its own warm-up +
 cosine, as the pipeline runs it; `train.pretrain_icl`, the same batches as the pipeline's), in
-`WORKDIR/lm/text_icl`, then scores 256 held-out `icl.span_induction_episode`s teacher-forced
+`WORKDIR/v2l/text_icl`, then scores 256 held-out `icl.span_induction_episode`s teacher-forced
 (`span_acc`: the span's tokens after its first, eos excluded; the same episodes for every
-TASK). The loss curve is in `WORKDIR/lm/text_icl/metrics.jsonl` (printed every 100 steps).
+TASK). The loss curve is in `WORKDIR/v2l/text_icl/metrics.jsonl` (printed every 100 steps).
 
   python benchmarks/icl_phase_probe.py --config=configs/tiny.py --source=W \\
       --workdir=/tmp/p/suffix --task=suffix_induction --steps=1000 --lr=1e-3
@@ -59,7 +59,7 @@ def main(argv):
   if FLAGS.kv_heads:
     c.lm.model.num_kv_heads = FLAGS.kv_heads
   w = FLAGS.workdir
-  os.makedirs(os.path.join(w, "lm"), exist_ok=True)
+  os.makedirs(w, exist_ok=True)
   for d in ("data", "tokenizer"):
     if not os.path.exists(os.path.join(w, d)):
       os.symlink(os.path.join(os.path.abspath(FLAGS.source), d), os.path.join(w, d))
@@ -72,7 +72,7 @@ def main(argv):
   t0 = time.time()
   params = jax.device_get(train.pretrain_icl(c, w, tok, source, mesh))
   seconds = time.time() - t0  # the phase (with its compilations), when it ran here
-  with open(os.path.join(w, "lm", "text_icl", "metrics.jsonl")) as f:
+  with open(os.path.join(train.icl_dir(w), "metrics.jsonl")) as f:
     for row in map(json.loads, f):
       if row["step"] % 100 == 0:
         print(json.dumps({"step": row["step"], "loss": round(row["train/loss"], 3),

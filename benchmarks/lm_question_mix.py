@@ -14,7 +14,7 @@ plus colour on one-object images (`color1`):
 
 OUT gets symlinks to the data/tokenizer/vq/bpe folders of SRC (default runs/long, a workdir of
 `configs/tiny.py:long`, the config this script runs; `src=`)
-and a copy of its stage-0 model `lm/text`; RUN is one of lm/train.py:RUNS; other `k=v` set
+and a copy of its stage-0 model `text`; RUN is one of lm/train.py:RUNS; other `k=v` set
 `config.lm.k` (python literals; `model.k=v` sets `config.lm.model`, `data.k=v` `config.data.k`:
 give SRC's own data settings, e.g. `data.num_train=8000`, or its data is made again here). A
 rerun with the same OUT evaluates the finished checkpoint. BENCHMARKS.md, "Unified LM: what the model reads".
@@ -67,7 +67,7 @@ def main(out, run, *args):
     os.makedirs(os.path.join(out, "lm"))
     for d in ("data", "tokenizer", "vq", "bpe"):
       os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
-    shutil.copytree(os.path.join(src, "lm", "text"), os.path.join(out, "lm", "text"))
+    shutil.copytree(train.text_dir(src), train.text_dir(out))
   bad = [t for t in only + boost if t not in dict((n, 0) for n, _, _ in shapes.QUESTION_TYPES)]
   if bad:
     raise ValueError(f"only={bad}: expected question types of shapes.QUESTION_TYPES")

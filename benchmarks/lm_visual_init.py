@@ -9,9 +9,8 @@ positions or another split of the steps between the stages?
   python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/img_loss --image_loss=0.5
   python benchmarks/lm_visual_init.py --src=runs/long --out=/tmp/p2d --config.lm.positions=2d
 
-`--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `lm/text`);
-`--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `lm/text` (and of
-`lm/text_icl`, V2L's frozen LM, when there), and the lm
+`--src` is a finished demo workdir (data, tokenizer, vq, bpe and the stage-0 LM `text`);
+`--out` gets symlinks to its data/tokenizer/vq/bpe folders and a copy of `text`, and the lm
 stage trains only the `--run` run (default `full`) of `--config` there (its stages and the
 evaluation). Fewer VQA questions per training example (no answer to copy from the text):
 
@@ -88,9 +87,7 @@ def _prepare(src: str, out: str):
   os.makedirs(os.path.join(out, "lm"))
   for d in ("data", "tokenizer", "vq", "bpe"):
     os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
-  shutil.copytree(os.path.join(src, "lm", "text"), os.path.join(out, "lm", "text"))
-  if os.path.isdir(os.path.join(src, "lm", "text_icl")):  # V2L's frozen LM: not retrained here
-    shutil.copytree(os.path.join(src, "lm", "text_icl"), os.path.join(out, "lm", "text_icl"))
+  shutil.copytree(os.path.join(src, "text"), os.path.join(out, "text"))
 
 
 def main(argv):

@@ -40,6 +40,7 @@ def make_workdir(w, stages=("vq", "lm", "clip", "dit", "v2l")):
                               {"vq.psnr_db": 30.0})
   if "lm" in stages:
     metrics = {"lm.vqa_acc.text_only": 0.2}
+    _jsonl(os.path.join(w, "text", "metrics.jsonl"), decay(6.0, 3.0))  # stage 0
     for run, acc in LM.items():
       _jsonl(os.path.join(w, "lm", run, "metrics.jsonl"), decay(3.0, 0.5 + acc))
       fileio.write_json(os.path.join(w, "lm", run, "result.json"),
@@ -61,6 +62,7 @@ def make_workdir(w, stages=("vq", "lm", "clip", "dit", "v2l")):
     path = report.add_section(w, "dit", "DiT", 60, report.img_tag(src, width=64), metrics)
   if "v2l" in stages:
     _jsonl(os.path.join(w, "v2l", "metrics.jsonl"), decay(0.5, 0.1))
+    _jsonl(os.path.join(w, "v2l", "text_icl", "metrics.jsonl"), decay(3.0, 1.0))  # its LM
     acc = {"2way_1shot": 0.90, "5way_1shot": 0.24}
     glob_all = {"2way_1shot": 0.70}  # worse than the default: does not hold; 5-way: not run
     fileio.write_json(os.path.join(w, "v2l", "fewshot.json"), {

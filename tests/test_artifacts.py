@@ -318,9 +318,9 @@ def test_lm_resumed_run_sums_train_seconds_and_logs_each_step_once(tmp_path, mon
     return init(*args)
 
   monkeypatch.setattr(trainer, "init", slow_init)
-  run_dir = os.path.join(workdir, "lm", "text")
+  run_dir = train.text_dir(workdir)
   go = lambda **kw: train.run_plan(  # noqa: E731
-      config, run_dir, trainer, plan, make_iter, name="lm/text",
+      config, run_dir, trainer, plan, make_iter, name="text",
       must_match=train.TEXT_MUST_MATCH, **kw)
   go(stop_at_step=2)
   ckpt_dir = os.path.join(run_dir, "ckpt")

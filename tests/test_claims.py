@@ -64,14 +64,13 @@ def test_bad_arguments_are_refused_naming_them(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_lm_config_scales_the_stages_sets_the_seed_and_drops_v2l_phases():
+def test_lm_config_scales_the_stages_and_sets_the_seed():
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"), None)  # the demo's
-  assert config.lm.text_phases  # V2L's continuation of stage 0: the claims never read it
   c = claims.lm_config(config, seed=2, budget=4, runs=["full", "no_bpe"])
-  assert c.stages == "lm" and c.lm.seed == 2 and c.lm.runs == ("full", "no_bpe")
+  assert c.stages == "text,lm" and c.lm.seed == 2 and c.lm.runs == ("full", "no_bpe")
   assert c.lm.stage_steps == tuple(4 * n for n in config.lm.stage_steps)
-  assert c.lm.text_steps == config.lm.text_steps and c.lm.text_phases == ()
-  assert config.lm.text_phases  # the caller's config is left as it was
+  assert c.lm.text_steps == config.lm.text_steps
+  assert config.lm.seed == -1 and config.lm.runs != c.lm.runs  # the caller's config as it was
 
 
 @pytest.mark.slow

@@ -3,16 +3,10 @@
 import json
 import math
 import os
-import shutil
-import threading
-import time
 
-import jax
-import numpy as np
 import pytest
 
 import lm_train_helpers as helpers
-from vlbpe_jax import parallel
 from vlbpe_jax.data import stage as data_stage
 from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.eval import report
@@ -139,54 +133,3 @@ def test_unknown_runs_are_refused_before_any_work(tmp_path):
                                        "curriculum_no_staging"):
     lm_stage.run_stage(helpers.make_config(runs=("full", "staged")), str(tmp_path))
   assert not os.listdir(tmp_path)
-
-
-@pytest.mark.slow
-def test_v2l_continuation_runs_beside_the_runs_and_gives_what_it_gives_alone(tmp_path,
-                                                                               monkeypatch):
-  # stage_workers=2: lm/text_icl (V2L's frozen LM) trains on a thread beside Being-VL's runs;
-  # every metric and its params equal a one-at-a-time run's.
-  spans, lock = {}, threading.Lock()
-
-  def timed(fn, name):
-    def wrapped(*args, **kwargs):
-      start = time.monotonic()
-      try:
-        return fn(*args, **kwargs)
-      finally:
-        with lock:
-          spans.setdefault(name, []).append(
-              (start, time.monotonic(), threading.current_thread().name))
-    return wrapped
-
-  monkeypatch.setattr(train, "pretrain_icl", timed(train.pretrain_icl, "icl"))
-  monkeypatch.setattr(lm_stage, "_run", timed(lm_stage._run, "run"))  # pylint: disable=protected-access
-  base = str(tmp_path / "base")
-  config = helpers.make_config(num_eval=4, runs=("full",),
-                               text_phases=((3, ("induction",), 1e-3),))
-  data_stage.run_stage(config, base)
-  helpers.write_visual_files(base)
-  out = {}
-  for workers in (2, 1):
-    w = str(tmp_path / f"w{workers}")
-    shutil.copytree(base, w)
-    config.stage_workers = workers
-    out[workers] = {k: v for k, v in lm_stage.run_stage(config, w).items()
-                    if "seconds" not in k}
-  monkeypatch.undo()
-  (icl_start, icl_end, thread), = [s for s in spans["icl"] if s[2] != "MainThread"]
-  run_start, run_end, _ = spans["run"][0]
-  assert thread.startswith("lm_text_icl") and icl_start < run_end and run_start < icl_end
-  assert [s[2] for s in spans["icl"]].count("MainThread") == 1  # the one-at-a-time run
-  assert out[2] == out[1]
-  assert jax.tree.all(jax.tree.map(np.array_equal, _params(config, str(tmp_path / "w2")),
-                                   _params(config, str(tmp_path / "w1"))))
-
-
-def _params(config, workdir):
-  """lm/text_icl's finished params (restored: the run is done)."""
-  tok = data_stage.load_tokenizer(workdir)
-  builder = data_stage.build_dataset(config, workdir)
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
-  return jax.device_get(train.pretrain_icl(config, workdir, tok,
-                                           tfds_builders.data_source(builder, "train"), mesh))

@@ -79,7 +79,8 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   assert os.path.exists(index)
   with open(tmp_path / "report" / "metrics.json") as f:
     metrics = json.load(f)
-  for key in ("data.num_train", "tokenizer.vocab_size", "vq.psnr_db", "vq.codebook_usage",
+  for key in ("data.num_train", "tokenizer.vocab_size", "text.final_loss", "vq.psnr_db",
+              "vq.codebook_usage",
               "bpe.compression", "lm.vqa_acc.full", "lm.vqa_acc.text_only",
               "lm.vqa_acc_heldout.full",
               "clip.zero_shot_shape_acc", "clip.best_caption_shape_acc",

@@ -24,14 +24,14 @@ pytestmark = pytest.mark.slow
 # tests/test_bpe_stage.py and test_resume_rule.py check that bpe's own fields key it).
 CASES = [
     ("vq.total_steps", 2, "vq.total_steps: 3 -> 2", "vq"),
-    ("tokenizer.vocab_size", 400, "tokenizer.vocab_size: 512 -> 400", "lm"),
+    ("tokenizer.vocab_size", 400, "tokenizer.vocab_size: 512 -> 400", "text"),
 ]
 
 
 def _config(**overrides):
   c = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
   c.lm.runs = ("full",)  # one run is enough to see stale tokens or models
-  c.stages = "data,vq,bpe,lm"  # clip and dit: tests/test_main.py and tests/test_dit_*.py
+  c.stages = "data,text,vq,bpe,lm"  # clip and dit: tests/test_main.py and tests/test_dit_*.py
   for dotted, value in overrides.items():
     *path, leaf = dotted.split(".")
     node = c

@@ -101,7 +101,7 @@ def test_report_renders_in_chromium(tmp_path):
   checks = json.loads(html.unescape(found.group(1)))
   assert checks["errors"] == []
   # The section pictures (vq, dit) and one curve per training panel, every one decoded.
-  assert len(checks["images"]) == 2 + 6, checks["images"]
+  assert len(checks["images"]) == 2 + 7, checks["images"]
   assert all(width > 0 for _, width in checks["images"]), checks["images"]
   assert checks["rows"] == 1 + 9 and len(checks["cells"]) == 5 * 9
   assert all(checks["cells"]), checks["cells"]

@@ -302,12 +302,50 @@ def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key
   other.lm.seed = 7
   for name in train.STAGES:
     assert part(before, name) == part(default, name) == part(same, name)
-    # lm.seed keys the lm stage and its readers: dit (the LM as frozen backbone) and v2l
-    # (the stage-0 text LM as the frozen language model).
-    assert (part(other, name) != part(default, name)) == (name in ("lm", "dit", "v2l")), name
+    # lm.seed keys stage 0 (the text stage) and its readers: lm, dit (the LM as frozen
+    # backbone) and v2l (the stage-0 text LM as the frozen language model).
+    assert (part(other, name) != part(default, name)) == (
+        name in ("text", "lm", "dit", "v2l")), name
   assert manifest.describe_changes({"config": part(default, "lm")},
                                    {"config": part(other, "lm")}) == [
                                        "config lm.seed: '<missing>' -> 7"]
+
+
+@pytest.mark.parametrize("field, value, keyed", [
+    # Being-VL's runs alone read it: stage 0 and V2L (which reads stage 0, not the runs) keep
+    # their trained runs.
+    ("stage_steps", (3, 3, 3), ("lm", "dit")),
+    ("num_eval", 3, ("lm", "dit")),
+    ("vqa_branches", True, ("lm", "dit")),
+    # V2L's frozen LM alone reads it (the v2l stage trains it from stage 0).
+    ("text_phases", ((2, ("denoise",), 1e-3),), ("v2l",)),
+    # Stage 0 reads it: every stage made from the text model.
+    ("text_steps", 3, ("text", "lm", "dit", "v2l")),
+    ("batch_size", 4, ("text", "lm", "dit", "v2l")),
+    ("denoise_ns", (2, 4), ("text", "lm", "dit", "v2l")),  # a text_tasks entry may be denoise
+])
+def test_lm_fields_key_the_stages_that_read_them(field, value, keyed):
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  config = lambda: load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")  # noqa: E731
+  part = train._config_part  # pylint: disable=protected-access
+  default, other = config(), config()
+  other.lm[field] = value
+  assert other.lm[field] != default.lm[field]
+  for name in train.STAGES:
+    assert (part(other, name) != part(default, name)) == (name in keyed), name
+  for name in keyed:  # the change is named as it is
+    assert any(c.startswith(f"config lm.{field}:") for c in manifest.describe_changes(
+        {"config": part(default, name)}, {"config": part(other, name)})), name
+
+
+def test_config_ignores_is_what_every_reader_of_a_field_ignores():
+  assert set(train.config_ignores("text")) == set(train.STAGES["text"].ignores)
+  # lm ignores only text_phases; the Being-VL fields stage 0 ignores are keyed by lm.
+  assert train.config_ignores("lm") == train.config_ignores("dit") == ("lm.text_phases",)
+  # v2l keys lm.text_phases itself (beside "lm" less it, from the text stage).
+  assert "lm.text_phases" in train.config_keys("v2l")
+  assert set(train.config_ignores("v2l")) == set(train.STAGES["text"].ignores)
+  assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip"))
 
 
 def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_key():

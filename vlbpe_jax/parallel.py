@@ -127,7 +127,7 @@ def side_by_side_xla_flags(config, flags: str) -> str:
 
 def stage_workers(config) -> int:
   """How many pieces of work of the pipeline may run at once on threads of this process
-  (stages, `train.run_stages`; the lm stage's V2L continuation beside Being-VL's runs):
+  (stages, `train.run_stages`; the v2l stage's restoration beside its few-shot tasks):
   `config.stage_workers` (default 1); 1 in a multi-process run and on several accelerators,
   whose collectives must meet in one order."""
   n = _workers_asked(config)

@@ -1,5 +1,5 @@
-"""The pipeline: data -> VQ -> visual BPE -> unified LM -> CLIP + DiT -> V2L, each stage reading
-its inputs' files.
+"""The pipeline: data -> text LM (stage 0) + VQ -> visual BPE -> unified LM -> CLIP + DiT -> V2L,
+each stage reading its inputs' files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
 stage.py`) and adds its section to the one report (`workdir/report/index.html`,
@@ -22,9 +22,10 @@ wait at a barrier and then read its files.
 
 Stages that do not read each other's outputs may run at the same time, on threads of this
 process (`config.stage_workers`, the demo's 2): a stage starts once every stage it reads that
-was selected has finished, so the demo runs `clip` beside `vq` -> `bpe` -> `lm`, and `dit`
-beside `v2l`. Each stage computes what it would alone (explicit PRNG keys, no shared mutable
-state; the report and TFDS preparation take a lock): only its seconds change. A
+was selected has finished, so the demo runs `text` and then `clip` beside `vq` -> `bpe`, then
+`v2l` (which reads the text LM, not Being-VL's runs) beside `lm`, and `dit` after `lm`. Each
+stage computes what it would alone (explicit PRNG keys, no shared mutable state; the report
+and TFDS preparation take a lock): only its seconds change. A
 multi-process run, or one on several GPUs or TPUs, keeps one stage at a time (collectives
 of two programs must not meet the devices in different orders; `parallel.stage_workers`).
 """
@@ -72,26 +73,42 @@ class Stage:
   # Config fields (dotted) that only its evaluation reads: when nothing else changed, the stage
   # runs again on its trained run (status 'reeval') instead of being refused or retrained.
   eval_fields: tuple = ()
+  # Fields (dotted) under its `config_keys` that it never reads: left out of its key (and of
+  # its readers', unless they read them). E.g. the text stage keys "lm" less Being-VL's fields.
+  ignores: tuple = ()
 
 
 _DATA = ("seed", "data.resolution", "data.num_train", "data.num_validation", "data.num_test")
+# lm fields that only Being-VL's runs (the lm stage) read, and those that only V2L's frozen LM
+# (stage 0 continued, trained by the v2l stage) reads. Stage 0 (the text stage) reads neither,
+# so a change of one retrains only the stages that read it.
+_BEING_VL = tuple(f"lm.{k}" for k in (
+    "stage_steps", "stage_lrs", "single_stage_lr", "stage_tasks", "first_frac", "vqa_questions",
+    "vqa_branches", "runs", "num_eval", "eval_batch_size", "max_answer_tokens",
+    "max_caption_tokens", "report_examples"))
+_V2L_LM = ("lm.text_phases",)
 
 # In pipeline order: a stage reads the artifacts of those before it.
 STAGES = {
     "data": Stage(data_stage.run_stage, _DATA + ("data", "tokenizer"),
                   outputs=("data/tfds", "tokenizer/text.model"), owns=("data", "tokenizer")),
+    "text": Stage(lm_stage.run_text_stage, ("seed", "lm"), reads=("data",),
+                  outputs=("text/ckpt",), owns=("text",), trains=True, collective=True,
+                  ignores=_BEING_VL + _V2L_LM),
     "vq": Stage(vq_stage.run_stage, _DATA + ("vq",),
                 outputs=("vq/codes_*.npy", "vq/codes_meta.json"), owns=("vq",), trains=True,
                 collective=True),
     "bpe": Stage(bpe_stage.run_stage, ("seed", "data.resolution", "bpe"), reads=("vq",),
                  outputs=("bpe/bpe.json", "bpe/tokens_*.npz"), owns=("bpe",), collective=True),
-    "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "vq", "bpe"),
-                outputs=("lm/*/result.json",), owns=("lm",), trains=True, collective=True),
+    "lm": Stage(lm_stage.run_stage, ("seed", "lm"), reads=("data", "text", "vq", "bpe"),
+                outputs=("lm/*/result.json",), owns=("lm",), trains=True, collective=True,
+                ignores=_V2L_LM),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
                   outputs=("clip/ckpt",), owns=("clip",), trains=True, collective=True),
     "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
                  outputs=("dit/*/result.json",), owns=("dit",), trains=True, collective=True),
-    "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"), reads=("data", "lm", "clip"),
+    "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip") + _V2L_LM,
+                 reads=("data", "text", "clip"),
                  outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True, collective=True,
                  eval_fields=tuple(f"v2l.{k}" for k in v2l_train.EVAL_FIELDS)),
 }
@@ -122,29 +139,54 @@ def recompute_allowed(config) -> set[str]:
 
 def config_keys(name: str) -> tuple:
   """A stage's config fields and those of every stage it reads from, transitively."""
-  keys = set(STAGES[name].config_keys)
-  for up in STAGES[name].reads:
-    keys |= set(config_keys(up))
-  return tuple(sorted(keys))
+  return tuple(sorted(set().union(*(STAGES[s].config_keys for s in _closure(name)))))
+
+
+def _closure(name: str) -> set:
+  """`name` and every stage it reads from, transitively."""
+  return {name}.union(*(_closure(up) for up in STAGES[name].reads))
+
+
+def config_ignores(name: str) -> tuple:
+  """Fields under `config_keys(name)` left out of its key: for each key, the fields that every
+  stage of `_closure(name)` keying it ignores (a field one of them reads stays in)."""
+  out = set()
+  for k in config_keys(name):
+    sets = [{f for f in STAGES[s].ignores if f.startswith(k + ".")}
+            for s in _closure(name) if k in STAGES[s].config_keys]
+    out |= set.intersection(*sets)
+  return tuple(sorted(out))
+
+
+def _stage_key(config, name, inputs):
+  key = manifest.stage_key(manifest.config_dict(config), config_keys(name), inputs)
+  for field in config_ignores(name):
+    _drop(key["config"], field)
+  return key
+
+
+def _drop(config_part: dict, field: str):
+  """Removes dotted `field` from a key's config part (keyed by dotted paths: "lm", "v2l.lr")."""
+  for k in config_part:
+    if field.startswith(k + "."):
+      d, *path, leaf = [config_part[k]] + field[len(k) + 1:].split(".")
+      for part in path:
+        d = d.get(part) if isinstance(d, dict) else None
+      if isinstance(d, dict):
+        d.pop(leaf, None)
 
 
 def _config_part(config, name):
-  return manifest.stage_key(manifest.config_dict(config), config_keys(name), {})["config"]
+  return _stage_key(config, name, {})["config"]
 
 
 def _training_part(name, config_part: dict) -> dict:
   """A stage key's config part less the stage's `eval_fields`: what its trained run is made of."""
   out = copy.deepcopy(config_part)
   for field in STAGES[name].eval_fields:
-    for k in out:
-      if field == k:
-        out[k] = "<evaluation>"
-      elif field.startswith(k + "."):
-        d, *path, leaf = [out[k]] + field[len(k) + 1:].split(".")
-        for part in path:
-          d = d.get(part) if isinstance(d, dict) else None
-        if isinstance(d, dict):
-          d.pop(leaf, None)
+    if field in out:
+      out[field] = "<evaluation>"
+    _drop(out, field)
   return out
 
 
@@ -162,7 +204,7 @@ def _key(config, workdir, name):
     if m is None or m["status"] != "done" or m["key"] != _key(config, workdir, up):
       return None
     inputs[up] = fileio.value_digest(m["outputs"])
-  return manifest.stage_key(manifest.config_dict(config), config_keys(name), inputs)
+  return _stage_key(config, name, inputs)
 
 
 def _has_work(workdir, name) -> bool:

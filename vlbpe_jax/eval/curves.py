@@ -1,8 +1,9 @@
 """Training curves for the report: the loss per step of every stage's runs, one panel per stage.
 
-Reads the `metrics.jsonl` each trainer writes (`summary.MetricWriter`): `W/vq/`, `W/lm/<run>/`
-(every run of the ablation on one axis), `W/clip/`, `W/dit/<design>/` (the designs on one axis,
-the pixel decoder on its own), `W/v2l/`. Draws only the panels of stages whose report section
+Reads the `metrics.jsonl` each trainer writes (`summary.MetricWriter`): `W/vq/`, `W/text/` and
+`W/lm/<run>/` (stage 0 and every run of the ablation on one axis), `W/clip/`, `W/dit/<design>/`
+(the designs on one axis, the pixel decoder on its own), `W/v2l/` and `W/v2l/text_icl/` (V2L's
+frozen LM, on its own). Draws only the panels of stages whose report section
 exists, so a removed stage's curves leave with its numbers.
 
   html = curves.render(workdir, section_keys={"vq", "lm"})  # writes report/curves/*.png
@@ -26,11 +27,13 @@ DIR = "curves"  # under report/
 # (png name, section key, title, run dirs under W (globs), run dirs left out)
 PANELS = (
     ("vq", "vq", "VQ tokenizer", ("vq",), ()),
-    ("lm", "lm", "Unified LM: every run", ("lm/*",), ()),
+    ("lm", "lm", "Unified LM: stage 0 and every run", ("text", "lm/*"), ()),
     ("clip", "clip", "CLIP", ("clip",), ()),
     ("dit", "dit", "DiT: every design", ("dit/*",), ("dit/decoder",)),
     ("dit_decoder", "dit", "DiT pixel decoder", ("dit/decoder",), ()),
-    ("v2l", "v2l", "V2L tokenizer", ("v2l", "v2l/*"), ()),
+    ("v2l", "v2l", "V2L tokenizer", ("v2l", "v2l/*"), ("v2l/text_icl",)),
+    ("v2l_lm", "v2l", "V2L's frozen LM: stage 0 continued on lm.text_phases",
+     ("v2l/text_icl",), ()),
 )
 
 

@@ -30,7 +30,8 @@ from vlbpe_jax.eval import longer_run
 FIELDS = longer_run.FIELDS
 # The config sections a claims run reads (the LM's runs read data, VQ and BPE outputs).
 SECTIONS = ("seed", "data", "vq", "bpe", "lm")
-# Fields of those sections that claims.py sets per (budget, seed) or drops: not in the key.
+# Fields of those sections that claims.py sets per (budget, seed), or that only V2L's frozen LM
+# reads (no run of claims.py trains it): not in the key.
 VARIED = ("lm.runs", "lm.seed", "lm.text_phases", "lm.denoise_palettes", "lm.denoise_ns",
           "lm.denoise_shots", "lm.progress")
 _CLAIMS_KEYS = ("seeds", "budgets", "runs", "stage_steps", "text_steps", "summary", "claims")

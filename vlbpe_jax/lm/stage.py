@@ -19,7 +19,6 @@ resumes. Reads `config.lm.*`, `config.seed` (via `train.lm_seed`), `config.mesh`
 """
 
 import collections
-from concurrent import futures
 import html
 import json
 import math
@@ -220,8 +219,8 @@ def _run(ctx, run):
 
 
 def _final_loss(workdir, run):
-  path = os.path.join(workdir, "lm", run, "metrics.jsonl")
-  with open(path) as f:
+  run_dir = train.text_dir(workdir) if run == "text" else os.path.join(workdir, "lm", run)
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f if line.strip()]
   return lines[-1]["train/loss"] if lines else float("nan")
 
@@ -428,37 +427,20 @@ def run_stage(config, workdir: str) -> dict:
   if bad or not config.lm.runs:
     raise ValueError(f"lm.runs={config.lm.runs!r}: expected a non-empty subset of {train.RUNS}")
   ctx = _Context(config, workdir)
-  icl = None
-  if train.text_phases(config):  # V2L's frozen LM: stage 0 continued on lm.text_phases
-    ctx.text_params()  # stage 0 first: the continuation and the runs start from it
-    if parallel.stage_workers(config) > 1:  # beside the runs: it reads none of their work
-      pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm_text_icl")
-      icl = pool.submit(train.pretrain_icl, config, workdir, ctx.tok, ctx.train, ctx.mesh)
-      pool.shutdown(wait=False)
   results = {}
-  try:
-    for run in list(config.lm.runs) + ["text"]:
-      path = _result_path(workdir, run)
-      results[run] = _load(path, config, run)
-      if results[run] is None:
-        logging.info("lm: run %s", run)
-        results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
-        results[run]["config"] = _fingerprint(config, run)
-        _save(path, results[run])
-      elif run != "text" and not {"wrong_image", "embeddings"} <= set(results[run]):
-        logging.info("lm: wrong-image control / embedding summary of run %s", run)
-        _save(path, _complete(ctx, run, results[run]))
-      # From the stored answers: a result saved before the held-out definition changed agrees.
-      results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
-  except Exception:
-    if icl is not None and not icl.done():  # its work is kept: a rerun resumes or skips it
-      logging.warning("lm: a run failed; waiting for lm/text_icl, which ran beside it")
-      futures.wait([icl])
-    raise
-  if icl is not None:
-    icl.result()  # raises what the continuation raised
-  elif train.text_phases(config):
-    train.pretrain_icl(config, workdir, ctx.tok, ctx.train, ctx.mesh)
+  for run in list(config.lm.runs) + ["text"]:
+    path = _result_path(workdir, run)
+    results[run] = _load(path, config, run)
+    if results[run] is None:
+      logging.info("lm: run %s", run)
+      results[run] = _text_baseline(ctx) if run == "text" else _run(ctx, run)
+      results[run]["config"] = _fingerprint(config, run)
+      _save(path, results[run])
+    elif run != "text" and not {"wrong_image", "embeddings"} <= set(results[run]):
+      logging.info("lm: wrong-image control / embedding summary of run %s", run)
+      _save(path, _complete(ctx, run, results[run]))
+    # From the stored answers: a result saved before the held-out definition changed agrees.
+    results[run].update(evaluate.heldout_scores(results[run]["answers"], ctx.test))
   metrics = {"lm.vqa_acc.text_only": results["text"]["vqa_acc"]}
   for run in config.lm.runs:
     r = results[run]
@@ -488,4 +470,32 @@ def run_stage(config, workdir: str) -> dict:
   report.add_section(workdir, key="lm", title="Unified model: staged training and ablations",
                      order=40, html=_section(config, workdir, results, ctx.test),
                      metrics=metrics)
+  return metrics
+
+
+def run_text_stage(config, workdir: str) -> dict:
+  """Pipeline stage `text`: stage 0, the text-only model (`train.pretrain_text`, `$W/text`) that
+  Being-VL's runs (the `lm` stage) start from and V2L's frozen LM (the `v2l` stage) is made of;
+  adds a short section. Its own stage so that the two readers need not wait for each other."""
+  train.check_config(config)
+  tok = data_stage.load_tokenizer(workdir)
+  source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
+  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  params = train.pretrain_text(config, workdir, tok, source, mesh)
+  plan = train.plan_of(config, "text")[0]
+  metrics = {"text.steps": plan.steps,
+             "text.final_loss": _final_loss(workdir, "text"),
+             "text.train_seconds": loop.train_seconds(os.path.join(train.text_dir(workdir),
+                                                                   "ckpt")),
+             "text.params": int(sum(x.size for x in jax.tree.leaves(params)))}
+  c = config.lm
+  body = (f"<p>The text-only model that stands in for a pretrained LLM: {plan.steps} steps of "
+          f"{c.batch_size} rows &times; {c.seq_len} tokens at peak learning rate {plan.lr} on "
+          f"the training split's texts ({', '.join(html.escape(t) for t in plan.tasks)}), "
+          f"{metrics['text.params']:,} parameters; last training loss "
+          f"{metrics['text.final_loss']:.3f}. Being-VL's runs (next section) extend its "
+          "vocabulary with the visual tokens and start from it; V2L reads it (or its "
+          "continuation on <code>lm.text_phases</code>) as its frozen language model.</p>")
+  report.add_section(workdir, key="text", title="Text model (stage 0)", order=35, html=body,
+                     metrics=_finite(metrics))
   return metrics

@@ -4,7 +4,7 @@
 
 Needs the `data`, `vq` and `bpe` stages' files in `$W` (tfds shapes, text tokenizer, code grids,
 visual BPE). Stage 0 trains a text-only model on the dataset's texts (the stand-in for the
-pretrained LLM a real user loads) into `$W/lm/text/`; the vocabulary is then extended with VQ +
+pretrained LLM a real user loads) into `$W/text/`; the vocabulary is then extended with VQ +
 BPE rows and a run follows a *plan* of phases `(stage, steps, tasks, lr)`:
 
   full                   stage 1 (new rows) -> 2 (+ first layers) -> 3 (all), data per config
@@ -129,7 +129,7 @@ def text_phases(config) -> tuple:
   """`lm.text_phases`: `((steps, tasks, peak_lr[, row_len]), ...)` (row_len: the phase's rows in
   tokens, default lm.seq_len; the episodes are 20-40 tokens, and shorter rows give more updates
   for the same tokens: BENCHMARKS.md, "Shorter rows"), phases that continue stage 0's text
-  model into V2L's frozen LM (`pretrain_icl`, `$W/lm/text_icl`), each with its own warm-up +
+  model into V2L's frozen LM (`pretrain_icl`, `$W/v2l/text_icl`), each with its own warm-up +
   cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
   itself). The demo's: in-context denoising episodes in the restoration prompt's layout
   (`data/icl.py`; BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs and the blind baseline
@@ -463,24 +463,36 @@ def iterator_fn(config, tok, source, visual):
   return make_iter
 
 
+def text_dir(workdir) -> str:
+  """Stage 0's run (the pipeline's `text` stage): `$W/text`."""
+  return os.path.join(workdir, "text")
+
+
+def icl_dir(workdir) -> str:
+  """V2L's frozen LM, stage 0 continued on `lm.text_phases` (trained by the `v2l` stage, whose
+  key holds those phases): `$W/v2l/text_icl`."""
+  return os.path.join(workdir, "v2l", "text_icl")
+
+
 def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
-  """Stage 0: the text-only model on every task's text. Returns its (sharded) params."""
+  """Stage 0: the text-only model on every task's text, in `text_dir` (resumed, or restored
+  when finished). Returns its (sharded) params."""
   plan = plan_of(config, "text")
   trainer = Trainer(config, make_model(config, tok), mesh)
   make_iter = iterator_fn(config, tok, source, None)
-  state = run_plan(config, os.path.join(workdir, "lm", "text"), trainer, plan, make_iter,
-                   stop_at_step=stop_at_step, name="lm/text", must_match=TEXT_MUST_MATCH)
+  state = run_plan(config, text_dir(workdir), trainer, plan, make_iter,
+                   stop_at_step=stop_at_step, name="text", must_match=TEXT_MUST_MATCH)
   return state["params"]
 
 
 def pretrain_icl(config, workdir, tok, source, mesh, *, stop_at_step=None):
-  """V2L's frozen LM: stage 0 continued on `lm.text_phases` in a run of its own,
-  `$W/lm/text_icl/` (resumable like every run); returns its (sharded) params.
+  """V2L's frozen LM: stage 0 continued on `lm.text_phases` in a run of its own, `icl_dir`
+  (resumable like every run); returns its (sharded) params.
 
   The run's plan is stage 0's phase, then the text phases; it starts from stage 0's finished
-  state (`$W/lm/text/ckpt`: params and Adam state, at its last step), so it continues as one
+  state (`text_dir`'s ckpt: params and Adam state, at its last step), so it continues as one
   stage-0 run through all the phases would (Adam's moments migrate at each phase boundary),
-  while `$W/lm/text`, which Being-VL's runs start from, stays as it is. (Stage 0's params with
+  while stage 0, which Being-VL's runs start from, stays as it is. (Stage 0's params with
   a fresh optimizer instead gave an LM that restores nothing on the demo: BENCHMARKS.md,
   "Teaching the frozen LM to restore".)
   """
@@ -490,7 +502,7 @@ def pretrain_icl(config, workdir, tok, source, mesh, *, stop_at_step=None):
 
   def stage0_state():
     state = checkpoint.restore_latest(
-        os.path.join(workdir, "lm", "text", "ckpt"), trainer.abstract_state(text_plan[0]),
+        os.path.join(text_dir(workdir), "ckpt"), trainer.abstract_state(text_plan[0]),
         what="stage-0 text LM", hint="run pretrain_text first",
         config=manifest.config_dict(config), must_match=TEXT_MUST_MATCH)
     if int(jax.device_get(state["step"])) != text_plan[0].steps:
@@ -498,9 +510,9 @@ def pretrain_icl(config, workdir, tok, source, mesh, *, stop_at_step=None):
                        f"last, {text_plan[0].steps} (run pretrain_text to the end first)")
     return state
 
-  state = run_plan(config, os.path.join(workdir, "lm", "text_icl"), trainer, plan,
+  state = run_plan(config, icl_dir(workdir), trainer, plan,
                    iterator_fn(config, tok, source, None), init_state=stage0_state,
-                   stop_at_step=stop_at_step, name="lm/text_icl", must_match=ICL_MUST_MATCH)
+                   stop_at_step=stop_at_step, name="v2l/text_icl", must_match=ICL_MUST_MATCH)
   return state["params"]
 
 

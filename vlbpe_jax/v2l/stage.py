@@ -1,7 +1,7 @@
 """Pipeline stage `v2l`: the V2L tokenizer and few-shot classification by the frozen text LM.
 
-From the frozen stage-0 text LM (`lm/text`, or with `lm.text_phases` its continuation on
-in-context episodes, `lm/text_icl`) and the CLIP (`clip`):
+From the frozen stage-0 text LM (the `text` stage's, or with `lm.text_phases` its continuation
+on in-context episodes, trained here first: `v2l/text_icl`) and the CLIP (`clip`):
   1. the codebooks and the tokenizer (`train.py`), and the test split's reconstruction PSNR with
      and without the global tokens in the decoder, and the share of local tokens in use;
   2. N-way K-shot shape classification (`fewshot.py`) for every `v2l.fewshot_ways` x
@@ -206,8 +206,8 @@ def _restoration(ctx, params, config):
 def run_stage(config, workdir: str) -> dict:
   ctx, state, res = train.train_and_evaluate(config, workdir)
   pool = None
-  if parallel.stage_workers(config) > 1:  # restoration beside the few-shot tasks: the demo's
-    # evaluation runs last and alone, and each of its parts keeps about one core busy
+  if parallel.stage_workers(config) > 1:  # restoration beside the few-shot tasks: each of
+    # them keeps about one core busy
     pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="v2l_restore")
     restoration = pool.submit(_restoration, ctx, state["params"], config)
     pool.shutdown(wait=False)

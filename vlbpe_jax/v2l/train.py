@@ -2,10 +2,10 @@
 
   python -m vlbpe_jax.v2l.train --config=configs/tiny.py --workdir=$W
 
-Needs in `$W`: the `data` stage (tfds shapes, tokenizer), the LM's stage 0 (`lm/text/ckpt`: the
-text-only model, the stand-in for a pretrained LLM; with `lm.text_phases` its continuation on
-in-context episodes, `lm/text_icl/ckpt`) and the CLIP (`clip/ckpt`). Frozen: the LM,
-the CLIP and the local table. Steps:
+Needs in `$W`: the `data` stage (tfds shapes, tokenizer), the LM's stage 0 (the `text` stage,
+`text/ckpt`: the text-only model, the stand-in for a pretrained LLM) and the CLIP (`clip/ckpt`).
+With `lm.text_phases`, V2L's frozen LM is stage 0 continued on in-context episodes, trained
+here first (`v2l/text_icl/ckpt`). Frozen: the LM, the CLIP and the local table. Steps:
   1. local codebook: every text subword of the LM (`codebook.subword_texts`) embedded by the
      CLIP text tower over prompt templates -> `local_emb` [V, E], an argument of the step
      (`sharded_trainer`'s `frozen`), never a parameter; the trainable projector maps it;
@@ -50,6 +50,7 @@ from vlbpe_jax import sharded_trainer
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import stage as data_stage
+from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.v2l import codebook
@@ -121,17 +122,30 @@ class TextLM:
   tok: object
 
 
+def train_text_lm(config, workdir: str):
+  """With `lm.text_phases`: trains (or resumes, or finds finished) V2L's frozen LM, stage 0
+  continued on those phases (`lm/train.py:pretrain_icl`, `$W/v2l/text_icl`); without: nothing
+  (V2L reads stage 0 itself, the `text` stage's)."""
+  if not lm_train.text_phases(config):
+    return
+  tok = data_stage.load_tokenizer(workdir)
+  source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
+  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  lm_train.pretrain_icl(config, workdir, tok, source, mesh)
+
+
 def load_text_lm(config, workdir: str, mesh) -> TextLM:
-  """V2L's frozen LM: stage 0's text model (`lm/train.py:pretrain_text`, `$W/lm/text/ckpt`),
-  or with `lm.text_phases` its continuation on them (`pretrain_icl`, `$W/lm/text_icl/ckpt`)."""
+  """V2L's frozen LM: stage 0's text model (`lm/train.py:pretrain_text`, `$W/text/ckpt`), or
+  with `lm.text_phases` its continuation on them (`train_text_lm`, `$W/v2l/text_icl/ckpt`)."""
   tok = data_stage.load_tokenizer(workdir)
   model = lm_train.make_model(config, tok)
   trainer = lm_train.Trainer(config, model, mesh)
-  run = "text_icl" if lm_train.text_phases(config) else "text"
-  plan = lm_train.plan_of(config, run)  # the last phase's state layout (all alike: stage 3)
-  path = os.path.join(workdir, "lm", run, "ckpt")
+  icl = bool(lm_train.text_phases(config))
+  plan = lm_train.plan_of(config, "text_icl" if icl else "text")  # last phase: state layout
+  path = os.path.join(lm_train.icl_dir(workdir) if icl else lm_train.text_dir(workdir), "ckpt")
   state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="text LM",
-                                    hint="run the 'lm' stage first")
+                                    hint="run the 'v2l' stage first" if icl else
+                                    "run the 'text' stage first")
   if model.config.vocab_size < tok.vocab_size:
     raise ValueError(f"LM vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}: "
                      "the LM does not belong to this tokenizer")
@@ -485,7 +499,10 @@ def code_stats(ctx: Context, params, num: int | None = None, idx=None) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step=None):
-  """Returns (context, state, result dict)."""
+  """Trains V2L's frozen LM when it has phases of its own, then the tokenizer; returns
+  (context, state, result dict)."""
+  check_config(config)
+  train_text_lm(config, workdir)
   ctx = load_context(config, workdir)
   state = train(config, ctx.s, ctx.train["images"], ctx.global_emb(ctx.train_tokens),
                 stop_at_step=stop_at_step)
