@@ -6,9 +6,9 @@ first become right) that came at ~1000-2000 steps, past the demo's budget. This 
 what that needs: stage 0 (the `text` stage, the demo config's, trained once into WORKDIR/text)
 continued by `lm.text_phases` = one phase of TASK for STEPS steps at LR (its own warm-up +
 cosine, as the pipeline runs it; `train.pretrain_icl`, the same batches as the pipeline's), in
-`WORKDIR/v2l/text_icl`, then scores 256 held-out `icl.span_induction_episode`s teacher-forced
+`WORKDIR/text_icl`, then scores 256 held-out `icl.span_induction_episode`s teacher-forced
 (`span_acc`: the span's tokens after its first, eos excluded; the same episodes for every
-TASK). The loss curve is in `WORKDIR/v2l/text_icl/metrics.jsonl` (printed every 100 steps).
+TASK). The loss curve is in `WORKDIR/text_icl/metrics.jsonl` (printed every 100 steps).
 
   python benchmarks/icl_phase_probe.py --config=configs/tiny.py --source=W \\
       --workdir=/tmp/p/suffix --task=suffix_induction --steps=1000 --lr=1e-3

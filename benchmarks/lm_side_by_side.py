@@ -1,7 +1,7 @@
 """The demo's LM train step, one at a time and two side by side on threads of one process.
 
-The pipeline runs two pieces of work at once on threads (`config.stage_workers`: the v2l
-stage's `v2l/text_icl` beside the lm stage's Being-VL runs). This times that case in isolation: the demo's step
+The pipeline runs two pieces of work at once on threads (`config.stage_workers`: e.g. the
+text_icl stage, V2L's frozen LM, beside the lm stage's Being-VL runs). This times that case in isolation: the demo's step
 (`Ti`, batch 8, 384 tokens, bf16, blockwise attention; `lm_bench.train_step`, a full stage-3
 step), N steps on one thread, then N steps on each of two threads at once, with the
 process's CPU seconds. Run it with and without a flag in XLA_FLAGS, alternating, to compare:

@@ -4,7 +4,7 @@ BENCHMARKS.md, "Few-shot classification": after `:long`'s suffix-induction phase
 copies the label of a support image whose global tokens match the query's, but reads the
 match as a token and its neighbour, not as the set of the image's 5 tokens (colour 5-way 1-shot
 33-36% against the token-overlap control's 94%). This continues SOURCE's trained V2L LM
-(`v2l/text_icl`, every phase of its config done) by one more phase of TASKS for STEPS steps at
+(`text_icl`, every phase of its config done) by one more phase of TASKS for STEPS steps at
 LR (its own warm-up + cosine, Adam's state migrated as at a phase boundary of `pretrain_icl`,
 the pipeline's batches), then scores it on SOURCE's trained V2L tokenizer **and SOURCE's
 codebooks**: the same global and local tokens for every row, only the LM reading them differs
@@ -18,8 +18,8 @@ and majority-vote control, `v2l.restore_images` test images), as the v2l stage s
       --source=/tmp/long/runs/long --workdir=/tmp/cont/match --tasks=match_classify \\
       --steps=500 --lr=1e-3
 
-WORKDIR gets links to SOURCE's data, tokenizer, text, clip and v2l files (read only) and its
-own `v2l/text_icl`; SOURCE is not written.
+WORKDIR gets links to SOURCE's data, tokenizer, text, clip and v2l (read only) and its own
+`text_icl`; SOURCE is not written.
 """
 
 import functools
@@ -49,7 +49,7 @@ FLAGS = flags.FLAGS
 
 
 def continue_lm(config, source, w):
-  """SOURCE's `v2l/text_icl` state continued by the phase into `w/v2l/text_icl`."""
+  """SOURCE's `text_icl` state continued by the phase into `w/text_icl`."""
   import jax  # pylint: disable=g-import-not-at-top
   from vlbpe_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vlbpe_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -67,7 +67,7 @@ def continue_lm(config, source, w):
                                     hint="run the pipeline on SOURCE to its v2l stage")
   at = int(jax.device_get(state["step"]))
   if at != sum(p.steps for p in done):
-    raise ValueError(f"SOURCE's v2l/text_icl is at step {at}: expected its last, "
+    raise ValueError(f"SOURCE's text_icl is at step {at}: expected its last, "
                      f"{sum(p.steps for p in done)}")
   # The done steps as one phase with the last one's optimizer (what the state holds), then
   # the new phase: run_plan migrates Adam's state at the boundary, as pretrain_icl does.
@@ -77,7 +77,7 @@ def continue_lm(config, source, w):
   t0 = time.time()
   train.run_plan(config, train.icl_dir(w), trainer, plan,
                  train.iterator_fn(config, tok, source_data, None), init_state=lambda: state,
-                 name="v2l/text_icl+", must_match=train.ICL_MUST_MATCH)
+                 name="text_icl+", must_match=train.ICL_MUST_MATCH)
   return time.time() - t0
 
 
@@ -99,17 +99,16 @@ def main(argv):
   c.lm.progress = False
   c.v2l.fewshot_episodes = FLAGS.episodes
   source, w = os.path.abspath(FLAGS.source), FLAGS.workdir
-  os.makedirs(os.path.join(w, "v2l"), exist_ok=True)  # its own text_icl beside SOURCE's files
-  for d in ["data", "tokenizer", "clip", "text"] + [
-      f"v2l/{f}" for f in os.listdir(os.path.join(source, "v2l")) if f != "text_icl"]:
+  os.makedirs(w, exist_ok=True)
+  for d in ("data", "tokenizer", "clip", "v2l", "text"):
     if not os.path.lexists(os.path.join(w, d)):
       os.symlink(os.path.join(source, d), os.path.join(w, d))
   out = {"tasks": FLAGS.tasks, "steps": FLAGS.steps, "lr": FLAGS.lr, "episodes": FLAGS.episodes,
          "match_noise": FLAGS.match_noise, "match_shuffle": FLAGS.match_shuffle}
   if FLAGS.steps:
     out["train_s"] = round(continue_lm(c, source, w), 1)
-  elif not os.path.lexists(os.path.join(w, "v2l", "text_icl")):
-    os.symlink(os.path.join(source, "v2l", "text_icl"), os.path.join(w, "v2l", "text_icl"))
+  elif not os.path.lexists(os.path.join(w, "text_icl")):
+    os.symlink(os.path.join(source, "text_icl"), os.path.join(w, "text_icl"))
 
   t0 = time.time()
   ctx = v2l_train.load_context(c, w)  # SOURCE's codebooks (the key is SOURCE config's)

@@ -26,14 +26,14 @@ def get_config(arg=None):
   steps = lambda t, demo, long: t if tiny else (long if arg.long else demo)
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
-  c.stages = "data,text,vq,bpe,lm,clip,dit,v2l"  # stages to run, in order (vlbpe_jax/train.py)
+  c.stages = "data,text,vq,bpe,lm,clip,text_icl,dit,v2l"  # in order (vlbpe_jax/train.py)
   # A rerun skips stages whose inputs are unchanged and recomputes the others; a training
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
   c.recompute = ""
   # Stages run at once when neither reads the other's outputs (vlbpe_jax/train.py:run_stages):
-  # text then clip beside vq -> bpe -> lm, v2l (its frozen LM's phases first) beside lm, then
-  # dit. Every result is what a one-at-a-time run gives;
+  # text then clip beside vq -> bpe -> lm; text_icl -> v2l beside lm; then dit. Every result is
+  # what a one-at-a-time run gives;
   # a run's single stage uses well under the 2 cores of the machine the demo is sized for.
   # 1: one stage at a time, as a multi-process run and several GPUs or TPUs always do.
   c.stage_workers = 2
@@ -143,7 +143,7 @@ def get_config(arg=None):
       text_tasks=("caption", "attributes", "vqa", "dialogue", "icl", "icl"),
       text_lr=3e-3,
       # V2L's frozen LM = stage 0 continued on these phases, ((steps, tasks, peak lr), ...),
-      # each with its own schedule (v2l/text_icl, trained by the v2l stage; Being-VL's runs
+      # each with its own schedule (the text_icl stage, W/text_icl; Being-VL's runs
       # start from stage 0 itself),
       # ending on in-context denoising in the layout of V2L's restoration prompt (data/icl.py),
       # so that the LM copies in context: without it the LM wrote wrong tokens into every

@@ -174,7 +174,7 @@ def test_check_config_refuses_bad_values(field, value, match):
 
 
 def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
-  # pretrain_icl: V2L's LM = stage 0 continued on lm.text_phases in v2l/text_icl, equal to one
+  # pretrain_icl: V2L's LM = stage 0 continued on lm.text_phases in text_icl, equal to one
   # uninterrupted run of stage 0's phase and the text phases (Adam state carried); stage 0's
   # own checkpoint (Being-VL's start) is untouched, and a rerun restores the same params.
   s = setup
@@ -196,7 +196,7 @@ def test_icl_continuation_is_stage_0_run_on_and_leaves_it(setup):
   jax.tree.map(np.testing.assert_array_equal, text, s["text"])
   with pytest.raises(ValueError, match="no stage-0 text LM checkpoint"):
     train.pretrain_icl(config, os.path.join(s["workdir"], "empty"), s["tok"], source, mesh)
-  # The denoise episodes' settings are part of what made v2l/text_icl: another value is refused.
+  # The denoise episodes' settings are part of what made text_icl: another value is refused.
   for field, value in (("denoise_palettes", (1,)), ("denoise_ns", (2, 16))):
     other = helpers.make_config(text_phases=config.lm.text_phases, **{field: value})
     assert train.denoise_settings(other) == {field[len("denoise_"):]: value}

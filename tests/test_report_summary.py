@@ -95,11 +95,9 @@ def test_curves_follow_the_sections(tmp_path):
   report_helpers.make_workdir(w)
   cdir = os.path.join(w, "report", curves.DIR)
   assert sorted(os.listdir(cdir)) == ["clip.png", "dit.png", "dit_decoder.png", "lm.png",
-                                      "v2l.png", "v2l_lm.png", "vq.png"]
+                                      "text_icl.png", "v2l.png", "vq.png"]
   labels = [label for label, _ in curves.series(w, ("text", "lm/*"))]
   assert labels == ["text", "full", "no_bpe", "single_stage"]  # stage 0 and every run
-  # V2L's tokenizer and its frozen LM (a loss of another kind) on panels of their own.
-  assert [x for x, _ in curves.series(w, ("v2l", "v2l/*"), ("v2l/text_icl",))] == ["v2l"]
   assert [x for x, _ in curves.series(w, ("dit/*",), ("dit/decoder",))] == [
       "fm", "mse", "vq_latent"]
   report.remove_section(w, "lm")  # its logs stay on disk, its curves leave the page

@@ -114,7 +114,8 @@ def test_a_training_stage_is_refused_with_the_change_and_the_command(toy, tmp_pa
 
 def test_recompute_names_a_stage_and_everything_after_it():
   config = _config(recompute="vq")
-  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "dit", "v2l"}
+  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "text_icl", "dit",
+                                             "v2l"}
   assert train.recompute_allowed(_config(recompute="all")) == set(train.STAGES)
   with pytest.raises(ValueError, match="config.recompute"):
     train.recompute_allowed(_config(recompute="nope"))
@@ -303,9 +304,9 @@ def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key
   for name in train.STAGES:
     assert part(before, name) == part(default, name) == part(same, name)
     # lm.seed keys stage 0 (the text stage) and its readers: lm, dit (the LM as frozen
-    # backbone) and v2l (the stage-0 text LM as the frozen language model).
+    # backbone), text_icl and v2l (stage 0, continued, as the frozen language model).
     assert (part(other, name) != part(default, name)) == (
-        name in ("text", "lm", "dit", "v2l")), name
+        name in ("text", "lm", "dit", "text_icl", "v2l")), name
   assert manifest.describe_changes({"config": part(default, "lm")},
                                    {"config": part(other, "lm")}) == [
                                        "config lm.seed: '<missing>' -> 7"]
@@ -317,12 +318,12 @@ def test_lm_seed_keys_the_lm_stage_and_its_reader_and_its_default_changes_no_key
     ("stage_steps", (3, 3, 3), ("lm", "dit")),
     ("num_eval", 3, ("lm", "dit")),
     ("vqa_branches", True, ("lm", "dit")),
-    # V2L's frozen LM alone reads it (the v2l stage trains it from stage 0).
-    ("text_phases", ((2, ("denoise",), 1e-3),), ("v2l",)),
+    # V2L's frozen LM (stage 0 continued) alone reads it, and V2L reads that LM.
+    ("text_phases", ((2, ("denoise",), 1e-3),), ("text_icl", "v2l")),
     # Stage 0 reads it: every stage made from the text model.
-    ("text_steps", 3, ("text", "lm", "dit", "v2l")),
-    ("batch_size", 4, ("text", "lm", "dit", "v2l")),
-    ("denoise_ns", (2, 4), ("text", "lm", "dit", "v2l")),  # a text_tasks entry may be denoise
+    ("text_steps", 3, ("text", "lm", "dit", "text_icl", "v2l")),
+    ("batch_size", 4, ("text", "lm", "dit", "text_icl", "v2l")),
+    ("denoise_ns", (2, 4), ("text", "lm", "dit", "text_icl", "v2l")),  # text_tasks may hold it
 ])
 def test_lm_fields_key_the_stages_that_read_them(field, value, keyed):
   from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
@@ -342,9 +343,10 @@ def test_config_ignores_is_what_every_reader_of_a_field_ignores():
   assert set(train.config_ignores("text")) == set(train.STAGES["text"].ignores)
   # lm ignores only text_phases; the Being-VL fields stage 0 ignores are keyed by lm.
   assert train.config_ignores("lm") == train.config_ignores("dit") == ("lm.text_phases",)
-  # v2l keys lm.text_phases itself (beside "lm" less it, from the text stage).
-  assert "lm.text_phases" in train.config_keys("v2l")
-  assert set(train.config_ignores("v2l")) == set(train.STAGES["text"].ignores)
+  # text_icl (and v2l, which reads it) key text_phases, not Being-VL's fields.
+  assert "lm.text_phases" not in train.config_ignores("text_icl")
+  assert set(train.config_ignores("text_icl")) == set(train.config_ignores("v2l")) == (
+      set(train.STAGES["text"].ignores) - {"lm.text_phases"})
   assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip"))
 
 

@@ -1,5 +1,5 @@
-"""The pipeline: data -> text LM (stage 0) + VQ -> visual BPE -> unified LM -> CLIP + DiT -> V2L,
-each stage reading its inputs' files.
+"""The pipeline: data -> text LM (stage 0) + VQ -> visual BPE -> unified LM -> CLIP + DiT; V2L's
+frozen LM -> V2L, each stage reading its inputs' files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
 stage.py`) and adds its section to the one report (`workdir/report/index.html`,
@@ -23,7 +23,7 @@ wait at a barrier and then read its files.
 Stages that do not read each other's outputs may run at the same time, on threads of this
 process (`config.stage_workers`, the demo's 2): a stage starts once every stage it reads that
 was selected has finished, so the demo runs `text` and then `clip` beside `vq` -> `bpe`, then
-`v2l` (which reads the text LM, not Being-VL's runs) beside `lm`, and `dit` after `lm`. Each
+`text_icl` -> `v2l` (which read the text LM, not Being-VL's runs) beside `lm`, then `dit`. Each
 stage computes what it would alone (explicit PRNG keys, no shared mutable state; the report
 and TFDS preparation take a lock): only its seconds change. A
 multi-process run, or one on several GPUs or TPUs, keeps one stage at a time (collectives
@@ -80,8 +80,8 @@ class Stage:
 
 _DATA = ("seed", "data.resolution", "data.num_train", "data.num_validation", "data.num_test")
 # lm fields that only Being-VL's runs (the lm stage) read, and those that only V2L's frozen LM
-# (stage 0 continued, trained by the v2l stage) reads. Stage 0 (the text stage) reads neither,
-# so a change of one retrains only the stages that read it.
+# (stage 0 continued: the text_icl stage) reads. Stage 0 (the text stage) reads neither, so a
+# change of one retrains only the stages that read it.
 _BEING_VL = tuple(f"lm.{k}" for k in (
     "stage_steps", "stage_lrs", "single_stage_lr", "stage_tasks", "first_frac", "vqa_questions",
     "vqa_branches", "runs", "num_eval", "eval_batch_size", "max_answer_tokens",
@@ -105,10 +105,13 @@ STAGES = {
                 ignores=_V2L_LM),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
                   outputs=("clip/ckpt",), owns=("clip",), trains=True, collective=True),
+    "text_icl": Stage(v2l_stage.run_lm_stage, ("seed", "lm"), reads=("data", "text"),
+                      outputs=("text_icl/ckpt",), owns=("text_icl",), trains=True,
+                      collective=True, ignores=_BEING_VL),
     "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
                  outputs=("dit/*/result.json",), owns=("dit",), trains=True, collective=True),
-    "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip") + _V2L_LM,
-                 reads=("data", "text", "clip"),
+    "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"),
+                 reads=("data", "text", "text_icl", "clip"),
                  outputs=("v2l/fewshot.json",), owns=("v2l",), trains=True, collective=True,
                  eval_fields=tuple(f"v2l.{k}" for k in v2l_train.EVAL_FIELDS)),
 }

@@ -2,8 +2,8 @@
 
 Reads the `metrics.jsonl` each trainer writes (`summary.MetricWriter`): `W/vq/`, `W/text/` and
 `W/lm/<run>/` (stage 0 and every run of the ablation on one axis), `W/clip/`, `W/dit/<design>/`
-(the designs on one axis, the pixel decoder on its own), `W/v2l/` and `W/v2l/text_icl/` (V2L's
-frozen LM, on its own). Draws only the panels of stages whose report section
+(the designs on one axis, the pixel decoder on its own), `W/text_icl/` (V2L's frozen LM) and
+`W/v2l/`. Draws only the panels of stages whose report section
 exists, so a removed stage's curves leave with its numbers.
 
   html = curves.render(workdir, section_keys={"vq", "lm"})  # writes report/curves/*.png
@@ -31,9 +31,9 @@ PANELS = (
     ("clip", "clip", "CLIP", ("clip",), ()),
     ("dit", "dit", "DiT: every design", ("dit/*",), ("dit/decoder",)),
     ("dit_decoder", "dit", "DiT pixel decoder", ("dit/decoder",), ()),
-    ("v2l", "v2l", "V2L tokenizer", ("v2l", "v2l/*"), ("v2l/text_icl",)),
-    ("v2l_lm", "v2l", "V2L's frozen LM: stage 0 continued on lm.text_phases",
-     ("v2l/text_icl",), ()),
+    ("text_icl", "text_icl", "V2L's frozen LM: stage 0 continued on lm.text_phases",
+     ("text_icl",), ()),
+    ("v2l", "v2l", "V2L tokenizer", ("v2l", "v2l/*"), ()),
 )
 
 

@@ -218,11 +218,16 @@ def _run(ctx, run):
   return res
 
 
-def _final_loss(workdir, run):
-  run_dir = train.text_dir(workdir) if run == "text" else os.path.join(workdir, "lm", run)
+def final_loss(run_dir) -> float:
+  """The last logged training loss of the run in `run_dir` (NaN before its first log)."""
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f if line.strip()]
   return lines[-1]["train/loss"] if lines else float("nan")
+
+
+def _final_loss(workdir, run):
+  return final_loss(train.text_dir(workdir) if run == "text" else
+                    os.path.join(workdir, "lm", run))
 
 
 def _text_baseline(ctx):

@@ -129,7 +129,7 @@ def text_phases(config) -> tuple:
   """`lm.text_phases`: `((steps, tasks, peak_lr[, row_len]), ...)` (row_len: the phase's rows in
   tokens, default lm.seq_len; the episodes are 20-40 tokens, and shorter rows give more updates
   for the same tokens: BENCHMARKS.md, "Shorter rows"), phases that continue stage 0's text
-  model into V2L's frozen LM (`pretrain_icl`, `$W/v2l/text_icl`), each with its own warm-up +
+  model into V2L's frozen LM (`pretrain_icl`, `$W/text_icl`), each with its own warm-up +
   cosine (Adam's moments carried over, as between stages); () when absent (V2L reads stage 0
   itself). The demo's: in-context denoising episodes in the restoration prompt's layout
   (`data/icl.py`; BENCHMARKS.md, "V2L tokenizer"). Being-VL's runs and the blind baseline
@@ -469,9 +469,9 @@ def text_dir(workdir) -> str:
 
 
 def icl_dir(workdir) -> str:
-  """V2L's frozen LM, stage 0 continued on `lm.text_phases` (trained by the `v2l` stage, whose
-  key holds those phases): `$W/v2l/text_icl`."""
-  return os.path.join(workdir, "v2l", "text_icl")
+  """V2L's frozen LM, stage 0 continued on `lm.text_phases` (the pipeline's `text_icl` stage):
+  `$W/text_icl`."""
+  return os.path.join(workdir, "text_icl")
 
 
 def pretrain_text(config, workdir, tok, source, mesh, *, stop_at_step=None):
@@ -512,7 +512,7 @@ def pretrain_icl(config, workdir, tok, source, mesh, *, stop_at_step=None):
 
   state = run_plan(config, icl_dir(workdir), trainer, plan,
                    iterator_fn(config, tok, source, None), init_state=stage0_state,
-                   stop_at_step=stop_at_step, name="v2l/text_icl", must_match=ICL_MUST_MATCH)
+                   stop_at_step=stop_at_step, name="text_icl", must_match=ICL_MUST_MATCH)
   return state["params"]
 
 

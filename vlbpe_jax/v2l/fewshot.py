@@ -146,7 +146,7 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/tiny.py).",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Pipeline directory (data, text or v2l/text_icl, "
+  flags.DEFINE_string("workdir", None, "Pipeline directory (data, text or text_icl, "
                       "clip and a trained V2L: python -m vlbpe_jax.v2l.train).")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)

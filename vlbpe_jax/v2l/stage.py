@@ -1,7 +1,7 @@
 """Pipeline stage `v2l`: the V2L tokenizer and few-shot classification by the frozen text LM.
 
 From the frozen stage-0 text LM (the `text` stage's, or with `lm.text_phases` its continuation
-on in-context episodes, trained here first: `v2l/text_icl`) and the CLIP (`clip`):
+on in-context episodes, the `text_icl` stage's: `run_lm_stage`) and the CLIP (`clip`):
   1. the codebooks and the tokenizer (`train.py`), and the test split's reconstruction PSNR with
      and without the global tokens in the decoder, and the share of local tokens in use;
   2. N-way K-shot shape classification (`fewshot.py`) for every `v2l.fewshot_ways` x
@@ -32,8 +32,11 @@ import os
 import numpy as np
 
 from vlbpe_jax import fileio
+from vlbpe_jax import loop
 from vlbpe_jax import parallel
 from vlbpe_jax.eval import report
+from vlbpe_jax.lm import stage as lm_stage
+from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.v2l import describe
 from vlbpe_jax.v2l import fewshot
 from vlbpe_jax.v2l import prompts
@@ -326,4 +329,35 @@ def run_stage(config, workdir: str) -> dict:
   metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
   report.add_section(workdir, key="v2l", title="V2L: images as the frozen LM's tokens",
                      order=70, html=body, metrics=metrics)
+  return metrics
+
+
+def run_lm_stage(config, workdir: str) -> dict:
+  """Pipeline stage `text_icl`: V2L's frozen LM, stage 0 continued on `lm.text_phases`
+  (`train.train_text_lm`, `$W/text_icl`; nothing to train without phases: V2L then reads stage 0
+  itself); adds a short section. A stage of its own, so that a change of V2L's settings keeps
+  it and Being-VL's runs never wait for it."""
+  lm_train.check_config(config)
+  phases = lm_train.text_phases(config)
+  train.train_text_lm(config, workdir)
+  if not phases:
+    metrics = {"text_icl.steps": 0}
+    body = ("<p>No <code>lm.text_phases</code>: V2L reads stage 0's text model itself as its "
+            "frozen language model.</p>")
+  else:
+    plan = lm_train.plan_of(config, "text_icl")
+    run_dir = lm_train.icl_dir(workdir)
+    metrics = {"text_icl.steps": sum(p.steps for p in plan),
+               "text_icl.final_loss": lm_stage.final_loss(run_dir),
+               "text_icl.train_seconds": loop.train_seconds(os.path.join(run_dir, "ckpt"))}
+    rows = [(k + 1, p.steps, ", ".join(p.tasks), p.lr, p.seq_len or config.lm.seq_len)
+            for k, p in enumerate(plan)]
+    body = ("<p>V2L's frozen language model: stage 0's text model continued on these phases "
+            "(each with its own warm-up and cosine; Adam's moments carried over), so that it "
+            "copies in context as V2L's restoration and few-shot prompts ask; Being-VL's runs "
+            f"start from stage 0 itself. Last training loss {metrics['text_icl.final_loss']:.3f}."
+            "</p>" + report.table(["phase", "steps", "tasks", "peak LR", "row tokens"], rows))
+  metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # NaN: no loss logged yet
+  report.add_section(workdir, key="text_icl", title="V2L's frozen LM (stage 0 continued)",
+                     order=65, html=body, metrics=metrics)
   return metrics

@@ -4,8 +4,9 @@
 
 Needs in `$W`: the `data` stage (tfds shapes, tokenizer), the LM's stage 0 (the `text` stage,
 `text/ckpt`: the text-only model, the stand-in for a pretrained LLM) and the CLIP (`clip/ckpt`).
-With `lm.text_phases`, V2L's frozen LM is stage 0 continued on in-context episodes, trained
-here first (`v2l/text_icl/ckpt`). Frozen: the LM, the CLIP and the local table. Steps:
+With `lm.text_phases`, V2L's frozen LM is stage 0 continued on in-context episodes (the
+`text_icl` stage, `text_icl/ckpt`; this CLI trains it first when missing). Frozen: the LM, the
+CLIP and the local table. Steps:
   1. local codebook: every text subword of the LM (`codebook.subword_texts`) embedded by the
      CLIP text tower over prompt templates -> `local_emb` [V, E], an argument of the step
      (`sharded_trainer`'s `frozen`), never a parameter; the trainable projector maps it;
@@ -124,8 +125,8 @@ class TextLM:
 
 def train_text_lm(config, workdir: str):
   """With `lm.text_phases`: trains (or resumes, or finds finished) V2L's frozen LM, stage 0
-  continued on those phases (`lm/train.py:pretrain_icl`, `$W/v2l/text_icl`); without: nothing
-  (V2L reads stage 0 itself, the `text` stage's)."""
+  continued on those phases (`lm/train.py:pretrain_icl`, `$W/text_icl`: the pipeline's
+  `text_icl` stage); without: nothing (V2L reads stage 0 itself, the `text` stage's)."""
   if not lm_train.text_phases(config):
     return
   tok = data_stage.load_tokenizer(workdir)
@@ -136,7 +137,7 @@ def train_text_lm(config, workdir: str):
 
 def load_text_lm(config, workdir: str, mesh) -> TextLM:
   """V2L's frozen LM: stage 0's text model (`lm/train.py:pretrain_text`, `$W/text/ckpt`), or
-  with `lm.text_phases` its continuation on them (`train_text_lm`, `$W/v2l/text_icl/ckpt`)."""
+  with `lm.text_phases` its continuation on them (`train_text_lm`, `$W/text_icl/ckpt`)."""
   tok = data_stage.load_tokenizer(workdir)
   model = lm_train.make_model(config, tok)
   trainer = lm_train.Trainer(config, model, mesh)
@@ -144,7 +145,7 @@ def load_text_lm(config, workdir: str, mesh) -> TextLM:
   plan = lm_train.plan_of(config, "text_icl" if icl else "text")  # last phase: state layout
   path = os.path.join(lm_train.icl_dir(workdir) if icl else lm_train.text_dir(workdir), "ckpt")
   state = checkpoint.restore_latest(path, trainer.abstract_state(plan[-1]), what="text LM",
-                                    hint="run the 'v2l' stage first" if icl else
+                                    hint="run the 'text_icl' stage first" if icl else
                                     "run the 'text' stage first")
   if model.config.vocab_size < tok.vocab_size:
     raise ValueError(f"LM vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}: "
@@ -499,10 +500,7 @@ def code_stats(ctx: Context, params, num: int | None = None, idx=None) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step=None):
-  """Trains V2L's frozen LM when it has phases of its own, then the tokenizer; returns
-  (context, state, result dict)."""
-  check_config(config)
-  train_text_lm(config, workdir)
+  """Returns (context, state, result dict)."""
   ctx = load_context(config, workdir)
   state = train(config, ctx.s, ctx.train["images"], ctx.global_emb(ctx.train_tokens),
                 stop_at_step=stop_at_step)
@@ -519,6 +517,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
+  train_text_lm(flags.FLAGS.config, flags.FLAGS.workdir)  # its frozen LM first, when it has phases
   _, _, out = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   print(fileio.dumps_json(out))
 
