@@ -339,6 +339,16 @@ def test_lm_fields_key_the_stages_that_read_them(field, value, keyed):
         {"config": part(default, name)}, {"config": part(other, name)})), name
 
 
+def test_a_field_a_stage_no_longer_reads_is_named_as_such():
+  # A workdir keyed before the stage's key left the field out (e.g. lm.text_phases in the lm
+  # stage's key before the text_icl stage existed) is refused with that reason, not "missing".
+  old, new = {"config": {"lm": {"runs": ["full"], "text_phases": []}}}, {"config": {"lm": {
+      "runs": ["full"]}}}
+  assert manifest.describe_changes(old, new) == [
+      "config lm.text_phases: [] -> (no longer in the key: the stage does not read it)"]
+  assert manifest.describe_changes(new, old) == ["config lm.text_phases: '<missing>' -> []"]
+
+
 def test_config_ignores_is_what_every_reader_of_a_field_ignores():
   assert set(train.config_ignores("text")) == set(train.STAGES["text"].ignores)
   # lm ignores only text_phases; the Being-VL fields stage 0 ignores are keyed by lm.

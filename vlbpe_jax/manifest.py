@@ -127,8 +127,9 @@ def describe_changes(old: dict | None, new: dict) -> list[str]:
     for k in sorted(a.keys() | b.keys()):
       if a.get(k, "<missing>") != b.get(k, "<missing>"):
         what = "output digest of stage" if part == "inputs" else "config"
-        out.append(f"{what} {k}: {_short(a.get(k, '<missing>'))} -> "
-                   f"{_short(b.get(k, '<missing>'))}")
+        after = (_short(b[k]) if k in b else "<missing>" if part == "inputs" else
+                 "(no longer in the key: the stage does not read it)")
+        out.append(f"{what} {k}: {_short(a.get(k, '<missing>'))} -> {after}")
   return out
 
 

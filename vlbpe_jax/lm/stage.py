@@ -480,8 +480,9 @@ def run_stage(config, workdir: str) -> dict:
 
 def run_text_stage(config, workdir: str) -> dict:
   """Pipeline stage `text`: stage 0, the text-only model (`train.pretrain_text`, `$W/text`) that
-  Being-VL's runs (the `lm` stage) start from and V2L's frozen LM (the `v2l` stage) is made of;
-  adds a short section. Its own stage so that the two readers need not wait for each other."""
+  Being-VL's runs (the `lm` stage) start from and V2L's frozen LM (the `text_icl` and `v2l`
+  stages) is made of; adds a short section. A stage of its own, so that neither reader waits
+  for the other and each is keyed by its own fields only."""
   train.check_config(config)
   tok = data_stage.load_tokenizer(workdir)
   source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
