@@ -98,7 +98,7 @@ def _even(h, w):
 
 def _check_maps(tokens, copies, name="copies"):
   """[h, w] and [K, h, w] (one map), or [N, h, w] and [N, K, h, w] (N maps restored together)
-  -> (one map?, tokens [N, h*w], copies [N, K, h*w])."""
+  -> (tokens [N, h*w], copies [N, K, h*w])."""
   tokens, copies = np.asarray(tokens), np.asarray(copies)
   one = tokens.ndim == 2
   if one:
@@ -109,7 +109,7 @@ def _check_maps(tokens, copies, name="copies"):
                      f"{np.shape(copies[0] if one else copies)}: expected [h, w] and [K, h, w], "
                      "or [N, h, w] and [N, K, h, w]")
   n = tokens.shape[0]
-  return one, tokens.reshape(n, -1), copies.reshape(n, copies.shape[1], -1)
+  return tokens.reshape(n, -1), copies.reshape(n, copies.shape[1], -1)
 
 
 def _predicted(predict, contexts, inputs, outputs, m):
@@ -128,7 +128,7 @@ def restore_masked(predict, tokens, mask, copies, *, n=16, m=2):
   with exactly the masked positions rewritten, in raster order. Every masked position needs n
   tokens before it.
   """
-  _, out, ex = _check_maps(tokens, copies)
+  out, ex = _check_maps(tokens, copies)
   mask = np.asarray(mask, bool)
   if mask.shape != np.shape(tokens)[-2:]:
     raise ValueError(f"mask {mask.shape}: expected {np.shape(tokens)[-2:]}")
@@ -157,8 +157,8 @@ def restore_same_positions(predict, corrupted, copies_in, copies_out, *, m=2):
   (copies_in[i, s:s+m] -> copies_out[i, s:s+m]). Every window is independent of the others:
   one `predict` call takes all full windows (of all maps: `corrupted` `[N, h, w]` with copies
   `[N, K, h, w]`), one more the cut last window. Returns the restored map(s)."""
-  _, flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
-  _, _, ex_out = _check_maps(corrupted, copies_out, "copies_out")
+  flat, ex_in = _check_maps(corrupted, copies_in, "copies_in")
+  _, ex_out = _check_maps(corrupted, copies_out, "copies_out")
   if ex_in.shape != ex_out.shape or m < 1:
     raise ValueError(f"copies_in {np.shape(copies_in)}, copies_out {np.shape(copies_out)}, "
                      f"m={m}: expected equal shapes and m >= 1")
