@@ -53,7 +53,7 @@ def test_text_icl_continues_stage_0_and_only_its_own_fields_retrain_it(tmp_path)
     assert train._status(other, w, name)[0] == "done", name  # pylint: disable=protected-access
 
   # Its phases are its own: the rerun is refused naming them; asked for, only it retrains.
-  text_manifest = open(os.path.join(w, "manifests", "text.json")).read()
+  text_manifest = (tmp_path / "manifests" / "text.json").read_text()
   longer = _config(text_phases=((3, ("denoise",), 1e-3),))
   with pytest.raises(ValueError, match="stage 'text_icl'") as e:
     train.train_and_evaluate(longer, w)
@@ -61,4 +61,4 @@ def test_text_icl_continues_stage_0_and_only_its_own_fields_retrain_it(tmp_path)
   longer.recompute = "text_icl"
   train.train_and_evaluate(longer, w)
   assert report.read_metrics(w)["text_icl.steps"] == 3
-  assert open(os.path.join(w, "manifests", "text.json")).read() == text_manifest
+  assert (tmp_path / "manifests" / "text.json").read_text() == text_manifest
