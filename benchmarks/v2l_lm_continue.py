@@ -35,7 +35,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", None, "SOURCE's config (configs/tiny.py:long).")
-flags.DEFINE_string("source", None, "A pipeline workdir whose lm and v2l stages are done.")
+flags.DEFINE_string("source", None,
+                    "A pipeline workdir whose text_icl and v2l stages are done.")
 flags.DEFINE_string("workdir", None, "This probe's workdir (created).")
 flags.DEFINE_list("tasks", ["match_classify"], "The phase's pipeline tasks (text-only).")
 flags.DEFINE_integer("steps", 500, "The phase's steps (0: score SOURCE's LM).")

@@ -155,7 +155,10 @@ def get_config(arg=None):
       # the 384-token rows give +2.79 (majority-vote control +2.86) and on 192-token rows +2.61
       # (+2.65) in 162 s instead of ~400 s of the lm stage's time; colour few-shot stays at
       # chance either way (BENCHMARKS.md, "The demo on the Zen 3 host", "Denoise phase on
-      # 192-token rows"). :long first trains suffix-induction
+      # 192-token rows"). On a Zen 4 host those 1000 steps formed the copy only in part
+      # (inpainting +2.18, control +3.15; deblur -7.05): 250 more on 384-token rows gave +3.12
+      # and +0.01 (control +0.01) (BENCHMARKS.md, "250 more denoise steps"), in a stage off the
+      # demo's critical path. :long first trains suffix-induction
       # episodes (a sequence's span, to its end, repeated after filler: only a content match
       # copies it), which teach the match few-shot prompts need: colour few-shot 2-way / 5-way
       # 1-shot 71% / 36.5% after 1000 steps at 1e-3 (at 2e-3, or in 700 steps, it does not
@@ -166,7 +169,7 @@ def get_config(arg=None):
       # classification", "The per-phase row length", ":long with 2000 suffix steps on 192-token
       # rows").
       text_phases=steps((),  # :tiny keeps the tests fast (lm/train.py's phases are tested)
-                        ((1000, ("denoise",), 1e-3, 192),),
+                        ((1000, ("denoise",), 1e-3, 192), (250, ("denoise",), 1e-3)),
                         ((1500, ("suffix_induction",), 1e-3), (600, ("denoise",), 1e-3))),
       # The denoise episodes' clean windows: per episode k local ids (0: all of them), k drawn
       # from these (data/icl.denoise_task). All ids only: :long's LM restored nothing on images.
