@@ -26,15 +26,15 @@ def get_config(arg=None):
   steps = lambda t, demo, long: t if tiny else (long if arg.long else demo)
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data order, init and sampling; shapes scenes derive from it too
-  c.stages = "data,text,vq,bpe,lm,clip,text_icl,dit,v2l"  # in order (vlbpe_jax/train.py)
+  c.stages = "data,text,vq,bpe,lm,clip,pixel_decoder,text_icl,dit,v2l"  # in order (train.py)
   # A rerun skips stages whose inputs are unchanged and recomputes the others; a training
   # stage (vq, lm) made from other inputs is refused unless named here (it and every stage
   # after it may then be deleted and retrained; "all": every stage).
   c.recompute = ""
   # Stages run at once when neither reads the other's outputs (vlbpe_jax/train.py:run_stages):
-  # text then clip beside vq -> bpe -> lm; text_icl -> v2l beside lm; then dit. Every result is
-  # what a one-at-a-time run gives;
-  # a run's single stage uses well under the 2 cores of the machine the demo is sized for.
+  # text, clip, pixel_decoder beside vq -> bpe -> lm; text_icl -> v2l beside lm; then dit. Every
+  # result is what a one-at-a-time run gives; a run's single stage uses well under the 2 cores
+  # of the machine the demo is sized for.
   # 1: one stage at a time, as a multi-process run and several GPUs or TPUs always do.
   c.stage_workers = 2
   # Device mesh; logical rules: vlbpe_jax/parallel.py:LOGICAL_AXIS_RULES. Batch sizes are

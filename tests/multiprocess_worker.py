@@ -143,7 +143,7 @@ def _decoder_data():
 
 
 def run_decoder(workdir: str, name: str, stop_at_step: int | None = None):
-  """The BLIP3-o pixel decoder (3 steps) into `workdir/name/dit/decoder`."""
+  """The BLIP3-o pixel decoder (3 steps) into `workdir/name/pixel_decoder`."""
   from vlbpe_jax.dit import decoder  # pylint: disable=g-import-not-at-top
   feats, images = _decoder_data()
   decoder.train_decoder(decoder_config(), os.path.join(workdir, name), feats, images,

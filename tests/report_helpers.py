@@ -57,7 +57,9 @@ def make_workdir(w, stages=("vq", "lm", "clip", "dit", "v2l")):
       fileio.write_json(os.path.join(w, "dit", design, "result.json"), {"result": {
           "scores": {"all": {"n": 256, "overall": score, "overall_se": se}}}})
       metrics.update({f"dit.geneval.{design}": score, f"dit.fid_clip.{design}": FID[design]})
-    _jsonl(os.path.join(w, "dit", "decoder", "metrics.jsonl"), decay(0.1, 0.03))
+    _jsonl(os.path.join(w, "pixel_decoder", "metrics.jsonl"), decay(0.1, 0.03))
+    report.add_section(w, "pixel_decoder", "Pixel decoder", 55, "<p>decoder</p>",
+                       {"pixel_decoder.psnr_db": 20.0})
     src = report.save_image(w, "dit/samples_fm.png", img)
     path = report.add_section(w, "dit", "DiT", 60, report.img_tag(src, width=64), metrics)
   if "v2l" in stages:

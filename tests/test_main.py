@@ -86,7 +86,8 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
               "clip.zero_shot_shape_acc", "clip.best_caption_shape_acc",
               "dit.geneval.fm", "dit.geneval.mse",
               "dit.geneval.vq_latent", "dit.geneval_single.fm", "dit.diversity.fm",
-              "dit.fid_clip.fm", "dit.geneval_upper_bound", "v2l.fewshot_acc.2way_1shot",
+              "dit.fid_clip.fm", "dit.geneval_upper_bound", "pixel_decoder.psnr_db",
+              "v2l.fewshot_acc.2way_1shot",
               "v2l.fewshot_text_only.5way_1shot", "v2l.chance.5way_1shot",
               "v2l.fewshot_acc_local.2way_1shot", "v2l.caption.recall", "v2l.vqa_acc",
               "v2l.vqa_acc_wrong_image", "v2l.recon_psnr_db.local_global",
@@ -101,6 +102,7 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   assert "lm/embeddings_full.png" in page
   assert os.path.exists(tmp_path / "report" / "lm" / "embeddings_full.png")
   assert "dit/samples_fm.png" in page and "decoder(CLIP(real image))" in page
+  assert "pixel_decoder/test.png" in page and "curves/pixel_decoder.png" in page
   # The sampling CLI on this workdir: PNGs per prompt and sample, at the trained resolution.
   from vlbpe_jax.dit import sample  # pylint: disable=g-import-not-at-top
   out = tmp_path / "samples"

@@ -210,7 +210,7 @@ def test_dit_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
 @pytest.mark.slow
 def test_dit_decoder_two_processes_equal_one_and_checkpoints_cross_layouts(tmp_path):
   _check_cross_layouts(str(tmp_path), "decoder", worker.run_decoder,
-                       os.path.join("dit", "decoder"), written=("feature_stats.json",))
+                       "pixel_decoder", written=("feature_stats.json",))
 
 
 @pytest.mark.slow

@@ -94,12 +94,11 @@ def test_curves_follow_the_sections(tmp_path):
   w = str(tmp_path)
   report_helpers.make_workdir(w)
   cdir = os.path.join(w, "report", curves.DIR)
-  assert sorted(os.listdir(cdir)) == ["clip.png", "dit.png", "dit_decoder.png", "lm.png",
+  assert sorted(os.listdir(cdir)) == ["clip.png", "dit.png", "lm.png", "pixel_decoder.png",
                                       "text_icl.png", "v2l.png", "vq.png"]
   labels = [label for label, _ in curves.series(w, ("text", "lm/*"))]
   assert labels == ["text", "full", "no_bpe", "single_stage"]  # stage 0 and every run
-  assert [x for x, _ in curves.series(w, ("dit/*",), ("dit/decoder",))] == [
-      "fm", "mse", "vq_latent"]
+  assert [x for x, _ in curves.series(w, ("dit/*",))] == ["fm", "mse", "vq_latent"]
   report.remove_section(w, "lm")  # its logs stay on disk, its curves leave the page
   assert "lm.png" not in os.listdir(cdir)
   assert "curves/lm.png" not in open(os.path.join(w, "report", "index.html")).read()

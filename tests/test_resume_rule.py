@@ -114,8 +114,8 @@ def test_a_training_stage_is_refused_with_the_change_and_the_command(toy, tmp_pa
 
 def test_recompute_names_a_stage_and_everything_after_it():
   config = _config(recompute="vq")
-  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "text_icl", "dit",
-                                             "v2l"}
+  assert train.recompute_allowed(config) == {"vq", "bpe", "lm", "clip", "pixel_decoder",
+                                             "text_icl", "dit", "v2l"}
   assert train.recompute_allowed(_config(recompute="all")) == set(train.STAGES)
   with pytest.raises(ValueError, match="config.recompute"):
     train.recompute_allowed(_config(recompute="nope"))
@@ -339,6 +339,32 @@ def test_lm_fields_key_the_stages_that_read_them(field, value, keyed):
         {"config": part(default, name)}, {"config": part(other, name)})), name
 
 
+@pytest.mark.parametrize("field, value, keyed", [
+    # The pixel decoder reads the CLIP and its own settings: the DiT's and the LM's fields
+    # leave it trained (it was part of the dit stage, retrained on any of them, before).
+    ("dit.total_steps", 3, ("dit",)),
+    ("dit.designs", ("fm",), ("dit",)),
+    ("lm.stage_steps", (3, 3, 3), ("lm", "dit")),
+    ("dit.decoder.lr", 1e-4, ("pixel_decoder", "dit")),
+    ("dit.decoder.total_steps", 3, ("pixel_decoder", "dit")),
+    ("clip.total_steps", 3, ("clip", "pixel_decoder", "dit", "v2l")),
+])
+def test_pixel_decoder_is_keyed_by_its_own_fields_and_the_clip(field, value, keyed):
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  part = train._config_part  # pylint: disable=protected-access
+  default = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  other = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  section, leaf = field.rsplit(".", 1)
+  node = other
+  for k in section.split("."):
+    node = node[k]
+  node[leaf] = value
+  for name in train.STAGES:
+    assert (part(other, name) != part(default, name)) == (name in keyed), name
+  assert train.STAGES["pixel_decoder"].reads == ("data", "clip")
+  assert "pixel_decoder" in train.STAGES["dit"].reads
+
+
 def test_a_field_a_stage_no_longer_reads_is_named_as_such():
   # A workdir keyed before the stage's key left the field out (e.g. lm.text_phases in the lm
   # stage's key before the text_icl stage existed) is refused with that reason, not "missing".
@@ -357,7 +383,8 @@ def test_config_ignores_is_what_every_reader_of_a_field_ignores():
   assert "lm.text_phases" not in train.config_ignores("text_icl")
   assert set(train.config_ignores("text_icl")) == set(train.config_ignores("v2l")) == (
       set(train.STAGES["text"].ignores) - {"lm.text_phases"})
-  assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip"))
+  assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip",
+                                                    "pixel_decoder"))
 
 
 def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_key():
@@ -376,7 +403,8 @@ def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_ke
   for name in train.STAGES:
     assert part(before, name) == part(default, name), name
     assert (part(dit, name) != part(default, name)) == (name == "dit"), name
-    assert (part(clip, name) != part(default, name)) == (name in ("clip", "dit", "v2l")), name
+    assert (part(clip, name) != part(default, name)) == (
+        name in ("clip", "pixel_decoder", "dit", "v2l")), name
   assert manifest.describe_changes({"config": part(default, "dit")},
                                    {"config": part(dit, "dit")}) == [
                                        "config dit.data_shards: '<missing>' -> 2"]
@@ -393,4 +421,5 @@ def test_clip_hard_negatives_key_clip_and_readers_and_their_default_changes_no_k
   hard.clip.hard_negatives = ("shape",)
   for name in train.STAGES:
     assert part(before, name) == part(default, name), name
-    assert (part(hard, name) != part(default, name)) == (name in ("clip", "dit", "v2l")), name
+    assert (part(hard, name) != part(default, name)) == (
+        name in ("clip", "pixel_decoder", "dit", "v2l")), name

@@ -81,10 +81,11 @@ def test_a_stage_not_selected_is_not_waited_for():
 
 def test_a_failed_stage_lets_the_running_one_finish_and_starts_nothing_after_it():
   rec = Recorder(waits={"vq": "clip", "clip": "vq"}, fail=("vq",))
-  # Without text_icl and v2l, which read neither vq nor what follows it (they may start before
-  # vq fails).
+  # Without pixel_decoder, text_icl and v2l, which read neither vq nor what follows it (they may
+  # start before vq fails).
   with pytest.raises(ValueError, match="stage vq broke"):
-    train.run_stages([n for n in ALL if n not in ("text_icl", "v2l")], rec, workers=2)
+    train.run_stages([n for n in ALL if n not in ("pixel_decoder", "text_icl", "v2l")], rec,
+                     workers=2)
   assert sorted(rec.order("end")) == ["clip", "data", "text", "vq"]
   assert not {"bpe", "lm", "dit"} & set(rec.order("start"))
 

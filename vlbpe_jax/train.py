@@ -1,5 +1,5 @@
-"""The pipeline: data -> text LM (stage 0) + VQ -> visual BPE -> unified LM -> CLIP + DiT; V2L's
-frozen LM -> V2L, each stage reading its inputs' files.
+"""The pipeline: data -> text LM (stage 0) + VQ -> visual BPE -> unified LM -> CLIP + pixel
+decoder + DiT; V2L's frozen LM -> V2L, each stage reading its inputs' files.
 
 Every stage is `run_stage(config, workdir) -> metrics` in its own package (`vlbpe_jax/<x>/
 stage.py`) and adds its section to the one report (`workdir/report/index.html`,
@@ -22,12 +22,12 @@ wait at a barrier and then read its files.
 
 Stages that do not read each other's outputs may run at the same time, on threads of this
 process (`config.stage_workers`, the demo's 2): a stage starts once every stage it reads that
-was selected has finished, so the demo runs `text` and then `clip` beside `vq` -> `bpe`, then
-`text_icl` -> `v2l` (which read the text LM, not Being-VL's runs) beside `lm`, then `dit`. Each
-stage computes what it would alone (explicit PRNG keys, no shared mutable state; the report
-and TFDS preparation take a lock): only its seconds change. A
-multi-process run, or one on several GPUs or TPUs, keeps one stage at a time (collectives
-of two programs must not meet the devices in different orders; `parallel.stage_workers`).
+was selected has finished, so the demo runs `text`, `clip`, `pixel_decoder`, `text_icl` and
+`v2l` (which read the text LM, not Being-VL's runs) beside `vq` -> `bpe` -> `lm`, then `dit`.
+Each stage computes what it would alone (explicit PRNG keys, no shared mutable state; the
+report and TFDS preparation take a lock): only its seconds change. A multi-process run, or
+one on several GPUs or TPUs, keeps one stage at a time (collectives of two programs must not
+meet the devices in different orders; `parallel.stage_workers`).
 """
 
 from concurrent import futures
@@ -105,10 +105,15 @@ STAGES = {
                 ignores=_V2L_LM),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
                   outputs=("clip/ckpt",), owns=("clip",), trains=True, collective=True),
+    "pixel_decoder": Stage(dit_stage.run_decoder_stage, ("seed", "dit.decoder", "clip"),
+                           reads=("data", "clip"),
+                           outputs=("pixel_decoder/ckpt", "pixel_decoder/feature_stats.json"),
+                           owns=("pixel_decoder",), trains=True, collective=True),
     "text_icl": Stage(v2l_stage.run_lm_stage, ("seed", "lm"), reads=("data", "text"),
                       outputs=("text_icl/ckpt",), owns=("text_icl",), trains=True,
                       collective=True, ignores=_BEING_VL),
-    "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"), reads=("data", "vq", "lm", "clip"),
+    "dit": Stage(dit_stage.run_stage, ("seed", "dit", "clip"),
+                 reads=("data", "vq", "lm", "clip", "pixel_decoder"),
                  outputs=("dit/*/result.json",), owns=("dit",), trains=True, collective=True),
     "v2l": Stage(v2l_stage.run_stage, ("seed", "v2l", "clip"),
                  reads=("data", "text", "text_icl", "clip"),

@@ -7,7 +7,7 @@ ResBlocks, mid attention, upsampling, depth-to-space) from the standardised feat
 checker's score on decoder(CLIP(real image)) (the stage reports it).
 
   net = make(config, feature_dim)          # f = R / g pixels per feature cell
-  s, state = train_decoder(config, workdir, feats, images)   # $W/dit/decoder/, resumes
+  s, state = train_decoder(config, workdir, feats, images)   # $W/pixel_decoder/, resumes
   images = decode(s, state["params"], feats)                  # uint8 [N, R, R, 3]
 """
 
@@ -29,6 +29,7 @@ from vlbpe_jax.dit import targets
 from vlbpe_jax.vq import autoencoder
 
 MUST_MATCH = ("seed", "data", "clip", "dit.decoder")
+RUN_DIR = "pixel_decoder"  # under the workdir: the pipeline's `pixel_decoder` stage
 
 
 def make(config, feature_dim: int) -> autoencoder.Decoder:
@@ -87,19 +88,19 @@ def setup(config, workdir, stats, mesh=None) -> Setup:
                                     warmup_steps=int(c.warmup_steps),
                                     final_lr=float(c.lr) * 0.1, grad_clip=1.0)
   trainer = sharded_trainer.Trainer(init, functools.partial(loss_fn, net=net), tx, mesh)
-  return Setup(net, trainer, dict(stats), os.path.join(workdir, "dit", "decoder"))
+  return Setup(net, trainer, dict(stats), os.path.join(workdir, RUN_DIR))
 
 
 def restore(config, workdir, mesh=None):
-  """The trained decoder: `(setup, params)` from `$W/dit/decoder`."""
-  run_dir = os.path.join(workdir, "dit", "decoder")
+  """The trained decoder: `(setup, params)` from `$W/pixel_decoder`."""
+  run_dir = os.path.join(workdir, RUN_DIR)
   path = os.path.join(run_dir, "feature_stats.json")
   if not os.path.exists(path):
-    raise ValueError(f"no {path}: run the 'dit' stage first (it trains the pixel decoder)")
+    raise ValueError(f"no {path}: run the 'pixel_decoder' stage first (it trains the decoder)")
   s = setup(config, workdir, fileio.read_json(path, what="decoder feature statistics"), mesh)
   return s, checkpoint.restore_latest(
       os.path.join(run_dir, "ckpt"), s.trainer.abstract_state, what="decoder",
-      hint="run the 'dit' stage first (it trains the pixel decoder)")["params"]
+      hint="run the 'pixel_decoder' stage first (it trains the decoder)")["params"]
 
 
 def standardise(s: Setup, feats):
@@ -123,7 +124,7 @@ def train_decoder(config, workdir, feats, images, *, mesh=None, stop_at_step=Non
       s.run_dir, s.trainer.abstract_state, lambda: s.trainer.init(key_init),
       lambda st, b: s.trainer.step(st, b, key_train), it, config=config, must_match=MUST_MATCH,
       total_steps=int(c.total_steps), log_every=int(c.log_every), ckpt_every=int(c.total_steps),
-      name="dit/decoder", progress=bool(config.dit.progress), stop_at_step=stop_at_step,
+      name="pixel_decoder", progress=bool(config.dit.progress), stop_at_step=stop_at_step,
       items_per_step={"perf/images_per_s": int(c.batch_size)})
   return s, state
 

@@ -1,9 +1,14 @@
-"""Pipeline stage `dit`: BLIP3-o's generator and the seed's design study, judged by the checker.
+"""Pipeline stages `pixel_decoder` and `dit`: BLIP3-o's generator and the seed's design study,
+judged by the scene checker.
 
-From the frozen unified LM (`lm/full`), the CLIP (`clip`) and the VQ (`vq`), on one budget
-(`dit.total_steps` x `dit.batch_size` for each design):
-  1. the pixel decoder (`decoder.py`) on the training split's (CLIP features, image) pairs, and
-     its ceiling: the scene checker on decoder(CLIP(real test image));
+`pixel_decoder` (`run_decoder_stage`; reads `data`, `clip`): the pixel decoder (`decoder.py`)
+trained on the training split's (CLIP features, image) pairs, into `$W/pixel_decoder/`; its
+reconstruction PSNR on the test split. A stage of its own: it reads nothing of the LM, so it
+trains beside Being-VL's runs and a change of the DiT's or the LM's settings does not retrain it.
+
+`dit` (`run_stage`): from the frozen unified LM (`lm/full`), the CLIP (`clip`), the VQ (`vq`)
+and the pixel decoder, on one budget (`dit.total_steps` x `dit.batch_size` for each design):
+  1. the decoder's ceiling: the scene checker on decoder(CLIP(real test image));
   2. each design of `dit.designs` (`train.DESIGNS`: fm, mse, vq_latent) trained, then sampled
      (`dit.num_samples` per prompt, Euler `dit.sample_steps` steps, guidance `dit.guidance`)
      for the first `dit.num_eval` test captions;
@@ -33,6 +38,7 @@ from vlbpe_jax.dit import train
 from vlbpe_jax.eval import generation
 from vlbpe_jax.eval import report
 from vlbpe_jax.lm import evaluate as lm_evaluate
+from vlbpe_jax.vq import metrics as vq_metrics
 
 LABEL = {"fm": "CLIP features + flow matching (BLIP3-o)",
          "mse": "CLIP features + MSE regression",
@@ -58,7 +64,7 @@ def _scores(images, objects):
 class _Context:
   """Data, the frozen models and the CLIP features, loaded once."""
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, backbone: bool = True):
     self.config, self.workdir = config, workdir
     self.mesh = decoder_lib.make_mesh(config)
     self.train = data_stage.load_scenes(config, workdir, "train")
@@ -67,10 +73,8 @@ class _Context:
     self.test, self.prompts = test, [c[0] for c in test["captions"][:n]]
     self.objects = test["objects"][:n]
     self.clip, self.clip_params, _ = clip_train.restore(config, workdir, self.mesh)
-    g = int(config.clip.grid)
-    self.train_feats = clip_train.grid_features(self.clip, self.clip_params,
-                                                self.train["images"], self.mesh, g)
-    self.backbone = train.load_backbone(config, workdir, self.mesh)
+    self.train_feats = self.clip_grid(self.train["images"])
+    self.backbone = train.load_backbone(config, workdir, self.mesh) if backbone else None
 
   def clip_grid(self, images):
     return clip_train.grid_features(self.clip, self.clip_params, images, self.mesh,
@@ -126,14 +130,46 @@ def _sample_grid(ctx, images, k):
       (-1,) + images.shape[2:]), ncols=images.shape[1] + 1)
 
 
+def run_decoder_stage(config, workdir: str) -> dict:
+  """Pipeline stage `pixel_decoder`: trains (or resumes) the CLIP-feature -> pixel decoder on the
+  training split; its PSNR on the test split and a picture of real / decoded test images."""
+  c = config.dit.decoder
+  ctx = _Context(config, workdir, backbone=False)
+  dec, state = decoder_lib.train_decoder(config, workdir, ctx.train_feats, ctx.train["images"],
+                                         mesh=ctx.mesh)
+  real = ctx.test["images"]
+  recon = decoder_lib.decode(dec, state["params"], ctx.clip_grid(real))
+  psnr = vq_metrics.psnr(real / 255.0, recon / 255.0)  # per image
+  metrics = {"pixel_decoder.steps": int(c.total_steps),
+             "pixel_decoder.psnr_db": float(np.mean(psnr)),
+             "pixel_decoder.train_seconds": loop.train_seconds(os.path.join(dec.run_dir, "ckpt"))}
+  k = min(8, len(real))
+  src = report.save_image(workdir, "pixel_decoder/test.png", report.image_grid(
+      np.concatenate([real[:k], recon[:k]]), ncols=k))
+  g = int(config.clip.grid)
+  body = (f"<p>BLIP3-o turns generated CLIP features into pixels with a pretrained diffusion "
+          f"decoder; ours is a convolutional decoder (the VQ-GAN's decoder architecture) from "
+          f"the CLIP's {g}&times;{g} patch-feature grid, standardised, to "
+          f"{int(config.data.resolution)}&times;{int(config.data.resolution)} pixels, trained "
+          f"{int(c.total_steps)} steps &times; {int(c.batch_size)} by L2 on the training split's "
+          f"(CLIP(image), image) pairs. PSNR of decoder(CLIP(test image)) against the image, "
+          f"{len(real)} test images: {metrics['pixel_decoder.psnr_db']:.2f} dB. Top row: test "
+          f"images; bottom: decoded from their CLIP features. The DiT's designs on CLIP features "
+          f"are decoded by it (next section, with its ceiling by the scene checker).</p>"
+          + report.img_tag(src, width=k * 96))
+  metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+  report.add_section(workdir, key="pixel_decoder", title="BLIP3-o pixel decoder: CLIP features "
+                     "→ pixels", order=55, html=body, metrics=metrics)
+  return metrics
+
+
 def run_stage(config, workdir: str) -> dict:
   c = config.dit
   ctx = _Context(config, workdir)
-  # 1. Decoder and its ceiling.
-  dec, dec_state = decoder_lib.train_decoder(config, workdir, ctx.train_feats,
-                                             ctx.train["images"], mesh=ctx.mesh)
+  # 1. The decoder's ceiling.
+  dec, dec_params = decoder_lib.restore(config, workdir, ctx.mesh)
   real = ctx.test["images"][:len(ctx.prompts)]
-  recon = decoder_lib.decode(dec, dec_state["params"], ctx.clip_grid(real))
+  recon = decoder_lib.decode(dec, dec_params, ctx.clip_grid(real))
   ceiling, _ = _scores(recon[:, None], ctx.objects)
   metrics = {"dit.geneval_upper_bound": ceiling["all"]["overall"],
              "dit.geneval_upper_bound_single": ceiling["single"]["overall"],
@@ -147,7 +183,7 @@ def run_stage(config, workdir: str) -> dict:
       res = stored["result"]
       images = np.load(os.path.join(workdir, "dit", design, "samples.npy"))
     else:
-      res, images = _design(ctx, design, dec, dec_state["params"])
+      res, images = _design(ctx, design, dec, dec_params)
       fileio.save_npy(os.path.join(workdir, "dit", design, "samples.npy"), images)
       fileio.write_json(path, {"key": key, "result": res})
     results[design] = res

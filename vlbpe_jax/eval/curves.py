@@ -1,8 +1,8 @@
 """Training curves for the report: the loss per step of every stage's runs, one panel per stage.
 
 Reads the `metrics.jsonl` each trainer writes (`summary.MetricWriter`): `W/vq/`, `W/text/` and
-`W/lm/<run>/` (stage 0 and every run of the ablation on one axis), `W/clip/`, `W/dit/<design>/`
-(the designs on one axis, the pixel decoder on its own), `W/text_icl/` (V2L's frozen LM) and
+`W/lm/<run>/` (stage 0 and every run of the ablation on one axis), `W/clip/`, `W/pixel_decoder/`,
+`W/dit/<design>/` (the designs on one axis), `W/text_icl/` (V2L's frozen LM) and
 `W/v2l/`. Draws only the panels of stages whose report section
 exists, so a removed stage's curves leave with its numbers.
 
@@ -29,8 +29,9 @@ PANELS = (
     ("vq", "vq", "VQ tokenizer", ("vq",), ()),
     ("lm", "lm", "Unified LM: stage 0 and every run", ("text", "lm/*"), ()),
     ("clip", "clip", "CLIP", ("clip",), ()),
-    ("dit", "dit", "DiT: every design", ("dit/*",), ("dit/decoder",)),
-    ("dit_decoder", "dit", "DiT pixel decoder", ("dit/decoder",), ()),
+    ("pixel_decoder", "pixel_decoder", "BLIP3-o pixel decoder (CLIP features -> pixels)",
+     ("pixel_decoder",), ()),
+    ("dit", "dit", "DiT: every design", ("dit/*",), ()),
     ("text_icl", "text_icl", "V2L's frozen LM: stage 0 continued on lm.text_phases",
      ("text_icl",), ()),
     ("v2l", "v2l", "V2L tokenizer", ("v2l", "v2l/*"), ()),

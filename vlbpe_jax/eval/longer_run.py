@@ -23,7 +23,7 @@ import platform
 
 from vlbpe_jax import fileio
 
-STAGES = ("data", "text", "vq", "bpe", "lm", "clip", "text_icl", "dit", "v2l")
+STAGES = ("data", "text", "vq", "bpe", "lm", "clip", "pixel_decoder", "text_icl", "dit", "v2l")
 # The numbers a person reads first: (label, metric, format). README's results table and the
 # report's comparison with the longer run use these rows; a row whose metric is absent is left out.
 HEADLINE = (
