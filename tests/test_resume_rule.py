@@ -365,6 +365,25 @@ def test_pixel_decoder_is_keyed_by_its_own_fields_and_the_clip(field, value, key
   assert "pixel_decoder" in train.STAGES["dit"].reads
 
 
+def test_the_pixel_decoder_keys_no_dit_field_but_its_own():
+  from test_main import ROOT, load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  key = train._config_part(config, "pixel_decoder")  # pylint: disable=protected-access
+  # Every other field of the dit section is listed as the DiT's alone, or cosmetic.
+  assert set(key["dit"]) == {"decoder"}, set(key["dit"])
+  assert key["dit"]["decoder"]["lr"] == config.dit.decoder.lr
+
+
+def test_a_key_regrouped_with_the_same_values_is_still_named():
+  # E.g. a stage keyed by "dit.decoder" beside "dit": the flat fields are equal, the keys not.
+  old = {"config": {"dit": {"decoder": {"lr": 1}}}}
+  new = {"config": {"dit": {"decoder": {"lr": 1}}, "dit.decoder": {"lr": 1}}}
+  assert manifest.describe_changes(old, new) == [
+      "the key's layout (the same values, grouped otherwise: made by an older version of the "
+      "pipeline)"]
+  assert manifest.describe_changes(old, old) == []
+
+
 def test_a_field_a_stage_no_longer_reads_is_named_as_such():
   # A workdir keyed before the stage's key left the field out (e.g. lm.text_phases in the lm
   # stage's key before the text_icl stage existed) is refused with that reason, not "missing".
@@ -383,8 +402,11 @@ def test_config_ignores_is_what_every_reader_of_a_field_ignores():
   assert "lm.text_phases" not in train.config_ignores("text_icl")
   assert set(train.config_ignores("text_icl")) == set(train.config_ignores("v2l")) == (
       set(train.STAGES["text"].ignores) - {"lm.text_phases"})
-  assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip",
-                                                    "pixel_decoder"))
+  assert all(train.config_ignores(n) == () for n in ("data", "vq", "bpe", "clip"))
+  # The pixel decoder keys dit.decoder alone of the dit section; dit keys all of it.
+  assert train.config_ignores("pixel_decoder") == tuple(sorted(train.STAGES[
+      "pixel_decoder"].ignores))
+  assert train.config_ignores("dit") == ("lm.text_phases",)
 
 
 def test_data_shards_key_their_stage_and_readers_and_their_default_changes_no_key():

@@ -130,6 +130,9 @@ def describe_changes(old: dict | None, new: dict) -> list[str]:
         after = (_short(b[k]) if k in b else "<missing>" if part == "inputs" else
                  "(no longer in the key: the stage does not read it)")
         out.append(f"{what} {k}: {_short(a.get(k, '<missing>'))} -> {after}")
+  if not out and old != new:  # the same values under other key paths
+    out.append("the key's layout (the same values, grouped otherwise: made by an older "
+               "version of the pipeline)")
   return out
 
 

@@ -87,6 +87,14 @@ _BEING_VL = tuple(f"lm.{k}" for k in (
     "vqa_branches", "runs", "num_eval", "eval_batch_size", "max_answer_tokens",
     "max_caption_tokens", "report_examples"))
 _V2L_LM = ("lm.text_phases",)
+# dit fields that only the DiT's designs read, not the pixel decoder (`dit.decoder`). A dit
+# field missing here keys the pixel_decoder stage too (a needless retrain, never a stale one);
+# tests/test_resume_rule.py checks that the list covers the tiny config's dit section.
+_DIT_ONLY = tuple(f"dit.{k}" for k in (
+    "designs", "variant", "model", "num_queries", "query_init_std", "prompt_template",
+    "prompt_len", "batch_size", "data_shards", "total_steps", "lr", "warmup_steps",
+    "final_lr_frac", "grad_clip", "weight_decay", "cfg_dropout", "time_sampling", "shift",
+    "sample_steps", "guidance", "num_samples", "num_eval", "report_prompts", "ckpt_every"))
 
 # In pipeline order: a stage reads the artifacts of those before it.
 STAGES = {
@@ -105,10 +113,11 @@ STAGES = {
                 ignores=_V2L_LM),
     "clip": Stage(clip_stage.run_stage, _DATA + ("clip",), reads=("data",),
                   outputs=("clip/ckpt",), owns=("clip",), trains=True, collective=True),
-    "pixel_decoder": Stage(dit_stage.run_decoder_stage, ("seed", "dit.decoder", "clip"),
+    "pixel_decoder": Stage(dit_stage.run_decoder_stage, ("seed", "dit", "clip"),
                            reads=("data", "clip"),
                            outputs=("pixel_decoder/ckpt", "pixel_decoder/feature_stats.json"),
-                           owns=("pixel_decoder",), trains=True, collective=True),
+                           owns=("pixel_decoder",), trains=True, collective=True,
+                           ignores=_DIT_ONLY),
     "text_icl": Stage(v2l_stage.run_lm_stage, ("seed", "lm"), reads=("data", "text"),
                       outputs=("text_icl/ckpt",), owns=("text_icl",), trains=True,
                       collective=True, ignores=_BEING_VL),
