@@ -49,6 +49,7 @@ HEADLINE = (
     ("DiT GenEval: CLIP features + MSE", "dit.geneval.mse", "{:.3f}"),
     ("DiT GenEval: VQ latents + flow", "dit.geneval.vq_latent", "{:.3f}"),
     ("DiT GenEval ceiling: decoder(CLIP(real image))", "dit.geneval_upper_bound", "{:.3f}"),
+    ("pixel decoder: PSNR of decoder(CLIP(test image)) (dB)", "pixel_decoder.psnr_db", "{:.1f}"),
     ("DiT FID in CLIP space: CLIP + flow", "dit.fid_clip.fm", "{:.1f}"),
     ("DiT FID in CLIP space: VQ latents + flow", "dit.fid_clip.vq_latent", "{:.1f}"),
     ("V2L reconstruction PSNR, local + global tokens (dB)", "v2l.recon_psnr_db.local_global",
