@@ -23,7 +23,7 @@ there first when absent), then scores:
   against the two captions (first template): the share of images closer to their own caption,
   on the first 600 train scenes (the twins `clip.twin_images` trains on) and on 600 fresh
   scenes of seed 7 (chance 50%);
-- what it buys BLIP3-o's generator: the dit stage's pixel decoder (dit/decoder.py, the config's
+- what it buys BLIP3-o's generator: the pipeline's pixel decoder (dit/decoder.py, the config's
   `dit.decoder`) trained on this CLIP's grid features, and the scene checker's GenEval-style
   scores of decoder(CLIP(real test image)) -- the stage's ceiling -- on its first
   `dit.num_eval` test images (64) and on the whole test split.
