@@ -143,9 +143,9 @@ def run_decoder_stage(config, workdir: str) -> dict:
   metrics = {"pixel_decoder.steps": int(c.total_steps),
              "pixel_decoder.psnr_db": float(np.mean(psnr)),
              "pixel_decoder.train_seconds": loop.train_seconds(os.path.join(dec.run_dir, "ckpt"))}
-  k = min(8, len(real))
+  shown = min(8, len(real))
   src = report.save_image(workdir, "pixel_decoder/test.png", report.image_grid(
-      np.concatenate([real[:k], recon[:k]]), ncols=k))
+      np.concatenate([real[:shown], recon[:shown]]), ncols=shown))
   g = int(config.clip.grid)
   body = (f"<p>BLIP3-o turns generated CLIP features into pixels with a pretrained diffusion "
           f"decoder; ours is a convolutional decoder (the VQ-GAN's decoder architecture) from "
@@ -156,7 +156,7 @@ def run_decoder_stage(config, workdir: str) -> dict:
           f"{len(real)} test images: {metrics['pixel_decoder.psnr_db']:.2f} dB. Top row: test "
           f"images; bottom: decoded from their CLIP features. The DiT's designs on CLIP features "
           f"are decoded by it (next section, with its ceiling by the scene checker).</p>"
-          + report.img_tag(src, width=k * 96))
+          + report.img_tag(src, width=shown * 96))
   metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
   report.add_section(workdir, key="pixel_decoder", title="BLIP3-o pixel decoder: CLIP features "
                      "→ pixels", order=55, html=body, metrics=metrics)
