@@ -139,9 +139,8 @@ def run_decoder_stage(config, workdir: str) -> dict:
                                          mesh=ctx.mesh)
   real = ctx.test["images"]
   recon = decoder_lib.decode(dec, state["params"], ctx.clip_grid(real))
-  psnr = vq_metrics.psnr(real / 255.0, recon / 255.0)  # per image
   metrics = {"pixel_decoder.steps": int(c.total_steps),
-             "pixel_decoder.psnr_db": float(np.mean(psnr)),
+             "pixel_decoder.psnr_db": vq_metrics.psnr_db(real, recon),
              "pixel_decoder.train_seconds": loop.train_seconds(os.path.join(dec.run_dir, "ckpt"))}
   shown = min(8, len(real))
   src = report.save_image(workdir, "pixel_decoder/test.png", report.image_grid(

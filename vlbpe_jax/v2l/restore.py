@@ -45,6 +45,7 @@ from vlbpe_jax.v2l import corrupt
 from vlbpe_jax.v2l import degrade
 from vlbpe_jax.v2l import prompts
 from vlbpe_jax.v2l import train
+from vlbpe_jax.vq import metrics as vq_metrics
 
 TASKS = ("inpaint", "outpaint", "deblur", "shift", "rotate")
 GREY = 128
@@ -184,7 +185,7 @@ def run(ctx: train.Context, params, *, num: int, seed: int, predictor: str = "lm
                                                 np.stack([p[0] for p in pairs]), m=2)
     images = train.decode_ids(s, params, restored, g, False)
     bad_dec = train.decode_ids(s, params, bad_maps, g, False)
-    per = lambda x: [train.psnr_db(clean[i:i + 1], x[i:i + 1]) for i in range(num)]  # noqa: E731
+    per = lambda x: [vq_metrics.psnr_db(clean[i:i + 1], x[i:i + 1]) for i in range(num)]  # noqa: E731
     p_rest, p_bad = per(images), per(bad_dec)
     out[task] = {"gain_db": float(np.mean(np.subtract(p_rest, p_bad))),
                  "psnr_restored": p_rest, "psnr_corrupted": p_bad,

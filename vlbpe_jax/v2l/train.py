@@ -409,11 +409,6 @@ def decode_ids(s: Setup, params, idx, global_emb, use_global: bool, batch_size: 
                               parallel.batch_shards(mesh))
 
 
-def psnr_db(images, recon) -> float:
-  """Mean PSNR (dB) of uint8 image pairs [N, R, R, 3]."""
-  return float(np.mean(vq_metrics.psnr(jnp.asarray(images) / 255.0, jnp.asarray(recon) / 255.0)))
-
-
 # --- End to end from the workdir ------------------------------------------------------------
 
 
@@ -485,8 +480,8 @@ def reconstruction_psnr(ctx: Context, params, num: int | None = None, idx=None) 
   images' local indices, if already encoded)."""
   images, idx = _test_ids(ctx, params, num, idx)
   g = ctx.global_emb(ctx.test_tokens[:len(images)])
-  return {"local": psnr_db(images, decode_ids(ctx.s, params, idx, g, False)),
-          "local_global": psnr_db(images, decode_ids(ctx.s, params, idx, g, True))}
+  return {"local": vq_metrics.psnr_db(images, decode_ids(ctx.s, params, idx, g, False)),
+          "local_global": vq_metrics.psnr_db(images, decode_ids(ctx.s, params, idx, g, True))}
 
 
 def code_stats(ctx: Context, params, num: int | None = None, idx=None) -> dict:

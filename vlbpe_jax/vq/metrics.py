@@ -19,6 +19,11 @@ def psnr(x, y, max_val: float = 1.0):
   return 10.0 * jnp.log10(max_val ** 2 / jnp.maximum(mse, 1e-10))
 
 
+def psnr_db(images, recon) -> float:
+  """Mean PSNR (dB) of uint8 image pairs [N, R, R, 3]."""
+  return float(np.mean(psnr(jnp.asarray(images) / 255.0, jnp.asarray(recon) / 255.0)))
+
+
 def _gaussian_filter(x, size: int, sigma: float):
   """'valid' separable Gaussian blur of every channel: [B, H, W, C] -> [B, H-s+1, W-s+1, C]."""
   t = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
