@@ -13,6 +13,7 @@ from vlbpe_jax.eval import report
 LM = {"full": 0.60, "no_bpe": 0.40, "single_stage": 0.58}  # n=400: holds, inconclusive
 DIT = {"fm": (0.30, 0.02), "mse": (0.50, 0.02), "vq_latent": (0.29, 0.02)}  # (geneval, se)
 FID = {"fm": 10.0, "mse": 30.0, "vq_latent": 12.0}
+WRONG_PROMPT = {"fm": (0.10, 0.02), "vq_latent": (0.29, 0.02)}  # follows: holds, inconclusive
 N_QUESTIONS, N_EPISODES = 400, 50
 
 
@@ -54,9 +55,12 @@ def make_workdir(w, stages=("vq", "lm", "clip", "dit", "v2l")):
     metrics = {}
     for design, (score, se) in DIT.items():
       _jsonl(os.path.join(w, "dit", design, "metrics.jsonl"), decay(1.5, 0.5))
+      wrong, wrong_se = WRONG_PROMPT.get(design, (0.0, 0.0))
       fileio.write_json(os.path.join(w, "dit", design, "result.json"), {"result": {
-          "scores": {"all": {"n": 256, "overall": score, "overall_se": se}}}})
-      metrics.update({f"dit.geneval.{design}": score, f"dit.fid_clip.{design}": FID[design]})
+          "scores": {"all": {"n": 256, "overall": score, "overall_se": se}},
+          "wrong_prompt": {"n": 256, "overall": wrong, "overall_se": wrong_se}}})
+      metrics.update({f"dit.geneval.{design}": score, f"dit.fid_clip.{design}": FID[design],
+                      f"dit.geneval_wrong_prompt.{design}": wrong})
     _jsonl(os.path.join(w, "pixel_decoder", "metrics.jsonl"), decay(0.1, 0.03))
     report.add_section(w, "pixel_decoder", "Pixel decoder", 55, "<p>decoder</p>",
                        {"pixel_decoder.psnr_db": 20.0})

@@ -37,6 +37,22 @@ def test_geneval_rejects_mismatched_lengths():
     generation.geneval(np.zeros((2, 64, 64, 3), np.uint8), [_scene(0)])
 
 
+def test_wrong_prompt_control():
+  scenes = [_scene(i) for i in range(6)]
+  real = np.stack([shapes.render(s, 64) for s in scenes])[:, None]  # [P, 1, ...]
+  c = generation.wrong_prompt_control(real, scenes)
+  want = np.mean([generation.image_scores(real[i, 0], scenes[(i + 1) % 6])["overall"]
+                  for i in range(6)])
+  assert c["n"] == 6 and c["overall"] == pytest.approx(want) and c["overall"] < 0.9
+  # A model that ignores its prompt (one image for all) scores exactly its control.
+  same = np.repeat(real[:1], 6, axis=0)
+  assert generation.wrong_prompt_control(same, scenes)["overall"] == pytest.approx(
+      generation.geneval(same[:, 0], scenes)["overall"])
+  assert generation.wrong_prompt_control(real[:1], scenes[:1]) is None
+  with pytest.raises(ValueError, match="one scene per prompt"):
+    generation.wrong_prompt_control(real[:, 0], scenes)
+
+
 def test_diversity():
   same = np.ones((3, 4, 5))
   assert generation.diversity(same) == 0.0

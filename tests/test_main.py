@@ -86,6 +86,7 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
               "dit.geneval.fm", "dit.geneval.mse",
               "dit.geneval.vq_latent", "dit.geneval_single.fm", "dit.diversity.fm",
               "dit.fid_clip.fm", "dit.geneval_upper_bound", "pixel_decoder.psnr_db",
+              "dit.geneval_wrong_prompt.fm", "dit.geneval_upper_bound_wrong_prompt",
               "v2l.fewshot_acc.2way_1shot",
               "v2l.fewshot_text_only.5way_1shot", "v2l.chance.5way_1shot",
               "v2l.fewshot_acc_local.2way_1shot", "v2l.caption.recall", "v2l.vqa_acc",

@@ -44,6 +44,10 @@ def test_claims_from_metrics_and_stored_rows(tmp_path):
   assert got == {
       "Visual BPE beats raw VQ codes (VQA)": summary.HOLDS,
       "Staged training + curriculum beats a single stage (VQA)": summary.INCONCLUSIVE,
+      "The generator follows its prompt (GenEval against the prompt's scene vs against "
+      "another prompt's: CLIP features + flow matching)": summary.HOLDS,
+      "The generator follows its prompt (the same test: VQ latents + flow matching)":
+          summary.INCONCLUSIVE,
       "Flow matching beats MSE regression (GenEval)": summary.FAILS,
       "CLIP-feature target beats VQ-latent target (GenEval)": summary.INCONCLUSIVE,
       "CLIP-feature target beats VQ-latent target (FID on CLIP, lower is better)":
@@ -58,6 +62,9 @@ def test_claims_from_metrics_and_stored_rows(tmp_path):
   assert bpe.diff_se == pytest.approx(math.hypot(math.sqrt(0.24 / 400), math.sqrt(0.24 / 400)))
   fm = rows["Flow matching beats MSE regression (GenEval)"]
   assert (fm.a.se, fm.a.n) == (0.02, 256)
+  follows = rows["The generator follows its prompt (the same test: VQ latents + flow matching)"]
+  assert follows.b.metric == "dit.geneval_wrong_prompt.vq_latent"
+  assert (follows.b.value, follows.b.se, follows.b.n) == (0.29, 0.02, 256)
   chance = rows["V2L few-shot beats chance (2way, 1shot)"]
   assert chance.b.value == 0.5 and chance.b.se == 0.0 and chance.a.n == report_helpers.N_EPISODES
   assert chance.a.se == pytest.approx(math.sqrt(0.9 * 0.1 / 50))

@@ -14,7 +14,8 @@ and the pixel decoder, on one budget (`dit.total_steps` x `dit.batch_size` for e
      for the first `dit.num_eval` test captions;
   3. GenEval-style scores (`eval/generation.py`) of the decoded samples against the prompt's
      scene, over all prompts, single-object prompts, and prompts with / without a held-out
-     colour-shape composition; diversity (mean pairwise distance of each prompt's samples in
+     colour-shape composition, and against the next prompt's scene (`generation.wrong_prompt_control`:
+     a generator that ignores its prompt scores the same on both); diversity (mean pairwise distance of each prompt's samples in
      CLIP patch-feature space, standardised); a Fréchet distance between CLIP embeddings of the
      generated and the real test images.
 Writes `$W/dit/<design>/` (checkpoints, metrics.jsonl, result.json keyed by the config) and the
@@ -107,8 +108,9 @@ def _design(ctx, design, dec, dec_params):
     images = decoder_lib.decode(dec, dec_params, flat)
   images = images.reshape(gen.shape[:2] + images.shape[1:])  # [P, S, R, R, 3]
   scores, rows = _scores(images, ctx.objects)
+  control = generation.wrong_prompt_control(images, ctx.objects)
   feats = decoder_lib.standardise(dec, ctx.clip_grid(images.reshape((-1,) + images.shape[2:])))
-  res = {"scores": scores,
+  res = {"scores": scores, "wrong_prompt": control,
          "diversity": generation.diversity(feats.reshape(gen.shape[:2] + (-1,))),
          "fid_clip": generation.frechet_distance(
              ctx.clip_embed(images.reshape((-1,) + images.shape[2:])),
@@ -116,6 +118,10 @@ def _design(ctx, design, dec, dec_params):
          "train_seconds": loop.train_seconds(os.path.join(s.run_dir, "ckpt")),
          "verdicts": [[r["overall"] for r in rs] for rs in rows]}
   return res, images
+
+
+def _overall(summary):
+  return float("nan") if summary is None else summary["overall"]
 
 
 def _result_key(config):
@@ -170,8 +176,10 @@ def run_stage(config, workdir: str) -> dict:
   real = ctx.test["images"][:len(ctx.prompts)]
   recon = decoder_lib.decode(dec, dec_params, ctx.clip_grid(real))
   ceiling, _ = _scores(recon[:, None], ctx.objects)
+  ceiling_control = generation.wrong_prompt_control(recon[:, None], ctx.objects)
   metrics = {"dit.geneval_upper_bound": ceiling["all"]["overall"],
              "dit.geneval_upper_bound_single": ceiling["single"]["overall"],
+             "dit.geneval_upper_bound_wrong_prompt": _overall(ceiling_control),
              "dit.num_prompts": len(ctx.prompts), "dit.num_samples": int(c.num_samples)}
   results, sections = {}, []
   for design in c.designs:
@@ -181,6 +189,9 @@ def run_stage(config, workdir: str) -> dict:
     if stored is not None and stored.get("key") == key:
       res = stored["result"]
       images = np.load(os.path.join(workdir, "dit", design, "samples.npy"))
+      if "wrong_prompt" not in res:  # stored before the control existed: from its samples
+        res["wrong_prompt"] = generation.wrong_prompt_control(images, ctx.objects)
+        fileio.write_json(path, {"key": key, "result": res})
     else:
       res, images = _design(ctx, design, dec, dec_params)
       fileio.save_npy(os.path.join(workdir, "dit", design, "samples.npy"), images)
@@ -189,6 +200,7 @@ def run_stage(config, workdir: str) -> dict:
     sc = res["scores"]
     metrics.update({
         f"dit.geneval.{design}": sc["all"]["overall"],
+        f"dit.geneval_wrong_prompt.{design}": _overall(res["wrong_prompt"]),
         f"dit.geneval_single.{design}": sc["single"]["overall"],
         f"dit.geneval_heldout.{design}": sc["heldout"]["overall"],
         f"dit.geneval_seen.{design}": sc["seen"]["overall"],
@@ -213,25 +225,30 @@ def run_stage(config, workdir: str) -> dict:
     se = sc["overall_se"]
     return (f"{sc['overall']:.3f}" + (f" ± {se:.3f}" if se is not None and np.isfinite(se)
                                        else "") + f" (n={sc['n']})")
-  rows = [(LABEL[d], fmt(r["scores"]["all"]), fmt(r["scores"]["single"]),
-           fmt(r["scores"]["seen"]), fmt(r["scores"]["heldout"]),
+  control = lambda sc: fmt(sc) if sc else "&ndash;"  # noqa: E731
+  rows = [(LABEL[d], fmt(r["scores"]["all"]), control(r["wrong_prompt"]),
+           fmt(r["scores"]["single"]), fmt(r["scores"]["seen"]), fmt(r["scores"]["heldout"]),
            *[r["scores"]["all"][k] for k in generation.CRITERIA],
            f"{r['diversity']:.3f}", f"{r['fid_clip']:.2f}") for d, r in results.items()]
   rows.append(("decoder(CLIP(real image)): the ceiling", fmt(ceiling["all"]),
-               fmt(ceiling["single"]), fmt(ceiling["seen"]), fmt(ceiling["heldout"]),
-               *[ceiling["all"][k] for k in generation.CRITERIA], "", ""))
+               control(ceiling_control), fmt(ceiling["single"]), fmt(ceiling["seen"]),
+               fmt(ceiling["heldout"]), *[ceiling["all"][k] for k in generation.CRITERIA], "",
+               ""))
   body = (f"<p>BLIP3-o on the shapes data: {int(c.num_queries)} learnable queries after the "
           f"prompt <code>{html.escape(c.prompt_template)}</code> run through the frozen unified "
           f"LM; its final hidden states at the queries condition a DiT ({c.variant}) trained "
           f"{int(c.total_steps)} steps x {int(c.batch_size)} per design. Scores by the scene "
           f"checker on {len(ctx.prompts)} test captions x {int(c.num_samples)} samples "
           "(GenEval-style: object, colour, count, position; overall = their mean; ± standard "
-          "error over images). Diversity: mean pairwise distance of a prompt's samples in "
+          "error over images). Wrong prompt: the same images scored against the next "
+          "prompt's scene, the control a generator must beat to be following its prompts "
+          "(real images score 1 against their own prompt and well above 0 against another's). "
+          "Diversity: mean pairwise distance of a prompt's samples in "
           "standardised CLIP patch-feature space. FID (CLIP): Fréchet distance between CLIP "
           "image embeddings of the samples and of the real test images.</p>"
-          + report.table(("design", "overall (all)", "single object", "seen compositions",
-                          "held-out compositions", *generation.CRITERIA, "diversity",
-                          "FID (CLIP)"), rows) + "".join(sections))
+          + report.table(("design", "overall (all)", "wrong prompt (control)",
+                          "single object", "seen compositions", "held-out compositions",
+                          *generation.CRITERIA, "diversity", "FID (CLIP)"), rows) + "".join(sections))
   # A subset without prompts (e.g. no held-out composition among a few) has no score.
   metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
   report.add_section(workdir, key="dit", title="BLIP3-o generation (DiT)", order=60,

@@ -1,6 +1,7 @@
 """Scores for text-to-image generation on shapes prompts: GenEval-style checks, diversity, FID.
 
   s = geneval(images, scenes)         # {"object", "colour", "count", "position", "overall", ...}
+  c = wrong_prompt_control(images, scenes)  # images [P, S, ...]: the same, the next prompt's scene
   d = diversity(features)             # features [P, S, ...]: S samples of each of P prompts
   f = frechet_distance(gen, real)     # [N, D], [M, D]: an FID in any feature space
 
@@ -59,6 +60,25 @@ def summarise(rows) -> dict:
   for k in CRITERIA + ("overall", "exact"):
     out[k], out[k + "_se"] = _mean_se([r[k] for r in rows])
   return out
+
+
+def wrong_prompt_control(images, scenes) -> dict | None:
+  """The control a text-to-image model must beat: each prompt's images scored against the next
+  prompt's scene (prompt i's images judged as if prompt (i + 1) mod P had asked for them).
+
+  images: uint8 [P, S, R, R, 3], S images of each of P prompts; scenes: P object lists. A
+  model that ignores its prompts scores the same here as against their own scenes (exactly,
+  with one image for all); real renders score 1 there and their scenes' overlap here. Returns
+  `summarise` of the P * S rows, or None for a single prompt (no other prompt to ask).
+  """
+  images = np.asarray(images)
+  if images.ndim != 5 or len(images) != len(scenes):
+    raise ValueError(f"images of shape {images.shape} and {len(scenes)} scenes: expected "
+                     "uint8 [P, S, R, R, 3] with one scene per prompt")
+  if len(scenes) < 2:
+    return None
+  nxt = list(scenes[1:]) + [scenes[0]]
+  return summarise([image_scores(im, sc) for ims, sc in zip(images, nxt) for im in ims])
 
 
 def diversity(features) -> float:

@@ -3,7 +3,8 @@
 Built when the page is built, from metrics.json and the stored per-row files, so it always
 describes the current results:
   lm   `W/lm/<run>/result.json` num_questions -> binomial SE of each VQA accuracy
-  dit  `W/dit/<design>/result.json` result.scores.all.overall_se (SE over generated images)
+  dit  `W/dit/<design>/result.json` result.scores.all.overall_se (SE over generated images) and
+       result.wrong_prompt.overall_se (the same images against the next prompt's scene)
   v2l  `W/v2l/fewshot.json` rows (one per episode) -> binomial SE of each few-shot accuracy
 
 Verdict (`verdict`): the difference beyond 2 SE of the difference in the claimed direction ->
@@ -101,11 +102,15 @@ def _lm(workdir, metrics, run, label):
   return Side(label, f"lm.vqa_acc.{run}", p, binomial_se(p, n), n)
 
 
+_DIT_SCORES = {"geneval": ("scores", "all"), "geneval_wrong_prompt": ("wrong_prompt",)}
+
+
 def _dit(workdir, metrics, design, label, kind="geneval"):
   v = metrics.get(f"dit.{kind}.{design}")
   se = n = None
-  if kind == "geneval":
-    scores = _read(os.path.join(workdir, "dit", design, "result.json"), "result", "scores", "all")
+  if kind in _DIT_SCORES:
+    scores = _read(os.path.join(workdir, "dit", design, "result.json"), "result",
+                   *_DIT_SCORES[kind])
     if v is not None and isinstance(scores, dict):
       se, n = scores.get("overall_se"), scores.get("n")
   return Side(label, f"dit.{kind}.{design}", v, se, n)
@@ -131,11 +136,18 @@ def claims(workdir: str, metrics: dict) -> list[Claim]:
             _lm(workdir, metrics, "single_stage", "single stage, data mixed")),
   ]
   fm = _dit(workdir, metrics, "fm", "flow matching on CLIP features")
+  vq = _dit(workdir, metrics, "vq_latent", "flow matching on VQ latents")
   out += [
+      Claim("The generator follows its prompt (GenEval against the prompt's scene vs against "
+            "another prompt's: CLIP features + flow matching)", fm,
+            _dit(workdir, metrics, "fm", "the same images, the next prompt's scene",
+                 "geneval_wrong_prompt")),
+      Claim("The generator follows its prompt (the same test: VQ latents + flow matching)", vq,
+            _dit(workdir, metrics, "vq_latent", "the same images, the next prompt's scene",
+                 "geneval_wrong_prompt")),
       Claim("Flow matching beats MSE regression (GenEval)", fm,
             _dit(workdir, metrics, "mse", "MSE on CLIP features")),
-      Claim("CLIP-feature target beats VQ-latent target (GenEval)", fm,
-            _dit(workdir, metrics, "vq_latent", "flow matching on VQ latents")),
+      Claim("CLIP-feature target beats VQ-latent target (GenEval)", fm, vq),
       Claim("CLIP-feature target beats VQ-latent target (FID on CLIP, lower is better)",
             _dit(workdir, metrics, "fm", "flow matching on CLIP features", "fid_clip"),
             _dit(workdir, metrics, "vq_latent", "flow matching on VQ latents", "fid_clip"),
