@@ -71,3 +71,15 @@ def test_train_step_flops_within_10_percent_of_xla():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ours = 3 * b * dit_bench.forward_flops(c, q)[0]
   assert ours == pytest.approx(float(cost["flops"]), rel=0.1)
+
+
+def test_dit_condition_oracle_tokens_name_each_cell():
+  import dit_condition  # pylint: disable=g-import-not-at-top
+  scene = [{"shape": "star", "color": "blue", "size": "small", "position": "bottom-right"},
+           {"shape": "circle", "color": "red", "size": "large", "position": "top-left"}]
+  t = dit_condition.oracle_tokens([scene, []], 32) / 3.0
+  assert t.shape == (2, 9, 32)
+  np.testing.assert_array_equal(np.nonzero(t[0, 8])[0], [2, 8 + 5, 14, 16 + 8])  # blue star
+  np.testing.assert_array_equal(np.nonzero(t[0, 0])[0], [0, 8 + 1, 15, 16])  # large red circle
+  np.testing.assert_array_equal(np.nonzero(t[0, 4])[0], [16 + 4])  # an empty cell: its index
+  np.testing.assert_array_equal(t[1, :, :16], 0.0)

@@ -61,6 +61,14 @@ def test_shape_and_zero_output_at_init(tiny):
   assert not np.any(params["layers_0"]["attn"]["cross_gate"])
 
 
+def test_cross_gate_init_option():
+  c = dit_model.config_for("tiny", grid=(4, 4), in_channels=3, cond_dim=12, cross_gate_init=0.5)
+  x, t, cond, mask = _inputs(c)
+  params = nn.unbox(dit_model.DiT(c).init(jax.random.key(1), x, t, cond, mask)["params"])
+  for i in range(c.depth):
+    np.testing.assert_array_equal(params[f"layers_{i}"]["attn"]["cross_gate"], 0.5)
+
+
 def test_cond_enters_only_through_pool_while_gate_is_zero(tiny):
   """With the cross-attention gates at 0, cond reaches the output only via temb's pooled mean:
   zeroing the pooled projection makes the output independent of cond; opening a gate or the

@@ -27,6 +27,7 @@ class JointAttention(nn.Module):
   """x: [B, T, D], y: [B, S, D], y_mask: [B, S] bool, cos/sin: [1, T, K] -> [B, T, D]."""
   heads: int
   qk_norm: bool = True
+  cross_gate_init: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -56,9 +57,9 @@ class JointAttention(nn.Module):
     k2 = self._norm(self._proj(y, "cross_k", k), "cross_k_norm")  # [B, S, N, K]
     v2 = self._proj(y, "cross_v", k)
     o2 = jax.nn.dot_product_attention(q2, k2, v2, mask=y_mask[:, None, None, :])
-    gate = self.param("cross_gate", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                 ("heads",)),
-                      (self.heads,), self.param_dtype)
+    gate = self.param("cross_gate", nn.with_logical_partitioning(
+        nn.initializers.constant(self.cross_gate_init), ("heads",)), (self.heads,),
+                      self.param_dtype)
     o = o1 + jnp.tanh(gate.astype(jnp.float32)).astype(self.dtype)[:, None] * o2
     o = nn.with_logical_constraint(o, ("act_batch", "act_len", "act_heads", "act_kv"))
     w = self.param("out", nn.with_logical_partitioning(
@@ -74,6 +75,7 @@ class Block(nn.Module):
   mlp_dim: int
   norm_eps: float = 1e-5
   qk_norm: bool = True
+  cross_gate_init: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -85,7 +87,7 @@ class Block(nn.Module):
     mod = embed.dense(4 * d, (None, "embed"), "adaln", zero=True, **kw)(nn.silu(temb))
     scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod[:, None], 4, axis=-1)  # [B, 1, D]
     h = norm("attn_norm1")(x) * (1 + scale_msa)
-    a = JointAttention(self.heads, self.qk_norm, name="attn", **kw)(
+    a = JointAttention(self.heads, self.qk_norm, self.cross_gate_init, name="attn", **kw)(
         h, norm("cond_norm")(y), y_mask, cos, sin)
     x = x + jnp.tanh(gate_msa) * norm("attn_norm2")(a)
     x = nn.with_logical_constraint(x, ACT)

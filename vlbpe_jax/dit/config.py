@@ -22,6 +22,9 @@ class DiTConfig:
   ffn_dim_multiplier: float | None = None
   norm_eps: float = 1e-5
   qk_norm: bool = True
+  # The per-head cross-attention gate's initial value, before tanh: 0 in Lumina-Next and
+  # BLIP3-o (the condition's path opens as the gate trains; Adam moves it by ~lr a step).
+  cross_gate_init: float = 0.0
   rope_theta: float = 10_000.0
   t_embed_dim: int = 256
   scan_layers: bool = False

@@ -68,7 +68,8 @@ class DiT(nn.Module):
     layer = block.Block
     if c.remat_policy != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
-    args = dict(heads=c.heads, mlp_dim=c.ffn_dim, norm_eps=c.norm_eps, qk_norm=c.qk_norm, **kw)
+    args = dict(heads=c.heads, mlp_dim=c.ffn_dim, norm_eps=c.norm_eps, qk_norm=c.qk_norm,
+                cross_gate_init=c.cross_gate_init, **kw)
     if c.scan_layers:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * 5, length=c.depth,

@@ -1,0 +1,117 @@
+"""Does the DiT follow its condition? One design of the BLIP3-o stage on a finished demo workdir,
+with the LM's query states or an oracle condition, scored against its prompts and against the
+next prompt's scene (`generation.wrong_prompt_control`).
+
+  PYTHONPATH=.:tests .venv/bin/python benchmarks/dit_condition.py OUT DESIGN SRC \\
+      [--oracle] [config.key=value ...]
+  e.g. ... dit_condition.py /tmp/dc/vq_oracle vq_latent runs/demo --oracle dit.total_steps=300
+
+OUT gets links to SRC's data, tokenizer, VQ, BPE, LM, CLIP and pixel decoder and its own
+`dit/<DESIGN>/` (a rerun resumes it); the design is trained and scored by the stage's own code
+(`dit/stage._design`: the demo's prompts, samples, sampler and checker). `--oracle` replaces
+the frozen LM's query states by the scene itself: one token per cell of the 3x3 layout (one-hot
+colour, shape, size and cell index, x3, zero-padded to the LM's width), so the condition holds
+everything the checker asks, in the cells it asks about. A generator that does not follow that
+within its steps is limited by its own training, not by what the LM's states carry. Prints one
+JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from test_main import ROOT, load_config
+from vlbpe_jax.data import shapes
+from vlbpe_jax.dit import decoder as decoder_lib
+from vlbpe_jax.dit import stage
+from vlbpe_jax.dit import train
+from vlbpe_jax.eval import generation
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dit_sweep import _override  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LINKS = ("data", "tokenizer", "vq", "bpe", "lm", "clip", "pixel_decoder", "manifests")
+
+
+def oracle_tokens(scenes, width):
+  """[N, 9, width] float32: per cell, one-hot colour (8), shape (6), size (2), cell (9), x3."""
+  out = np.zeros((len(scenes), 9, width), np.float32)
+  colours = list(shapes.COLORS)
+  for i, objects in enumerate(scenes):
+    for o in objects:
+      k = shapes.POSITIONS.index(o["position"])
+      out[i, k, colours.index(o["color"])] = 1.0
+      out[i, k, 8 + shapes.SHAPES.index(o["shape"])] = 1.0
+      out[i, k, 14 + shapes.SIZES.index(o["size"])] = 1.0
+    out[i, np.arange(9), 16 + np.arange(9)] = 1.0
+  return 3.0 * out
+
+
+def use_oracle(ctx):
+  """Patches `train` so that the condition is `oracle_tokens` of each example's scene: the
+  examples' and the test prompts' `ids` become the tokens, and `query_states` returns them."""
+  width = ctx.backbone.model.config.width
+  train_tokens = oracle_tokens(ctx.train["objects"], width)
+  test_tokens = oracle_tokens(ctx.objects, width)
+
+  class Examples(train._Examples):  # pylint: disable=protected-access
+    def __call__(self, index, rng):
+      tokens = train_tokens[int(index)]
+      return {**super().__call__(index, rng), "ids": tokens,
+              "mask": np.ones(tokens.shape[:1], bool)}
+
+  real_encode = train.Backbone.encode
+
+  def encode(self, captions, config):
+    if list(captions) == list(ctx.prompts):  # the scored test prompts
+      return test_tokens, np.ones(test_tokens.shape[:2], bool)
+    return real_encode(self, captions, config)
+
+  train._Examples = Examples  # pylint: disable=protected-access
+  train.Backbone.encode = encode
+  train.queries_lib = _OracleQueries()
+
+
+class _OracleQueries:
+  """Stands in for `dit.queries` inside `train`: the condition passed as `ids` is returned."""
+
+  @staticmethod
+  def query_states(lm, lm_params, queries, ids, mask, *, grid=False):
+    del lm, lm_params, queries, mask, grid
+    return jnp.asarray(ids, jnp.float32)
+
+
+def main(argv):
+  out, design, src, *rest = argv
+  oracle = "--oracle" in rest
+  overrides = [r for r in rest if r != "--oracle"]
+  os.makedirs(out, exist_ok=True)
+  for d in LINKS:
+    if not os.path.lexists(os.path.join(out, d)):
+      os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
+  config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  config.dit.progress = False
+  for item in overrides:
+    _override(config, item)
+  ctx = stage._Context(config, out)  # pylint: disable=protected-access
+  if oracle:
+    use_oracle(ctx)
+  dec, dec_params = decoder_lib.restore(config, out, ctx.mesh)
+  t = time.time()
+  res, _ = stage._design(ctx, design, dec, dec_params)  # pylint: disable=protected-access
+  sc = res["scores"]["all"]
+  print(json.dumps({"out": out, "design": design, "oracle": oracle, "overrides": overrides,
+                    "s": round(time.time() - t), "overall": round(sc["overall"], 3),
+                    "se": round(sc["overall_se"], 3),
+                    "wrong_prompt": round(res["wrong_prompt"]["overall"], 3),
+                    "wrong_prompt_se": round(res["wrong_prompt"]["overall_se"], 3),
+                    **{k: round(sc[k], 3) for k in generation.CRITERIA},
+                    "fid_clip": round(res["fid_clip"], 1)}))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
