@@ -103,7 +103,7 @@ def test_report_renders_in_chromium(tmp_path):
   # The section pictures (vq, dit) and one curve per training panel, every one decoded.
   assert len(checks["images"]) == 2 + 7, checks["images"]
   assert all(width > 0 for _, width in checks["images"]), checks["images"]
-  assert checks["rows"] == 1 + 9 and len(checks["cells"]) == 5 * 9
+  assert checks["rows"] == 1 + 11 and len(checks["cells"]) == 5 * 11
   assert all(checks["cells"]), checks["cells"]
   console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
   assert console == [], console
