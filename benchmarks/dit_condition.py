@@ -78,6 +78,7 @@ def use_oracle(ctx):
 
 class _OracleQueries:
   """Stands in for `dit.queries` inside `train`: the condition passed as `ids` is returned."""
+  encode_prompts = staticmethod(train.queries_lib.encode_prompts)
 
   @staticmethod
   def query_states(lm, lm_params, queries, ids, mask, *, grid=False):
