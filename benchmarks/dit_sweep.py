@@ -1,6 +1,6 @@
 """One lever of the BLIP3-o stage, measured on a finished demo workdir's data, LM, CLIP and decoder.
 
-  PYTHONPATH=.:tests .venv/bin/python benchmarks/dit_sweep.py NAME [workdir=W] [config.key=value ...]
+  PYTHONPATH=.:tests .venv/bin/python benchmarks/dit_sweep.py NAME [workdir=W] [key=value ...]
   e.g. ... dit_sweep.py fm_x4 workdir=/tmp/fd7/runs/demo 'dit.designs=("fm",)' dit.total_steps=2400
 
 Trains each design of `dit.designs` under `/tmp/ditsweep/NAME/dit/<design>` (the frozen `full`

@@ -14,10 +14,11 @@ and the pixel decoder, on one budget (`dit.total_steps` x `dit.batch_size` for e
      for the first `dit.num_eval` test captions;
   3. GenEval-style scores (`eval/generation.py`) of the decoded samples against the prompt's
      scene, over all prompts, single-object prompts, and prompts with / without a held-out
-     colour-shape composition, and against the next prompt's scene (`generation.wrong_prompt_control`:
-     a generator that ignores its prompt scores the same on both); diversity (mean pairwise distance of each prompt's samples in
-     CLIP patch-feature space, standardised); a Fréchet distance between CLIP embeddings of the
-     generated and the real test images.
+     colour-shape composition, and against the next prompt's scene
+     (`generation.wrong_prompt_control`: a generator that ignores its prompt scores the same on
+     both); diversity (mean pairwise distance of each prompt's samples in CLIP patch-feature
+     space, standardised); a Fréchet distance between CLIP embeddings of the generated and the
+     real test images.
 Writes `$W/dit/<design>/` (checkpoints, metrics.jsonl, result.json keyed by the config) and the
 report section. Reads `config.dit.*`, `config.clip.*`, `config.lm.*`, `config.seed`.
 """
@@ -248,7 +249,8 @@ def run_stage(config, workdir: str) -> dict:
           "image embeddings of the samples and of the real test images.</p>"
           + report.table(("design", "overall (all)", "wrong prompt (control)",
                           "single object", "seen compositions", "held-out compositions",
-                          *generation.CRITERIA, "diversity", "FID (CLIP)"), rows) + "".join(sections))
+                          *generation.CRITERIA, "diversity", "FID (CLIP)"), rows)
+          + "".join(sections))
   # A subset without prompts (e.g. no held-out composition among a few) has no score.
   metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
   report.add_section(workdir, key="dit", title="BLIP3-o generation (DiT)", order=60,
