@@ -343,3 +343,13 @@ def test_lm_resumed_run_sums_train_seconds_and_logs_each_step_once(tmp_path, mon
   rows = [json.loads(line) for line in open(log)]
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert all(r["train/loss"] > 0 for r in rows)
+
+
+def test_lm_final_loss_reads_the_last_whole_loss(tmp_path):
+  from vlbpe_jax.lm import stage as lm_stage  # pylint: disable=g-import-not-at-top
+  path = _metric_lines(str(tmp_path), [1, 2, 4])
+  with open(path, "a") as f:
+    f.write('{"step": 5, "eval/acc": 0.5}\n{"step": 6, "train/lo')  # no loss, then torn
+  assert lm_stage.final_loss(str(tmp_path)) == 0.25
+  with pytest.raises(ValueError, match="no training log"):
+    lm_stage.final_loss(str(tmp_path / "missing"))

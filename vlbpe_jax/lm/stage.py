@@ -20,7 +20,6 @@ resumes. Reads `config.lm.*`, `config.seed` (via `train.lm_seed`), `config.mesh`
 
 import collections
 import html
-import json
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from vlbpe_jax import fileio
 from vlbpe_jax import loop
 from vlbpe_jax import manifest
 from vlbpe_jax import parallel
+from vlbpe_jax import summary
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
@@ -219,10 +219,13 @@ def _run(ctx, run):
 
 
 def final_loss(run_dir) -> float:
-  """The last logged training loss of the run in `run_dir` (NaN before its first log)."""
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    lines = [json.loads(line) for line in f if line.strip()]
-  return lines[-1]["train/loss"] if lines else float("nan")
+  """The last logged training loss of the run in `run_dir` (NaN before its first log; a torn
+  last line, from a crash mid-write, is skipped as `summary.read_jsonl` does)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise ValueError(f"no training log {path}: train that run first")
+  losses = [r["train/loss"] for r in summary.read_jsonl(path) if "train/loss" in r]
+  return losses[-1] if losses else float("nan")
 
 
 def _final_loss(workdir, run):
