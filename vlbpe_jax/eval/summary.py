@@ -4,7 +4,8 @@ Built when the page is built, from metrics.json and the stored per-row files, so
 describes the current results:
   lm   `W/lm/<run>/result.json` num_questions -> binomial SE of each VQA accuracy
   dit  `W/dit/<design>/result.json` result.scores.all.overall_se (SE over generated images) and
-       result.wrong_prompt.overall_se (the same images against the next prompt's scene)
+       result.wrong_prompt.overall_se (the same images against the next prompt's scene: paired
+       with the first, so the independent-sides SE of their difference is conservative)
   v2l  `W/v2l/fewshot.json` rows (one per episode) -> binomial SE of each few-shot accuracy
 
 Verdict (`verdict`): the difference beyond 2 SE of the difference in the claimed direction ->
