@@ -3,7 +3,7 @@ with the LM's query states or an oracle condition, scored against its prompts an
 next prompt's scene (`generation.wrong_prompt_control`).
 
   PYTHONPATH=.:tests .venv/bin/python benchmarks/dit_condition.py OUT DESIGN SRC \\
-      [--oracle] [config.key=value ...]
+      [--oracle[=cells|words]] [config.key=value ...]
   e.g. ... dit_condition.py /tmp/dc/vq_oracle vq_latent runs/demo --oracle dit.total_steps=300
 
 OUT gets links to SRC's data, tokenizer, VQ, BPE, LM, CLIP and pixel decoder and its own
@@ -12,7 +12,9 @@ OUT gets links to SRC's data, tokenizer, VQ, BPE, LM, CLIP and pixel decoder and
 the frozen LM's query states by the scene itself: one token per cell of the 3x3 layout (one-hot
 colour, shape, size and cell index, x3, zero-padded to the LM's width), so the condition holds
 everything the checker asks, in the cells it asks about. A generator that does not follow that
-within its steps is limited by its own training, not by what the LM's states carry. Prints one
+within its steps is limited by its own training, not by what the LM's states carry.
+`--oracle=words` gives the same scene as words instead: three tokens per object in caption order
+(colour; size and shape; cell), bound only by their slots, as a caption's words are. Prints one
 JSON line.
 """
 
@@ -51,12 +53,31 @@ def oracle_tokens(scenes, width):
   return 3.0 * out
 
 
-def use_oracle(ctx):
+def word_tokens(scenes, width):
+  """[N, 12, width] float32: the scene as words, three tokens per object in caption order
+  (its colour; its size and shape; its cell), each with a one-hot of its slot (12), x3.
+  Nothing binds an object's words but their slots, as in a caption."""
+  out = np.zeros((len(scenes), 12, width), np.float32)
+  colours = list(shapes.COLORS)
+  for i, objects in enumerate(scenes):
+    for j, o in enumerate(objects):
+      out[i, 3 * j, colours.index(o["color"])] = 1.0
+      out[i, 3 * j + 1, 8 + shapes.SHAPES.index(o["shape"])] = 1.0
+      out[i, 3 * j + 1, 14 + shapes.SIZES.index(o["size"])] = 1.0
+      out[i, 3 * j + 2, 16 + shapes.POSITIONS.index(o["position"])] = 1.0
+    out[i, np.arange(12), 25 + np.arange(12)] = 1.0
+  return 3.0 * out
+
+
+ORACLES = {"cells": oracle_tokens, "words": word_tokens}
+
+
+def use_oracle(ctx, kind="cells"):
   """Patches `train` so that the condition is `oracle_tokens` of each example's scene: the
   examples' and the test prompts' `ids` become the tokens, and `query_states` returns them."""
   width = ctx.backbone.model.config.width
-  train_tokens = oracle_tokens(ctx.train["objects"], width)
-  test_tokens = oracle_tokens(ctx.objects, width)
+  train_tokens = ORACLES[kind](ctx.train["objects"], width)
+  test_tokens = ORACLES[kind](ctx.objects, width)
 
   class Examples(train._Examples):  # pylint: disable=protected-access
     def __call__(self, index, rng):
@@ -88,8 +109,11 @@ class _OracleQueries:
 
 def main(argv):
   out, design, src, *rest = argv
-  oracle = "--oracle" in rest
-  overrides = [r for r in rest if r != "--oracle"]
+  kinds = [r.split("=", 1)[1] if "=" in r else "cells" for r in rest if r.startswith("--oracle")]
+  if any(k not in ORACLES for k in kinds):
+    raise ValueError(f"--oracle={kinds}: expected one of {sorted(ORACLES)}")
+  oracle = kinds[-1] if kinds else None
+  overrides = [r for r in rest if not r.startswith("--oracle")]
   os.makedirs(out, exist_ok=True)
   for d in LINKS:
     if not os.path.lexists(os.path.join(out, d)):
@@ -100,7 +124,7 @@ def main(argv):
     _override(config, item)
   ctx = stage._Context(config, out)  # pylint: disable=protected-access
   if oracle:
-    use_oracle(ctx)
+    use_oracle(ctx, oracle)
   dec, dec_params = decoder_lib.restore(config, out, ctx.mesh)
   t = time.time()
   res, _ = stage._design(ctx, design, dec, dec_params)  # pylint: disable=protected-access

@@ -83,3 +83,17 @@ def test_dit_condition_oracle_tokens_name_each_cell():
   np.testing.assert_array_equal(np.nonzero(t[0, 0])[0], [0, 8 + 1, 15, 16])  # large red circle
   np.testing.assert_array_equal(np.nonzero(t[0, 4])[0], [16 + 4])  # an empty cell: its index
   np.testing.assert_array_equal(t[1, :, :16], 0.0)
+
+
+def test_dit_condition_word_tokens_follow_the_caption_order():
+  import dit_condition  # pylint: disable=g-import-not-at-top
+  scene = [{"shape": "star", "color": "blue", "size": "small", "position": "bottom-right"},
+           {"shape": "circle", "color": "red", "size": "large", "position": "top-left"}]
+  t = dit_condition.word_tokens([scene], 40)[0] / 3.0
+  assert t.shape == (12, 40)
+  want = [[2, 25], [8 + 5, 14, 26], [16 + 8, 27], [0, 28], [8 + 1, 15, 29], [16, 30]]
+  for slot, cols in enumerate(want):
+    np.testing.assert_array_equal(np.nonzero(t[slot])[0], cols)
+  np.testing.assert_array_equal(np.nonzero(t[6])[0], [31])  # an empty slot: its index only
+  with pytest.raises(ValueError, match="expected one of"):
+    dit_condition.main(["/tmp/x", "fm", "/tmp/y", "--oracle=nouns"])
