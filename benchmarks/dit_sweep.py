@@ -3,15 +3,17 @@
   PYTHONPATH=.:tests .venv/bin/python benchmarks/dit_sweep.py NAME [workdir=W] [key=value ...]
   e.g. ... dit_sweep.py fm_x4 workdir=/tmp/fd7/runs/demo 'dit.designs=("fm",)' dit.total_steps=2400
 
-Trains each design of `dit.designs` under `/tmp/ditsweep/NAME/dit/<design>` (the frozen `full`
-LM, the CLIP and the pixel decoder come from `workdir=`, default runs/demo), then, as the stage
-does, samples `dit.num_samples` images for each of the first `dit.num_eval` test captions and
-scores them with the scene checker: against their own prompt and against the next prompt's scene
-(`generation.wrong_prompt_control`; a generator that ignores its prompt scores the same on both).
-Also the flow loss on the first 256 test (CLIP feature, caption) pairs at sigma 0.25 / 0.5 /
-0.75 with the right condition, another caption's (rolled by one) and the zeroed one (the
-unconditional branch): the gap is what the DiT takes from its condition. Appends one JSON line
-to benchmarks/dit_sweep.jsonl and writes a sample grid PNG per design.
+Trains and scores each design of `dit.designs` with the stage's own code (`dit/stage._design`)
+in `/tmp/ditsweep/NAME/`, which links to `workdir=`'s finished stages (default runs/demo: the
+frozen `full` LM, the CLIP, the pixel decoder): `dit.num_samples` images for each of the first
+`dit.num_eval` test captions, scored by the scene checker against their own prompt and against
+the next prompt's scene (`generation.wrong_prompt_control`; a generator that ignores its prompt
+scores the same on both). For fm also the flow loss on the first 256 test (CLIP feature,
+caption) pairs at sigma 0.25 / 0.5 / 0.75 with the right condition, another caption's (rolled
+by one) and the zeroed one (the unconditional branch): the gap is what the DiT takes from its
+condition. Appends one JSON line to benchmarks/dit_sweep.jsonl and writes a sample grid PNG per
+design. (Lines before 2026-12-07 16:00 UTC came from a copy of the stage's steps that sampled
+with key 0 and refused `vq_latent`; the stage samples with its own key per design.)
 """
 
 import json
@@ -33,6 +35,9 @@ from vlbpe_jax.dit import targets
 from vlbpe_jax.dit import train
 from vlbpe_jax.eval import generation
 from vlbpe_jax.eval import report
+
+# The stages a design reads, linked from the source workdir.
+LINKS = ("data", "tokenizer", "vq", "bpe", "lm", "clip", "pixel_decoder", "manifests")
 
 
 def _override(config, item):
@@ -69,6 +74,16 @@ def _loss_gap(config, s, params, ctx):
   return {k: round(float(np.mean(v)), 4) for k, v in out.items()}
 
 
+def linked_workdir(out, src):
+  """`out` with links to `src`'s finished stages up to the DiT (data ... pixel decoder), so
+  that a design trained in `out` reads them and writes only its own `out/dit/<design>/`."""
+  os.makedirs(out, exist_ok=True)
+  for d in LINKS:
+    if not os.path.lexists(os.path.join(out, d)):
+      os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
+  return out
+
+
 def main(name, overrides):
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
   config.dit.progress = False
@@ -79,33 +94,26 @@ def main(name, overrides):
     else:
       _override(config, item)
   t0 = time.time()
-  ctx = stage._Context(config, workdir)  # pylint: disable=protected-access
-  dec, dec_params = decoder_lib.restore(config, workdir, ctx.mesh)
+  out_dir = linked_workdir(f"/tmp/ditsweep/{name}", workdir)
+  ctx = stage._Context(config, out_dir)  # pylint: disable=protected-access
+  dec, dec_params = decoder_lib.restore(config, out_dir, ctx.mesh)
   out = {"name": name, "overrides": overrides, "load_s": round(time.time() - t0, 1)}
-  if "vq_latent" in config.dit.designs:
-    raise ValueError(f"dit.designs={config.dit.designs}: this sweep covers the CLIP-feature "
-                     "designs ('fm', 'mse'); the stage itself runs 'vq_latent'")
   for design in config.dit.designs:
-    x0 = ctx.train_feats
-    s = train.setup(config, f"/tmp/ditsweep/{name}", design, shape=x0.shape[1:],
-                    stats=targets.stats_of(x0), backbone=ctx.backbone, mesh=ctx.mesh)
     t = time.time()
-    state = train.train(config, s, ctx.train["captions"], x0)
-    train_s = time.time() - t
-    gen = train.generate(config, s, state["params"], ctx.prompts, jax.random.key(0),
-                         num_samples=int(config.dit.num_samples))
-    flat = gen.reshape((-1,) + gen.shape[2:])
-    images = decoder_lib.decode(dec, dec_params, flat).reshape(gen.shape[:2] + (64, 64, 3))
-    sc, _ = stage._scores(images, ctx.objects)  # pylint: disable=protected-access
-    wrong = generation.wrong_prompt_control(images, ctx.objects)
-    out[design] = {"train_s": round(train_s, 1), "overall": round(sc["all"]["overall"], 3),
+    res, images = stage._design(ctx, design, dec, dec_params)  # pylint: disable=protected-access
+    sc = res["scores"]
+    out[design] = {"s": round(time.time() - t, 1), "train_s": round(res["train_seconds"], 1),
+                   "overall": round(sc["all"]["overall"], 3),
                    "overall_se": round(sc["all"]["overall_se"], 3),
-                   "wrong_prompt": round(wrong["overall"], 3),
+                   "wrong_prompt": round(res["wrong_prompt"]["overall"], 3),
                    "single": round(sc["single"]["overall"], 3),
                    **{k: round(sc["all"][k], 3) for k in generation.CRITERIA},
-                   **({} if design == "mse" else
-                      {"loss": _loss_gap(config, s, state["params"], ctx)})}
-    Image.fromarray(report.image_grid(images[:8].reshape((-1, 64, 64, 3)), 2)).save(
+                   "fid_clip": round(res["fid_clip"], 1)}
+    if design == "fm":  # the flow loss's condition gap, on the CLIP targets it trains on
+      s = train.load_setup(config, out_dir, design, backbone=ctx.backbone, mesh=ctx.mesh)
+      out[design]["loss"] = _loss_gap(config, s, train.restore(s)["params"], ctx)
+    r = images.shape[2]
+    Image.fromarray(report.image_grid(images[:8].reshape((-1, r, r, 3)), 2)).save(
         f"/tmp/ditsweep/{name}_{design}.png")
   print(json.dumps(out))
   with open(os.path.join(ROOT, "benchmarks", "dit_sweep.jsonl"), "a") as f:
