@@ -16,6 +16,9 @@ within its steps is limited by its own training, not by what the LM's states car
 `--oracle=words` gives the same scene as words instead: three tokens per object in caption order
 (colour; size and shape; cell), bound only by their slots, as a caption's words are. Prints one
 JSON line.
+`--train_backbone` trains the LM with the queries and the DiT (one pass over `[prompt;
+queries]` with gradients into every LM weight, at `dit.lr`) instead of keeping it frozen:
+does a backbone free to bind the caption's words give the DiT a condition it follows?
 """
 
 import json
@@ -34,9 +37,7 @@ from vlbpe_jax.dit import train
 from vlbpe_jax.eval import generation
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dit_sweep import _override  # noqa: E402  pylint: disable=g-import-not-at-top
-
-LINKS = ("data", "tokenizer", "vq", "bpe", "lm", "clip", "pixel_decoder", "manifests")
+from dit_sweep import _override, linked_workdir  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def oracle_tokens(scenes, width):
@@ -107,17 +108,51 @@ class _OracleQueries:
     return jnp.asarray(ids, jnp.float32)
 
 
+def train_backbone(ctx):
+  """Patches `train` so that the LM's params train with the queries: they ride in the trained
+  state as `params["queries"]["lm"]` (so the step, the checkpoint and `generate` carry them),
+  and the condition is one pass over `[prompt; queries]` without `stop_gradient`."""
+  lm_params = ctx.backbone.params
+  real_init_fn = train.init_fn
+
+  def init_fn(*args):
+    init = real_init_fn(*args)
+
+    def with_lm(key):
+      p = init(key)
+      return {"queries": {"q": p["queries"], "lm": lm_params}, "net": p["net"]}
+    return with_lm
+
+  train.init_fn = init_fn
+  train.queries_lib = _TrainedBackbone()
+
+
+class _TrainedBackbone:
+  """Stands in for `dit.queries` inside `train`: the LM's params come with the queries."""
+  encode_prompts = staticmethod(train.queries_lib.encode_prompts)
+
+  @staticmethod
+  def query_states(lm, lm_params, queries, ids, mask, *, grid=False):
+    del lm_params  # the frozen copy: the trained one rides with the queries
+    q, params = queries["q"], queries["lm"]
+    b, n = ids.shape[0], q.shape[0]
+    seg = jnp.concatenate([mask, jnp.ones((b, n), bool)], axis=1).astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    h = lm.apply({"params": params}, ids, positions=jnp.stack([pos, pos], -1) if grid else pos,
+                 segment_ids=seg, extra_embeds=jnp.broadcast_to(q[None], (b,) + q.shape),
+                 return_hidden=True)
+    return h[:, -n:]
+
+
 def main(argv):
   out, design, src, *rest = argv
   kinds = [r.split("=", 1)[1] if "=" in r else "cells" for r in rest if r.startswith("--oracle")]
   if any(k not in ORACLES for k in kinds):
     raise ValueError(f"--oracle={kinds}: expected one of {sorted(ORACLES)}")
   oracle = kinds[-1] if kinds else None
-  overrides = [r for r in rest if not r.startswith("--oracle")]
-  os.makedirs(out, exist_ok=True)
-  for d in LINKS:
-    if not os.path.lexists(os.path.join(out, d)):
-      os.symlink(os.path.abspath(os.path.join(src, d)), os.path.join(out, d))
+  unfrozen = "--train_backbone" in rest
+  overrides = [r for r in rest if not r.startswith("--")]
+  linked_workdir(out, src)
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
   config.dit.progress = False
   for item in overrides:
@@ -125,11 +160,16 @@ def main(argv):
   ctx = stage._Context(config, out)  # pylint: disable=protected-access
   if oracle:
     use_oracle(ctx, oracle)
+  if unfrozen:
+    if oracle:
+      raise ValueError("--train_backbone with --oracle: the oracle bypasses the LM")
+    train_backbone(ctx)
   dec, dec_params = decoder_lib.restore(config, out, ctx.mesh)
   t = time.time()
   res, _ = stage._design(ctx, design, dec, dec_params)  # pylint: disable=protected-access
   sc = res["scores"]["all"]
-  print(json.dumps({"out": out, "design": design, "oracle": oracle, "overrides": overrides,
+  print(json.dumps({"out": out, "design": design, "oracle": oracle,
+                    "train_backbone": unfrozen, "overrides": overrides,
                     "s": round(time.time() - t), "overall": round(sc["overall"], 3),
                     "se": round(sc["overall_se"], 3),
                     "wrong_prompt": round(res["wrong_prompt"]["overall"], 3),
