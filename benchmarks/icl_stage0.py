@@ -66,9 +66,7 @@ def episode_accuracy(lm, kind: str, num: int = 64, seed: int = 123) -> float:
 
 
 def run(steps: int, tasks) -> dict:
-  from vlbpe_jax import parallel  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
-  from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import train as lm_train  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import fewshot  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
@@ -87,8 +85,8 @@ def run(steps: int, tasks) -> dict:
     if not os.path.exists(os.path.join(w, d)):
       shutil.copytree(os.path.join(flags.FLAGS.workdir, d), os.path.join(w, d))
   tok = data_stage.load_tokenizer(w)
-  source = tfds_builders.data_source(data_stage.build_dataset(config, w), "train")
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  source = data_stage.data_source(config, w, "train")
+  mesh = lm_train.make_mesh(config)
   t0 = time.perf_counter()
   lm_train.pretrain_text(config, w, tok, source, mesh)
   if lm_train.text_phases(config):  # --config.lm.text_phases: V2L's LM continues stage 0

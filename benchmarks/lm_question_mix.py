@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlbpe_jax import parallel
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import shapes
 from vlbpe_jax.data import stage as data_stage
@@ -93,7 +92,7 @@ def main(out, run, *args):
   builder = data_stage.build_dataset(config, out)
   visual, num_vq, num_bpe = sequences.load_visual_tokens(
       out, "vq" if run == "no_bpe" else "bpe", vq_start=train.text_rows(config, tok))
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  mesh = train.make_mesh(config)
   source = tfds_builders.data_source(builder, "train")
   t0 = time.perf_counter()
   text = None if fresh else train.pretrain_text(config, out, tok, source, mesh)

@@ -28,11 +28,16 @@ def build_dataset(config, workdir: str):
       num_validation=d.num_validation, num_test=d.num_test, seed=config.seed)
 
 
+def data_source(config, workdir: str, split: str):
+  """The split's random-access source (grain) of the workdir's shapes dataset."""
+  return tfds_builders.data_source(build_dataset(config, workdir), split)
+
+
 def load_scenes(config, workdir: str, split: str, num: int | None = None) -> dict:
   """The first `num` (default all) examples of a split, in index order, as
   `{"images": uint8 [N, R, R, 3], "objects": [N lists], "captions": [N lists of str],
   "qa": [N lists of {"q", "a"}]}`."""
-  source = tfds_builders.data_source(build_dataset(config, workdir), split)
+  source = data_source(config, workdir, split)
   records = sorted((tfds_builders.decode_record(source[i]) for i in range(len(source))),
                    key=lambda r: r["index"])[:len(source) if num is None else int(num)]
   return {"images": np.stack([r["image"] for r in records]),

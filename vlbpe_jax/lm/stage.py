@@ -31,7 +31,6 @@ import numpy as np
 from vlbpe_jax import fileio
 from vlbpe_jax import loop
 from vlbpe_jax import manifest
-from vlbpe_jax import parallel
 from vlbpe_jax import summary
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import shapes
@@ -105,11 +104,10 @@ class _Context:
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
     self.tok = data_stage.load_tokenizer(workdir)
-    builder = data_stage.build_dataset(config, workdir)
-    self.train = tfds_builders.data_source(builder, "train")
-    test = tfds_builders.data_source(builder, "test")
-    self.test = evaluate.first_examples(test, config.lm.num_eval)
-    self.mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+    self.train = data_stage.data_source(config, workdir, "train")
+    self.test = evaluate.first_examples(data_stage.data_source(config, workdir, "test"),
+                                        config.lm.num_eval)
+    self.mesh = train.make_mesh(config)
     self._text = None
 
   def text_params(self):
@@ -488,9 +486,8 @@ def run_text_stage(config, workdir: str) -> dict:
   for the other and each is keyed by its own fields only."""
   train.check_config(config)
   tok = data_stage.load_tokenizer(workdir)
-  source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
-  params = train.pretrain_text(config, workdir, tok, source, mesh)
+  params = train.pretrain_text(config, workdir, tok, data_stage.data_source(
+      config, workdir, "train"), train.make_mesh(config))
   plan = train.plan_of(config, "text")[0]
   metrics = {"text.steps": plan.steps,
              "text.final_loss": _final_loss(workdir, "text"),

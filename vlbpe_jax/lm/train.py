@@ -533,22 +533,25 @@ def trainable_counts(config, run_plan_, params) -> list[int]:
   return [int(stages.trainable_count(params, p.stage, config.lm.first_frac)) for p in run_plan_]
 
 
+def make_mesh(config):
+  """The LM's mesh: fitted to `lm.batch_size` (vlbpe_jax/parallel.py:plan_mesh)."""
+  return parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+
+
 def train_and_evaluate(config, workdir: str, run: str = "full") -> dict:
   """Stage 0, then `run` on the pipeline's files in `workdir`; evaluates on the test split."""
   from vlbpe_jax.data import stage as data_stage  # pylint: disable=g-import-not-at-top
-  from vlbpe_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   from vlbpe_jax.lm import evaluate  # pylint: disable=g-import-not-at-top
   check_config(config)
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
+  mesh = make_mesh(config)
   tok = data_stage.load_tokenizer(workdir)
-  builder = data_stage.build_dataset(config, workdir)
-  train_src = tfds_builders.data_source(builder, "train")
+  train_src = data_stage.data_source(config, workdir, "train")
   visual, num_vq, num_bpe = sequences.load_visual_tokens(
       workdir, "vq" if run == "no_bpe" else "bpe", vq_start=text_rows(config, tok))
   text_params = pretrain_text(config, workdir, tok, train_src, mesh)
   model, trainer, state = train_run(config, workdir, run, tok, train_src, visual["train"],
                                     num_vq, num_bpe, text_params, mesh)
-  test = tfds_builders.data_source(builder, "test")
+  test = data_stage.data_source(config, workdir, "test")
   examples = evaluate.first_examples(test, config.lm.num_eval)
   with trainer.ctx():
     res = evaluate.evaluate(model, state["params"], tok, examples, visual["test"],

@@ -51,7 +51,6 @@ from vlbpe_jax import sharded_trainer
 from vlbpe_jax.clip import train as clip_train
 from vlbpe_jax.data import pipeline
 from vlbpe_jax.data import stage as data_stage
-from vlbpe_jax.data import tfds_builders
 from vlbpe_jax.lm import generate as lm_generate
 from vlbpe_jax.lm import train as lm_train
 from vlbpe_jax.v2l import codebook
@@ -130,9 +129,8 @@ def train_text_lm(config, workdir: str):
   if not lm_train.text_phases(config):
     return
   tok = data_stage.load_tokenizer(workdir)
-  source = tfds_builders.data_source(data_stage.build_dataset(config, workdir), "train")
-  mesh = parallel.mesh_from_config(config.mesh, batch_size=config.lm.batch_size)
-  lm_train.pretrain_icl(config, workdir, tok, source, mesh)
+  lm_train.pretrain_icl(config, workdir, tok, data_stage.data_source(config, workdir, "train"),
+                        lm_train.make_mesh(config))
 
 
 def load_text_lm(config, workdir: str, mesh) -> TextLM:
