@@ -97,3 +97,20 @@ def test_dit_condition_word_tokens_follow_the_caption_order():
   np.testing.assert_array_equal(np.nonzero(t[6])[0], [31])  # an empty slot: its index only
   with pytest.raises(ValueError, match="expected one of"):
     dit_condition.main(["/tmp/x", "fm", "/tmp/y", "--oracle=nouns"])
+
+
+def test_dit_condition_cell_labels_name_each_cell_and_flags_are_checked():
+  import dit_condition  # pylint: disable=g-import-not-at-top
+  scene = [{"shape": "star", "color": "blue", "size": "small", "position": "bottom-right"},
+           {"shape": "circle", "color": "red", "size": "large", "position": "top-left"}]
+  labels = dit_condition.cell_labels([scene, []])
+  assert labels.shape == (2, 9, 3)
+  np.testing.assert_array_equal(labels[0, 8], [1 + 2, 1 + 5, 1 + 0])  # small blue star
+  np.testing.assert_array_equal(labels[0, 0], [1 + 0, 1 + 1, 1 + 1])  # large red circle
+  np.testing.assert_array_equal(labels[0, 1:8], 0)  # empty cells
+  np.testing.assert_array_equal(labels[1], 0)
+  assert np.all(labels.max(axis=(0, 1)) < np.array(dit_condition.BIND_CLASSES))
+  for bad in (["--oracle", "--bind_loss=1"], ["--oracle=words", "--train_backbone"],
+              ["--train_backbon"]):
+    with pytest.raises(ValueError, match="oracle|expected"):
+      dit_condition.main(["/tmp/x", "fm", "/tmp/y", *bad])
