@@ -24,7 +24,9 @@ of the 3x3 layout, each read by a linear head (trained with them) as that cell's
 and size (or empty), cross-entropy against the scene. It teaches the queries (and with
 `--train_backbone` the LM) to bind each object's words into the state of its cell, as the
 per-cell oracle is bound, from the prompt alone: what a large pretrained backbone is assumed to
-give BLIP3-o and this demo's LM does not.
+give BLIP3-o and this demo's LM does not. The JSON line then also holds the head's accuracy on
+the scored test prompts (`bind_colour`, `bind_shape`, `bind_size` on occupied cells,
+`bind_occupied` on all).
 """
 
 import json
@@ -206,6 +208,26 @@ def bind_loss(ctx, weight):
   train.init_fn, train.loss_fn = init_fn, loss_fn
 
 
+def bind_accuracy(ctx, s, params):
+  """The binding head on the scored test prompts: accuracy of colour, shape and size on the
+  occupied cells, and of occupied-or-empty on all 9."""
+  config, bb = ctx.config, ctx.backbone
+  ids, mask = bb.encode(ctx.prompts, config)
+  with s.trainer.ctx():
+    cond = jax.jit(lambda q, p, i, m: train.queries_lib.query_states(
+        bb.model, p, q, i, m, grid=bb.grid))(params["queries"], bb.params, ids, mask)
+  logits = np.asarray(cond[:, :9], np.float32) @ np.asarray(params["bind"]["w"]) + np.asarray(
+      params["bind"]["b"])
+  labels = cell_labels(ctx.objects)
+  bounds = np.cumsum((0,) + BIND_CLASSES)
+  pred = np.stack([logits[..., a:b].argmax(-1) for a, b in zip(bounds[:-1], bounds[1:])], -1)
+  occupied = labels[..., 0] > 0
+  out = {f"bind_{k}": round(float((pred[..., j] == labels[..., j])[occupied].mean()), 3)
+         for j, k in enumerate(("colour", "shape", "size"))}
+  out["bind_occupied"] = round(float(((pred[..., 0] > 0) == occupied).mean()), 3)
+  return out
+
+
 def main(argv):
   out, design, src, *rest = argv
   kinds = [r.split("=", 1)[1] if "=" in r else "cells" for r in rest if r.startswith("--oracle")]
@@ -238,6 +260,10 @@ def main(argv):
   t = time.time()
   res, _ = stage._design(ctx, design, dec, dec_params)  # pylint: disable=protected-access
   sc = res["scores"]["all"]
+  extra = {}
+  if binds:
+    s = train.load_setup(config, out, design, backbone=ctx.backbone, mesh=ctx.mesh)
+    extra = bind_accuracy(ctx, s, train.restore(s)["params"])
   print(json.dumps({"out": out, "design": design, "oracle": oracle,
                     "train_backbone": unfrozen, "bind_loss": binds[-1] if binds else 0,
                     "overrides": overrides,
@@ -246,7 +272,7 @@ def main(argv):
                     "wrong_prompt": round(res["wrong_prompt"]["overall"], 3),
                     "wrong_prompt_se": round(res["wrong_prompt"]["overall_se"], 3),
                     **{k: round(sc[k], 3) for k in generation.CRITERIA},
-                    "fid_clip": round(res["fid_clip"], 1)}))
+                    "fid_clip": round(res["fid_clip"], 1), **extra}))
 
 
 if __name__ == "__main__":
