@@ -12,7 +12,7 @@ scores the same on both). For fm also the flow loss on the first 256 test (CLIP 
 caption) pairs at sigma 0.25 / 0.5 / 0.75 with the right condition, another caption's (rolled
 by one) and the zeroed one (the unconditional branch): the gap is what the DiT takes from its
 condition. Appends one JSON line to benchmarks/dit_sweep.jsonl and writes a sample grid PNG per
-design. (Lines before 2026-12-07 16:00 UTC came from a copy of the stage's steps that sampled
+design. (Lines before commit ee3acda came from a copy of the stage's steps that sampled
 with key 0 and refused `vq_latent`; the stage samples with its own key per design.)
 """
 
