@@ -50,17 +50,30 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dit_sweep import _override, linked_workdir  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def oracle_tokens(scenes, width):
-  """[N, 9, width] float32: per cell, one-hot colour (8), shape (6), size (2), cell (9), x3."""
-  out = np.zeros((len(scenes), 9, width), np.float32)
-  colours = list(shapes.COLORS)
+def cell_labels(scenes):
+  """int32 [N, 9, 3]: per cell of the 3x3 layout, 1 + colour, 1 + shape, 1 + size (0 empty)."""
+  out = np.zeros((len(scenes), 9, 3), np.int32)
   for i, objects in enumerate(scenes):
     for o in objects:
       k = shapes.POSITIONS.index(o["position"])
-      out[i, k, colours.index(o["color"])] = 1.0
-      out[i, k, 8 + shapes.SHAPES.index(o["shape"])] = 1.0
-      out[i, k, 14 + shapes.SIZES.index(o["size"])] = 1.0
-    out[i, np.arange(9), 16 + np.arange(9)] = 1.0
+      out[i, k] = (1 + list(shapes.COLORS).index(o["color"]), 1 + shapes.SHAPES.index(o["shape"]),
+                   1 + shapes.SIZES.index(o["size"]))
+  return out
+
+
+BIND_CLASSES = (1 + len(shapes.COLORS), 1 + len(shapes.SHAPES), 1 + len(shapes.SIZES))
+
+
+def oracle_tokens(scenes, width):
+  """[N, 9, width] float32: per cell, one-hot colour (8), shape (6), size (2), cell (9), x3
+  (`cell_labels` laid out as one-hots)."""
+  labels = cell_labels(scenes)
+  starts = np.cumsum((0,) + tuple(c - 1 for c in BIND_CLASSES))  # colour, shape, size, cell
+  out = np.zeros((len(scenes), 9, width), np.float32)
+  n, k = np.nonzero(labels[..., 0])
+  for j in range(3):
+    out[n, k, starts[j] + labels[n, k, j] - 1] = 1.0
+  out[:, np.arange(9), starts[3] + np.arange(9)] = 1.0
   return 3.0 * out
 
 
@@ -152,20 +165,6 @@ class _TrainedBackbone:
                  segment_ids=seg, extra_embeds=jnp.broadcast_to(q[None], (b,) + q.shape),
                  return_hidden=True)
     return h[:, -n:]
-
-
-def cell_labels(scenes):
-  """int32 [N, 9, 3]: per cell of the 3x3 layout, 1 + colour, 1 + shape, 1 + size (0 empty)."""
-  out = np.zeros((len(scenes), 9, 3), np.int32)
-  for i, objects in enumerate(scenes):
-    for o in objects:
-      k = shapes.POSITIONS.index(o["position"])
-      out[i, k] = (1 + list(shapes.COLORS).index(o["color"]), 1 + shapes.SHAPES.index(o["shape"]),
-                   1 + shapes.SIZES.index(o["size"]))
-  return out
-
-
-BIND_CLASSES = (1 + len(shapes.COLORS), 1 + len(shapes.SHAPES), 1 + len(shapes.SIZES))
 
 
 def bind_loss(ctx, weight):
