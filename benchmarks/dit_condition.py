@@ -229,14 +229,15 @@ def bind_accuracy(ctx, s, params):
 
 def main(argv):
   out, design, src, *rest = argv
-  kinds = [r.split("=", 1)[1] if "=" in r else "cells" for r in rest if r.startswith("--oracle")]
+  kinds = [r.split("=", 1)[1] if "=" in r else "cells" for r in rest
+           if r == "--oracle" or r.startswith("--oracle=")]
   if any(k not in ORACLES for k in kinds):
     raise ValueError(f"--oracle={kinds}: expected one of {sorted(ORACLES)}")
   oracle = kinds[-1] if kinds else None
   unfrozen = "--train_backbone" in rest
   binds = [float(r.split("=", 1)[1]) for r in rest if r.startswith("--bind_loss=")]
   unknown = [r for r in rest if r.startswith("--") and not r.startswith(
-      ("--oracle", "--bind_loss=")) and r != "--train_backbone"]
+      ("--oracle=", "--bind_loss=")) and r not in ("--oracle", "--train_backbone")]
   if unknown:
     raise ValueError(f"flags {unknown}: expected --oracle[=cells|words], --train_backbone, "
                      "--bind_loss=W")

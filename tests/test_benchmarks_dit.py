@@ -111,6 +111,6 @@ def test_dit_condition_cell_labels_name_each_cell_and_flags_are_checked():
   np.testing.assert_array_equal(labels[1], 0)
   assert np.all(labels.max(axis=(0, 1)) < np.array(dit_condition.BIND_CLASSES))
   for bad in (["--oracle", "--bind_loss=1"], ["--oracle=words", "--train_backbone"],
-              ["--train_backbon"]):
+              ["--train_backbon"], ["--oracles"]):
     with pytest.raises(ValueError, match="oracle|expected"):
       dit_condition.main(["/tmp/x", "fm", "/tmp/y", *bad])
