@@ -19,6 +19,11 @@ import tempfile
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
+# XLA's CPU fusion emitters (MLIR, the default in jaxlib 0.10) compile a third slower than the
+# older LLVM IR emitters at -O0: tests/test_lm_train.py + test_dit_train.py + test_clip_train.py
+# 143-145 -> 93-98 CPU seconds (BENCHMARKS.md, "The test suite's XLA CPU emitters").
+if "--xla_cpu_use_fusion_emitters" not in _flags:
+  _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "VLBPE_TEST_JAX_CACHE" not in os.environ:  # the first process (pytest-xdist's controller)

@@ -13,7 +13,8 @@ test changes for the kernel (its kernel spec's `env`), and why:
 - TMPDIR: the notebooks' work directories (`tempfile.mkdtemp`) are removed with the test's.
 - XLA_FLAGS: one CPU device, as on a Colab CPU runtime (conftest.py sets 8 for the tests), and
   LLVM -O1 (compiling dominates these tiny runs, but the DiT notebook, which trains, takes 32 s
-  instead of 43 at the suite's -O0; the six notebooks 106 -> 97 s alone, 2-core host).
+  instead of 43 at the suite's -O0; the six notebooks 106 -> 97 s alone, 2-core host), and
+  XLA's older CPU emitters, as in conftest.py (the six notebooks 103 -> 96 s alone).
 A cell error fails the test with the cell's traceback; each notebook must show pictures and
 print the numbers named in `CHECKS` (and pass the tests in `NUMBERS`).
 """
@@ -85,7 +86,7 @@ def execute(name, tmp_path, monkeypatch):
   _kernel_spec(str(tmp_path / "jupyter"), {
       "PIP_PREFIX": str(tmp_path / "prefix"), "PIP_IGNORE_INSTALLED": "1", "PIP_NO_DEPS": "1",
       "PYTHONPATH": str(repo),
-      "TMPDIR": str(tmp), "XLA_FLAGS": "--xla_backend_optimization_level=1"})
+      "TMPDIR": str(tmp), "XLA_FLAGS": "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"})
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   nb = nbformat.read(str(repo / "colab" / name), as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="vlbpe_test",
