@@ -41,9 +41,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 # The longest tests (CI at 7ffe6f8: the tiny pipeline 391 s, claims 176 s, the LM stage 154 s;
-# the notebooks ~240 s together; at d98d22a the two pipeline reruns with their base ~170 s),
+# the notebooks ~240 s together; at d98d22a the two pipeline reruns with their base ~170 s; at
+# dd18da2 the tiny pipeline on 6 and on 1 devices 183 s alone),
 # started first so that no worker ends alone on one of them.
-LONGEST = ("test_main.py::test_tiny_pipeline", "test_pipeline_reruns.py",
+LONGEST = ("test_main.py::test_tiny_pipeline", "test_devices.py::test_tiny_pipeline",
+           "test_pipeline_reruns.py",
            "test_notebooks.py::test_notebook_runs",
            "test_claims.py::test_claims_on", "test_lm_train_stage.py")
 
