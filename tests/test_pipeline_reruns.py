@@ -19,11 +19,10 @@ pytestmark = pytest.mark.slow
 
 # (override, value, the field the refusal names, the stage to recompute, or None: no refusal)
 # Left out for CI time: `seed` and data.resolution (recompute data and vq: the tokenizer case
-# covers a changed data stage, the vq.total_steps case a retrained VQ and all after it), and
-# bpe.alpha (a changed bpe stage: the vq.total_steps case reruns bpe on new codes, and
-# tests/test_bpe_stage.py and test_resume_rule.py check that bpe's own fields key it).
+# covers a changed data stage, the vq.total_steps case a retrained VQ and all after it).
 CASES = [
     ("vq.total_steps", 2, "vq.total_steps: 3 -> 2", "vq"),
+    ("bpe.alpha", 0.0, "bpe.alpha: 1.0 -> 0.0", "lm"),  # a changed bpe stage on the same codes
     ("tokenizer.vocab_size", 400, "tokenizer.vocab_size: 512 -> 400", "text"),
 ]
 
