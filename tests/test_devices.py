@@ -37,8 +37,8 @@ def run_main(num_devices: int, workdir, *args: str) -> str:
 
 
 # Metrics that a device count may move, by float reduction order only: V2L restoration's PSNR
-# gains are differences of two PSNRs of nearly equal images (6 vs 1 devices, 2026-12-07: at
-# most 4e-5 dB apart, 1.4% of a 0.0027-dB gain); every other metric within 2e-6 relative.
+# gains are differences of two PSNRs of nearly equal images (6 vs 1 devices, 2026-12-07, XLA's
+# default flags: at most 4e-5 dB apart, 1.4% of a 0.0027-dB gain); all else within 2e-6 relative.
 def _assert_same_metrics(a, b, what):
   skip = lambda k: k.startswith(("time_s.", "perf.")) or "seconds" in k  # noqa: E731
   a = {k: v for k, v in a.items() if not skip(k)}
@@ -61,7 +61,7 @@ def test_tiny_pipeline_on_6_and_1_devices_gives_the_same_metrics(tmp_path):
                        "--config.lm.runs=('full',)")
     with open(tmp_path / str(n) / "report" / "metrics.json") as f:
       metrics[n] = json.load(f)
-  for batch in ("8", "16"):  # e.g. vq, lm; clip
+  for batch in ("8", "16"):  # vq, lm, dit, v2l; clip
     assert (f"mesh data=2 fsdp=1 tensor=1 replica=3 (batch {batch} over 6 devices: 2 batch "
             "shards, 3 replicas of each)") in logs[6], batch
   for key in ("vq.psnr_db", "clip.zero_shot_shape_acc", "lm.vqa_acc.full", "dit.geneval.fm",

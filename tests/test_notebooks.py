@@ -86,7 +86,8 @@ def execute(name, tmp_path, monkeypatch):
   _kernel_spec(str(tmp_path / "jupyter"), {
       "PIP_PREFIX": str(tmp_path / "prefix"), "PIP_IGNORE_INSTALLED": "1", "PIP_NO_DEPS": "1",
       "PYTHONPATH": str(repo),
-      "TMPDIR": str(tmp), "XLA_FLAGS": "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"})
+      "TMPDIR": str(tmp),
+      "XLA_FLAGS": "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"})
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   nb = nbformat.read(str(repo / "colab" / name), as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="vlbpe_test",
