@@ -69,14 +69,28 @@ def test_parse_stages_orders_and_validates():
     train.parse_stages("data,nope")
 
 
-@pytest.mark.slow
-def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
+def tiny_pipeline_config():
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
   # One LM run for CI time: the ablations run in tests/test_lm_train_stage.py.
   config.lm.runs = ("full",)
-  index = train.train_and_evaluate(config, str(tmp_path))
+  return config
+
+
+def tiny_pipeline(built_once):
+  """(a copy of the tiny pipeline's workdir, its report's index.html), run on this process's 8
+  devices once per test session (conftest.built_once): here and in tests/test_devices.py, which
+  compares its metrics with runs on 6 and 1 devices."""
+  workdir, built = built_once("tiny_pipeline", lambda w: {
+      "index": os.path.relpath(train.train_and_evaluate(tiny_pipeline_config(), w), w)})
+  return workdir, os.path.join(workdir, built["index"])
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_reports_and_resumes(built_once, tmp_path):
+  config = tiny_pipeline_config()
+  workdir, index = tiny_pipeline(built_once)
   assert os.path.exists(index)
-  with open(tmp_path / "report" / "metrics.json") as f:
+  with open(os.path.join(workdir, "report", "metrics.json")) as f:
     metrics = json.load(f)
   for key in ("data.num_train", "tokenizer.vocab_size", "text.final_loss", "vq.psnr_db",
               "vq.codebook_usage",
@@ -100,29 +114,29 @@ def test_tiny_pipeline_runs_reports_and_resumes(tmp_path):
   page = open(index).read()
   assert "Data: shapes scenes" in page and "<img" in page
   assert "lm/embeddings_full.png" in page
-  assert os.path.exists(tmp_path / "report" / "lm" / "embeddings_full.png")
+  assert os.path.exists(os.path.join(workdir, "report", "lm", "embeddings_full.png"))
   assert "dit/samples_fm.png" in page and "decoder(CLIP(real image))" in page
   assert "pixel_decoder/test.png" in page and "curves/pixel_decoder.png" in page
   # The sampling CLI on this workdir: PNGs per prompt and sample, at the trained resolution.
   from vlbpe_jax.dit import sample  # pylint: disable=g-import-not-at-top
   out = tmp_path / "samples"
-  paths = sample.sample(str(tmp_path), ["a small red circle at the center.", "a blue star."],
+  paths = sample.sample(workdir, ["a small red circle at the center.", "a blue star."],
                         str(out), num_samples=2, cfg=3.0, steps=2)
   assert [os.path.basename(p) for p in paths] == ["0000_0.png", "0000_1.png", "0001_0.png",
                                                   "0001_1.png"]
   from PIL import Image  # pylint: disable=g-import-not-at-top
   assert Image.open(paths[0]).size == (config.data.resolution,) * 2
   with pytest.raises(ValueError, match="longer than the prompt context"):
-    sample.sample(str(tmp_path), ["a red circle " * 40], str(out))
+    sample.sample(workdir, ["a red circle " * 40], str(out))
   # V2L's codebooks name what they were built from: another frozen LM config is refused.
   from vlbpe_jax.v2l import train as v2l_train  # pylint: disable=g-import-not-at-top
   other = load_config(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
   other.lm.text_steps = 3
   with pytest.raises(ValueError, match="built from another tokenizer, LM"):
-    v2l_train.load_context(other, str(tmp_path))
+    v2l_train.load_context(other, workdir)
   # A second run finds every stage's work done and gives the same metrics.
-  train.train_and_evaluate(config, str(tmp_path))
-  with open(tmp_path / "report" / "metrics.json") as f:
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "report", "metrics.json")) as f:
     again = json.load(f)
   assert {k: v for k, v in again.items() if not k.startswith("perf.")} == {
       k: v for k, v in metrics.items() if not k.startswith("perf.")}
