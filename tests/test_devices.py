@@ -6,7 +6,6 @@ shard (vlbpe_jax/parallel.py:plan_mesh). The tiny pipeline on 8 devices is test_
 1, 6 and 8 devices step alike at the trainer level (test_parallel.py, test_vq_train.py).
 """
 
-import json
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ import sys
 
 import pytest
 
+from vlbpe_jax.eval import report
 import test_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,16 +64,13 @@ def test_tiny_pipeline_on_6_and_1_devices_gives_the_metrics_of_8(built_once, tmp
   for n in (6, 1):
     logs[n] = run_main(n, tmp_path / str(n), "--config=configs/tiny.py:tiny",
                        "--config.lm.runs=('full',)")
-    with open(tmp_path / str(n) / "report" / "metrics.json") as f:
-      metrics[n] = json.load(f)
+    metrics[n] = report.read_metrics(str(tmp_path / str(n)))
   for batch in ("8", "16"):  # vq, lm, dit, v2l; clip
     assert (f"mesh data=2 fsdp=1 tensor=1 replica=3 (batch {batch} over 6 devices: 2 batch "
             "shards, 3 replicas of each)") in logs[6], batch
   for key in ("vq.psnr_db", "clip.zero_shot_shape_acc", "lm.vqa_acc.full", "dit.geneval.fm",
               "v2l.fewshot_acc.2way_1shot", "v2l.restore_psnr_gain_db.inpaint"):
     assert key in metrics[6], key
-  workdir8, _ = test_main.tiny_pipeline(built_once)
-  with open(os.path.join(workdir8, "report", "metrics.json")) as f:
-    metrics[8] = json.load(f)
+  metrics[8] = report.read_metrics(test_main.tiny_pipeline(built_once)[0])
   for n in (6, 1):
     _assert_same_metrics(metrics[n], metrics[8], f"{n} vs 8 devices")
