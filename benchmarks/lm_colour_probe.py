@@ -7,6 +7,12 @@ other tasks and no other question's answer in the sequence. Accuracy on test ima
 colour, chance 1/8) every `--steps / 10` steps. `--question=shape` asks "what shape is the
 <colour> one?" about an object whose colour is unique in its image instead (chance 1/6).
 `--order=question` puts the question before the image (the answer then follows `</img>`).
+`--render=R` renders the scenes at R pixels instead of reading the workdir's tokens (R a
+multiple of 4 up to 64; e.g. 48, where the 3x3 layout's cells are 16 px, four 4-px patches,
+so an object's codes no longer depend on its cell), encodes them with the workdir's VQ (its
+patch-wise encoder: the R x R corner of a 64 px canvas filled with the background, the corner's
+codes kept) and BPE. At the end the test accuracy is split by whether the asked object's exact
+rendering (shape, colour, size, cell, background) occurs in a training image.
 
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=one
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=all
@@ -52,10 +58,14 @@ ORDER = flags.DEFINE_enum(
     "order", "image", ["image", "question"], "what comes first in a row: the image (the "
     "pipeline's format, the answer follows the question) or the question (the answer follows "
     "the image, whose tokens can attend to the question)")
+RENDER = flags.DEFINE_integer(
+    "render", 0, "0: the workdir's stored tokens; R: the scenes rendered at R px (a multiple "
+    "of 4, at most the VQ's resolution) and encoded here with the workdir's VQ and BPE")
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 0, "training images (0: the workdir's train split; more: the next scenes of "
     "the train split, rendered and encoded with the workdir's VQ (and BPE) here)")
 
+WARMUP = 20  # learning-rate warm-up steps
 COLORS, SHAPES = list(shapes.COLORS), list(shapes.SHAPES)
 # ids: 0 pad/bos, 1 <img>, 2 </img>, 3 the question ("what color is the" / "what shape is the"),
 # 4 "?", 5.. shapes, then colours, then the image tokens.
@@ -81,11 +91,63 @@ def more_codes(workdir, first, last):
   return tok.encode(images)
 
 
+def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
+  """Like `image_tokens`, for the first scenes of the train / test split rendered at
+  `resolution` px: each in the corner of a canvas of the VQ's resolution filled with its
+  background, encoded with the workdir's VQ, the corner's codes kept (exact for a VQ that codes
+  each patch alone, e.g. tiny_p4_patch), then BPE-encoded (`kind="bpe"`) or raw (`"vq"`)."""
+  tok = vq_tokenizer.Tokenizer.from_workdir(workdir)
+  f, full = tok.downsample, tok.resolution
+  if resolution % f or not f <= resolution <= full:
+    raise ValueError(f"--render={resolution}: expected a multiple of the VQ's patch {f} "
+                     f"from {f} to its resolution {full}")
+  if kind not in ("bpe", "vq"):
+    raise ValueError(f"--render with --tokens={kind}: expected bpe or vq")
+  out = {}
+  for split, num in (("train", num_train), ("test", num_test)):
+    canvas = np.empty((num, full, full, 3), np.uint8)
+    for i in range(num):
+      background = shapes.scene_background(i, split)
+      canvas[i] = shapes.BACKGROUNDS[background]
+      canvas[i, :resolution, :resolution] = shapes.render(
+          shapes.make_scene(i, split), resolution, background=background)
+    codes = tok.encode(canvas)[:, :resolution // f, :resolution // f]
+    if split == "train":  # the corner's codes must not read the rest of the canvas
+      other = canvas[:1].copy()
+      other[0, resolution:] = 255 - other[0, resolution:]
+      other[0, :, resolution:] = 255 - other[0, :, resolution:]
+      if resolution < full and not np.array_equal(
+          tok.encode(other)[0, :resolution // f, :resolution // f], codes[0]):
+        raise ValueError(f"--render={resolution}: the workdir's VQ codes a patch from its "
+                         "neighbours too; expected a patch-wise encoder (e.g. tiny_p4_patch)")
+    if kind == "vq":
+      out[split] = [c.reshape(-1) for c in codes]
+    else:
+      enc = VisualBPE.load(os.path.join(workdir, "bpe", "bpe.json")).encode(codes)
+      out[split] = [t[:n] for t, n in zip(enc["tokens"], enc["lengths"])]
+  aligned = resolution % 3 == 0 and (resolution // 3) % f == 0
+  print(f"rendered at {resolution} px: {np.mean([len(t) for t in out['test']]):.1f} tokens "
+        f"per test image; cells of whole patches: {aligned}")
+  n = int(max(max(np.max(t) for t in v) for v in out.values())) + 1
+  return (lambda split, i: out[split][i] if i < len(out[split]) else None), n, not aligned
+
+
+def rendering(obj, background, with_cell=True):
+  """What fixes an object's pixels (and so its codes): shape, colour, size, cell, background;
+  `with_cell=False` where the cells are a whole number of VQ patches (e.g. 48 px: 16 px cells,
+  four 4-px patches), so an object's codes move with it unchanged."""
+  return (obj["shape"], obj["color"], obj["size"], obj["position"] if with_cell else None,
+          background)
+
+
 def image_tokens(workdir, kind, num_images=0):
-  """`(split -> index -> tokens [L]` or None past the split, number of token ids)`.
-  `num_images` > the stored train split: the next train scenes, encoded here."""
+  """`(split -> index -> tokens [L]` or None past the split, number of token ids, whether an
+  object's cell changes its tokens)`. `num_images` > the stored train split: the next train
+  scenes, encoded here."""
+  if RENDER.value:
+    return rendered_tokens(workdir, kind, RENDER.value, max(num_images, 2000))
   if kind == "oracle":
-    return lambda split, i: oracle_codes(i, split), 27
+    return lambda split, i: oracle_codes(i, split), 27, True
   if workdir is None:
     raise ValueError(f"--tokens={kind}: expected --workdir, a finished demo workdir")
   codes = {s: np.load(os.path.join(workdir, "vq", f"codes_{s}.npy")) for s in ("train", "test")}
@@ -95,7 +157,8 @@ def image_tokens(workdir, kind, num_images=0):
     if extra is not None:
       codes["train"] = np.concatenate([codes["train"], extra])
     n = int(max(c.max() for c in codes.values())) + 1
-    return lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None, n
+    return (lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None,
+            n, True)
   enc = {s: np.load(os.path.join(workdir, "bpe", f"tokens_{s}.npz")) for s in ("train", "test")}
   enc = {s: {k: e[k] for k in ("tokens", "lengths")} for s, e in enc.items()}
   if extra is not None:
@@ -107,17 +170,19 @@ def image_tokens(workdir, kind, num_images=0):
   def get(split, i):
     e = enc[split]
     return e["tokens"][i][:e["lengths"][i]] if i < len(e["lengths"]) else None
-  return get, n
+  return get, n, True
 
 
-def questions(split, tokens, num, one_object, asked="color", order="image"):
-  """`(ids [N, L], segment ids [N, L], answers [N])`, left-padded (segment 0 = padding).
-  `asked`: the attribute asked for; the object is named by the other one, unique in its image."""
+def questions(split, tokens, num, one_object, asked="color", order="image", with_cell=True):
+  """`(ids [N, L], segment ids [N, L], answers [N], renderings)`, left-padded (segment 0 =
+  padding); renderings: the asked objects' `rendering`s (a list of N), then the set of those of
+  every object in the images read. `asked`: the attribute asked for; the object is named by the
+  other one, unique in its image."""
   named = "shape" if asked == "color" else "color"
   first = {"shape": SHAPE0, "color": COLOR0}
   values = {"shape": SHAPES, "color": COLORS}
   rng = np.random.default_rng(0 if split == "train" else 1)
-  rows, answers = [], []
+  rows, answers, asked_renderings, seen = [], [], [], set()
   i = 0
   while len(rows) < num:
     objects = shapes.make_scene(i, split)
@@ -125,10 +190,13 @@ def questions(split, tokens, num, one_object, asked="color", order="image"):
     i += 1
     if image is None:
       break
+    background = shapes.scene_background(i - 1, split)
+    seen.update(rendering(o, background, with_cell) for o in objects)
     unique = [o for o in objects if sum(p[named] == o[named] for p in objects) == 1]
     if (one_object and len(objects) != 1) or not unique:
       continue
     o = unique[int(rng.integers(len(unique)))]
+    asked_renderings.append(rendering(o, background, with_cell))
     img = [1, *(np.asarray(image) + VIS0).tolist(), 2]
     question = [3, first[named] + values[named].index(o[named]), 4]
     rows.append([0] + (img + question if order == "image" else question + img))
@@ -136,23 +204,28 @@ def questions(split, tokens, num, one_object, asked="color", order="image"):
   width = max(map(len, rows))
   ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int32)
   seg = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
-  return ids, seg, np.array(answers, np.int32)
+  return ids, seg, np.array(answers, np.int32), (asked_renderings, seen)
 
 
 def main(argv):
   del argv
-  tokens, num_tokens = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
+  if STEPS.value <= WARMUP:
+    raise ValueError(f"--steps={STEPS.value}: expected more than the {WARMUP} warm-up steps")
+  tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
   one = SCENES.value == "one"
   asked = QUESTION.value
-  x, seg, y = questions("train", tokens, NUM_TRAIN.value, one, asked, ORDER.value)
-  tx, tseg, ty = questions("test", tokens, 500, one, asked, ORDER.value)
+  x, seg, y, (_, train_renderings) = questions("train", tokens, NUM_TRAIN.value, one, asked,
+                                               ORDER.value, with_cell)
+  tx, tseg, ty, (test_renderings, _) = questions("test", tokens, 500, one, asked, ORDER.value,
+                                                 with_cell)
   print(f"{len(y)} training / {len(ty)} test questions, {x.shape[1]} tokens per row")
   kw = dict(dtype="float32")
   if VARIANT.value == "mu":
     kw.update(width=64, num_heads=4, num_kv_heads=2, mlp_dim=192)
   model = LM(lm_config(VARIANT.value, text_vocab=VIS0 + num_tokens, **kw))
   params = nn.unbox(model.init(jax.random.key(0), x[:2])["params"])
-  schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, 20, STEPS.value, LR.value * 0.1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, WARMUP, STEPS.value,
+                                                 LR.value * 0.1)
   opt = optax.adamw(schedule, b2=0.95, weight_decay=0.0)
   state = opt.init(params)
 
@@ -167,9 +240,9 @@ def main(argv):
     return optax.apply_updates(p, updates), s, loss
 
   @jax.jit
-  def accuracy(p):
+  def correct(p):
     lo, n = (COLOR0, len(COLORS)) if asked == "color" else (SHAPE0, len(SHAPES))
-    return (last_logits(p, tx, tseg)[:, lo:lo + n].argmax(-1) + lo == ty).mean()
+    return last_logits(p, tx, tseg)[:, lo:lo + n].argmax(-1) + lo == ty
 
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
@@ -178,7 +251,12 @@ def main(argv):
     params, state, loss = step(params, state, x[b], seg[b], y[b])
     if n % max(STEPS.value // 10, 1) == 0:
       print(f"step {n}: loss {float(loss):.3f}, test {asked} accuracy "
-            f"{float(accuracy(params)):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            f"{float(correct(params).mean()):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+  ok = np.asarray(correct(params))
+  seen = np.array([r in train_renderings for r in test_renderings])
+  print(f"test {asked} accuracy, asked object's rendering in a training image: "
+        + "; ".join(f"{name} {ok[m].mean():.3f} ({m.sum()} questions)" if m.any() else
+                    f"{name} - (0 questions)" for name, m in (("yes", seen), ("no", ~seen))))
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def packed_step(units, order, at, rows, width, rng, line=False):
 
 def main(argv):
   del argv
-  tokens, num_tokens = lm_colour_probe.image_tokens(WORKDIR.value, TOKENS.value)
+  tokens, num_tokens, _ = lm_colour_probe.image_tokens(WORKDIR.value, TOKENS.value)
   types = tuple(TYPES.value)
   unknown = sorted(set(types) - set(ANSWERS))
   if unknown:
