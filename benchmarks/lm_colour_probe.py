@@ -18,9 +18,17 @@ rendering (shape, colour, size, cell, background) occurs in a training image.
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --scenes=all
   python benchmarks/lm_colour_probe.py --workdir=runs/demo --tokens=bpe --question=shape
 
-`--tokens`: `bpe` (workdir/bpe/tokens_*.npz), `vq` (workdir/vq/codes_*.npy) or `oracle` (each
+`--tokens`: `bpe` (workdir/bpe/tokens_*.npz), `vq` (workdir/vq/codes_*.npy), `oracle` (each
 4x4 cell's colour on 27 levels at 32 px, tests/lm_train_helpers.color_codes; no workdir
-needed). `--scenes=one`: one-object images only; `all`: every image with a unique-shape object.
+needed) or `factored` (an oracle that keeps colour apart from form: one token per 4x4 patch of
+the scenes rendered at `--render` px, 48 by default, made of its look, colour and background,
+and its form, the mask of its object pixels; no workdir needed). `--embed=factored` (with
+`--tokens=factored`) gives a token the sum of a row for its look and a row for its form
+instead of a row of its own, so what is learnt of a form in one colour serves every colour:
+
+  python benchmarks/lm_colour_probe.py --tokens=factored --embed=factored --question=shape
+
+`--scenes=one`: one-object images only; `all`: every image with a unique-shape object.
 Scenes are `shapes.make_scene(i, split, seed=0)`, the demo's data (its `seed` is 0).
 BENCHMARKS.md, "Unified LM: what the model reads", has the figures.
 """
@@ -33,6 +41,7 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -46,7 +55,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import lm_train_helpers  # noqa: E402  (tests/: the oracle codes of tests/test_lm_learns.py)
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
-TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle"], "image tokens")
+TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle", "factored"], "image tokens")
+EMBED = flags.DEFINE_enum(
+    "embed", "free", ["free", "factored"], "visual rows: one free row per token id, or (with "
+    "--tokens=factored) the sum of a row for its look and a row for its form")
 SCENES = flags.DEFINE_enum("scenes", "one", ["one", "all"], "which images")
 STEPS = flags.DEFINE_integer("steps", 300, "training steps")
 BATCH = flags.DEFINE_integer("batch", 16, "questions per step")
@@ -132,6 +144,53 @@ def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
   return (lambda split, i: out[split][i] if i < len(out[split]) else None), n, not aligned
 
 
+def patch_looks_and_forms(image, background, patch=4):
+  """A shapes render `[R, R, 3]` on `background` -> (looks `[P]`, forms: P bytes), P patches in
+  raster order: look = colour index of most of the patch's object pixels (len(COLORS): none)
+  x 3 + the background's index; form = its mask of object pixels, as bytes."""
+  colours = np.array(list(shapes.COLORS.values()), np.int64)  # [C, 3]
+  g = image.shape[0] // patch
+  image = image.astype(np.int64).reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4)
+  image = image.reshape(g * g, patch * patch, 3)
+  fg = np.any(image != np.array(shapes.BACKGROUNDS[background]), axis=-1)  # [P, p*p]
+  hits = (image[:, :, None, :] == colours[None, None]).all(-1) & fg[..., None]  # [P, p*p, C]
+  colour = np.where(fg.any(1), hits.sum(1).argmax(-1), len(colours))  # [P]
+  looks = colour * len(shapes.BACKGROUNDS) + list(shapes.BACKGROUNDS).index(background)
+  return looks, [m.tobytes() for m in fg]
+
+
+def factored_tokens(resolution, num_train, num_test=200, patch=4):
+  """An oracle tokenizer that keeps colour apart from form: each `patch` x `patch` patch of
+  the scenes rendered at `resolution` px is one token `look * num_forms + form`, where look =
+  (the colour of most of its object pixels, or none; the background) and form = its mask of
+  object pixels (pixels not of the background colour), numbered in the order the train split
+  first shows them (a form the train split never shows: the last number). Returns
+  `image_tokens`' triple plus `num_forms`."""
+  if resolution % patch or not patch <= resolution <= 256:
+    raise ValueError(f"--render={resolution} with --tokens=factored: expected a multiple of "
+                     f"{patch} from {patch} to 256")
+  looks, masks = {}, {}
+  for split, num in (("train", num_train), ("test", num_test)):
+    for i in range(num):
+      background = shapes.scene_background(i, split)
+      image = shapes.render(shapes.make_scene(i, split), resolution, background=background)
+      looks[split, i], masks[split, i] = patch_looks_and_forms(image, background, patch)
+  forms = {}
+  for i in range(num_train):
+    for m in masks["train", i]:
+      forms.setdefault(m, len(forms))
+  num_forms = len(forms) + 1
+  out = {key: looks[key] * num_forms + np.array([forms.get(m, num_forms - 1)
+                                                  for m in masks[key]])
+         for key in looks}
+  num_looks = (len(shapes.COLORS) + 1) * len(shapes.BACKGROUNDS)
+  aligned = resolution % 3 == 0 and (resolution // 3) % patch == 0
+  print(f"factored tokens at {resolution} px: {num_forms - 1} forms in the train split, "
+        f"{num_looks} looks; cells of whole patches: {aligned}")
+  n = num_looks * num_forms
+  return (lambda split, i: out.get((split, i))), n, not aligned, num_forms
+
+
 def rendering(obj, background, with_cell=True):
   """What fixes an object's pixels (and so its codes): shape, colour, size, cell, background;
   `with_cell=False` where the cells are a whole number of VQ patches (e.g. 48 px: 16 px cells,
@@ -144,6 +203,8 @@ def image_tokens(workdir, kind, num_images=0):
   """`(split -> index -> tokens [L]` or None past the split, number of token ids, whether an
   object's cell changes its tokens)`. `num_images` > the stored train split: the next train
   scenes, encoded here."""
+  if kind == "factored":
+    return factored_tokens(RENDER.value or 48, max(num_images, 2000))[:3]
   if RENDER.value:
     return rendered_tokens(workdir, kind, RENDER.value, max(num_images, 2000))
   if kind == "oracle":
@@ -211,7 +272,14 @@ def main(argv):
   del argv
   if STEPS.value <= WARMUP:
     raise ValueError(f"--steps={STEPS.value}: expected more than the {WARMUP} warm-up steps")
-  tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
+  if EMBED.value == "factored" and TOKENS.value != "factored":
+    raise ValueError(f"--embed=factored with --tokens={TOKENS.value}: expected --tokens=factored")
+  num_forms = None
+  if TOKENS.value == "factored":
+    tokens, num_tokens, with_cell, num_forms = factored_tokens(RENDER.value or 48,
+                                                               max(NUM_IMAGES.value, 2000))
+  else:
+    tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
   one = SCENES.value == "one"
   asked = QUESTION.value
   x, seg, y, (_, train_renderings) = questions("train", tokens, NUM_TRAIN.value, one, asked,
@@ -223,14 +291,28 @@ def main(argv):
   if VARIANT.value == "mu":
     kw.update(width=64, num_heads=4, num_kv_heads=2, mlp_dim=192)
   model = LM(lm_config(VARIANT.value, text_vocab=VIS0 + num_tokens, **kw))
-  params = nn.unbox(model.init(jax.random.key(0), x[:2])["params"])
+  params = {"lm": nn.unbox(model.init(jax.random.key(0), x[:2])["params"])}
+  if EMBED.value == "factored":  # rows = look row + form row, each half the rows' variance
+    std = float(np.std(params["lm"]["text_embed"])) / np.sqrt(2)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    width = params["lm"]["text_embed"].shape[1]
+    params["look"] = std * jax.random.normal(k1, (num_tokens // num_forms, width))
+    params["form"] = std * jax.random.normal(k2, (num_forms, width))
+    ids = jnp.arange(num_tokens)
+    look_of, form_of = ids // num_forms, ids % num_forms
+
+  def lm_params(p):
+    if EMBED.value == "free":
+      return p["lm"]
+    rows = p["look"][look_of] + p["form"][form_of]
+    return dict(p["lm"], text_embed=p["lm"]["text_embed"].at[VIS0:].set(rows))
   schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, WARMUP, STEPS.value,
                                                  LR.value * 0.1)
   opt = optax.adamw(schedule, b2=0.95, weight_decay=0.0)
   state = opt.init(params)
 
   def last_logits(p, ids, segments):
-    return model.apply({"params": p}, ids, segment_ids=segments)[:, -1]
+    return model.apply({"params": lm_params(p)}, ids, segment_ids=segments)[:, -1]
 
   @jax.jit
   def step(p, s, ids, segments, answers):

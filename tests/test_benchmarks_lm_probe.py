@@ -1,6 +1,7 @@
 """benchmarks/lm_colour_probe.py: scenes rendered at another size, the seen-rendering split."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -82,3 +83,59 @@ def test_questions_name_the_asked_objects_rendering_and_every_seen_one():
       "train", tokens, 1000, False, "shape", with_cell=False)
   assert [r[:3] + r[4:] for r in asked] == [r[:3] + r[4:] for r in no_cell]
   assert {r[3] for r in seen_no_cell} == {None} and len(seen_no_cell) < len(seen)
+
+
+def test_factored_tokens_keep_colour_apart_from_form():
+  get, n, with_cell, num_forms = lm_colour_probe.factored_tokens(48, 8, num_test=4)
+  num_looks = (len(shapes.COLORS) + 1) * len(shapes.BACKGROUNDS)
+  assert with_cell is False and n == num_looks * num_forms and get("train", 8) is None
+  for split, i in (("train", 0), ("train", 7), ("test", 3)):
+    objects = shapes.make_scene(i, split)
+    background = shapes.scene_background(i, split)
+    tokens = get(split, i).reshape(12, 12)
+    look, form = tokens // num_forms, tokens % num_forms
+    colour, bg = look // len(shapes.BACKGROUNDS), look % len(shapes.BACKGROUNDS)
+    assert (bg == list(shapes.BACKGROUNDS).index(background)).all()
+    for o in objects:  # each object's patches: its colour, and nowhere else
+      alone = shapes.render([o], 48, background=background)
+      mask = np.any(alone != shapes.BACKGROUNDS[background], -1).reshape(12, 4, 12, 4).any((1, 3))
+      assert (colour[mask] == list(shapes.COLORS).index(o["color"])).all(), (split, i, o)
+    empty = shapes.render([], 48, background=background)
+    covered = np.any(shapes.render(objects, 48, background=background) != empty, -1)
+    empty_patches = ~covered.reshape(12, 4, 12, 4).any((1, 3))
+    assert (colour[empty_patches] == len(shapes.COLORS)).all()
+    assert len(set(form[empty_patches].tolist())) == 1  # the empty mask: one form
+    assert form[empty_patches][0] not in form[~empty_patches]
+  # The same object in another colour, cell and background: other looks, the same forms.
+  a = {"shape": "star", "color": "red", "size": "large", "position": "top-left"}
+  b = dict(a, color="blue", position="center")
+  la, fa = lm_colour_probe.patch_looks_and_forms(shapes.render([a], 48), "black")
+  lb, fb = lm_colour_probe.patch_looks_and_forms(shapes.render([b], 48, background="white"),
+                                                 "white")
+  cells_a = [r * 12 + c for r in range(4) for c in range(4)]  # top-left cell's 4x4 patches
+  cells_b = [r * 12 + c for r in range(4, 8) for c in range(4, 8)]
+  assert [fa[k] for k in cells_a] == [fb[k] for k in cells_b]
+  assert len({fa[k] for k in cells_a}) > 3  # a star's patches have several forms
+  red, blue = list(shapes.COLORS).index("red"), list(shapes.COLORS).index("blue")
+  some = [k for k in cells_a if la[k] != len(shapes.COLORS) * 3]
+  assert some and all(la[k] == red * 3 + 0 for k in some)
+  assert all(lb[k + 4 * 12 + 4] == blue * 3 + 2 for k in some)  # white: background index 2
+  with pytest.raises(ValueError, match="expected a multiple of 4"):
+    lm_colour_probe.factored_tokens(50, 2, num_test=1)
+
+
+def _probe(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lm_colour_probe.py"),
+                         *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_probe_runs_on_factored_tokens_and_refuses_a_factored_embedding_of_others():
+  proc = _probe("--tokens=factored", "--embed=factored", "--question=shape", "--scenes=all",
+                "--steps=21", "--num_train=40", "--batch=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "factored tokens at 48 px:" in proc.stdout and "test shape accuracy, asked" in proc.stdout
+  proc = _probe("--tokens=oracle", "--embed=factored")
+  assert proc.returncode != 0
+  assert "--embed=factored with --tokens=oracle: expected --tokens=factored" in proc.stderr
+  proc = _probe("--tokens=oracle", "--steps=20")
+  assert proc.returncode != 0 and "--steps=20: expected more than the 20" in proc.stderr
