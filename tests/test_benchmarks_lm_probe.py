@@ -1,4 +1,4 @@
-"""benchmarks/lm_colour_probe.py: other render sizes, the factored oracle, the seen-rendering split."""
+"""benchmarks/lm_colour_probe.py: other render sizes, the factored oracle, seen renderings."""
 
 import os
 import subprocess
