@@ -126,8 +126,9 @@ def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
     codes = tok.encode(canvas)[:, :resolution // f, :resolution // f]
     if split == "train":  # the corner's codes must not read the rest of the canvas
       other = canvas[:1].copy()
-      other[0, resolution:] = 255 - other[0, resolution:]
-      other[0, :, resolution:] = 255 - other[0, :, resolution:]
+      outside = np.ones((full, full), bool)
+      outside[:resolution, :resolution] = False
+      other[0][outside] = 255 - other[0][outside]
       if resolution < full and not np.array_equal(
           tok.encode(other)[0, :resolution // f, :resolution // f], codes[0]):
         raise ValueError(f"--render={resolution}: the workdir's VQ codes a patch from its "
