@@ -1,4 +1,4 @@
-"""benchmarks/lm_colour_probe.py: other render sizes, the factored oracle, seen renderings."""
+"""benchmarks/probe_tokens.py and the probe: render sizes, the factored oracle, seen renderings."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ from test_main import ROOT
 from vlbpe_jax.data import shapes
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import lm_colour_probe  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import probe_tokens  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 class _FakeVQ:
@@ -39,9 +39,9 @@ def _patch_codes(image):
 
 
 def test_rendered_tokens_are_the_codes_of_the_smaller_render(monkeypatch):
-  monkeypatch.setattr(lm_colour_probe.vq_tokenizer.Tokenizer, "from_workdir",
+  monkeypatch.setattr(probe_tokens.vq_tokenizer.Tokenizer, "from_workdir",
                       staticmethod(lambda workdir: _FakeVQ()))
-  get, n, with_cell = lm_colour_probe.rendered_tokens("unused", "vq", 48, 6, num_test=3)
+  get, n, with_cell = probe_tokens.rendered_tokens("unused", "vq", 48, 6, num_test=3)
   assert with_cell is False  # 16 px cells: whole patches
   for split, i in (("train", 0), ("train", 5), ("test", 2)):
     image = shapes.render(shapes.make_scene(i, split), 48,
@@ -50,7 +50,7 @@ def test_rendered_tokens_are_the_codes_of_the_smaller_render(monkeypatch):
   assert get("train", 6) is None and n == 1 + max(int(get(s, i).max())
                                                   for s, m in (("train", 6), ("test", 3))
                                                   for i in range(m))
-  assert lm_colour_probe.rendered_tokens("unused", "vq", 40, 2, num_test=1)[2] is True
+  assert probe_tokens.rendered_tokens("unused", "vq", 40, 2, num_test=1)[2] is True
 
 
 @pytest.mark.parametrize("resolution,kind,vq,match", [
@@ -60,15 +60,15 @@ def test_rendered_tokens_are_the_codes_of_the_smaller_render(monkeypatch):
     (48, "vq", _FakeVQ(neighbours=True), "expected a patch-wise encoder"),
 ])
 def test_rendered_tokens_refuses(monkeypatch, resolution, kind, vq, match):
-  monkeypatch.setattr(lm_colour_probe.vq_tokenizer.Tokenizer, "from_workdir",
+  monkeypatch.setattr(probe_tokens.vq_tokenizer.Tokenizer, "from_workdir",
                       staticmethod(lambda workdir: vq))
   with pytest.raises(ValueError, match=match):
-    lm_colour_probe.rendered_tokens("unused", kind, resolution, 2, num_test=1)
+    probe_tokens.rendered_tokens("unused", kind, resolution, 2, num_test=1)
 
 
 def test_questions_name_the_asked_objects_rendering_and_every_seen_one():
   tokens = lambda split, i: [i % 5] if i < 30 else None
-  _, _, answers, (asked, seen) = lm_colour_probe.questions("train", tokens, 1000, False,
+  _, _, answers, (asked, seen) = probe_tokens.questions("train", tokens, 1000, False,
                                                            "shape")
   assert len(asked) == len(answers) > 10
   every = set()
@@ -77,16 +77,16 @@ def test_questions_name_the_asked_objects_rendering_and_every_seen_one():
     every.update((o["shape"], o["color"], o["size"], o["position"], bg)
                  for o in shapes.make_scene(i, "train"))
   assert seen == every and set(asked) <= every
-  shape_of = {s: lm_colour_probe.SHAPE0 + k for k, s in enumerate(lm_colour_probe.SHAPES)}
+  shape_of = {s: probe_tokens.SHAPE0 + k for k, s in enumerate(probe_tokens.SHAPES)}
   assert [shape_of[r[0]] for r in asked] == answers.tolist()
-  _, _, _, (no_cell, seen_no_cell) = lm_colour_probe.questions(
+  _, _, _, (no_cell, seen_no_cell) = probe_tokens.questions(
       "train", tokens, 1000, False, "shape", with_cell=False)
   assert [r[:3] + r[4:] for r in asked] == [r[:3] + r[4:] for r in no_cell]
   assert {r[3] for r in seen_no_cell} == {None} and len(seen_no_cell) < len(seen)
 
 
 def test_factored_tokens_keep_colour_apart_from_form():
-  get, n, with_cell, num_forms = lm_colour_probe.factored_tokens(48, 8, num_test=4)
+  get, n, with_cell, num_forms = probe_tokens.factored_tokens(48, 8, num_test=4)
   num_looks = (len(shapes.COLORS) + 1) * len(shapes.BACKGROUNDS)
   assert with_cell is False and n == num_looks * num_forms and get("train", 8) is None
   for split, i in (("train", 0), ("train", 7), ("test", 3)):
@@ -109,8 +109,8 @@ def test_factored_tokens_keep_colour_apart_from_form():
   # The same object in another colour, cell and background: other looks, the same forms.
   a = {"shape": "star", "color": "red", "size": "large", "position": "top-left"}
   b = dict(a, color="blue", position="center")
-  la, fa = lm_colour_probe.patch_looks_and_forms(shapes.render([a], 48), "black")
-  lb, fb = lm_colour_probe.patch_looks_and_forms(shapes.render([b], 48, background="white"),
+  la, fa = probe_tokens.patch_looks_and_forms(shapes.render([a], 48), "black")
+  lb, fb = probe_tokens.patch_looks_and_forms(shapes.render([b], 48, background="white"),
                                                  "white")
   cells_a = [r * 12 + c for r in range(4) for c in range(4)]  # top-left cell's 4x4 patches
   cells_b = [r * 12 + c for r in range(4, 8) for c in range(4, 8)]
@@ -121,7 +121,7 @@ def test_factored_tokens_keep_colour_apart_from_form():
   assert some and all(la[k] == red * 3 + 0 for k in some)
   assert all(lb[k + 4 * 12 + 4] == blue * 3 + 2 for k in some)  # white: background index 2
   with pytest.raises(ValueError, match="expected a multiple of 4"):
-    lm_colour_probe.factored_tokens(50, 2, num_test=1)
+    probe_tokens.factored_tokens(50, 2, num_test=1)
 
 
 def _probe(*args):
@@ -139,3 +139,11 @@ def test_probe_runs_on_factored_tokens_and_refuses_a_factored_embedding_of_other
   assert "--embed=factored with --tokens=oracle: expected --tokens=factored" in proc.stderr
   proc = _probe("--tokens=oracle", "--steps=20")
   assert proc.returncode != 0 and "--steps=20: expected more than the 20" in proc.stderr
+
+
+def test_the_token_module_defines_no_flags():
+  # tests import probe_tokens beside vlbpe_jax.main; a flag defined at import (lm_colour_probe's
+  # --workdir) made main's import fail in the same pytest worker.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  assert not flags.FLAGS.flags_by_module_dict().get(probe_tokens.__name__)
+  assert "lm_colour_probe" not in sys.modules
