@@ -24,8 +24,8 @@ VIS0 = COLOR0 + len(COLORS)
 
 
 def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
-  """Like `image_tokens`, for the first scenes of the train / test split rendered at
-  `resolution` px: each in the corner of a canvas of the VQ's resolution filled with its
+  """Like `lm_colour_probe.image_tokens`, for the first scenes of the train / test split drawn
+  at `resolution` px: each in the corner of a canvas of the VQ's resolution filled with its
   background, encoded with the workdir's VQ, the corner's codes kept (exact for a VQ that codes
   each patch alone, e.g. tiny_p4_patch), then BPE-encoded (`kind="bpe"`) or raw (`"vq"`)."""
   tok = vq_tokenizer.Tokenizer.from_workdir(workdir)
