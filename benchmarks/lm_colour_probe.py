@@ -53,7 +53,7 @@ from vlbpe_jax.vq import tokenizer as vq_tokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 import lm_train_helpers  # noqa: E402  (tests/: the oracle codes of tests/test_lm_learns.py)
-from probe_tokens import COLOR0, COLORS, SHAPE0, SHAPES, VIS0  # noqa: E402
+from probe_tokens import COLOR0, COLORS, NUM_LOOKS, SHAPE0, SHAPES, VIS0  # noqa: E402
 from probe_tokens import factored_tokens, questions, rendered_tokens  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
@@ -104,7 +104,7 @@ def image_tokens(workdir, kind, num_images=0):
   object's cell changes its tokens)`. `num_images` > the stored train split: the next train
   scenes, encoded here."""
   if kind == "factored":
-    return factored_tokens(RENDER.value or 48, max(num_images, 2000))[:3]
+    return factored_tokens(RENDER.value or 48, max(num_images, 2000))
   if RENDER.value:
     return rendered_tokens(workdir, kind, RENDER.value, max(num_images, 2000))
   if kind == "oracle":
@@ -140,12 +140,7 @@ def main(argv):
     raise ValueError(f"--steps={STEPS.value}: expected more than the {WARMUP} warm-up steps")
   if EMBED.value == "factored" and TOKENS.value != "factored":
     raise ValueError(f"--embed=factored with --tokens={TOKENS.value}: expected --tokens=factored")
-  num_forms = None
-  if TOKENS.value == "factored":
-    tokens, num_tokens, with_cell, num_forms = factored_tokens(RENDER.value or 48,
-                                                               max(NUM_IMAGES.value, 2000))
-  else:
-    tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
+  tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
   one = SCENES.value == "one"
   asked = QUESTION.value
   x, seg, y, (_, train_renderings) = questions("train", tokens, NUM_TRAIN.value, one, asked,
@@ -162,7 +157,8 @@ def main(argv):
     std = float(np.std(params["lm"]["text_embed"])) / np.sqrt(2)
     k1, k2 = jax.random.split(jax.random.key(1))
     width = params["lm"]["text_embed"].shape[1]
-    params["look"] = std * jax.random.normal(k1, (num_tokens // num_forms, width))
+    num_forms = num_tokens // NUM_LOOKS
+    params["look"] = std * jax.random.normal(k1, (NUM_LOOKS, width))
     params["form"] = std * jax.random.normal(k2, (num_forms, width))
     ids = jnp.arange(num_tokens)
     look_of, form_of = ids // num_forms, ids % num_forms

@@ -21,6 +21,8 @@ COLORS, SHAPES = list(shapes.COLORS), list(shapes.SHAPES)
 SHAPE0 = 5
 COLOR0 = SHAPE0 + len(SHAPES)
 VIS0 = COLOR0 + len(COLORS)
+# factored_tokens' looks: an object colour (or none) x the background.
+NUM_LOOKS = (len(COLORS) + 1) * len(shapes.BACKGROUNDS)
 
 
 def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
@@ -86,7 +88,7 @@ def factored_tokens(resolution, num_train, num_test=200, patch=4):
   (the colour of most of its object pixels, or none; the background) and form = its mask of
   object pixels (pixels not of the background colour), numbered in the order the train split
   first shows them (a form the train split never shows: the last number). Returns
-  `image_tokens`' triple plus `num_forms`."""
+  `lm_colour_probe.image_tokens`' triple; the number of token ids is NUM_LOOKS x num_forms."""
   if resolution % patch or not patch <= resolution <= 256:
     raise ValueError(f"--render={resolution} with --tokens=factored: expected a multiple of "
                      f"{patch} from {patch} to 256")
@@ -104,12 +106,10 @@ def factored_tokens(resolution, num_train, num_test=200, patch=4):
   out = {key: looks[key] * num_forms + np.array([forms.get(m, num_forms - 1)
                                                   for m in masks[key]])
          for key in looks}
-  num_looks = (len(shapes.COLORS) + 1) * len(shapes.BACKGROUNDS)
   aligned = resolution % 3 == 0 and (resolution // 3) % patch == 0
   print(f"factored tokens at {resolution} px: {num_forms - 1} forms in the train split, "
-        f"{num_looks} looks; cells of whole patches: {aligned}")
-  n = num_looks * num_forms
-  return (lambda split, i: out.get((split, i))), n, not aligned, num_forms
+        f"{NUM_LOOKS} looks; cells of whole patches: {aligned}")
+  return (lambda split, i: out.get((split, i))), NUM_LOOKS * num_forms, not aligned
 
 
 def rendering(obj, background, with_cell=True):
