@@ -28,6 +28,14 @@ instead of a row of its own, so what is learnt of a form in one colour serves ev
 
   python benchmarks/lm_colour_probe.py --tokens=factored --embed=factored --question=shape
 
+`--tokens=twotone` is that tokenizer learnt from pixels alone (vq/twotone.py: each patch's two
+colours x its bitmap, codebooks fitted on the train split; no workdir needed), optionally
+with a visual BPE over its codes (`--merges=N`); `--embed=factored` then gives a merged token
+the mean over its cells of look + form + a row for the cell's place in the token:
+
+  python benchmarks/lm_colour_probe.py --tokens=twotone --merges=512 --embed=factored \
+      --question=shape
+
 `--scenes=one`: one-object images only; `all`: every image with a unique-shape object.
 Scenes are `shapes.make_scene(i, split, seed=0)`, the demo's data (its `seed` is 0).
 BENCHMARKS.md, "Unified LM: what the model reads", has the figures.
@@ -53,11 +61,13 @@ from vlbpe_jax.vq import tokenizer as vq_tokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 import lm_train_helpers  # noqa: E402  (tests/: the oracle codes of tests/test_lm_learns.py)
-from probe_tokens import COLOR0, COLORS, NUM_LOOKS, SHAPE0, SHAPES, VIS0  # noqa: E402
+from probe_tokens import COLOR0, COLORS, SHAPE0, SHAPES, VIS0  # noqa: E402
 from probe_tokens import factored_tokens, questions, rendered_tokens  # noqa: E402
+from probe_tokens import twotone_tokens  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
-TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle", "factored"], "image tokens")
+TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle", "factored", "twotone"],
+                           "image tokens")
 EMBED = flags.DEFINE_enum(
     "embed", "free", ["free", "factored"], "visual rows: one free row per token id, or (with "
     "--tokens=factored) the sum of a row for its look and a row for its form")
@@ -78,6 +88,16 @@ RENDER = flags.DEFINE_integer(
 NUM_IMAGES = flags.DEFINE_integer(
     "num_images", 0, "training images (0: the workdir's train split; more: the next scenes of "
     "the train split, rendered and encoded with the workdir's VQ (and BPE) here)")
+MERGES = flags.DEFINE_integer(
+    "merges", 0, "--tokens=twotone: 0, one token per patch; N, a visual BPE of N merges (the "
+    "demo's settings) over the patches' codes, a token's factored row the mean over its cells")
+JOINT = flags.DEFINE_bool(
+    "joint", False, "--merges with --embed=factored: a merged token's row is the mean over its "
+    "cells of look + a row for the cell's (form, place) pair, instead of look + form + place")
+BPE_OVER = flags.DEFINE_enum(
+    "bpe_over", "codes", ["codes", "forms"], "--merges: the BPE learns over the product codes, "
+    "or over the forms alone (a token: a BPE token of forms + its cells' looks; factored row: "
+    "the form token's row + the mean of its cells' look rows)")
 
 WARMUP = 20  # learning-rate warm-up steps
 
@@ -101,14 +121,18 @@ def more_codes(workdir, first, last):
 
 def image_tokens(workdir, kind, num_images=0):
   """`(split -> index -> tokens [L]` or None past the split, number of token ids, whether an
-  object's cell changes its tokens)`. `num_images` > the stored train split: the next train
-  scenes, encoded here."""
+  object's cell changes its tokens, the factored rows' recipe (probe_tokens.composition) or
+  None where tokens do not factor)`. `num_images` > the stored train split: the next train scenes,
+  encoded here."""
   if kind == "factored":
     return factored_tokens(RENDER.value or 48, max(num_images, 2000))
+  if kind == "twotone":
+    return twotone_tokens(RENDER.value or 48, max(num_images, 2000), merges=MERGES.value,
+                          joint=JOINT.value, over=BPE_OVER.value)
   if RENDER.value:
-    return rendered_tokens(workdir, kind, RENDER.value, max(num_images, 2000))
+    return *rendered_tokens(workdir, kind, RENDER.value, max(num_images, 2000)), None
   if kind == "oracle":
-    return lambda split, i: oracle_codes(i, split), 27, True
+    return lambda split, i: oracle_codes(i, split), 27, True, None
   if workdir is None:
     raise ValueError(f"--tokens={kind}: expected --workdir, a finished demo workdir")
   codes = {s: np.load(os.path.join(workdir, "vq", f"codes_{s}.npy")) for s in ("train", "test")}
@@ -119,7 +143,7 @@ def image_tokens(workdir, kind, num_images=0):
       codes["train"] = np.concatenate([codes["train"], extra])
     n = int(max(c.max() for c in codes.values())) + 1
     return (lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None,
-            n, True)
+            n, True, None)
   enc = {s: np.load(os.path.join(workdir, "bpe", f"tokens_{s}.npz")) for s in ("train", "test")}
   enc = {s: {k: e[k] for k in ("tokens", "lengths")} for s, e in enc.items()}
   if extra is not None:
@@ -131,16 +155,18 @@ def image_tokens(workdir, kind, num_images=0):
   def get(split, i):
     e = enc[split]
     return e["tokens"][i][:e["lengths"][i]] if i < len(e["lengths"]) else None
-  return get, n, True
+  return get, n, True, None
 
 
 def main(argv):
   del argv
   if STEPS.value <= WARMUP:
     raise ValueError(f"--steps={STEPS.value}: expected more than the {WARMUP} warm-up steps")
-  if EMBED.value == "factored" and TOKENS.value != "factored":
-    raise ValueError(f"--embed=factored with --tokens={TOKENS.value}: expected --tokens=factored")
-  tokens, num_tokens, with_cell = image_tokens(WORKDIR.value, TOKENS.value, NUM_IMAGES.value)
+  if EMBED.value == "factored" and TOKENS.value not in ("factored", "twotone"):
+    raise ValueError(f"--embed=factored with --tokens={TOKENS.value}: expected --tokens=factored "
+                     "or twotone")
+  tokens, num_tokens, with_cell, recipe = image_tokens(WORKDIR.value, TOKENS.value,
+                                                          NUM_IMAGES.value)
   one = SCENES.value == "one"
   asked = QUESTION.value
   x, seg, y, (_, train_renderings) = questions("train", tokens, NUM_TRAIN.value, one, asked,
@@ -153,20 +179,18 @@ def main(argv):
     kw.update(width=64, num_heads=4, num_kv_heads=2, mlp_dim=192)
   model = LM(lm_config(VARIANT.value, text_vocab=VIS0 + num_tokens, **kw))
   params = {"lm": nn.unbox(model.init(jax.random.key(0), x[:2])["params"])}
-  if EMBED.value == "factored":  # rows = look row + form row, each half the rows' variance
+  if EMBED.value == "factored":  # rows = recipe @ parts: look + form (+ offset) rows
     std = float(np.std(params["lm"]["text_embed"])) / np.sqrt(2)
-    k1, k2 = jax.random.split(jax.random.key(1))
     width = params["lm"]["text_embed"].shape[1]
-    num_forms = num_tokens // NUM_LOOKS
-    params["look"] = std * jax.random.normal(k1, (NUM_LOOKS, width))
-    params["form"] = std * jax.random.normal(k2, (num_forms, width))
-    ids = jnp.arange(num_tokens)
-    look_of, form_of = ids // num_forms, ids % num_forms
+    recipe, sizes = jnp.asarray(recipe[0]), recipe[1]
+    keys = [*jax.random.split(jax.random.key(1)), jax.random.key(2)]  # looks, forms, offsets
+    params["parts"] = jnp.concatenate([std * jax.random.normal(k, (n, width))
+                                       for k, n in zip(keys, sizes)])
 
   def lm_params(p):
     if EMBED.value == "free":
       return p["lm"]
-    rows = p["look"][look_of] + p["form"][form_of]
+    rows = recipe @ p["parts"]
     return dict(p["lm"], text_embed=p["lm"]["text_embed"].at[VIS0:].set(rows))
   schedule = optax.warmup_cosine_decay_schedule(0.0, LR.value, WARMUP, STEPS.value,
                                                  LR.value * 0.1)

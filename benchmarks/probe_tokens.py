@@ -3,7 +3,8 @@
 `benchmarks/lm_colour_probe.py` is the probe (its docstring says what each kind of token is);
 this module holds what it computes before training: scenes rendered at another size and
 encoded with a workdir's VQ and BPE (`rendered_tokens`), the factored oracle tokenizer
-(`patch_looks_and_forms`, `factored_tokens`), what fixes an object's codes (`rendering`), and
+(`patch_looks_and_forms`, `factored_tokens`), its learnt counterpart (`twotone_tokens`,
+vq/twotone.py), what fixes an object's codes (`rendering`), and
 the question rows (`questions`).
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 from vlbpe_jax.bpe import VisualBPE
 from vlbpe_jax.data import shapes
 from vlbpe_jax.vq import tokenizer as vq_tokenizer
+from vlbpe_jax.vq import twotone
 
 COLORS, SHAPES = list(shapes.COLORS), list(shapes.SHAPES)
 # ids: 0 pad/bos, 1 <img>, 2 </img>, 3 the question ("what color is the" / "what shape is the"),
@@ -109,7 +111,119 @@ def factored_tokens(resolution, num_train, num_test=200, patch=4):
   aligned = resolution % 3 == 0 and (resolution // 3) % patch == 0
   print(f"factored tokens at {resolution} px: {num_forms - 1} forms in the train split, "
         f"{NUM_LOOKS} looks; cells of whole patches: {aligned}")
-  return (lambda split, i: out.get((split, i))), NUM_LOOKS * num_forms, not aligned
+  return ((lambda split, i: out.get((split, i))), NUM_LOOKS * num_forms, not aligned,
+          composition(NUM_LOOKS, num_forms))
+
+
+def composition(num_looks, num_forms, parts=None, joint=False):
+  """The factored rows' recipe: `(C [V, K], (num_looks, num_forms, num_more))`, a token's row
+  = `C[t] @ table [K, D]`, the table's rows the looks, then the forms, then `num_more` rows.
+  `parts=None`: one token per (look, form), V = num_looks * num_forms, C[t] = one-hot(look) +
+  one-hot(form). `parts`: per token, the `(look, form, (dy, dx))` of each cell it covers (a
+  BPE token's footprint); its row is the mean over its cells of the cell's look row plus, by
+  default, its form row and a row for its offset (the more rows: one per offset in `parts`),
+  or with `joint`, a row for its (form, offset) pair (a form at offset (0, 0) is its form row;
+  the more rows: the other pairs in `parts`), so that a token's row says which form is where."""
+  if parts is None:
+    ids = np.arange(num_looks * num_forms)
+    c = np.zeros((len(ids), num_looks + num_forms), np.float32)
+    c[ids, ids // num_forms] = 1.0
+    c[ids, num_looks + ids % num_forms] = 1.0
+    return c, (num_looks, num_forms, 0)
+  base = num_looks + num_forms
+  if joint:
+    more = sorted({(f, o) for cells in parts for _, f, o in cells if o != (0, 0)})
+    where = {key: base + i for i, key in enumerate(more)}
+    rows = lambda look, form, o: (look, num_looks + form if o == (0, 0) else where[form, o])
+  else:
+    more = sorted({o for cells in parts for _, _, o in cells})
+    where = {o: base + i for i, o in enumerate(more)}
+    rows = lambda look, form, o: (look, num_looks + form, where[o])
+  c = np.zeros((len(parts), base + len(more)), np.float32)
+  for t, cells in enumerate(parts):
+    for cell in cells:
+      for k in rows(*cell):
+        c[t, k] += 1.0 / len(cells)
+  return c, (num_looks, num_forms, len(more))
+
+
+def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=256,
+                   merges=0, joint=False, over="codes"):
+  """`factored_tokens` learnt from pixels alone: vq/twotone.py's codebooks fitted on the train
+  split's scenes rendered at `resolution` px, each 4x4 patch one code `look * num_forms + form`
+  (its two colours x its bitmap, the minority side 1); with `merges` > 0, a visual BPE (the
+  demo's settings) learnt over those codes on the train split encodes them. Returns
+  `image_tokens`' four values, the last `composition`'s recipe of factored rows (`joint`
+  passed on; the codebooks' sizes those fitted: at most the ones asked).
+
+  `over="forms"`: the BPE learns over the forms alone, so that an object's tokens do not depend
+  on its colours; a token is then (a BPE token of forms, the looks of its cells), its factored
+  row the form token's row + the mean of its cells' look rows (`forms_and_looks`)."""
+  if over not in ("codes", "forms"):
+    raise ValueError(f"over={over!r}: expected 'codes' or 'forms'")
+  images = {split: np.stack([shapes.render(shapes.make_scene(i, split), resolution,
+                                           background=shapes.scene_background(i, split))
+                             for i in range(num)])
+            for split, num in (("train", num_train), ("test", num_test))}
+  tok = twotone.TwoTone.fit(images["train"], num_looks=num_looks, num_forms=num_forms)
+  grids = {split: tok.product_ids(*tok.encode(x)) for split, x in images.items()}
+  rec = tok.decode(*tok.encode(images["test"])).astype(np.float64)
+  mse = np.mean((rec - images["test"]) ** 2)
+  aligned = resolution % 3 == 0 and (resolution // 3) % tok.patch == 0
+  base = tok.num_looks * tok.num_forms
+  print(f"two-tone tokens at {resolution} px: {tok.num_looks} looks x {tok.num_forms} forms; "
+        f"test PSNR {10 * np.log10(255 ** 2 / mse) if mse else np.inf:.1f} dB; cells of "
+        f"whole patches: {aligned}")
+  if not merges:
+    out = {split: g.reshape(len(g), -1) for split, g in grids.items()}
+    return ((lambda split, i: out[split][i] if i < len(out[split]) else None), base,
+            not aligned, composition(tok.num_looks, tok.num_forms))
+  bpe_kw = dict(alpha=1.0, sigma=0.5, offsets=((0, 1), (1, 0), (1, 1), (1, -1)), min_count=2,
+                progress=False)
+  if over == "forms":
+    codes = {split: tok.encode(x) for split, x in images.items()}
+    return forms_and_looks(codes, tok.num_looks, tok.num_forms, merges, aligned, bpe_kw)
+  bpe = VisualBPE.learn(grids["train"], base, merges, **bpe_kw)
+  enc = {split: bpe.encode(g) for split, g in grids.items()}
+  out = {split: [t[:n] for t, n in zip(e["tokens"], e["lengths"])] for split, e in enc.items()}
+  parts = [[(c // tok.num_forms, c % tok.num_forms, (int(dy), int(dx)))
+            for c, (dy, dx) in zip(bpe.geometry.codes(t), bpe.footprint(t))]
+           for t in range(bpe.vocab_size)]
+  print(f"visual BPE over them: {bpe.vocab_size - base} merges, "
+        f"{np.mean([len(t) for t in out['test']]):.1f} tokens per test image")
+  return ((lambda split, i: out[split][i] if i < len(out[split]) else None), bpe.vocab_size,
+          not aligned, composition(tok.num_looks, tok.num_forms, parts, joint))
+
+
+def forms_and_looks(codes, num_looks, num_forms, merges, aligned, bpe_kw):
+  """`twotone_tokens(over="forms")`: `codes` {split: (looks, forms) int [N, h, w] each}; a
+  visual BPE learnt over the train split's forms encodes each split's forms, and each token
+  (a BPE token of forms t at anchor (r, c)) becomes one id per distinct (t, the sorted looks of
+  its cells), numbered as first met (train first). Returns `image_tokens`' four values; the
+  recipe's rows: the mean of the cells' look rows + t's row (sizes: looks, BPE tokens, 0)."""
+  bpe = VisualBPE.learn(codes["train"][1], num_forms, merges, **bpe_kw)
+  ids, out = {}, {}
+  for split in ("train", "test"):
+    looks, forms = codes[split]
+    enc = bpe.encode(forms)
+    out[split] = []
+    for i, n in enumerate(enc["lengths"]):
+      row = []
+      for t, (r, c) in zip(enc["tokens"][i][:n], enc["positions"][i][:n]):
+        fp = bpe.footprint(int(t))
+        key = (int(t), tuple(sorted(looks[i, r + fp[:, 0], c + fp[:, 1]].tolist())))
+        row.append(ids.setdefault(key, len(ids)))
+      out[split].append(np.array(row, np.int32))
+  recipe = np.zeros((len(ids), num_looks + bpe.vocab_size), np.float32)
+  for (t, cell_looks), k in ids.items():
+    recipe[k, num_looks + t] = 1.0
+    for look in cell_looks:
+      recipe[k, look] += 1.0 / len(cell_looks)
+  print(f"visual BPE over the forms: {bpe.vocab_size - num_forms} merges, "
+        f"{np.mean([len(t) for t in out['test']]):.1f} tokens per test image, {len(ids)} "
+        "(form token, looks) ids")
+  return ((lambda split, i: out[split][i] if i < len(out[split]) else None), len(ids),
+          not aligned, (recipe, (num_looks, bpe.vocab_size, 0)))
 
 
 def rendering(obj, background, with_cell=True):

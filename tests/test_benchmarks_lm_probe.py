@@ -86,10 +86,13 @@ def test_questions_name_the_asked_objects_rendering_and_every_seen_one():
 
 
 def test_factored_tokens_keep_colour_apart_from_form():
-  get, n, with_cell = probe_tokens.factored_tokens(48, 8, num_test=4)
+  get, n, with_cell, (recipe, sizes) = probe_tokens.factored_tokens(48, 8, num_test=4)
   num_looks = (len(shapes.COLORS) + 1) * len(shapes.BACKGROUNDS)
   assert probe_tokens.NUM_LOOKS == num_looks and n % num_looks == 0
   num_forms = n // num_looks
+  assert sizes == (num_looks, num_forms, 0) and recipe.shape == (n, num_looks + num_forms)
+  t = 5 * num_forms + 3  # look 5, form 3: its row is look row 5 + form row 3
+  assert np.flatnonzero(recipe[t]).tolist() == [5, num_looks + 3] and recipe[t].sum() == 2
   assert with_cell is False and get("train", 8) is None
   for split, i in (("train", 0), ("train", 7), ("test", 3)):
     objects = shapes.make_scene(i, split)
@@ -126,16 +129,68 @@ def test_factored_tokens_keep_colour_apart_from_form():
     probe_tokens.factored_tokens(50, 2, num_test=1)
 
 
+def test_composition_of_merged_tokens_is_the_mean_over_their_cells():
+  parts = [[(0, 1, (0, 0))], [(1, 0, (0, 0)), (0, 1, (0, 1))]]  # a base token, a pair
+  c, sizes = probe_tokens.composition(2, 3, parts)
+  assert sizes == (2, 3, 2)  # two offsets: (0, 0) and (0, 1)
+  np.testing.assert_allclose(c, [[1, 0, 0, 1, 0, 1, 0],
+                                 [0.5, 0.5, 0.5, 0.5, 0, 0.5, 0.5]])
+  c, sizes = probe_tokens.composition(2, 3, parts, joint=True)
+  assert sizes == (2, 3, 1)  # one more row: form 1 at offset (0, 1)
+  np.testing.assert_allclose(c, [[1, 0, 0, 1, 0, 0], [0.5, 0.5, 0.5, 0, 0, 0.5]])
+
+
+@pytest.mark.parametrize("merges", [0, 6])
+def test_twotone_tokens_are_the_tokenizers_codes(merges):
+  from vlbpe_jax.vq import twotone  # pylint: disable=g-import-not-at-top
+  get, n, with_cell, (recipe, (looks, forms, offsets)) = probe_tokens.twotone_tokens(
+      48, 6, num_test=2, num_looks=8, num_forms=16, merges=merges)
+  images = np.stack([shapes.render(shapes.make_scene(i, "train"), 48,
+                                   background=shapes.scene_background(i, "train"))
+                     for i in range(6)])
+  tok = twotone.TwoTone.fit(images, num_looks=8, num_forms=16)
+  assert (looks, forms) == (tok.num_looks, tok.num_forms) == (8, 16) and with_cell is False
+  assert n == 8 * 16 + merges and recipe.shape == (n, 8 + 16 + offsets)
+  ids = tok.product_ids(*tok.encode(images)).reshape(6, -1)
+  if not merges:
+    assert offsets == 0
+    for i in range(6):
+      np.testing.assert_array_equal(get("train", i), ids[i])
+    return
+  assert offsets > 1 and all(len(get("train", i)) < 144 for i in range(6))
+  for part in (recipe[:, :8], recipe[:, 8:24], recipe[:, 24:]):
+    np.testing.assert_allclose(part.sum(1), 1.0, rtol=1e-6)  # a mean over each token's cells
+  base = recipe[:128]  # base tokens: their own look and form, offset (0, 0)
+  np.testing.assert_array_equal(base[:, :8].argmax(1), np.arange(128) // 16)
+  np.testing.assert_array_equal(base[:, 8:24].argmax(1), np.arange(128) % 16)
+
+
+def test_twotone_tokens_over_forms():
+  get, n, _, (recipe, (looks, vocab, more)) = probe_tokens.twotone_tokens(
+      48, 6, num_test=2, num_looks=8, num_forms=16, merges=6, over="forms")
+  assert (looks, vocab, more) == (8, 16 + 6, 0) and recipe.shape == (n, 8 + 22)
+  np.testing.assert_allclose(recipe[:, :8].sum(1), 1.0, rtol=1e-6)  # mean of the cells' looks
+  np.testing.assert_array_equal(recipe[:, 8:].sum(1), 1.0)  # one form token
+  seen = np.concatenate([get("train", i) for i in range(6)] + [get("test", i) for i in range(2)])
+  np.testing.assert_array_equal(np.unique(seen), np.arange(n))  # ids numbered as first met
+  # Distinct ids are distinct (form token, looks) pairs.
+  assert len({tuple(r) for r in recipe}) == n
+  with pytest.raises(ValueError, match="over='pixels': expected 'codes' or 'forms'"):
+    probe_tokens.twotone_tokens(48, 2, num_test=1, merges=2, over="pixels")
+
+
 def _probe(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lm_colour_probe.py"),
                          *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_probe_runs_on_factored_tokens_and_refuses_a_factored_embedding_of_others():
-  proc = _probe("--tokens=factored", "--embed=factored", "--question=shape", "--scenes=all",
-                "--steps=21", "--num_train=40", "--batch=4")
+def test_probe_runs_on_merged_twotone_tokens_and_refuses_a_factored_embedding_of_others():
+  # (factored_tokens go through the same recipe: test_factored_tokens_keep_colour_apart...)
+  proc = _probe("--tokens=twotone", "--merges=8", "--embed=factored", "--question=shape",
+                "--scenes=all", "--steps=21", "--num_train=40", "--batch=4")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "factored tokens at 48 px:" in proc.stdout and "test shape accuracy, asked" in proc.stdout
+  assert "two-tone tokens at 48 px:" in proc.stdout and "visual BPE over them: 8 merges" in (
+      proc.stdout) and "test shape accuracy, asked" in proc.stdout
   proc = _probe("--tokens=oracle", "--embed=factored")
   assert proc.returncode != 0
   assert "--embed=factored with --tokens=oracle: expected --tokens=factored" in proc.stderr
