@@ -70,7 +70,7 @@ TOKENS = flags.DEFINE_enum("tokens", "bpe", ["bpe", "vq", "oracle", "factored", 
                            "image tokens")
 EMBED = flags.DEFINE_enum(
     "embed", "free", ["free", "factored"], "visual rows: one free row per token id, or (with "
-    "--tokens=factored) the sum of a row for its look and a row for its form")
+    "--tokens=factored or twotone) the sum of a row for its look and a row for its form")
 SCENES = flags.DEFINE_enum("scenes", "one", ["one", "all"], "which images")
 STEPS = flags.DEFINE_integer("steps", 300, "training steps")
 BATCH = flags.DEFINE_integer("batch", 16, "questions per step")
@@ -122,8 +122,8 @@ def more_codes(workdir, first, last):
 def image_tokens(workdir, kind, num_images=0):
   """`(split -> index -> tokens [L]` or None past the split, number of token ids, whether an
   object's cell changes its tokens, the factored rows' recipe (probe_tokens.composition) or
-  None where tokens do not factor)`. `num_images` > the stored train split: the next train scenes,
-  encoded here."""
+  None where tokens do not factor)`. `num_images` > the stored train split: the next train
+  scenes, encoded here."""
   if kind == "factored":
     return factored_tokens(RENDER.value or 48, max(num_images, 2000))
   if kind == "twotone":
@@ -165,6 +165,15 @@ def main(argv):
   if EMBED.value == "factored" and TOKENS.value not in ("factored", "twotone"):
     raise ValueError(f"--embed=factored with --tokens={TOKENS.value}: expected --tokens=factored "
                      "or twotone")
+  if (MERGES.value or JOINT.value or BPE_OVER.value != "codes") and TOKENS.value != "twotone":
+    raise ValueError(f"--merges, --joint or --bpe_over with --tokens={TOKENS.value}: expected "
+                     "--tokens=twotone")
+  if MERGES.value < 0 or (not MERGES.value and (JOINT.value or BPE_OVER.value != "codes")):
+    raise ValueError(f"--merges={MERGES.value} (with --joint={JOINT.value}, --bpe_over="
+                     f"{BPE_OVER.value}): expected merges >= 0, and > 0 for --joint or --bpe_over")
+  if JOINT.value and BPE_OVER.value != "codes":
+    raise ValueError("--joint with --bpe_over=forms: expected --bpe_over=codes (a token of "
+                     "forms has no per-cell form rows)")
   tokens, num_tokens, with_cell, recipe = image_tokens(WORKDIR.value, TOKENS.value,
                                                           NUM_IMAGES.value)
   one = SCENES.value == "one"

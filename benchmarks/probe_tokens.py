@@ -3,9 +3,9 @@
 `benchmarks/lm_colour_probe.py` is the probe (its docstring says what each kind of token is);
 this module holds what it computes before training: scenes rendered at another size and
 encoded with a workdir's VQ and BPE (`rendered_tokens`), the factored oracle tokenizer
-(`patch_looks_and_forms`, `factored_tokens`), its learnt counterpart (`twotone_tokens`,
-vq/twotone.py), what fixes an object's codes (`rendering`), and
-the question rows (`questions`).
+(`patch_looks_and_forms`, `factored_tokens`), its counterpart learnt from pixels
+(`twotone_tokens`, vq/twotone.py), the recipe of factored rows (`composition`), what fixes an
+object's codes (`rendering`), and the question rows (`questions`).
 """
 
 import os
@@ -166,8 +166,9 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
                              for i in range(num)])
             for split, num in (("train", num_train), ("test", num_test))}
   tok = twotone.TwoTone.fit(images["train"], num_looks=num_looks, num_forms=num_forms)
-  grids = {split: tok.product_ids(*tok.encode(x)) for split, x in images.items()}
-  rec = tok.decode(*tok.encode(images["test"])).astype(np.float64)
+  codes = {split: tok.encode(x) for split, x in images.items()}  # (looks, forms) each
+  grids = {split: tok.product_ids(*c) for split, c in codes.items()}
+  rec = tok.decode(*codes["test"]).astype(np.float64)
   mse = np.mean((rec - images["test"]) ** 2)
   aligned = resolution % 3 == 0 and (resolution // 3) % tok.patch == 0
   base = tok.num_looks * tok.num_forms
@@ -181,7 +182,6 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
   bpe_kw = dict(alpha=1.0, sigma=0.5, offsets=((0, 1), (1, 0), (1, 1), (1, -1)), min_count=2,
                 progress=False)
   if over == "forms":
-    codes = {split: tok.encode(x) for split, x in images.items()}
     return forms_and_looks(codes, tok.num_looks, tok.num_forms, merges, aligned, bpe_kw)
   bpe = VisualBPE.learn(grids["train"], base, merges, **bpe_kw)
   enc = {split: bpe.encode(g) for split, g in grids.items()}

@@ -194,6 +194,12 @@ def test_probe_runs_on_merged_twotone_tokens_and_refuses_a_factored_embedding_of
   proc = _probe("--tokens=oracle", "--embed=factored")
   assert proc.returncode != 0
   assert "--embed=factored with --tokens=oracle: expected --tokens=factored" in proc.stderr
+  for bad, message in ((("--tokens=oracle", "--merges=8"), "expected --tokens=twotone"),
+                       (("--tokens=twotone", "--joint"), "and > 0 for --joint or --bpe_over"),
+                       (("--tokens=twotone", "--merges=8", "--joint", "--bpe_over=forms"),
+                        "--joint with --bpe_over=forms: expected --bpe_over=codes")):
+    proc = _probe(*bad)
+    assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr[-2000:])
   proc = _probe("--tokens=oracle", "--steps=20")
   assert proc.returncode != 0 and "--steps=20: expected more than the 20" in proc.stderr
 
