@@ -83,6 +83,9 @@ def test_save_and_load(tmp_path):
   np.testing.assert_array_equal(back.looks, tok.looks)
   np.testing.assert_array_equal(back.forms, tok.forms)
   assert back.patch == 4 and back.forms.dtype == bool
+  np.savez(tmp_path / "other.npz", looks=tok.looks)
+  with pytest.raises(ValueError, match=r"other.npz: no \['forms', 'patch'\]; expected a file"):
+    twotone.TwoTone.load(tmp_path / "other.npz")
 
 
 def test_bad_inputs():
@@ -101,3 +104,7 @@ def test_bad_inputs():
     tok.decode(looks, np.full_like(forms, 8))
   with pytest.raises(ValueError, match="expected the same shape"):
     tok.product_ids(looks, forms[:1])
+  with pytest.raises(ValueError, match=r"forms of shape \(8, 9\), patch=4: expected looks"):
+    twotone.TwoTone(tok.looks, np.zeros((8, 9), bool), 4)
+  with pytest.raises(ValueError, match="values other than 0 and 1: expected bitmaps"):
+    twotone.TwoTone(tok.looks, np.full((8, 16), 2), 4)

@@ -12,7 +12,8 @@ axis at its mean; its form is that bitmap, oriented so that its minority side is
 of pixel 0 is 0 on a tie), and its look is the mean colour of each side (first the 1 side).
 Nothing in a form depends on the colours: a star's edge gets the same form in red as in blue,
 which is what an embedding that shares form across colours needs (BENCHMARKS.md, "Colour
-apart from form"); a VQ whose codes read whole patches ties form to colour.
+apart from form" and "A two-tone tokenizer learnt from pixels"); a VQ whose codes read whole
+patches ties form to colour.
 
 Codebooks: the `num_forms` most frequent bitmaps of the training patches (a bitmap outside
 them: the nearest by Hamming distance), and `num_looks` k-means centres of the training looks.
@@ -118,6 +119,20 @@ class TwoTone:
   forms: np.ndarray
   patch: int
 
+  def __post_init__(self):
+    looks, forms = np.asarray(self.looks), np.asarray(self.forms)
+    if int(self.patch) < 1 or looks.ndim != 2 or looks.shape[1] != 6 or not len(looks) or (
+        forms.ndim != 2 or forms.shape[1] != int(self.patch) ** 2 or not len(forms)):
+      raise ValueError(f"looks of shape {looks.shape}, forms of shape {forms.shape}, patch="
+                       f"{self.patch}: expected looks [L, 6] and forms [F, patch * patch], "
+                       "L, F, patch >= 1")
+    if forms.dtype != bool and not np.isin(forms, (0, 1)).all():
+      raise ValueError(f"forms of dtype {forms.dtype} with values other than 0 and 1: expected "
+                       "bitmaps")
+    object.__setattr__(self, "looks", looks.astype(np.float32))
+    object.__setattr__(self, "forms", forms.astype(bool))
+    object.__setattr__(self, "patch", int(self.patch))
+
   @property
   def num_looks(self) -> int:
     return len(self.looks)
@@ -138,7 +153,7 @@ class TwoTone:
     forms = forms[np.argsort(-counts, kind="stable")[:num_forms]]
     looks, counts = np.unique(looks.reshape(-1, 6), axis=0, return_counts=True)
     looks = kmeans(looks, counts.astype(np.float64), num_looks, seed=seed)
-    return cls(looks.astype(np.float32), forms, patch)
+    return cls(looks, forms, patch)
 
   def encode(self, images):
     """uint8 `[B, H, W, 3]` -> (looks, forms): int32 `[B, H/p, W/p]` each."""
@@ -179,4 +194,8 @@ class TwoTone:
   @classmethod
   def load(cls, path):
     with np.load(path) as f:
-      return cls(f["looks"], f["forms"].astype(bool), int(f["patch"]))
+      missing = {"looks", "forms", "patch"} - set(f.files)
+      if missing:
+        raise ValueError(f"{path}: no {sorted(missing)}; expected a file written by "
+                         "TwoTone.save")
+      return cls(f["looks"], f["forms"], int(f["patch"]))
