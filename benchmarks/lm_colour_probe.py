@@ -113,10 +113,7 @@ def more_codes(workdir, first, last):
   """VQ codes `[last - first, h, w]` of train scenes first..last-1 (rendered as the data stage
   renders them: the VQ config's resolution, seed 0), encoded with the workdir's VQ."""
   tok = vq_tokenizer.Tokenizer.from_workdir(workdir)
-  images = np.stack([shapes.render(shapes.make_scene(i, "train"), tok.resolution,
-                                   background=shapes.scene_background(i, "train"))
-                     for i in range(first, last)])
-  return tok.encode(images)
+  return tok.encode(shapes.make_images("train", first, last - first, resolution=tok.resolution))
 
 
 def image_tokens(workdir, kind, num_images=0):

@@ -161,9 +161,7 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
   row the form token's row + the mean of its cells' look rows (`forms_and_looks`)."""
   if over not in ("codes", "forms"):
     raise ValueError(f"over={over!r}: expected 'codes' or 'forms'")
-  images = {split: np.stack([shapes.render(shapes.make_scene(i, split), resolution,
-                                           background=shapes.scene_background(i, split))
-                             for i in range(num)])
+  images = {split: shapes.make_images(split, 0, num, resolution=resolution)
             for split, num in (("train", num_train), ("test", num_test))}
   tok = twotone.TwoTone.fit(images["train"], num_looks=num_looks, num_forms=num_forms)
   codes = {split: tok.encode(x) for split, x in images.items()}  # (looks, forms) each

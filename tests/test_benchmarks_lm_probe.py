@@ -145,9 +145,7 @@ def test_twotone_tokens_are_the_tokenizers_codes(merges):
   from vlbpe_jax.vq import twotone  # pylint: disable=g-import-not-at-top
   get, n, with_cell, (recipe, (looks, forms, offsets)) = probe_tokens.twotone_tokens(
       48, 6, num_test=2, num_looks=8, num_forms=16, merges=merges)
-  images = np.stack([shapes.render(shapes.make_scene(i, "train"), 48,
-                                   background=shapes.scene_background(i, "train"))
-                     for i in range(6)])
+  images = shapes.make_images("train", 0, 6, resolution=48)
   tok = twotone.TwoTone.fit(images, num_looks=8, num_forms=16)
   assert (looks, forms) == (tok.num_looks, tok.num_forms) == (8, 16) and with_cell is False
   assert n == 8 * 16 + merges and recipe.shape == (n, 8 + 16 + offsets)

@@ -8,9 +8,7 @@ from vlbpe_jax.vq import twotone
 
 
 def _scenes(n, resolution=48, split="train"):
-  return np.stack([shapes.render(shapes.make_scene(i, split), resolution,
-                                 background=shapes.scene_background(i, split))
-                   for i in range(n)])
+  return shapes.make_images(split, 0, n, resolution=resolution)
 
 
 def test_shapes_renders_round_trip_exactly():
