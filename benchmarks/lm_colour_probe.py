@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tests"))
 import lm_train_helpers  # noqa: E402  (tests/: the oracle codes of tests/test_lm_learns.py)
 from probe_tokens import COLOR0, COLORS, SHAPE0, SHAPES, VIS0  # noqa: E402
-from probe_tokens import factored_tokens, questions, rendered_tokens  # noqa: E402
+from probe_tokens import factored_tokens, per_split, questions, rendered_tokens  # noqa: E402
 from probe_tokens import twotone_tokens  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished demo workdir (vq and bpe stages)")
@@ -139,8 +139,7 @@ def image_tokens(workdir, kind, num_images=0):
     if extra is not None:
       codes["train"] = np.concatenate([codes["train"], extra])
     n = int(max(c.max() for c in codes.values())) + 1
-    return (lambda split, i: codes[split][i].reshape(-1) if i < len(codes[split]) else None,
-            n, True, None)
+    return per_split({s: c.reshape(len(c), -1) for s, c in codes.items()}), n, True, None
   enc = {s: np.load(os.path.join(workdir, "bpe", f"tokens_{s}.npz")) for s in ("train", "test")}
   enc = {s: {k: e[k] for k in ("tokens", "lengths")} for s, e in enc.items()}
   if extra is not None:
@@ -148,11 +147,8 @@ def image_tokens(workdir, kind, num_images=0):
     enc["train"] = {"tokens": [*enc["train"]["tokens"], *more["tokens"]],
                     "lengths": np.concatenate([enc["train"]["lengths"], more["lengths"]])}
   n = int(max(max(np.max(t) for t in e["tokens"]) for e in enc.values())) + 1
-
-  def get(split, i):
-    e = enc[split]
-    return e["tokens"][i][:e["lengths"][i]] if i < len(e["lengths"]) else None
-  return get, n, True, None
+  return (per_split({s: [t[:k] for t, k in zip(e["tokens"], e["lengths"])]
+                     for s, e in enc.items()}), n, True, None)
 
 
 def main(argv):

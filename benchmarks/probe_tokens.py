@@ -27,6 +27,12 @@ VIS0 = COLOR0 + len(COLORS)
 NUM_LOOKS = (len(COLORS) + 1) * len(shapes.BACKGROUNDS)
 
 
+def per_split(out):
+  """`{split: sequence of images' tokens}` -> the getter `(split, index) -> tokens`, None past
+  the split's end (the first of `lm_colour_probe.image_tokens`' values)."""
+  return lambda split, i: out[split][i] if i < len(out[split]) else None
+
+
 def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
   """Like `lm_colour_probe.image_tokens`, for the first scenes of the train / test split drawn
   at `resolution` px: each in the corner of a canvas of the VQ's resolution filled with its
@@ -66,7 +72,7 @@ def rendered_tokens(workdir, kind, resolution, num_train, num_test=200):
   print(f"rendered at {resolution} px: {np.mean([len(t) for t in out['test']]):.1f} tokens "
         f"per test image; cells of whole patches: {aligned}")
   n = int(max(max(np.max(t) for t in v) for v in out.values())) + 1
-  return (lambda split, i: out[split][i] if i < len(out[split]) else None), n, not aligned
+  return per_split(out), n, not aligned
 
 
 def patch_looks_and_forms(image, background, patch=4):
@@ -175,7 +181,7 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
         f"whole patches: {aligned}")
   if not merges:
     out = {split: g.reshape(len(g), -1) for split, g in grids.items()}
-    return ((lambda split, i: out[split][i] if i < len(out[split]) else None), base,
+    return (per_split(out), base,
             not aligned, composition(tok.num_looks, tok.num_forms))
   bpe_kw = dict(alpha=1.0, sigma=0.5, offsets=((0, 1), (1, 0), (1, 1), (1, -1)), min_count=2,
                 progress=False)
@@ -189,7 +195,7 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
            for t in range(bpe.vocab_size)]
   print(f"visual BPE over them: {bpe.vocab_size - base} merges, "
         f"{np.mean([len(t) for t in out['test']]):.1f} tokens per test image")
-  return ((lambda split, i: out[split][i] if i < len(out[split]) else None), bpe.vocab_size,
+  return (per_split(out), bpe.vocab_size,
           not aligned, composition(tok.num_looks, tok.num_forms, parts, joint))
 
 
@@ -220,7 +226,7 @@ def forms_and_looks(codes, num_looks, num_forms, merges, aligned, bpe_kw):
   print(f"visual BPE over the forms: {bpe.vocab_size - num_forms} merges, "
         f"{np.mean([len(t) for t in out['test']]):.1f} tokens per test image, {len(ids)} "
         "(form token, looks) ids")
-  return ((lambda split, i: out[split][i] if i < len(out[split]) else None), len(ids),
+  return (per_split(out), len(ids),
           not aligned, (recipe, (num_looks, bpe.vocab_size, 0)))
 
 
