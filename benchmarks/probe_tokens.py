@@ -8,6 +8,7 @@ encoded with a workdir's VQ and BPE (`rendered_tokens`), the factored oracle tok
 object's codes (`rendering`), and the question rows (`questions`).
 """
 
+import importlib.util
 import os
 
 import numpy as np
@@ -25,6 +26,18 @@ COLOR0 = SHAPE0 + len(SHAPES)
 VIS0 = COLOR0 + len(COLORS)
 # factored_tokens' looks: an object colour (or none) x the background.
 NUM_LOOKS = (len(COLORS) + 1) * len(shapes.BACKGROUNDS)
+
+
+def demo_bpe_settings():
+  """The demo config's visual BPE settings (configs/tiny.py: alpha, sigma, offsets,
+  min_count, s_prior_count), as `VisualBPE.learn` keywords."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  bpe = module.get_config().bpe
+  return {k: bpe[k] for k in ("alpha", "sigma", "offsets", "min_count", "s_prior_count")}
 
 
 def per_split(out):
@@ -183,8 +196,7 @@ def twotone_tokens(resolution, num_train, num_test=200, num_looks=64, num_forms=
     out = {split: g.reshape(len(g), -1) for split, g in grids.items()}
     return (per_split(out), base,
             not aligned, composition(tok.num_looks, tok.num_forms))
-  bpe_kw = dict(alpha=1.0, sigma=0.5, offsets=((0, 1), (1, 0), (1, 1), (1, -1)), min_count=2,
-                progress=False)
+  bpe_kw = dict(demo_bpe_settings(), progress=False)
   if over == "forms":
     return forms_and_looks(codes, tok.num_looks, tok.num_forms, merges, aligned, bpe_kw)
   bpe = VisualBPE.learn(grids["train"], base, merges, **bpe_kw)
